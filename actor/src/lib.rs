@@ -1,0 +1,1 @@
+//! Actor runtime for meshflow (see issue: sans-IO actors, threaded driver, simulator).

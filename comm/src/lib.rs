@@ -1,0 +1,1 @@
+//! Communication for meshflow: transports, wire frames, collectives.

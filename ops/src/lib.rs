@@ -1,0 +1,24 @@
+//! Tensors and ops for meshflow.
+//!
+//! - [`DType`], [`Shape`], [`Tensor`] (contiguous row-major storage shared by reference counting),
+//!   [`Device`].
+//! - [`Op`]: the contract every op implements, one op per file under [`ops`].
+//! - [`Context`]: a device's thread budget, which kernels run inside.
+
+pub mod context;
+pub mod cpu;
+pub mod device;
+pub mod dtype;
+pub mod error;
+pub mod op;
+pub mod ops;
+pub mod shape;
+pub mod tensor;
+
+pub use context::Context;
+pub use device::Device;
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use op::{emit1, Emit, Op, OpRef, Shard, Value};
+pub use shape::Shape;
+pub use tensor::{CpuStorage, Storage, Tensor, TensorMeta};

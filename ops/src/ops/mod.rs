@@ -1,0 +1,5 @@
+//! One op per file. Each file holds the op type, its inference, SBP signatures (with the
+//! per-device equation in the doc comment), gradient, CPU kernel, and a constructor function that
+//! applies it through an [`crate::Emit`].
+
+pub mod neg;

@@ -1,0 +1,234 @@
+//! Tensors: a shape, a dtype and contiguous row-major storage shared by reference counting.
+
+use std::sync::Arc;
+
+use crate::{DType, Device, Element, Error, Result, Shape};
+
+/// What inference works on: the shape and dtype of a tensor, without data.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TensorMeta {
+    /// The dimensions.
+    pub shape: Shape,
+    /// The element type.
+    pub dtype: DType,
+}
+
+impl TensorMeta {
+    /// A meta from a shape and dtype.
+    pub fn new(shape: impl Into<Shape>, dtype: DType) -> Self {
+        TensorMeta { shape: shape.into(), dtype }
+    }
+
+    /// Bytes the tensor occupies.
+    pub fn bytes(&self) -> usize {
+        self.shape.numel() * self.dtype.size()
+    }
+}
+
+/// Host storage: bytes in a buffer aligned to 8, so any [`Element`] slice can view it.
+#[derive(Clone, Debug)]
+pub struct CpuStorage {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl CpuStorage {
+    /// Zeroed storage of `len` bytes.
+    pub fn zeroed(len: usize) -> Self {
+        CpuStorage { words: vec![0; len.div_ceil(8)], len }
+    }
+
+    /// Storage holding a copy of `bytes`.
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        let mut storage = Self::zeroed(bytes.len());
+        storage.bytes_mut().copy_from_slice(bytes);
+        storage
+    }
+
+    /// Storage holding the elements of `data`.
+    pub fn from_slice<T: Element>(data: &[T]) -> Self {
+        Self::from_bytes(bytemuck::cast_slice(data))
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.words)[..self.len]
+    }
+
+    /// The bytes, writable.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut(&mut self.words)[..self.len]
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The memory behind a tensor.
+#[derive(Debug)]
+pub enum Storage {
+    /// Host memory.
+    Cpu(CpuStorage),
+}
+
+impl Storage {
+    /// The device the storage lives on.
+    pub fn device(&self) -> Device {
+        match self {
+            Storage::Cpu(_) => Device::Cpu,
+        }
+    }
+}
+
+/// A contiguous, row-major tensor. Cloning is cheap: the storage is shared.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    meta: TensorMeta,
+    storage: Arc<Storage>,
+}
+
+impl Tensor {
+    /// A tensor over existing storage; the storage must hold exactly `meta.bytes()` bytes.
+    pub fn from_storage(meta: TensorMeta, storage: Arc<Storage>) -> Result<Self> {
+        let Storage::Cpu(cpu) = &*storage;
+        if cpu.len() != meta.bytes() {
+            return Err(Error::DataLength {
+                len: cpu.len() / meta.dtype.size().max(1),
+                shape: meta.shape.clone(),
+                numel: meta.shape.numel(),
+            });
+        }
+        Ok(Tensor { meta, storage })
+    }
+
+    /// A host tensor holding `data` in the given shape.
+    pub fn from_vec<T: Element>(data: Vec<T>, shape: impl Into<Shape>) -> Result<Self> {
+        Self::from_slice(&data, shape)
+    }
+
+    /// A host tensor holding a copy of `data` in the given shape.
+    pub fn from_slice<T: Element>(data: &[T], shape: impl Into<Shape>) -> Result<Self> {
+        let shape = shape.into();
+        if data.len() != shape.numel() {
+            return Err(Error::DataLength {
+                len: data.len(),
+                shape: shape.clone(),
+                numel: shape.numel(),
+            });
+        }
+        let storage = Storage::Cpu(CpuStorage::from_slice(data));
+        Ok(Tensor { meta: TensorMeta::new(shape, T::DTYPE), storage: Arc::new(storage) })
+    }
+
+    /// A host tensor of the given bytes, interpreted as `dtype` elements in `shape`.
+    pub fn from_bytes(bytes: &[u8], shape: impl Into<Shape>, dtype: DType) -> Result<Self> {
+        let meta = TensorMeta::new(shape, dtype);
+        let storage = Arc::new(Storage::Cpu(CpuStorage::from_bytes(bytes)));
+        Self::from_storage(meta, storage)
+    }
+
+    /// A zero-filled host tensor.
+    pub fn zeros(shape: impl Into<Shape>, dtype: DType) -> Self {
+        let meta = TensorMeta::new(shape, dtype);
+        let storage = Storage::Cpu(CpuStorage::zeroed(meta.bytes()));
+        Tensor { meta, storage: Arc::new(storage) }
+    }
+
+    /// The shape and dtype.
+    pub fn meta(&self) -> &TensorMeta {
+        &self.meta
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &Shape {
+        &self.meta.shape
+    }
+
+    /// The dimensions.
+    pub fn dims(&self) -> &[usize] {
+        self.meta.shape.dims()
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.meta.dtype
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.meta.shape.numel()
+    }
+
+    /// The device of the storage.
+    pub fn device(&self) -> Device {
+        self.storage.device()
+    }
+
+    /// The shared storage.
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
+    }
+
+    /// The raw bytes of a host tensor.
+    pub fn bytes(&self) -> Result<&[u8]> {
+        match &*self.storage {
+            Storage::Cpu(cpu) => Ok(cpu.bytes()),
+        }
+    }
+
+    /// A typed view of a host tensor; `u8` also views `bool` tensors.
+    pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
+        self.check_view::<T>()?;
+        Ok(bytemuck::cast_slice(self.bytes()?))
+    }
+
+    /// The elements, copied into a `Vec`.
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        Ok(self.as_slice::<T>()?.to_vec())
+    }
+
+    /// A writable typed view; copies the storage first when it is shared (copy on write).
+    pub fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T]> {
+        self.check_view::<T>()?;
+        let storage = make_unique(&mut self.storage);
+        match storage {
+            Storage::Cpu(cpu) => Ok(bytemuck::cast_slice_mut(cpu.bytes_mut())),
+        }
+    }
+
+    /// The same storage under another shape with the same number of elements.
+    pub fn reshaped(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.numel() != self.numel() {
+            return Err(Error::shape("reshape", &[self.shape(), &shape], "element counts differ"));
+        }
+        Ok(Tensor { meta: TensorMeta::new(shape, self.dtype()), storage: self.storage.clone() })
+    }
+
+    fn check_view<T: Element>(&self) -> Result<()> {
+        let ok = T::DTYPE == self.dtype() || (T::DTYPE == DType::U8 && self.dtype() == DType::Bool);
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::ViewDType { requested: T::DTYPE, actual: self.dtype() })
+        }
+    }
+}
+
+/// Copy-on-write: the storage, copied first when another tensor shares it.
+fn make_unique(storage: &mut Arc<Storage>) -> &mut Storage {
+    if Arc::get_mut(storage).is_none() {
+        let copy = match &**storage {
+            Storage::Cpu(cpu) => Storage::Cpu(cpu.clone()),
+        };
+        *storage = Arc::new(copy);
+    }
+    Arc::get_mut(storage).expect("storage was just made unique")
+}

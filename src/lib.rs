@@ -1,0 +1,7 @@
+//! meshflow: a distributed tensor runtime in the style of OneFlow.
+//!
+//! A training script builds one global, logical graph as if for one device; placement and SBP
+//! annotations say how tensors are laid out over a mesh of devices. See `ARCHITECTURE.md`.
+
+pub use meshflow_ops as ops;
+pub use meshflow_placement as placement;
