@@ -5,3 +5,5 @@
 
 pub use meshflow_ops as ops;
 pub use meshflow_placement as placement;
+pub use meshflow_actor as actor;
+pub use meshflow_comm as comm;
