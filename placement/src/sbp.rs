@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::{Error, Result};
+
 /// The layout of a logical tensor along one mesh axis.
 ///
 /// With `p` devices on the axis:
@@ -68,6 +70,33 @@ impl NdSbp {
     /// True when it describes no mesh axis.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// True when some mesh axis holds a partial sum.
+    pub fn has_partial(&self) -> bool {
+        self.0.contains(&Sbp::PartialSum)
+    }
+
+    /// The same layout with every PartialSum replaced by Broadcast.
+    pub fn without_partial(&self) -> NdSbp {
+        let axes = self.0.iter().map(|&sbp| match sbp {
+            Sbp::PartialSum => Sbp::Broadcast,
+            other => other,
+        });
+        NdSbp(axes.collect())
+    }
+
+    /// Checks that every split axis is below `logical.len()`; `context` names the op or edge.
+    pub fn check_rank(&self, context: &str, logical: &[usize]) -> Result<()> {
+        match self.0.iter().find_map(|sbp| sbp.split_axis().filter(|&a| a >= logical.len())) {
+            Some(axis) => Err(Error::SplitAxisOutOfRange {
+                context: context.to_string(),
+                axis,
+                shape: logical.to_vec(),
+                nd_sbp: self.clone(),
+            }),
+            None => Ok(()),
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::{NdSbp, Sbp};
+use crate::{Error, NdSbp, Result, Sbp};
 
 /// A 1-D signature: one [`Sbp`] per input and per output of an op, on one mesh axis.
 ///
@@ -84,4 +84,75 @@ impl fmt::Display for NdSignature {
         f.write_str(" -> ")?;
         write_list(f, &self.outputs)
     }
+}
+
+impl Signature {
+    /// Checks arity against the op's input and output ranks and that every split axis is in
+    /// range; the error names `op` and lists `candidates`.
+    pub fn check(
+        &self,
+        op: &str,
+        input_ranks: &[usize],
+        output_ranks: &[usize],
+        candidates: &[Signature],
+    ) -> Result<()> {
+        let invalid = |reason: String| Error::InvalidSignature {
+            op: op.to_string(),
+            signature: self.to_string(),
+            candidates: list_text(candidates),
+            reason,
+        };
+        if self.inputs.len() != input_ranks.len() || self.outputs.len() != output_ranks.len() {
+            return Err(invalid(format!(
+                "the op has {} inputs and {} outputs",
+                input_ranks.len(),
+                output_ranks.len()
+            )));
+        }
+        let sbps = self.inputs.iter().chain(&self.outputs);
+        let ranks = input_ranks.iter().chain(output_ranks);
+        for (sbp, &rank) in sbps.zip(ranks) {
+            if let Some(axis) = sbp.split_axis().filter(|&axis| axis >= rank) {
+                return Err(invalid(format!("split axis {axis} on a tensor of rank {rank}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The nd signatures of an op on a mesh with `mesh_axes` axes: every product of its 1-D
+/// signatures, one per mesh axis (`|signatures|^mesh_axes` of them, duplicates removed).
+///
+/// ```
+/// use meshflow_placement::{nd_signatures, Sbp, Signature};
+/// let one_d = [Signature::new([Sbp::Broadcast], [Sbp::Broadcast]),
+///              Signature::new([Sbp::Split(0)], [Sbp::Split(0)])];
+/// assert_eq!(nd_signatures(&one_d, 2).len(), 4);
+/// ```
+pub fn nd_signatures(signatures: &[Signature], mesh_axes: usize) -> Vec<NdSignature> {
+    let mut products: Vec<Vec<Signature>> = vec![Vec::new()];
+    for _ in 0..mesh_axes {
+        products = products
+            .into_iter()
+            .flat_map(|prefix| {
+                signatures.iter().map(move |signature| {
+                    let mut next = prefix.clone();
+                    next.push(signature.clone());
+                    next
+                })
+            })
+            .collect();
+    }
+    let mut seen = std::collections::HashSet::new();
+    products
+        .iter()
+        .map(|per_axis| NdSignature::from_axes(per_axis))
+        .filter(|signature| seen.insert(signature.clone()))
+        .collect()
+}
+
+/// Candidate signatures as one line of text, for errors.
+pub fn list_text<T: fmt::Display>(items: &[T]) -> String {
+    let texts: Vec<String> = items.iter().map(|item| format!("[{item}]")).collect();
+    texts.join(" ")
 }
