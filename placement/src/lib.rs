@@ -19,6 +19,7 @@ mod placement;
 pub mod reference;
 mod sbp;
 
+pub mod select;
 mod signature;
 
 pub use boxing::{plan_boxing, transfer_pieces, BoxingPlan, BoxingStep, Layout, Piece, StepKind};
@@ -26,4 +27,5 @@ pub use error::{Error, Result};
 pub use layout::{balanced_range, check_layout, local_region, local_shape, Region};
 pub use placement::{DeviceType, Placement};
 pub use sbp::{NdSbp, Sbp};
+pub use select::CostConfig;
 pub use signature::{list_text, nd_signatures, NdSignature, Signature};
