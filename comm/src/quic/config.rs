@@ -1,0 +1,106 @@
+//! [`QuicConfig`]: every knob of the QUIC endpoint, typed, with documented defaults.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{MtuDiscoveryConfig, TransportConfig, VarInt};
+
+use crate::{Error, Result};
+
+/// Settings of a [`super::QuicEndpoint`] and the transport built on it.
+///
+/// The defaults are tuned for bulk tensor traffic: large flow-control windows so that one stream
+/// can keep a fast link busy, MTU discovery up to the largest UDP payload (loopback and jumbo-frame
+/// links reach it, ordinary Ethernet settles near 1500), generic segmentation offload on, and large
+/// socket buffers so bursts are not dropped by the kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuicConfig {
+    /// Limit on connecting plus authenticating one peer. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Limit on every blocking wait of the transport and the collectives (a send waiting for
+    /// credit, a receive waiting for a frame). Default 60 s.
+    pub operation_timeout: Duration,
+    /// A connection with no traffic for this long is considered dead. Default 30 s.
+    pub max_idle_timeout: Duration,
+    /// Keep-alive packets are sent this often on idle connections. Default 5 s.
+    pub keep_alive_interval: Duration,
+    /// UDP payload size of the first packets. Default 1200 (safe on every path); raise it to
+    /// 65 000 on loopback to skip discovery.
+    pub initial_mtu: u16,
+    /// Upper bound for path MTU discovery. Default 65 527, the largest UDP payload quinn sends.
+    pub max_mtu: u16,
+    /// Bytes one stream may have in flight unread by the receiver: the back-pressure bound of
+    /// one channel. Default 16 MiB.
+    pub stream_receive_window: u64,
+    /// Bytes all streams of one connection may have in flight. Default 64 MiB.
+    pub receive_window: u64,
+    /// Bytes the sender buffers before waiting for acknowledgements. Default 64 MiB.
+    pub send_window: u64,
+    /// Use generic segmentation offload (one system call for many packets). Default true.
+    pub segmentation_offload: bool,
+    /// Kernel send and receive buffer size requested for the UDP socket. Default 8 MiB (the
+    /// kernel may cap it at `net.core.rmem_max` / `wmem_max`).
+    pub socket_buffer_bytes: usize,
+    /// Largest frame (header plus payload) accepted from a peer. Default 2 GiB.
+    pub max_frame_bytes: u64,
+    /// Worker threads of the endpoint's async runtime. Default 2.
+    pub worker_threads: usize,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        QuicConfig {
+            handshake_timeout: Duration::from_secs(10),
+            operation_timeout: Duration::from_secs(60),
+            max_idle_timeout: Duration::from_secs(30),
+            keep_alive_interval: Duration::from_secs(5),
+            initial_mtu: 1200,
+            max_mtu: 65_527,
+            stream_receive_window: 16 << 20,
+            receive_window: 64 << 20,
+            send_window: 64 << 20,
+            segmentation_offload: true,
+            socket_buffer_bytes: 8 << 20,
+            max_frame_bytes: 2 << 30,
+            worker_threads: 2,
+        }
+    }
+}
+
+impl QuicConfig {
+    /// The defaults with short timeouts, for tests that must end quickly when a peer dies.
+    pub fn with_timeouts(mut self, operation: Duration) -> Self {
+        self.operation_timeout = operation;
+        self.handshake_timeout = operation;
+        self.max_idle_timeout = operation;
+        self.keep_alive_interval = operation / 4;
+        self
+    }
+
+    /// quinn's transport settings for these values.
+    pub(crate) fn transport(&self) -> Result<Arc<TransportConfig>> {
+        let window = |bytes: u64| {
+            VarInt::from_u64(bytes).map_err(|_| Error::Setup {
+                reason: format!("window of {bytes} bytes is too large"),
+            })
+        };
+        let idle = self.max_idle_timeout.try_into().map_err(|_| Error::Setup {
+            reason: format!("idle timeout {:?} is too large", self.max_idle_timeout),
+        })?;
+        let mut mtu = MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.max_mtu.max(self.initial_mtu));
+        let mut transport = TransportConfig::default();
+        transport
+            .max_idle_timeout(Some(idle))
+            .keep_alive_interval(Some(self.keep_alive_interval))
+            .initial_mtu(self.initial_mtu.max(1200))
+            .mtu_discovery_config(Some(mtu))
+            .stream_receive_window(window(self.stream_receive_window)?)
+            .receive_window(window(self.receive_window)?)
+            .send_window(self.send_window)
+            .max_concurrent_uni_streams(VarInt::from_u32(1024))
+            .max_concurrent_bidi_streams(VarInt::from_u32(256))
+            .enable_segmentation_offload(self.segmentation_offload);
+        Ok(Arc::new(transport))
+    }
+}

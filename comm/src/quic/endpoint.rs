@@ -1,0 +1,208 @@
+//! [`QuicEndpoint`]: one UDP socket that listens and dials, and [`AuthenticatedConnection`].
+
+use std::future::Future;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+
+use quinn::{ClientConfig, Connection, EndpointConfig, ServerConfig, TokioRuntime, VarInt};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::runtime::{Handle, Runtime};
+
+use super::{auth, tls, JobSecret, QuicConfig};
+use crate::{Error, Rank, Result};
+
+/// A QUIC endpoint of one process: listens on one UDP socket and dials peers from it.
+///
+/// It owns a small tokio runtime ([`QuicConfig::worker_threads`] workers) that drives quinn;
+/// [`QuicEndpoint::runtime`] hands it out for the caller's own tasks. Every connection it
+/// returns is authenticated: see [`super::auth`]. Cheap to clone.
+#[derive(Clone)]
+pub struct QuicEndpoint {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    runtime: Option<Runtime>,
+    endpoint: quinn::Endpoint,
+    client: ClientConfig,
+    secret: JobSecret,
+    config: QuicConfig,
+    rank: Rank,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.endpoint.close(VarInt::from_u32(0), b"endpoint dropped");
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for QuicEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuicEndpoint")
+            .field("rank", &self.inner.rank)
+            .field("local_address", &self.inner.endpoint.local_addr().ok())
+            .field("secret", &self.inner.secret)
+            .finish()
+    }
+}
+
+impl QuicEndpoint {
+    /// Binds a UDP socket at `address` (port 0 picks a free one) for the process of `rank`.
+    pub fn bind(
+        address: SocketAddr,
+        rank: Rank,
+        secret: JobSecret,
+        config: QuicConfig,
+    ) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.worker_threads.max(1))
+            .thread_name("meshflow-quic")
+            .enable_all()
+            .build()
+            .map_err(|error| Error::Setup { reason: format!("tokio runtime: {error}") })?;
+        let socket = udp_socket(address, config.socket_buffer_bytes)?;
+        let transport = config.transport()?;
+        let mut server = ServerConfig::with_crypto(Arc::new(tls::server_config()?));
+        server.transport_config(transport.clone());
+        let mut client = ClientConfig::new(Arc::new(tls::client_config()?));
+        client.transport_config(transport);
+        let endpoint = {
+            let _guard = runtime.enter();
+            quinn::Endpoint::new(
+                EndpointConfig::default(),
+                Some(server),
+                socket,
+                Arc::new(TokioRuntime),
+            )
+            .map_err(|error| Error::Setup {
+                reason: format!("QUIC endpoint at {address}: {error}"),
+            })?
+        };
+        let inner = Inner { runtime: Some(runtime), endpoint, client, secret, config, rank };
+        Ok(QuicEndpoint { inner: Arc::new(inner) })
+    }
+
+    /// The address peers dial to reach this endpoint.
+    pub fn local_address(&self) -> Result<SocketAddr> {
+        self.inner
+            .endpoint
+            .local_addr()
+            .map_err(|error| Error::Setup { reason: format!("local address: {error}") })
+    }
+
+    /// The rank this endpoint announces to its peers.
+    pub fn rank(&self) -> Rank {
+        self.inner.rank
+    }
+
+    /// The settings it was built with.
+    pub fn config(&self) -> &QuicConfig {
+        &self.inner.config
+    }
+
+    /// The runtime that drives the endpoint; spawn stream handlers on it.
+    pub fn runtime(&self) -> Handle {
+        match &self.inner.runtime {
+            Some(runtime) => runtime.handle().clone(),
+            None => unreachable!("the runtime is only taken when the endpoint is dropped"),
+        }
+    }
+
+    /// Runs a future on the endpoint's runtime from a thread outside it (a device thread).
+    /// Must not be called from inside an async task.
+    pub fn block_on<F: Future>(&self, future: F) -> F::Output {
+        self.runtime().block_on(future)
+    }
+
+    /// Dials `address` and authenticates; the peer's rank is what it proved.
+    pub async fn connect(&self, address: SocketAddr) -> Result<AuthenticatedConnection> {
+        let inner = &self.inner;
+        let attempt = async {
+            let connecting = inner
+                .endpoint
+                .connect_with(inner.client.clone(), address, "meshflow")
+                .map_err(|error| Error::Connect { address, reason: error.to_string() })?;
+            let connection = connecting
+                .await
+                .map_err(|error| Error::Connect { address, reason: error.to_string() })?;
+            let peer = auth::dialer(&connection, &inner.secret, inner.rank).await?;
+            Ok(AuthenticatedConnection { connection, peer })
+        };
+        tokio::time::timeout(inner.config.handshake_timeout, attempt)
+            .await
+            .map_err(|_| Error::Connect { address, reason: "handshake timed out".into() })?
+    }
+
+    /// Waits for the next incoming connection and authenticates it. A peer that fails
+    /// authentication is closed and reported as [`Error::Authentication`]; call again to go on
+    /// listening.
+    pub async fn accept(&self) -> Result<AuthenticatedConnection> {
+        let inner = &self.inner;
+        let incoming = inner.endpoint.accept().await.ok_or(Error::EndpointClosed)?;
+        let address = incoming.remote_address();
+        let attempt = async {
+            let connection = incoming
+                .await
+                .map_err(|error| Error::Authentication { address, reason: error.to_string() })?;
+            let peer = auth::acceptor(&connection, &inner.secret, inner.rank).await?;
+            Ok(AuthenticatedConnection { connection, peer })
+        };
+        tokio::time::timeout(inner.config.handshake_timeout, attempt)
+            .await
+            .map_err(|_| Error::Authentication { address, reason: "handshake timed out".into() })?
+    }
+
+    /// Closes every connection and stops listening.
+    pub fn close(&self) {
+        self.inner.endpoint.close(VarInt::from_u32(0), b"closed");
+    }
+}
+
+/// A QUIC connection whose peer proved it holds the job secret.
+///
+/// The comm transport uses the connection's *unidirectional* streams; bidirectional streams are
+/// free for the cluster layer (rendezvous, heartbeats): open them with
+/// `connection().open_bi()` and accept them with `connection().accept_bi()`.
+#[derive(Clone, Debug)]
+pub struct AuthenticatedConnection {
+    connection: Connection,
+    peer: Rank,
+}
+
+impl AuthenticatedConnection {
+    /// The rank the peer proved (it signed it together with the session keys).
+    pub fn peer_rank(&self) -> Rank {
+        self.peer
+    }
+
+    /// The underlying quinn connection, for opening and accepting streams.
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
+    /// The peer's address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.connection.remote_address()
+    }
+
+    /// Closes the connection with an application code and reason.
+    pub fn close(&self, code: u32, reason: &str) {
+        self.connection.close(VarInt::from_u32(code), reason.as_bytes());
+    }
+}
+
+fn udp_socket(address: SocketAddr, buffer_bytes: usize) -> Result<UdpSocket> {
+    let setup = |what: &str, error: std::io::Error| Error::Setup {
+        reason: format!("UDP socket {what}: {error}"),
+    };
+    let socket = Socket::new(Domain::for_address(address), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(|error| setup("creation", error))?;
+    // The kernel caps these at its configured maximum; a smaller buffer only costs throughput.
+    let _ = socket.set_recv_buffer_size(buffer_bytes);
+    let _ = socket.set_send_buffer_size(buffer_bytes);
+    socket.bind(&address.into()).map_err(|error| setup("bind", error))?;
+    Ok(socket.into())
+}

@@ -1,0 +1,339 @@
+//! [`QuicTransport`]: the [`Transport`] over one authenticated QUIC connection per peer pair.
+//!
+//! Each (peer, channel) pair uses one unidirectional stream per direction, opened lazily with an
+//! 8-byte preamble (`MFST`, channel). Frames on it are [`crate::frame`]s. The receiver reads a
+//! frame only when `recv` asks for it, so QUIC's stream flow control is the back-pressure: a sender
+//! can be at most one stream window ahead of the receiver.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::Duration;
+
+use meshflow_ops::{CpuStorage, Storage, Tensor};
+use quinn::{Connection, RecvStream, SendStream};
+use tokio::sync::Notify;
+
+use super::{AuthenticatedConnection, QuicEndpoint};
+use crate::{frame, Channel, Error, Message, Rank, Result, Transport};
+
+const STREAM_MAGIC: &[u8; 4] = b"MFST";
+
+/// Tensor messages over QUIC between the processes of one job.
+pub struct QuicTransport {
+    endpoint: QuicEndpoint,
+    world_size: usize,
+    links: Vec<Option<Arc<PeerLink>>>,
+}
+
+struct PeerLink {
+    peer: Rank,
+    connection: Connection,
+    outgoing: Mutex<HashMap<Channel, Arc<tokio::sync::Mutex<Option<SendStream>>>>>,
+    incoming: Mutex<HashMap<Channel, RecvStream>>,
+    arrived: Notify,
+}
+
+type BoxedFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+impl QuicTransport {
+    /// Connects a full mesh: dials every lower rank at `addresses[rank]` and accepts every higher
+    /// one. Strangers that fail authentication are refused and ignored.
+    pub fn connect_mesh(endpoint: QuicEndpoint, addresses: &[SocketAddr]) -> Result<Self> {
+        let me = endpoint.rank().0;
+        let world_size = addresses.len();
+        let dial = async {
+            let mut connections = Vec::new();
+            for (rank, &address) in addresses.iter().enumerate().take(me) {
+                let connection = endpoint.connect(address).await?;
+                if connection.peer_rank() != Rank(rank) {
+                    connection.close(1, "unexpected rank");
+                    let reason = format!(
+                        "expected rank {rank}, the peer proved rank {}",
+                        connection.peer_rank()
+                    );
+                    return Err(Error::Connect { address, reason });
+                }
+                connections.push(connection);
+            }
+            Ok(connections)
+        };
+        let accept = accept_ranks(&endpoint, me + 1..world_size);
+        let (mut dialed, accepted) = endpoint.block_on(async {
+            let deadline = endpoint.config().operation_timeout;
+            let both = async { tokio::try_join!(dial, accept) };
+            tokio::time::timeout(deadline, both).await.map_err(|_| Error::Timeout {
+                peer: Rank(me),
+                operation: "connect_mesh".into(),
+                timeout: deadline,
+            })?
+        })?;
+        dialed.extend(accepted);
+        Self::from_connections(endpoint, world_size, dialed)
+    }
+
+    /// A transport over connections the caller already authenticated (one per peer).
+    pub fn from_connections(
+        endpoint: QuicEndpoint,
+        world_size: usize,
+        connections: Vec<AuthenticatedConnection>,
+    ) -> Result<Self> {
+        let mut links: Vec<Option<Arc<PeerLink>>> = (0..world_size).map(|_| None).collect();
+        let runtime = endpoint.runtime();
+        for connection in connections {
+            let peer = connection.peer_rank();
+            let slot = links.get_mut(peer.0).ok_or(Error::UnknownPeer { peer, world_size })?;
+            let link = Arc::new(PeerLink {
+                peer,
+                connection: connection.connection().clone(),
+                outgoing: Mutex::new(HashMap::new()),
+                incoming: Mutex::new(HashMap::new()),
+                arrived: Notify::new(),
+            });
+            runtime.spawn(accept_streams(link.clone(), endpoint.config().operation_timeout));
+            *slot = Some(link);
+        }
+        Ok(QuicTransport { endpoint, world_size, links })
+    }
+
+    /// The endpoint underneath.
+    pub fn endpoint(&self) -> &QuicEndpoint {
+        &self.endpoint
+    }
+
+    fn link(&self, peer: Rank) -> Result<&Arc<PeerLink>> {
+        self.links
+            .get(peer.0)
+            .and_then(Option::as_ref)
+            .ok_or(Error::UnknownPeer { peer, world_size: self.world_size })
+    }
+
+    fn bounded<'a, T: Send + 'a>(
+        &self,
+        peer: Rank,
+        operation: &'a str,
+        work: BoxedFuture<'a, T>,
+    ) -> BoxedFuture<'a, T> {
+        let timeout = self.timeout();
+        Box::pin(async move {
+            tokio::time::timeout(timeout, work).await.map_err(|_| Error::Timeout {
+                peer,
+                operation: operation.to_string(),
+                timeout,
+            })?
+        })
+    }
+
+    fn transmit<'a>(
+        &'a self,
+        peer: Rank,
+        channel: Channel,
+        message: Message,
+    ) -> BoxedFuture<'a, ()> {
+        let work: BoxedFuture<'a, ()> = Box::pin(async move {
+            let link = self.link(peer)?;
+            let max = self.endpoint.config().max_frame_bytes;
+            write_message(link, channel, &message, max).await
+        });
+        self.bounded(peer, "send", work)
+    }
+
+    fn receive<'a>(&'a self, peer: Rank, channel: Channel) -> BoxedFuture<'a, Message> {
+        let work: BoxedFuture<'a, Message> = Box::pin(async move {
+            let link = self.link(peer)?;
+            let mut stream = take_stream(link, channel).await?;
+            let message =
+                read_message(link.peer, &mut stream, self.endpoint.config().max_frame_bytes)
+                    .await?;
+            link.incoming
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .insert(channel, stream);
+            link.arrived.notify_waiters();
+            Ok(message)
+        });
+        self.bounded(peer, "recv", work)
+    }
+}
+
+impl Transport for QuicTransport {
+    fn rank(&self) -> Rank {
+        self.endpoint.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn timeout(&self) -> Duration {
+        self.endpoint.config().operation_timeout
+    }
+
+    fn send(&self, peer: Rank, channel: Channel, message: Message) -> Result<()> {
+        self.endpoint.block_on(self.transmit(peer, channel, message))
+    }
+
+    fn recv(&self, peer: Rank, channel: Channel) -> Result<Message> {
+        self.endpoint.block_on(self.receive(peer, channel))
+    }
+
+    fn exchange(
+        &self,
+        channel: Channel,
+        sends: Vec<(Rank, Message)>,
+        receives: &[Rank],
+    ) -> Result<Vec<Message>> {
+        let sends: Vec<BoxedFuture<'_, ()>> = sends
+            .into_iter()
+            .map(|(peer, message)| self.transmit(peer, channel, message))
+            .collect();
+        let receives: Vec<BoxedFuture<'_, Message>> =
+            receives.iter().map(|&peer| self.receive(peer, channel)).collect();
+        self.endpoint.block_on(async {
+            let (_, messages) = tokio::try_join!(join_all(sends), join_all(receives))?;
+            Ok(messages)
+        })
+    }
+}
+
+/// Accepts the peer's ids for `ranks` (each once); others and strangers are closed.
+async fn accept_ranks(
+    endpoint: &QuicEndpoint,
+    ranks: std::ops::Range<usize>,
+) -> Result<Vec<AuthenticatedConnection>> {
+    let mut connections: Vec<AuthenticatedConnection> = Vec::new();
+    while connections.len() < ranks.len() {
+        let connection = match endpoint.accept().await {
+            Ok(connection) => connection,
+            Err(Error::Authentication { address, reason }) => {
+                tracing::warn!(%address, %reason, "refused a peer");
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
+        let peer = connection.peer_rank();
+        if !ranks.contains(&peer.0) || connections.iter().any(|known| known.peer_rank() == peer) {
+            connection.close(1, "unexpected or duplicate rank");
+            continue;
+        }
+        connections.push(connection);
+    }
+    Ok(connections)
+}
+
+/// Runs on the endpoint's runtime: files each new stream of the peer under its channel.
+async fn accept_streams(link: Arc<PeerLink>, timeout: Duration) {
+    while let Ok(mut stream) = link.connection.accept_uni().await {
+        let mut preamble = [0u8; 8];
+        let read = tokio::time::timeout(timeout, stream.read_exact(&mut preamble)).await;
+        if !matches!(read, Ok(Ok(()))) || &preamble[..4] != STREAM_MAGIC {
+            link.connection.close(quinn::VarInt::from_u32(2), b"invalid stream preamble");
+            break;
+        }
+        let channel =
+            Channel(u32::from_le_bytes([preamble[4], preamble[5], preamble[6], preamble[7]]));
+        link.incoming.lock().unwrap_or_else(|poison| poison.into_inner()).insert(channel, stream);
+        link.arrived.notify_waiters();
+    }
+    link.arrived.notify_waiters();
+}
+
+async fn take_stream(link: &PeerLink, channel: Channel) -> Result<RecvStream> {
+    loop {
+        let notified = link.arrived.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(stream) =
+            link.incoming.lock().unwrap_or_else(|poison| poison.into_inner()).remove(&channel)
+        {
+            return Ok(stream);
+        }
+        if let Some(reason) = link.connection.close_reason() {
+            return Err(closed(link.peer, "recv", reason));
+        }
+        notified.await;
+    }
+}
+
+async fn write_message(
+    link: &PeerLink,
+    channel: Channel,
+    message: &Message,
+    max_frame_bytes: u64,
+) -> Result<()> {
+    let header = frame::encode_header(message.tag, message.tensor.meta())?;
+    let payload = message.tensor.bytes()?;
+    let length = (header.len() + payload.len()) as u64;
+    if length > max_frame_bytes {
+        return Err(Error::FrameTooLarge { peer: link.peer, length, maximum: max_frame_bytes });
+    }
+    let slot = {
+        let mut outgoing = link.outgoing.lock().unwrap_or_else(|poison| poison.into_inner());
+        outgoing.entry(channel).or_default().clone()
+    };
+    let mut guard = slot.lock().await;
+    let operation = message.tag.kind.name();
+    if guard.is_none() {
+        let mut stream = link
+            .connection
+            .open_uni()
+            .await
+            .map_err(|error| closed(link.peer, operation, error))?;
+        let preamble = [&STREAM_MAGIC[..], &channel.0.to_le_bytes()].concat();
+        stream.write_all(&preamble).await.map_err(|error| closed(link.peer, operation, error))?;
+        *guard = Some(stream);
+    }
+    let Some(stream) = guard.as_mut() else { unreachable!("the stream was opened above") };
+    stream.write_all(&header).await.map_err(|error| closed(link.peer, operation, error))?;
+    stream.write_all(payload).await.map_err(|error| closed(link.peer, operation, error))
+}
+
+async fn read_message(
+    peer: Rank,
+    stream: &mut RecvStream,
+    max_frame_bytes: u64,
+) -> Result<Message> {
+    let mut prefix = [0u8; frame::LENGTH_BYTES];
+    stream.read_exact(&mut prefix).await.map_err(|error| closed(peer, "recv", error))?;
+    let mut header = vec![0u8; frame::header_length(prefix, peer)?];
+    stream.read_exact(&mut header).await.map_err(|error| closed(peer, "recv", error))?;
+    let decoded = frame::decode_header(&header, peer, max_frame_bytes)?;
+    let mut storage = CpuStorage::zeroed(decoded.payload_bytes);
+    stream.read_exact(storage.bytes_mut()).await.map_err(|error| closed(peer, "recv", error))?;
+    let tensor = Tensor::from_storage(decoded.meta, Arc::new(Storage::Cpu(storage)))?;
+    Ok(Message { tag: decoded.tag, tensor })
+}
+
+fn closed(peer: Rank, operation: &str, reason: impl std::fmt::Display) -> Error {
+    Error::PeerClosed { peer, operation: operation.to_string(), reason: reason.to_string() }
+}
+
+/// Polls every future until all finish; the first error wins.
+async fn join_all<T>(futures: Vec<BoxedFuture<'_, T>>) -> Result<Vec<T>> {
+    let mut slots: Vec<Option<BoxedFuture<'_, T>>> = futures.into_iter().map(Some).collect();
+    let mut results: Vec<Option<T>> = slots.iter().map(|_| None).collect();
+    std::future::poll_fn(|context| {
+        for (slot, result) in slots.iter_mut().zip(results.iter_mut()) {
+            if let Some(future) = slot {
+                match future.as_mut().poll(context) {
+                    Poll::Ready(Ok(value)) => {
+                        *result = Some(value);
+                        *slot = None;
+                    }
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                    Poll::Pending => {}
+                }
+            }
+        }
+        if slots.iter().all(Option::is_none) {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await?;
+    Ok(results.into_iter().flatten().collect())
+}

@@ -1,0 +1,255 @@
+//! Point-to-point tensor messages between ranks, with back-pressure.
+//!
+//! A [`Transport`] moves [`Message`]s (a [`Tag`] and a [`Tensor`]) from one rank to another on a
+//! [`Channel`]. Messages on one (sender, receiver, channel) arrive in order. A sender cannot run
+//! ahead of the receiver's buffers: [`InProcessTransport`] holds at most `capacity` messages per
+//! (sender, receiver, channel) and QUIC holds at most one stream window of bytes; beyond that
+//! `send` waits, up to the configured timeout.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam::channel::{bounded, Receiver, SendTimeoutError, Sender};
+
+use meshflow_ops::Tensor;
+
+use crate::{Error, Result};
+
+/// A process-wide (or, in one process, device-thread-wide) rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Rank(pub usize);
+
+impl fmt::Display for Rank {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Separates independent message streams between the same two ranks (one per group).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Channel(pub u32);
+
+/// What a message belongs to: point-to-point traffic or one collective.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MessageKind {
+    /// Point-to-point send/recv.
+    Send,
+    /// All-reduce.
+    AllReduce,
+    /// Reduce-scatter.
+    ReduceScatter,
+    /// All-gather.
+    AllGather,
+    /// All-to-all.
+    AllToAll,
+    /// Broadcast.
+    Broadcast,
+    /// Reduce to one root.
+    Reduce,
+}
+
+impl MessageKind {
+    const ALL: [MessageKind; 7] = [
+        MessageKind::Send,
+        MessageKind::AllReduce,
+        MessageKind::ReduceScatter,
+        MessageKind::AllGather,
+        MessageKind::AllToAll,
+        MessageKind::Broadcast,
+        MessageKind::Reduce,
+    ];
+
+    /// The name used in errors (`all_reduce` …).
+    pub fn name(self) -> &'static str {
+        match self {
+            MessageKind::Send => "send",
+            MessageKind::AllReduce => "all_reduce",
+            MessageKind::ReduceScatter => "reduce_scatter",
+            MessageKind::AllGather => "all_gather",
+            MessageKind::AllToAll => "all_to_all",
+            MessageKind::Broadcast => "broadcast",
+            MessageKind::Reduce => "reduce",
+        }
+    }
+
+    /// The wire code.
+    pub fn code(self) -> u8 {
+        Self::ALL.iter().position(|&kind| kind == self).unwrap_or(0) as u8
+    }
+
+    /// The kind of a wire code, if any.
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.get(code as usize).copied()
+    }
+}
+
+/// Identifies one message: its kind, the call's sequence number on its group and the step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tag {
+    /// Collective (or send) it belongs to.
+    pub kind: MessageKind,
+    /// Sequence number of the call on its group.
+    pub sequence: u64,
+    /// Step inside the call.
+    pub step: u32,
+}
+
+/// A tagged tensor in flight.
+#[derive(Clone, Debug)]
+pub struct Message {
+    /// What it belongs to.
+    pub tag: Tag,
+    /// The data (shared storage: in-process hand-off copies nothing).
+    pub tensor: Tensor,
+}
+
+/// Point-to-point messages between the ranks of one world.
+pub trait Transport: Send + Sync {
+    /// This side's rank.
+    fn rank(&self) -> Rank;
+    /// Number of ranks.
+    fn world_size(&self) -> usize;
+    /// The limit on every blocking wait.
+    fn timeout(&self) -> Duration;
+    /// Sends one message; waits (up to the timeout) while the receiver has no room for it.
+    fn send(&self, peer: Rank, channel: Channel, message: Message) -> Result<()>;
+    /// Receives the next message from `peer` on `channel`, waiting up to the timeout.
+    fn recv(&self, peer: Rank, channel: Channel) -> Result<Message>;
+    /// Sends `sends` and receives one message from each of `receives` (in that order), with
+    /// sends and receives in flight together so two ranks exchanging large tensors cannot
+    /// block each other. The default sends first, which is enough when a buffer holds a message.
+    fn exchange(
+        &self,
+        channel: Channel,
+        sends: Vec<(Rank, Message)>,
+        receives: &[Rank],
+    ) -> Result<Vec<Message>> {
+        for (peer, message) in sends {
+            self.send(peer, channel, message)?;
+        }
+        receives.iter().map(|&peer| self.recv(peer, channel)).collect()
+    }
+}
+
+type Mailbox = (Sender<Message>, Receiver<Message>);
+
+/// The shared mailboxes of an in-process world.
+struct Mailboxes {
+    boxes: Mutex<HashMap<(Rank, Rank, Channel), Mailbox>>,
+    capacity: usize,
+    timeout: Duration,
+    world_size: usize,
+}
+
+impl Mailboxes {
+    fn mailbox(&self, from: Rank, to: Rank, channel: Channel) -> Mailbox {
+        let mut boxes = self.boxes.lock().unwrap_or_else(|poison| poison.into_inner());
+        boxes.entry((from, to, channel)).or_insert_with(|| bounded(self.capacity)).clone()
+    }
+}
+
+/// Transport between device threads of one process: a message is handed over by reference
+/// (the tensor's storage is shared, never copied); at most `capacity` messages wait per
+/// (sender, receiver, channel).
+#[derive(Clone)]
+pub struct InProcessTransport {
+    mailboxes: Arc<Mailboxes>,
+    rank: Rank,
+}
+
+impl InProcessTransport {
+    /// One transport per rank of a world of `world_size` device threads.
+    pub fn world(world_size: usize, capacity: usize, timeout: Duration) -> Vec<InProcessTransport> {
+        let mailboxes = Arc::new(Mailboxes {
+            boxes: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+            timeout,
+            world_size,
+        });
+        (0..world_size)
+            .map(|rank| InProcessTransport { mailboxes: mailboxes.clone(), rank: Rank(rank) })
+            .collect()
+    }
+
+    fn check(&self, peer: Rank) -> Result<()> {
+        if peer.0 >= self.mailboxes.world_size {
+            return Err(Error::UnknownPeer { peer, world_size: self.mailboxes.world_size });
+        }
+        Ok(())
+    }
+}
+
+impl Transport for InProcessTransport {
+    fn rank(&self) -> Rank {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.mailboxes.world_size
+    }
+
+    fn timeout(&self) -> Duration {
+        self.mailboxes.timeout
+    }
+
+    fn send(&self, peer: Rank, channel: Channel, message: Message) -> Result<()> {
+        self.check(peer)?;
+        let (sender, _) = self.mailboxes.mailbox(self.rank, peer, channel);
+        let operation = message.tag.kind.name().to_string();
+        sender.send_timeout(message, self.timeout()).map_err(|error| match error {
+            SendTimeoutError::Timeout(_) => {
+                Error::Timeout { peer, operation, timeout: self.timeout() }
+            }
+            SendTimeoutError::Disconnected(_) => {
+                Error::PeerClosed { peer, operation, reason: "mailbox closed".into() }
+            }
+        })
+    }
+
+    fn recv(&self, peer: Rank, channel: Channel) -> Result<Message> {
+        self.check(peer)?;
+        let (_, receiver) = self.mailboxes.mailbox(peer, self.rank, channel);
+        receiver.recv_timeout(self.timeout()).map_err(|_| Error::Timeout {
+            peer,
+            operation: "recv".into(),
+            timeout: self.timeout(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(value: f32, sequence: u64) -> Message {
+        let tensor = Tensor::from_slice(&[value; 4], [4]).expect("tensor");
+        Message { tag: Tag { kind: MessageKind::Send, sequence, step: 0 }, tensor }
+    }
+
+    #[test]
+    fn in_process_hand_off_shares_storage_and_keeps_order() {
+        let world = InProcessTransport::world(2, 2, Duration::from_secs(5));
+        let first = message(1.0, 0);
+        let storage = first.tensor.storage().clone();
+        world[0].send(Rank(1), Channel(0), first).expect("send");
+        world[0].send(Rank(1), Channel(0), message(2.0, 1)).expect("send");
+        let received = world[1].recv(Rank(0), Channel(0)).expect("recv");
+        assert!(Arc::ptr_eq(received.tensor.storage(), &storage), "no copy in process");
+        assert_eq!(received.tag.sequence, 0);
+        assert_eq!(world[1].recv(Rank(0), Channel(0)).expect("recv").tag.sequence, 1);
+    }
+
+    #[test]
+    fn sender_cannot_run_ahead_of_the_receiver() {
+        let world = InProcessTransport::world(2, 1, Duration::from_millis(50));
+        world[0].send(Rank(1), Channel(3), message(1.0, 0)).expect("first fits");
+        let error = world[0].send(Rank(1), Channel(3), message(1.0, 1)).expect_err("no credit");
+        assert!(matches!(error, Error::Timeout { peer: Rank(1), .. }), "{error}");
+        assert!(matches!(
+            world[0].send(Rank(7), Channel(0), message(0.0, 0)),
+            Err(Error::UnknownPeer { .. })
+        ));
+    }
+}
