@@ -1,0 +1,484 @@
+//! The threaded driver: one OS thread per device stream, owning that device's actors.
+//!
+//! Each thread has one mailbox (a crossbeam channel) through which everything enters: batches of
+//! messages from other threads, commands from the [`Driver`], and completions of asynchronous acts
+//! (a [`CompletionHandle`]). Messages between actors of one thread go through a local queue and
+//! never touch a channel; messages to other threads are collected per thread and sent as one batch
+//! when the local queue runs dry. An idle thread polls its mailbox `spin` times before it parks.
+//!
+//! An executor error or a protocol error on any thread ends the step everywhere: the failing thread
+//! raises a shared abort flag and reports; the driver tells every thread to abort, joins them all
+//! and returns the error.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+
+use crate::{
+    Act, ActStart, Action, Actor, ActorId, Command, Completion, DeviceId, Envelope, Error,
+    Executor, Message, Plan, RegisterUsage, Topology, Trace, TraceEvent,
+};
+
+/// How the threaded driver behaves.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DriverConfig {
+    /// How many times an idle thread polls its mailbox before it parks. Default 20 000 (some tens of
+    /// microseconds); 0 parks at once.
+    pub spin: u32,
+    /// Whether to record every act (see [`RunReport::trace`]). Default off.
+    pub trace: bool,
+    /// How long a step (or the stop) may take before the driver aborts it. Default none.
+    pub step_timeout: Option<Duration>,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        Self { spin: 20_000, trace: false, step_timeout: None }
+    }
+}
+
+/// What the driver hands back when it stops.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunReport {
+    /// Every act, when tracing was on, ordered by start time.
+    pub trace: Trace,
+    /// Per actor, the most registers it held and its budget.
+    pub usage: Vec<RegisterUsage>,
+}
+
+/// Lets an executor report the end of an act it left [`Completion::Pending`].
+#[derive(Clone, Debug)]
+pub struct CompletionHandle {
+    mailbox: Sender<Mail>,
+}
+
+impl CompletionHandle {
+    /// The act of `actor` has finished; it re-enters the owning thread like a message.
+    pub fn complete(&self, actor: ActorId) -> Result<(), Error> {
+        self.mailbox.send(Mail::Completion(actor)).map_err(|_| Error::Stopped {
+            reason: format!("completion of {actor} after its thread ended"),
+        })
+    }
+}
+
+#[derive(Debug)]
+enum Mail {
+    Batch(Vec<Envelope>),
+    Completion(ActorId),
+    RunStep { step: u64, acts: Arc<Vec<u64>> },
+    Stop,
+    Abort,
+}
+
+enum Report {
+    StepDone { step: u64 },
+    Stopped { trace: Vec<TraceEvent>, usage: Vec<RegisterUsage> },
+    Failed(Error),
+}
+
+/// A plan running on one thread per device.
+pub struct Driver<P> {
+    plan: Arc<Plan<P>>,
+    topology: Topology,
+    mailboxes: Vec<Sender<Mail>>,
+    reports: Receiver<Report>,
+    threads: Vec<JoinHandle<()>>,
+    abort: Arc<AtomicBool>,
+    timeout: Option<Duration>,
+    step: u64,
+    dead: Option<String>,
+}
+
+impl<P: Send + Sync + 'static> Driver<P> {
+    /// Checks `plan`, starts one thread per device and makes its executor there with `executor`.
+    pub fn start<E, F>(plan: Plan<P>, config: DriverConfig, executor: F) -> Result<Self, Error>
+    where
+        E: Executor<P> + 'static,
+        F: Fn(DeviceId, CompletionHandle) -> E + Send + Sync + 'static,
+    {
+        let topology = plan.check()?;
+        let mut devices: Vec<DeviceId> = plan.actors.iter().map(|spec| spec.device).collect();
+        devices.sort();
+        devices.dedup();
+        let mut counts = vec![0u32; devices.len()];
+        let route: Vec<(usize, usize)> = plan
+            .actors
+            .iter()
+            .map(|spec| {
+                let thread = devices.binary_search(&spec.device).expect("every device was listed");
+                counts[thread] += 1;
+                (thread, counts[thread] as usize - 1)
+            })
+            .collect();
+        let (mailboxes, inboxes): (Vec<_>, Vec<_>) =
+            devices.iter().map(|_| channel::unbounded()).unzip();
+        let (report_sender, reports) = channel::unbounded();
+        let plan = Arc::new(plan);
+        let shared = Arc::new(Shared { route, mailboxes: mailboxes.clone(), executor, config });
+        let abort = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(devices.len());
+        for (thread, inbox) in inboxes.into_iter().enumerate() {
+            let actors = (0..plan.actors.len())
+                .filter(|&index| shared.route[index].0 == thread)
+                .map(|index| Actor::new(ActorId(index as u32), &plan, &topology))
+                .collect();
+            let context =
+                (Arc::clone(&plan), Arc::clone(&shared), Arc::clone(&abort), report_sender.clone());
+            let device = devices[thread];
+            let handle = std::thread::Builder::new()
+                .name(format!("meshflow-{device}"))
+                .spawn(move || Worker::run(thread, device, actors, inbox, context))?;
+            threads.push(handle);
+        }
+        let timeout = shared.config.step_timeout;
+        Ok(Self {
+            plan,
+            topology,
+            mailboxes,
+            reports,
+            threads,
+            abort,
+            timeout,
+            step: 0,
+            dead: None,
+        })
+    }
+
+    /// Runs one step of `pieces` pieces on every thread and waits for its end.
+    pub fn run_step(&mut self, pieces: u64) -> Result<(), Error> {
+        if let Some(reason) = &self.dead {
+            return Err(Error::Stopped { reason: reason.clone() });
+        }
+        let acts = Arc::new(self.plan.acts_per_step(&self.topology, pieces)?);
+        self.step += 1;
+        self.broadcast(|| Mail::RunStep { step: self.step, acts: Arc::clone(&acts) });
+        let mut done = 0;
+        while done < self.threads.len() {
+            match self.receive()? {
+                Report::StepDone { step } if step == self.step => done += 1,
+                Report::StepDone { .. } | Report::Stopped { .. } => {}
+                Report::Failed(error) => return Err(self.abort_with(error)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every actor, waits for the end-of-stream messages to drain, joins the threads.
+    pub fn stop(mut self) -> Result<RunReport, Error> {
+        if let Some(reason) = &self.dead {
+            return Err(Error::Stopped { reason: reason.clone() });
+        }
+        self.broadcast(|| Mail::Stop);
+        let mut report = RunReport::default();
+        let mut stopped = 0;
+        while stopped < self.threads.len() {
+            match self.receive()? {
+                Report::Stopped { trace, usage } => {
+                    report.trace.events.extend(trace);
+                    report.usage.extend(usage);
+                    stopped += 1;
+                }
+                Report::StepDone { .. } => {}
+                Report::Failed(error) => return Err(self.abort_with(error)),
+            }
+        }
+        self.join();
+        report.trace.events.sort_by_key(|event| (event.start, event.actor));
+        report.usage.sort_by_key(|usage| usage.actor);
+        Ok(report)
+    }
+
+    fn broadcast(&self, mail: impl Fn() -> Mail) {
+        for mailbox in &self.mailboxes {
+            // A thread that already ended reports why through `reports`.
+            let _ = mailbox.send(mail());
+        }
+    }
+
+    fn receive(&mut self) -> Result<Report, Error> {
+        let received = match self.timeout {
+            Some(timeout) => self.reports.recv_timeout(timeout),
+            None => self.reports.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match received {
+            Ok(report) => Ok(report),
+            Err(RecvTimeoutError::Timeout) => {
+                let seconds = self.timeout.map_or(0.0, |timeout| timeout.as_secs_f64());
+                Err(self.abort_with(Error::StepTimeout { seconds }))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(self.abort_with(Error::Stopped { reason: "every thread ended".into() }))
+            }
+        }
+    }
+
+    fn abort_with(&mut self, error: Error) -> Error {
+        self.abort.store(true, Ordering::Release);
+        self.broadcast(|| Mail::Abort);
+        self.join();
+        self.dead = Some(format!("aborted: {error}"));
+        error
+    }
+
+    fn join(&mut self) {
+        for thread in self.threads.drain(..) {
+            // A panicking executor already ended its thread; the abort has been broadcast.
+            let _ = thread.join();
+        }
+    }
+}
+
+impl<P> Drop for Driver<P> {
+    fn drop(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        self.abort.store(true, Ordering::Release);
+        for mailbox in &self.mailboxes {
+            let _ = mailbox.send(Mail::Abort);
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Shared<F> {
+    route: Vec<(usize, usize)>,
+    mailboxes: Vec<Sender<Mail>>,
+    executor: F,
+    config: DriverConfig,
+}
+
+type Context<P, F> = (Arc<Plan<P>>, Arc<Shared<F>>, Arc<AtomicBool>, Sender<Report>);
+
+struct Worker<P, E, F> {
+    thread: usize,
+    device: DeviceId,
+    plan: Arc<Plan<P>>,
+    shared: Arc<Shared<F>>,
+    abort: Arc<AtomicBool>,
+    reports: Sender<Report>,
+    inbox: Receiver<Mail>,
+    actors: Vec<Actor>,
+    executor: E,
+    local: VecDeque<Envelope>,
+    outboxes: Vec<Vec<Envelope>>,
+    steps: HashMap<u64, usize>,
+    stopping: bool,
+    epoch: Instant,
+    trace: Option<Vec<TraceEvent>>,
+    act_started: Vec<u64>,
+}
+
+impl<P, E, F> Worker<P, E, F>
+where
+    E: Executor<P>,
+    F: Fn(DeviceId, CompletionHandle) -> E,
+{
+    fn run(
+        thread: usize,
+        device: DeviceId,
+        actors: Vec<Actor>,
+        inbox: Receiver<Mail>,
+        context: Context<P, F>,
+    ) {
+        let (plan, shared, abort, reports) = context;
+        let handle = CompletionHandle { mailbox: shared.mailboxes[thread].clone() };
+        let executor = (shared.executor)(device, handle);
+        let trace = shared.config.trace.then(Vec::new);
+        let mut worker = Worker {
+            thread,
+            device,
+            outboxes: vec![Vec::new(); shared.mailboxes.len()],
+            act_started: vec![0; actors.len()],
+            plan,
+            shared,
+            abort,
+            reports,
+            inbox,
+            actors,
+            executor,
+            local: VecDeque::new(),
+            steps: HashMap::new(),
+            stopping: false,
+            epoch: Instant::now(),
+            trace,
+        };
+        if let Err(error) = worker.start().and_then(|()| worker.serve()) {
+            worker.abort.store(true, Ordering::Release);
+            let _ = worker.reports.send(Report::Failed(error));
+        }
+    }
+
+    fn start(&mut self) -> Result<(), Error> {
+        for actor in &mut self.actors {
+            actor.handle_message(Message::Command(Command::Start))?;
+        }
+        Ok(())
+    }
+
+    fn serve(&mut self) -> Result<(), Error> {
+        loop {
+            self.drain_local()?;
+            self.flush();
+            if self.stopping && self.actors.iter().all(Actor::is_stopped) {
+                let trace = self.trace.take().unwrap_or_default();
+                let usage = self.actors.iter().map(Actor::usage).collect();
+                let _ = self.reports.send(Report::Stopped { trace, usage });
+                return Ok(());
+            }
+            match self.next_mail() {
+                Some(Mail::Batch(envelopes)) => self.local.extend(envelopes),
+                Some(Mail::Completion(actor)) => self.complete(actor)?,
+                Some(Mail::RunStep { step, acts }) => {
+                    self.command_all(|actor| Command::RunStep { step, acts: acts[actor.index()] })
+                }
+                Some(Mail::Stop) => {
+                    self.stopping = true;
+                    self.command_all(|_| Command::Stop);
+                }
+                Some(Mail::Abort) | None => return Ok(()),
+            }
+        }
+    }
+
+    fn next_mail(&self) -> Option<Mail> {
+        for _ in 0..self.shared.config.spin {
+            match self.inbox.try_recv() {
+                Ok(mail) => return Some(mail),
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) if self.abort.load(Ordering::Relaxed) => return None,
+                Err(TryRecvError::Empty) => std::hint::spin_loop(),
+            }
+        }
+        self.inbox.recv().ok()
+    }
+
+    fn command_all(&mut self, command: impl Fn(ActorId) -> Command) {
+        for actor in &self.actors {
+            let id = actor.id();
+            self.local.push_back(Envelope {
+                from: id,
+                to: id,
+                message: Message::Command(command(id)),
+            });
+        }
+    }
+
+    fn drain_local(&mut self) -> Result<(), Error> {
+        while let Some(envelope) = self.local.pop_front() {
+            let local = self.shared.route[envelope.to.index()].1;
+            self.actors[local].handle_message(envelope.message)?;
+            self.drive(local)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) {
+        for (thread, outbox) in self.outboxes.iter_mut().enumerate() {
+            if !outbox.is_empty() {
+                // A thread that already ended reports why; its messages no longer matter.
+                let _ = self.shared.mailboxes[thread].send(Mail::Batch(std::mem::take(outbox)));
+            }
+        }
+    }
+
+    fn drive(&mut self, local: usize) -> Result<(), Error> {
+        while let Some(action) = self.actors[local].poll_action() {
+            match action {
+                Action::Send(envelope) => self.route(envelope),
+                Action::StepDone { step } => self.step_done(step),
+                Action::Act(start) => {
+                    if !self.act(local, start)? {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn route(&mut self, envelope: Envelope) {
+        let thread = self.shared.route[envelope.to.index()].0;
+        if thread == self.thread {
+            self.local.push_back(envelope);
+        } else {
+            self.outboxes[thread].push(envelope);
+        }
+    }
+
+    fn step_done(&mut self, step: u64) {
+        let done = self.steps.entry(step).or_insert(0);
+        *done += 1;
+        if *done == self.actors.len() {
+            self.steps.remove(&step);
+            let _ = self.reports.send(Report::StepDone { step });
+        }
+    }
+
+    /// Runs an act; returns whether it completed synchronously.
+    fn act(&mut self, local: usize, start: ActStart) -> Result<bool, Error> {
+        let begin = self.clock();
+        let state = &self.actors[local];
+        let actor = state.id();
+        let spec = &self.plan.actors[actor.index()];
+        let (inputs, outputs) = state.act_registers();
+        let act = Act {
+            actor,
+            name: &spec.name,
+            kind: spec.kind,
+            device: self.device,
+            payload: &spec.payload,
+            step: start.step,
+            sequence: start.sequence,
+            stage: start.stage,
+            inputs,
+            outputs,
+        };
+        let completion = self.executor.act(&act).map_err(|source| Error::Act {
+            actor,
+            name: spec.name.clone(),
+            sequence: start.sequence,
+            source: Box::new(source),
+        })?;
+        self.act_started[local] = begin;
+        match completion {
+            Completion::Done => self.finish(local).map(|()| true),
+            Completion::Pending => Ok(false),
+        }
+    }
+
+    fn complete(&mut self, actor: ActorId) -> Result<(), Error> {
+        let local = self.shared.route[actor.index()].1;
+        self.finish(local)?;
+        self.drive(local)
+    }
+
+    fn finish(&mut self, local: usize) -> Result<(), Error> {
+        let actor = &mut self.actors[local];
+        actor.handle_completion()?;
+        if self.trace.is_some() {
+            let event = TraceEvent {
+                actor: actor.id(),
+                device: self.device,
+                sequence: actor.completed() - 1,
+                start: self.act_started[local],
+                end: self.clock(),
+            };
+            self.trace.get_or_insert_with(Vec::new).push(event);
+        }
+        Ok(())
+    }
+
+    fn clock(&self) -> u64 {
+        match self.trace {
+            Some(_) => self.epoch.elapsed().as_nanos() as u64,
+            None => 0,
+        }
+    }
+}
