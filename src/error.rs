@@ -1,0 +1,18 @@
+//! The error type of the `meshflow` crate.
+
+/// Everything that can go wrong building, compiling or running a program.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An op rejected its inputs (shape, dtype, axis …); the message names the op and the shapes.
+    #[error(transparent)]
+    Ops(#[from] meshflow_ops::Error),
+    /// A malformed program: values of different graphs or placements, duplicate names, bad SBPs.
+    #[error("graph: {0}")]
+    Graph(String),
+    /// Training data that cannot be used (a missing file, a wrong layout, an unknown character).
+    #[error("data: {0}")]
+    Data(String),
+}
+
+/// Result with the meshflow [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
