@@ -22,7 +22,7 @@ pub enum Error {
         reason: String,
     },
     /// Input dtypes that the op does not accept.
-    #[error("{op}: unsupported dtypes {dtypes:?}: {reason}")]
+    #[error("{op}: unsupported dtypes {}: {reason}", dtype_list(.dtypes))]
     DType {
         /// The op.
         op: &'static str,
@@ -125,6 +125,12 @@ pub enum Error {
         /// The underlying error.
         source: std::io::Error,
     },
+}
+
+/// `[f32, i64]`: dtypes by their lower-case names.
+fn dtype_list(dtypes: &[DType]) -> String {
+    let names: Vec<&str> = dtypes.iter().map(|d| d.name()).collect();
+    format!("[{}]", names.join(", "))
 }
 
 /// Result with the ops [`Error`].

@@ -4,12 +4,16 @@
 //!   [`Device`].
 //! - [`Op`]: the contract every op implements, one op per file under [`ops`].
 //! - [`Context`]: a device's thread budget, which kernels run inside.
+//! - [`eager::Tape`]: runs ops at once and differentiates them ([`autodiff::gradients`]).
 
+pub mod autodiff;
 pub mod context;
 pub mod cpu;
 pub mod device;
 pub mod dtype;
+pub mod eager;
 pub mod error;
+pub mod io;
 pub mod op;
 pub mod ops;
 pub mod shape;

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::{Error, Result};
+
 /// The dimensions of a tensor, outermost first. A scalar has rank 0 and one element.
 #[derive(Clone, PartialEq, Eq, Hash, Default)]
 pub struct Shape(pub Vec<usize>);
@@ -59,6 +61,57 @@ impl Shape {
         let outer = self.0[..axis].iter().product();
         let inner = self.0[axis + 1..].iter().product();
         (outer, self.0[axis], inner)
+    }
+}
+
+impl Shape {
+    /// Axis `axis` (negative counts from the end) as an index, or an error naming `op`.
+    pub fn axis(&self, op: &'static str, axis: isize) -> Result<usize> {
+        let rank = self.rank() as isize;
+        let index = if axis < 0 { axis + rank } else { axis };
+        if (0..rank).contains(&index) {
+            Ok(index as usize)
+        } else {
+            Err(Error::Axis { op, axis, shape: self.clone() })
+        }
+    }
+
+    /// Axes (negative count from the end) as sorted indices; an error on a bad or repeated axis.
+    pub fn axes(&self, op: &'static str, axes: &[isize]) -> Result<Vec<usize>> {
+        let mut indices = axes.iter().map(|&a| self.axis(op, a)).collect::<Result<Vec<_>>>()?;
+        indices.sort_unstable();
+        if indices.windows(2).any(|w| w[0] == w[1]) {
+            return Err(Error::shape(op, &[self], format!("axes {axes:?} repeat an axis")));
+        }
+        Ok(indices)
+    }
+
+    /// The numpy broadcast of two shapes: trailing axes aligned, each pair equal or one of them 1.
+    pub fn broadcast(op: &'static str, a: &Shape, b: &Shape) -> Result<Shape> {
+        let rank = a.rank().max(b.rank());
+        let dim = |s: &Shape, i: usize| match (i + s.rank()).checked_sub(rank) {
+            Some(j) => s.0[j],
+            None => 1,
+        };
+        let mut dims = Vec::with_capacity(rank);
+        for i in 0..rank {
+            let (x, y) = (dim(a, i), dim(b, i));
+            if x != y && x != 1 && y != 1 {
+                return Err(Error::shape(
+                    op,
+                    &[a, b],
+                    format!("axis {i}: {x} vs {y} do not broadcast"),
+                ));
+            }
+            dims.push(if x == 1 { y } else { x });
+        }
+        Ok(Shape(dims))
+    }
+
+    /// True when `self` broadcasts to `target` (numpy rules).
+    pub fn broadcasts_to(&self, target: &Shape) -> bool {
+        self.rank() <= target.rank()
+            && self.0.iter().rev().zip(target.0.iter().rev()).all(|(&s, &t)| s == t || s == 1)
     }
 }
 

@@ -1,0 +1,178 @@
+//! Numpy broadcasting over contiguous tensors: a plan that collapses the output into rows of
+//! its innermost (merged) axis, with per-operand strides that are 0 on broadcast axes.
+
+use crate::cpu::{for_chunks, FloatElement, BLOCK};
+use crate::{Context, Element, Result, Shape, Tensor};
+
+/// How each operand is read while walking the output row by row.
+#[derive(Clone, Debug)]
+pub struct BroadcastPlan {
+    /// Merged output dims, outermost first; the last is the row length.
+    dims: Vec<usize>,
+    /// Per operand, its stride (in elements) along each merged dim; 0 where it is broadcast.
+    strides: Vec<Vec<usize>>,
+}
+
+impl BroadcastPlan {
+    /// A plan reading each of `inputs` (each broadcastable to `out`, checked by the caller).
+    pub fn new(inputs: &[&Shape], out: &Shape) -> Self {
+        let rank = out.rank();
+        let strides: Vec<Vec<usize>> = inputs
+            .iter()
+            .map(|shape| {
+                let lead = rank - shape.rank();
+                let own = shape.strides();
+                (0..rank)
+                    .map(|i| match i.checked_sub(lead) {
+                        Some(j) if shape.dim(j) == out.dim(i) && out.dim(i) != 1 => own[j],
+                        _ => 0,
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut plan = BroadcastPlan { dims: Vec::new(), strides: vec![Vec::new(); inputs.len()] };
+        for i in 0..rank {
+            plan.push_dim(out.dim(i), strides.iter().map(|s| s[i]).collect());
+        }
+        if plan.dims.is_empty() {
+            plan.push_dim(1, vec![0; inputs.len()]);
+        }
+        plan
+    }
+
+    fn push_dim(&mut self, dim: usize, strides: Vec<usize>) {
+        if dim == 1 {
+            return;
+        }
+        if let Some(&last) = self.dims.last() {
+            let mergeable =
+                self.strides.iter().zip(&strides).all(|(s, &new)| s[s.len() - 1] == new * dim);
+            if mergeable {
+                let n = self.dims.len();
+                self.dims[n - 1] = last * dim;
+                for (s, new) in self.strides.iter_mut().zip(strides) {
+                    s[n - 1] = new;
+                }
+                return;
+            }
+        }
+        self.dims.push(dim);
+        for (s, new) in self.strides.iter_mut().zip(strides) {
+            s.push(new);
+        }
+    }
+
+    /// Length of one row (the innermost merged dim).
+    pub fn row_len(&self) -> usize {
+        self.dims[self.dims.len() - 1]
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.dims[..self.dims.len() - 1].iter().product()
+    }
+
+    /// Stride of operand `input` along a row: 0 (broadcast) or 1.
+    pub fn row_step(&self, input: usize) -> usize {
+        let s = &self.strides[input];
+        s[s.len() - 1]
+    }
+
+    /// Start offsets of each operand for rows `first..first + count`, in order.
+    pub fn row_starts(&self, first: usize, count: usize) -> Vec<Vec<usize>> {
+        let outer = &self.dims[..self.dims.len() - 1];
+        let mut coords = vec![0; outer.len()];
+        let mut rest = first;
+        for i in (0..outer.len()).rev() {
+            coords[i] = rest % outer[i];
+            rest /= outer[i];
+        }
+        let mut starts = Vec::with_capacity(count);
+        for _ in 0..count {
+            starts.push(
+                self.strides
+                    .iter()
+                    .map(|s| coords.iter().zip(s).map(|(c, st)| c * st).sum())
+                    .collect(),
+            );
+            for i in (0..outer.len()).rev() {
+                coords[i] += 1;
+                if coords[i] < outer[i] {
+                    break;
+                }
+                coords[i] = 0;
+            }
+        }
+        starts
+    }
+}
+
+/// Reads `len` elements of `src` from `start` with step `step` (0 or 1) into `dst`, widened.
+fn load_strided<T: FloatElement>(src: &[T], start: usize, step: usize, dst: &mut [T::Acc]) {
+    if step == 0 {
+        dst.fill(src[start].to_acc());
+    } else {
+        T::load(&src[start..start + dst.len()], dst);
+    }
+}
+
+/// `out = f(a, b)` with numpy broadcasting of `a` and `b` to `out_shape`, computed in `T::Acc`.
+pub fn binary<T: FloatElement>(
+    ctx: &Context,
+    a: &Tensor,
+    b: &Tensor,
+    out_shape: &Shape,
+    f: impl Fn(T::Acc, T::Acc) -> T::Acc + Sync + Send,
+) -> Result<Tensor> {
+    let (xa, xb) = (a.as_slice::<T>()?, b.as_slice::<T>()?);
+    let plan = BroadcastPlan::new(&[a.shape(), b.shape()], out_shape);
+    let row = plan.row_len();
+    let (step_a, step_b) = (plan.row_step(0), plan.row_step(1));
+    let mut out = Tensor::zeros(out_shape.clone(), T::DTYPE);
+    if out.numel() == 0 {
+        return Ok(out);
+    }
+    let mut rows: Vec<&mut [T]> = out.as_mut_slice::<T>()?.chunks_mut(row).collect();
+    for_chunks(ctx, &mut rows, row, |first, chunk| {
+        let starts = plan.row_starts(first, chunk.len());
+        let mut left = [T::Acc::default(); BLOCK];
+        let mut right = [T::Acc::default(); BLOCK];
+        for (dst, start) in chunk.iter_mut().zip(starts) {
+            for (block, d) in dst.chunks_mut(BLOCK).enumerate() {
+                let n = d.len();
+                let offset = block * BLOCK;
+                load_strided(xa, start[0] + offset * step_a, step_a, &mut left[..n]);
+                load_strided(xb, start[1] + offset * step_b, step_b, &mut right[..n]);
+                for (l, &r) in left[..n].iter_mut().zip(&right[..n]) {
+                    *l = f(*l, r);
+                }
+                T::store(&left[..n], d);
+            }
+        }
+    });
+    Ok(out)
+}
+
+/// `x` broadcast to `out_shape` (any dtype), copied into a new tensor.
+pub fn broadcast_copy<T: Element>(ctx: &Context, x: &Tensor, out_shape: &Shape) -> Result<Tensor> {
+    let src = x.as_slice::<T>()?;
+    let plan = BroadcastPlan::new(&[x.shape()], out_shape);
+    let row = plan.row_len();
+    let step = plan.row_step(0);
+    let mut out = Tensor::zeros(out_shape.clone(), x.dtype());
+    if out.numel() == 0 {
+        return Ok(out);
+    }
+    let mut rows: Vec<&mut [T]> = out.as_mut_slice::<T>()?.chunks_mut(row).collect();
+    for_chunks(ctx, &mut rows, row, |first, chunk| {
+        let starts = plan.row_starts(first, chunk.len());
+        for (dst, start) in chunk.iter_mut().zip(starts) {
+            if step == 0 {
+                dst.fill(src[start[0]]);
+            } else {
+                dst.copy_from_slice(&src[start[0]..start[0] + dst.len()]);
+            }
+        }
+    });
+    Ok(out)
+}

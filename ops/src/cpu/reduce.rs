@@ -1,0 +1,131 @@
+//! Reductions over axes (sum, mean, max), accumulated in the compute type of the dtype.
+
+use num_traits::Float;
+
+use crate::cpu::{for_chunks, FloatElement};
+use crate::{Context, Result, Shape, Tensor};
+
+/// What a reduction computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduction {
+    /// The sum.
+    Sum,
+    /// The sum divided by the number of reduced elements.
+    Mean,
+    /// The largest element.
+    Max,
+}
+
+/// Lanes of independent accumulators, so that contiguous reductions vectorise.
+const LANES: usize = 8;
+
+/// Reduces `x` over `axes` (sorted, distinct, in range) and returns the keep-dim result.
+pub fn reduce_axes<T: FloatElement>(
+    ctx: &Context,
+    x: &Tensor,
+    axes: &[usize],
+    reduction: Reduction,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let mut kept = dims.clone();
+    for &axis in axes {
+        kept[axis] = 1;
+    }
+    let is_max = reduction == Reduction::Max;
+    let src = x.as_slice::<T>()?;
+    let mut current: Option<Vec<T::Acc>> = None;
+    let mut shape = dims.clone();
+    for (first, last) in axis_groups(axes).into_iter().rev() {
+        let outer: usize = shape[..first].iter().product();
+        let size: usize = shape[first..=last].iter().product();
+        let inner: usize = shape[last + 1..].iter().product();
+        let next = match &current {
+            None => reduce_one(ctx, src, (outer, size, inner), T::to_acc, is_max),
+            Some(values) => reduce_one(ctx, values, (outer, size, inner), |v| v, is_max),
+        };
+        current = Some(next);
+        for dim in &mut shape[first..=last] {
+            *dim = 1;
+        }
+    }
+    let mut values = current.unwrap_or_else(|| src.iter().map(|&v| v.to_acc()).collect());
+    if reduction == Reduction::Mean {
+        let count: usize = axes.iter().map(|&a| dims[a]).product();
+        let scale = T::acc_from_f64(1.0 / count as f64);
+        values.iter_mut().for_each(|v| *v = *v * scale);
+    }
+    let mut out = Tensor::zeros(Shape::new(kept), T::DTYPE);
+    T::store(&values, out.as_mut_slice::<T>()?);
+    Ok(out)
+}
+
+/// Runs of consecutive axes, as `(first, last)` pairs.
+fn axis_groups(axes: &[usize]) -> Vec<(usize, usize)> {
+    let mut groups: Vec<(usize, usize)> = Vec::new();
+    for &axis in axes {
+        match groups.last_mut() {
+            Some((_, last)) if *last + 1 == axis => *last = axis,
+            _ => groups.push((axis, axis)),
+        }
+    }
+    groups
+}
+
+/// Reduces the middle axis of an `(outer, size, inner)` view of `src`.
+fn reduce_one<I: Copy + Sync, A: Float + Send + Sync>(
+    ctx: &Context,
+    src: &[I],
+    (outer, size, inner): (usize, usize, usize),
+    widen: impl Fn(I) -> A + Sync + Send,
+    is_max: bool,
+) -> Vec<A> {
+    let start = if is_max { A::neg_infinity() } else { A::zero() };
+    let combine = move |a: A, b: A| if is_max { a.max(b) } else { a + b };
+    let mut out = vec![start; outer * inner];
+    if out.is_empty() {
+        return out;
+    }
+    if inner == 1 {
+        for_chunks(ctx, &mut out, size, |first, chunk| {
+            for (i, o) in chunk.iter_mut().enumerate() {
+                let row = &src[(first + i) * size..(first + i + 1) * size];
+                *o = fold_row(row, &widen, start, combine);
+            }
+        });
+        return out;
+    }
+    let mut rows: Vec<&mut [A]> = out.chunks_mut(inner).collect();
+    for_chunks(ctx, &mut rows, size * inner, |first, chunk| {
+        for (i, acc) in chunk.iter_mut().enumerate() {
+            let base = (first + i) * size * inner;
+            for k in 0..size {
+                let row = &src[base + k * inner..base + (k + 1) * inner];
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a = combine(*a, widen(v));
+                }
+            }
+        }
+    });
+    out
+}
+
+/// Folds one contiguous row with [`LANES`] independent accumulators.
+fn fold_row<I: Copy, A: Float>(
+    row: &[I],
+    widen: &impl Fn(I) -> A,
+    start: A,
+    combine: impl Fn(A, A) -> A,
+) -> A {
+    let mut lanes = [start; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = combine(*lane, widen(v));
+        }
+    }
+    let mut total = start;
+    for &v in chunks.remainder() {
+        total = combine(total, widen(v));
+    }
+    lanes.iter().fold(total, |acc, &lane| combine(acc, lane))
+}
