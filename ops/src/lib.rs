@@ -9,6 +9,7 @@
 pub mod autodiff;
 pub mod context;
 pub mod cpu;
+pub mod creation;
 pub mod device;
 pub mod dtype;
 pub mod eager;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod io;
 pub mod op;
 pub mod ops;
+pub mod random;
 pub mod shape;
 pub mod tensor;
 
