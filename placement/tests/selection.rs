@@ -294,3 +294,15 @@ proptest! {
         prop_assert_eq!(searched.greedy_seconds, greedy.total_seconds);
     }
 }
+
+#[test]
+fn synthetic_transformer_selects_every_op() {
+    use meshflow_placement::select::synthetic;
+    let mesh = Placement::grid(DeviceType::Cpu, &[2, 2]).unwrap();
+    let graph = synthetic::transformer(&mesh, 3, 256, 128, true).unwrap();
+    assert_eq!(graph.ops().len(), 1 + 3 * synthetic::OPS_PER_LAYER);
+    let report = select(&graph, &CostConfig::default(), Strategy::Search).unwrap();
+    assert_eq!(report.ops.len(), graph.ops().len());
+    assert_eq!(report.ops[0].signature.outputs[0], nd(&[S(0), S(0)]));
+    assert!(report.total_seconds <= report.greedy_seconds, "{report}");
+}

@@ -1,8 +1,10 @@
 //! The cost model: boxing bytes over bandwidth, compute split by parallelism, and memory.
 
 use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Arc;
 
-use crate::{local_region, plan_boxing, BoxingPlan, Layout, NdSbp, NdSignature, Placement, Result};
+use crate::{local_region, plan_boxing, BoxingPlan, Layout, NdSbp, NdSignature, Result};
 
 use super::graph::{OpNode, SelectionGraph};
 
@@ -79,71 +81,139 @@ pub(crate) struct CostTables {
     /// Usable candidate positions per op.
     pub candidates: Vec<Vec<usize>>,
     /// Seconds per op and usable candidate (same order as `candidates`).
-    pub ops: Vec<Vec<f64>>,
-    /// Seconds per edge, row-major over (producer candidate, consumer candidate).
-    pub edges: Vec<Vec<f64>>,
+    pub ops: Vec<Arc<Vec<f64>>>,
+    /// Seconds per edge, row-major over (producer candidate, consumer candidate); edges of the
+    /// same kind (tensor, placements, candidate sets) share one table.
+    pub edges: Vec<Arc<Vec<f64>>>,
 }
 
 /// A boxing request, for the cache of boxing costs.
 type BoxingKey = (Vec<usize>, usize, usize, usize, NdSbp, NdSbp);
 
+/// An op's usable candidates, by reference, for interning.
+type CandidateSet<'a> = (usize, &'a [NdSignature], &'a [usize]);
+
+/// Interned candidate sets and cached tables while building.
+struct Builder<'a> {
+    graph: &'a SelectionGraph,
+    config: &'a CostConfig,
+    candidates: &'a [Vec<usize>],
+    placement_ids: Vec<usize>,
+    set_ids: Vec<usize>,
+    boxing: HashMap<BoxingKey, f64>,
+}
+
 impl CostTables {
-    /// Builds every table; boxing costs are cached by (tensor, placements, layouts).
+    /// Builds every table; costs are cached by (tensor, placements, candidate sets).
     pub fn build(graph: &SelectionGraph, config: &CostConfig) -> Result<Self> {
         let ops = graph.ops();
         let candidates: Vec<Vec<usize>> =
             ops.iter().map(OpNode::usable_candidates).collect::<Result<_>>()?;
-        let op_costs = ops
-            .iter()
-            .zip(&candidates)
-            .map(|(op, usable)| {
-                usable.iter().map(|&c| config.op_seconds(op, &op.candidates[c])).collect()
-            })
-            .collect();
-        let mut placements: Vec<&Placement> = Vec::new();
-        let mut placement_ids = Vec::with_capacity(ops.len());
-        for op in ops {
-            let id = placements.iter().position(|p| **p == op.placement).unwrap_or_else(|| {
-                placements.push(&op.placement);
-                placements.len() - 1
-            });
-            placement_ids.push(id);
-        }
-        let mut cache: HashMap<BoxingKey, f64> = HashMap::new();
-        let mut edge_costs = Vec::with_capacity(graph.edges().len());
-        for edge in graph.edges() {
-            let producer = &ops[edge.producer.0];
-            let consumer = &ops[edge.consumer.0];
-            let spec = &producer.outputs[edge.output];
-            let mut table = Vec::new();
-            for &p in &candidates[edge.producer.0] {
-                let from = &producer.candidates[p].outputs[edge.output];
-                for &c in &candidates[edge.consumer.0] {
-                    let to = &consumer.candidates[c].inputs[edge.input];
-                    let key = (
-                        spec.shape.clone(),
-                        spec.dtype_size,
-                        placement_ids[edge.producer.0],
-                        placement_ids[edge.consumer.0],
-                        from.clone(),
-                        to.clone(),
-                    );
-                    let seconds = match cache.get(&key) {
-                        Some(&seconds) => seconds,
-                        None => {
-                            let source = Layout::new(producer.placement.clone(), from.clone());
-                            let target = Layout::new(consumer.placement.clone(), to.clone());
-                            let plan = plan_boxing(&spec.shape, spec.dtype_size, &source, &target)?;
-                            let seconds = config.boxing_seconds(&plan);
-                            cache.insert(key, seconds);
-                            seconds
-                        }
-                    };
-                    table.push(seconds);
-                }
-            }
-            edge_costs.push(table);
-        }
-        Ok(CostTables { candidates, ops: op_costs, edges: edge_costs })
+        let placement_ids = intern(ops.iter().map(|op| &op.placement));
+        let sets = ops.iter().zip(&candidates).zip(&placement_ids);
+        let set_ids = intern(sets.map(|((op, usable), &placement)| -> CandidateSet<'_> {
+            (placement, op.candidates.as_slice(), usable.as_slice())
+        }));
+        let mut builder = Builder {
+            graph,
+            config,
+            candidates: &candidates,
+            placement_ids,
+            set_ids,
+            boxing: HashMap::new(),
+        };
+        let ops = builder.op_tables();
+        let edges = builder.edge_tables()?;
+        Ok(CostTables { candidates, ops, edges })
     }
+}
+
+impl Builder<'_> {
+    fn op_tables(&self) -> Vec<Arc<Vec<f64>>> {
+        let mut cache = HashMap::new();
+        let ops = self.graph.ops();
+        (0..ops.len())
+            .map(|index| {
+                let op = &ops[index];
+                let key = (self.set_ids[index], &op.inputs, &op.outputs, op.flops);
+                let table = cache.entry(key).or_insert_with(|| {
+                    let usable = self.candidates[index].iter();
+                    let costs = usable.map(|&c| self.config.op_seconds(op, &op.candidates[c]));
+                    Arc::new(costs.collect::<Vec<f64>>())
+                });
+                table.clone()
+            })
+            .collect()
+    }
+
+    fn edge_tables(&mut self) -> Result<Vec<Arc<Vec<f64>>>> {
+        let graph = self.graph;
+        let mut cache = HashMap::new();
+        let mut tables = Vec::with_capacity(graph.edges().len());
+        for edge in graph.edges() {
+            let spec = &graph.op(edge.producer).outputs[edge.output];
+            let key = (
+                spec,
+                self.set_ids[edge.producer.0],
+                edge.output,
+                self.set_ids[edge.consumer.0],
+                edge.input,
+            );
+            let table = match cache.get(&key) {
+                Some(table) => Arc::clone(table),
+                None => {
+                    let table = Arc::new(self.edge_table(edge)?);
+                    cache.insert(key, Arc::clone(&table));
+                    table
+                }
+            };
+            tables.push(table);
+        }
+        Ok(tables)
+    }
+
+    fn edge_table(&mut self, edge: &super::graph::Edge) -> Result<Vec<f64>> {
+        let producer = self.graph.op(edge.producer);
+        let consumer = self.graph.op(edge.consumer);
+        let spec = &producer.outputs[edge.output];
+        let mut table = Vec::new();
+        for &p in &self.candidates[edge.producer.0] {
+            let from = &producer.candidates[p].outputs[edge.output];
+            for &c in &self.candidates[edge.consumer.0] {
+                let to = &consumer.candidates[c].inputs[edge.input];
+                let key = (
+                    spec.shape.clone(),
+                    spec.dtype_size,
+                    self.placement_ids[edge.producer.0],
+                    self.placement_ids[edge.consumer.0],
+                    from.clone(),
+                    to.clone(),
+                );
+                let seconds = match self.boxing.get(&key) {
+                    Some(&seconds) => seconds,
+                    None => {
+                        let source = Layout::new(producer.placement.clone(), from.clone());
+                        let target = Layout::new(consumer.placement.clone(), to.clone());
+                        let plan = plan_boxing(&spec.shape, spec.dtype_size, &source, &target)?;
+                        let seconds = self.config.boxing_seconds(&plan);
+                        self.boxing.insert(key, seconds);
+                        seconds
+                    }
+                };
+                table.push(seconds);
+            }
+        }
+        Ok(table)
+    }
+}
+
+/// A small id per distinct item, in order of first appearance.
+fn intern<T: Eq + Hash>(items: impl Iterator<Item = T>) -> Vec<usize> {
+    let mut ids = HashMap::new();
+    items
+        .map(|item| {
+            let next = ids.len();
+            *ids.entry(item).or_insert(next)
+        })
+        .collect()
 }

@@ -23,7 +23,10 @@
 mod cost;
 mod graph;
 mod search;
+pub mod synthetic;
 
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::fmt;
 
 use crate::{plan_boxing, BoxingPlan, Layout, NdSignature, Result};
@@ -162,24 +165,33 @@ fn report(
         })
         .collect();
     let mut edges = Vec::new();
+    let mut plans: HashMap<(&TensorSpec, Layout, Layout), BoxingPlan> = HashMap::new();
     for edge in graph.edges() {
         let producer = graph.op(edge.producer);
         let consumer = graph.op(edge.consumer);
         let from = &signature(edge.producer.0).outputs[edge.output];
         let to = &signature(edge.consumer.0).inputs[edge.input];
+        if producer.placement == consumer.placement && from == to {
+            continue;
+        }
         let spec = &producer.outputs[edge.output];
         let source = Layout::new(producer.placement.clone(), from.clone());
         let target = Layout::new(consumer.placement.clone(), to.clone());
-        let plan = plan_boxing(&spec.shape, spec.dtype_size, &source, &target)?;
-        if !plan.is_identity() {
-            edges.push(EdgeBoxing {
-                edge: *edge,
-                producer: producer.name.clone(),
-                consumer: consumer.name.clone(),
-                seconds: config.boxing_seconds(&plan),
-                plan,
-            });
-        }
+        let plan = match plans.entry((spec, source, target)) {
+            Entry::Occupied(known) => known.get().clone(),
+            Entry::Vacant(slot) => {
+                let (_, source, target) = slot.key();
+                let plan = plan_boxing(&spec.shape, spec.dtype_size, source, target)?;
+                slot.insert(plan).clone()
+            }
+        };
+        edges.push(EdgeBoxing {
+            edge: *edge,
+            producer: producer.name.clone(),
+            consumer: consumer.name.clone(),
+            seconds: config.boxing_seconds(&plan),
+            plan,
+        });
     }
     let adjacency_order = (0..graph.ops().len()).collect();
     let total_seconds = total_cost(tables, &Adjacency::new(graph, adjacency_order), choice);

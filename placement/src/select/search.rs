@@ -90,7 +90,7 @@ pub(crate) fn greedy(tables: &CostTables, adjacency: &Adjacency) -> Choice {
 /// wanted. Exact when every op has at most one consumer (chains, in-trees).
 pub(crate) fn dynamic_programming(tables: &CostTables, adjacency: &Adjacency) -> Choice {
     let count = tables.ops.len();
-    let mut best: Vec<Vec<f64>> = tables.ops.clone();
+    let mut best: Vec<Vec<f64>> = tables.ops.iter().map(|costs| costs.to_vec()).collect();
     let mut wanted: Vec<Vec<usize>> = vec![Vec::new(); tables.edges.len()];
     for &op in &adjacency.order {
         for &edge in &adjacency.inputs[op] {
