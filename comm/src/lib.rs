@@ -5,11 +5,20 @@
 //! - [`Transport`]: tagged tensor messages between ranks with back-pressure;
 //!   [`InProcessTransport`] hands tensors between device threads without copying.
 //! - [`frame`]: the validated wire format (rkyv header, raw payload).
+//! - [`collective`]: all-reduce, reduce-scatter, all-gather, all-to-all, broadcast, reduce,
+//!   send/recv on any group: [`SharedGroup`] (threads of one process, shared buffers) and
+//!   [`TransportCommunicator`] (ring / direct over any transport).
 
+pub mod collective;
 pub mod error;
 pub mod frame;
 pub mod quic;
+pub mod reduce;
 pub mod transport;
 
+pub use collective::{
+    mesh_axis_group, Communicator, SharedCommunicator, SharedGroup, TransportCommunicator,
+};
 pub use error::{Error, Result};
+pub use reduce::{chunk, ReduceOp};
 pub use transport::{Channel, InProcessTransport, Message, MessageKind, Rank, Tag, Transport};

@@ -110,3 +110,26 @@ fn quic_transport_exchanges_large_tensors_both_ways() {
         .collect();
     handles.into_iter().for_each(|handle| handle.join().expect("rank thread"));
 }
+
+#[test]
+fn sequential_sends_arrive_even_when_both_sides_exit_at_once() {
+    let world = mesh(2);
+    let handles: Vec<_> = world
+        .into_iter()
+        .map(|transport| {
+            thread::spawn(move || {
+                let me = transport.rank().0;
+                for round in 0..3u64 {
+                    let tensor = Tensor::from_vec(vec![me as f32; 4], [4]).expect("tensor");
+                    let tag = Tag { kind: MessageKind::Send, sequence: round, step: 0 };
+                    transport
+                        .send(Rank(1 - me), Channel(0x8000_0001), Message { tag, tensor })
+                        .expect("send");
+                    let got = transport.recv(Rank(1 - me), Channel(0x8000_0001)).expect("recv");
+                    assert_eq!(got.tag.sequence, round);
+                }
+            })
+        })
+        .collect();
+    handles.into_iter().for_each(|handle| handle.join().expect("rank thread"));
+}

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
+use std::time::Duration;
 
 use quinn::{ClientConfig, Connection, EndpointConfig, ServerConfig, TokioRuntime, VarInt};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -34,6 +35,15 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.endpoint.close(VarInt::from_u32(0), b"endpoint dropped");
         if let Some(runtime) = self.runtime.take() {
+            // Let the close reach the peers (they then fail fast instead of waiting for the idle
+            // timeout); impossible, and skipped, when dropped inside an async context.
+            if tokio::runtime::Handle::try_current().is_err() {
+                let endpoint = self.endpoint.clone();
+                runtime.block_on(async move {
+                    let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle())
+                        .await;
+                });
+            }
             runtime.shutdown_background();
         }
     }

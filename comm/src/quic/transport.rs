@@ -159,6 +159,37 @@ impl QuicTransport {
     }
 }
 
+impl Drop for QuicTransport {
+    /// Finishes every outgoing stream and waits (bounded by the operation timeout, at most 5 s)
+    /// until the peers acknowledged the data, so the last messages are not lost when the process
+    /// exits right after sending them. Inside an async context it cannot wait and only finishes.
+    fn drop(&mut self) {
+        let slots: Vec<_> = self
+            .links
+            .iter()
+            .flatten()
+            .flat_map(|link| lock(&link.outgoing).values().cloned().collect::<Vec<_>>())
+            .collect();
+        let flush = async move {
+            for slot in slots {
+                if let Some(stream) = slot.lock().await.as_mut() {
+                    let _ = stream.finish();
+                    let _ = stream.stopped().await;
+                }
+            }
+        };
+        let limit = self.timeout().min(Duration::from_secs(5));
+        let bounded = async move {
+            let _ = tokio::time::timeout(limit, flush).await;
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            self.endpoint.block_on(bounded);
+        } else {
+            self.endpoint.runtime().spawn(bounded);
+        }
+    }
+}
+
 impl Transport for QuicTransport {
     fn rank(&self) -> Rank {
         self.endpoint.rank()
@@ -235,7 +266,7 @@ async fn accept_streams(link: Arc<PeerLink>, timeout: Duration) {
         }
         let channel =
             Channel(u32::from_le_bytes([preamble[4], preamble[5], preamble[6], preamble[7]]));
-        link.incoming.lock().unwrap_or_else(|poison| poison.into_inner()).insert(channel, stream);
+        lock(&link.incoming).insert(channel, stream);
         link.arrived.notify_waiters();
     }
     link.arrived.notify_waiters();
@@ -246,9 +277,7 @@ async fn take_stream(link: &PeerLink, channel: Channel) -> Result<RecvStream> {
         let notified = link.arrived.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if let Some(stream) =
-            link.incoming.lock().unwrap_or_else(|poison| poison.into_inner()).remove(&channel)
-        {
+        if let Some(stream) = lock(&link.incoming).remove(&channel) {
             return Ok(stream);
         }
         if let Some(reason) = link.connection.close_reason() {
@@ -271,7 +300,7 @@ async fn write_message(
         return Err(Error::FrameTooLarge { peer: link.peer, length, maximum: max_frame_bytes });
     }
     let slot = {
-        let mut outgoing = link.outgoing.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut outgoing = lock(&link.outgoing);
         outgoing.entry(channel).or_default().clone()
     };
     let mut guard = slot.lock().await;
@@ -305,6 +334,10 @@ async fn read_message(
     stream.read_exact(storage.bytes_mut()).await.map_err(|error| closed(peer, "recv", error))?;
     let tensor = Tensor::from_storage(decoded.meta, Arc::new(Storage::Cpu(storage)))?;
     Ok(Message { tag: decoded.tag, tensor })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 fn closed(peer: Rank, operation: &str, reason: impl std::fmt::Display) -> Error {

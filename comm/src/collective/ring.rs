@@ -1,0 +1,441 @@
+//! [`TransportCommunicator`]: collectives over any [`Transport`] (ring and direct algorithms).
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use meshflow_ops::{CpuStorage, Shape, Storage, Tensor};
+
+use super::{check_root, concat_rows, mismatch, rows, slice_elements, slice_rows, Communicator};
+use crate::reduce::{check_reducible, chunk, reduce_into};
+use crate::{Channel, Error, Message, MessageKind, Rank, ReduceOp, Result, Tag, Transport};
+
+/// All-reduces of at most this many bytes use the direct exchange (one round, latency-optimal);
+/// larger ones use ring reduce-scatter + all-gather (bandwidth-optimal).
+pub const DEFAULT_SMALL_MESSAGE_BYTES: usize = 64 << 10;
+
+/// One member's handle on a group of ranks reached through a [`Transport`].
+pub struct TransportCommunicator {
+    transport: Arc<dyn Transport>,
+    ranks: Vec<Rank>,
+    index: usize,
+    channel: Channel,
+    point_channel: Channel,
+    sequence: u64,
+    sent: Vec<u64>,
+    received: Vec<u64>,
+    small_message_bytes: usize,
+}
+
+/// One collective call: its kind and sequence number.
+#[derive(Clone, Copy)]
+struct Call {
+    kind: MessageKind,
+    sequence: u64,
+}
+
+impl TransportCommunicator {
+    /// A communicator over `ranks` (every member passes the same list, in the same order); the
+    /// transport's own rank must be in it. Groups with different rank lists use different
+    /// channels, so the groups of a mesh's axes do not interfere.
+    pub fn new(transport: Arc<dyn Transport>, ranks: Vec<Rank>) -> Result<Self> {
+        let me = transport.rank();
+        let invalid = |reason: String| Error::InvalidArgument { collective: "group", reason };
+        let index = ranks
+            .iter()
+            .position(|&rank| rank == me)
+            .ok_or_else(|| invalid(format!("rank {me} is not in the group {ranks:?}")))?;
+        let mut sorted = ranks.clone();
+        sorted.sort();
+        sorted.dedup();
+        if sorted.len() != ranks.len() || sorted.iter().any(|rank| rank.0 >= transport.world_size())
+        {
+            return Err(invalid(format!("group {ranks:?} repeats ranks or leaves the world")));
+        }
+        let hash = group_hash(&ranks);
+        Ok(TransportCommunicator {
+            transport,
+            index,
+            channel: Channel(hash & 0x7fff_ffff),
+            point_channel: Channel(hash | 0x8000_0000),
+            sequence: 0,
+            sent: vec![0; ranks.len()],
+            received: vec![0; ranks.len()],
+            ranks,
+            small_message_bytes: DEFAULT_SMALL_MESSAGE_BYTES,
+        })
+    }
+
+    /// A communicator over every rank of the transport's world.
+    pub fn world(transport: Arc<dyn Transport>) -> Result<Self> {
+        let ranks = (0..transport.world_size()).map(Rank).collect();
+        Self::new(transport, ranks)
+    }
+
+    /// Changes the size up to which all-reduce uses the direct exchange.
+    pub fn with_small_message_bytes(mut self, bytes: usize) -> Self {
+        self.small_message_bytes = bytes;
+        self
+    }
+
+    fn start(&mut self, kind: MessageKind) -> Call {
+        let call = Call { kind, sequence: self.sequence };
+        self.sequence += 1;
+        call
+    }
+
+    fn size(&self) -> usize {
+        self.ranks.len()
+    }
+
+    /// Sends `sends` (member index, tensor) and receives one tensor from each of `receives`.
+    fn exchange(
+        &self,
+        call: Call,
+        step: u32,
+        sends: Vec<(usize, Tensor)>,
+        receives: &[usize],
+    ) -> Result<Vec<Tensor>> {
+        let tag = Tag { kind: call.kind, sequence: call.sequence, step };
+        let messages = sends
+            .into_iter()
+            .map(|(member, tensor)| (self.ranks[member], Message { tag, tensor }))
+            .collect();
+        let peers: Vec<Rank> = receives.iter().map(|&member| self.ranks[member]).collect();
+        let received = self
+            .transport
+            .exchange(self.channel, messages, &peers)
+            .map_err(|error| rename(error, call))?;
+        peers.iter().zip(received).map(|(&peer, message)| check(call, tag, peer, message)).collect()
+    }
+
+    /// Ring reduce-scatter over the element ranges `chunks`; member `i` ends owning `chunks[i]`.
+    fn ring_reduce_scatter(
+        &self,
+        call: Call,
+        work: &mut CpuStorage,
+        tensor: &Tensor,
+        chunks: &[Range<usize>],
+        operation: ReduceOp,
+    ) -> Result<()> {
+        let (n, i) = (self.size(), self.index);
+        let (right, left) = ((i + 1) % n, (i + n - 1) % n);
+        let size = tensor.dtype().size();
+        for step in 0..n - 1 {
+            let outgoing = &chunks[(i + 2 * n - step - 1) % n];
+            let incoming = chunks[(i + 2 * n - step - 2) % n].clone();
+            let piece = piece(work, outgoing, tensor)?;
+            let received = self.exchange(call, step as u32, vec![(right, piece)], &[left])?;
+            let received =
+                expect_elements(call, self.ranks[left], tensor, incoming.len(), &received[0])?;
+            let target = &mut work.bytes_mut()[incoming.start * size..incoming.end * size];
+            reduce_into(call.kind.name(), target, received, tensor.dtype(), operation)?;
+        }
+        Ok(())
+    }
+
+    /// Ring all-gather of owned element ranges: member `i` starts owning `chunks[i]`.
+    fn ring_all_gather(
+        &self,
+        call: Call,
+        work: &mut CpuStorage,
+        tensor: &Tensor,
+        chunks: &[Range<usize>],
+    ) -> Result<()> {
+        let (n, i) = (self.size(), self.index);
+        let (right, left) = ((i + 1) % n, (i + n - 1) % n);
+        let size = tensor.dtype().size();
+        for step in 0..n - 1 {
+            let outgoing = &chunks[(i + n - step) % n];
+            let incoming = chunks[(i + 2 * n - step - 1) % n].clone();
+            let piece = piece(work, outgoing, tensor)?;
+            let step = (n - 1 + step) as u32;
+            let received = self.exchange(call, step, vec![(right, piece)], &[left])?;
+            let received =
+                expect_elements(call, self.ranks[left], tensor, incoming.len(), &received[0])?;
+            work.bytes_mut()[incoming.start * size..incoming.end * size].copy_from_slice(received);
+        }
+        Ok(())
+    }
+
+    /// Every member sends its whole tensor to every other; all reduce in member order, so every
+    /// member computes bit-identical results.
+    fn direct_all_reduce(
+        &self,
+        call: Call,
+        tensor: &Tensor,
+        operation: ReduceOp,
+    ) -> Result<Tensor> {
+        let others: Vec<usize> = (0..self.size()).filter(|&member| member != self.index).collect();
+        let sends = others.iter().map(|&member| (member, tensor.clone())).collect();
+        let mut received = self.exchange(call, 0, sends, &others)?.into_iter();
+        let mut inputs = Vec::with_capacity(self.size());
+        for member in 0..self.size() {
+            let input = if member == self.index {
+                tensor.clone()
+            } else {
+                received.next().unwrap_or_else(|| tensor.clone())
+            };
+            inputs.push((self.ranks[member], input));
+        }
+        reduce_in_order(call.kind.name(), tensor, &inputs, operation)
+    }
+}
+
+impl Communicator for TransportCommunicator {
+    fn group_index(&self) -> usize {
+        self.index
+    }
+
+    fn group_size(&self) -> usize {
+        self.size()
+    }
+
+    fn all_reduce(&mut self, tensor: &Tensor, operation: ReduceOp) -> Result<Tensor> {
+        let call = self.start(MessageKind::AllReduce);
+        check_reducible(call.kind.name(), tensor.dtype(), operation)?;
+        let n = self.size();
+        if n == 1 {
+            return Ok(tensor.clone());
+        }
+        if tensor.meta().bytes() <= self.small_message_bytes || tensor.numel() < n {
+            return self.direct_all_reduce(call, tensor, operation);
+        }
+        let chunks: Vec<_> = (0..n).map(|member| chunk(tensor.numel(), n, member)).collect();
+        let mut work = CpuStorage::from_bytes(tensor.bytes()?);
+        self.ring_reduce_scatter(call, &mut work, tensor, &chunks, operation)?;
+        self.ring_all_gather(call, &mut work, tensor, &chunks)?;
+        Ok(Tensor::from_storage(tensor.meta().clone(), Arc::new(Storage::Cpu(work)))?)
+    }
+
+    fn reduce_scatter(&mut self, tensor: &Tensor, operation: ReduceOp) -> Result<Tensor> {
+        let call = self.start(MessageKind::ReduceScatter);
+        check_reducible(call.kind.name(), tensor.dtype(), operation)?;
+        let (dim0, row) = rows(call.kind.name(), tensor)?;
+        let n = self.size();
+        let row_chunks: Vec<_> = (0..n).map(|member| chunk(dim0, n, member)).collect();
+        if n == 1 {
+            return Ok(tensor.clone());
+        }
+        let chunks: Vec<_> =
+            row_chunks.iter().map(|rows| rows.start * row..rows.end * row).collect();
+        let mut work = CpuStorage::from_bytes(tensor.bytes()?);
+        self.ring_reduce_scatter(call, &mut work, tensor, &chunks, operation)?;
+        let mut dims = tensor.dims().to_vec();
+        dims[0] = row_chunks[self.index].len();
+        let reduced = Tensor::from_storage(tensor.meta().clone(), Arc::new(Storage::Cpu(work)))?;
+        slice_elements(&reduced, chunks[self.index].clone(), Shape::new(dims))
+    }
+
+    fn all_gather(&mut self, tensor: &Tensor) -> Result<Tensor> {
+        let call = self.start(MessageKind::AllGather);
+        rows(call.kind.name(), tensor)?;
+        let (n, i) = (self.size(), self.index);
+        let mut pieces: Vec<Option<Tensor>> = (0..n).map(|_| None).collect();
+        pieces[i] = Some(tensor.clone());
+        let (right, left) = ((i + 1) % n, (i + n - 1) % n);
+        for step in 0..n - 1 {
+            let outgoing = pieces[(i + n - step) % n].clone().unwrap_or_else(|| tensor.clone());
+            let received = self.exchange(call, step as u32, vec![(right, outgoing)], &[left])?;
+            pieces[(i + 2 * n - step - 1) % n] = received.into_iter().next();
+        }
+        let parts: Vec<(Rank, Tensor)> = pieces
+            .into_iter()
+            .enumerate()
+            .map(|(member, piece)| (self.ranks[member], piece.unwrap_or_else(|| tensor.clone())))
+            .collect();
+        concat_rows(call.kind.name(), tensor, &parts)
+    }
+
+    fn all_to_all(&mut self, tensor: &Tensor) -> Result<Tensor> {
+        let call = self.start(MessageKind::AllToAll);
+        let (dim0, _) = rows(call.kind.name(), tensor)?;
+        let n = self.size();
+        let mut pieces = (0..n)
+            .map(|member| slice_rows(call.kind.name(), tensor, chunk(dim0, n, member)))
+            .collect::<Result<Vec<_>>>()?;
+        let others: Vec<usize> = (0..n).filter(|&member| member != self.index).collect();
+        let sends = others.iter().map(|&member| (member, pieces[member].clone())).collect();
+        let received = self.exchange(call, 0, sends, &others)?;
+        for (&member, piece) in others.iter().zip(received) {
+            pieces[member] = piece;
+        }
+        let parts: Vec<(Rank, Tensor)> = self.ranks.iter().copied().zip(pieces).collect();
+        concat_rows(call.kind.name(), tensor, &parts)
+    }
+
+    fn broadcast(&mut self, tensor: Option<&Tensor>, root: usize) -> Result<Tensor> {
+        let call = self.start(MessageKind::Broadcast);
+        check_root(call.kind.name(), root, self.size())?;
+        if self.index != root {
+            let received = self.exchange(call, 0, Vec::new(), &[root])?;
+            return received.into_iter().next().ok_or(Error::InvalidArgument {
+                collective: call.kind.name(),
+                reason: "no tensor arrived from the root".into(),
+            });
+        }
+        let tensor = tensor.ok_or(Error::InvalidArgument {
+            collective: call.kind.name(),
+            reason: format!("member {root} is the root and must pass the tensor"),
+        })?;
+        let sends = (0..self.size())
+            .filter(|&member| member != root)
+            .map(|member| (member, tensor.clone()))
+            .collect();
+        self.exchange(call, 0, sends, &[])?;
+        Ok(tensor.clone())
+    }
+
+    fn reduce(
+        &mut self,
+        tensor: &Tensor,
+        operation: ReduceOp,
+        root: usize,
+    ) -> Result<Option<Tensor>> {
+        let call = self.start(MessageKind::Reduce);
+        check_root(call.kind.name(), root, self.size())?;
+        check_reducible(call.kind.name(), tensor.dtype(), operation)?;
+        if self.index != root {
+            self.exchange(call, 0, vec![(root, tensor.clone())], &[])?;
+            return Ok(None);
+        }
+        let others: Vec<usize> = (0..self.size()).filter(|&member| member != root).collect();
+        let mut received = self.exchange(call, 0, Vec::new(), &others)?.into_iter();
+        let mut inputs = Vec::with_capacity(self.size());
+        for member in 0..self.size() {
+            let input = if member == root {
+                tensor.clone()
+            } else {
+                received.next().unwrap_or_else(|| tensor.clone())
+            };
+            inputs.push((self.ranks[member], input));
+        }
+        reduce_in_order(call.kind.name(), tensor, &inputs, operation).map(Some)
+    }
+
+    fn send(&mut self, tensor: &Tensor, to: usize) -> Result<()> {
+        check_root("send", to, self.size())?;
+        let tag = Tag { kind: MessageKind::Send, sequence: self.sent[to], step: 0 };
+        self.sent[to] += 1;
+        let message = Message { tag, tensor: tensor.clone() };
+        self.transport.send(self.ranks[to], self.point_channel, message)
+    }
+
+    fn recv(&mut self, from: usize) -> Result<Tensor> {
+        check_root("recv", from, self.size())?;
+        let call = Call { kind: MessageKind::Send, sequence: self.received[from] };
+        self.received[from] += 1;
+        let peer = self.ranks[from];
+        let message = self.transport.recv(peer, self.point_channel)?;
+        check(
+            call,
+            Tag { kind: MessageKind::Send, sequence: call.sequence, step: 0 },
+            peer,
+            message,
+        )
+    }
+}
+
+/// FNV-1a over the rank list: the same group gives the same channel on every member.
+fn group_hash(ranks: &[Rank]) -> u32 {
+    ranks.iter().fold(0x811c_9dc5u32, |hash, rank| {
+        (rank.0 as u32)
+            .to_le_bytes()
+            .iter()
+            .fold(hash, |hash, &byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193))
+    })
+}
+
+/// The tensor of a message, if its tag is the one this member expects.
+fn check(call: Call, expected: Tag, peer: Rank, message: Message) -> Result<Tensor> {
+    if message.tag.kind != expected.kind || message.tag.sequence != expected.sequence {
+        return Err(Error::SequenceMismatch {
+            collective: call.kind.name(),
+            peer,
+            expected: expected.sequence,
+            received_collective: message.tag.kind.name().to_string(),
+            received: message.tag.sequence,
+        });
+    }
+    if message.tag.step != expected.step {
+        return Err(Error::InvalidFrame {
+            peer,
+            reason: format!(
+                "{} step {} arrived during step {}",
+                call.kind.name(),
+                message.tag.step,
+                expected.step
+            ),
+        });
+    }
+    Ok(message.tensor)
+}
+
+/// Names the collective in transport errors.
+fn rename(error: Error, call: Call) -> Error {
+    let operation = format!("{} #{}", call.kind.name(), call.sequence);
+    match error {
+        Error::Timeout { peer, timeout, .. } => Error::Timeout { peer, operation, timeout },
+        Error::PeerClosed { peer, reason, .. } => Error::PeerClosed { peer, operation, reason },
+        other => other,
+    }
+}
+
+/// A copy of elements `range` of `work` as a 1-D tensor of `like`'s dtype.
+fn piece(work: &CpuStorage, range: &Range<usize>, like: &Tensor) -> Result<Tensor> {
+    let size = like.dtype().size();
+    let bytes = &work.bytes()[range.start * size..range.end * size];
+    Ok(Tensor::from_bytes(bytes, [range.len()], like.dtype())?)
+}
+
+/// The bytes of a received chunk, checked against the expected dtype and element count.
+fn expect_elements<'a>(
+    call: Call,
+    peer: Rank,
+    like: &Tensor,
+    count: usize,
+    received: &'a Tensor,
+) -> Result<&'a [u8]> {
+    if received.dtype() != like.dtype() || received.numel() != count {
+        return Err(mismatch(
+            call.kind.name(),
+            peer,
+            like.dtype(),
+            &format!("[{count}]"),
+            received,
+        ));
+    }
+    Ok(received.bytes()?)
+}
+
+/// Reduces `inputs` in order into a tensor shaped like `like`.
+fn reduce_in_order(
+    collective: &'static str,
+    like: &Tensor,
+    inputs: &[(Rank, Tensor)],
+    operation: ReduceOp,
+) -> Result<Tensor> {
+    let mut accumulator: Option<CpuStorage> = None;
+    for (peer, input) in inputs {
+        if input.dtype() != like.dtype() || input.numel() != like.numel() {
+            return Err(mismatch(
+                collective,
+                *peer,
+                like.dtype(),
+                &format!("{:?}", like.dims()),
+                input,
+            ));
+        }
+        match accumulator.as_mut() {
+            None => accumulator = Some(CpuStorage::from_bytes(input.bytes()?)),
+            Some(storage) => reduce_into(
+                collective,
+                storage.bytes_mut(),
+                input.bytes()?,
+                like.dtype(),
+                operation,
+            )?,
+        }
+    }
+    let storage = accumulator.unwrap_or_else(|| CpuStorage::from_bytes(&[]));
+    Ok(Tensor::from_storage(like.meta().clone(), Arc::new(Storage::Cpu(storage)))?)
+}

@@ -1,0 +1,141 @@
+//! Element-wise reductions over raw bytes of a runtime dtype, and balanced chunking.
+
+use std::ops::Range;
+
+use half::{bf16, f16};
+use meshflow_ops::DType;
+
+use crate::{Error, Result};
+
+/// How contributions are combined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    /// Element-wise sum (wrapping for integers).
+    Sum,
+    /// Element-wise maximum.
+    Max,
+}
+
+impl ReduceOp {
+    /// The name used in errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "sum",
+            ReduceOp::Max => "max",
+        }
+    }
+}
+
+/// Fails unless `operation` is defined for `dtype` (f32, f64, bf16, f16, i64, i32).
+pub fn check_reducible(collective: &'static str, dtype: DType, operation: ReduceOp) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::F64 | DType::BF16 | DType::F16 | DType::I64 | DType::I32 => Ok(()),
+        DType::U8 | DType::Bool => {
+            Err(Error::UnsupportedDType { collective, operation: operation.name(), dtype })
+        }
+    }
+}
+
+/// `accumulator[i] = accumulator[i] ⊕ other[i]` over `dtype` elements stored as bytes.
+pub fn reduce_into(
+    collective: &'static str,
+    accumulator: &mut [u8],
+    other: &[u8],
+    dtype: DType,
+    operation: ReduceOp,
+) -> Result<()> {
+    if accumulator.len() != other.len() {
+        return Err(Error::InvalidArgument {
+            collective,
+            reason: format!("reducing {} bytes into {} bytes", other.len(), accumulator.len()),
+        });
+    }
+    match dtype {
+        DType::F32 => {
+            combine::<f32>(collective, accumulator, other, operation, |a, b| a + b, f32::max)
+        }
+        DType::F64 => {
+            combine::<f64>(collective, accumulator, other, operation, |a, b| a + b, f64::max)
+        }
+        DType::BF16 => {
+            combine::<bf16>(collective, accumulator, other, operation, |a, b| a + b, bf16::max)
+        }
+        DType::F16 => {
+            combine::<f16>(collective, accumulator, other, operation, |a, b| a + b, f16::max)
+        }
+        DType::I64 => {
+            combine::<i64>(collective, accumulator, other, operation, i64::wrapping_add, i64::max)
+        }
+        DType::I32 => {
+            combine::<i32>(collective, accumulator, other, operation, i32::wrapping_add, i32::max)
+        }
+        DType::U8 | DType::Bool => check_reducible(collective, dtype, operation),
+    }
+}
+
+fn combine<T: bytemuck::Pod>(
+    collective: &'static str,
+    accumulator: &mut [u8],
+    other: &[u8],
+    operation: ReduceOp,
+    sum: impl Fn(T, T) -> T,
+    max: impl Fn(T, T) -> T,
+) -> Result<()> {
+    let misaligned = |_| Error::InvalidArgument {
+        collective,
+        reason: "buffer is not aligned to its dtype".into(),
+    };
+    let accumulator: &mut [T] = bytemuck::try_cast_slice_mut(accumulator).map_err(misaligned)?;
+    let other: &[T] = bytemuck::try_cast_slice(other).map_err(misaligned)?;
+    match operation {
+        ReduceOp::Sum => accumulator.iter_mut().zip(other).for_each(|(a, &b)| *a = sum(*a, b)),
+        ReduceOp::Max => accumulator.iter_mut().zip(other).for_each(|(a, &b)| *a = max(*a, b)),
+    }
+    Ok(())
+}
+
+/// The `index`-th of `parts` balanced pieces of `0..count`: the first `count % parts` pieces hold
+/// one element more than the rest.
+pub fn chunk(count: usize, parts: usize, index: usize) -> Range<usize> {
+    let parts = parts.max(1);
+    let base = count / parts;
+    let extra = count % parts;
+    let start = index * base + index.min(extra);
+    start..start + base + usize::from(index < extra)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_balanced_and_cover_everything() {
+        let ranges: Vec<_> = (0..4).map(|index| chunk(10, 4, index)).collect();
+        assert_eq!(ranges, vec![0..3, 3..6, 6..8, 8..10]);
+        assert_eq!(chunk(2, 5, 4), 2..2);
+    }
+
+    #[test]
+    fn reductions_per_dtype() {
+        let mut a = bytemuck::cast_slice(&[1.5f32, -2.0]).to_vec();
+        reduce_into(
+            "test",
+            &mut a,
+            bytemuck::cast_slice(&[2.0f32, -3.0]),
+            DType::F32,
+            ReduceOp::Sum,
+        )
+        .expect("sum");
+        assert_eq!(bytemuck::cast_slice::<u8, f32>(&a), &[3.5, -5.0]);
+        let mut b = bytemuck::cast_slice(&[bf16::from_f32(1.0), bf16::from_f32(4.0)]).to_vec();
+        let other = [bf16::from_f32(3.0), bf16::from_f32(-1.0)];
+        reduce_into("test", &mut b, bytemuck::cast_slice(&other), DType::BF16, ReduceOp::Max)
+            .expect("max");
+        assert_eq!(
+            bytemuck::cast_slice::<u8, bf16>(&b),
+            &[bf16::from_f32(3.0), bf16::from_f32(4.0)]
+        );
+        let error = reduce_into("all_reduce", &mut [1u8], &[1u8], DType::Bool, ReduceOp::Sum);
+        assert!(matches!(error, Err(Error::UnsupportedDType { collective: "all_reduce", .. })));
+    }
+}
