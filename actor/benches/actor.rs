@@ -1,3 +1,145 @@
-//! Criterion benches of the actor runtime (filled in below).
+//! Criterion benches of the actor runtime: acts per second on one thread, the latency of a hop
+//! between two threads (spinning against parking), and one step of a 1000-actor random plan.
+//! Each group carries its reference in the same run: the simulator on the same plan, or the
+//! parking driver against the spinning one.
 
-fn main() {}
+use std::convert::Infallible;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use meshflow_actor::{
+    Act, ActorId, ActorKind, Completion, DeviceId, Driver, DriverConfig, Executor, Plan, Simulator,
+    UniformCost,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+struct Nothing;
+
+impl Executor<()> for Nothing {
+    type Error = Infallible;
+
+    fn act(&mut self, act: &Act<'_, ()>) -> Result<Completion, Infallible> {
+        std::hint::black_box(act.outputs);
+        Ok(Completion::Done)
+    }
+}
+
+/// A chain of `actors`, the device of actor `i` being `device(i)`.
+fn chain(actors: usize, registers: u32, device: impl Fn(usize) -> u32) -> Plan<()> {
+    let mut plan = Plan::new();
+    let mut previous = plan.add_actor("stage0", ActorKind::Source, DeviceId(device(0)), ());
+    for index in 1..actors {
+        let kind = if index + 1 == actors { ActorKind::Sink } else { ActorKind::Compute };
+        let next = plan.add_actor(format!("stage{index}"), kind, DeviceId(device(index)), ());
+        plan.add_edge(previous, &[next], registers);
+        previous = next;
+    }
+    plan
+}
+
+/// `actors` actors over `devices` devices: a few sources, computes reading 1 to 3 of the 40
+/// actors before them, a sink on every loose end.
+fn random_plan(actors: usize, devices: u32, seed: u64) -> Plan<()> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut plan = Plan::new();
+    let mut consumers: Vec<Vec<ActorId>> = Vec::new();
+    for index in 0..actors {
+        let device = DeviceId(rng.random_range(0..devices));
+        let kind = if index < 4 { ActorKind::Source } else { ActorKind::Compute };
+        let actor = plan.add_actor(format!("actor{index}"), kind, device, ());
+        consumers.push(Vec::new());
+        if kind == ActorKind::Compute {
+            let mut chosen: Vec<usize> = (0..rng.random_range(1..=3))
+                .map(|_| rng.random_range(index.saturating_sub(40)..index))
+                .collect();
+            chosen.sort();
+            chosen.dedup();
+            for producer in chosen {
+                consumers[producer].push(actor);
+            }
+        }
+    }
+    for index in 0..actors {
+        if consumers[index].is_empty() {
+            let sink = plan.add_actor(
+                format!("sink{index}"),
+                ActorKind::Sink,
+                plan.actors[index].device,
+                (),
+            );
+            consumers.push(Vec::new());
+            consumers[index].push(sink);
+        }
+    }
+    for (index, list) in consumers.iter().enumerate().filter(|(_, list)| !list.is_empty()) {
+        plan.add_edge(ActorId(index as u32), list, 2);
+    }
+    plan
+}
+
+fn configure(group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+}
+
+fn driver(plan: &Plan<()>, spin: u32) -> Driver<()> {
+    let config = DriverConfig { spin, ..DriverConfig::default() };
+    Driver::start(plan.clone(), config, |_, _| Nothing).expect("bench plans are well formed")
+}
+
+fn acts_per_second(criterion: &mut Criterion) {
+    const ACTORS: usize = 64;
+    const PIECES: u64 = 256;
+    let plan = chain(ACTORS, 2, |_| 0);
+    let mut group = criterion.benchmark_group("chain_one_thread");
+    configure(&mut group);
+    group.throughput(Throughput::Elements(ACTORS as u64 * PIECES));
+    let mut threaded = driver(&plan, DriverConfig::default().spin);
+    group.bench_function("driver", |bench| bench.iter(|| threaded.run_step(PIECES).expect("runs")));
+    let cost = UniformCost { act: 1, latency: 0 };
+    let mut simulator = Simulator::new(&plan, cost, 0).expect("checks");
+    group.bench_function("simulator_reference", |bench| {
+        bench.iter(|| simulator.run_step(PIECES, &mut Nothing).expect("runs"))
+    });
+    group.finish();
+}
+
+fn hop_latency(criterion: &mut Criterion) {
+    const HOPS: usize = 32;
+    let plan = chain(HOPS + 1, 1, |index| (index % 2) as u32);
+    let mut group = criterion.benchmark_group("hop_two_threads");
+    configure(&mut group);
+    group.throughput(Throughput::Elements(HOPS as u64));
+    for (name, spin) in
+        [("park", 0), ("spin_only_7", 7), ("spin_then_yield_32", 32), ("yield_1000", 1000)]
+    {
+        let mut threaded = driver(&plan, spin);
+        group.bench_function(name, |bench| bench.iter(|| threaded.run_step(1).expect("runs")));
+    }
+    group.finish();
+}
+
+fn random_step(criterion: &mut Criterion) {
+    let plan = random_plan(1000, 2, 7);
+    let topology = plan.check().expect("checks");
+    let acts: u64 = plan.acts_per_step(&topology, 4).expect("rates agree").iter().sum();
+    let mut group = criterion.benchmark_group("random_dag_1000");
+    configure(&mut group);
+    group.throughput(Throughput::Elements(acts));
+    for (name, spin) in [("driver_two_threads_park", 0), ("driver_two_threads_default", 32)] {
+        let mut threaded = driver(&plan, spin);
+        group.bench_function(name, |bench| bench.iter(|| threaded.run_step(4).expect("runs")));
+    }
+    let cost = UniformCost { act: 1, latency: 0 };
+    let mut simulator = Simulator::new(&plan, cost, 0).expect("checks");
+    group.bench_function("simulator_reference", |bench| {
+        bench.iter(|| simulator.run_step(4, &mut Nothing).expect("runs"))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, acts_per_second, hop_latency, random_step);
+criterion_main!(benches);

@@ -4,11 +4,16 @@
 //! messages from other threads, commands from the [`Driver`], and completions of asynchronous acts
 //! (a [`CompletionHandle`]). Messages between actors of one thread go through a local queue and
 //! never touch a channel; messages to other threads are collected per thread and sent as one batch
-//! when the local queue runs dry. An idle thread polls its mailbox `spin` times before it parks.
+//! when the local queue runs dry. An idle thread polls its mailbox up to `spin` times before it
+//! parks, backing off between polls (crossbeam's `Backoff`: a few exponentially longer busy waits,
+//! then yields to the scheduler), so a peer's answer within microseconds costs no wake-up while an
+//! idle thread does not starve others on a busy machine.
 //!
-//! An executor error or a protocol error on any thread ends the step everywhere: the failing thread
-//! raises a shared abort flag and reports; the driver tells every thread to abort, joins them all
-//! and returns the error.
+//! An executor error, a protocol error or a panic on any thread ends the step everywhere: the
+//! failing thread raises a shared abort flag and reports; the driver tells every thread to abort,
+//! joins them all and returns the error. With [`DriverConfig::step_timeout`] set, a step that
+//! cannot finish (an under-provisioned plan) ends in [`Error::StepTimeout`] listing the blocked
+//! actors and what each waits for.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,17 +22,19 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crossbeam::utils::Backoff;
 
 use crate::{
-    Act, ActStart, Action, Actor, ActorId, Command, Completion, DeviceId, Envelope, Error,
+    Act, ActStart, Action, Actor, ActorId, Blocked, Command, Completion, DeviceId, Envelope, Error,
     Executor, Message, Plan, RegisterUsage, Topology, Trace, TraceEvent,
 };
 
 /// How the threaded driver behaves.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DriverConfig {
-    /// How many times an idle thread polls its mailbox before it parks. Default 20 000 (some tens of
-    /// microseconds); 0 parks at once.
+    /// How many times an idle thread polls its mailbox before it parks. The first seven polls
+    /// busy-wait (about 130 spin hints in all), later ones yield the processor. Default 32; 0 parks
+    /// at once.
     pub spin: u32,
     /// Whether to record every act (see [`RunReport::trace`]). Default off.
     pub trace: bool,
@@ -37,7 +44,7 @@ pub struct DriverConfig {
 
 impl Default for DriverConfig {
     fn default() -> Self {
-        Self { spin: 20_000, trace: false, step_timeout: None }
+        Self { spin: 32, trace: false, step_timeout: None }
     }
 }
 
@@ -78,6 +85,7 @@ enum Report {
     StepDone { step: u64 },
     Stopped { trace: Vec<TraceEvent>, usage: Vec<RegisterUsage> },
     Failed(Error),
+    Blocked(Vec<Blocked>),
 }
 
 /// A plan running on one thread per device.
@@ -160,7 +168,7 @@ impl<P: Send + Sync + 'static> Driver<P> {
         while done < self.threads.len() {
             match self.receive()? {
                 Report::StepDone { step } if step == self.step => done += 1,
-                Report::StepDone { .. } | Report::Stopped { .. } => {}
+                Report::StepDone { .. } | Report::Stopped { .. } | Report::Blocked(_) => {}
                 Report::Failed(error) => return Err(self.abort_with(error)),
             }
         }
@@ -182,7 +190,7 @@ impl<P: Send + Sync + 'static> Driver<P> {
                     report.usage.extend(usage);
                     stopped += 1;
                 }
-                Report::StepDone { .. } => {}
+                Report::StepDone { .. } | Report::Blocked(_) => {}
                 Report::Failed(error) => return Err(self.abort_with(error)),
             }
         }
@@ -208,7 +216,7 @@ impl<P: Send + Sync + 'static> Driver<P> {
             Ok(report) => Ok(report),
             Err(RecvTimeoutError::Timeout) => {
                 let seconds = self.timeout.map_or(0.0, |timeout| timeout.as_secs_f64());
-                Err(self.abort_with(Error::StepTimeout { seconds }))
+                Err(self.abort_with(Error::StepTimeout { seconds, blocked: Vec::new() }))
             }
             Err(RecvTimeoutError::Disconnected) => {
                 Err(self.abort_with(Error::Stopped { reason: "every thread ended".into() }))
@@ -216,11 +224,19 @@ impl<P: Send + Sync + 'static> Driver<P> {
         }
     }
 
-    fn abort_with(&mut self, error: Error) -> Error {
+    fn abort_with(&mut self, mut error: Error) -> Error {
         self.abort.store(true, Ordering::Release);
         self.broadcast(|| Mail::Abort);
         self.join();
         self.dead = Some(format!("aborted: {error}"));
+        if let Error::StepTimeout { blocked, .. } = &mut error {
+            for report in self.reports.try_iter() {
+                if let Report::Blocked(list) = report {
+                    blocked.extend(list);
+                }
+            }
+            blocked.sort_by_key(|entry| entry.actor);
+        }
         error
     }
 
@@ -287,11 +303,38 @@ where
         inbox: Receiver<Mail>,
         context: Context<P, F>,
     ) {
+        let (abort, reports) = (Arc::clone(&context.2), context.3.clone());
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::new(thread, device, actors, inbox, context).serve_all()
+        }));
+        let error = match outcome {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|text| text.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Error::Stopped { reason: format!("the thread of {device} panicked: {message}") }
+            }
+        };
+        abort.store(true, Ordering::Release);
+        let _ = reports.send(Report::Failed(error));
+    }
+
+    fn new(
+        thread: usize,
+        device: DeviceId,
+        actors: Vec<Actor>,
+        inbox: Receiver<Mail>,
+        context: Context<P, F>,
+    ) -> Self {
         let (plan, shared, abort, reports) = context;
         let handle = CompletionHandle { mailbox: shared.mailboxes[thread].clone() };
         let executor = (shared.executor)(device, handle);
         let trace = shared.config.trace.then(Vec::new);
-        let mut worker = Worker {
+        Worker {
             thread,
             device,
             outboxes: vec![Vec::new(); shared.mailboxes.len()],
@@ -308,11 +351,12 @@ where
             stopping: false,
             epoch: Instant::now(),
             trace,
-        };
-        if let Err(error) = worker.start().and_then(|()| worker.serve()) {
-            worker.abort.store(true, Ordering::Release);
-            let _ = worker.reports.send(Report::Failed(error));
         }
+    }
+
+    fn serve_all(mut self) -> Result<(), Error> {
+        self.start()?;
+        self.serve()
     }
 
     fn start(&mut self) -> Result<(), Error> {
@@ -342,18 +386,24 @@ where
                     self.stopping = true;
                     self.command_all(|_| Command::Stop);
                 }
-                Some(Mail::Abort) | None => return Ok(()),
+                Some(Mail::Abort) | None => {
+                    let blocked =
+                        self.actors.iter().filter_map(|actor| actor.blocked(&self.plan)).collect();
+                    let _ = self.reports.send(Report::Blocked(blocked));
+                    return Ok(());
+                }
             }
         }
     }
 
     fn next_mail(&self) -> Option<Mail> {
+        let backoff = Backoff::new();
         for _ in 0..self.shared.config.spin {
             match self.inbox.try_recv() {
                 Ok(mail) => return Some(mail),
                 Err(TryRecvError::Disconnected) => return None,
                 Err(TryRecvError::Empty) if self.abort.load(Ordering::Relaxed) => return None,
-                Err(TryRecvError::Empty) => std::hint::spin_loop(),
+                Err(TryRecvError::Empty) => backoff.snooze(),
             }
         }
         self.inbox.recv().ok()

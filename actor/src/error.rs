@@ -109,10 +109,12 @@ pub enum Error {
         reason: String,
     },
     /// A step did not finish within the configured time.
-    #[error("step did not finish within {seconds} s")]
+    #[error("step did not finish within {seconds} s; blocked: {blocked:?}")]
     StepTimeout {
         /// The limit, in seconds.
         seconds: f64,
+        /// The actors that owed acts and could not act when the step was aborted.
+        blocked: Vec<Blocked>,
     },
     /// An I/O error while writing a trace.
     #[error("writing trace: {0}")]
