@@ -1,7 +1,7 @@
 //! Criterion benches of the actor runtime: acts per second on one thread, the latency of a hop
 //! between two threads (spinning against parking), and one step of a 1000-actor random plan.
-//! Each group carries its reference in the same run: the simulator on the same plan, or the
-//! parking driver against the spinning one.
+//! Each group carries its reference in the same run: the simulator on the same plan, or a bare
+//! crossbeam ping-pong between two threads (blocking receives) for the hop.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -119,6 +119,25 @@ fn hop_latency(criterion: &mut Criterion) {
         let mut threaded = driver(&plan, spin);
         group.bench_function(name, |bench| bench.iter(|| threaded.run_step(1).expect("runs")));
     }
+    group.bench_function("crossbeam_ping_pong_reference", |bench| {
+        let (to_peer, peer_inbox) = crossbeam::channel::unbounded::<u64>();
+        let (to_main, main_inbox) = crossbeam::channel::unbounded::<u64>();
+        let peer = std::thread::spawn(move || {
+            for token in peer_inbox {
+                if to_main.send(token + 1).is_err() {
+                    return;
+                }
+            }
+        });
+        bench.iter(|| {
+            for hop in 0..HOPS as u64 / 2 {
+                to_peer.send(hop).expect("peer alive");
+                main_inbox.recv().expect("peer alive");
+            }
+        });
+        drop(to_peer);
+        peer.join().expect("peer ends");
+    });
     group.finish();
 }
 

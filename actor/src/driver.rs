@@ -92,6 +92,7 @@ enum Report {
 pub struct Driver<P> {
     plan: Arc<Plan<P>>,
     topology: Topology,
+    inbound: Inbound,
     mailboxes: Vec<Sender<Mail>>,
     reports: Receiver<Report>,
     threads: Vec<JoinHandle<()>>,
@@ -108,25 +109,43 @@ impl<P: Send + Sync + 'static> Driver<P> {
         E: Executor<P> + 'static,
         F: Fn(DeviceId, CompletionHandle) -> E + Send + Sync + 'static,
     {
+        let devices = plan.actors.iter().map(|spec| spec.device).collect::<Vec<_>>();
+        Self::start_partial(plan, config, &devices, None, executor)
+    }
+
+    /// Like [`Driver::start`], but runs only the actors of the `local` devices: messages to the
+    /// others go out through `transport`, and messages from them come in through
+    /// [`Driver::inbound`]. Every process of a job runs the same plan with its own devices.
+    pub fn start_partial<E, F>(
+        plan: Plan<P>,
+        config: DriverConfig,
+        local: &[DeviceId],
+        transport: Option<Arc<dyn Transport>>,
+        executor: F,
+    ) -> Result<Self, Error>
+    where
+        E: Executor<P> + 'static,
+        F: Fn(DeviceId, CompletionHandle) -> E + Send + Sync + 'static,
+    {
         let topology = plan.check()?;
-        let mut devices: Vec<DeviceId> = plan.actors.iter().map(|spec| spec.device).collect();
-        devices.sort();
-        devices.dedup();
-        let mut counts = vec![0u32; devices.len()];
-        let route: Vec<(usize, usize)> = plan
-            .actors
-            .iter()
-            .map(|spec| {
-                let thread = devices.binary_search(&spec.device).expect("every device was listed");
-                counts[thread] += 1;
-                (thread, counts[thread] as usize - 1)
-            })
-            .collect();
+        let (devices, remote) = split_devices(&plan, local);
+        if !remote.is_empty() && transport.is_none() {
+            let reason = format!("devices {remote:?} are remote and there is no transport");
+            return Err(Error::Stopped { reason });
+        }
+        let route = routes(&plan, &devices, &remote);
         let (mailboxes, inboxes): (Vec<_>, Vec<_>) =
             devices.iter().map(|_| channel::unbounded()).unzip();
         let (report_sender, reports) = channel::unbounded();
         let plan = Arc::new(plan);
-        let shared = Arc::new(Shared { route, mailboxes: mailboxes.clone(), executor, config });
+        let shared = Arc::new(Shared {
+            route,
+            mailboxes: mailboxes.clone(),
+            remote,
+            transport,
+            executor,
+            config,
+        });
         let abort = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::with_capacity(devices.len());
         for (thread, inbox) in inboxes.into_iter().enumerate() {
@@ -142,10 +161,12 @@ impl<P: Send + Sync + 'static> Driver<P> {
                 .spawn(move || Worker::run(thread, device, actors, inbox, context))?;
             threads.push(handle);
         }
+        let inbound = Inbound { route: shared.route.clone(), mailboxes: mailboxes.clone() };
         let timeout = shared.config.step_timeout;
         Ok(Self {
             plan,
             topology,
+            inbound,
             mailboxes,
             reports,
             threads,
@@ -154,6 +175,11 @@ impl<P: Send + Sync + 'static> Driver<P> {
             step: 0,
             dead: None,
         })
+    }
+
+    /// Where messages from other processes enter this one.
+    pub fn inbound(&self) -> Inbound {
+        self.inbound.clone()
     }
 
     /// Runs one step of `pieces` pieces on every thread and waits for its end.
@@ -263,9 +289,73 @@ impl<P> Drop for Driver<P> {
     }
 }
 
+/// Carries messages to actors of devices that another process runs (see
+/// [`Driver::start_partial`]); the far side hands them to its [`Inbound`].
+pub trait Transport: Send + Sync {
+    /// Sends envelopes, all addressed to actors of `device`, in order.
+    fn send(&self, device: DeviceId, envelopes: Vec<Envelope>) -> Result<(), Error>;
+}
+
+/// Hands messages that arrived from other processes to the threads that own their receivers.
+#[derive(Clone, Debug)]
+pub struct Inbound {
+    route: Vec<(usize, usize)>,
+    mailboxes: Vec<Sender<Mail>>,
+}
+
+impl Inbound {
+    /// Delivers envelopes addressed to actors of this process, in order per receiving thread.
+    pub fn deliver(&self, envelopes: Vec<Envelope>) -> Result<(), Error> {
+        let mut batches: Vec<Vec<Envelope>> = vec![Vec::new(); self.mailboxes.len()];
+        for envelope in envelopes {
+            let thread = self.route.get(envelope.to.index()).map_or(usize::MAX, |route| route.0);
+            let Some(batch) = batches.get_mut(thread) else {
+                let reason =
+                    format!("message for {}, which this process does not run", envelope.to);
+                return Err(Error::Protocol { actor: envelope.to, reason });
+            };
+            batch.push(envelope);
+        }
+        for (thread, batch) in
+            batches.into_iter().enumerate().filter(|(_, batch)| !batch.is_empty())
+        {
+            self.mailboxes[thread].send(Mail::Batch(batch)).map_err(|_| Error::Stopped {
+                reason: format!("message for a thread of this process after it ended ({thread})"),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// The local devices (that have actors) and the remote ones, each sorted.
+fn split_devices<P>(plan: &Plan<P>, local: &[DeviceId]) -> (Vec<DeviceId>, Vec<DeviceId>) {
+    let mut devices: Vec<DeviceId> = plan.actors.iter().map(|spec| spec.device).collect();
+    devices.sort();
+    devices.dedup();
+    devices.into_iter().partition(|device| local.contains(device))
+}
+
+/// Per actor: its thread and its index there, or (thread count + remote index, 0) when remote.
+fn routes<P>(plan: &Plan<P>, devices: &[DeviceId], remote: &[DeviceId]) -> Vec<(usize, usize)> {
+    let mut counts = vec![0usize; devices.len()];
+    let route = |spec: &crate::ActorSpec<P>| match devices.binary_search(&spec.device) {
+        Ok(thread) => {
+            counts[thread] += 1;
+            (thread, counts[thread] - 1)
+        }
+        Err(_) => {
+            let index = remote.binary_search(&spec.device).expect("a device is local or remote");
+            (devices.len() + index, 0)
+        }
+    };
+    plan.actors.iter().map(route).collect()
+}
+
 struct Shared<F> {
     route: Vec<(usize, usize)>,
     mailboxes: Vec<Sender<Mail>>,
+    remote: Vec<DeviceId>,
+    transport: Option<Arc<dyn Transport>>,
     executor: F,
     config: DriverConfig,
 }
@@ -337,7 +427,7 @@ where
         Worker {
             thread,
             device,
-            outboxes: vec![Vec::new(); shared.mailboxes.len()],
+            outboxes: vec![Vec::new(); shared.mailboxes.len() + shared.remote.len()],
             act_started: vec![0; actors.len()],
             plan,
             shared,
@@ -369,7 +459,7 @@ where
     fn serve(&mut self) -> Result<(), Error> {
         loop {
             self.drain_local()?;
-            self.flush();
+            self.flush()?;
             if self.stopping && self.actors.iter().all(Actor::is_stopped) {
                 let trace = self.trace.take().unwrap_or_default();
                 let usage = self.actors.iter().map(Actor::usage).collect();
@@ -429,13 +519,23 @@ where
         Ok(())
     }
 
-    fn flush(&mut self) {
-        for (thread, outbox) in self.outboxes.iter_mut().enumerate() {
-            if !outbox.is_empty() {
+    fn flush(&mut self) -> Result<(), Error> {
+        let threads = self.shared.mailboxes.len();
+        for (index, outbox) in self.outboxes.iter_mut().enumerate() {
+            if outbox.is_empty() {
+                continue;
+            }
+            let batch = std::mem::take(outbox);
+            match (self.shared.mailboxes.get(index), &self.shared.transport) {
                 // A thread that already ended reports why; its messages no longer matter.
-                let _ = self.shared.mailboxes[thread].send(Mail::Batch(std::mem::take(outbox)));
+                (Some(mailbox), _) => drop(mailbox.send(Mail::Batch(batch))),
+                (None, Some(transport)) => {
+                    transport.send(self.shared.remote[index - threads], batch)?
+                }
+                (None, None) => unreachable!("remote devices exist only with a transport"),
             }
         }
+        Ok(())
     }
 
     fn drive(&mut self, local: usize) -> Result<(), Error> {

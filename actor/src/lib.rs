@@ -8,7 +8,8 @@
 //!   (`handle_*`), actions out (`poll_action`). Its module doc states the contract.
 //! - [`Executor`] is the user's side of an act: it owns the buffers behind [`RegisterId`]s and runs
 //!   kernels. It may finish an act later ([`Completion::Pending`], [`CompletionHandle`]).
-//! - [`Driver`] runs a plan on one OS thread per device; [`Simulator`] runs it on a virtual clock
+//! - [`Driver`] runs a plan on one OS thread per device (all of them, or this process's share, with
+//!   a [`Transport`] to the others and an [`Inbound`] from them); [`Simulator`] runs it on a virtual clock
 //!   with a seed, reports piece finishing times and deadlocks ([`DeadlockReport`]).
 //! - [`Trace`] records acts and exports Chrome-trace JSON (Perfetto), one lane per device.
 //!
@@ -44,7 +45,7 @@ mod simulator;
 mod trace;
 
 pub use actor::{Actor, RegisterUsage};
-pub use driver::{CompletionHandle, Driver, DriverConfig, RunReport};
+pub use driver::{CompletionHandle, Driver, DriverConfig, Inbound, RunReport, Transport};
 pub use error::{Blocked, DeadlockReport, Error, Wait};
 pub use executor::{Act, Completion, Executor};
 pub use ids::{ActorId, DeviceId, EdgeId, RegisterId};

@@ -3,13 +3,13 @@
 mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crossbeam::channel;
 use meshflow_actor::{
-    Act, ActorId, ActorKind, Completion, CompletionHandle, DeviceId, Driver, DriverConfig, Error,
-    Executor, Plan, Simulator, UniformCost,
+    Act, ActorId, ActorKind, Completion, CompletionHandle, DeviceId, Driver, DriverConfig,
+    Envelope, Error, Executor, Inbound, Plan, Simulator, Transport, UniformCost,
 };
 
 use common::{HashExecutor, Memory, Never};
@@ -242,4 +242,55 @@ fn executor_panic_is_an_error_not_a_hang() {
         panic!("expected an error")
     };
     assert!(reason.contains("device1 panicked: device one is broken"), "{reason}");
+}
+
+/// Stands in for the network between two processes: hands batches to the peer's inbound.
+#[derive(Default)]
+struct Loopback {
+    peer: OnceLock<Inbound>,
+}
+
+impl Transport for Loopback {
+    fn send(&self, _device: DeviceId, envelopes: Vec<Envelope>) -> Result<(), Error> {
+        let peer = self.peer.get().ok_or(Error::Stopped { reason: "peer not connected".into() })?;
+        peer.deliver(envelopes)
+    }
+}
+
+#[test]
+fn two_processes_linked_by_a_transport_give_the_simulated_results() {
+    let (plan, pieces) = common::random_plan(41, 12, 4);
+    let topology = plan.check().expect("well formed");
+    let reference = Memory::new(topology.register_total(), plan.actors.len());
+    let mut executor = HashExecutor { memory: reference.clone() };
+    let mut simulator =
+        Simulator::new(&plan, UniformCost { act: 1, latency: 1 }, 8).expect("checks");
+    simulator.run_step(pieces, &mut executor).expect("runs");
+    simulator.run_step(pieces, &mut executor).expect("runs");
+
+    let memory = Memory::new(topology.register_total(), plan.actors.len());
+    let (to_second, to_first) = (Arc::new(Loopback::default()), Arc::new(Loopback::default()));
+    let start = |devices: &[DeviceId], transport: Arc<Loopback>| {
+        let shared = memory.clone();
+        let executor = move |_, _| HashExecutor { memory: shared.clone() };
+        Driver::start_partial(plan.clone(), guarded(), devices, Some(transport), executor)
+            .expect("starts")
+    };
+    let mut first = start(&[DeviceId(0), DeviceId(1)], to_second.clone());
+    let mut second = start(&[DeviceId(2), DeviceId(3)], to_first.clone());
+    to_first.peer.set(first.inbound()).expect("set once");
+    to_second.peer.set(second.inbound()).expect("set once");
+    let other = std::thread::spawn(move || {
+        second.run_step(pieces)?;
+        second.run_step(pieces)?;
+        second.stop()
+    });
+    first.run_step(pieces).expect("step one");
+    first.run_step(pieces).expect("step two");
+    let (near, far) =
+        (first.stop().expect("stops"), other.join().expect("no panic").expect("stops"));
+    assert!(!near.usage.is_empty() && !far.usage.is_empty(), "both processes run actors");
+    assert_eq!(near.usage.len() + far.usage.len(), plan.actors.len());
+    assert_eq!(memory.results(), reference.results());
+    assert_eq!(memory.variable_states(), reference.variable_states());
 }
