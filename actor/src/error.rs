@@ -51,10 +51,10 @@ pub enum Error {
         expected: &'static str,
     },
     /// A cycle that does not pass through a variable's update: no register on it could ever be
-    /// readable first. Names the actors on or behind the cycle.
+    /// readable first. Names the actors on cycles (actors merely fed by one are left out).
     #[error("cycle without an initial register (no variable on it) through actors {actors:?}")]
     Cycle {
-        /// The actors on the cycle or fed by it.
+        /// The actors on cycles, in plan order.
         actors: Vec<String>,
     },
     /// The inputs of an actor carry different numbers of registers per step.

@@ -359,13 +359,31 @@ fn topological_order<P>(plan: &Plan<P>, topology: &Topology) -> Result<Vec<Actor
         }
     }
     if order.len() < plan.actors.len() {
+        let left: Vec<bool> = waiting.iter().map(|&count| count > 0).collect();
+        let on_cycles = trim_downstream(plan, topology, left);
         let actors = (0..plan.actors.len())
-            .filter(|&index| waiting[index] > 0)
+            .filter(|&index| on_cycles[index])
             .map(|index| plan.actors[index].name.clone())
             .collect();
         return Err(Error::Cycle { actors });
     }
     Ok(order)
+}
+
+/// Of the actors left after a topological sort (on cycles or fed by one), drops those that feed
+/// no other left actor, repeatedly, so that only the actors on cycles remain.
+fn trim_downstream<P>(plan: &Plan<P>, topology: &Topology, mut left: Vec<bool>) -> Vec<bool> {
+    let feeds = |index: usize, left: &[bool]| {
+        topology.outputs[index].iter().any(|edge| {
+            plan.edges[edge.index()].consumers.iter().any(|consumer| {
+                left[consumer.index()] && plan.actors[consumer.index()].kind != ActorKind::Variable
+            })
+        })
+    };
+    while let Some(index) = (0..left.len()).find(|&index| left[index] && !feeds(index, &left)) {
+        left[index] = false;
+    }
+    left
 }
 
 /// Converts a table index to the `u32` of an id; plans hold far fewer than 2³² items.

@@ -145,8 +145,9 @@ fn cycle_without_variable_is_a_plan_error() {
     let source = plan.add_actor("source", ActorKind::Source, device, ());
     let left = plan.add_actor("left", ActorKind::Compute, device, ());
     let right = plan.add_actor("right", ActorKind::Compute, device, ());
+    let after = plan.add_actor("after", ActorKind::Sink, device, ());
     plan.add_edge(source, &[left], 1);
-    plan.add_edge(left, &[right], 2);
+    plan.add_edge(left, &[right, after], 2);
     plan.add_edge(right, &[left], 2);
     let Err(Error::Cycle { actors }) = plan.check() else { panic!("expected a cycle error") };
     assert_eq!(actors, ["left", "right"]);
@@ -236,4 +237,60 @@ fn trace_exports_one_lane_per_device() {
         (last["ts"].as_f64(), last["dur"].as_f64(), last["tid"].as_u64()),
         (Some(5.0), Some(1.0), Some(2))
     );
+}
+
+/// Records the stages of one variable's acts and the value each read wrote.
+struct Logging {
+    inner: HashExecutor,
+    variable: ActorId,
+    log: Vec<(meshflow_actor::Stage, u64, u64)>,
+}
+
+impl meshflow_actor::Executor<()> for Logging {
+    type Error = common::Never;
+
+    fn act(
+        &mut self,
+        act: &meshflow_actor::Act<'_, ()>,
+    ) -> Result<meshflow_actor::Completion, common::Never> {
+        let completion = self.inner.act(act)?;
+        if act.actor == self.variable {
+            let state = self.inner.memory.variable_states()[act.actor.index()];
+            self.log.push((act.stage, act.step, state));
+        }
+        Ok(completion)
+    }
+}
+
+#[test]
+fn next_step_reads_a_variable_only_after_this_step_updated_it() {
+    use meshflow_actor::Stage::{VariableRead, VariableUpdate};
+    let mut plan: Plan<()> = Plan::new();
+    let device = DeviceId(0);
+    let variable = plan.add_actor("weight", ActorKind::Variable, device, ());
+    let repeat = plan.add_actor("broadcast", ActorKind::Repeat { pieces: 4 }, device, ());
+    let source = plan.add_actor("batch", ActorKind::Source, DeviceId(1), ());
+    let forward = plan.add_actor("forward", ActorKind::Compute, DeviceId(1), ());
+    let accumulate =
+        plan.add_actor("gradient", ActorKind::Accumulate { pieces: 4 }, DeviceId(2), ());
+    plan.add_edge(variable, &[repeat], 1);
+    plan.add_edge(repeat, &[forward], 2);
+    plan.add_edge(source, &[forward], 2);
+    plan.add_edge(forward, &[accumulate], 2);
+    plan.add_edge(accumulate, &[variable], 1);
+    let mut executor = Logging { inner: executor_for(&plan), variable, log: Vec::new() };
+    let mut simulator =
+        Simulator::new(&plan, UniformCost { act: ACT, latency: 2 }, 6).expect("checks");
+    for _ in 0..3 {
+        simulator.run_step(4, &mut executor).expect("no deadlock");
+    }
+    let stages: Vec<(meshflow_actor::Stage, u64)> =
+        executor.log.iter().map(|entry| (entry.0, entry.1)).collect();
+    let expected: Vec<(meshflow_actor::Stage, u64)> =
+        (1..=3).flat_map(|step| [(VariableRead, step), (VariableUpdate, step)]).collect();
+    assert_eq!(stages, expected);
+    // Each read sees the state the previous update left.
+    assert_eq!(executor.log[2].2, executor.log[1].2);
+    assert_eq!(executor.log[4].2, executor.log[3].2);
+    assert_ne!(executor.log[1].2, executor.log[0].2);
 }
