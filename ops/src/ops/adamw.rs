@@ -1,0 +1,212 @@
+//! `adamw`: one fused AdamW update, exactly as `torch.optim.AdamW` (non-amsgrad) computes it:
+//!
+//! ```text
+//! p ← p · (1 − lr·wd)                     decoupled weight decay
+//! m ← lerp(m, g, 1 − β1)                  = β1·m + (1 − β1)·g
+//! v ← β2·v + (1 − β2)·g²
+//! p ← p − (lr / (1 − β1^t)) · m / (sqrt(v) / sqrt(1 − β2^t) + eps)
+//! ```
+//!
+//! with the step count `t` starting at 1. Inputs `param, grad, m, v`; outputs the new
+//! `param, m, v`. Arithmetic happens in the accumulate type (f32 for f32/bf16/f16).
+
+use std::sync::Arc;
+
+use meshflow_placement::{Sbp, Signature};
+use num_traits::Float;
+
+use super::nn_rows::{for_each_range, Accumulate, RowFloat, SharedRows};
+use crate::{Context, Emit, Error, Op, Result, Tensor, TensorMeta, Value};
+
+/// AdamW hyper-parameters and the step count of this update.
+///
+/// Signatures (element-wise, nothing is summed): `S(i), S(i), S(i), S(i) -> S(i), S(i), S(i)`
+/// for every axis `i` (each device updates its slice of the parameter: ZeRO-style sharding),
+/// and all-`B`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamW {
+    /// Learning rate.
+    pub lr: f64,
+    /// Decay of the first moment (PyTorch default 0.9).
+    pub beta1: f64,
+    /// Decay of the second moment (PyTorch default 0.999).
+    pub beta2: f64,
+    /// Added to the denominator (PyTorch default 1e-8).
+    pub eps: f64,
+    /// Decoupled weight decay (PyTorch default 0.01).
+    pub weight_decay: f64,
+    /// The step count `t` of this update, from 1.
+    pub step: u64,
+}
+
+impl AdamW {
+    /// PyTorch's defaults with learning rate `lr`, at step 1.
+    pub fn new(lr: f64) -> Self {
+        AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 1 }
+    }
+
+    fn check(&self) -> Result<()> {
+        let finite = [self.lr, self.beta1, self.beta2, self.eps, self.weight_decay];
+        if finite.iter().any(|v| !v.is_finite()) || self.step == 0 {
+            return Err(Error::argument(self.name(), format!("bad hyper-parameters {self:?}")));
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return Err(Error::argument(self.name(), "betas must lie in [0, 1)"));
+        }
+        Ok(())
+    }
+}
+
+/// Applies one [`AdamW`] update; returns `[param, m, v]`.
+pub fn adamw(
+    e: &mut dyn Emit,
+    config: AdamW,
+    [param, grad, m, v]: [Value; 4],
+) -> Result<Vec<Value>> {
+    e.emit(Arc::new(config), &[param, grad, m, v])
+}
+
+impl Op for AdamW {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
+        check_state(self.name(), inputs, 4)?;
+        self.check()?;
+        Ok(vec![inputs[0].clone(); 3])
+    }
+
+    fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let metas: Vec<TensorMeta> = inputs.iter().map(|t| t.meta().clone()).collect();
+        self.infer(&metas)?;
+        crate::dispatch_float!(self.name(), inputs[0].dtype(), T => self.run::<T>(ctx, inputs))
+    }
+
+    fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        elementwise_signatures(inputs[0].shape.rank(), 4, 3)
+    }
+
+    fn backward(
+        &self,
+        _e: &mut dyn Emit,
+        _inputs: &[Value],
+        _outputs: &[Value],
+        grads: &[Option<Value>],
+    ) -> Result<Vec<Option<Value>>> {
+        not_differentiable(self.name(), grads, 4)
+    }
+
+    fn flops(&self, inputs: &[TensorMeta]) -> u64 {
+        14 * inputs[0].shape.numel() as u64
+    }
+}
+
+/// The scalars of one update, in the accumulate type.
+#[derive(Clone, Copy)]
+struct Scalars<A> {
+    decay: A,
+    lerp: A,
+    beta2: A,
+    one_minus_beta2: A,
+    bias2_sqrt: A,
+    eps: A,
+    step_size: A,
+}
+
+impl AdamW {
+    fn scalars<A: Accumulate>(&self) -> Scalars<A> {
+        let t = self.step as f64;
+        let bias1 = 1.0 - self.beta1.powf(t);
+        let bias2 = 1.0 - self.beta2.powf(t);
+        Scalars {
+            decay: A::constant(1.0 - self.lr * self.weight_decay),
+            lerp: A::constant(1.0 - self.beta1),
+            beta2: A::constant(self.beta2),
+            one_minus_beta2: A::constant(1.0 - self.beta2),
+            bias2_sqrt: A::constant(bias2.sqrt()),
+            eps: A::constant(self.eps),
+            step_size: A::constant(-(self.lr / bias1)),
+        }
+    }
+
+    fn run<T: RowFloat>(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let s = self.scalars::<T::Acc>();
+        let [p, g, m, v] = [0, 1, 2, 3].map(|i| inputs[i].as_slice::<T>());
+        let (p, g, m, v) = (p?, g?, m?, v?);
+        let mut outputs =
+            [0, 2, 3].map(|i| Tensor::zeros(inputs[i].shape().clone(), inputs[i].dtype()));
+        let [p_out, m_out, v_out] = &mut outputs;
+        let (p_all, m_all, v_all) = (
+            SharedRows::new(p_out.as_mut_slice::<T>()?),
+            SharedRows::new(m_out.as_mut_slice::<T>()?),
+            SharedRows::new(v_out.as_mut_slice::<T>()?),
+        );
+        for_each_range(ctx, p.len(), 1, |range| {
+            // SAFETY: tasks cover disjoint element ranges, so each element has one writer.
+            let (p_new, m_new, v_new) = unsafe {
+                (p_all.row(range.clone()), m_all.row(range.clone()), v_all.row(range.clone()))
+            };
+            for (k, i) in range.enumerate() {
+                let (pi, gi) = (p[i].widen() * s.decay, g[i].widen());
+                let mi = lerp(m[i].widen(), gi, s.lerp);
+                let vi = v[i].widen() * s.beta2 + s.one_minus_beta2 * gi * gi;
+                let denom = vi.sqrt() / s.bias2_sqrt + s.eps;
+                p_new[k] = T::narrow(pi + s.step_size * (mi / denom));
+                (m_new[k], v_new[k]) = (T::narrow(mi), T::narrow(vi));
+            }
+        });
+        Ok(outputs.into())
+    }
+}
+
+/// `torch.lerp(start, end, weight)` as its CPU kernel computes it.
+#[inline(always)]
+fn lerp<A: Accumulate>(start: A, end: A, weight: A) -> A {
+    if weight < A::constant(0.5) {
+        start + weight * (end - start)
+    } else {
+        end - (end - start) * (A::one() - weight)
+    }
+}
+
+// ---- shared with sgd ----
+
+/// Every input is a float tensor of one shape and dtype.
+pub(crate) fn check_state(op: &'static str, inputs: &[TensorMeta], arity: usize) -> Result<()> {
+    if inputs.len() != arity {
+        return Err(Error::Arity { op, expected: arity, got: inputs.len() });
+    }
+    let first = &inputs[0];
+    if !first.dtype.is_float() || inputs.iter().any(|t| t.dtype != first.dtype) {
+        let dtypes: Vec<_> = inputs.iter().map(|t| t.dtype).collect();
+        return Err(Error::dtype(op, &dtypes, "parameter and state need one float dtype"));
+    }
+    if inputs.iter().any(|t| t.shape != first.shape) {
+        let shapes: Vec<_> = inputs.iter().map(|t| &t.shape).collect();
+        return Err(Error::shape(op, &shapes, "parameter and state need one shape"));
+    }
+    Ok(())
+}
+
+/// `S(i)` everywhere for every axis, and all-`B`.
+pub(crate) fn elementwise_signatures(rank: usize, inputs: usize, outputs: usize) -> Vec<Signature> {
+    let mut signatures = vec![Signature::broadcast(inputs, outputs)];
+    signatures.extend(
+        (0..rank)
+            .map(|i| Signature::new(vec![Sbp::Split(i); inputs], vec![Sbp::Split(i); outputs])),
+    );
+    signatures
+}
+
+/// Optimizer updates are not differentiated: no gradient flows to their inputs.
+pub(crate) fn not_differentiable(
+    op: &'static str,
+    grads: &[Option<Value>],
+    inputs: usize,
+) -> Result<Vec<Option<Value>>> {
+    if grads.iter().any(Option::is_some) {
+        return Err(Error::argument(op, "an optimizer update has no gradient"));
+    }
+    Ok(vec![None; inputs])
+}

@@ -1,0 +1,371 @@
+//! Shared CPU machinery of the row-wise nn kernels (softmax, log_softmax, layer_norm, rms_norm,
+//! cross_entropy, optimizers): the accumulate type of each float dtype, a vectorisable `exp`,
+//! lane-chunked reductions, and running rows in parallel over a [`Context`]'s thread budget.
+//!
+//! Inner loops work on plain slices with 8 independent accumulator lanes, so the compiler turns
+//! them into SIMD code; no per-element dtype dispatch happens (the dtype is matched once per call).
+
+use std::ops::{AddAssign, MulAssign};
+
+use half::{bf16, f16};
+use num_traits::{Float, FromPrimitive, ToPrimitive, Zero};
+use rayon::prelude::*;
+
+use crate::{Context, Element};
+
+/// Elements a parallel task should at least cover, so that task overhead stays negligible.
+const MIN_TASK_ELEMENTS: usize = 16 * 1024;
+
+/// Lanes of the chunked reductions (a multiple of every SIMD width we meet: 4, 8 or 16 f32s).
+const LANES: usize = 8;
+
+/// The type kernels compute in: `f32` for f32, bf16 and f16; `f64` for f64.
+pub(crate) trait Accumulate:
+    Float + FromPrimitive + ToPrimitive + AddAssign + MulAssign + Send + Sync + Element
+{
+    /// `e^x`, vectorisable (branch-free) for `f32`, the libm one for `f64`.
+    fn exp_fast(self) -> Self;
+
+    /// A constant converted from `f64`.
+    fn constant(value: f64) -> Self {
+        Self::from_f64(value).unwrap_or_else(Self::nan)
+    }
+}
+
+impl Accumulate for f32 {
+    #[inline(always)]
+    fn exp_fast(self) -> f32 {
+        exp_f32(self)
+    }
+}
+
+impl Accumulate for f64 {
+    #[inline(always)]
+    fn exp_fast(self) -> f64 {
+        self.exp()
+    }
+}
+
+/// A float storage type and its accumulate type.
+pub(crate) trait RowFloat: Element {
+    /// The type arithmetic happens in.
+    type Acc: Accumulate;
+    /// Widens to the accumulate type.
+    fn widen(self) -> Self::Acc;
+    /// Narrows from the accumulate type (round to nearest).
+    fn narrow(value: Self::Acc) -> Self;
+}
+
+macro_rules! row_float_same {
+    ($t:ty) => {
+        impl RowFloat for $t {
+            type Acc = $t;
+            #[inline(always)]
+            fn widen(self) -> $t {
+                self
+            }
+            #[inline(always)]
+            fn narrow(value: $t) -> $t {
+                value
+            }
+        }
+    };
+}
+
+row_float_same!(f32);
+row_float_same!(f64);
+
+macro_rules! row_float_half {
+    ($t:ty) => {
+        impl RowFloat for $t {
+            type Acc = f32;
+            #[inline(always)]
+            fn widen(self) -> f32 {
+                self.to_f32()
+            }
+            #[inline(always)]
+            fn narrow(value: f32) -> $t {
+                <$t>::from_f32(value)
+            }
+        }
+    };
+}
+
+row_float_half!(bf16);
+row_float_half!(f16);
+
+/// Branch-free `e^x` for `f32` (Cephes polynomial, relative error below 2 ulp on the normal
+/// range; 0 below −87.33, ∞ above 88.72; NaN stays NaN).
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HIGH: f32 = 0.693_359_4;
+    const LN2_LOW: f32 = -2.121_944_4e-4;
+    // 1.5 · 2^23: adding it rounds to the nearest integer and leaves that integer in the low bits.
+    const ROUND: f32 = 12_582_912.0;
+    // Plain multiply-adds (not `mul_add`, which is a libm call without the FMA target feature).
+    let clamped = x.clamp(-87.33, 88.72);
+    let shifted = clamped * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    let r = clamped - n * LN2_HIGH;
+    let r = r - n * LN2_LOW;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let poly = p * (r * r) + r + 1.0;
+    let exponent = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let scale = f32::from_bits((exponent.wrapping_add(127) << 23) as u32);
+    let value = poly * scale;
+    // Selects (blends, not branches): underflow to 0, overflow to ∞, NaN stays NaN.
+    let value = if x < -87.33 { 0.0 } else { value };
+    let value = if x > 88.72 { f32::INFINITY } else { value };
+    if x.is_nan() {
+        x
+    } else {
+        value
+    }
+}
+
+/// `Σ f(x_i)` in the accumulate type, with independent lanes so that it vectorises.
+#[inline(always)]
+pub(crate) fn sum_map<T: RowFloat>(xs: &[T], f: impl Fn(T::Acc) -> T::Acc) -> T::Acc {
+    let mut lanes = [T::Acc::zero(); LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane += f(x.widen());
+        }
+    }
+    let mut total = lanes.iter().fold(T::Acc::zero(), |a, &b| a + b);
+    for &x in tail {
+        total += f(x.widen());
+    }
+    total
+}
+
+/// `Σ f(x_i, y_i)` over two equally long slices, lane-chunked.
+#[inline(always)]
+pub(crate) fn sum_map2<T: RowFloat>(
+    xs: &[T],
+    ys: &[T],
+    f: impl Fn(T::Acc, T::Acc) -> T::Acc,
+) -> T::Acc {
+    let mut lanes = [T::Acc::zero(); LANES];
+    let x_chunks = xs.chunks_exact(LANES);
+    let y_chunks = ys.chunks_exact(LANES);
+    let (x_tail, y_tail) = (x_chunks.remainder(), y_chunks.remainder());
+    for (x_chunk, y_chunk) in x_chunks.zip(y_chunks) {
+        for ((lane, &x), &y) in lanes.iter_mut().zip(x_chunk).zip(y_chunk) {
+            *lane += f(x.widen(), y.widen());
+        }
+    }
+    let mut total = lanes.iter().fold(T::Acc::zero(), |a, &b| a + b);
+    for (&x, &y) in x_tail.iter().zip(y_tail) {
+        total += f(x.widen(), y.widen());
+    }
+    total
+}
+
+/// The largest element (−∞ for an empty slice; NaN propagates), lane-chunked.
+#[inline(always)]
+pub(crate) fn max<T: RowFloat>(xs: &[T]) -> T::Acc {
+    let mut lanes = [T::Acc::neg_infinity(); LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    let pick = |a: T::Acc, b: T::Acc| if a > b || a.is_nan() { a } else { b };
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = pick(*lane, x.widen());
+        }
+    }
+    let mut best = lanes.iter().fold(T::Acc::neg_infinity(), |a, &b| pick(a, b));
+    for &x in tail {
+        best = pick(best, x.widen());
+    }
+    best
+}
+
+/// Rows of `width` elements per task: enough work per task, and at least one task per thread.
+pub(crate) fn rows_per_task(ctx: &Context, rows: usize, width: usize) -> usize {
+    let by_size = MIN_TASK_ELEMENTS.div_ceil(width.max(1));
+    let by_threads = rows.div_ceil(ctx.threads() * 4).max(1);
+    by_size.max(by_threads).min(rows.max(1))
+}
+
+/// Runs `kernel(input_row, output_row)` over every row, in parallel within `ctx`'s budget.
+/// `input` holds rows of `in_width`, `output` rows of `out_width`.
+pub(crate) fn for_each_row<I: Sync, O: Send>(
+    ctx: &Context,
+    input: &[I],
+    in_width: usize,
+    output: &mut [O],
+    out_width: usize,
+    kernel: impl Fn(&[I], &mut [O]) + Sync,
+) {
+    let rows = output.len().checked_div(out_width).unwrap_or(0);
+    if rows == 0 || in_width == 0 || out_width == 0 {
+        return;
+    }
+    let per_task = rows_per_task(ctx, rows, in_width);
+    let task = |(input, output): (&[I], &mut [O])| {
+        for (row_in, row_out) in input.chunks(in_width).zip(output.chunks_mut(out_width)) {
+            kernel(row_in, row_out);
+        }
+    };
+    if ctx.threads() == 1 || per_task >= rows {
+        task((input, output));
+        return;
+    }
+    ctx.install(|| {
+        input
+            .par_chunks(per_task * in_width)
+            .zip(output.par_chunks_mut(per_task * out_width))
+            .for_each(task);
+    });
+}
+
+/// Runs `kernel(a_row, b_row, output_row)` over the rows of two inputs of one shape, in parallel
+/// within `ctx`'s budget.
+pub(crate) fn for_each_row2<I: Sync, O: Send>(
+    ctx: &Context,
+    (a, b): (&[I], &[I]),
+    in_width: usize,
+    output: &mut [O],
+    out_width: usize,
+    kernel: impl Fn(&[I], &[I], &mut [O]) + Sync,
+) {
+    let rows = a.len() / in_width.max(1);
+    if rows == 0 || in_width == 0 || out_width == 0 {
+        return;
+    }
+    let per_task = rows_per_task(ctx, rows, in_width);
+    let task = |((a, b), output): ((&[I], &[I]), &mut [O])| {
+        let rows = a.chunks(in_width).zip(b.chunks(in_width));
+        for ((row_a, row_b), row_out) in rows.zip(output.chunks_mut(out_width)) {
+            kernel(row_a, row_b, row_out);
+        }
+    };
+    if ctx.threads() == 1 || per_task >= rows {
+        task(((a, b), output));
+        return;
+    }
+    let chunk = per_task * in_width;
+    ctx.install(|| {
+        a.par_chunks(chunk)
+            .zip(b.par_chunks(chunk))
+            .zip(output.par_chunks_mut(per_task * out_width))
+            .for_each(task);
+    });
+}
+
+/// The error of asking a fused gradient op for its own gradient.
+pub(crate) fn second_order(op: &'static str) -> crate::Error {
+    crate::Error::argument(
+        op,
+        "second-order gradients of this fused gradient op are not implemented",
+    )
+}
+
+/// Runs `kernel(row_index_range)` over tasks covering `rows` and adds up what each returns, in
+/// parallel within `ctx`'s budget.
+pub(crate) fn sum_over_rows<R: Send>(
+    ctx: &Context,
+    rows: usize,
+    width: usize,
+    kernel: impl Fn(std::ops::Range<usize>) -> R + Sync,
+    add: impl Fn(R, R) -> R + Sync,
+) -> Option<R> {
+    if rows == 0 {
+        return None;
+    }
+    let per_task = rows_per_task(ctx, rows, width);
+    let tasks = rows.div_ceil(per_task);
+    let range = |t: usize| t * per_task..((t + 1) * per_task).min(rows);
+    if ctx.threads() == 1 || tasks == 1 {
+        return (0..tasks).map(range).map(&kernel).reduce(&add);
+    }
+    ctx.install(|| (0..tasks).into_par_iter().map(range).map(&kernel).reduce_with(&add))
+}
+
+/// Runs `task(row_range)` over tasks covering `rows`, in parallel within `ctx`'s budget.
+pub(crate) fn for_each_range(
+    ctx: &Context,
+    rows: usize,
+    width: usize,
+    task: impl Fn(std::ops::Range<usize>) + Sync,
+) {
+    sum_over_rows(ctx, rows, width, task, |(), ()| ());
+}
+
+/// A mutable slice that parallel tasks write at disjoint ranges.
+pub(crate) struct SharedRows<T> {
+    pointer: *mut T,
+    len: usize,
+}
+
+// SAFETY: access goes through `row`, whose callers guarantee disjoint ranges.
+unsafe impl<T: Send> Sync for SharedRows<T> {}
+
+impl<T> SharedRows<T> {
+    /// Wraps a slice that outlives every use of the wrapper.
+    pub(crate) fn new(slice: &mut [T]) -> Self {
+        SharedRows { pointer: slice.as_mut_ptr(), len: slice.len() }
+    }
+
+    /// The elements at `span`.
+    ///
+    /// # Safety
+    /// No two live borrows may overlap, and the wrapped slice must outlive them.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn row(&self, span: std::ops::Range<usize>) -> &mut [T] {
+        assert!(span.start <= span.end && span.end <= self.len, "row out of bounds");
+        // SAFETY: in bounds (checked above); disjointness is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.pointer.add(span.start), span.len()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_f32_matches_libm_within_two_ulp() {
+        let mut worst = 0.0f32;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let expected = x.exp();
+            let relative = ((exp_f32(x) - expected) / expected).abs();
+            worst = worst.max(relative);
+            x += 0.0137;
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst}");
+        assert_eq!(exp_f32(-200.0), 0.0);
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn lane_reductions_match_plain_sums() {
+        let xs: Vec<f32> = (0..37).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let plain: f32 = xs.iter().map(|x| x * x).sum();
+        assert!((sum_map(&xs, |x| x * x) - plain).abs() < 1e-3);
+        assert_eq!(max(&xs), 15.0);
+        let dot: f32 = xs.iter().map(|x| x * 2.0).sum();
+        assert!((sum_map2(&xs, &xs, |a, b| a + b) - dot).abs() < 1e-3);
+    }
+
+    #[test]
+    fn rows_run_in_parallel_and_sums_add_up() {
+        let ctx = Context::with_threads(2);
+        let input: Vec<f32> = (0..64 * 1000).map(|i| i as f32).collect();
+        let mut output = vec![0.0f32; 1000];
+        for_each_row(&ctx, &input, 64, &mut output, 1, |row, out| out[0] = row[0]);
+        assert!(output.iter().enumerate().all(|(i, &v)| v == (i * 64) as f32));
+        let total = sum_over_rows(&ctx, 1000, 64, |range| range.len(), |a, b| a + b);
+        assert_eq!(total, Some(1000));
+    }
+}
