@@ -4,14 +4,17 @@
 //!   and the QUIC [`Transport`] between processes and nodes.
 //! - [`Transport`]: tagged tensor messages between ranks with back-pressure;
 //!   [`InProcessTransport`] hands tensors between device threads without copying.
+//! - [`nccl`]: NCCL communicators per GPU thread (feature `cuda`; typed error without it).
 //! - [`frame`]: the validated wire format (rkyv header, raw payload).
 //! - [`collective`]: all-reduce, reduce-scatter, all-gather, all-to-all, broadcast, reduce,
 //!   send/recv on any group: [`SharedGroup`] (threads of one process, shared buffers) and
 //!   [`TransportCommunicator`] (ring / direct over any transport).
 
+pub mod cluster;
 pub mod collective;
 pub mod error;
 pub mod frame;
+pub mod nccl;
 pub mod quic;
 pub mod reduce;
 pub mod transport;

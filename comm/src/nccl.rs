@@ -1,0 +1,420 @@
+//! NCCL between GPUs, through cudarc's `nccl` module (feature `cuda`).
+//!
+//! One [`NcclCommunicator`] per GPU device thread (it is not `Send`, like cudarc's `Comm`); the
+//! [`NcclId`] is made on one rank and shared out of band (its 128 bytes travel over the
+//! rendezvous). Communicators are created non-blocking (`ncclCommInitRankConfig` with
+//! `blocking = 0`) and every call is followed by polling `ncclCommGetAsyncError` and the stream,
+//! with the deadline of [`NcclConfig`]: a dead peer ends in `ncclCommAbort` and an error, not a
+//! hang. Without the feature, or without `libnccl` at run time, every constructor returns
+//! [`Error::NcclUnavailable`].
+
+use std::time::Duration;
+
+use meshflow_ops::{DType, Tensor};
+
+use crate::{Error, Rank, ReduceOp, Result};
+
+/// Deadlines of the NCCL wrapper.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NcclConfig {
+    /// Limit on creating the communicator (all ranks must join). Default 60 s.
+    pub init_timeout: Duration,
+    /// Limit on one collective, from enqueue to completion on the stream. Default 60 s.
+    pub operation_timeout: Duration,
+    /// Sleep between two polls of the stream and the async error. Default 100 µs.
+    pub poll_interval: Duration,
+}
+
+impl Default for NcclConfig {
+    fn default() -> Self {
+        NcclConfig {
+            init_timeout: Duration::from_secs(60),
+            operation_timeout: Duration::from_secs(60),
+            poll_interval: Duration::from_micros(100),
+        }
+    }
+}
+
+/// The unique id that every rank of one NCCL communicator must receive (128 bytes).
+#[derive(Clone, PartialEq, Eq)]
+pub struct NcclId {
+    bytes: [u8; 128],
+}
+
+impl std::fmt::Debug for NcclId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NcclId(..)")
+    }
+}
+
+impl NcclId {
+    /// An id received from the rank that generated it.
+    pub fn from_bytes(bytes: [u8; 128]) -> Self {
+        NcclId { bytes }
+    }
+
+    /// The bytes to send to the other ranks.
+    pub fn as_bytes(&self) -> &[u8; 128] {
+        &self.bytes
+    }
+}
+
+/// Checks that the NCCL backend can be used: compiled with `cuda` and `libnccl` loadable.
+pub fn nccl_available() -> Result<()> {
+    imp::available()
+}
+
+fn not_reducible(collective: &'static str, dtype: DType, operation: ReduceOp) -> Error {
+    Error::UnsupportedDType { collective, operation: operation.name(), dtype }
+}
+
+pub use imp::NcclCommunicator;
+
+#[cfg(not(feature = "cuda"))]
+mod imp {
+    use std::marker::PhantomData;
+
+    use super::*;
+
+    const REASON: &str = "meshflow-comm was built without the `cuda` feature";
+
+    pub(super) fn available() -> Result<()> {
+        Err(Error::NcclUnavailable { reason: REASON.into() })
+    }
+
+    impl NcclId {
+        /// A fresh id from `ncclGetUniqueId`.
+        pub fn generate() -> Result<Self> {
+            Err(Error::NcclUnavailable { reason: REASON.into() })
+        }
+    }
+
+    /// One rank's NCCL communicator on one GPU (not `Send`: keep it on its device thread).
+    pub struct NcclCommunicator {
+        _not_send: PhantomData<*const ()>,
+    }
+
+    impl NcclCommunicator {
+        /// Joins the communicator `id` as `rank` of `world_size` on GPU `device`.
+        pub fn init(
+            _device: usize,
+            _id: &NcclId,
+            _rank: Rank,
+            _world_size: usize,
+            _config: NcclConfig,
+        ) -> Result<Self> {
+            Err(Error::NcclUnavailable { reason: REASON.into() })
+        }
+
+        /// All-reduce of a host tensor through the GPU (copy in, reduce, copy out).
+        pub fn all_reduce_host(&self, tensor: &Tensor, operation: ReduceOp) -> Result<Tensor> {
+            Err(not_reducible("all_reduce", tensor.dtype(), operation))
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use std::cell::Cell;
+    use std::marker::PhantomData;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
+    use cudarc::nccl::result::{self as nccl, NcclError, NcclStatus};
+    use cudarc::nccl::sys;
+
+    use super::*;
+
+    /// The newest config layout this build's bindings describe (NCCL 2.30).
+    const CONFIG_VERSION: u32 = 23_000;
+    const CONFIG_MAGIC: u32 = 0xcafe_beef;
+
+    pub(super) fn available() -> Result<()> {
+        // SAFETY: only tries to open the shared library by its candidate names.
+        if unsafe { sys::is_culib_present() } {
+            Ok(())
+        } else {
+            Err(Error::NcclUnavailable { reason: "libnccl could not be loaded".into() })
+        }
+    }
+
+    impl NcclId {
+        /// A fresh id from `ncclGetUniqueId`.
+        pub fn generate() -> Result<Self> {
+            available()?;
+            let id = nccl::get_uniqueid()
+                .map_err(|error| nccl_error("get_unique_id", Rank(0), error))?;
+            let mut bytes = [0u8; 128];
+            bytes.iter_mut().zip(id.internal.iter()).for_each(|(byte, &c)| *byte = c as u8);
+            Ok(NcclId { bytes })
+        }
+
+        fn raw(&self) -> sys::ncclUniqueId {
+            let mut internal = [0 as std::ffi::c_char; 128];
+            internal
+                .iter_mut()
+                .zip(self.bytes.iter())
+                .for_each(|(c, &byte)| *c = byte as std::ffi::c_char);
+            sys::ncclUniqueId { internal }
+        }
+    }
+
+    /// One rank's NCCL communicator on one GPU (not `Send`: keep it on its device thread).
+    pub struct NcclCommunicator {
+        comm: sys::ncclComm_t,
+        stream: Arc<CudaStream>,
+        rank: Rank,
+        world_size: usize,
+        config: NcclConfig,
+        aborted: Cell<bool>,
+        _not_send: PhantomData<*const ()>,
+    }
+
+    impl Drop for NcclCommunicator {
+        fn drop(&mut self) {
+            if !self.aborted.get() {
+                // SAFETY: `comm` came from a successful init and is destroyed once.
+                let _ = unsafe { nccl::comm_destroy(self.comm) };
+            }
+        }
+    }
+
+    impl NcclCommunicator {
+        /// Joins the communicator `id` as `rank` of `world_size` on GPU `device`, without
+        /// blocking: waits at most `config.init_timeout`, then aborts.
+        pub fn init(
+            device: usize,
+            id: &NcclId,
+            rank: Rank,
+            world_size: usize,
+            config: NcclConfig,
+        ) -> Result<Self> {
+            available()?;
+            let driver = |error: cudarc::driver::DriverError| Error::Nccl {
+                operation: "cuda",
+                rank,
+                reason: format!("{error:?}"),
+            };
+            let context = CudaContext::new(device).map_err(driver)?;
+            let stream = context.new_stream().map_err(driver)?;
+            let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+            let mut settings = nonblocking_config();
+            let size = i32::try_from(world_size).map_err(|_| Error::InvalidArgument {
+                collective: "nccl_init",
+                reason: format!("world size {world_size} too large"),
+            })?;
+            // SAFETY: `comm` and `settings` are valid for the duration of the call.
+            unsafe {
+                nccl::comm_init_rank_config(&mut comm, size, id.raw(), rank.0 as i32, &mut settings)
+            }
+            .map_err(|error| nccl_error("comm_init_rank_config", rank, error))?;
+            let communicator = NcclCommunicator {
+                comm,
+                stream,
+                rank,
+                world_size,
+                config,
+                aborted: Cell::new(false),
+                _not_send: PhantomData,
+            };
+            communicator.settle("comm_init_rank_config", communicator.config.init_timeout)?;
+            Ok(communicator)
+        }
+
+        /// This rank.
+        pub fn rank(&self) -> Rank {
+            self.rank
+        }
+
+        /// Number of ranks.
+        pub fn world_size(&self) -> usize {
+            self.world_size
+        }
+
+        /// The stream the collectives run on.
+        pub fn stream(&self) -> &Arc<CudaStream> {
+            &self.stream
+        }
+
+        /// The communicator's asynchronous error, if any (aborts it on error).
+        pub fn poll_async_error(&self, operation: &'static str) -> Result<NcclStatus> {
+            if self.aborted.get() {
+                return Err(self.failure(operation, "the communicator was aborted".into()));
+            }
+            let mut state = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: `comm` is live (not aborted) and `state` is a valid out-pointer.
+            unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) }
+                .result()
+                .and_then(|_| state.result())
+                .map_err(|error| {
+                    self.abort();
+                    nccl_error(operation, self.rank, error)
+                })
+        }
+
+        /// Aborts the communicator: pending and future calls fail instead of hanging.
+        pub fn abort(&self) {
+            if !self.aborted.replace(true) {
+                // SAFETY: `comm` is live and aborted once.
+                let _ = unsafe { nccl::comm_abort(self.comm) };
+            }
+        }
+
+        /// Runs `enqueue` between `ncclGroupStart` and `ncclGroupEnd`, then waits for completion.
+        pub fn group<T>(
+            &self,
+            operation: &'static str,
+            enqueue: impl FnOnce() -> Result<T>,
+        ) -> Result<T> {
+            nccl::group_start().map_err(|error| nccl_error(operation, self.rank, error))?;
+            let result = enqueue();
+            let end = nccl::group_end().map_err(|error| nccl_error(operation, self.rank, error));
+            let value = result?;
+            end?;
+            self.complete(operation)?;
+            Ok(value)
+        }
+
+        /// All-reduce of a host tensor through the GPU (copy in, reduce in place, copy out).
+        pub fn all_reduce_host(&self, tensor: &Tensor, operation: ReduceOp) -> Result<Tensor> {
+            let (dtype, op) = nccl_types("all_reduce", tensor.dtype(), operation)?;
+            let driver = |error: cudarc::driver::DriverError| {
+                self.failure("all_reduce", format!("{error:?}"))
+            };
+            let mut buffer = self.stream.clone_htod(tensor.bytes()?).map_err(driver)?;
+            {
+                let (pointer, _record) = buffer.device_ptr_mut(&self.stream);
+                // SAFETY: the buffer holds numel elements of `dtype` on this communicator's device.
+                unsafe {
+                    nccl::all_reduce(
+                        pointer as _,
+                        pointer as _,
+                        tensor.numel(),
+                        dtype,
+                        op,
+                        self.comm,
+                        self.stream.cu_stream() as _,
+                    )
+                }
+                .map_err(|error| nccl_error("all_reduce", self.rank, error))?;
+            }
+            self.complete("all_reduce")?;
+            let bytes = self.stream.clone_dtoh(&buffer).map_err(driver)?;
+            let _ = buffer.device_ptr(&self.stream);
+            Ok(Tensor::from_bytes(&bytes, tensor.shape().clone(), tensor.dtype())?)
+        }
+
+        /// Waits until the async state leaves `ncclInProgress` (after init or group end).
+        fn settle(&self, operation: &'static str, limit: Duration) -> Result<()> {
+            let deadline = Instant::now() + limit;
+            while self.poll_async_error(operation)? == NcclStatus::InProgress {
+                if Instant::now() > deadline {
+                    self.abort();
+                    return Err(
+                        self.failure(operation, format!("still in progress after {limit:?}"))
+                    );
+                }
+                std::thread::sleep(self.config.poll_interval);
+            }
+            Ok(())
+        }
+
+        /// Waits for the enqueued work on the stream, polling the async error; aborts at the deadline.
+        fn complete(&self, operation: &'static str) -> Result<()> {
+            let limit = self.config.operation_timeout;
+            self.settle(operation, limit)?;
+            let event = self
+                .stream
+                .record_event(None)
+                .map_err(|error| self.failure(operation, format!("{error:?}")))?;
+            let deadline = Instant::now() + limit;
+            loop {
+                self.poll_async_error(operation)?;
+                if event
+                    .try_is_complete()
+                    .map_err(|error| self.failure(operation, format!("{error:?}")))?
+                {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    self.abort();
+                    return Err(self.failure(
+                        operation,
+                        format!("not complete after {limit:?}: a peer is dead or stuck"),
+                    ));
+                }
+                std::thread::sleep(self.config.poll_interval);
+            }
+        }
+
+        fn failure(&self, operation: &'static str, reason: String) -> Error {
+            Error::Nccl { operation, rank: self.rank, reason }
+        }
+    }
+
+    /// `NCCL_CONFIG_INITIALIZER` with `blocking = 0`: every int field "undefined" (INT_MIN), the
+    /// pointers null.
+    fn nonblocking_config() -> sys::ncclConfig_t {
+        // SAFETY: the config is plain old data; every field is overwritten below or meant to be
+        // INT_MIN / null.
+        let mut config: sys::ncclConfig_t = unsafe { std::mem::zeroed() };
+        let words = std::mem::size_of::<sys::ncclConfig_t>() / 4;
+        let pointer = &mut config as *mut sys::ncclConfig_t as *mut i32;
+        // SAFETY: the struct is at least `words` 4-byte words long and 4-aligned.
+        unsafe { std::slice::from_raw_parts_mut(pointer, words) }.fill(i32::MIN);
+        let version = nccl::get_nccl_version()
+            .map(|v| (v as u32).min(CONFIG_VERSION))
+            .unwrap_or(CONFIG_VERSION);
+        config.size = std::mem::size_of::<sys::ncclConfig_t>();
+        config.magic = CONFIG_MAGIC;
+        config.version = version;
+        config.blocking = 0;
+        config.netName = std::ptr::null();
+        config.commName = std::ptr::null();
+        config
+    }
+
+    fn nccl_types(
+        collective: &'static str,
+        dtype: DType,
+        operation: ReduceOp,
+    ) -> Result<(sys::ncclDataType_t, sys::ncclRedOp_t)> {
+        let data = match dtype {
+            DType::F32 => sys::ncclDataType_t::ncclFloat32,
+            DType::F64 => sys::ncclDataType_t::ncclFloat64,
+            DType::BF16 => sys::ncclDataType_t::ncclBfloat16,
+            DType::F16 => sys::ncclDataType_t::ncclFloat16,
+            DType::I64 => sys::ncclDataType_t::ncclInt64,
+            DType::I32 => sys::ncclDataType_t::ncclInt32,
+            DType::U8 | DType::Bool => return Err(not_reducible(collective, dtype, operation)),
+        };
+        let op = match operation {
+            ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
+            ReduceOp::Max => sys::ncclRedOp_t::ncclMax,
+        };
+        Ok((data, op))
+    }
+
+    fn nccl_error(operation: &'static str, rank: Rank, error: NcclError) -> Error {
+        Error::Nccl { operation, rank, reason: format!("{:?}", error.0) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_nccl_is_a_typed_error() {
+        // This machine has no GPU: either the feature is off or libnccl is absent.
+        if nccl_available().is_ok() {
+            return;
+        }
+        let error = NcclId::generate().expect_err("no NCCL here");
+        assert!(matches!(error, Error::NcclUnavailable { .. }), "{error}");
+        let id = NcclId::from_bytes([0; 128]);
+        let error = NcclCommunicator::init(0, &id, Rank(0), 1, NcclConfig::default()).err();
+        assert!(matches!(error, Some(Error::NcclUnavailable { .. })), "{error:?}");
+    }
+}
