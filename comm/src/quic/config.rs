@@ -39,7 +39,7 @@ pub struct QuicConfig {
     /// Use generic segmentation offload (one system call for many packets). Default true.
     pub segmentation_offload: bool,
     /// Kernel send and receive buffer size requested for the UDP socket. Default 8 MiB (the
-    /// kernel may cap it at `net.core.rmem_max` / `wmem_max`).
+    /// kernel may cap it at `net.core.rmem_max` / `wmem_max`); 0 keeps the system default.
     pub socket_buffer_bytes: usize,
     /// Largest frame (header plus payload) accepted from a peer. Default 2 GiB.
     pub max_frame_bytes: u64,

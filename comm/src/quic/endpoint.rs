@@ -211,8 +211,10 @@ fn udp_socket(address: SocketAddr, buffer_bytes: usize) -> Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(address), Type::DGRAM, Some(Protocol::UDP))
         .map_err(|error| setup("creation", error))?;
     // The kernel caps these at its configured maximum; a smaller buffer only costs throughput.
-    let _ = socket.set_recv_buffer_size(buffer_bytes);
-    let _ = socket.set_send_buffer_size(buffer_bytes);
+    if buffer_bytes > 0 {
+        let _ = socket.set_recv_buffer_size(buffer_bytes);
+        let _ = socket.set_send_buffer_size(buffer_bytes);
+    }
     socket.bind(&address.into()).map_err(|error| setup("bind", error))?;
     Ok(socket.into())
 }
