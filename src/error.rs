@@ -9,6 +9,15 @@ pub enum Error {
     /// A malformed program: values of different graphs or placements, duplicate names, bad SBPs.
     #[error("graph: {0}")]
     Graph(String),
+    /// A failure while running a step: a kernel, a collective, a peer; the message names it.
+    #[error("runtime: {0}")]
+    Runtime(String),
+    /// A communication failure (a peer vanished, a frame was malformed, a timeout).
+    #[error(transparent)]
+    Comm(#[from] meshflow_comm::Error),
+    /// A placement or boxing error: layouts that do not fit, an op with no usable signature.
+    #[error(transparent)]
+    Placement(#[from] meshflow_placement::Error),
     /// Training data that cannot be used (a missing file, a wrong layout, an unknown character).
     #[error("data: {0}")]
     Data(String),

@@ -1,0 +1,5 @@
+//! Execution helpers shared by the session: data movement on host tensors and the boxing
+//! executor.
+
+pub mod boxing;
+pub mod layout;
