@@ -125,8 +125,10 @@ pub struct Sharded {
 }
 
 impl Sharded {
-    /// Splits `logical` per `layout`; on PartialSum mesh axes the value is split into random
-    /// addends drawn from `random` (the last member holds the value minus the others).
+    /// Splits `logical` per `layout`. On PartialSum mesh axes the value is split into random
+    /// addends drawn from `random` (the last member holds the value minus the others); the
+    /// addends depend only on a device's coordinates on the partial axes, so every copy along
+    /// a Broadcast axis is identical.
     pub fn shard(
         logical: &DenseTensor,
         layout: &Layout,
@@ -135,16 +137,27 @@ impl Sharded {
         let placement = &layout.placement;
         let plain = layout.nd_sbp.without_partial();
         let regions = placement.regions(&logical.shape, &plain)?;
-        let mut locals: Vec<DenseTensor> =
-            regions.iter().map(|region| logical.slice(region)).collect();
-        for (k, &sbp) in layout.nd_sbp.axes().iter().enumerate() {
-            if sbp != Sbp::PartialSum {
-                continue;
-            }
-            for group in placement.group_indices(k) {
-                split_addends(&mut locals, &group, random);
-            }
+        let partial_axes: Vec<usize> = (0..layout.nd_sbp.len())
+            .filter(|&k| layout.nd_sbp.axes()[k] == Sbp::PartialSum)
+            .collect();
+        // addends[code] for the mixed-radix code of the partial coordinates.
+        let mut addends = vec![logical.clone()];
+        for &k in &partial_axes {
+            let parts = placement.hierarchy()[k];
+            addends =
+                addends.iter().flat_map(|value| split_addends(value, parts, random)).collect();
         }
+        let locals = regions
+            .iter()
+            .enumerate()
+            .map(|(index, region)| {
+                let coordinates = placement.coordinates_of_index(index);
+                let code = partial_axes
+                    .iter()
+                    .fold(0, |code, &k| code * placement.hierarchy()[k] + coordinates[k]);
+                addends[code].slice(region)
+            })
+            .collect();
         Ok(Sharded { layout: layout.clone(), logical: logical.shape.clone(), locals })
     }
 
@@ -280,16 +293,21 @@ fn relative(region: &Region, outer: &Region) -> Region {
     Region { offsets, shape: region.shape.clone() }
 }
 
-/// Replaces the value the group members share with random addends that sum to it.
-fn split_addends(locals: &mut [DenseTensor], group: &[usize], random: &mut dyn FnMut() -> f64) {
-    let value = locals[group[0]].clone();
+/// `parts` random tensors of `value`'s shape that sum to it.
+fn split_addends(
+    value: &DenseTensor,
+    parts: usize,
+    random: &mut dyn FnMut() -> f64,
+) -> Vec<DenseTensor> {
     let mut rest = value.clone();
-    for &index in &group[..group.len() - 1] {
+    let mut addends = Vec::with_capacity(parts);
+    for _ in 1..parts {
         let addend: Vec<f64> = value.data.iter().map(|_| random()).collect();
         rest.data.iter_mut().zip(&addend).for_each(|(r, a)| *r -= a);
-        locals[index] = DenseTensor::new(value.shape.clone(), addend);
+        addends.push(DenseTensor::new(value.shape.clone(), addend));
     }
-    locals[group[group.len() - 1]] = rest;
+    addends.push(rest);
+    addends
 }
 
 /// `B -> P`: member 0 keeps its copy; `S(a) -> P`: each member pads its slice with zeros.

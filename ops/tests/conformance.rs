@@ -1,0 +1,334 @@
+//! The distribution conformance suite: every op, under every signature it declares, on meshes
+//! `[1]`, `[2]`, `[3]`, `[4]` and `[2, 2]` (nd signatures are the products over mesh axes),
+//! equals the single-device result.
+//!
+//! For each case (an op and random input shapes, uneven splits included) and each nd
+//! signature: inputs are split per their nd-SBP (partial sums as random addends that sum to the
+//! value), the op is localized for each device with that device's `Shard` metas and run on its
+//! shards, and the outputs, read per the output nd-SBP (partial sums added up, every broadcast
+//! copy checked), are compared with the op run on the whole tensors.
+//!
+//! Adding an op is one line in the `conformance!` block at the end: a test name and a function
+//! from random dims to a [`Case`].
+
+use std::sync::Arc;
+
+use meshflow_ops::ops::{
+    add::Add, broadcast_to::BroadcastTo, cast::Cast, div::Div, mul::Mul, neg::Neg,
+    reshape::Reshape, sub::Sub, sum::Sum,
+};
+use meshflow_ops::{Context, DType, Op, OpRef, Shape, Shard, Tensor, TensorMeta};
+use meshflow_placement::reference::{DenseTensor, Sharded};
+use meshflow_placement::{
+    local_region, nd_signatures, DeviceType, Layout, NdSbp, NdSignature, Placement, Sbp, Signature,
+};
+use proptest::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// The meshes every op runs on.
+const MESHES: [&[usize]; 5] = [&[1], &[2], &[3], &[4], &[2, 2]];
+
+/// How an input's values are drawn.
+#[derive(Clone, Copy, Debug)]
+enum Fill {
+    /// Uniform in `[-2, 2)`.
+    Signed,
+    /// Uniform in `[0.5, 2)` (denominators, logarithms).
+    Positive,
+}
+
+/// One input of a case.
+#[derive(Clone, Debug)]
+struct Input {
+    shape: Vec<usize>,
+    dtype: DType,
+    fill: Fill,
+}
+
+/// An op and the inputs it runs on.
+#[derive(Clone, Debug)]
+struct Case {
+    op: OpRef,
+    inputs: Vec<Input>,
+}
+
+impl Case {
+    fn new(op: impl Op) -> Self {
+        Case { op: Arc::new(op), inputs: Vec::new() }
+    }
+
+    /// Adds an f64 input with values in `[-2, 2)`.
+    fn float(self, shape: impl Into<Vec<usize>>) -> Self {
+        self.input(shape, DType::F64, Fill::Signed)
+    }
+
+    /// Adds an input of any dtype and fill.
+    fn input(mut self, shape: impl Into<Vec<usize>>, dtype: DType, fill: Fill) -> Self {
+        self.inputs.push(Input { shape: shape.into(), dtype, fill });
+        self
+    }
+}
+
+/// Random sizes a case draws its shapes from (1 to 6: splits over 2, 3 and 4 devices are often
+/// uneven, and sometimes leave a device with nothing).
+struct Dims(Vec<usize>);
+
+impl std::ops::Index<usize> for Dims {
+    type Output = usize;
+    fn index(&self, index: usize) -> &usize {
+        &self.0[index]
+    }
+}
+
+impl Dims {
+    /// The first `rank` sizes as a shape.
+    fn shape(&self, rank: usize) -> Vec<usize> {
+        self.0[..rank].to_vec()
+    }
+}
+
+/// Runs `case` on every mesh and signature; the error lists every failing signature.
+fn check(case: &Case, seed: u64) -> Result<(), String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let metas: Vec<TensorMeta> =
+        case.inputs.iter().map(|i| TensorMeta::new(i.shape.clone(), i.dtype)).collect();
+    let name = case.op.name();
+    let logical = case.inputs.iter().map(|input| random_input(input, &mut rng)).collect::<Vec<_>>();
+    let tensors =
+        logical.iter().zip(&case.inputs).map(|(dense, input)| to_tensor(dense, input.dtype));
+    let tensors = tensors.collect::<Result<Vec<_>, _>>()?;
+    let context = Context::single_thread();
+    let expected = case.op.forward(&context, &tensors).map_err(|e| format!("{name}: {e}"))?;
+    let output_metas: Vec<TensorMeta> = expected.iter().map(|t| t.meta().clone()).collect();
+    let expected = expected.iter().map(to_dense).collect::<Result<Vec<_>, _>>()?;
+    let signatures = case.op.signatures(&metas);
+    check_declared(name, &signatures, &metas, &output_metas)?;
+    let run = Run { case, logical: &logical, expected: &expected, output_metas: &output_metas };
+    let mut failures = Vec::new();
+    for hierarchy in MESHES {
+        let placement = Placement::grid(DeviceType::Cpu, hierarchy).map_err(|e| e.to_string())?;
+        for signature in nd_signatures(&signatures, hierarchy.len()) {
+            if let Err(problem) = run.signature(&placement, &signature, &mut rng) {
+                failures.push(format!("{name} [{signature}] on {placement}: {problem}"));
+            }
+        }
+    }
+    match failures.is_empty() {
+        true => Ok(()),
+        false => Err(failures.join("\n")),
+    }
+}
+
+/// Every declared signature has the op's arity and in-range split axes; all-broadcast is there.
+fn check_declared(
+    name: &str,
+    signatures: &[Signature],
+    inputs: &[TensorMeta],
+    outputs: &[TensorMeta],
+) -> Result<(), String> {
+    let input_ranks: Vec<usize> = inputs.iter().map(|m| m.shape.rank()).collect();
+    let output_ranks: Vec<usize> = outputs.iter().map(|m| m.shape.rank()).collect();
+    for signature in signatures {
+        signature
+            .check(name, &input_ranks, &output_ranks, signatures)
+            .map_err(|e| e.to_string())?;
+    }
+    let broadcast = Signature::broadcast(inputs.len(), outputs.len());
+    match signatures.contains(&broadcast) {
+        true => Ok(()),
+        false => Err(format!("{name}: no all-broadcast signature")),
+    }
+}
+
+/// One case's data, shared by the signatures it runs under.
+struct Run<'a> {
+    case: &'a Case,
+    logical: &'a [DenseTensor],
+    expected: &'a [DenseTensor],
+    output_metas: &'a [TensorMeta],
+}
+
+impl Run<'_> {
+    /// Shards the inputs, runs every device, and compares the assembled outputs.
+    fn signature(
+        &self,
+        placement: &Placement,
+        signature: &NdSignature,
+        rng: &mut StdRng,
+    ) -> Result<(), String> {
+        let mut inputs = Vec::new();
+        for ((dense, nd), input) in
+            self.logical.iter().zip(&signature.inputs).zip(&self.case.inputs)
+        {
+            let layout = Layout::new(placement.clone(), nd.clone());
+            let integer = !input.dtype.is_float();
+            let mut addend = || random_addend(rng, integer);
+            inputs.push(Sharded::shard(dense, &layout, &mut addend).map_err(|e| e.to_string())?);
+        }
+        let collapsed = collapse(signature);
+        let mut outputs: Vec<Vec<DenseTensor>> = vec![Vec::new(); self.expected.len()];
+        for index in 0..placement.size() {
+            let locals = self.device(placement, signature, &collapsed, &inputs, index)?;
+            for (output, local) in outputs.iter_mut().zip(locals) {
+                output.push(local);
+            }
+        }
+        for ((locals, nd), expected) in
+            outputs.into_iter().zip(&signature.outputs).zip(self.expected)
+        {
+            let layout = Layout::new(placement.clone(), nd.clone());
+            let sharded = Sharded { layout, logical: expected.shape.clone(), locals };
+            let scale = expected.data.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            if let Some(problem) = sharded.mismatch(expected, self.tolerance() * scale) {
+                return Err(problem);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the localized op on device `index` and returns its outputs as dense tensors.
+    fn device(
+        &self,
+        placement: &Placement,
+        signature: &NdSignature,
+        collapsed: &Signature,
+        inputs: &[Sharded],
+        index: usize,
+    ) -> Result<Vec<DenseTensor>, String> {
+        let coordinates = placement.coordinates_of_index(index);
+        let hierarchy = placement.hierarchy();
+        let mut shards = Vec::new();
+        let mut tensors = Vec::new();
+        for ((sharded, nd), input) in inputs.iter().zip(&signature.inputs).zip(&self.case.inputs) {
+            let local = &sharded.locals[index];
+            shards.push(shard(&input.shape, input.dtype, nd, hierarchy, &coordinates)?);
+            tensors.push(to_tensor(local, input.dtype)?);
+        }
+        let output_shards =
+            self.output_metas.iter().zip(&signature.outputs).map(|(meta, nd)| {
+                shard(meta.shape.dims(), meta.dtype, nd, hierarchy, &coordinates)
+            });
+        let output_shards = output_shards.collect::<Result<Vec<_>, _>>()?;
+        let op = &self.case.op;
+        let local_op =
+            op.localize(collapsed, &shards, &output_shards).map_err(|e| e.to_string())?;
+        let local_op = local_op.unwrap_or_else(|| op.clone());
+        let context = Context::single_thread();
+        let outputs =
+            local_op.forward(&context, &tensors).map_err(|e| format!("device {index}: {e}"))?;
+        outputs.iter().map(to_dense).collect()
+    }
+
+    /// Absolute tolerance per unit of the largest expected magnitude.
+    fn tolerance(&self) -> f64 {
+        let dtypes = self
+            .case
+            .inputs
+            .iter()
+            .map(|i| i.dtype)
+            .chain(self.output_metas.iter().map(|m| m.dtype));
+        match dtypes.into_iter().any(|d| d != DType::F64 && d.is_float()) {
+            true => 1e-3,
+            false => 1e-9,
+        }
+    }
+}
+
+/// The 1-D signature `localize` receives for an nd signature: each tensor takes its first
+/// split over the mesh axes, else PartialSum if any axis holds one, else Broadcast. The
+/// `Shard` metas carry the exact offsets and local shapes.
+fn collapse(signature: &NdSignature) -> Signature {
+    let one = |nd: &NdSbp| {
+        let split = nd.axes().iter().find(|sbp| sbp.split_axis().is_some());
+        let partial = nd.has_partial().then_some(&Sbp::PartialSum);
+        *split.or(partial).unwrap_or(&Sbp::Broadcast)
+    };
+    Signature::new(
+        signature.inputs.iter().map(one).collect::<Vec<_>>(),
+        signature.outputs.iter().map(one).collect::<Vec<_>>(),
+    )
+}
+
+/// The `Shard` meta of a tensor on the device at `coordinates`.
+fn shard(
+    logical: &[usize],
+    dtype: DType,
+    nd: &NdSbp,
+    hierarchy: &[usize],
+    coordinates: &[usize],
+) -> Result<Shard, String> {
+    let region = local_region(logical, nd, hierarchy, coordinates).map_err(|e| e.to_string())?;
+    Ok(Shard {
+        local: TensorMeta::new(region.shape, dtype),
+        logical: Shape::new(logical.to_vec()),
+        offset: region.offsets,
+    })
+}
+
+fn random_input(input: &Input, rng: &mut StdRng) -> DenseTensor {
+    let numel = input.shape.iter().product::<usize>();
+    let draw = |rng: &mut StdRng| match input.fill {
+        Fill::Signed => rng.random_range(-2.0..2.0),
+        Fill::Positive => rng.random_range(0.5..2.0),
+    };
+    let mut data: Vec<f64> = (0..numel).map(|_| draw(rng)).collect();
+    if input.dtype == DType::F32 {
+        data.iter_mut().for_each(|v| *v = *v as f32 as f64);
+    } else if !input.dtype.is_float() {
+        data.iter_mut().for_each(|v| *v = v.round());
+    }
+    DenseTensor::new(input.shape.clone(), data)
+}
+
+fn random_addend(rng: &mut StdRng, integer: bool) -> f64 {
+    match integer {
+        true => rng.random_range(-3i32..4) as f64,
+        false => rng.random_range(-1.0..1.0),
+    }
+}
+
+fn to_tensor(dense: &DenseTensor, dtype: DType) -> Result<Tensor, String> {
+    let tensor = Tensor::from_slice(&dense.data, dense.shape.clone()).map_err(|e| e.to_string())?;
+    tensor.to_dtype(dtype).map_err(|e| e.to_string())
+}
+
+fn to_dense(tensor: &Tensor) -> Result<DenseTensor, String> {
+    let data =
+        tensor.to_dtype(DType::F64).and_then(|t| t.to_vec::<f64>()).map_err(|e| e.to_string())?;
+    Ok(DenseTensor::new(tensor.dims().to_vec(), data))
+}
+
+/// One proptest per op: `name => |dims: &Dims| -> Case`.
+macro_rules! conformance {
+    ($($name:ident => $case:expr;)*) => {
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(16))]
+            $(
+                #[test]
+                fn $name(dims in prop::collection::vec(1usize..7, 6), seed in any::<u64>()) {
+                    let build: fn(&Dims) -> Case = $case;
+                    let case = build(&Dims(dims));
+                    prop_assert_eq!(check(&case, seed), Ok(()));
+                }
+            )*
+        }
+    };
+}
+
+conformance! {
+    neg => |d| Case::new(Neg).float(d.shape(3));
+    add => |d| Case::new(Add).float(d.shape(3)).float([d[1], d[2]]);
+    add_broadcast_row => |d| Case::new(Add).float([d[0], 1]).float([d[0], d[1]]);
+    sub => |d| Case::new(Sub).float([d[0], d[1]]).float([d[0], d[1]]);
+    mul => |d| Case::new(Mul).float(d.shape(3)).float([d[2]]);
+    div => |d| Case::new(Div).float([d[0], d[1]]).input([d[1]], DType::F64, Fill::Positive);
+    sum_inner => |d| Case::new(Sum { axes: vec![-1], keepdim: false }).float(d.shape(3));
+    sum_keepdim => |d| Case::new(Sum { axes: vec![0, 2], keepdim: true }).float(d.shape(3));
+    reshape_merge_tail => |d| Case::new(Reshape { shape: Shape::new([d[0], d[1] * d[2]]) }).float(d.shape(3));
+    reshape_merge_head => |d| Case::new(Reshape { shape: Shape::new([d[0] * d[1], d[2]]) }).float(d.shape(3));
+    broadcast_to => |d| Case::new(BroadcastTo { shape: Shape::new(d.shape(3)) }).float([1, d[2]]);
+    broadcast_to_rank => |d| Case::new(BroadcastTo { shape: Shape::new(d.shape(3)) }).float([d[1], d[2]]);
+    cast_to_f32 => |d| Case::new(Cast { dtype: DType::F32 }).float(d.shape(2));
+    cast_to_i64 => |d| Case::new(Cast { dtype: DType::I64 }).float(d.shape(2));
+}
