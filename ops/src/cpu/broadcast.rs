@@ -35,7 +35,9 @@ impl BroadcastPlan {
             plan.push_dim(out.dim(i), strides.iter().map(|s| s[i]).collect());
         }
         if plan.dims.is_empty() {
-            plan.push_dim(1, vec![0; inputs.len()]);
+            // Every dim is 1: one row of one element (push_dim skips size-1 dims).
+            plan.dims.push(1);
+            plan.strides.iter_mut().for_each(|s| s.push(0));
         }
         plan
     }
