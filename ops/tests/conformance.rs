@@ -4,8 +4,8 @@
 //!
 //! For each case (an op and random input shapes, uneven splits included) and each nd
 //! signature: inputs are split per their nd-SBP (partial sums as random addends that sum to the
-//! value), the op is localized for each device with that device's `Shard` metas and run on its
-//! shards, and the outputs, read per the output nd-SBP (partial sums added up, every broadcast
+//! value), the op is localized for each device with that device's `Shard` metas (once per mesh
+//! axis, see [`localize`]) and run on its shards, and the outputs, read per the output nd-SBP (partial sums added up, every broadcast
 //! copy checked), are compared with the op run on the whole tensors.
 //!
 //! Adding an op is one line in the `conformance!` block at the end: a test name and a function
@@ -13,6 +13,15 @@
 
 use std::sync::Arc;
 
+use meshflow_ops::ops::adamw::AdamW;
+use meshflow_ops::ops::cross_entropy::{CrossEntropy, CrossEntropyGrad};
+use meshflow_ops::ops::embedding::{Embedding, EmbeddingGrad};
+use meshflow_ops::ops::layer_norm::{LayerNorm, LayerNormGrad};
+use meshflow_ops::ops::log_softmax::{LogSoftmax, LogSoftmaxGrad};
+use meshflow_ops::ops::matmul::{MatMul, MatMulSumBatch};
+use meshflow_ops::ops::rms_norm::{RmsNorm, RmsNormGrad};
+use meshflow_ops::ops::sgd::Sgd;
+use meshflow_ops::ops::softmax::{Softmax, SoftmaxGrad};
 use meshflow_ops::ops::{
     add::Add, broadcast_to::BroadcastTo, cast::Cast, div::Div, mul::Mul, neg::Neg,
     reshape::Reshape, sub::Sub, sum::Sum,
@@ -20,7 +29,7 @@ use meshflow_ops::ops::{
 use meshflow_ops::{Context, DType, Op, OpRef, Shape, Shard, Tensor, TensorMeta};
 use meshflow_placement::reference::{DenseTensor, Sharded};
 use meshflow_placement::{
-    local_region, nd_signatures, DeviceType, Layout, NdSbp, NdSignature, Placement, Sbp, Signature,
+    local_region, nd_signatures, DeviceType, Layout, NdSbp, NdSignature, Placement, Signature,
 };
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -36,6 +45,8 @@ enum Fill {
     Signed,
     /// Uniform in `[0.5, 2)` (denominators, logarithms).
     Positive,
+    /// Integers in `0..n` (token ids, class targets).
+    Ids(usize),
 }
 
 /// One input of a case.
@@ -61,6 +72,11 @@ impl Case {
     /// Adds an f64 input with values in `[-2, 2)`.
     fn float(self, shape: impl Into<Vec<usize>>) -> Self {
         self.input(shape, DType::F64, Fill::Signed)
+    }
+
+    /// Adds an i64 input of integers in `0..n`.
+    fn ids(self, shape: impl Into<Vec<usize>>, n: usize) -> Self {
+        self.input(shape, DType::I64, Fill::Ids(n))
     }
 
     /// Adds an input of any dtype and fill.
@@ -166,10 +182,9 @@ impl Run<'_> {
             let mut addend = || random_addend(rng, integer);
             inputs.push(Sharded::shard(dense, &layout, &mut addend).map_err(|e| e.to_string())?);
         }
-        let collapsed = collapse(signature);
         let mut outputs: Vec<Vec<DenseTensor>> = vec![Vec::new(); self.expected.len()];
         for index in 0..placement.size() {
-            let locals = self.device(placement, signature, &collapsed, &inputs, index)?;
+            let locals = self.device(placement, signature, &inputs, index)?;
             for (output, local) in outputs.iter_mut().zip(locals) {
                 output.push(local);
             }
@@ -192,7 +207,6 @@ impl Run<'_> {
         &self,
         placement: &Placement,
         signature: &NdSignature,
-        collapsed: &Signature,
         inputs: &[Sharded],
         index: usize,
     ) -> Result<Vec<DenseTensor>, String> {
@@ -210,10 +224,7 @@ impl Run<'_> {
                 shard(meta.shape.dims(), meta.dtype, nd, hierarchy, &coordinates)
             });
         let output_shards = output_shards.collect::<Result<Vec<_>, _>>()?;
-        let op = &self.case.op;
-        let local_op =
-            op.localize(collapsed, &shards, &output_shards).map_err(|e| e.to_string())?;
-        let local_op = local_op.unwrap_or_else(|| op.clone());
+        let local_op = localize(&self.case.op, signature, &shards, &output_shards)?;
         let context = Context::single_thread();
         let outputs =
             local_op.forward(&context, &tensors).map_err(|e| format!("device {index}: {e}"))?;
@@ -235,19 +246,23 @@ impl Run<'_> {
     }
 }
 
-/// The 1-D signature `localize` receives for an nd signature: each tensor takes its first
-/// split over the mesh axes, else PartialSum if any axis holds one, else Broadcast. The
-/// `Shard` metas carry the exact offsets and local shapes.
-fn collapse(signature: &NdSignature) -> Signature {
-    let one = |nd: &NdSbp| {
-        let split = nd.axes().iter().find(|sbp| sbp.split_axis().is_some());
-        let partial = nd.has_partial().then_some(&Sbp::PartialSum);
-        *split.or(partial).unwrap_or(&Sbp::Broadcast)
-    };
-    Signature::new(
-        signature.inputs.iter().map(one).collect::<Vec<_>>(),
-        signature.outputs.iter().map(one).collect::<Vec<_>>(),
-    )
+/// The op that runs on one device: `localize` is applied once per mesh axis, with that axis's
+/// 1-D signature, to the op the previous axis returned; the `Shard` metas are always the exact
+/// nd-local ones (so a vocab split on either mesh axis of `(S(1), S(0))` is seen).
+fn localize(
+    op: &OpRef,
+    signature: &NdSignature,
+    inputs: &[Shard],
+    outputs: &[Shard],
+) -> Result<OpRef, String> {
+    let mut local = op.clone();
+    for axis in 0..signature.inputs.first().or(signature.outputs.first()).map_or(0, NdSbp::len) {
+        let one = signature.axis(axis);
+        if let Some(next) = local.localize(&one, inputs, outputs).map_err(|e| e.to_string())? {
+            local = next;
+        }
+    }
+    Ok(local)
 }
 
 /// The `Shard` meta of a tensor on the device at `coordinates`.
@@ -271,6 +286,7 @@ fn random_input(input: &Input, rng: &mut StdRng) -> DenseTensor {
     let draw = |rng: &mut StdRng| match input.fill {
         Fill::Signed => rng.random_range(-2.0..2.0),
         Fill::Positive => rng.random_range(0.5..2.0),
+        Fill::Ids(n) => rng.random_range(0..n) as f64,
     };
     let mut data: Vec<f64> = (0..numel).map(|_| draw(rng)).collect();
     if input.dtype == DType::F32 {
@@ -331,4 +347,33 @@ conformance! {
     broadcast_to_rank => |d| Case::new(BroadcastTo { shape: Shape::new(d.shape(3)) }).float([d[1], d[2]]);
     cast_to_f32 => |d| Case::new(Cast { dtype: DType::F32 }).float(d.shape(2));
     cast_to_i64 => |d| Case::new(Cast { dtype: DType::I64 }).float(d.shape(2));
+    matmul => |d| Case::new(product(false, false)).float([d[0], d[1]]).float([d[1], d[2]]);
+    matmul_transposed_a => |d| Case::new(product(true, false)).float([d[1], d[0]]).float([d[1], d[2]]);
+    matmul_transposed_b => |d| Case::new(product(false, true)).float([d[0], d[1]]).float([d[2], d[1]]);
+    matmul_batched => |d| Case::new(product(false, false)).float([d[3], d[0], d[1]]).float([d[3], d[1], d[2]]);
+    matmul_batched_by_matrix => |d| Case::new(product(false, true)).float([d[3], d[0], d[1]]).float([d[2], d[1]]);
+    matmul_sum_batch => |d| Case::new(MatMulSumBatch { transpose_a: true, transpose_b: false })
+        .float([d[3], d[0], d[1]]).float([d[3], d[0], d[2]]);
+    softmax => |d| Case::new(Softmax).float(d.shape(3));
+    softmax_grad => |d| Case::new(SoftmaxGrad).float(d.shape(3)).float(d.shape(3));
+    log_softmax => |d| Case::new(LogSoftmax).float(d.shape(2));
+    log_softmax_grad => |d| Case::new(LogSoftmaxGrad).float(d.shape(2)).float(d.shape(2));
+    layer_norm => |d| Case::new(LayerNorm { eps: 1e-5 }).float(d.shape(3)).float([d[2]]).float([d[2]]);
+    layer_norm_grad => |d| Case::new(LayerNormGrad { eps: 1e-5 }).float(d.shape(3)).float([d[2]]).float(d.shape(3));
+    rms_norm => |d| Case::new(RmsNorm { eps: 1e-5 }).float(d.shape(2)).float([d[1]]);
+    rms_norm_grad => |d| Case::new(RmsNormGrad { eps: 1e-5 }).float(d.shape(3)).float([d[2]]).float(d.shape(3));
+    embedding => |d| Case::new(Embedding { shard: None }).float([d[0] + 1, d[1]]).ids([d[2], d[3]], d[0] + 1);
+    embedding_grad => |d| Case::new(EmbeddingGrad { rows: d[0] + 1, shard: None })
+        .ids([d[2], d[3]], d[0] + 1).float([d[2], d[3], d[1]]);
+    cross_entropy => |d| Case::new(CrossEntropy { positions: None }).float(d.shape(3)).ids([d[0], d[1]], d[2]);
+    cross_entropy_grad => |d| Case::new(CrossEntropyGrad { positions: None })
+        .float([d[0], d[1]]).ids([d[0]], d[1]).float([]);
+    sgd => |d| Case::new(Sgd { momentum: 0.9, weight_decay: 0.1, ..Sgd::new(0.1) })
+        .float(d.shape(2)).float(d.shape(2)).float(d.shape(2));
+    adamw => |d| Case::new(AdamW { step: 3, ..AdamW::new(0.01) })
+        .float(d.shape(2)).float(d.shape(2)).float(d.shape(2)).input(d.shape(2), DType::F64, Fill::Positive);
+}
+
+fn product(transpose_a: bool, transpose_b: bool) -> MatMul {
+    MatMul { transpose_a, transpose_b }
 }
