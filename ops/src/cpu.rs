@@ -8,6 +8,7 @@
 
 pub mod broadcast;
 pub mod convert;
+pub mod layout;
 pub mod reduce;
 
 use num_traits::{Float, FloatConst};
@@ -88,11 +89,40 @@ macro_rules! dispatch_any {
     };
 }
 
+/// What element-wise kernels compute in (f32 or f64): float arithmetic plus the special functions
+/// that `num_traits::Float` lacks.
+pub trait Special:
+    Float + FloatConst + Send + Sync + Copy + Default + std::fmt::Debug + 'static
+{
+    /// The error function.
+    fn erf(self) -> Self;
+    /// `value` rounded to this type (for constants in kernels).
+    fn constant(value: f64) -> Self;
+}
+
+impl Special for f32 {
+    fn erf(self) -> f32 {
+        libm::erff(self)
+    }
+    fn constant(value: f64) -> f32 {
+        value as f32
+    }
+}
+
+impl Special for f64 {
+    fn erf(self) -> f64 {
+        libm::erf(self)
+    }
+    fn constant(value: f64) -> f64 {
+        value
+    }
+}
+
 /// A float element type that kernels can compute with: f32 and f64 compute in themselves,
 /// bf16 and f16 in f32.
 pub trait FloatElement: Element + Float {
     /// The type arithmetic is done in.
-    type Acc: Float + FloatConst + Send + Sync + Copy + Default + std::fmt::Debug + 'static;
+    type Acc: Special;
 
     /// Widens one element.
     fn to_acc(self) -> Self::Acc;

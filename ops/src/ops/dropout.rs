@@ -1,0 +1,155 @@
+//! `dropout`: y = x · keep / (1 − p), with `keep` drawn per element from a seeded counter-based
+//! generator, so a sharded run equals the single-device run.
+
+use meshflow_placement::{Sbp, Signature};
+
+use crate::cpu::{for_chunks, FloatElement};
+use crate::ops::unary::{elementwise_signatures, infer_float};
+use crate::random::uniform_at;
+use crate::{
+    emit1, Context, Emit, Error, Op, OpRef, Result, Shape, Shard, Tensor, TensorMeta, Value,
+};
+
+/// Zeroes each element with probability `p` and scales the rest by `1 / (1 − p)`.
+///
+/// Element `i` (its row-major index in the logical tensor) is kept when
+/// `uniform_at(seed, i) ≥ p` ([`crate::random::uniform_at`]): the mask is a pure function of
+/// `(seed, logical index)`. On a shard, [`Op::localize`] records the logical shape and the
+/// shard's offset so each device draws the numbers of its own elements.
+///
+/// Signatures, per device `d`: `S(i) -> S(i)` (`y_d = dropout(x_d)` with the shard's indices),
+/// `B -> B`, and `P -> P` (the same mask on every addend: `Σ_d m·x_d = m·x`).
+#[derive(Clone, Debug)]
+pub struct Dropout {
+    /// Probability of zeroing an element, in `[0, 1]`.
+    pub p: f64,
+    /// The generator seed (a new one per step and per call site).
+    pub seed: u64,
+    /// The logical shape when this runs on a shard (`None`: the input is the whole tensor).
+    pub logical: Option<Shape>,
+    /// The shard's offset along each logical axis (empty: at the origin).
+    pub offset: Vec<usize>,
+}
+
+impl Dropout {
+    /// Dropout of probability `p` with `seed`, on whole tensors.
+    pub fn new(p: f64, seed: u64) -> Self {
+        Dropout { p, seed, logical: None, offset: Vec::new() }
+    }
+}
+
+/// Applies [`Dropout`].
+pub fn dropout(e: &mut dyn Emit, x: Value, p: f64, seed: u64) -> Result<Value> {
+    emit1(e, Dropout::new(p, seed), &[x])
+}
+
+impl Op for Dropout {
+    fn name(&self) -> &'static str {
+        "dropout"
+    }
+
+    fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
+        if !(0.0..=1.0).contains(&self.p) {
+            return Err(Error::argument(self.name(), format!("p = {} is not in [0, 1]", self.p)));
+        }
+        let x = infer_float(self.name(), inputs)?;
+        if let Some(logical) = &self.logical {
+            let fits = logical.rank() == x.shape.rank()
+                && self.offset.len() == logical.rank()
+                && (0..logical.rank()).all(|k| self.offset[k] + x.shape.dim(k) <= logical.dim(k));
+            if !fits {
+                return Err(Error::shape(
+                    self.name(),
+                    &[&x.shape, logical],
+                    "shard outside the logical shape",
+                ));
+            }
+        }
+        Ok(vec![x])
+    }
+
+    fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let metas: Vec<TensorMeta> = inputs.iter().map(|t| t.meta().clone()).collect();
+        self.infer(&metas)?;
+        let out = crate::dispatch_float!(self.name(), inputs[0].dtype(), T => {
+            self.kernel::<T>(ctx, &inputs[0])
+        })?;
+        Ok(vec![out])
+    }
+
+    fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        let mut signatures = elementwise_signatures(inputs, true);
+        signatures.retain(|s| s.inputs.len() == 1);
+        debug_assert!(signatures.iter().any(|s| s.inputs[0] == Sbp::PartialSum));
+        signatures
+    }
+
+    /// `dx = dropout(g)` with the same mask: dropout is linear in `x`.
+    fn backward(
+        &self,
+        e: &mut dyn Emit,
+        _inputs: &[Value],
+        _outputs: &[Value],
+        grads: &[Option<Value>],
+    ) -> Result<Vec<Option<Value>>> {
+        Ok(vec![grads[0].map(|g| emit1(e, self.clone(), &[g])).transpose()?])
+    }
+
+    fn localize(
+        &self,
+        _signature: &Signature,
+        inputs: &[Shard],
+        _outputs: &[Shard],
+    ) -> Result<Option<OpRef>> {
+        let shard = &inputs[0];
+        let local = Dropout {
+            logical: Some(shard.logical.clone()),
+            offset: shard.offset.clone(),
+            ..self.clone()
+        };
+        Ok(Some(std::sync::Arc::new(local)))
+    }
+
+    fn flops(&self, inputs: &[TensorMeta]) -> u64 {
+        inputs[0].shape.numel() as u64
+    }
+
+    fn is_stateful(&self) -> bool {
+        true
+    }
+}
+
+impl Dropout {
+    fn kernel<T: FloatElement>(&self, ctx: &Context, x: &Tensor) -> Result<Tensor> {
+        let mut out = Tensor::zeros(x.shape().clone(), x.dtype());
+        if x.numel() == 0 {
+            return Ok(out);
+        }
+        let src = x.as_slice::<T>()?;
+        let dims = x.dims().to_vec();
+        let logical = self.logical.clone().unwrap_or_else(|| x.shape().clone());
+        let strides = logical.strides();
+        let offset: Vec<usize> =
+            if self.offset.is_empty() { vec![0; dims.len()] } else { self.offset.clone() };
+        let row = dims.last().copied().unwrap_or(1);
+        let outer = &dims[..dims.len().saturating_sub(1)];
+        let (p, seed) = (self.p as f32, self.seed);
+        let scale = T::acc_from_f64(if self.p < 1.0 { 1.0 / (1.0 - self.p) } else { 0.0 });
+        let mut rows: Vec<&mut [T]> = out.as_mut_slice::<T>()?.chunks_mut(row).collect();
+        for_chunks(ctx, &mut rows, row, |first, chunk| {
+            for (r, dst) in chunk.iter_mut().enumerate() {
+                let (mut rest, mut base) = (first + r, offset.last().copied().unwrap_or(0));
+                for k in (0..outer.len()).rev() {
+                    base += (rest % outer[k] + offset[k]) * strides[k];
+                    rest /= outer[k];
+                }
+                let src = &src[(first + r) * row..(first + r + 1) * row];
+                for (j, (d, &v)) in dst.iter_mut().zip(src).enumerate() {
+                    let keep = uniform_at(seed, (base + j) as u64) >= p;
+                    *d = if keep { T::from_acc(v.to_acc() * scale) } else { T::zero() };
+                }
+            }
+        });
+        Ok(out)
+    }
+}
