@@ -28,4 +28,4 @@ pub use layout::{balanced_range, check_layout, local_region, local_shape, Region
 pub use placement::{DeviceType, Placement};
 pub use sbp::{NdSbp, Sbp};
 pub use select::CostConfig;
-pub use signature::{list_text, nd_signatures, NdSignature, Signature};
+pub use signature::{find_signature, list_text, nd_signatures, NdSignature, Signature};

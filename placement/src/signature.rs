@@ -156,3 +156,24 @@ pub fn list_text<T: fmt::Display>(items: &[T]) -> String {
     let texts: Vec<String> = items.iter().map(|item| format!("[{item}]")).collect();
     texts.join(" ")
 }
+
+/// The position of the first candidate whose inputs are exactly `inputs` (no boxing allowed),
+/// or an error naming `op`, the input SBPs and the candidates.
+///
+/// ```
+/// use meshflow_placement::{find_signature, nd_signatures, NdSbp, Sbp, Signature};
+/// let one_d = [Signature::broadcast(1, 1), Signature::new([Sbp::Split(0)], [Sbp::Split(0)])];
+/// let candidates = nd_signatures(&one_d, 1);
+/// assert_eq!(find_signature("relu", &candidates, &[NdSbp::from(Sbp::Split(0))]).unwrap(), 1);
+/// assert!(find_signature("relu", &candidates, &[NdSbp::from(Sbp::PartialSum)]).is_err());
+/// ```
+pub fn find_signature(op: &str, candidates: &[NdSignature], inputs: &[NdSbp]) -> Result<usize> {
+    candidates.iter().position(|candidate| candidate.inputs == inputs).ok_or_else(|| {
+        Error::NoSignature {
+            op: op.to_string(),
+            inputs: list_text(inputs),
+            candidates: list_text(candidates),
+            reason: "no candidate takes these inputs as they are".into(),
+        }
+    })
+}

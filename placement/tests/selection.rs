@@ -147,6 +147,9 @@ fn megatron_mlp_has_exactly_one_all_reduce() {
         assert_eq!(report.count_steps("all-reduce"), 1, "{report}");
         let step = &report.edges[0].plan.steps[0];
         assert_eq!(step.bytes_per_rank, 2 * 3 * (8 * 1024 * 4) / 4);
+        let text = report.to_string();
+        assert!(text.contains("op fc2: (S(1)), (S(0)) -> (P)"), "{text}");
+        assert!(text.contains("edge fc2 -> out") && text.contains("all-reduce (P) on"), "{text}");
     }
 }
 
