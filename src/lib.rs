@@ -7,3 +7,6 @@ pub use meshflow_ops as ops;
 pub use meshflow_placement as placement;
 pub use meshflow_actor as actor;
 pub use meshflow_comm as comm;
+
+pub mod dist;
+pub mod launch;

@@ -10,6 +10,7 @@
 //!   send/recv on any group: [`SharedGroup`] (threads of one process, shared buffers) and
 //!   [`TransportCommunicator`] (ring / direct over any transport).
 
+pub mod cluster;
 pub mod collective;
 pub mod error;
 pub mod frame;
