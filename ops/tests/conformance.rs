@@ -14,14 +14,38 @@
 use std::sync::Arc;
 
 use meshflow_ops::ops::adamw::AdamW;
+use meshflow_ops::ops::add_scalar::AddScalar;
+use meshflow_ops::ops::concat::Concat;
 use meshflow_ops::ops::cross_entropy::{CrossEntropy, CrossEntropyGrad};
+use meshflow_ops::ops::dropout::Dropout;
 use meshflow_ops::ops::embedding::{Embedding, EmbeddingGrad};
+use meshflow_ops::ops::exp::Exp;
+use meshflow_ops::ops::fill::Fill as FillOp;
+use meshflow_ops::ops::gelu::Gelu;
 use meshflow_ops::ops::layer_norm::{LayerNorm, LayerNormGrad};
+use meshflow_ops::ops::log::Log;
 use meshflow_ops::ops::log_softmax::{LogSoftmax, LogSoftmaxGrad};
+use meshflow_ops::ops::masked_fill::MaskedFill;
 use meshflow_ops::ops::matmul::{MatMul, MatMulSumBatch};
+use meshflow_ops::ops::max::{Max, MaxGrad};
+use meshflow_ops::ops::mean::Mean;
+use meshflow_ops::ops::mul_scalar::MulScalar;
+use meshflow_ops::ops::narrow::{Narrow, Pad};
+use meshflow_ops::ops::permute::Permute;
+use meshflow_ops::ops::pow::Pow;
+use meshflow_ops::ops::pow_scalar::PowScalar;
+use meshflow_ops::ops::relu::Relu;
 use meshflow_ops::ops::rms_norm::{RmsNorm, RmsNormGrad};
+use meshflow_ops::ops::rsqrt::Rsqrt;
 use meshflow_ops::ops::sgd::Sgd;
+use meshflow_ops::ops::sigmoid::Sigmoid;
+use meshflow_ops::ops::silu::Silu;
 use meshflow_ops::ops::softmax::{Softmax, SoftmaxGrad};
+use meshflow_ops::ops::split::Split;
+use meshflow_ops::ops::sqrt::Sqrt;
+use meshflow_ops::ops::tanh::Tanh;
+use meshflow_ops::ops::unary::{GradOf, Unary};
+use meshflow_ops::ops::where_select::Where;
 use meshflow_ops::ops::{
     add::Add, broadcast_to::BroadcastTo, cast::Cast, div::Div, mul::Mul, neg::Neg,
     reshape::Reshape, sub::Sub, sum::Sum,
@@ -372,6 +396,34 @@ conformance! {
         .float(d.shape(2)).float(d.shape(2)).float(d.shape(2));
     adamw => |d| Case::new(AdamW { step: 3, ..AdamW::new(0.01) })
         .float(d.shape(2)).float(d.shape(2)).float(d.shape(2)).input(d.shape(2), DType::F64, Fill::Positive);
+    relu => |d| Case::new(Unary(Relu)).float(d.shape(3));
+    relu_grad => |d| Case::new(GradOf(Relu)).float(d.shape(2)).float(d.shape(2));
+    gelu => |d| Case::new(Unary(Gelu { tanh: false })).float(d.shape(3));
+    gelu_tanh_grad => |d| Case::new(GradOf(Gelu { tanh: true })).float(d.shape(2)).float(d.shape(2));
+    exp => |d| Case::new(Unary(Exp)).float(d.shape(2));
+    log => |d| Case::new(Unary(Log)).input(d.shape(2), DType::F64, Fill::Positive);
+    sigmoid => |d| Case::new(Unary(Sigmoid)).float(d.shape(2));
+    silu_grad => |d| Case::new(GradOf(Silu)).float(d.shape(2)).float(d.shape(2));
+    tanh => |d| Case::new(Unary(Tanh)).float(d.shape(2));
+    sqrt => |d| Case::new(Unary(Sqrt)).input(d.shape(2), DType::F64, Fill::Positive);
+    rsqrt => |d| Case::new(Unary(Rsqrt)).input(d.shape(2), DType::F64, Fill::Positive);
+    add_scalar => |d| Case::new(Unary(AddScalar { value: 1.5 })).float(d.shape(3));
+    mul_scalar => |d| Case::new(Unary(MulScalar { value: -0.5 })).float(d.shape(3));
+    pow_scalar => |d| Case::new(Unary(PowScalar { exponent: 3.0 })).float(d.shape(2));
+    pow => |d| Case::new(Pow).input(d.shape(2), DType::F64, Fill::Positive).float([d[1]]);
+    concat => |d| Case::new(Concat { axis: 1 }).float([d[0], d[1]]).float([d[0], d[2]]);
+    narrow => |d| Case::new(Narrow { axis: -1, start: d[2] / 2, len: d[2] - d[2] / 2 }).float(d.shape(3));
+    pad => |d| Case::new(Pad { axis: 0, start: 1, total: d[0] + 2 }).float(d.shape(2));
+    permute => |d| Case::new(Permute { perm: vec![2, 0, 1] }).float(d.shape(3));
+    split => |d| Case::new(Split { axis: 1, sizes: vec![d[1], d[2]] }).float([d[0], d[1] + d[2]]);
+    max => |d| Case::new(Max { axes: vec![1], keepdim: false }).float(d.shape(3));
+    max_grad => |d| Case::new(MaxGrad).input([d[0], d[1]], DType::F64, Fill::Ids(3))
+        .input([d[0], 1], DType::F64, Fill::Ids(3)).float([d[0], 1]);
+    mean => |d| Case::new(Mean { axes: vec![0], keepdim: true }).float(d.shape(2));
+    fill => |d| Case::new(FillOp { value: 2.5 }).float(d.shape(2));
+    masked_fill => |d| Case::new(MaskedFill { value: 0.0 }).float(d.shape(2)).input([d[1]], DType::Bool, Fill::Ids(2));
+    where_select => |d| Case::new(Where).input(d.shape(2), DType::Bool, Fill::Ids(2)).float(d.shape(2)).float([d[1]]);
+    dropout => |d| Case::new(Dropout { p: 0.3, seed: 7, logical: None, offset: vec![] }).float(d.shape(3));
 }
 
 fn product(transpose_a: bool, transpose_b: bool) -> MatMul {
