@@ -25,6 +25,6 @@ pub use context::Context;
 pub use device::Device;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
-pub use op::{emit1, Emit, Op, OpRef, Shard, Value};
+pub use op::{check_inputs, emit1, Emit, Op, OpRef, Shard, Value};
 pub use shape::Shape;
 pub use tensor::{CpuStorage, Storage, Tensor, TensorMeta};

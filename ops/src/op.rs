@@ -97,3 +97,10 @@ pub fn emit1(e: &mut dyn Emit, op: impl Op, inputs: &[Value]) -> Result<Value> {
     let outputs = e.emit(Arc::new(op), inputs)?;
     Ok(outputs[0])
 }
+
+/// Runs `op.infer` on the metas of `inputs`: the checks a forward makes before it reads data, so
+/// that a forward called directly with bad inputs returns the same error as inference.
+pub fn check_inputs(op: &dyn Op, inputs: &[Tensor]) -> Result<Vec<TensorMeta>> {
+    let metas: Vec<TensorMeta> = inputs.iter().map(|t| t.meta().clone()).collect();
+    op.infer(&metas)
+}

@@ -33,6 +33,7 @@ impl Op for Fill {
     }
 
     fn forward(&self, _ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        crate::check_inputs(self, inputs)?;
         let x = &inputs[0];
         Ok(vec![Tensor::full(x.shape().clone(), self.value, x.dtype())])
     }

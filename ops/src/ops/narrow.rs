@@ -68,6 +68,7 @@ impl Op for Narrow {
     }
 
     fn forward(&self, _ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        crate::check_inputs(self, inputs)?;
         let x = &inputs[0];
         let (axis, _) = self.check(x.shape())?;
         let out = crate::dispatch_any!(x.dtype(), T => {
@@ -135,6 +136,7 @@ impl Op for Pad {
     }
 
     fn forward(&self, _ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        crate::check_inputs(self, inputs)?;
         let x = &inputs[0];
         let (axis, _) = self.check(x.shape())?;
         let out = crate::dispatch_any!(x.dtype(), T => {

@@ -34,6 +34,7 @@ impl Op for Neg {
     }
 
     fn forward(&self, _ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        crate::check_inputs(self, inputs)?;
         let x = &inputs[0];
         let out =
             crate::dispatch_float!(self.name(), x.dtype(), T => crate::cpu::map::<T>(x, |v| -v))?;

@@ -54,6 +54,7 @@ impl Op for Split {
     }
 
     fn forward(&self, _ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        crate::check_inputs(self, inputs)?;
         let x = &inputs[0];
         let axis = self.check(x.shape())?;
         let mut start = 0;

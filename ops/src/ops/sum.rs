@@ -111,6 +111,7 @@ impl Op for Sum {
     }
 
     fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        crate::check_inputs(self, inputs)?;
         let x = &inputs[0];
         let (axes, _, out) = reduced_shapes(self.name(), x.shape(), &self.axes, self.keepdim)?;
         let kept = crate::dispatch_float!(self.name(), x.dtype(), T => {
