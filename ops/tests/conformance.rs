@@ -103,6 +103,11 @@ impl Case {
         self.input(shape, DType::I64, Fill::Ids(n))
     }
 
+    /// Adds an f32 input with values in `[-2, 2)`.
+    fn float32(self, shape: impl Into<Vec<usize>>) -> Self {
+        self.input(shape, DType::F32, Fill::Signed)
+    }
+
     /// Adds an input of any dtype and fill.
     fn input(mut self, shape: impl Into<Vec<usize>>, dtype: DType, fill: Fill) -> Self {
         self.inputs.push(Input { shape: shape.into(), dtype, fill });
@@ -134,7 +139,12 @@ fn check(case: &Case, seed: u64) -> Result<(), String> {
     let metas: Vec<TensorMeta> =
         case.inputs.iter().map(|i| TensorMeta::new(i.shape.clone(), i.dtype)).collect();
     let name = case.op.name();
-    let logical = case.inputs.iter().map(|input| random_input(input, &mut rng)).collect::<Vec<_>>();
+    // Drawn in f64, then made exactly representable in each input's dtype.
+    let logical = case.inputs.iter().map(|input| {
+        let drawn = random_input(input, &mut rng);
+        to_dense(&to_tensor(&drawn, input.dtype)?)
+    });
+    let logical = logical.collect::<Result<Vec<_>, String>>()?;
     let tensors =
         logical.iter().zip(&case.inputs).map(|(dense, input)| to_tensor(dense, input.dtype));
     let tensors = tensors.collect::<Result<Vec<_>, _>>()?;
@@ -312,12 +322,7 @@ fn random_input(input: &Input, rng: &mut StdRng) -> DenseTensor {
         Fill::Positive => rng.random_range(0.5..2.0),
         Fill::Ids(n) => rng.random_range(0..n) as f64,
     };
-    let mut data: Vec<f64> = (0..numel).map(|_| draw(rng)).collect();
-    if input.dtype == DType::F32 {
-        data.iter_mut().for_each(|v| *v = *v as f32 as f64);
-    } else if !input.dtype.is_float() {
-        data.iter_mut().for_each(|v| *v = v.round());
-    }
+    let data: Vec<f64> = (0..numel).map(|_| draw(rng)).collect();
     DenseTensor::new(input.shape.clone(), data)
 }
 
@@ -396,6 +401,10 @@ conformance! {
         .float(d.shape(2)).float(d.shape(2)).float(d.shape(2));
     adamw => |d| Case::new(AdamW { step: 3, ..AdamW::new(0.01) })
         .float(d.shape(2)).float(d.shape(2)).float(d.shape(2)).input(d.shape(2), DType::F64, Fill::Positive);
+    add_f32 => |d| Case::new(Add).float32(d.shape(2)).float32(d.shape(2));
+    matmul_f32 => |d| Case::new(product(false, true)).float32([d[0], d[1]]).float32([d[2], d[1]]);
+    softmax_f32 => |d| Case::new(Softmax).float32(d.shape(2));
+    layer_norm_f32 => |d| Case::new(LayerNorm { eps: 1e-5 }).float32(d.shape(2)).float32([d[1]]).float32([d[1]]);
     relu => |d| Case::new(Unary(Relu)).float(d.shape(3));
     relu_grad => |d| Case::new(GradOf(Relu)).float(d.shape(2)).float(d.shape(2));
     gelu => |d| Case::new(Unary(Gelu { tanh: false })).float(d.shape(3));
