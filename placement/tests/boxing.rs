@@ -162,3 +162,17 @@ fn partial_source_reduces_before_crossing_placements() {
     assert_eq!(plan.steps[1].kind, StepKind::SliceCopy);
     assert_eq!(check_plan(&[8, 8], &source, &target, 3), Ok(()));
 }
+
+#[test]
+fn partial_sums_cross_stages_without_reduction() {
+    let stage0: Placement = "cpu:[[0,1],[2,3]]".parse().unwrap();
+    let stage1: Placement = "cuda:[[4,5],[6,7]]".parse().unwrap();
+    let nd = NdSbp(vec![Sbp::PartialSum, Sbp::Split(1)]);
+    let source = Layout::new(stage0, nd.clone());
+    let target = Layout::new(stage1, nd);
+    let plan = plan_boxing(&[4, 6], 4, &source, &target).unwrap();
+    assert_eq!(plan.steps.len(), 1, "{plan}");
+    assert_eq!(plan.steps[0].kind, StepKind::SendRecv);
+    assert_eq!(plan.bytes_per_rank(), 4 * 3 * 4);
+    assert_eq!(check_plan(&[4, 6], &source, &target, 11), Ok(()));
+}

@@ -4,9 +4,10 @@
 //! On one placement the planner walks mesh axes one at a time ([`rules::axis_step`] picks the
 //! collective for each), searching the cheapest order and middle hops (Broadcast on an axis)
 //! so that no step changes a split that an inner mesh axis still cuts further. Across
-//! placements it first removes partial sums on the source (all-reduce or reduce-scatter), then
-//! each target device copies its region from the source devices (send/recv when both sides have
-//! the same mesh and layout, slice-copy otherwise), zero-filling where the target is partial.
+//! placements with one mesh shape and one nd-SBP, device `i` sends its tensor to device `i`
+//! (send/recv, partial sums included). Otherwise it first removes partial sums on the source
+//! (all-reduce or reduce-scatter), then each target device copies its region from the source
+//! devices (slice-copy), zero-filling where the target is partial.
 //! Every pair of layouts has a plan.
 
 pub mod rules;
@@ -330,6 +331,10 @@ impl TensorInfo<'_> {
     /// Steps between two different placements: remove partial sums on the source (trying
     /// Broadcast and each split as the middle layout), then one transfer to the target.
     fn cross_placement_steps(&self, source: &Layout, target: &Layout) -> Result<Vec<BoxingStep>> {
+        let same_mesh = source.placement.hierarchy() == target.placement.hierarchy();
+        if same_mesh && source.nd_sbp == target.nd_sbp {
+            return Ok(vec![self.send_recv(source, target)?]);
+        }
         let mut best: Option<(u64, Vec<BoxingStep>)> = None;
         for middle in self.middle_layouts(&source.nd_sbp) {
             let mut steps = self.axis_steps(&source.placement, &source.nd_sbp, &middle);
@@ -361,17 +366,24 @@ impl TensorInfo<'_> {
         layouts
     }
 
-    /// The send/recv or slice-copy step from a non-partial `source` to `target`.
+    /// Device `i` of the target receives device `i`'s local tensor (partial sums included):
+    /// both sides have one mesh shape and one nd-SBP.
+    fn send_recv(&self, source: &Layout, target: &Layout) -> Result<BoxingStep> {
+        let pieces = transfer_pieces(self.logical, source, target)?;
+        Ok(BoxingStep {
+            kind: StepKind::SendRecv,
+            before: source.clone(),
+            after: target.clone(),
+            group_size: target.placement.size(),
+            bytes_per_rank: transfer_bytes(&pieces, self.dtype_size),
+        })
+    }
+
+    /// The slice-copy step from a non-partial `source` to `target`.
     fn transfer(&self, source: &Layout, target: &Layout) -> Result<BoxingStep> {
         let pieces = transfer_pieces(self.logical, source, target)?;
-        let same_shape = source.placement.hierarchy() == target.placement.hierarchy();
-        let kind = if same_shape && source.nd_sbp == target.nd_sbp {
-            StepKind::SendRecv
-        } else {
-            StepKind::SliceCopy
-        };
         Ok(BoxingStep {
-            kind,
+            kind: StepKind::SliceCopy,
             before: source.clone(),
             after: target.clone(),
             group_size: target.placement.size(),

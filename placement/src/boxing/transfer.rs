@@ -16,14 +16,27 @@ pub struct Piece {
     pub local: bool,
 }
 
-/// For every target device (row-major), the pieces it copies. `source` must hold no partial sum.
-/// A target device whose coordinate on a PartialSum mesh axis is not 0 copies nothing: it holds
-/// zeros, and coordinate 0 holds the value (the B→P rule).
+/// For every target device (row-major), the pieces it copies.
+///
+/// When both layouts have one mesh shape and one nd-SBP (a send/recv), device `i` copies the
+/// whole local tensor of source device `i`, partial sums included. Otherwise `source` must hold
+/// no partial sum, and a target device whose coordinate on a PartialSum mesh axis is not 0
+/// copies nothing: it holds zeros, and coordinate 0 holds the value (the B→P rule).
 pub fn transfer_pieces(
     logical: &[usize],
     source: &Layout,
     target: &Layout,
 ) -> Result<Vec<Vec<Piece>>> {
+    let same_mesh = source.placement.hierarchy() == target.placement.hierarchy();
+    if same_mesh && source.nd_sbp == target.nd_sbp {
+        let regions = source.placement.regions(logical, &source.nd_sbp.without_partial())?;
+        let pieces = regions.into_iter().enumerate().map(|(index, region)| {
+            let local = source.placement.ranks()[index] == target.placement.ranks()[index]
+                && source.placement.device() == target.placement.device();
+            vec![Piece { source_index: index, region, local }]
+        });
+        return Ok(pieces.collect());
+    }
     let holders = distinct_regions(logical, source)?;
     let target_plain = target.nd_sbp.without_partial();
     let placement = &target.placement;
