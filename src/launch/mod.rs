@@ -124,7 +124,7 @@ pub fn run(args: &LaunchArgs, plan: &NodePlan) -> Result<ExitCode, LaunchError> 
 }
 
 /// How long the launcher tries to tell the rendezvous about a failed worker.
-const REPORT_TIMEOUT: Duration = Duration::from_secs(2);
+const REPORT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Tells the rendezvous which rank failed, so that every other rank names it at once (rather
 /// than whichever heartbeat expires first). Rank 0 serves the rendezvous, so its own failure is
@@ -158,7 +158,8 @@ fn report_to_rendezvous(
     let local = std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0);
     let mut config = QuicConfig::default().with_timeouts(REPORT_TIMEOUT);
     config.worker_threads = 1;
-    let endpoint = QuicEndpoint::bind(local, meshflow_comm::Rank(usize::MAX), secret, config)?;
+    let endpoint =
+        QuicEndpoint::bind(local, meshflow_comm::cluster::LAUNCHER_RANK, secret, config)?;
     let reported =
         meshflow_comm::cluster::report_over_quic(&endpoint, address, rank, reason, REPORT_TIMEOUT);
     endpoint.block_on(reported)?;

@@ -12,7 +12,8 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
-use meshflow_comm::cluster::ClusterConfig;
+use meshflow_comm::cluster::{ClusterConfig, Health, PeerFailure};
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::dist::{self, DistError, Job, JoinOptions};
 
@@ -23,8 +24,14 @@ enum SelftestError {
     #[error(transparent)]
     Dist(#[from] DistError),
     /// A rank stored something else than the protocol says.
-    #[error("all-gather check failed: {0}")]
+    #[error("check failed: {0}")]
     Mismatch(String),
+    /// The data plane or a collective failed.
+    #[error(transparent)]
+    Comm(#[from] meshflow_comm::Error),
+    /// A tensor could not be made or read.
+    #[error(transparent)]
+    Tensor(#[from] crate::ops::Error),
 }
 
 /// The flags of `meshflow selftest`.
@@ -45,6 +52,10 @@ pub struct SelftestArgs {
     /// How long every rank has to join, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 60_000)]
     pub join_timeout_ms: u64,
+    /// After the rounds, connect the data plane (QUIC mesh over the announced addresses) and
+    /// run one all-reduce with the comm collectives.
+    #[arg(long)]
+    pub all_reduce: bool,
 }
 
 /// Runs the self-test; the exit code says whether every round passed.
@@ -73,12 +84,14 @@ fn check(args: &SelftestArgs) -> Result<u64, SelftestError> {
         ..JoinOptions::default()
     };
     let job = world.join(&options)?;
+    watch_health(job.health(), world.rank);
     println!(
-        "selftest: joined as rank {} of {} (local rank {}), {} members",
+        "selftest: joined as rank {} of {} (local rank {}), {} members, pid {}",
         world.rank,
         world.world_size,
         world.local_rank,
-        job.members().len()
+        job.members().len(),
+        std::process::id()
     );
     let mut sum = 0;
     for round in 0..args.rounds {
@@ -86,8 +99,37 @@ fn check(args: &SelftestArgs) -> Result<u64, SelftestError> {
         println!("selftest: round {round} sum {sum}");
         std::thread::sleep(Duration::from_millis(args.pause_ms));
     }
+    if args.all_reduce {
+        all_reduce(&job)?;
+    }
     job.finish()?;
     Ok(sum)
+}
+
+/// One all-reduce of `[rank + 1; 4]` over the QUIC data plane, checked against `n (n + 1) / 2`.
+fn all_reduce(job: &Job) -> Result<(), SelftestError> {
+    use std::sync::Arc;
+
+    use meshflow_comm::quic::QuicTransport;
+    use meshflow_comm::{Communicator, ReduceOp, TransportCommunicator};
+
+    let world = job.world();
+    let addresses = job.data_addresses()?;
+    let transport = QuicTransport::connect_mesh(job.data_endpoint().clone(), &addresses)?;
+    let mut communicator = TransportCommunicator::world(Arc::new(transport))?;
+    let input = crate::ops::Tensor::from_vec(vec![world.rank as f32 + 1.0; 4], vec![4])?;
+    let output: Vec<f32> = communicator.all_reduce(&input, ReduceOp::Sum)?.to_vec()?;
+    let size = world.world_size as f32;
+    let expected = size * (size + 1.0) / 2.0;
+    if output.iter().any(|&value| value != expected) {
+        return Err(SelftestError::Mismatch(format!(
+            "all-reduce gave {output:?}, expected {expected}"
+        )));
+    }
+    println!("selftest: all-reduce over QUIC ok: {expected}");
+    // Every rank must be done with the data plane before any closes its endpoint.
+    job.barrier("selftest/all-reduce")?;
+    Ok(())
 }
 
 /// One all-gather through the store, checked against the closed form, then a barrier.
@@ -112,6 +154,44 @@ fn all_gather_round(job: &Job, round: u64) -> Result<u64, SelftestError> {
     }
     job.barrier(&format!("selftest/{round}"))?;
     Ok(sum)
+}
+
+/// Prints the moment this process learns of a failure (from a thread of its own, so that a rank
+/// that is sleeping or computing reports it too), and on SIGTERM from the launcher waits up to a
+/// second for the failure to arrive before exiting, so that the line is not lost.
+fn watch_health(health: Health, rank: usize) {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        let Ok(runtime) = runtime else {
+            return;
+        };
+        runtime.block_on(async move {
+            let Ok(mut terminate) = signal(SignalKind::terminate()) else {
+                return;
+            };
+            tokio::select! {
+                failure = health.failed() => print_detection(&health, rank, &failure),
+                _ = terminate.recv() => {
+                    if let Ok(failure) = tokio::time::timeout(Duration::from_secs(1), health.failed()).await {
+                        print_detection(&health, rank, &failure);
+                    }
+                    std::process::exit(143);
+                }
+            }
+            terminate.recv().await;
+            std::process::exit(143);
+        });
+    });
+}
+
+fn print_detection(health: &Health, rank: usize, failure: &PeerFailure) {
+    let age = health.failed_at().map(|at| at.elapsed().as_millis()).unwrap_or(0);
+    println!(
+        "selftest: rank {rank} detected at {} ms: peer rank {} failed: {}",
+        now_ms() - age,
+        failure.rank,
+        failure.reason
+    );
 }
 
 fn now_ms() -> u128 {

@@ -112,11 +112,11 @@ pub async fn supervise(
             }
             Event::Failed(index, status) => {
                 let frozen = frozen_ranks(&workers);
-                let started = Instant::now();
                 drain_output(&mut workers[index]).await;
                 let failure = describe(&workers[index], status);
                 let hook = (on_failure.clone(), failure.clone());
                 let _ = tokio::task::spawn_blocking(move || (hook.0)(&hook.1)).await;
+                let started = Instant::now();
                 stop_group(&mut workers, &mut exits, options.stop_grace).await;
                 let stop_time = started.elapsed();
                 if attempt >= options.max_restarts {

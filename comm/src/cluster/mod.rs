@@ -35,6 +35,9 @@ pub use quic::{join_over_quic, report_over_quic, serve_over_quic};
 pub use server::Rendezvous;
 pub use wire::MemberInfo;
 
+/// The rank a launcher's endpoint announces when it reports a failed worker (not a worker rank).
+pub const LAUNCHER_RANK: crate::Rank = crate::Rank(u32::MAX as usize);
+
 /// Timing of the rendezvous and of failure detection.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterConfig {
