@@ -126,6 +126,17 @@ pub fn binary<T: FloatElement>(
     out_shape: &Shape,
     f: impl Fn(T::Acc, T::Acc) -> T::Acc + Sync + Send,
 ) -> Result<Tensor> {
+    if a.shape() == out_shape && b.shape() == out_shape {
+        return crate::cpu::zip::<T>(ctx, a, b, f);
+    }
+    if b.numel() == 1 && a.shape() == out_shape {
+        let right = b.as_slice::<T>()?[0].to_acc();
+        return crate::cpu::unary::<T>(ctx, a, |x| f(x, right));
+    }
+    if a.numel() == 1 && b.shape() == out_shape {
+        let left = a.as_slice::<T>()?[0].to_acc();
+        return crate::cpu::unary::<T>(ctx, b, |y| f(left, y));
+    }
     let (xa, xb) = (a.as_slice::<T>()?, b.as_slice::<T>()?);
     let plan = BroadcastPlan::new(&[a.shape(), b.shape()], out_shape);
     let row = plan.row_len();

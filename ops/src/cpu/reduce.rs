@@ -19,6 +19,9 @@ pub enum Reduction {
 /// Lanes of independent accumulators, so that contiguous reductions vectorise.
 const LANES: usize = 8;
 
+/// Columns one task of a column-parallel reduction owns (contiguous reads of ≥ 1 KiB per row).
+const COLUMN_BLOCK: usize = 256;
+
 /// Reduces `x` over `axes` (sorted, distinct, in range) and returns the keep-dim result.
 pub fn reduce_axes<T: FloatElement>(
     ctx: &Context,
@@ -94,6 +97,9 @@ fn reduce_one<I: Copy + Sync, A: Float + Send + Sync>(
         });
         return out;
     }
+    if outer < ctx.threads() {
+        return reduce_columns(ctx, src, (outer, size, inner), widen, start, combine);
+    }
     let mut rows: Vec<&mut [A]> = out.chunks_mut(inner).collect();
     for_chunks(ctx, &mut rows, size * inner, |first, chunk| {
         for (i, acc) in chunk.iter_mut().enumerate() {
@@ -106,6 +112,35 @@ fn reduce_one<I: Copy + Sync, A: Float + Send + Sync>(
             }
         }
     });
+    out
+}
+
+/// The `inner > 1` case with few outer groups: parallel over column ranges instead.
+fn reduce_columns<I: Copy + Sync, A: Float + Send + Sync>(
+    ctx: &Context,
+    src: &[I],
+    (outer, size, inner): (usize, usize, usize),
+    widen: impl Fn(I) -> A + Sync + Send,
+    start: A,
+    combine: impl Fn(A, A) -> A + Sync + Send,
+) -> Vec<A> {
+    let mut out = vec![start; outer * inner];
+    for (o, acc) in out.chunks_mut(inner).enumerate() {
+        let base = o * size * inner;
+        let mut blocks: Vec<&mut [A]> = acc.chunks_mut(COLUMN_BLOCK).collect();
+        for_chunks(ctx, &mut blocks, size * COLUMN_BLOCK, |first, chunk| {
+            for (b, columns) in chunk.iter_mut().enumerate() {
+                let column = (first + b) * COLUMN_BLOCK;
+                for k in 0..size {
+                    let from = base + k * inner + column;
+                    let row = &src[from..from + columns.len()];
+                    for (a, &v) in columns.iter_mut().zip(row) {
+                        *a = combine(*a, widen(v));
+                    }
+                }
+            }
+        });
+    }
     out
 }
 
