@@ -68,7 +68,7 @@ pub struct LaunchArgs {
     pub secret_file: Option<PathBuf>,
     /// The worker program and its arguments (after `--`, or directly).
     #[arg(value_name = "PROGRAM", required = true, num_args = 1..,
-          trailing_var_arg = true, allow_hyphen_values = true)]
+          trailing_var_arg = true)]
     pub command: Vec<OsString>,
 }
 

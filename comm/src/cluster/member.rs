@@ -92,6 +92,7 @@ impl Member {
         };
         let backstop = config.join_timeout + 2 * config.failure_timeout;
         member.members = tokio::select! {
+            biased;
             welcome = welcome => welcome.unwrap_or_else(|_| Err(unreachable(&peer, "link closed"))),
             failure = member.health.failed() => Err(failure.error()),
             _ = tokio::time::sleep(backstop) => Err(ClusterError::Unreachable {
