@@ -252,6 +252,10 @@ fn strangers_and_garbage_are_refused_and_the_job_goes_on() {
     let stranger = QuicEndpoint::bind(local, Rank(1), stranger_secret, config).expect("bind");
     let refused = stranger.block_on(stranger.connect(job.master()));
     assert!(refused.is_err(), "a wrong secret was accepted");
+    // A client without the secret: completes TLS (same ALPN), then sends a well-formed
+    // rendezvous Join instead of an authentication hello; it is closed with AUTH_FAILED.
+    let code = no_secret::join_without_secret(job.master());
+    assert_eq!(code, Some(meshflow::comm::quic::auth::AUTH_FAILED as u64));
     // Garbage datagrams of every size to the rendezvous port, and a TCP connect.
     let garbage = UdpSocket::bind("127.0.0.1:0").expect("bind");
     for size in (1..1500).step_by(7) {
@@ -287,4 +291,142 @@ fn the_secret_is_in_no_worker_command_line_or_environment() {
         assert!(!String::from_utf8_lossy(&command_line).contains(&secret));
     }
     assert!(node.wait(Duration::from_secs(60)).success(), "{}", node.output());
+}
+
+#[test]
+fn kill_nine_without_a_launcher_is_caught_by_heartbeats() {
+    let job = Job::new();
+    let workers: Vec<Node> = (0..3)
+        .map(|rank| {
+            let stdout = job.directory.path().join(format!("worker{rank}.out"));
+            let stderr = job.directory.path().join(format!("worker{rank}.err"));
+            let child = Command::new(MESHFLOW)
+                .args(["selftest", "--heartbeat-ms", "200", "--failure-timeout-ms"])
+                .arg(FAILURE_TIMEOUT_MS.to_string())
+                .args(LONG_RUN)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "3")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", job.port.to_string())
+                .env("MESHFLOW_SECRET_FILE", &job.secret)
+                .stdout(File::create(&stdout).expect("stdout"))
+                .stderr(File::create(&stderr).expect("stderr"))
+                .spawn()
+                .expect("spawn worker");
+            Node { child, stdout, stderr }
+        })
+        .collect();
+    let refs: Vec<&Node> = workers.iter().collect();
+    wait_until(&refs, Duration::from_secs(60), "round 20 on every rank", |output| {
+        output.matches("selftest: round 20 ").count() == 3
+    });
+    let mut workers = workers;
+    let killed_at = now_ms();
+    workers[2].child.kill().expect("kill -9");
+    let mut output = String::new();
+    for worker in workers.iter_mut().take(2) {
+        assert!(!worker.wait(Duration::from_secs(30)).success());
+        for line in worker.output().lines() {
+            output += &format!("[rank {}] {line}\n", line_rank(line));
+        }
+    }
+    let found = detections(&output, 2);
+    eprintln!(
+        "kill -9 of rank 2, heartbeats only: detection after (rank, ms) {:?}",
+        elapsed(&found, killed_at)
+    );
+    assert_eq!(found.iter().map(|(rank, _)| *rank).collect::<Vec<_>>(), vec![0, 1], "{output}");
+    assert!(output.contains("peer rank 2 failed: no heartbeat for"), "{output}");
+}
+
+/// The rank a selftest line names ("selftest: rank R detected at …"), or 0 for other lines.
+fn line_rank(line: &str) -> usize {
+    line.split("selftest: rank ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|rank| rank.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A raw QUIC client that speaks TLS but holds no job secret.
+mod no_secret {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use meshflow::comm::cluster::wire::{self, ClientMessage, MemberInfo, PROTOCOL_VERSION};
+    use quinn::crypto::rustls::QuicClientConfig;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    /// Connects, sends a Join, and returns the application close code the server answered with.
+    pub fn join_without_secret(master: SocketAddr) -> Option<u64> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+        runtime.block_on(async {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .ok()?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate))
+                .with_no_client_auth();
+            tls.alpn_protocols = vec![b"meshflow/1".to_vec()];
+            let crypto = QuicClientConfig::try_from(tls).ok()?;
+            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().ok()?).ok()?;
+            endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+            let connection = endpoint.connect(master, "meshflow").ok()?.await.ok()?;
+            let (mut send, _receive) = connection.open_bi().await.ok()?;
+            let member = MemberInfo { rank: 1, data_addr: "127.0.0.1:1".into(), devices: 1 };
+            let join = ClientMessage::Join { version: PROTOCOL_VERSION, world_size: 2, member };
+            wire::write_frame(&mut send, &join).await.ok()?;
+            let closed = tokio::time::timeout(Duration::from_secs(10), connection.closed()).await;
+            match closed.ok()? {
+                quinn::ConnectionError::ApplicationClosed(close) => {
+                    Some(close.error_code.into_inner())
+                }
+                _ => None,
+            }
+        })
+    }
+
+    #[derive(Debug)]
+    struct AnyCertificate;
+
+    impl ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            _message: &[u8],
+            _certificate: &CertificateDer<'_>,
+            _signature: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            _message: &[u8],
+            _certificate: &CertificateDer<'_>,
+            _signature: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
 }

@@ -9,10 +9,11 @@
 //! ```
 
 use std::process::ExitCode;
+use std::sync::{Arc, Once};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
-use meshflow_comm::cluster::{ClusterConfig, Health, PeerFailure};
+use meshflow_comm::cluster::{ClusterConfig, Health};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::dist::{self, DistError, Job, JoinOptions};
@@ -84,7 +85,9 @@ fn check(args: &SelftestArgs) -> Result<u64, SelftestError> {
         ..JoinOptions::default()
     };
     let job = world.join(&options)?;
-    watch_health(job.health(), world.rank);
+    let detection =
+        Arc::new(Detection { health: job.health(), rank: world.rank, printed: Once::new() });
+    watch_health(detection.clone());
     println!(
         "selftest: joined as rank {} of {} (local rank {}), {} members, pid {}",
         world.rank,
@@ -93,23 +96,30 @@ fn check(args: &SelftestArgs) -> Result<u64, SelftestError> {
         job.members().len(),
         std::process::id()
     );
+    let result = rounds(&job, args);
+    if result.is_err() {
+        detection.print();
+    }
+    let sum = result?;
+    job.finish()?;
+    Ok(sum)
+}
+
+fn rounds(job: &Job, args: &SelftestArgs) -> Result<u64, SelftestError> {
     let mut sum = 0;
     for round in 0..args.rounds {
-        sum = all_gather_round(&job, round)?;
+        sum = all_gather_round(job, round)?;
         println!("selftest: round {round} sum {sum}");
         std::thread::sleep(Duration::from_millis(args.pause_ms));
     }
     if args.all_reduce {
-        all_reduce(&job)?;
+        all_reduce(job)?;
     }
-    job.finish()?;
     Ok(sum)
 }
 
 /// One all-reduce of `[rank + 1; 4]` over the QUIC data plane, checked against `n (n + 1) / 2`.
 fn all_reduce(job: &Job) -> Result<(), SelftestError> {
-    use std::sync::Arc;
-
     use meshflow_comm::quic::QuicTransport;
     use meshflow_comm::{Communicator, ReduceOp, TransportCommunicator};
 
@@ -156,10 +166,37 @@ fn all_gather_round(job: &Job, round: u64) -> Result<u64, SelftestError> {
     Ok(sum)
 }
 
+/// Prints, once, when this process learned of a peer failure.
+struct Detection {
+    health: Health,
+    rank: usize,
+    printed: Once,
+}
+
+impl Detection {
+    /// Prints the detection line if a failure is known and the line is not out yet; a second
+    /// caller waits until the first has printed, so that the process does not exit before.
+    fn print(&self) {
+        let Some(failure) = self.health.failure() else {
+            return;
+        };
+        self.printed.call_once(|| {
+            let age = self.health.failed_at().map(|at| at.elapsed().as_millis()).unwrap_or(0);
+            println!(
+                "selftest: rank {} detected at {} ms: peer rank {} failed: {}",
+                self.rank,
+                now_ms() - age,
+                failure.rank,
+                failure.reason
+            );
+        });
+    }
+}
+
 /// Prints the moment this process learns of a failure (from a thread of its own, so that a rank
 /// that is sleeping or computing reports it too), and on SIGTERM from the launcher waits up to a
 /// second for the failure to arrive before exiting, so that the line is not lost.
-fn watch_health(health: Health, rank: usize) {
+fn watch_health(detection: Arc<Detection>) {
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
         let Ok(runtime) = runtime else {
@@ -169,11 +206,13 @@ fn watch_health(health: Health, rank: usize) {
             let Ok(mut terminate) = signal(SignalKind::terminate()) else {
                 return;
             };
+            let health = detection.health.clone();
             tokio::select! {
-                failure = health.failed() => print_detection(&health, rank, &failure),
+                _ = health.failed() => detection.print(),
                 _ = terminate.recv() => {
-                    if let Ok(failure) = tokio::time::timeout(Duration::from_secs(1), health.failed()).await {
-                        print_detection(&health, rank, &failure);
+                    let failed = health.failed();
+                    if tokio::time::timeout(Duration::from_secs(1), failed).await.is_ok() {
+                        detection.print();
                     }
                     std::process::exit(143);
                 }
@@ -182,16 +221,6 @@ fn watch_health(health: Health, rank: usize) {
             std::process::exit(143);
         });
     });
-}
-
-fn print_detection(health: &Health, rank: usize, failure: &PeerFailure) {
-    let age = health.failed_at().map(|at| at.elapsed().as_millis()).unwrap_or(0);
-    println!(
-        "selftest: rank {rank} detected at {} ms: peer rank {} failed: {}",
-        now_ms() - age,
-        failure.rank,
-        failure.reason
-    );
 }
 
 fn now_ms() -> u128 {
