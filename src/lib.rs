@@ -10,3 +10,14 @@ pub use meshflow_comm as comm;
 
 pub mod dist;
 pub mod launch;
+
+pub mod compile;
+pub mod data;
+pub mod graph;
+pub mod error;
+pub mod exec;
+pub mod schedule;
+pub mod session;
+
+pub use error::{Error, Result};
+pub use graph::{Graph, Tensor};

@@ -9,6 +9,7 @@
 //! Errors name the op, the shapes, the dtypes and the layouts, at build time.
 
 mod autodiff;
+mod methods;
 mod tensor;
 
 use std::cell::RefCell;
@@ -96,6 +97,14 @@ impl GraphData {
     /// The node with id `id`.
     pub fn node(&self, id: NodeId) -> &Node {
         &self.nodes[id.0 as usize]
+    }
+
+    /// The node that produces `value`, if a node does.
+    pub fn producer(&self, value: Value) -> Option<NodeId> {
+        match self.value(value).source {
+            Source::Node { node, .. } => Some(node),
+            _ => None,
+        }
     }
 
     /// A label for errors: the value's name, or `%<index>` with its producer's op.

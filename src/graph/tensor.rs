@@ -20,6 +20,11 @@ impl Tensor {
         Tensor { graph, value }
     }
 
+    /// The handle of `value` of `graph`.
+    pub fn from_value(graph: &Graph, value: Value) -> Self {
+        Tensor::new(graph.clone(), value)
+    }
+
     /// The graph it belongs to.
     pub fn graph(&self) -> &Graph {
         &self.graph
