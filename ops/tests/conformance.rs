@@ -438,3 +438,47 @@ conformance! {
 fn product(transpose_a: bool, transpose_b: bool) -> MatMul {
     MatMul { transpose_a, transpose_b }
 }
+
+/// The signatures the ops declare drive selection as the design expects: a Megatron MLP
+/// (column-parallel then row-parallel linear) gets exactly one all-reduce.
+#[test]
+fn declared_signatures_give_megatron_one_all_reduce() {
+    use meshflow_placement::select::{select, OpNode, SelectionGraph, Strategy, TensorSpec};
+    use meshflow_placement::{CostConfig, Sbp};
+
+    let placement = Placement::line(DeviceType::Cpu, 4).expect("a mesh");
+    let meta = |rows, cols| TensorMeta::new([rows, cols], DType::F32);
+    let (x, w1, h, w2) = (meta(16, 256), meta(256, 1024), meta(16, 1024), meta(1024, 256));
+    let spec = |m: &TensorMeta| TensorSpec::new(m.shape.dims().to_vec(), 4);
+    let sources = [Sbp::Broadcast, Sbp::Split(0), Sbp::Split(1)].map(|s| Signature::new([], [s]));
+    let node = |name: &str, op: Option<&dyn Op>, inputs: &[&TensorMeta], output: &TensorMeta| {
+        let metas: Vec<TensorMeta> = inputs.iter().map(|m| (*m).clone()).collect();
+        let (signatures, flops) = match op {
+            Some(op) => (op.signatures(&metas), op.flops(&metas)),
+            None => (sources.to_vec(), 0),
+        };
+        let specs = inputs.iter().map(|m| spec(m)).collect();
+        OpNode::new(name, placement.clone(), specs, vec![spec(output)], &signatures, flops)
+            .expect("valid signatures")
+    };
+    let (matmul, gelu) = (product(false, false), Unary(Gelu { tanh: false }));
+    let ops = [
+        node("x", None, &[], &x).fix_output(0, Sbp::Broadcast),
+        node("w1", None, &[], &w1).fix_output(0, Sbp::Split(1)),
+        node("fc1", Some(&matmul), &[&x, &w1], &h),
+        node("gelu", Some(&gelu), &[&h], &h),
+        node("w2", None, &[], &w2).fix_output(0, Sbp::Split(0)),
+        node("fc2", Some(&matmul), &[&h, &w2], &x),
+        node("out", Some(&Neg), &[&x], &x).fix_output(0, Sbp::Broadcast),
+    ];
+    let mut graph = SelectionGraph::new();
+    let ids: Vec<_> = ops.into_iter().map(|op| graph.add_op(op)).collect();
+    let edges = [(0, 2, 0), (1, 2, 1), (2, 3, 0), (3, 5, 0), (4, 5, 1), (5, 6, 0)];
+    for (producer, consumer, input) in edges {
+        graph.connect(ids[producer], 0, ids[consumer], input).expect("matching tensors");
+    }
+    let report = select(&graph, &CostConfig::default(), Strategy::Search).expect("a selection");
+    assert_eq!(report.count_steps("all-reduce"), 1, "{report}");
+    assert_eq!(report.edges.len(), 1, "{report}");
+    assert_eq!(report.ops[5].signature.outputs[0], NdSbp::from(Sbp::PartialSum), "{report}");
+}
