@@ -158,6 +158,9 @@ fn no_op_panics_on_missing_inputs() {
         Arc::new(Dropout::new(0.1, 0)),
     ];
     for op in ops {
+        assert_eq!(op.flops(&[]), 0, "{}", op.name());
+        let signatures = op.signatures(&[]);
+        assert!(signatures.iter().all(|s| s.inputs.is_empty() || s.outputs.len() == 1));
         let result = op.forward(&Context::single_thread(), &[]);
         assert!(result.is_err(), "{} accepted no inputs", op.name());
         let message = result.err().map(|e| e.to_string()).unwrap_or_default();

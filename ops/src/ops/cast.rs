@@ -50,6 +50,9 @@ impl Op for Cast {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new();
+        }
         let mut signatures = vec![Signature::broadcast(1, 1)];
         if inputs[0].dtype.is_float() && self.dtype.is_float() {
             signatures.push(Signature::new([Sbp::PartialSum], [Sbp::PartialSum]));

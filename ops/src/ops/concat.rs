@@ -67,6 +67,9 @@ impl Op for Concat {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new();
+        }
         let Some(first) = inputs.first() else { return Vec::new() };
         let axis = first.shape.axis(self.name(), self.axis).ok();
         other_axis_signatures(first.shape.rank(), axis, inputs.len())

@@ -78,6 +78,9 @@ impl Op for Dropout {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new();
+        }
         let mut signatures = elementwise_signatures(inputs, true);
         signatures.retain(|s| s.inputs.len() == 1);
         debug_assert!(signatures.iter().any(|s| s.inputs[0] == Sbp::PartialSum));
@@ -101,7 +104,9 @@ impl Op for Dropout {
         inputs: &[Shard],
         _outputs: &[Shard],
     ) -> Result<Option<OpRef>> {
-        let shard = &inputs[0];
+        let Some(shard) = inputs.first() else {
+            return Err(Error::Arity { op: self.name(), expected: 1, got: 0 });
+        };
         let local = Dropout {
             logical: Some(shard.logical.clone()),
             offset: shard.offset.clone(),
@@ -111,7 +116,7 @@ impl Op for Dropout {
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        inputs[0].shape.numel() as u64
+        inputs.first().map_or(0, |x| x.shape.numel() as u64)
     }
 
     fn is_stateful(&self) -> bool {

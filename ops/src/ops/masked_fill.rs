@@ -69,6 +69,9 @@ impl Op for MaskedFill {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new();
+        }
         let (b, p) = (Sbp::Broadcast, Sbp::PartialSum);
         let mut signatures = vec![Signature::broadcast(2, 1)];
         if self.value == 0.0 {
@@ -94,7 +97,7 @@ impl Op for MaskedFill {
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        inputs[0].shape.numel() as u64
+        inputs.first().map_or(0, |x| x.shape.numel() as u64)
     }
 }
 

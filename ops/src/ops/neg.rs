@@ -42,6 +42,9 @@ impl Op for Neg {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new();
+        }
         let rank = inputs[0].shape.rank();
         let mut signatures = vec![
             Signature::new([Sbp::Broadcast], [Sbp::Broadcast]),
@@ -62,6 +65,6 @@ impl Op for Neg {
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        inputs[0].shape.numel() as u64
+        inputs.first().map_or(0, |x| x.shape.numel() as u64)
     }
 }

@@ -62,6 +62,9 @@ impl Op for Where {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new();
+        }
         let (b, p) = (Sbp::Broadcast, Sbp::PartialSum);
         let mut signatures = vec![Signature::broadcast(3, 1), Signature::new([b, p, p], [p])];
         let Ok(out) = Self::check(inputs) else { return signatures };
