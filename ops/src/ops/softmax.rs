@@ -5,7 +5,7 @@ use meshflow_placement::{Sbp, Signature};
 use num_traits::{Float, One, Zero};
 
 use super::nn_rows::{
-    for_each_row, for_each_row2, max, second_order, sum_map2, Accumulate, RowFloat,
+    for_each_row, for_each_row2, max, second_order, sum_map, sum_map2, Accumulate, RowFloat,
 };
 use crate::{emit1, Context, Emit, Error, Op, Result, Tensor, TensorMeta, Value};
 
@@ -111,12 +111,11 @@ impl Op for SoftmaxGrad {
 fn softmax_row<T: RowFloat>(x: &[T], y: &mut [T]) {
     let peak = max(x);
     let peak = if peak.is_finite() { peak } else { T::Acc::zero() };
-    let mut total = T::Acc::zero();
+    // A pure map (vectorises), then a lane-chunked sum of what it wrote.
     for (out, &v) in y.iter_mut().zip(x) {
-        let exp = (v.widen() - peak).exp_fast();
-        total += exp;
-        *out = T::narrow(exp);
+        *out = T::narrow((v.widen() - peak).exp_fast());
     }
+    let total = sum_map(y, |v| v);
     let scale = T::Acc::one() / total;
     for out in y.iter_mut() {
         *out = T::narrow(out.widen() * scale);
