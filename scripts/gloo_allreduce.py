@@ -21,12 +21,13 @@ import torch.multiprocessing as mp
 WORLD = 2
 
 
-def timed(run):
+def timed(run, size):
+    """Same iteration counts as comm/benches/comm.rs (both ranks must run the same number)."""
+    iterations = max(2, min(20, (512 << 20) // max(size, 1)))
     run()
-    iterations, started = 0, time.perf_counter()
-    while iterations < 2 or (time.perf_counter() - started < 0.3 and iterations < 20):
+    started = time.perf_counter()
+    for _ in range(iterations):
         run()
-        iterations += 1
     return (time.perf_counter() - started) / iterations
 
 
@@ -42,7 +43,7 @@ def worker(rank, port, sizes, queue):
             tensor.fill_(float(rank + 1))
             dist.all_reduce(tensor)
 
-        seconds = timed(run)
+        seconds = timed(run, count * 4)
         wrong = int((tensor != 3.0).sum())
         results.append((count * 4, seconds, wrong))
     dist.destroy_process_group()

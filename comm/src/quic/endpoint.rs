@@ -5,7 +5,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::{ClientConfig, Connection, EndpointConfig, ServerConfig, TokioRuntime, VarInt};
+use quinn::{ClientConfig, Connection, ServerConfig, TokioRuntime, VarInt};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::runtime::{Handle, Runtime};
 
@@ -79,17 +79,13 @@ impl QuicEndpoint {
         server.transport_config(transport.clone());
         let mut client = ClientConfig::new(Arc::new(tls::client_config()?));
         client.transport_config(transport);
+        let endpoint_config = config.endpoint()?;
         let endpoint = {
             let _guard = runtime.enter();
-            quinn::Endpoint::new(
-                EndpointConfig::default(),
-                Some(server),
-                socket,
-                Arc::new(TokioRuntime),
-            )
-            .map_err(|error| Error::Setup {
-                reason: format!("QUIC endpoint at {address}: {error}"),
-            })?
+            quinn::Endpoint::new(endpoint_config, Some(server), socket, Arc::new(TokioRuntime))
+                .map_err(|error| Error::Setup {
+                    reason: format!("QUIC endpoint at {address}: {error}"),
+                })?
         };
         let inner = Inner { runtime: Some(runtime), endpoint, client, secret, config, rank };
         Ok(QuicEndpoint { inner: Arc::new(inner) })
