@@ -84,6 +84,9 @@ impl Op for AdamW {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new(); // invalid metas: no signature
+        }
         elementwise_signatures(inputs[0].shape.rank(), 4, 3)
     }
 
@@ -98,7 +101,7 @@ impl Op for AdamW {
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        14 * inputs[0].shape.numel() as u64
+        14 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
     }
 }
 

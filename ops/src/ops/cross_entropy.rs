@@ -58,6 +58,9 @@ impl Op for CrossEntropy {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new(); // invalid metas: no signature
+        }
         let (b, p) = (Sbp::Broadcast, Sbp::PartialSum);
         let mut signatures = vec![Signature::new([b, b], [b])];
         let rank = inputs[1].shape.rank();
@@ -89,7 +92,7 @@ impl Op for CrossEntropy {
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        4 * inputs[0].shape.numel() as u64
+        4 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
     }
 }
 
@@ -133,6 +136,9 @@ impl Op for CrossEntropyGrad {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new(); // invalid metas: no signature
+        }
         let (b, p) = (Sbp::Broadcast, Sbp::PartialSum);
         let mut signatures = vec![Signature::new([b, b, b], [b]), Signature::new([b, b, p], [p])];
         let rank = inputs[1].shape.rank();
@@ -168,7 +174,7 @@ impl Op for CrossEntropyGrad {
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        5 * inputs[0].shape.numel() as u64
+        5 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
     }
 }
 

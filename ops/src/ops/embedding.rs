@@ -78,6 +78,9 @@ impl Op for Embedding {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new(); // invalid metas: no signature
+        }
         let rank = inputs[1].shape.rank();
         let (b, p) = (Sbp::Broadcast, Sbp::PartialSum);
         let sig = |table: Sbp, ids: Sbp, y: Sbp| Signature::new([table, ids], [y]);
@@ -170,6 +173,9 @@ impl Op for EmbeddingGrad {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new(); // invalid metas: no signature
+        }
         let rank = inputs[0].shape.rank();
         let (b, p) = (Sbp::Broadcast, Sbp::PartialSum);
         let sig = |ids: Sbp, dy: Sbp, y: Sbp| Signature::new([ids, dy], [y]);

@@ -59,6 +59,9 @@ impl Op for LayerNorm {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new(); // invalid metas: no signature
+        }
         norm_signatures(inputs[0].shape.rank(), 3)
     }
 
@@ -77,7 +80,7 @@ impl Op for LayerNorm {
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
         // mean, centre, square-sum, scale, affine
-        8 * inputs[0].shape.numel() as u64
+        8 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
     }
 }
 
@@ -115,6 +118,9 @@ impl Op for LayerNormGrad {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new(); // invalid metas: no signature
+        }
         norm_grad_signatures(inputs[0].shape.rank(), true)
     }
 
@@ -132,7 +138,7 @@ impl Op for LayerNormGrad {
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        12 * inputs[0].shape.numel() as u64
+        12 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
     }
 }
 

@@ -38,6 +38,9 @@ impl Op for LogSoftmax {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new(); // invalid metas: no signature
+        }
         row_signatures(inputs[0].shape.rank(), 1, 1)
     }
 
@@ -53,7 +56,7 @@ impl Op for LogSoftmax {
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        5 * inputs[0].shape.numel() as u64
+        5 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
     }
 }
 
@@ -83,6 +86,9 @@ impl Op for LogSoftmaxGrad {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new(); // invalid metas: no signature
+        }
         row_signatures(inputs[0].shape.rank(), 2, 1)
     }
 
@@ -100,7 +106,7 @@ impl Op for LogSoftmaxGrad {
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        4 * inputs[0].shape.numel() as u64
+        4 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
     }
 }
 

@@ -51,6 +51,9 @@ impl Op for RmsNorm {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new(); // invalid metas: no signature
+        }
         norm_signatures(inputs[0].shape.rank(), 2)
     }
 
@@ -67,7 +70,7 @@ impl Op for RmsNorm {
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        5 * inputs[0].shape.numel() as u64
+        5 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
     }
 }
 
@@ -103,6 +106,9 @@ impl Op for RmsNormGrad {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new(); // invalid metas: no signature
+        }
         norm_grad_signatures(inputs[0].shape.rank(), false)
     }
 
@@ -120,6 +126,6 @@ impl Op for RmsNormGrad {
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        9 * inputs[0].shape.numel() as u64
+        9 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
     }
 }

@@ -68,6 +68,9 @@ impl Op for Sgd {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new(); // invalid metas: no signature
+        }
         elementwise_signatures(inputs[0].shape.rank(), 3, 2)
     }
 
@@ -82,7 +85,7 @@ impl Op for Sgd {
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        6 * inputs[0].shape.numel() as u64
+        6 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
     }
 }
 

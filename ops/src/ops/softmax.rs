@@ -40,6 +40,9 @@ impl Op for Softmax {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new(); // invalid metas: no signature
+        }
         row_signatures(inputs[0].shape.rank(), 1, 1)
     }
 
@@ -56,7 +59,7 @@ impl Op for Softmax {
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
         // max, subtract, exp, sum, scale
-        5 * inputs[0].shape.numel() as u64
+        5 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
     }
 }
 
@@ -86,6 +89,9 @@ impl Op for SoftmaxGrad {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        if self.infer(inputs).is_err() {
+            return Vec::new(); // invalid metas: no signature
+        }
         row_signatures(inputs[0].shape.rank(), 2, 1)
     }
 
@@ -103,7 +109,7 @@ impl Op for SoftmaxGrad {
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        4 * inputs[0].shape.numel() as u64
+        4 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
     }
 }
 
