@@ -297,8 +297,16 @@ impl Job {
     }
 }
 
+/// How long rank 0 keeps serving after a failure, so that the rendezvous delivers it to every
+/// rank before this process exits.
+const FAILURE_LINGER: Duration = Duration::from_millis(500);
+
 impl Drop for Job {
     fn drop(&mut self) {
+        let failed = self.member.as_ref().is_some_and(|member| member.health().check().is_err());
+        if failed && self.rendezvous.is_some() {
+            self.runner.block_on(async { tokio::time::sleep(FAILURE_LINGER).await });
+        }
         // Drop the member and rendezvous inside their runtime (their tasks are aborted).
         let _guard = self.runner.runtime().enter();
         self.member.take();

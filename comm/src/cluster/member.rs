@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use super::health::{Health, PeerFailure};
@@ -32,6 +32,8 @@ pub struct Member {
     pending: Pending,
     next_request: AtomicU64,
     leaving: Arc<AtomicBool>,
+    farewell: Arc<Notify>,
+    leave_timeout: Duration,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -61,6 +63,7 @@ impl Member {
         let last_heard = Arc::new(Mutex::new(Instant::now()));
         let (outbox, outgoing) = mpsc::unbounded_channel();
         let (welcome_sender, welcome) = oneshot::channel();
+        let farewell = Arc::new(Notify::new());
         let reader_task = tokio::spawn(
             Reader {
                 rank,
@@ -71,6 +74,7 @@ impl Member {
                 last_heard: last_heard.clone(),
                 welcome: Some(welcome_sender),
                 waited: config.join_timeout,
+                farewell: farewell.clone(),
             }
             .run(reader),
         );
@@ -88,6 +92,8 @@ impl Member {
             pending,
             next_request: AtomicU64::new(0),
             leaving,
+            farewell,
+            leave_timeout: config.failure_timeout,
             tasks,
         };
         let backstop = config.join_timeout + 2 * config.failure_timeout;
@@ -148,10 +154,9 @@ impl Member {
     pub async fn leave(self) -> Result<(), ClusterError> {
         self.send(ClientMessage::Leave)?;
         self.leaving.store(true, Ordering::SeqCst);
-        // Let the writer flush the Leave before the tasks are dropped (bounded).
-        let (flushed, done) = oneshot::channel();
-        let _ = self.outbox.send(Outgoing::Flush(flushed));
-        let _ = tokio::time::timeout(Duration::from_secs(1), done).await;
+        // Wait (bounded) until the rendezvous has recorded the departure, so that closing the
+        // connection right after is not taken for a failure.
+        let _ = tokio::time::timeout(self.leave_timeout, self.farewell.notified()).await;
         Ok(())
     }
 
@@ -237,6 +242,7 @@ struct Reader {
     last_heard: Arc<Mutex<Instant>>,
     welcome: Option<oneshot::Sender<Result<Vec<MemberInfo>, ClusterError>>>,
     waited: Duration,
+    farewell: Arc<Notify>,
 }
 
 impl Reader {
@@ -282,6 +288,7 @@ impl Reader {
             ServerMessage::PeerFailed { rank, reason } => {
                 self.health.fail(PeerFailure { rank: rank as usize, reason });
             }
+            ServerMessage::Farewell => self.farewell.notify_one(),
             ServerMessage::Heartbeat => {}
         }
     }
@@ -299,11 +306,10 @@ impl Reader {
     }
 }
 
-/// What the writer task sends: a message, or a flush marker answered once all before it are out.
+/// What the writer task sends.
 #[derive(Debug)]
 enum Outgoing {
     Message(ClientMessage),
-    Flush(oneshot::Sender<()>),
 }
 
 /// Writes the outbox; holds the link's guard (its connection) as long as it runs.
@@ -313,15 +319,9 @@ async fn write_outbox(
     _guard: Option<Box<dyn std::any::Any + Send>>,
 ) {
     while let Some(item) = outgoing.recv().await {
-        match item {
-            Outgoing::Message(message) => {
-                if wire::write_frame(&mut writer, &message).await.is_err() {
-                    return;
-                }
-            }
-            Outgoing::Flush(flushed) => {
-                let _ = flushed.send(());
-            }
+        let Outgoing::Message(message) = item;
+        if wire::write_frame(&mut writer, &message).await.is_err() {
+            return;
         }
     }
 }

@@ -235,6 +235,7 @@ impl Server {
                 if let Some(seat) = self.seats.get_mut(&rank) {
                     seat.left = true;
                 }
+                self.send(rank, ServerMessage::Farewell);
             }
             // A second join or a report on a member link is a protocol breach: drop the member.
             ClientMessage::Join { .. } | ClientMessage::Report { .. } => {

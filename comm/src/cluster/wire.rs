@@ -113,6 +113,8 @@ mod messages {
         },
         /// The rendezvous is alive.
         Heartbeat,
+        /// The answer to `Leave`: the rendezvous has recorded the departure.
+        Farewell,
         /// A rank failed; the job cannot go on.
         PeerFailed {
             /// The rank.
