@@ -14,6 +14,7 @@ pub mod launch;
 pub mod compile;
 pub mod data;
 pub mod graph;
+pub mod nn;
 pub mod error;
 pub mod exec;
 pub mod schedule;

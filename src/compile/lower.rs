@@ -199,10 +199,11 @@ impl<'a> Lowering<'a> {
         Ok(())
     }
 
-    /// The op each rank of the node's placement runs.
+    /// The op each rank of the node's placement runs: `Op::localize` once per mesh axis with
+    /// that axis' 1-D signature and the exact nd shards, each call on the op the previous one
+    /// returned.
     fn localized(&self, id: NodeId, signature: &NdSignature) -> Result<Vec<OpRef>> {
         let node = self.graph.node(id);
-        let collapsed = collapse(signature);
         let placement = &node.placement;
         (0..placement.size())
             .map(|index| {
@@ -216,8 +217,13 @@ impl<'a> Lowering<'a> {
                 };
                 let inputs = shards(&node.inputs, &signature.inputs)?;
                 let outputs = shards(&node.outputs, &signature.outputs)?;
-                let local = node.op.localize(&collapsed, &inputs, &outputs)?;
-                Ok(local.unwrap_or_else(|| Arc::clone(&node.op)))
+                let mut op = Arc::clone(&node.op);
+                for axis in 0..placement.mesh_axes() {
+                    if let Some(local) = op.localize(&signature.axis(axis), &inputs, &outputs)? {
+                        op = local;
+                    }
+                }
+                Ok(op)
             })
             .collect()
     }
@@ -231,21 +237,4 @@ fn shard(meta: &TensorMeta, sbp: &NdSbp, placement: &Placement, coordinates: &[u
         logical: meta.shape.clone(),
         offset: region.offsets,
     })
-}
-
-/// One 1-D signature standing for an nd one, for `Op::localize`: per tensor the first split
-/// over the mesh axes, else partial, else broadcast (the shards carry the exact offsets).
-fn collapse(signature: &NdSignature) -> Signature {
-    let one = |nd: &NdSbp| {
-        let axes = nd.axes();
-        axes.iter()
-            .copied()
-            .find(|s| matches!(s, Sbp::Split(_)))
-            .or_else(|| axes.iter().copied().find(|s| *s == Sbp::PartialSum))
-            .unwrap_or(Sbp::Broadcast)
-    };
-    Signature::new(
-        signature.inputs.iter().map(one).collect::<Vec<_>>(),
-        signature.outputs.iter().map(one).collect::<Vec<_>>(),
-    )
 }

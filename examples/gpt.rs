@@ -1,0 +1,266 @@
+//! Character-level GPT on the King James Genesis (shipped in `examples/data/`), trained on CPU
+//! devices with any mix of data and tensor parallelism: only the placement and SBP annotations
+//! change, the losses do not.
+//!
+//! ```sh
+//! cargo run --release --example gpt -- --dp 2 --tp 2 --steps 200
+//! ```
+//!
+//! With `--init-from FILE` (weights in the layout of `shared/formats/gpt-weights.md`) and
+//! `--data FILE` (`data.tokens`), it reproduces another framework's run step for step.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Parser, ValueEnum};
+use meshflow::data::{inputs_and_targets, Batches, CharTokenizer, TokenFile};
+use meshflow::nn::{Gpt, GptConfig, Init, Layouts};
+use meshflow::ops::ops::adamw::AdamW;
+use meshflow::ops::{io, DType, Tensor as HostTensor};
+use meshflow::placement::{DeviceType, Placement};
+use meshflow::schedule::Schedule;
+use meshflow::session::{Optimizer, Session, SessionConfig, Training};
+use meshflow::{Error, Graph, Result};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ScheduleKind {
+    Constant,
+    Cosine,
+}
+
+/// Train a character-level GPT on CPU devices.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Data-parallel size (mesh axis 0).
+    #[arg(long, default_value_t = 2)]
+    dp: usize,
+    /// Tensor-parallel size (mesh axis 1).
+    #[arg(long, default_value_t = 2)]
+    tp: usize,
+    /// Kernel threads per device.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Training steps.
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Context length.
+    #[arg(long, default_value_t = 64)]
+    ctx: usize,
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    /// Attention heads.
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Model width.
+    #[arg(long, default_value_t = 128)]
+    d_model: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// AdamW β1.
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f64,
+    /// AdamW β2.
+    #[arg(long, default_value_t = 0.999)]
+    beta2: f64,
+    /// AdamW ε.
+    #[arg(long, default_value_t = 1e-8)]
+    eps: f64,
+    /// Learning-rate schedule.
+    #[arg(long, value_enum, default_value_t = ScheduleKind::Cosine)]
+    schedule: ScheduleKind,
+    /// Warmup steps of the cosine schedule.
+    #[arg(long, default_value_t = 50)]
+    warmup: usize,
+    /// Gradient clipping by global norm (0 = off). Not supported yet: any other value is refused.
+    #[arg(long, default_value_t = 0.0)]
+    clip_grad: f64,
+    /// Dropout probability (0 = off). Not supported yet: any other value is refused.
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f64,
+    /// Initial parameters (safetensors, names of shared/formats/gpt-weights.md).
+    #[arg(long)]
+    init_from: Option<PathBuf>,
+    /// Token batches (safetensors `data.tokens`, i64 [steps, batch, ctx + 1]).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Text corpus (when no --data is given).
+    #[arg(long, default_value = "examples/data/kjv-genesis.txt")]
+    corpus: PathBuf,
+    /// Seed of the initial weights and the batches.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// Print the loss every this many steps (every step when --data is given).
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    /// Characters to generate at the end (0: none).
+    #[arg(long, default_value_t = 200)]
+    sample: usize,
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(&args) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    if args.clip_grad != 0.0 || args.dropout != 0.0 {
+        return Err(Error::Graph("--clip-grad and --dropout are not supported by this example yet".into()));
+    }
+    let text = std::fs::read_to_string(&args.corpus)
+        .map_err(|e| Error::Data(format!("{}: {e}", args.corpus.display())))?;
+    let tokenizer = CharTokenizer::from_text(&text);
+    let init = args.init_from.as_ref().map(io::load).transpose()?;
+    let config = model_config(args, &tokenizer, init.as_ref())?;
+    let token_file = args.data.as_ref().map(|p| TokenFile::read(p)).transpose()?;
+    let (batch, ctx) = match &token_file {
+        Some(f) => (f.batch, f.ctx),
+        None => (args.batch, args.ctx.min(config.ctx)),
+    };
+    let placement = Placement::grid(DeviceType::Cpu, &[args.dp, args.tp])?;
+    let layouts = Layouts { placement: placement.clone(), data_axis: Some(0), tensor_axis: Some(1) };
+    let graph = Graph::new();
+    let ids = graph.input("ids", [batch, ctx], DType::I64, &placement, Some(layouts.batch()))?;
+    let targets = graph.input("targets", [batch, ctx], DType::I64, &placement, Some(layouts.batch()))?;
+    let model = Gpt::new(&graph, config, &layouts, Init { std: 0.02, seed: args.seed })?;
+    let loss = model.loss(&ids, &targets)?;
+    let optimizer = Optimizer::AdamW(AdamW {
+        lr: args.lr,
+        beta1: args.beta1,
+        beta2: args.beta2,
+        eps: args.eps,
+        weight_decay: args.weight_decay,
+        step: 1,
+    });
+    let schedule = match args.schedule {
+        ScheduleKind::Cosine if args.init_from.is_none() => {
+            Schedule::WarmupCosine { warmup: args.warmup, total: args.steps, min_ratio: 0.1 }
+        }
+        _ => Schedule::Constant,
+    };
+    let training = Training { loss: loss.clone(), optimizer, schedule };
+    let session_config = SessionConfig { devices: args.dp * args.tp, threads_per_device: args.threads, ..Default::default() };
+    let mut session = Session::new(&graph, &[&loss], Some(training), session_config)?;
+    if let Some(init) = &init {
+        let values: Vec<(String, HostTensor)> = init
+            .tensors
+            .iter()
+            .filter(|(name, _)| !name.starts_with("data.") && !name.contains(".exp_avg"))
+            .map(|(n, t)| Ok((n.clone(), t.to_dtype(DType::F32)?)))
+            .collect::<Result<_>>()?;
+        session.load_variables(&values)?;
+    }
+    println!(
+        "gpt: {} parameters, vocab {}, ctx {ctx}, {} layers, {} heads, d {}; mesh dp {} x tp {} ({} CPU devices)",
+        config.parameters(),
+        config.vocab,
+        config.n_layer,
+        config.n_head,
+        config.d_model,
+        args.dp,
+        args.tp,
+        args.dp * args.tp
+    );
+    let mut batches = Batches::new(tokenizer.encode(&text)?, batch, ctx, args.seed)?;
+    let steps = token_file.as_ref().map_or(args.steps, |f| f.steps.min(args.steps));
+    let started = Instant::now();
+    for step in 0..steps {
+        let tokens = match &token_file {
+            Some(f) => f.step(step)?.to_vec(),
+            None => batches.next_step(),
+        };
+        let (x, y) = inputs_and_targets(&tokens, batch, ctx);
+        let feeds = [(&ids, HostTensor::from_vec(x, [batch, ctx])?), (&targets, HostTensor::from_vec(y, [batch, ctx])?)];
+        let value = session.step(&feeds)?[0].to_vec::<f32>()?[0];
+        let seconds = started.elapsed().as_secs_f64();
+        let tokens_per_second = ((step + 1) * batch * ctx) as f64 / seconds;
+        let every = if token_file.is_some() { 1 } else { args.log_every.max(1) };
+        if step % every == 0 || step + 1 == steps {
+            println!("step {step} loss {value:.6} ({tokens_per_second:.0} tokens/s)");
+        }
+    }
+    if args.sample > 0 && token_file.is_none() {
+        let parameters = session.variables()?;
+        println!("sample:\n{}", sample(config, &tokenizer, &text, &parameters, ctx, args.sample)?);
+    }
+    Ok(())
+}
+
+/// The model shape: from the weights file when given (its `config` metadata), else the flags.
+fn model_config(args: &Args, tokenizer: &CharTokenizer, init: Option<&io::Named>) -> Result<GptConfig> {
+    let Some(init) = init else {
+        return Ok(GptConfig {
+            vocab: tokenizer.vocab(),
+            ctx: args.ctx,
+            n_layer: args.layers,
+            n_head: args.heads.unwrap_or(4),
+            d_model: args.d_model,
+        });
+    };
+    let json = init.metadata.get("config").ok_or_else(|| Error::Data("--init-from: no `config` metadata".into()))?;
+    let field = |name: &str| -> Result<usize> {
+        let start = json.find(&format!("\"{name}\"")).ok_or_else(|| Error::Data(format!("config has no {name}")))?;
+        let rest = &json[start + name.len() + 2..];
+        let digits: String = rest.chars().skip_while(|c| !c.is_ascii_digit()).take_while(char::is_ascii_digit).collect();
+        digits.parse().map_err(|_| Error::Data(format!("config field {name} is not a number: {json}")))
+    };
+    Ok(GptConfig {
+        vocab: field("vocab")?,
+        ctx: field("ctx")?,
+        n_layer: field("n_layer")?,
+        n_head: args.heads.map_or_else(|| field("n_head"), Ok)?,
+        d_model: field("d_model")?,
+    })
+}
+
+/// Greedy-free sampling: each next character drawn from the softmax of the last position, on
+/// one device, over a window of the last `ctx` characters (seeded from the corpus' start).
+fn sample(
+    config: GptConfig,
+    tokenizer: &CharTokenizer,
+    text: &str,
+    parameters: &[(String, HostTensor)],
+    ctx: usize,
+    count: usize,
+) -> Result<String> {
+    let placement = Placement::line(DeviceType::Cpu, 1)?;
+    let layouts = Layouts::single(placement.clone());
+    let graph = Graph::new();
+    let ids = graph.input("ids", [1, ctx], DType::I64, &placement, None)?;
+    let model = Gpt::new(&graph, config, &layouts, Init { std: 0.02, seed: 0 })?;
+    let probabilities = model.forward(&ids)?.softmax()?;
+    let mut session = Session::new(&graph, &[&probabilities], None, SessionConfig::default())?;
+    let weights: Vec<_> = parameters.iter().filter(|(n, _)| !n.contains(".exp_avg")).cloned().collect();
+    session.load_variables(&weights)?;
+    let mut window = tokenizer.encode(&text.chars().take(ctx).collect::<String>())?;
+    let mut out = String::new();
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    for _ in 0..count {
+        let feed = HostTensor::from_vec(window.clone(), [1, ctx])?;
+        let p = session.step(&[(&ids, feed)])?[0].to_vec::<f32>()?;
+        let last = &p[(ctx - 1) * config.vocab..ctx * config.vocab];
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let mut u = (state >> 11) as f32 / (1u64 << 53) as f32;
+        let next = last.iter().position(|&q| {
+            u -= q;
+            u <= 0.0
+        });
+        let next = next.unwrap_or(config.vocab - 1) as i64;
+        out.push_str(&tokenizer.decode(&[next]));
+        window.remove(0);
+        window.push(next);
+    }
+    Ok(out)
+}

@@ -1,0 +1,152 @@
+//! A decoder-only transformer with the parameter names and layouts of
+//! `shared/formats/gpt-weights.md` (nanoGPT style): pre-norm LayerNorm, causal multi-head
+//! self-attention with a fused `c_attn`, an MLP with exact GELU, learned positions and an untied
+//! `lm_head` without bias.
+
+use meshflow_ops::{DType, Tensor as HostTensor};
+use meshflow_placement::Sbp;
+
+use super::{Init, InitCounter, Layouts, LayerNorm, Linear, Parallel};
+use crate::{Error, Graph, Result, Tensor};
+
+/// The shape of a GPT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GptConfig {
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Context length (positions).
+    pub ctx: usize,
+    /// Transformer blocks.
+    pub n_layer: usize,
+    /// Attention heads.
+    pub n_head: usize,
+    /// Model width.
+    pub d_model: usize,
+}
+
+impl GptConfig {
+    /// The JSON of the `config` metadata key of a weights file.
+    pub fn to_json(&self) -> String {
+        format!(
+            r#"{{"vocab": {}, "ctx": {}, "n_layer": {}, "n_head": {}, "d_model": {}}}"#,
+            self.vocab, self.ctx, self.n_layer, self.n_head, self.d_model
+        )
+    }
+
+    /// Parameters of the model.
+    pub fn parameters(&self) -> usize {
+        let d = self.d_model;
+        let block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d);
+        self.vocab * d * 2 + self.ctx * d + self.n_layer * block + 2 * d
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.n_head == 0 || self.d_model % self.n_head != 0 {
+            return Err(Error::Graph(format!(
+                "gpt: d_model {} is not a multiple of n_head {}",
+                self.d_model, self.n_head
+            )));
+        }
+        if [self.vocab, self.ctx, self.n_layer, self.d_model].contains(&0) {
+            return Err(Error::Graph(format!("gpt: every size must be positive: {self:?}")));
+        }
+        Ok(())
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Linear,
+    attn_proj: Linear,
+    ln_2: LayerNorm,
+    c_fc: Linear,
+    mlp_proj: Linear,
+}
+
+/// The model: its parameters live in the graph it was built on.
+pub struct Gpt {
+    config: GptConfig,
+    layouts: Layouts,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    lm_head: Linear,
+}
+
+impl Gpt {
+    /// Builds the parameters on `graph` with GPT-2's initialisation (normal 0.02, zero biases,
+    /// unit LayerNorm weights), laid out by `layouts` (Megatron column/row splits on its tensor
+    /// axis).
+    pub fn new(graph: &Graph, config: GptConfig, layouts: &Layouts, init: Init) -> Result<Self> {
+        config.check()?;
+        let d = config.d_model;
+        let mut init = InitCounter::new(init);
+        let p = &layouts.placement;
+        let wte = graph.parameter("wte.weight", init.normal(&[config.vocab, d])?, p, Some(layouts.weight(Sbp::Broadcast)))?;
+        let wpe = graph.parameter("wpe.weight", init.normal(&[config.ctx, d])?, p, Some(layouts.weight(Sbp::Broadcast)))?;
+        let mut blocks = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let name = |part: &str| format!("h.{i}.{part}");
+            blocks.push(Block {
+                ln_1: LayerNorm::new(graph, &name("ln_1"), d, layouts)?,
+                c_attn: Linear::new(graph, &name("attn.c_attn"), (d, 3 * d), true, Parallel::None, layouts, &mut init)?,
+                attn_proj: Linear::new(graph, &name("attn.c_proj"), (d, d), true, Parallel::None, layouts, &mut init)?,
+                ln_2: LayerNorm::new(graph, &name("ln_2"), d, layouts)?,
+                c_fc: Linear::new(graph, &name("mlp.c_fc"), (d, 4 * d), true, Parallel::Column, layouts, &mut init)?,
+                mlp_proj: Linear::new(graph, &name("mlp.c_proj"), (4 * d, d), true, Parallel::Row, layouts, &mut init)?,
+            });
+        }
+        let ln_f = LayerNorm::new(graph, "ln_f", d, layouts)?;
+        let lm_head = Linear::new(graph, "lm_head", (d, config.vocab), false, Parallel::None, layouts, &mut init)?;
+        Ok(Gpt { config, layouts: layouts.clone(), wte, wpe, blocks, ln_f, lm_head })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> GptConfig {
+        self.config
+    }
+
+    /// Logits `[B, T, vocab]` of token ids `[B, T]` (i64, `T ≤ ctx`).
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let dims = ids.dims();
+        let [_, t] = dims[..] else {
+            return Err(Error::Graph(format!("gpt: ids must be [batch, time], got {dims:?}")));
+        };
+        if t > self.config.ctx {
+            return Err(Error::Graph(format!("gpt: {t} positions exceed the context {}", self.config.ctx)));
+        }
+        let graph = ids.graph();
+        let p = &self.layouts.placement;
+        let positions = HostTensor::from_vec((0..t as i64).collect::<Vec<_>>(), [t])?;
+        let positions = graph.constant(&format!("positions.{t}"), positions, p)?;
+        let mask: Vec<u8> = (0..t * t).map(|k| u8::from(k % t > k / t)).collect();
+        let mask = HostTensor::from_bytes(&mask, [t, t], DType::Bool)?;
+        let mask = graph.constant(&format!("causal_mask.{t}"), mask, p)?;
+        let mut x = self.wte.embedding(ids)?.add(&self.wpe.embedding(&positions)?)?;
+        for block in &self.blocks {
+            x = x.add(&self.attention(block, &block.ln_1.forward(&x)?, &mask)?)?;
+            let h = block.c_fc.forward(&block.ln_2.forward(&x)?)?.gelu(false)?;
+            x = x.add(&block.mlp_proj.forward(&h)?)?;
+        }
+        self.lm_head.forward(&self.ln_f.forward(&x)?)
+    }
+
+    /// Mean cross-entropy of the next-token predictions for `ids [B, T]` against `targets [B, T]`.
+    pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        self.forward(ids)?.cross_entropy(targets)
+    }
+
+    fn attention(&self, block: &Block, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let (b, t, d) = (dims[0], dims[1], dims[2]);
+        let (h, hd) = (self.config.n_head, d / self.config.n_head);
+        let qkv = block.c_attn.forward(x)?.split(2, &[d, d, d])?;
+        let heads = |x: &Tensor| x.reshape([b, t, h, hd])?.permute(&[0, 2, 1, 3]);
+        let (q, k, v) = (heads(&qkv[0])?, heads(&qkv[1])?, heads(&qkv[2])?);
+        let scores = q.matmul_t(&k, false, true)?.mul_scalar(1.0 / (hd as f64).sqrt())?;
+        let weights = scores.masked_fill(mask, f64::NEG_INFINITY)?.softmax()?;
+        let y = weights.matmul(&v)?.permute(&[0, 2, 1, 3])?.reshape([b, t, d])?;
+        block.attn_proj.forward(&y)
+    }
+}

@@ -1,0 +1,179 @@
+//! Modules: the layers of a GPT, built on the graph API. Tensor-parallel layouts are only SBP
+//! choices on the parameters ([`Layouts`]): the compiler inserts whatever communication they
+//! imply (Megatron's column- then row-parallel linear gives one all-reduce per MLP forward).
+
+mod gpt;
+
+use meshflow_ops::{DType, Tensor as HostTensor};
+use meshflow_placement::{NdSbp, Placement, Sbp};
+
+use crate::{Graph, Result, Tensor};
+
+pub use gpt::{Gpt, GptConfig};
+
+/// How a model lays out its tensors on a placement: which mesh axis (if any) is data parallel
+/// and which is tensor parallel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layouts {
+    /// The devices.
+    pub placement: Placement,
+    /// The mesh axis over which batches are split.
+    pub data_axis: Option<usize>,
+    /// The mesh axis over which weights are split (Megatron style).
+    pub tensor_axis: Option<usize>,
+}
+
+impl Layouts {
+    /// Everything on one device.
+    pub fn single(placement: Placement) -> Self {
+        Layouts { placement, data_axis: None, tensor_axis: None }
+    }
+
+    /// An nd-SBP that is `on_data` on the data axis, `on_tensor` on the tensor axis, B elsewhere.
+    pub fn sbp(&self, on_data: Sbp, on_tensor: Sbp) -> NdSbp {
+        NdSbp(
+            (0..self.placement.mesh_axes())
+                .map(|axis| {
+                    if Some(axis) == self.data_axis {
+                        on_data
+                    } else if Some(axis) == self.tensor_axis {
+                        on_tensor
+                    } else {
+                        Sbp::Broadcast
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    /// A batch-major activation or input: split over the data axis, whole on the tensor axis.
+    pub fn batch(&self) -> NdSbp {
+        self.sbp(Sbp::Split(0), Sbp::Broadcast)
+    }
+
+    /// A parameter: replicated over the data axis, `on_tensor` on the tensor axis.
+    pub fn weight(&self, on_tensor: Sbp) -> NdSbp {
+        self.sbp(Sbp::Broadcast, on_tensor)
+    }
+}
+
+/// Parameter initialisation: normal(0, std) weights, seeded per parameter.
+#[derive(Clone, Copy, Debug)]
+pub struct Init {
+    /// Standard deviation of weights (GPT-2: 0.02).
+    pub std: f64,
+    /// Base seed; each parameter derives its own.
+    pub seed: u64,
+}
+
+impl Init {
+    fn normal(&self, shape: &[usize], index: u64) -> Result<HostTensor> {
+        Ok(HostTensor::randn(shape.to_vec(), 0.0, self.std, DType::F32, self.seed.wrapping_add(index))?)
+    }
+}
+
+/// `y = x·Wᵀ + b` with `W [out, in]` (PyTorch's layout).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`, if any.
+    pub bias: Option<Tensor>,
+}
+
+/// How a [`Linear`] is split on the tensor-parallel axis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parallel {
+    /// Whole on every device.
+    None,
+    /// Output features split (weight rows and bias): the output is split on its last axis.
+    Column,
+    /// Input features split (weight columns): the output is a partial sum.
+    Row,
+}
+
+impl Linear {
+    /// A linear layer named `name` (`name.weight`, `name.bias`).
+    pub fn new(
+        graph: &Graph,
+        name: &str,
+        (inputs, outputs): (usize, usize),
+        bias: bool,
+        parallel: Parallel,
+        layouts: &Layouts,
+        init: &mut InitCounter,
+    ) -> Result<Self> {
+        let (w_sbp, b_sbp) = match parallel {
+            Parallel::None => (Sbp::Broadcast, Sbp::Broadcast),
+            Parallel::Column => (Sbp::Split(0), Sbp::Split(0)),
+            Parallel::Row => (Sbp::Split(1), Sbp::Broadcast),
+        };
+        let placement = &layouts.placement;
+        let weight = graph.parameter(
+            &format!("{name}.weight"),
+            init.normal(&[outputs, inputs])?,
+            placement,
+            Some(layouts.weight(w_sbp)),
+        )?;
+        let bias = if bias {
+            let zeros = HostTensor::zeros([outputs], DType::F32);
+            Some(graph.parameter(&format!("{name}.bias"), zeros, placement, Some(layouts.weight(b_sbp)))?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// Applies the layer to `x [..., in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul_t(&self.weight, false, true)?;
+        match &self.bias {
+            Some(b) => y.add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Layer normalisation over the last axis with weight and bias (eps 1e-5).
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    /// `[d]`, initialised to ones.
+    pub weight: Tensor,
+    /// `[d]`, initialised to zeros.
+    pub bias: Tensor,
+}
+
+impl LayerNorm {
+    /// A layer norm named `name` over `d` features, replicated.
+    pub fn new(graph: &Graph, name: &str, d: usize, layouts: &Layouts) -> Result<Self> {
+        let sbp = Some(layouts.weight(Sbp::Broadcast));
+        let p = &layouts.placement;
+        let weight = graph.parameter(&format!("{name}.weight"), HostTensor::ones([d], DType::F32), p, sbp.clone())?;
+        let bias = graph.parameter(&format!("{name}.bias"), HostTensor::zeros([d], DType::F32), p, sbp)?;
+        Ok(LayerNorm { weight, bias })
+    }
+
+    /// Normalises `x [..., d]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.layer_norm(&self.weight, &self.bias, 1e-5)
+    }
+}
+
+/// Hands out per-parameter seeds in creation order, so a model built twice gets the same weights.
+#[derive(Clone, Debug)]
+pub struct InitCounter {
+    init: Init,
+    next: u64,
+}
+
+impl InitCounter {
+    /// Counts from the first parameter.
+    pub fn new(init: Init) -> Self {
+        InitCounter { init, next: 0 }
+    }
+
+    fn normal(&mut self, shape: &[usize]) -> Result<HostTensor> {
+        self.next += 1;
+        self.init.normal(shape, self.next)
+    }
+}
