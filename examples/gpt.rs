@@ -115,7 +115,9 @@ fn main() {
 
 fn run(args: &Args) -> Result<()> {
     if args.clip_grad != 0.0 || args.dropout != 0.0 {
-        return Err(Error::Graph("--clip-grad and --dropout are not supported by this example yet".into()));
+        return Err(Error::Graph(
+            "--clip-grad and --dropout are not supported by this example yet".into(),
+        ));
     }
     let text = std::fs::read_to_string(&args.corpus)
         .map_err(|e| Error::Data(format!("{}: {e}", args.corpus.display())))?;
@@ -128,10 +130,12 @@ fn run(args: &Args) -> Result<()> {
         None => (args.batch, args.ctx.min(config.ctx)),
     };
     let placement = Placement::grid(DeviceType::Cpu, &[args.dp, args.tp])?;
-    let layouts = Layouts { placement: placement.clone(), data_axis: Some(0), tensor_axis: Some(1) };
+    let layouts =
+        Layouts { placement: placement.clone(), data_axis: Some(0), tensor_axis: Some(1) };
     let graph = Graph::new();
     let ids = graph.input("ids", [batch, ctx], DType::I64, &placement, Some(layouts.batch()))?;
-    let targets = graph.input("targets", [batch, ctx], DType::I64, &placement, Some(layouts.batch()))?;
+    let targets =
+        graph.input("targets", [batch, ctx], DType::I64, &placement, Some(layouts.batch()))?;
     let model = Gpt::new(&graph, config, &layouts, Init { std: 0.02, seed: args.seed })?;
     let loss = model.loss(&ids, &targets)?;
     let optimizer = Optimizer::AdamW(AdamW {
@@ -149,7 +153,11 @@ fn run(args: &Args) -> Result<()> {
         _ => Schedule::Constant,
     };
     let training = Training { loss: loss.clone(), optimizer, schedule };
-    let session_config = SessionConfig { devices: args.dp * args.tp, threads_per_device: args.threads, ..Default::default() };
+    let session_config = SessionConfig {
+        devices: args.dp * args.tp,
+        threads_per_device: args.threads,
+        ..Default::default()
+    };
     let mut session = Session::new(&graph, &[&loss], Some(training), session_config)?;
     if let Some(init) = &init {
         let values: Vec<(String, HostTensor)> = init
@@ -180,7 +188,10 @@ fn run(args: &Args) -> Result<()> {
             None => batches.next_step(),
         };
         let (x, y) = inputs_and_targets(&tokens, batch, ctx);
-        let feeds = [(&ids, HostTensor::from_vec(x, [batch, ctx])?), (&targets, HostTensor::from_vec(y, [batch, ctx])?)];
+        let feeds = [
+            (&ids, HostTensor::from_vec(x, [batch, ctx])?),
+            (&targets, HostTensor::from_vec(y, [batch, ctx])?),
+        ];
         let value = session.step(&feeds)?[0].to_vec::<f32>()?[0];
         let seconds = started.elapsed().as_secs_f64();
         let tokens_per_second = ((step + 1) * batch * ctx) as f64 / seconds;
@@ -197,7 +208,11 @@ fn run(args: &Args) -> Result<()> {
 }
 
 /// The model shape: from the weights file when given (its `config` metadata), else the flags.
-fn model_config(args: &Args, tokenizer: &CharTokenizer, init: Option<&io::Named>) -> Result<GptConfig> {
+fn model_config(
+    args: &Args,
+    tokenizer: &CharTokenizer,
+    init: Option<&io::Named>,
+) -> Result<GptConfig> {
     let Some(init) = init else {
         return Ok(GptConfig {
             vocab: tokenizer.vocab(),
@@ -207,12 +222,23 @@ fn model_config(args: &Args, tokenizer: &CharTokenizer, init: Option<&io::Named>
             d_model: args.d_model,
         });
     };
-    let json = init.metadata.get("config").ok_or_else(|| Error::Data("--init-from: no `config` metadata".into()))?;
+    let json = init
+        .metadata
+        .get("config")
+        .ok_or_else(|| Error::Data("--init-from: no `config` metadata".into()))?;
     let field = |name: &str| -> Result<usize> {
-        let start = json.find(&format!("\"{name}\"")).ok_or_else(|| Error::Data(format!("config has no {name}")))?;
+        let start = json
+            .find(&format!("\"{name}\""))
+            .ok_or_else(|| Error::Data(format!("config has no {name}")))?;
         let rest = &json[start + name.len() + 2..];
-        let digits: String = rest.chars().skip_while(|c| !c.is_ascii_digit()).take_while(char::is_ascii_digit).collect();
-        digits.parse().map_err(|_| Error::Data(format!("config field {name} is not a number: {json}")))
+        let digits: String = rest
+            .chars()
+            .skip_while(|c| !c.is_ascii_digit())
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits
+            .parse()
+            .map_err(|_| Error::Data(format!("config field {name} is not a number: {json}")))
     };
     Ok(GptConfig {
         vocab: field("vocab")?,
@@ -240,7 +266,8 @@ fn sample(
     let model = Gpt::new(&graph, config, &layouts, Init { std: 0.02, seed: 0 })?;
     let probabilities = model.forward(&ids)?.softmax()?;
     let mut session = Session::new(&graph, &[&probabilities], None, SessionConfig::default())?;
-    let weights: Vec<_> = parameters.iter().filter(|(n, _)| !n.contains(".exp_avg")).cloned().collect();
+    let weights: Vec<_> =
+        parameters.iter().filter(|(n, _)| !n.contains(".exp_avg")).cloned().collect();
     session.load_variables(&weights)?;
     let mut window = tokenizer.encode(&text.chars().take(ctx).collect::<String>())?;
     let mut out = String::new();

@@ -125,7 +125,10 @@ impl TokenFile {
     /// Tokens of step `k`, `batch × (ctx + 1)` row-major.
     pub fn step(&self, k: usize) -> Result<&[i64]> {
         if k >= self.steps {
-            return Err(Error::Data(format!("step {k} asked of a token file of {} steps", self.steps)));
+            return Err(Error::Data(format!(
+                "step {k} asked of a token file of {} steps",
+                self.steps
+            )));
         }
         let size = self.batch * (self.ctx + 1);
         Ok(&self.tokens[k * size..(k + 1) * size])

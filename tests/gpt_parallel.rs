@@ -13,13 +13,19 @@ use meshflow::Graph;
 const CONFIG: GptConfig = GptConfig { vocab: 16, ctx: 8, n_layer: 2, n_head: 2, d_model: 16 };
 const BATCH: usize = 4;
 
-fn losses(hierarchy: &[usize], data_axis: Option<usize>, tensor_axis: Option<usize>, steps: usize) -> Vec<f32> {
+fn losses(
+    hierarchy: &[usize],
+    data_axis: Option<usize>,
+    tensor_axis: Option<usize>,
+    steps: usize,
+) -> Vec<f32> {
     let placement = Placement::grid(DeviceType::Cpu, hierarchy).unwrap();
     let layouts = Layouts { placement: placement.clone(), data_axis, tensor_axis };
     let g = Graph::new();
     let t = CONFIG.ctx;
     let ids = g.input("ids", [BATCH, t], DType::I64, &placement, Some(layouts.batch())).unwrap();
-    let targets = g.input("targets", [BATCH, t], DType::I64, &placement, Some(layouts.batch())).unwrap();
+    let targets =
+        g.input("targets", [BATCH, t], DType::I64, &placement, Some(layouts.batch())).unwrap();
     let model = Gpt::new(&g, CONFIG, &layouts, Init { std: 0.02, seed: 7 }).unwrap();
     let loss = model.loss(&ids, &targets).unwrap();
     let optimizer = Optimizer::AdamW(AdamW { weight_decay: 0.1, ..AdamW::new(1e-2) });
@@ -28,7 +34,9 @@ fn losses(hierarchy: &[usize], data_axis: Option<usize>, tensor_axis: Option<usi
     let mut session = Session::new(&g, &[&loss], Some(training), config).unwrap();
     (0..steps)
         .map(|step| {
-            let tokens: Vec<i64> = (0..BATCH * (t + 1)).map(|k| ((k * 5 + step * 3 + k / 7) % CONFIG.vocab) as i64).collect();
+            let tokens: Vec<i64> = (0..BATCH * (t + 1))
+                .map(|k| ((k * 5 + step * 3 + k / 7) % CONFIG.vocab) as i64)
+                .collect();
             let (x, y) = meshflow::data::inputs_and_targets(&tokens, BATCH, t);
             let x = HostTensor::from_vec(x, [BATCH, t]).unwrap();
             let y = HostTensor::from_vec(y, [BATCH, t]).unwrap();

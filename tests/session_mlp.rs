@@ -43,7 +43,12 @@ fn train(hierarchy: &[usize], layouts: &[&Layouts], steps: usize) -> (Vec<f32>, 
 }
 
 /// Trains for `steps`; with `fresh` each step draws a new batch, else every step sees the first.
-fn train_on(hierarchy: &[usize], layouts: &[&Layouts], steps: usize, fresh: bool) -> (Vec<f32>, Session) {
+fn train_on(
+    hierarchy: &[usize],
+    layouts: &[&Layouts],
+    steps: usize,
+    fresh: bool,
+) -> (Vec<f32>, Session) {
     let placement = Placement::grid(DeviceType::Cpu, hierarchy).unwrap();
     let nd = |f: fn(&Layouts) -> Sbp| Some(NdSbp(layouts.iter().map(|l| f(l)).collect()));
     let g = Graph::new();

@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use meshflow_ops::{OpRef, Shard, TensorMeta, Value};
-use meshflow_placement::select::{select, OpId, OpNode, SelectionGraph, SelectionReport, TensorSpec};
+use meshflow_placement::select::{
+    select, OpId, OpNode, SelectionGraph, SelectionReport, TensorSpec,
+};
 use meshflow_placement::{
     local_region, plan_boxing, Layout, NdSbp, NdSignature, Placement, Sbp, Signature,
 };
@@ -39,7 +41,8 @@ pub fn compile(graph: &GraphData, requests: &[Request], config: &CompileConfig) 
             Some(layout) => lowering.in_layout(r.value, layout.clone()),
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut ranks: Vec<usize> = graph.values.iter().flat_map(|v| v.placement.ranks().to_vec()).collect();
+    let mut ranks: Vec<usize> =
+        graph.values.iter().flat_map(|v| v.placement.ranks().to_vec()).collect();
     ranks.sort_unstable();
     ranks.dedup();
     Ok(Program {
@@ -75,15 +78,24 @@ fn selection_graph(graph: &GraphData) -> Result<(SelectionGraph, OpsOf)> {
             (0..rank).map(|axis| Signature::new([], [Sbp::Split(axis)])).collect();
         signatures.push(Signature::new([], [Sbp::Broadcast]));
         let name = graph.label(Value(index as u32));
-        let mut op = OpNode::new(name, info.placement.clone(), vec![], vec![spec(&info.meta)], &signatures, 0)?;
+        let mut op = OpNode::new(
+            name,
+            info.placement.clone(),
+            vec![],
+            vec![spec(&info.meta)],
+            &signatures,
+            0,
+        )?;
         if !fixed.is_empty() {
             op = op.fix_output(0, fixed);
         }
         ops_of[index] = Some((sg.add_op(op), 0));
     }
     for (index, node) in graph.nodes.iter().enumerate() {
-        let inputs: Vec<TensorMeta> = node.inputs.iter().map(|v| graph.value(*v).meta.clone()).collect();
-        let outputs: Vec<TensorMeta> = node.outputs.iter().map(|v| graph.value(*v).meta.clone()).collect();
+        let inputs: Vec<TensorMeta> =
+            node.inputs.iter().map(|v| graph.value(*v).meta.clone()).collect();
+        let outputs: Vec<TensorMeta> =
+            node.outputs.iter().map(|v| graph.value(*v).meta.clone()).collect();
         let signatures = node.op.signatures(&inputs);
         let name = format!("{}#{index}", node.op.name());
         let mut op = OpNode::new(
@@ -105,7 +117,11 @@ fn selection_graph(graph: &GraphData) -> Result<(SelectionGraph, OpsOf)> {
         }
         for (i, value) in node.inputs.iter().enumerate() {
             let (producer, output) = ops_of[value.0 as usize].ok_or_else(|| {
-                Error::Graph(format!("{}: input {} is used before it is made", node.op.name(), graph.label(*value)))
+                Error::Graph(format!(
+                    "{}: input {} is used before it is made",
+                    node.op.name(),
+                    graph.label(*value)
+                ))
             })?;
             sg.connect(producer, output, id, i)?;
         }
@@ -139,9 +155,8 @@ impl<'a> Lowering<'a> {
             produced: Vec::with_capacity(graph.values.len()),
             by_layout: HashMap::new(),
         };
-        for index in 0..graph.values.len() {
+        for (index, &(op, output)) in ops_of.iter().enumerate() {
             let value = Value(index as u32);
-            let (op, output) = ops_of[index];
             let info = graph.value(value);
             let sbp = lowering.signature(op).outputs[output].clone();
             let slot = lowering.slot(value, Layout::new(info.placement.clone(), sbp));
@@ -212,7 +227,9 @@ impl<'a> Lowering<'a> {
                     values
                         .iter()
                         .zip(sbps)
-                        .map(|(v, sbp)| shard(&self.graph.value(*v).meta, sbp, placement, &coordinates))
+                        .map(|(v, sbp)| {
+                            shard(&self.graph.value(*v).meta, sbp, placement, &coordinates)
+                        })
                         .collect::<Result<Vec<_>>>()
                 };
                 let inputs = shards(&node.inputs, &signature.inputs)?;
@@ -230,7 +247,12 @@ impl<'a> Lowering<'a> {
 }
 
 /// The shard of a tensor of `meta` under `sbp` at `coordinates` of `placement`.
-fn shard(meta: &TensorMeta, sbp: &NdSbp, placement: &Placement, coordinates: &[usize]) -> Result<Shard> {
+fn shard(
+    meta: &TensorMeta,
+    sbp: &NdSbp,
+    placement: &Placement,
+    coordinates: &[usize],
+) -> Result<Shard> {
     let region = local_region(meta.shape.dims(), sbp, placement.hierarchy(), coordinates)?;
     Ok(Shard {
         local: TensorMeta::new(region.shape, meta.dtype),

@@ -132,7 +132,13 @@ impl fmt::Display for Program {
                 }
                 Step::Boxing { from, plan, .. } => {
                     let value = self.slot(*from).value;
-                    writeln!(f, "  boxing {}: {} => {}", self.graph.label(value), plan.source, plan.target)?;
+                    writeln!(
+                        f,
+                        "  boxing {}: {} => {}",
+                        self.graph.label(value),
+                        plan.source,
+                        plan.target
+                    )?;
                     for s in &plan.steps {
                         writeln!(f, "    {s}")?;
                     }
@@ -140,9 +146,20 @@ impl fmt::Display for Program {
                 Step::Kernel { node, inputs, outputs, .. } => {
                     let n = self.graph.node(*node);
                     let sbps = |slots: &[Slot]| {
-                        slots.iter().map(|s| self.slot(*s).layout.nd_sbp.to_string()).collect::<Vec<_>>().join(", ")
+                        slots
+                            .iter()
+                            .map(|s| self.slot(*s).layout.nd_sbp.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     };
-                    writeln!(f, "  {} on {}: {} -> {}", n.op.name(), n.placement, sbps(inputs), sbps(outputs))?;
+                    writeln!(
+                        f,
+                        "  {} on {}: {} -> {}",
+                        n.op.name(),
+                        n.placement,
+                        sbps(inputs),
+                        sbps(outputs)
+                    )?;
                 }
             }
         }

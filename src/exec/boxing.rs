@@ -10,7 +10,9 @@ use std::collections::HashMap;
 
 use meshflow_comm::{Communicator, ReduceOp};
 use meshflow_ops::{DType, Tensor};
-use meshflow_placement::{local_region, transfer_pieces, BoxingPlan, BoxingStep, Layout, Region, Sbp, StepKind};
+use meshflow_placement::{
+    local_region, transfer_pieces, BoxingPlan, BoxingStep, Layout, Region, Sbp, StepKind,
+};
 
 use super::layout::{axis_from_front, axis_to_front, concat, put_box, take_box};
 use crate::{Error, Result};
@@ -68,7 +70,9 @@ fn apply_step(
     let Some(coordinates) = placement.coordinates(comms.rank) else {
         return Ok(None);
     };
-    let region = |layout: &Layout| local_region(logical, &layout.nd_sbp, placement.hierarchy(), &coordinates);
+    let region = |layout: &Layout| {
+        local_region(logical, &layout.nd_sbp, placement.hierarchy(), &coordinates)
+    };
     let group = |axis: usize| {
         let index = placement.index_of_coordinates(&coordinates);
         let ranks = placement.ranks();
@@ -168,7 +172,8 @@ fn copy_across(
     for piece in &pieces[t] {
         let from = source.placement.ranks()[piece.source_index];
         let part = if from == me {
-            let local = local.as_ref().ok_or_else(|| Error::Runtime("copy: missing local shard".into()))?;
+            let local =
+                local.as_ref().ok_or_else(|| Error::Runtime("copy: missing local shard".into()))?;
             let held = source_region(piece.source_index)?;
             take_box(local, &relative(&piece.region, &held), &piece.region.shape)?
         } else {

@@ -184,7 +184,7 @@ mod tests {
         assert_eq!(f.dims(), &[3, 2, 4]);
         // f[a, o, i] = t[o, a, i]
         let v = f.to_vec::<f32>().unwrap();
-        assert_eq!(v[(2 * 2 + 1) * 4 + 3], ((1 * 3 + 2) * 4 + 3) as f32);
+        assert_eq!(v[(2 * 2 + 1) * 4 + 3], ((3 + 2) * 4 + 3) as f32);
         let back = axis_from_front(&f, 1).unwrap();
         assert_eq!(back.to_vec::<f32>().unwrap(), t.to_vec::<f32>().unwrap());
     }
@@ -196,10 +196,17 @@ mod tests {
         assert_eq!(b.to_vec::<f32>().unwrap(), vec![7.0, 8.0, 9.0, 12.0, 13.0, 14.0]);
         let mut z = Tensor::zeros([4, 5], meshflow_ops::DType::F32);
         put_box(&mut z, &[1, 2], &b).unwrap();
-        assert_eq!(take_box(&z, &[1, 2], &[2, 3]).unwrap().to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+        assert_eq!(
+            take_box(&z, &[1, 2], &[2, 3]).unwrap().to_vec::<f32>().unwrap(),
+            b.to_vec::<f32>().unwrap()
+        );
         assert_eq!(z.to_vec::<f32>().unwrap()[0], 0.0);
-        let halves = [take_box(&t, &[0, 0], &[4, 2]).unwrap(), take_box(&t, &[0, 2], &[4, 3]).unwrap()];
-        assert_eq!(concat(&halves, 1).unwrap().to_vec::<f32>().unwrap(), t.to_vec::<f32>().unwrap());
+        let halves =
+            [take_box(&t, &[0, 0], &[4, 2]).unwrap(), take_box(&t, &[0, 2], &[4, 3]).unwrap()];
+        assert_eq!(
+            concat(&halves, 1).unwrap().to_vec::<f32>().unwrap(),
+            t.to_vec::<f32>().unwrap()
+        );
         assert!(take_box(&t, &[3, 0], &[2, 5]).is_err());
     }
 }

@@ -48,10 +48,15 @@ impl Graph {
             .data()
             .nodes
             .iter()
-            .map(|n| WalkNode { op: n.op.clone(), inputs: n.inputs.clone(), outputs: n.outputs.clone() })
+            .map(|n| WalkNode {
+                op: n.op.clone(),
+                inputs: n.inputs.clone(),
+                outputs: n.outputs.clone(),
+            })
             .collect();
         let wrt_values = wrt.iter().map(|t| self.own(t)).collect::<Result<Vec<_>>>()?;
-        let grads = self.with_emit(|e| walk(e, &nodes, &[loss.value()], &[seed.value()], &wrt_values))?;
+        let grads =
+            self.with_emit(|e| walk(e, &nodes, &[loss.value()], &[seed.value()], &wrt_values))?;
         Ok(grads.into_iter().map(|g| g.map(|v| Tensor::new(self.clone(), v))).collect())
     }
 }

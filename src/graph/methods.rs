@@ -5,8 +5,8 @@
 use meshflow_ops::ops::{
     add, add_scalar, cast, concat, cross_entropy, div, dropout, embedding, exp, fill, gelu,
     layer_norm, log, log_softmax, masked_fill, matmul, max, mean, mul, mul_scalar, narrow, neg,
-    permute, pow, pow_scalar, relu, reshape, rms_norm, rsqrt, sigmoid, silu, softmax, split,
-    sqrt, sub, sum, tanh, where_select,
+    permute, pow, pow_scalar, relu, reshape, rms_norm, rsqrt, sigmoid, silu, softmax, split, sqrt,
+    sub, sum, tanh, where_select,
 };
 use meshflow_ops::{DType, Emit, Shape, Value};
 

@@ -94,7 +94,14 @@ impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let data = self.graph.data();
         let info = data.value(self.value);
-        write!(f, "Tensor({} {} {} on {}", data.label(self.value), info.meta.shape, info.meta.dtype, info.placement)?;
+        write!(
+            f,
+            "Tensor({} {} {} on {}",
+            data.label(self.value),
+            info.meta.shape,
+            info.meta.dtype,
+            info.placement
+        )?;
         if let Some(sbp) = &info.sbp {
             write!(f, " {sbp}")?;
         }

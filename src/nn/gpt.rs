@@ -6,7 +6,7 @@
 use meshflow_ops::{DType, Tensor as HostTensor};
 use meshflow_placement::Sbp;
 
-use super::{Init, InitCounter, Layouts, LayerNorm, Linear, Parallel};
+use super::{Init, InitCounter, LayerNorm, Layouts, Linear, Parallel};
 use crate::{Error, Graph, Result, Tensor};
 
 /// The shape of a GPT.
@@ -36,7 +36,8 @@ impl GptConfig {
     /// Parameters of the model.
     pub fn parameters(&self) -> usize {
         let d = self.d_model;
-        let block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d);
+        let block =
+            2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d);
         self.vocab * d * 2 + self.ctx * d + self.n_layer * block + 2 * d
     }
 
@@ -83,22 +84,72 @@ impl Gpt {
         let d = config.d_model;
         let mut init = InitCounter::new(init);
         let p = &layouts.placement;
-        let wte = graph.parameter("wte.weight", init.normal(&[config.vocab, d])?, p, Some(layouts.weight(Sbp::Broadcast)))?;
-        let wpe = graph.parameter("wpe.weight", init.normal(&[config.ctx, d])?, p, Some(layouts.weight(Sbp::Broadcast)))?;
+        let wte = graph.parameter(
+            "wte.weight",
+            init.normal(&[config.vocab, d])?,
+            p,
+            Some(layouts.weight(Sbp::Broadcast)),
+        )?;
+        let wpe = graph.parameter(
+            "wpe.weight",
+            init.normal(&[config.ctx, d])?,
+            p,
+            Some(layouts.weight(Sbp::Broadcast)),
+        )?;
         let mut blocks = Vec::with_capacity(config.n_layer);
         for i in 0..config.n_layer {
             let name = |part: &str| format!("h.{i}.{part}");
             blocks.push(Block {
                 ln_1: LayerNorm::new(graph, &name("ln_1"), d, layouts)?,
-                c_attn: Linear::new(graph, &name("attn.c_attn"), (d, 3 * d), true, Parallel::None, layouts, &mut init)?,
-                attn_proj: Linear::new(graph, &name("attn.c_proj"), (d, d), true, Parallel::None, layouts, &mut init)?,
+                c_attn: Linear::new(
+                    graph,
+                    &name("attn.c_attn"),
+                    (d, 3 * d),
+                    true,
+                    Parallel::None,
+                    layouts,
+                    &mut init,
+                )?,
+                attn_proj: Linear::new(
+                    graph,
+                    &name("attn.c_proj"),
+                    (d, d),
+                    true,
+                    Parallel::None,
+                    layouts,
+                    &mut init,
+                )?,
                 ln_2: LayerNorm::new(graph, &name("ln_2"), d, layouts)?,
-                c_fc: Linear::new(graph, &name("mlp.c_fc"), (d, 4 * d), true, Parallel::Column, layouts, &mut init)?,
-                mlp_proj: Linear::new(graph, &name("mlp.c_proj"), (4 * d, d), true, Parallel::Row, layouts, &mut init)?,
+                c_fc: Linear::new(
+                    graph,
+                    &name("mlp.c_fc"),
+                    (d, 4 * d),
+                    true,
+                    Parallel::Column,
+                    layouts,
+                    &mut init,
+                )?,
+                mlp_proj: Linear::new(
+                    graph,
+                    &name("mlp.c_proj"),
+                    (4 * d, d),
+                    true,
+                    Parallel::Row,
+                    layouts,
+                    &mut init,
+                )?,
             });
         }
         let ln_f = LayerNorm::new(graph, "ln_f", d, layouts)?;
-        let lm_head = Linear::new(graph, "lm_head", (d, config.vocab), false, Parallel::None, layouts, &mut init)?;
+        let lm_head = Linear::new(
+            graph,
+            "lm_head",
+            (d, config.vocab),
+            false,
+            Parallel::None,
+            layouts,
+            &mut init,
+        )?;
         Ok(Gpt { config, layouts: layouts.clone(), wte, wpe, blocks, ln_f, lm_head })
     }
 
@@ -114,7 +165,10 @@ impl Gpt {
             return Err(Error::Graph(format!("gpt: ids must be [batch, time], got {dims:?}")));
         };
         if t > self.config.ctx {
-            return Err(Error::Graph(format!("gpt: {t} positions exceed the context {}", self.config.ctx)));
+            return Err(Error::Graph(format!(
+                "gpt: {t} positions exceed the context {}",
+                self.config.ctx
+            )));
         }
         let graph = ids.graph();
         let p = &self.layouts.placement;

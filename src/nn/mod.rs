@@ -68,7 +68,13 @@ pub struct Init {
 
 impl Init {
     fn normal(&self, shape: &[usize], index: u64) -> Result<HostTensor> {
-        Ok(HostTensor::randn(shape.to_vec(), 0.0, self.std, DType::F32, self.seed.wrapping_add(index))?)
+        Ok(HostTensor::randn(
+            shape.to_vec(),
+            0.0,
+            self.std,
+            DType::F32,
+            self.seed.wrapping_add(index),
+        )?)
     }
 }
 
@@ -117,7 +123,12 @@ impl Linear {
         )?;
         let bias = if bias {
             let zeros = HostTensor::zeros([outputs], DType::F32);
-            Some(graph.parameter(&format!("{name}.bias"), zeros, placement, Some(layouts.weight(b_sbp)))?)
+            Some(graph.parameter(
+                &format!("{name}.bias"),
+                zeros,
+                placement,
+                Some(layouts.weight(b_sbp)),
+            )?)
         } else {
             None
         };
@@ -148,8 +159,14 @@ impl LayerNorm {
     pub fn new(graph: &Graph, name: &str, d: usize, layouts: &Layouts) -> Result<Self> {
         let sbp = Some(layouts.weight(Sbp::Broadcast));
         let p = &layouts.placement;
-        let weight = graph.parameter(&format!("{name}.weight"), HostTensor::ones([d], DType::F32), p, sbp.clone())?;
-        let bias = graph.parameter(&format!("{name}.bias"), HostTensor::zeros([d], DType::F32), p, sbp)?;
+        let weight = graph.parameter(
+            &format!("{name}.weight"),
+            HostTensor::ones([d], DType::F32),
+            p,
+            sbp.clone(),
+        )?;
+        let bias =
+            graph.parameter(&format!("{name}.bias"), HostTensor::zeros([d], DType::F32), p, sbp)?;
         Ok(LayerNorm { weight, bias })
     }
 

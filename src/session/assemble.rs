@@ -22,9 +22,13 @@ pub fn assemble(meta: &TensorMeta, layout: &Layout, shards: &[Option<Tensor>]) -
         }
         let rank = placement.ranks()[index];
         let shard = shards.get(rank).and_then(Option::as_ref).ok_or_else(|| {
-            Error::Runtime(format!("rank {rank} returned no shard of a {} {} value", meta.shape, meta.dtype))
+            Error::Runtime(format!(
+                "rank {rank} returned no shard of a {} {} value",
+                meta.shape, meta.dtype
+            ))
         })?;
-        let region = local_region(meta.shape.dims(), &layout.nd_sbp, placement.hierarchy(), &coordinates)?;
+        let region =
+            local_region(meta.shape.dims(), &layout.nd_sbp, placement.hierarchy(), &coordinates)?;
         if shard.dims() != region.shape.as_slice() {
             return Err(Error::Runtime(format!(
                 "rank {rank} returned a shard of shape {:?}, expected {:?} under {layout}",

@@ -40,7 +40,8 @@ impl Devices {
             let thread = std::thread::Builder::new()
                 .name(format!("meshflow-device-{rank}"))
                 .spawn(move || {
-                    let mut worker = Worker::new(rank, Context::with_threads(threads_per_device), comms);
+                    let mut worker =
+                        Worker::new(rank, Context::with_threads(threads_per_device), comms);
                     while let Ok(call) = receiver.recv() {
                         call(&mut worker);
                     }
@@ -113,7 +114,8 @@ impl Devices {
             if !self.groups.insert(group.clone()) {
                 continue;
             }
-            let members = SharedGroup::members(group.iter().copied().map(Rank).collect(), self.timeout);
+            let members =
+                SharedGroup::members(group.iter().copied().map(Rank).collect(), self.timeout);
             for (member, &rank) in members.into_iter().zip(&group) {
                 let key = group.clone();
                 let (reply, receiver) = bounded(1);
@@ -147,7 +149,8 @@ impl Devices {
         if errors.is_empty() {
             return Ok(outputs);
         }
-        let first = errors.iter().position(|(_, e)| !e.to_string().contains("timed out")).unwrap_or(0);
+        let first =
+            errors.iter().position(|(_, e)| !e.to_string().contains("timed out")).unwrap_or(0);
         let (rank, error) = errors.swap_remove(first);
         Err(Error::Runtime(format!("rank {rank}: {error}")))
     }

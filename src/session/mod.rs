@@ -73,6 +73,9 @@ impl Default for SessionConfig {
     }
 }
 
+/// A variable (by name) that takes a new value in the layout it lives in.
+type Assignment = (String, Value, Layout);
+
 /// One parameter's update: the optimizer node and the variables it writes.
 #[derive(Clone, Debug)]
 struct Update {
@@ -93,7 +96,12 @@ pub struct Session {
 impl Session {
     /// Compiles `graph` for `fetches` (and, when `training` is given, its backward and update)
     /// and starts the devices.
-    pub fn new(graph: &Graph, fetches: &[&Tensor], training: Option<Training>, config: SessionConfig) -> Result<Self> {
+    pub fn new(
+        graph: &Graph,
+        fetches: &[&Tensor],
+        training: Option<Training>,
+        config: SessionConfig,
+    ) -> Result<Self> {
         let mut requests: Vec<Request> =
             fetches.iter().map(|t| Request { value: t.value(), layout: None }).collect();
         let mut assign_values = Vec::new();
@@ -115,7 +123,10 @@ impl Session {
                 config.devices
             )));
         }
-        let assign = assign_values.into_iter().zip(program.requested[fetches.len()..].iter().copied()).collect();
+        let assign = assign_values
+            .into_iter()
+            .zip(program.requested[fetches.len()..].iter().copied())
+            .collect();
         let devices = Devices::cpu(config.devices, config.threads_per_device, config.timeout)?;
         Ok(Session {
             graph: graph.clone(),
@@ -158,7 +169,10 @@ impl Session {
         let program = &self.program;
         for (index, info) in program.graph.values.iter().enumerate() {
             if matches!(info.source, Source::Input) && !fed.contains_key(&Value(index as u32)) {
-                return Err(Error::Graph(format!("input {} was not fed", program.graph.label(Value(index as u32)))));
+                return Err(Error::Graph(format!(
+                    "input {} was not fed",
+                    program.graph.label(Value(index as u32))
+                )));
             }
         }
         let overrides = self.overrides();
@@ -178,7 +192,8 @@ impl Session {
             .map(|(i, slot)| {
                 let info = program.slot(*slot);
                 let meta = &program.graph.value(info.value).meta;
-                let per_rank: Vec<Option<HostTensor>> = shards.iter().map(|s| s[i].clone()).collect();
+                let per_rank: Vec<Option<HostTensor>> =
+                    shards.iter().map(|s| s[i].clone()).collect();
                 assemble(meta, &info.layout, &per_rank)
             })
             .collect()
@@ -190,7 +205,8 @@ impl Session {
         let mut out = Vec::new();
         for (index, info) in program.graph.values.iter().enumerate() {
             let Source::Parameter { init } = &info.source else { continue };
-            let name = info.name.clone().unwrap_or_else(|| program.graph.label(Value(index as u32)));
+            let name =
+                info.name.clone().unwrap_or_else(|| program.graph.label(Value(index as u32)));
             let layout = program.slot(program.produced[index]).layout.clone();
             let key = name.clone();
             let shards = self.devices.each(move |w| w.variable(&key).cloned())?;
@@ -213,7 +229,10 @@ impl Session {
                 .graph
                 .values
                 .iter()
-                .position(|v| v.name.as_deref() == Some(name.as_str()) && matches!(v.source, Source::Parameter { .. }))
+                .position(|v| {
+                    v.name.as_deref() == Some(name.as_str())
+                        && matches!(v.source, Source::Parameter { .. })
+                })
                 .ok_or_else(|| Error::Graph(format!("no variable named {name:?}")))?;
             let meta = &program.graph.values[index].meta;
             if value.meta() != meta {
@@ -261,7 +280,7 @@ impl Session {
 
 /// The parameters of `graph` that `loss` depends on get an update node; returns the updates and
 /// the assignments (variable name, new value, the variable's layout).
-fn append_updates(graph: &Graph, training: &Training) -> Result<(Vec<Update>, Vec<(String, Value, Layout)>)> {
+fn append_updates(graph: &Graph, training: &Training) -> Result<(Vec<Update>, Vec<Assignment>)> {
     let params: Vec<Tensor> = {
         let data = graph.data();
         data.values
@@ -282,7 +301,9 @@ fn append_updates(graph: &Graph, training: &Training) -> Result<(Vec<Update>, Ve
         let sbp = param.sbp().unwrap_or_else(|| NdSbp::broadcast(placement.mesh_axes()));
         let layout = Layout::new(placement.clone(), sbp.clone());
         let zeros = || HostTensor::zeros(param.shape(), param.dtype());
-        let state = |suffix: &str| graph.parameter(&format!("{name}.{suffix}"), zeros(), &placement, Some(sbp.clone()));
+        let state = |suffix: &str| {
+            graph.parameter(&format!("{name}.{suffix}"), zeros(), &placement, Some(sbp.clone()))
+        };
         let (outputs, states) = match &training.optimizer {
             Optimizer::AdamW(config) => {
                 let (m, v) = (state("exp_avg")?, state("exp_avg_sq")?);
@@ -297,7 +318,10 @@ fn append_updates(graph: &Graph, training: &Training) -> Result<(Vec<Update>, Ve
                 (outputs, vec![buffer])
             }
         };
-        let node = graph.data().producer(outputs[0]).ok_or_else(|| Error::Graph("update has no node".into()))?;
+        let node = graph
+            .data()
+            .producer(outputs[0])
+            .ok_or_else(|| Error::Graph("update has no node".into()))?;
         updates.push(Update { node });
         assigns.push((name, outputs[0], layout.clone()));
         for (state, value) in states.iter().zip(&outputs[1..]) {

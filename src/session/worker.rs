@@ -47,7 +47,11 @@ impl Worker {
     }
 
     /// Adds the communicator of a group this rank belongs to.
-    pub fn add_group(&mut self, ranks: Vec<usize>, communicator: Box<dyn meshflow_comm::Communicator>) {
+    pub fn add_group(
+        &mut self,
+        ranks: Vec<usize>,
+        communicator: Box<dyn meshflow_comm::Communicator>,
+    ) {
         self.comms.groups.insert(ranks, communicator);
     }
 
@@ -77,7 +81,12 @@ impl Worker {
         Ok(request.fetch.iter().map(|slot| local[slot.0 as usize].clone()).collect())
     }
 
-    fn step(&mut self, request: &RunRequest, step: &Step, local: &mut [Option<Tensor>]) -> Result<()> {
+    fn step(
+        &mut self,
+        request: &RunRequest,
+        step: &Step,
+        local: &mut [Option<Tensor>],
+    ) -> Result<()> {
         let program = &request.program;
         match step {
             Step::Leaf { value, slot } => {
