@@ -13,7 +13,7 @@ fn loopback() -> SocketAddr {
 }
 
 fn config() -> QuicConfig {
-    QuicConfig::default().with_timeouts(Duration::from_secs(10))
+    QuicConfig::default().with_timeouts(Duration::from_secs(60))
 }
 
 fn endpoint(rank: usize, secret: &JobSecret) -> QuicEndpoint {
