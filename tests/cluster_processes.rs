@@ -142,6 +142,8 @@ fn worker_pid(output: &str, rank: usize) -> i32 {
 }
 
 /// When each surviving rank detected the failure of `failed` (epoch ms), from its output.
+/// The survivors' detections of `failed` (the victim's own lines are left out: a stopped worker
+/// that is resumed to be terminated may notice its own silence before it exits).
 fn detections(output: &str, failed: usize) -> Vec<(usize, u128)> {
     let needle = format!("ms: peer rank {failed} failed");
     let mut found: Vec<(usize, u128)> = output
@@ -152,6 +154,7 @@ fn detections(output: &str, failed: usize) -> Vec<(usize, u128)> {
             let at = line.split("detected at ").nth(1)?.split(' ').next()?.parse().ok()?;
             Some((rank, at))
         })
+        .filter(|(rank, _)| *rank != failed)
         .collect();
     found.sort();
     found.dedup_by_key(|(rank, _)| *rank);
