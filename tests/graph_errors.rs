@@ -1,0 +1,78 @@
+//! Bad programs are refused when they are built or compiled, with errors that name the op, the
+//! shapes and the layouts; nothing panics at run time.
+
+use meshflow::ops::{DType, Tensor as HostTensor};
+use meshflow::placement::{DeviceType, NdSbp, Placement, Sbp};
+use meshflow::session::{Session, SessionConfig};
+use meshflow::Graph;
+
+fn mesh(n: usize) -> Placement {
+    Placement::line(DeviceType::Cpu, n).unwrap()
+}
+
+#[test]
+fn shape_mismatch_names_the_op_and_shapes() {
+    let g = Graph::new();
+    let a = g.input("a", [4, 3], DType::F32, &mesh(1), None).unwrap();
+    let b = g.input("b", [5, 2], DType::F32, &mesh(1), None).unwrap();
+    let error = a.matmul(&b).unwrap_err().to_string();
+    assert!(
+        error.contains("matmul") && error.contains("[4, 3]") && error.contains("[5, 2]"),
+        "{error}"
+    );
+}
+
+#[test]
+fn inputs_on_two_placements_are_refused() {
+    let g = Graph::new();
+    let a = g.input("a", [4], DType::F32, &mesh(2), None).unwrap();
+    let other = Placement::new(DeviceType::Cpu, vec![2], vec![2, 3]).unwrap();
+    let b = g.input("b", [4], DType::F32, &other, None).unwrap();
+    let error = a.add(&b).unwrap_err().to_string();
+    assert!(error.contains("add") && error.contains("different placements"), "{error}");
+    assert!(
+        error.contains("cpu:0-1") || error.contains("[0,1]") || error.contains("0-1"),
+        "{error}"
+    );
+}
+
+#[test]
+fn split_axis_beyond_the_shape_and_wrong_mesh_axes_are_refused() {
+    let g = Graph::new();
+    let error = g
+        .input("x", [4, 3], DType::F32, &mesh(2), Some(NdSbp(vec![Sbp::Split(2)])))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("x") && error.contains("S(2)") && error.contains("[4, 3]"), "{error}");
+    let error = g
+        .input("y", [4], DType::F32, &mesh(2), Some(NdSbp(vec![Sbp::Broadcast, Sbp::Broadcast])))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("y") && error.contains("2 axes"), "{error}");
+}
+
+#[test]
+fn duplicate_names_and_unfed_inputs_are_errors() {
+    let g = Graph::new();
+    let w = HostTensor::zeros([2], DType::F32);
+    g.parameter("w", w.clone(), &mesh(1), None).unwrap();
+    assert!(g.parameter("w", w, &mesh(1), None).unwrap_err().to_string().contains("\"w\""));
+    let x = g.input("x", [2], DType::F32, &mesh(1), None).unwrap();
+    let y = x.relu().unwrap();
+    let mut session = Session::new(&g, &[&y], None, SessionConfig::default()).unwrap();
+    let error = session.step(&[]).unwrap_err().to_string();
+    assert!(error.contains("input x was not fed"), "{error}");
+    let wrong = HostTensor::zeros([3], DType::F32);
+    let error = session.step(&[(&x, wrong)]).unwrap_err().to_string();
+    assert!(error.contains("feed for x") && error.contains("[3]"), "{error}");
+}
+
+#[test]
+fn a_graph_larger_than_the_session_is_refused() {
+    let g = Graph::new();
+    let x = g.input("x", [4], DType::F32, &mesh(4), None).unwrap();
+    let y = x.relu().unwrap();
+    let config = SessionConfig { devices: 2, ..SessionConfig::default() };
+    let error = Session::new(&g, &[&y], None, config).err().expect("refused").to_string();
+    assert!(error.contains("rank 2") && error.contains("2 devices"), "{error}");
+}
