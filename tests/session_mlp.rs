@@ -109,6 +109,13 @@ fn data_parallel_matches_one_device() {
     let program = s2.program();
     let reductions = program.count_boxing("all-reduce") + program.count_boxing("reduce-scatter");
     assert!(reductions >= 4, "{program}");
+    // Every shard that is neither fetched nor written back is dropped once, after its last use.
+    let mut kept = program.requested.clone();
+    kept.sort();
+    kept.dedup();
+    let freed: Vec<_> = program.frees.iter().flatten().collect();
+    assert_eq!(freed.len(), program.slots.len() - kept.len());
+    assert!(freed.iter().all(|slot| !kept.contains(slot)));
 }
 
 #[test]

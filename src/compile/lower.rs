@@ -45,8 +45,10 @@ pub fn compile(graph: &GraphData, requests: &[Request], config: &CompileConfig) 
         graph.values.iter().flat_map(|v| v.placement.ranks().to_vec()).collect();
     ranks.sort_unstable();
     ranks.dedup();
+    let frees = Program::last_uses(&lowering.steps, lowering.slots.len(), &requested);
     Ok(Program {
         graph: graph.clone(),
+        frees,
         slots: lowering.slots,
         steps: lowering.steps,
         produced: lowering.produced,

@@ -97,11 +97,41 @@ pub struct Program {
     pub requested: Vec<Slot>,
     /// Every rank that takes part, sorted.
     pub ranks: Vec<usize>,
+    /// Per step, the slots nothing reads after it (and nobody requested): a rank drops its
+    /// shards of them once the step ran, so a step holds only the tensors still needed.
+    pub frees: Vec<Vec<Slot>>,
     /// What selection chose, with the boxing per edge.
     pub selection: SelectionReport,
 }
 
 impl Program {
+    /// For each step, the slots whose last reader it is (requested slots are kept).
+    pub fn last_uses(steps: &[Step], slots: usize, requested: &[Slot]) -> Vec<Vec<Slot>> {
+        let mut last: Vec<Option<usize>> = vec![None; slots];
+        for (index, step) in steps.iter().enumerate() {
+            let (reads, writes): (&[Slot], &[Slot]) = match step {
+                Step::Leaf { slot, .. } => (&[], std::slice::from_ref(slot)),
+                Step::Boxing { from, to, .. } => {
+                    (std::slice::from_ref(from), std::slice::from_ref(to))
+                }
+                Step::Kernel { inputs, outputs, .. } => (inputs, outputs),
+            };
+            for slot in reads.iter().chain(writes) {
+                last[slot.0 as usize] = Some(index);
+            }
+        }
+        for slot in requested {
+            last[slot.0 as usize] = None;
+        }
+        let mut frees = vec![Vec::new(); steps.len()];
+        for (slot, step) in last.into_iter().enumerate() {
+            if let Some(step) = step {
+                frees[step].push(Slot(slot as u32));
+            }
+        }
+        frees
+    }
+
     /// The slot info.
     pub fn slot(&self, slot: Slot) -> &SlotInfo {
         &self.slots[slot.0 as usize]

@@ -70,8 +70,11 @@ impl Worker {
     pub fn run(&mut self, request: &RunRequest) -> Result<Vec<Option<Tensor>>> {
         let program = &request.program;
         let mut local: Vec<Option<Tensor>> = vec![None; program.slots.len()];
-        for step in &program.steps {
+        for (step, frees) in program.steps.iter().zip(&program.frees) {
             self.step(request, step, &mut local)?;
+            for slot in frees {
+                local[slot.0 as usize] = None;
+            }
         }
         for (name, slot) in &request.assign {
             if let Some(shard) = local[slot.0 as usize].take() {
