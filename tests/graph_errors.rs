@@ -76,3 +76,23 @@ fn a_graph_larger_than_the_session_is_refused() {
     let error = Session::new(&g, &[&y], None, config).err().expect("refused").to_string();
     assert!(error.contains("rank 2") && error.contains("2 devices"), "{error}");
 }
+
+#[test]
+fn a_kernel_failing_on_one_rank_is_the_error_reported_not_the_peers_timeout() {
+    use std::time::Duration;
+    let g = Graph::new();
+    let split = Some(NdSbp(vec![Sbp::Split(0)]));
+    let ids = g.input("ids", [4], DType::I64, &mesh(2), split).unwrap();
+    let table = HostTensor::ones([3, 2], DType::F32);
+    let table = g.parameter("table", table, &mesh(2), Some(NdSbp(vec![Sbp::Broadcast]))).unwrap();
+    // The sum over the split rows needs a collective, which rank 0 reaches and rank 1 never does.
+    let total = table.embedding(&ids).unwrap().sum(&[0, 1], false).unwrap();
+    let config =
+        SessionConfig { devices: 2, timeout: Duration::from_secs(2), ..Default::default() };
+    let mut session = Session::new(&g, &[&total], None, config).unwrap();
+    // Rank 1 holds ids 2..4, one of which is outside the table's 3 rows.
+    let feed = HostTensor::from_vec(vec![0i64, 1, 2, 7], [4]).unwrap();
+    let error = session.step(&[(&ids, feed)]).unwrap_err().to_string();
+    assert!(error.contains("rank 1") && error.contains("embedding"), "{error}");
+    assert!(!error.contains("timed out"), "{error}");
+}

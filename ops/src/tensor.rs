@@ -203,6 +203,13 @@ impl Tensor {
         }
     }
 
+    /// The raw bytes, writable whatever the dtype; copies the storage first when it is shared.
+    pub fn bytes_mut(&mut self) -> Result<&mut [u8]> {
+        match make_unique(&mut self.storage) {
+            Storage::Cpu(cpu) => Ok(cpu.bytes_mut()),
+        }
+    }
+
     /// The same storage under another shape with the same number of elements.
     pub fn reshaped(&self, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();

@@ -48,7 +48,7 @@ pub fn apply_plan(
     let mut current = local;
     for step in &plan.steps {
         current = apply_step(&plan.logical, dtype, step, current, comms)
-            .map_err(|e| Error::Runtime(format!("boxing {step}: {e}")))?;
+            .map_err(|e| Error::Boxing { step: step.to_string(), source: Box::new(e) })?;
     }
     Ok(current)
 }

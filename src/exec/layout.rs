@@ -11,22 +11,11 @@ pub fn axis_to_front(t: &Tensor, axis: usize) -> Result<Tensor> {
     if axis == 0 {
         return Ok(t.clone());
     }
-    let shape = t.shape();
-    let (outer, len, inner) = shape.split_at_axis(axis);
-    let size = t.dtype().size();
-    let block = inner * size;
-    let src = t.bytes()?;
-    let mut out = vec![0u8; src.len()];
-    for a in 0..len {
-        for o in 0..outer {
-            let from = (o * len + a) * block;
-            let to = (a * outer + o) * block;
-            out[to..to + block].copy_from_slice(&src[from..from + block]);
-        }
-    }
-    let mut dims = vec![len];
-    dims.extend(shape.dims().iter().enumerate().filter(|(i, _)| *i != axis).map(|(_, d)| *d));
-    Ok(Tensor::from_bytes(&out, dims, t.dtype())?)
+    let dims = t.dims();
+    let (outer, len, inner) = t.shape().split_at_axis(axis);
+    let mut out_dims = vec![len];
+    out_dims.extend(dims.iter().enumerate().filter(|(i, _)| *i != axis).map(|(_, d)| *d));
+    swap_blocks(t, (outer, len, inner), out_dims, true)
 }
 
 /// The inverse of [`axis_to_front`]: axis 0 of `t` goes back to position `axis`.
@@ -35,25 +24,34 @@ pub fn axis_from_front(t: &Tensor, axis: usize) -> Result<Tensor> {
         return Ok(t.clone());
     }
     let dims = t.dims();
-    let len = dims[0];
-    let rest = &dims[1..];
+    let (len, rest) = (dims[0], &dims[1..]);
     let outer: usize = rest[..axis].iter().product();
     let inner: usize = rest[axis..].iter().product();
-    let size = t.dtype().size();
-    let block = inner * size;
+    let mut out_dims = rest[..axis].to_vec();
+    out_dims.push(len);
+    out_dims.extend_from_slice(&rest[axis..]);
+    swap_blocks(t, (outer, len, inner), out_dims, false)
+}
+
+/// Moves blocks of `inner` elements between the layouts `[outer, len, inner]` and
+/// `[len, outer, inner]` (`to_front`: from the first to the second).
+fn swap_blocks(
+    t: &Tensor,
+    (outer, len, inner): (usize, usize, usize),
+    out_dims: Vec<usize>,
+    to_front: bool,
+) -> Result<Tensor> {
+    let block = inner * t.dtype().size();
     let src = t.bytes()?;
     let mut out = vec![0u8; src.len()];
     for a in 0..len {
         for o in 0..outer {
-            let from = (a * outer + o) * block;
-            let to = (o * len + a) * block;
+            let (middle, front) = ((o * len + a) * block, (a * outer + o) * block);
+            let (from, to) = if to_front { (middle, front) } else { (front, middle) };
             out[to..to + block].copy_from_slice(&src[from..from + block]);
         }
     }
-    let mut new_dims = rest[..axis].to_vec();
-    new_dims.push(len);
-    new_dims.extend_from_slice(&rest[axis..]);
-    Ok(Tensor::from_bytes(&out, new_dims, t.dtype())?)
+    Ok(Tensor::from_bytes(&out, out_dims, t.dtype())?)
 }
 
 /// The box of `t` starting at `offsets` with shape `shape` (coordinates relative to `t`).
@@ -68,12 +66,14 @@ pub fn take_box(t: &Tensor, offsets: &[usize], shape: &[usize]) -> Result<Tensor
 /// Writes `src` into `dst` at `offsets` (coordinates relative to `dst`).
 pub fn put_box(dst: &mut Tensor, offsets: &[usize], src: &Tensor) -> Result<()> {
     check_box("put_box", dst.dims(), offsets, src.dims())?;
+    if src.dtype() != dst.dtype() {
+        return Err(Error::Graph(format!("put_box: {} into {}", src.dtype(), dst.dtype())));
+    }
     let size = dst.dtype().size();
-    let mut out = dst.bytes()?.to_vec();
-    let shape = src.dims().to_vec();
+    let dims = dst.dims().to_vec();
+    let shape = src.dims();
     let zero = vec![0; shape.len()];
-    copy_box(src.bytes()?, &shape, &zero, &mut out, dst.dims(), offsets, &shape, size);
-    *dst = Tensor::from_bytes(&out, dst.dims().to_vec(), dst.dtype())?;
+    copy_box(src.bytes()?, shape, &zero, dst.bytes_mut()?, &dims, offsets, shape, size);
     Ok(())
 }
 

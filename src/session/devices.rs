@@ -133,7 +133,8 @@ impl Devices {
     }
 
     /// Runs a program on every device; per rank, its shards of the fetched slots. When ranks
-    /// fail, the first error that is not a consequence of another (a timeout) is returned.
+    /// fail, the first error that is not a timeout (usually the consequence of another) is
+    /// returned.
     pub fn run(&mut self, request: RunRequest) -> Result<Vec<Vec<Option<Tensor>>>> {
         self.prepare(&request.program)?;
         let request = Arc::new(request);
@@ -149,8 +150,7 @@ impl Devices {
         if errors.is_empty() {
             return Ok(outputs);
         }
-        let first =
-            errors.iter().position(|(_, e)| !e.to_string().contains("timed out")).unwrap_or(0);
+        let first = errors.iter().position(|(_, e)| !e.is_timeout()).unwrap_or(0);
         let (rank, error) = errors.swap_remove(first);
         Err(Error::Runtime(format!("rank {rank}: {error}")))
     }
