@@ -1,12 +1,18 @@
 //! Criterion benches of the actor runtime: acts per second on one thread, the latency of a hop
-//! between two threads (spinning against parking), and one step of a 1000-actor random plan.
-//! Each group carries its reference in the same run: the simulator on the same plan, or a bare
-//! crossbeam ping-pong between two threads (blocking receives) for the hop.
+//! between two threads (spinning against parking, batched against one mail per message), and one
+//! step of a 1000-actor random plan. Each group carries its reference in the same run: the
+//! simulator on the same plan, or a bare crossbeam ping-pong between two threads for the hop.
+//!
+//! Before criterion runs, the bench prints a table of hop latencies (median and 90th percentile of
+//! many round trips / 2, timed inside the acts, so step overheads are left out) and of 1000-actor
+//! step times, with the load average beside each row.
+
+mod table;
 
 use std::convert::Infallible;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use criterion::{BenchmarkGroup, Criterion, Throughput};
 use meshflow_actor::{
     Act, ActorId, ActorKind, Completion, DeviceId, Driver, DriverConfig, Executor, Plan, Simulator,
     UniformCost,
@@ -85,8 +91,19 @@ fn configure(group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>) {
         .measurement_time(Duration::from_secs(3));
 }
 
-fn driver(plan: &Plan<()>, spin: u32) -> Driver<()> {
-    let config = DriverConfig { spin, ..DriverConfig::default() };
+/// The driver settings the benches compare, by name.
+fn settings() -> [(&'static str, DriverConfig); 4] {
+    let spin = DriverConfig::default();
+    let park = DriverConfig { spin: Duration::ZERO, ..spin.clone() };
+    [
+        ("spin_batched", spin.clone()),
+        ("spin_unbatched", DriverConfig { batch: false, ..spin }),
+        ("park_batched", park.clone()),
+        ("park_unbatched", DriverConfig { batch: false, ..park }),
+    ]
+}
+
+fn driver(plan: &Plan<()>, config: DriverConfig) -> Driver<()> {
     Driver::start(plan.clone(), config, |_, _| Nothing).expect("bench plans are well formed")
 }
 
@@ -97,7 +114,7 @@ fn acts_per_second(criterion: &mut Criterion) {
     let mut group = criterion.benchmark_group("chain_one_thread");
     configure(&mut group);
     group.throughput(Throughput::Elements(ACTORS as u64 * PIECES));
-    let mut threaded = driver(&plan, DriverConfig::default().spin);
+    let mut threaded = driver(&plan, DriverConfig::default());
     group.bench_function("driver", |bench| bench.iter(|| threaded.run_step(PIECES).expect("runs")));
     let cost = UniformCost { act: 1, latency: 0 };
     let mut simulator = Simulator::new(&plan, cost, 0).expect("checks");
@@ -113,10 +130,8 @@ fn hop_latency(criterion: &mut Criterion) {
     let mut group = criterion.benchmark_group("hop_two_threads");
     configure(&mut group);
     group.throughput(Throughput::Elements(HOPS as u64));
-    for (name, spin) in
-        [("park", 0), ("spin_only_7", 7), ("spin_then_yield_32", 32), ("yield_1000", 1000)]
-    {
-        let mut threaded = driver(&plan, spin);
+    for (name, config) in settings() {
+        let mut threaded = driver(&plan, config);
         group.bench_function(name, |bench| bench.iter(|| threaded.run_step(1).expect("runs")));
     }
     group.bench_function("crossbeam_ping_pong_reference", |bench| {
@@ -148,8 +163,8 @@ fn random_step(criterion: &mut Criterion) {
     let mut group = criterion.benchmark_group("random_dag_1000");
     configure(&mut group);
     group.throughput(Throughput::Elements(acts));
-    for (name, spin) in [("driver_two_threads_park", 0), ("driver_two_threads_default", 32)] {
-        let mut threaded = driver(&plan, spin);
+    for (name, config) in settings() {
+        let mut threaded = driver(&plan, config);
         group.bench_function(name, |bench| bench.iter(|| threaded.run_step(4).expect("runs")));
     }
     let cost = UniformCost { act: 1, latency: 0 };
@@ -160,5 +175,24 @@ fn random_step(criterion: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, acts_per_second, hop_latency, random_step);
-criterion_main!(benches);
+fn main() {
+    let mut criterion = Criterion::default().configure_from_args();
+    if table_wanted() {
+        table::print();
+    }
+    acts_per_second(&mut criterion);
+    hop_latency(&mut criterion);
+    random_step(&mut criterion);
+    criterion.final_summary();
+}
+
+/// Whether to print the table: not when cargo only tests or lists the benches, nor when the
+/// filter names a group other than the hop (`-- hop_table` prints the table alone).
+fn table_wanted() -> bool {
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    let listing = arguments.iter().any(|argument| argument == "--test" || argument == "--list");
+    let filter = arguments.iter().find(|argument| !argument.starts_with('-'));
+    let hop =
+        |filter: &String| filter.contains("hop") || "hop_two_threads".contains(filter.as_str());
+    !listing && filter.is_none_or(hop)
+}

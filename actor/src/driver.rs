@@ -4,10 +4,21 @@
 //! messages from other threads, commands from the [`Driver`], and completions of asynchronous acts
 //! (a [`CompletionHandle`]). Messages between actors of one thread go through a local queue and
 //! never touch a channel; messages to other threads are collected per thread and sent as one batch
-//! when the local queue runs dry. An idle thread polls its mailbox up to `spin` times before it
-//! parks, backing off between polls (crossbeam's `Backoff`: a few exponentially longer busy waits,
-//! then yields to the scheduler), so a peer's answer within microseconds costs no wake-up while an
-//! idle thread does not starve others on a busy machine.
+//! when the local queue runs dry ([`DriverConfig::batch`]).
+//!
+//! A hop between threads is cheap when the receiver is awake: an idle thread polls its mailbox
+//! for [`DriverConfig::spin`] before it parks, so an answer that comes within that budget costs
+//! no wake-up. The sender pays no system call either while the receiver spins: the channel wakes
+//! a receiver only when one is registered as blocked (an atomic flag that crossbeam's sender
+//! checks before it locks and unparks), and a spinning receiver never registers. A parked
+//! receiver costs the sender an unpark and the receiver a wake-up, several microseconds on a
+//! virtual machine; the `actor` bench prints both.
+//!
+//! The spinning thread puts a `spin_loop` hint between polls and yields the core after every
+//! sixteen (about a microsecond). Without the yields, two threads that the scheduler placed on
+//! one core (as it does on a busy machine, waking a thread next to its waker) take turns by
+//! exhausting their budgets: each hop then costs the whole budget, 23 µs against 1 µs with the
+//! yields in one measurement at a load of 13 on 2 cores.
 //!
 //! An executor error, a protocol error or a panic on any thread ends the step everywhere: the
 //! failing thread raises a shared abort flag and reports; the driver tells every thread to abort,
@@ -22,7 +33,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use crossbeam::utils::Backoff;
 
 use crate::{
     Act, ActStart, Action, Actor, ActorId, Blocked, Command, Completion, DeviceId, Envelope, Error,
@@ -32,10 +42,15 @@ use crate::{
 /// How the threaded driver behaves.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DriverConfig {
-    /// How many times an idle thread polls its mailbox before it parks. The first seven polls
-    /// busy-wait (about 130 spin hints in all), later ones yield the processor. Default 32; 0 parks
-    /// at once.
-    pub spin: u32,
+    /// How long an idle thread keeps polling its mailbox (with a `spin_loop` hint between polls)
+    /// before it parks; a message that arrives within it costs neither side a system call.
+    /// Default 20 µs, about three wake-ups of a parked thread on a virtual machine: long enough
+    /// to catch the answer of a peer thread, short enough to give the core back soon when the
+    /// thread is truly idle. Zero parks at once.
+    pub spin: Duration,
+    /// Whether messages to another thread wait until the local queue runs dry and then go as one
+    /// mail per thread (default), or each goes at once as a mail of its own.
+    pub batch: bool,
     /// Whether to record every act (see [`RunReport::trace`]). Default off.
     pub trace: bool,
     /// How long a step (or the stop) may take before the driver aborts it. Default none.
@@ -44,7 +59,7 @@ pub struct DriverConfig {
 
 impl Default for DriverConfig {
     fn default() -> Self {
-        Self { spin: 32, trace: false, step_timeout: None }
+        Self { spin: Duration::from_micros(20), batch: true, trace: false, step_timeout: None }
     }
 }
 
@@ -360,6 +375,10 @@ struct Shared<F> {
     config: DriverConfig,
 }
 
+/// Mailbox polls (about a microsecond) between two yields, and reads of the clock, while a thread
+/// spins.
+const POLLS_PER_YIELD: u32 = 16;
+
 type Context<P, F> = (Arc<Plan<P>>, Arc<Shared<F>>, Arc<AtomicBool>, Sender<Report>);
 
 struct Worker<P, E, F> {
@@ -487,16 +506,36 @@ where
     }
 
     fn next_mail(&self) -> Option<Mail> {
-        let backoff = Backoff::new();
-        for _ in 0..self.shared.config.spin {
-            match self.inbox.try_recv() {
-                Ok(mail) => return Some(mail),
-                Err(TryRecvError::Disconnected) => return None,
-                Err(TryRecvError::Empty) if self.abort.load(Ordering::Relaxed) => return None,
-                Err(TryRecvError::Empty) => backoff.snooze(),
-            }
+        match self.spin() {
+            Ok(mail) => Some(mail),
+            Err(TryRecvError::Disconnected) => None,
+            Err(TryRecvError::Empty) => self.inbox.recv().ok(),
         }
-        self.inbox.recv().ok()
+    }
+
+    /// Polls the mailbox until mail comes or the spin budget is spent (`Empty`), with a spin hint
+    /// between polls and a yield after every few; an abort ends the spin as a disconnection
+    /// would.
+    fn spin(&self) -> Result<Mail, TryRecvError> {
+        let budget = self.shared.config.spin;
+        let begin = Instant::now();
+        loop {
+            for _ in 0..POLLS_PER_YIELD {
+                match self.inbox.try_recv() {
+                    Err(TryRecvError::Empty) => std::hint::spin_loop(),
+                    outcome => return outcome,
+                }
+            }
+            if self.abort.load(Ordering::Relaxed) {
+                return Err(TryRecvError::Disconnected);
+            }
+            if begin.elapsed() >= budget {
+                return Err(TryRecvError::Empty);
+            }
+            // Gives the core to the peer thread if it waits on this one's core; returns at once
+            // when nothing else is runnable here.
+            std::thread::yield_now();
+        }
     }
 
     fn command_all(&mut self, command: impl Fn(ActorId) -> Command) {
@@ -520,20 +559,23 @@ where
     }
 
     fn flush(&mut self) -> Result<(), Error> {
+        (0..self.outboxes.len()).try_for_each(|index| self.flush_outbox(index))
+    }
+
+    /// Sends what waits for thread `index` (or a remote device, through the transport).
+    fn flush_outbox(&mut self, index: usize) -> Result<(), Error> {
+        if self.outboxes[index].is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.outboxes[index]);
         let threads = self.shared.mailboxes.len();
-        for (index, outbox) in self.outboxes.iter_mut().enumerate() {
-            if outbox.is_empty() {
-                continue;
+        match (self.shared.mailboxes.get(index), &self.shared.transport) {
+            // A thread that already ended reports why; its messages no longer matter.
+            (Some(mailbox), _) => drop(mailbox.send(Mail::Batch(batch))),
+            (None, Some(transport)) => {
+                transport.send(self.shared.remote[index - threads], batch)?
             }
-            let batch = std::mem::take(outbox);
-            match (self.shared.mailboxes.get(index), &self.shared.transport) {
-                // A thread that already ended reports why; its messages no longer matter.
-                (Some(mailbox), _) => drop(mailbox.send(Mail::Batch(batch))),
-                (None, Some(transport)) => {
-                    transport.send(self.shared.remote[index - threads], batch)?
-                }
-                (None, None) => unreachable!("remote devices exist only with a transport"),
-            }
+            (None, None) => unreachable!("remote devices exist only with a transport"),
         }
         Ok(())
     }
@@ -541,7 +583,7 @@ where
     fn drive(&mut self, local: usize) -> Result<(), Error> {
         while let Some(action) = self.actors[local].poll_action() {
             match action {
-                Action::Send(envelope) => self.route(envelope),
+                Action::Send(envelope) => self.route(envelope)?,
                 Action::StepDone { step } => self.step_done(step),
                 Action::Act(start) => {
                     if !self.act(local, start)? {
@@ -553,12 +595,16 @@ where
         Ok(())
     }
 
-    fn route(&mut self, envelope: Envelope) {
+    fn route(&mut self, envelope: Envelope) -> Result<(), Error> {
         let thread = self.shared.route[envelope.to.index()].0;
         if thread == self.thread {
             self.local.push_back(envelope);
-        } else {
-            self.outboxes[thread].push(envelope);
+            return Ok(());
+        }
+        self.outboxes[thread].push(envelope);
+        match self.shared.config.batch {
+            true => Ok(()),
+            false => self.flush_outbox(thread),
         }
     }
 

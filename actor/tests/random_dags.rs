@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use meshflow_actor::{ActorId, ActorKind, Driver, DriverConfig, Plan, Simulator};
 use proptest::prelude::*;
@@ -30,11 +31,10 @@ fn simulate(plan: &Plan<()>, pieces: u64, seed: u64) -> Outcome {
     (memory.results(), memory.variable_states())
 }
 
-fn run_threaded(plan: &Plan<()>, pieces: u64, spin: u32) -> Outcome {
+fn run_threaded(plan: &Plan<()>, pieces: u64, config: DriverConfig) -> Outcome {
     let topology = plan.check().expect("random plans are well formed");
     let memory = Memory::new(topology.register_total(), plan.actors.len());
     let shared = memory.clone();
-    let config = DriverConfig { spin, ..DriverConfig::default() };
     let mut driver =
         Driver::start(plan.clone(), config, move |_, _| HashExecutor { memory: shared.clone() })
             .expect("driver starts");
@@ -66,7 +66,12 @@ proptest! {
             let outcome = simulate(&plan, pieces, seed);
             prop_assert_eq!(&outcome, &reference, "seed {}", seed);
         }
-        let threaded = run_threaded(&plan, pieces, 100);
+        // Spinning and batched, or parking at once and sending every message on its own.
+        let config = match plan_seed % 2 {
+            0 => DriverConfig { spin: Duration::from_micros(100), ..DriverConfig::default() },
+            _ => DriverConfig { spin: Duration::ZERO, batch: false, ..DriverConfig::default() },
+        };
+        let threaded = run_threaded(&plan, pieces, config);
         prop_assert_eq!(&threaded, &reference);
     }
 }
@@ -89,5 +94,6 @@ fn variables_change_between_steps() {
         assert_ne!(states[index], initial[index], "variable {index} was updated");
     }
     assert_eq!(results.len(), expected_pieces(&plan, pieces));
-    assert_eq!(run_threaded(&plan, pieces, 0), (results, states));
+    let config = DriverConfig { spin: Duration::ZERO, ..DriverConfig::default() };
+    assert_eq!(run_threaded(&plan, pieces, config), (results, states));
 }
