@@ -34,8 +34,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 
+use crate::executor::run_act;
 use crate::{
-    Act, ActStart, Action, Actor, ActorId, Blocked, Command, Completion, DeviceId, Envelope, Error,
+    ActStart, Action, Actor, ActorId, Blocked, Command, Completion, DeviceId, Envelope, Error,
     Executor, Message, Plan, RegisterUsage, Topology, Trace, TraceEvent,
 };
 
@@ -620,28 +621,7 @@ where
     /// Runs an act; returns whether it completed synchronously.
     fn act(&mut self, local: usize, start: ActStart) -> Result<bool, Error> {
         let begin = self.clock();
-        let state = &self.actors[local];
-        let actor = state.id();
-        let spec = &self.plan.actors[actor.index()];
-        let (inputs, outputs) = state.act_registers();
-        let act = Act {
-            actor,
-            name: &spec.name,
-            kind: spec.kind,
-            device: self.device,
-            payload: &spec.payload,
-            step: start.step,
-            sequence: start.sequence,
-            stage: start.stage,
-            inputs,
-            outputs,
-        };
-        let completion = self.executor.act(&act).map_err(|source| Error::Act {
-            actor,
-            name: spec.name.clone(),
-            sequence: start.sequence,
-            source: Box::new(source),
-        })?;
+        let completion = run_act(&mut self.executor, &self.plan, &self.actors[local], start)?;
         self.act_started[local] = begin;
         match completion {
             Completion::Done => self.finish(local).map(|()| true),

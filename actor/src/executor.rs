@@ -1,7 +1,7 @@
 //! The user's side of an act: the runtime moves register ids, the executor owns the buffers behind
 //! them and runs the kernels.
 
-use crate::{ActorId, ActorKind, DeviceId, RegisterId, Stage};
+use crate::{ActStart, Actor, ActorId, ActorKind, DeviceId, Error, Plan, RegisterId, Stage};
 
 /// Everything an executor needs to run one act.
 #[derive(Debug)]
@@ -57,4 +57,35 @@ pub trait Executor<P> {
 
     /// Runs one act: reads `act.inputs`, writes `act.outputs`.
     fn act(&mut self, act: &Act<'_, P>) -> Result<Completion, Self::Error>;
+}
+
+/// Hands `executor` the act `start` of `actor` (a state machine of `plan`); an executor error
+/// becomes [`Error::Act`] naming the actor. Both drivers start acts here.
+pub(crate) fn run_act<P, E: Executor<P>>(
+    executor: &mut E,
+    plan: &Plan<P>,
+    actor: &Actor,
+    start: ActStart,
+) -> Result<Completion, Error> {
+    let id = actor.id();
+    let spec = &plan.actors[id.index()];
+    let (inputs, outputs) = actor.act_registers();
+    let act = Act {
+        actor: id,
+        name: &spec.name,
+        kind: spec.kind,
+        device: spec.device,
+        payload: &spec.payload,
+        step: start.step,
+        sequence: start.sequence,
+        stage: start.stage,
+        inputs,
+        outputs,
+    };
+    executor.act(&act).map_err(|source| Error::Act {
+        actor: id,
+        name: spec.name.clone(),
+        sequence: start.sequence,
+        source: Box::new(source),
+    })
 }

@@ -12,9 +12,10 @@ use std::collections::BinaryHeap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::executor::run_act;
 use crate::{
-    Act, Action, Actor, ActorId, ActorKind, Command, DeadlockReport, Envelope, Error, Executor,
-    Message, Plan, RegisterUsage, Topology, Trace, TraceEvent,
+    Action, Actor, ActorId, ActorKind, Command, DeadlockReport, Envelope, Error, Executor, Message,
+    Plan, RegisterUsage, Topology, Trace, TraceEvent,
 };
 
 /// How long acts and messages take in virtual time (nanoseconds by convention).
@@ -258,27 +259,7 @@ impl<'p, P, C: CostModel> Simulator<'p, P, C> {
                 Action::Send(envelope) => self.send(envelope),
                 Action::StepDone { .. } => finished += 1,
                 Action::Act(start) => {
-                    let state = &self.actors[actor.index()];
-                    let spec = &self.plan.actors[actor.index()];
-                    let (inputs, outputs) = state.act_registers();
-                    let act = Act {
-                        actor,
-                        name: &spec.name,
-                        kind: spec.kind,
-                        device: spec.device,
-                        payload: &spec.payload,
-                        step: start.step,
-                        sequence: start.sequence,
-                        stage: start.stage,
-                        inputs,
-                        outputs,
-                    };
-                    executor.act(&act).map_err(|source| Error::Act {
-                        actor,
-                        name: spec.name.clone(),
-                        sequence: start.sequence,
-                        source: Box::new(source),
-                    })?;
+                    run_act(executor, self.plan, &self.actors[actor.index()], start)?;
                     self.act_started[actor.index()] = self.now;
                     report.acts += 1;
                     let duration = self.cost.act_duration(actor, start.sequence);

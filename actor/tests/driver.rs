@@ -9,7 +9,7 @@ use std::time::Duration;
 use crossbeam::channel;
 use meshflow_actor::{
     Act, ActorId, ActorKind, Completion, CompletionHandle, DeviceId, Driver, DriverConfig,
-    Envelope, Error, Executor, Inbound, Plan, Simulator, Transport, UniformCost,
+    Envelope, Error, Executor, Inbound, Plan, Transport,
 };
 
 use common::{HashExecutor, Memory, Never};
@@ -150,12 +150,7 @@ impl Executor<()> for Deferred {
 fn asynchronous_completions_give_the_simulated_results() {
     let (plan, pieces) = common::random_plan(23, 10, 3);
     let topology = plan.check().expect("well formed");
-    let memory = Memory::new(topology.register_total(), plan.actors.len());
-    let mut executor = HashExecutor { memory: memory.clone() };
-    let mut simulator =
-        Simulator::new(&plan, UniformCost { act: 1, latency: 1 }, 4).expect("checks");
-    simulator.run_step(pieces, &mut executor).expect("runs");
-    simulator.run_step(pieces, &mut executor).expect("runs");
+    let memory = common::simulated_two_steps(&plan, pieces, 4);
 
     let threaded = Memory::new(topology.register_total(), plan.actors.len());
     let shared = threaded.clone();
@@ -261,12 +256,7 @@ impl Transport for Loopback {
 fn two_processes_linked_by_a_transport_give_the_simulated_results() {
     let (plan, pieces) = common::random_plan(41, 12, 4);
     let topology = plan.check().expect("well formed");
-    let reference = Memory::new(topology.register_total(), plan.actors.len());
-    let mut executor = HashExecutor { memory: reference.clone() };
-    let mut simulator =
-        Simulator::new(&plan, UniformCost { act: 1, latency: 1 }, 8).expect("checks");
-    simulator.run_step(pieces, &mut executor).expect("runs");
-    simulator.run_step(pieces, &mut executor).expect("runs");
+    let reference = common::simulated_two_steps(&plan, pieces, 8);
 
     let memory = Memory::new(topology.register_total(), plan.actors.len());
     let (to_second, to_first) = (Arc::new(Loopback::default()), Arc::new(Loopback::default()));

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use meshflow_actor::{
-    Act, ActorId, ActorKind, Completion, CostModel, DeviceId, Executor, Plan, Stage,
+    Act, ActorId, ActorKind, Completion, CostModel, DeviceId, Executor, Plan, Simulator, Stage,
+    UniformCost,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -109,6 +110,19 @@ impl Executor<()> for HashExecutor {
         }
         Ok(Completion::Done)
     }
+}
+
+/// What [`HashExecutor`] wrote over two steps of `pieces` under the simulator (unit act and link
+/// costs, `seed`): the reference a threaded run must equal.
+pub fn simulated_two_steps(plan: &Plan<()>, pieces: u64, seed: u64) -> Memory {
+    let topology = plan.check().expect("well formed");
+    let memory = Memory::new(topology.register_total(), plan.actors.len());
+    let mut executor = HashExecutor { memory: memory.clone() };
+    let mut simulator =
+        Simulator::new(plan, UniformCost { act: 1, latency: 1 }, seed).expect("checks");
+    simulator.run_step(pieces, &mut executor).expect("runs");
+    simulator.run_step(pieces, &mut executor).expect("runs");
+    memory
 }
 
 /// A random plan: sources, variables fanned out per piece by repeats and updated from
