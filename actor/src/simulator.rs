@@ -5,17 +5,33 @@
 //! each sink finished each piece, or, when nothing can progress while work is left, a
 //! [`DeadlockReport`]. It also keeps a ledger of every register between a readable and its free,
 //! and counts any register written while a consumer still held it.
+//!
+//! For a planner that wants the time a physical plan takes on a cluster:
+//!
+//! 1. Implement [`CostModel`] from the plan's own tables (an act's flops over its device's speed,
+//!    a message's latency by the pair of devices; a transfer of many bytes is best an act of a
+//!    send or receive actor on a device stream of its own, so that it takes its time there).
+//! 2. [`Simulator::new`] checks the plan; [`Simulator::one_act_per_device`] makes each
+//!    [`DeviceId`] one stream that runs one act at a time, as the threaded driver and a GPU stream
+//!    do (by default every actor is its own resource and only registers hold acts back);
+//!    [`Simulator::enable_trace`] records every act.
+//! 3. [`Simulator::run_step`] as many times as there are steps; each [`StepReport`] gives the
+//!    step's finishing time and when each sink finished each piece. A plan that cannot finish is
+//!    [`Error::Deadlock`] naming the blocked actors, never a hang.
+//! 4. Then [`Simulator::device_busy`] (busy time per device, for utilisation and the bottleneck),
+//!    [`Simulator::register_usage`] (registers held at most, per actor: the memory bound) and
+//!    [`Simulator::trace`] ([`Trace::chrome_json`] opens in Perfetto).
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::executor::run_act;
 use crate::{
-    Action, Actor, ActorId, ActorKind, Command, DeadlockReport, Envelope, Error, Executor, Message,
-    Plan, RegisterUsage, Topology, Trace, TraceEvent,
+    Action, Actor, ActorId, ActorKind, Command, DeadlockReport, DeviceId, Envelope, Error,
+    Executor, Message, Plan, RegisterUsage, Topology, Trace, TraceEvent,
 };
 
 /// How long acts and messages take in virtual time (nanoseconds by convention).
@@ -110,6 +126,12 @@ pub struct Simulator<'p, P, C> {
     ledger: Vec<bool>,
     ledger_offset: Vec<usize>,
     violations: u64,
+    /// Whether each device runs one act at a time.
+    one_act_per_device: bool,
+    /// Per device, when the acts it was given end (with `one_act_per_device`).
+    device_free_at: BTreeMap<DeviceId, u64>,
+    /// Per device, the virtual time its acts took.
+    device_busy: BTreeMap<DeviceId, u64>,
 }
 
 impl<'p, P, C: CostModel> Simulator<'p, P, C> {
@@ -142,6 +164,9 @@ impl<'p, P, C: CostModel> Simulator<'p, P, C> {
             ledger: vec![false; total],
             ledger_offset,
             violations: 0,
+            one_act_per_device: false,
+            device_free_at: BTreeMap::new(),
+            device_busy: plan.actors.iter().map(|spec| (spec.device, 0)).collect(),
         })
     }
 
@@ -153,6 +178,20 @@ impl<'p, P, C: CostModel> Simulator<'p, P, C> {
     /// The acts recorded since [`Simulator::enable_trace`].
     pub fn trace(&self) -> Option<&Trace> {
         self.trace.as_ref()
+    }
+
+    /// From now on each device runs one act at a time, in the order its actors became ready (a
+    /// device stream: a thread of the threaded driver, a GPU stream); an act that becomes ready
+    /// while its device is busy starts when the device's earlier acts end. Without it every actor
+    /// is its own resource.
+    pub fn one_act_per_device(&mut self) {
+        self.one_act_per_device = true;
+    }
+
+    /// Per device of the plan, in device order, the virtual time its acts took since the start:
+    /// busy time over [`Simulator::now`] is its utilisation.
+    pub fn device_busy(&self) -> Vec<(DeviceId, u64)> {
+        self.device_busy.iter().map(|(&device, &busy)| (device, busy)).collect()
     }
 
     /// The current virtual time.
@@ -260,14 +299,27 @@ impl<'p, P, C: CostModel> Simulator<'p, P, C> {
                 Action::StepDone { .. } => finished += 1,
                 Action::Act(start) => {
                     run_act(executor, self.plan, &self.actors[actor.index()], start)?;
-                    self.act_started[actor.index()] = self.now;
                     report.acts += 1;
                     let duration = self.cost.act_duration(actor, start.sequence);
-                    self.schedule(duration, Event::Complete(actor));
+                    let begin = self.act_begin(self.plan.actors[actor.index()].device, duration);
+                    self.act_started[actor.index()] = begin;
+                    self.schedule(begin - self.now + duration, Event::Complete(actor));
                 }
             }
         }
         Ok(finished)
+    }
+
+    /// When an act of `duration` that is ready now starts on `device`; books the device.
+    fn act_begin(&mut self, device: DeviceId, duration: u64) -> u64 {
+        *self.device_busy.entry(device).or_default() += duration;
+        if !self.one_act_per_device {
+            return self.now;
+        }
+        let free_at = self.device_free_at.entry(device).or_default();
+        let begin = (*free_at).max(self.now);
+        *free_at = begin + duration;
+        begin
     }
 
     fn complete(&mut self, actor: ActorId, report: &mut StepReport) -> Result<(), Error> {

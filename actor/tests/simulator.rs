@@ -2,9 +2,13 @@
 
 mod common;
 
-use meshflow_actor::{ActorId, ActorKind, DeviceId, Error, Plan, Simulator, UniformCost, Wait};
+use std::collections::BTreeMap;
 
-use common::{mix, HashExecutor, Memory};
+use meshflow_actor::{
+    ActorId, ActorKind, CostModel, DeviceId, Error, Plan, Simulator, UniformCost, Wait,
+};
+
+use common::{mix, HashExecutor, JitterCost, Memory};
 
 const ACT: u64 = 10;
 
@@ -57,6 +61,89 @@ fn one_register_halves_the_throughput_of_a_chain() {
         // A producer waits for its consumer's whole act before it writes the next piece.
         assert_eq!(single, (2 * pieces + actors as u64 - 2) * ACT, "k={actors} n={pieces}");
         assert!(single > pipelined);
+    }
+}
+
+/// Each actor of a chain its own act time, messages instant.
+struct StageCost(Vec<u64>);
+
+impl CostModel for StageCost {
+    fn act_duration(&self, actor: ActorId, _sequence: u64) -> u64 {
+        self.0[actor.index()]
+    }
+
+    fn latency(&self, _from: ActorId, _to: ActorId) -> u64 {
+        0
+    }
+}
+
+#[test]
+fn unequal_stages_finish_after_their_sum_and_one_bottleneck_act_per_further_piece() {
+    let stage_times =
+        [vec![3, 7, 2, 11, 5], vec![11, 3, 7, 2, 5], vec![3, 7, 2, 5, 11], vec![4, 4, 9, 9, 1]];
+    for times in stage_times {
+        let plan = chain(times.len(), 2);
+        let (sum, bottleneck) = (times.iter().sum::<u64>(), *times.iter().max().expect("stages"));
+        for pieces in [1, 6, 13] {
+            for seed in 0..3 {
+                let mut executor = executor_for(&plan);
+                let mut simulator =
+                    Simulator::new(&plan, StageCost(times.clone()), seed).expect("checks");
+                let report = simulator.run_step(pieces, &mut executor).expect("no deadlock");
+                let expected = sum + (pieces - 1) * bottleneck;
+                assert_eq!(report.finished_at, expected, "{times:?} n={pieces} seed={seed}");
+            }
+        }
+    }
+}
+
+#[test]
+fn one_device_runs_a_chain_one_act_at_a_time() {
+    let mut plan = chain(4, 2);
+    for spec in &mut plan.actors {
+        spec.device = DeviceId(0);
+    }
+    let cost = UniformCost { act: ACT, latency: 0 };
+    let mut concurrent = Simulator::new(&plan, cost, 3).expect("checks");
+    let report = concurrent.run_step(5, &mut executor_for(&plan)).expect("no deadlock");
+    assert_eq!(report.finished_at, (5 + 4 - 1) * ACT);
+    let mut serial = Simulator::new(&plan, cost, 3).expect("checks");
+    serial.one_act_per_device();
+    let report = serial.run_step(5, &mut executor_for(&plan)).expect("no deadlock");
+    assert_eq!(report.finished_at, 5 * 4 * ACT);
+    assert_eq!(serial.device_busy(), vec![(DeviceId(0), 5 * 4 * ACT)]);
+    assert_eq!(concurrent.device_busy(), serial.device_busy());
+}
+
+#[test]
+fn acts_of_one_device_never_overlap_and_results_stay_the_same() {
+    for plan_seed in 0..6 {
+        let (plan, pieces) = common::random_plan(plan_seed, 10, 3);
+        let reference = executor_for(&plan);
+        let mut concurrent = Simulator::new(&plan, JitterCost::new(plan_seed), 1).expect("checks");
+        concurrent.run_step(pieces, &mut reference.clone()).expect("no deadlock");
+        let serial_executor = executor_for(&plan);
+        let mut serial = Simulator::new(&plan, JitterCost::new(plan_seed), 1).expect("checks");
+        serial.one_act_per_device();
+        serial.enable_trace();
+        serial.run_step(pieces, &mut serial_executor.clone()).expect("no deadlock");
+        assert_eq!(serial_executor.memory.results(), reference.memory.results());
+        let mut lanes: BTreeMap<DeviceId, Vec<(u64, u64)>> = BTreeMap::new();
+        for event in &serial.trace().expect("tracing is on").events {
+            lanes.entry(event.device).or_default().push((event.start, event.end));
+        }
+        for (device, mut acts) in lanes.clone() {
+            acts.sort();
+            for pair in acts.windows(2) {
+                assert!(pair[0].1 <= pair[1].0, "{device}: {pair:?} overlap (plan {plan_seed})");
+            }
+        }
+        let traced: Vec<(DeviceId, u64)> = lanes
+            .iter()
+            .map(|(&device, acts)| (device, acts.iter().map(|(start, end)| end - start).sum()))
+            .collect();
+        assert_eq!(serial.device_busy(), traced);
+        assert!(serial.now() >= traced.iter().map(|lane| lane.1).max().unwrap_or(0));
     }
 }
 
