@@ -1,11 +1,13 @@
 //! Criterion benches of the actor runtime: acts per second on one thread, the latency of a hop
-//! between two threads (spinning against parking, batched against one mail per message), and one
-//! step of a 1000-actor random plan. Each group carries its reference in the same run: the
-//! simulator on the same plan, or a bare crossbeam ping-pong between two threads for the hop.
+//! between two threads (spinning against parking, batched against one mail per message; timed
+//! inside the acts of a chain, so step overheads are left out; criterion gives the mean, which a
+//! busy machine's preemptions inflate), and one step of a 1000-actor random plan. Each group carries its reference in the same run: the simulator on the
+//! same plan, or a bare crossbeam ping-pong between two threads (blocking receives) for the hop.
 //!
 //! Before criterion runs, the bench prints a table of hop latencies (median and 90th percentile of
-//! many round trips / 2, timed inside the acts, so step overheads are left out) and of 1000-actor
-//! step times, with the load average beside each row.
+//! many round trips / 2, timed inside the acts) and of 1000-actor step times, with the load
+//! average beside each row: `cargo bench -p meshflow-actor --bench actor -- hop` prints the table
+//! and runs the hop group (`-- hop_table` prints the table alone).
 
 mod table;
 
@@ -124,15 +126,28 @@ fn acts_per_second(criterion: &mut Criterion) {
     group.finish();
 }
 
+/// Criterion's view of the hop: the time from the third to the last act of one piece down a
+/// chain alternating between two threads, over its hops. The first round trip is left out, as
+/// it holds the step's start (a parked thread woken by the driver).
 fn hop_latency(criterion: &mut Criterion) {
     const HOPS: usize = 32;
-    let plan = chain(HOPS + 1, 1, |index| (index % 2) as u32);
     let mut group = criterion.benchmark_group("hop_two_threads");
     configure(&mut group);
     group.throughput(Throughput::Elements(HOPS as u64));
     for (name, config) in settings() {
-        let mut threaded = driver(&plan, config);
-        group.bench_function(name, |bench| bench.iter(|| threaded.run_step(1).expect("runs")));
+        let (mut threaded, stamps) = table::stamped_chain(HOPS + 3, config);
+        group.bench_function(name, |bench| {
+            bench.iter_custom(|iterations| {
+                let nanoseconds: u64 = (0..iterations)
+                    .map(|_| {
+                        threaded.run_step(1).expect("runs");
+                        let times = stamps.times();
+                        times[HOPS + 2] - times[2]
+                    })
+                    .sum();
+                Duration::from_nanos(nanoseconds)
+            })
+        });
     }
     group.bench_function("crossbeam_ping_pong_reference", |bench| {
         let (to_peer, peer_inbox) = crossbeam::channel::unbounded::<u64>();

@@ -62,9 +62,16 @@ fn load() -> String {
 
 /// Records when each actor acted, in nanoseconds since a shared epoch.
 #[derive(Clone)]
-struct Stamps {
+pub struct Stamps {
     epoch: Instant,
     times: Arc<Vec<AtomicU64>>,
+}
+
+impl Stamps {
+    /// When each actor last acted; read after a step, which orders the executors' writes first.
+    pub fn times(&self) -> Vec<u64> {
+        self.times.iter().map(|time| time.load(Ordering::Relaxed)).collect()
+    }
 }
 
 impl Executor<()> for Stamps {
@@ -77,23 +84,28 @@ impl Executor<()> for Stamps {
     }
 }
 
+/// A chain of `actors` alternating between two threads, its acts stamped.
+pub fn stamped_chain(actors: usize, config: DriverConfig) -> (Driver<()>, Stamps) {
+    let plan = chain(actors, 1, |index| (index % 2) as u32);
+    let stamps = Stamps {
+        epoch: Instant::now(),
+        times: Arc::new((0..actors).map(|_| AtomicU64::new(0)).collect()),
+    };
+    let shared = stamps.clone();
+    let threaded = Driver::start(plan, config, move |_, _| shared.clone()).expect("starts");
+    (threaded, stamps)
+}
+
 /// One piece down a chain alternating between two threads, many times: actors `i` and `i + 2`
 /// act on the same thread, so half the time between their acts is one hop (an act that does
 /// nothing, its messages out, the other thread's act, its messages back).
 fn hop_samples(config: DriverConfig) -> Vec<f64> {
-    let plan = chain(CHAIN, 1, |index| (index % 2) as u32);
-    let stamps = Stamps {
-        epoch: Instant::now(),
-        times: Arc::new((0..CHAIN).map(|_| AtomicU64::new(0)).collect()),
-    };
-    let shared = stamps.clone();
-    let mut threaded = Driver::start(plan, config, move |_, _| shared.clone()).expect("starts");
+    let (mut threaded, stamps) = stamped_chain(CHAIN, config);
     let mut samples = Vec::with_capacity((STEPS - WARM_UP_STEPS) * CHAIN);
     for step in 0..STEPS {
         threaded.run_step(1).expect("the chain runs");
         if step >= WARM_UP_STEPS {
-            let times: Vec<u64> =
-                stamps.times.iter().map(|time| time.load(Ordering::Relaxed)).collect();
+            let times = stamps.times();
             samples.extend(times.windows(3).map(|window| (window[2] - window[0]) as f64 / 2.0));
         }
     }
