@@ -10,7 +10,8 @@
 //!   kernels. It may finish an act later ([`Completion::Pending`], [`CompletionHandle`]).
 //! - [`Driver`] runs a plan on one OS thread per device (all of them, or this process's share, with
 //!   a [`Transport`] to the others and an [`Inbound`] from them); [`Simulator`] runs it on a virtual clock
-//!   with a seed, reports piece finishing times and deadlocks ([`DeadlockReport`]).
+//!   with a seed (each device one act at a time, if asked), reports piece finishing times, busy
+//!   time per device and deadlocks ([`DeadlockReport`]); its module doc says how a planner uses it.
 //! - [`Trace`] records acts and exports Chrome-trace JSON (Perfetto), one lane per device.
 //!
 //! ```
