@@ -11,13 +11,15 @@
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use meshflow_comm::cluster::{
     self, ClusterConfig, ClusterError, Health, Link, Member, MemberInfo, Rendezvous,
+    WatchedCommunicator, WatchedTransport,
 };
-use meshflow_comm::quic::{JobSecret, QuicConfig, QuicEndpoint};
-use meshflow_comm::Rank;
+use meshflow_comm::quic::{JobSecret, QuicConfig, QuicEndpoint, QuicTransport};
+use meshflow_comm::{Communicator, Rank, TransportCommunicator};
 
 use crate::launch::hostlist;
 use crate::launch::plan::{DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT};
@@ -182,6 +184,8 @@ impl World {
             rendezvous: None,
             member: Some(member),
             finish_timeout: options.cluster.join_timeout,
+            data_plane: OnceLock::new(),
+            settle: settle_time(&options.cluster),
         })
     }
 
@@ -212,6 +216,8 @@ impl World {
             rendezvous: Some(rendezvous),
             member: Some(member?),
             finish_timeout: options.cluster.join_timeout,
+            data_plane: OnceLock::new(),
+            settle: settle_time(&options.cluster),
         })
     }
 }
@@ -226,6 +232,13 @@ pub struct Job {
     rendezvous: Option<Rendezvous>,
     member: Option<Member>,
     finish_timeout: Duration,
+    data_plane: OnceLock<Arc<WatchedTransport>>,
+    settle: Duration,
+}
+
+/// How long a comm error waits for the failure detection to name its cause: the detection bound.
+fn settle_time(config: &ClusterConfig) -> Duration {
+    config.failure_timeout + 2 * config.heartbeat_interval
 }
 
 impl Job {
@@ -260,6 +273,43 @@ impl Job {
                 })
             })
             .collect()
+    }
+
+    /// Connects this rank's data plane to every other rank's: one authenticated QUIC connection
+    /// per pair, watched by the job's [`Health`] (see [`WatchedTransport`]): once a rank is
+    /// declared failed, every pending and later operation on it fails with
+    /// `meshflow_comm::Error::PeerFailed` naming that rank. Collective: every rank calls it once
+    /// (directly or through its first [`Job::communicator`]); later calls return the same
+    /// transport. Blocking waits are bounded by [`JoinOptions::quic`]'s operation timeout.
+    pub fn connect(&self) -> Result<Arc<WatchedTransport>, DistError> {
+        if let Some(transport) = self.data_plane.get() {
+            return Ok(transport.clone());
+        }
+        let addresses = self.data_addresses()?;
+        let health = self.health();
+        let transport = QuicTransport::connect_mesh(self.data.clone(), &addresses)
+            .map_err(|error| named(&health, "connect", error))?;
+        let closer = self.data.clone();
+        let watched = WatchedTransport::new(
+            Arc::new(transport),
+            health,
+            &self.data.runtime(),
+            self.settle,
+            Box::new(move || closer.close()),
+        );
+        Ok(self.data_plane.get_or_init(|| Arc::new(watched)).clone())
+    }
+
+    /// A communicator over the global `ranks` (this rank among them; every member passes the
+    /// same list in the same order), on the health-watched data plane: a collective blocked on a
+    /// rank that dies or stops answering fails within the failure-detection bound, naming it
+    /// (`meshflow_comm::Error::PeerFailed`). The first call connects the data plane
+    /// ([`Job::connect`]), which every rank must reach; later calls talk to the group only.
+    pub fn communicator(&self, ranks: &[usize]) -> Result<Box<dyn Communicator>, DistError> {
+        let transport = self.connect()?;
+        let group = ranks.iter().copied().map(Rank).collect();
+        let inner = TransportCommunicator::new(transport, group)?;
+        Ok(Box::new(WatchedCommunicator::new(Box::new(inner), self.health())))
     }
 
     /// Stores a value for every rank.
@@ -311,6 +361,18 @@ impl Drop for Job {
         let _guard = self.runner.runtime().enter();
         self.member.take();
         self.rendezvous.take();
+    }
+}
+
+/// `error`, or the failure of the rank that caused it when the health knows one.
+fn named(health: &Health, operation: &str, error: meshflow_comm::Error) -> meshflow_comm::Error {
+    match health.failure() {
+        Some(failure) => meshflow_comm::Error::PeerFailed {
+            peer: Rank(failure.rank),
+            operation: operation.to_string(),
+            reason: failure.reason,
+        },
+        None => error,
     }
 }
 

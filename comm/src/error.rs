@@ -52,6 +52,17 @@ pub enum Error {
         /// What the connection reported.
         reason: String,
     },
+    /// The job's failure detection declared a rank failed (it exited, crashed or stopped
+    /// answering): every pending and later operation of the job ends with this error.
+    #[error("rank {peer} failed ({reason}); {operation} on this rank was abandoned")]
+    PeerFailed {
+        /// The failed rank.
+        peer: Rank,
+        /// The collective or transport operation that was abandoned.
+        operation: String,
+        /// How the failure was noticed (no heartbeat, exit status …).
+        reason: String,
+    },
     /// A blocking wait ran past its configured timeout.
     #[error("timed out after {timeout:?} during {operation} waiting for peer {peer}")]
     Timeout {

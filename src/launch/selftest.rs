@@ -1,7 +1,9 @@
 //! `meshflow selftest`: a tiny worker that checks a world formed by `meshflow launch`, srun or
 //! mpirun. Every rank joins, then runs `--rounds` rounds of a key-value all-gather (each rank
 //! stores `rank + 1 + round`, reads every rank's value and checks the sum) closed by a barrier,
-//! and prints one line per round. On any error it prints the error with the wall-clock time in
+//! and prints one line per round. With `--collectives` each round is instead an all-reduce of
+//! `rank + 1 + round` and an all-gather of the ranks over the health-watched data plane
+//! ([`Job::communicator`]). On any error it prints the error with the wall-clock time in
 //! milliseconds (so that tests can measure failure-detection latency) and exits with status 1.
 //!
 //! ```text
@@ -9,11 +11,12 @@
 //! ```
 
 use std::process::ExitCode;
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Condvar, Mutex, Once, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 use meshflow_comm::cluster::{ClusterConfig, Health};
+use meshflow_comm::{Communicator, ReduceOp};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::dist::{self, DistError, Job, JoinOptions};
@@ -54,27 +57,36 @@ pub struct SelftestArgs {
     #[arg(long, value_name = "MS", default_value_t = 60_000)]
     pub join_timeout_ms: u64,
     /// After the rounds, connect the data plane (QUIC mesh over the announced addresses) and
-    /// run one all-reduce with the comm collectives.
+    /// run one all-reduce and one all-gather with the comm collectives.
     #[arg(long)]
     pub all_reduce: bool,
+    /// Run every round as comm collectives (all-reduce and all-gather over the health-watched
+    /// data plane) instead of through the rendezvous store.
+    #[arg(long)]
+    pub collectives: bool,
 }
 
 /// Runs the self-test; the exit code says whether every round passed.
 pub fn run(args: &SelftestArgs) -> ExitCode {
     let rank = std::env::var("RANK").unwrap_or_else(|_| "?".to_string());
-    match check(args) {
+    let reporter = Arc::new(Reporter::default());
+    let code = match check(args, &reporter) {
         Ok(sum) => {
             println!("selftest: ok, {} rounds, last sum {sum}", args.rounds);
             ExitCode::SUCCESS
         }
         Err(error) => {
-            println!("selftest: rank {rank} error at {} ms: {error}", now_ms());
+            reporter.print_detection();
+            let at = reporter.error_at.get().copied().unwrap_or_else(now_ms);
+            println!("selftest: rank {rank} error at {at} ms: {error}");
             ExitCode::FAILURE
         }
-    }
+    };
+    reporter.finish();
+    code
 }
 
-fn check(args: &SelftestArgs) -> Result<u64, SelftestError> {
+fn check(args: &SelftestArgs, reporter: &Arc<Reporter>) -> Result<u64, SelftestError> {
     let world = dist::init()?;
     let options = JoinOptions {
         cluster: ClusterConfig {
@@ -85,9 +97,7 @@ fn check(args: &SelftestArgs) -> Result<u64, SelftestError> {
         ..JoinOptions::default()
     };
     let job = world.join(&options)?;
-    let detection =
-        Arc::new(Detection { health: job.health(), rank: world.rank, printed: Once::new() });
-    watch_health(detection.clone());
+    reporter.watch(job.health(), world.rank);
     println!(
         "selftest: joined as rank {} of {} (local rank {}), {} members, pid {}",
         world.rank,
@@ -96,49 +106,95 @@ fn check(args: &SelftestArgs) -> Result<u64, SelftestError> {
         job.members().len(),
         std::process::id()
     );
-    let result = rounds(&job, args);
-    if result.is_err() {
-        detection.print();
-    }
-    let sum = result?;
+    // The error's time is taken before the job is dropped (rank 0 lingers to deliver a failure).
+    let sum = rounds(&job, args).inspect_err(|_| {
+        let _ = reporter.error_at.set(now_ms());
+    })?;
     job.finish()?;
     Ok(sum)
 }
 
 fn rounds(job: &Job, args: &SelftestArgs) -> Result<u64, SelftestError> {
+    let everyone: Vec<usize> = (0..job.world().world_size).collect();
+    let data_plane = args.collectives || args.all_reduce;
+    let mut communicator = if data_plane { Some(job.communicator(&everyone)?) } else { None };
     let mut sum = 0;
     for round in 0..args.rounds {
-        sum = all_gather_round(job, round)?;
+        sum = match communicator.as_mut().filter(|_| args.collectives) {
+            Some(communicator) => collective_round(communicator.as_mut(), job, round)?,
+            None => all_gather_round(job, round)?,
+        };
         println!("selftest: round {round} sum {sum}");
         std::thread::sleep(Duration::from_millis(args.pause_ms));
     }
-    if args.all_reduce {
-        all_reduce(job)?;
+    if let Some(communicator) = communicator.as_mut().filter(|_| args.all_reduce) {
+        all_reduce(communicator.as_mut(), job)?;
+    }
+    if communicator.is_some() {
+        // Every rank must be done with the data plane before any closes its endpoint.
+        job.barrier("selftest/data-plane")?;
     }
     Ok(sum)
 }
 
-/// One all-reduce of `[rank + 1; 4]` over the QUIC data plane, checked against `n (n + 1) / 2`.
-fn all_reduce(job: &Job) -> Result<(), SelftestError> {
-    use meshflow_comm::quic::QuicTransport;
-    use meshflow_comm::{Communicator, ReduceOp, TransportCommunicator};
+/// `n (n + 1) / 2 + n round`: the sum of every rank's `rank + 1 + round`.
+fn expected_sum(world_size: usize, round: u64) -> u64 {
+    let size = world_size as u64;
+    size * (size + 1) / 2 + size * round
+}
 
+/// One round over the data plane: an all-reduce of `[rank + 1 + round; 256]` and an all-gather
+/// of `[rank; 2]`, both checked.
+fn collective_round(
+    communicator: &mut dyn Communicator,
+    job: &Job,
+    round: u64,
+) -> Result<u64, SelftestError> {
     let world = job.world();
-    let addresses = job.data_addresses()?;
-    let transport = QuicTransport::connect_mesh(job.data_endpoint().clone(), &addresses)?;
-    let mut communicator = TransportCommunicator::world(Arc::new(transport))?;
+    let mine = (world.rank as u64 + 1 + round) as f32;
+    let input = crate::ops::Tensor::from_vec(vec![mine; 256], vec![256])?;
+    let reduced: Vec<f32> = communicator.all_reduce(&input, ReduceOp::Sum)?.to_vec()?;
+    let expected = expected_sum(world.world_size, round);
+    if reduced.iter().any(|&value| value != expected as f32) {
+        return Err(SelftestError::Mismatch(format!(
+            "round {round}: all-reduce gave {:?}…, expected {expected}",
+            &reduced[..4]
+        )));
+    }
+    let ranks = crate::ops::Tensor::from_vec(vec![world.rank as f32; 2], vec![2])?;
+    let gathered: Vec<f32> = communicator.all_gather(&ranks)?.to_vec()?;
+    let expected_ranks: Vec<f32> =
+        (0..world.world_size).flat_map(|rank| [rank as f32; 2]).collect();
+    if gathered != expected_ranks {
+        return Err(SelftestError::Mismatch(format!(
+            "round {round}: all-gather gave {gathered:?}, expected {expected_ranks:?}"
+        )));
+    }
+    Ok(expected)
+}
+
+/// One all-reduce of `[rank + 1; 4]` over the QUIC data plane, checked against `n (n + 1) / 2`,
+/// and one all-gather of `[rank]`, checked against `0..n`.
+fn all_reduce(communicator: &mut dyn Communicator, job: &Job) -> Result<(), SelftestError> {
+    let world = job.world();
     let input = crate::ops::Tensor::from_vec(vec![world.rank as f32 + 1.0; 4], vec![4])?;
     let output: Vec<f32> = communicator.all_reduce(&input, ReduceOp::Sum)?.to_vec()?;
-    let size = world.world_size as f32;
-    let expected = size * (size + 1.0) / 2.0;
+    let expected = expected_sum(world.world_size, 0) as f32;
     if output.iter().any(|&value| value != expected) {
         return Err(SelftestError::Mismatch(format!(
             "all-reduce gave {output:?}, expected {expected}"
         )));
     }
     println!("selftest: all-reduce over QUIC ok: {expected}");
-    // Every rank must be done with the data plane before any closes its endpoint.
-    job.barrier("selftest/all-reduce")?;
+    let rank = crate::ops::Tensor::from_vec(vec![world.rank as f32], vec![1])?;
+    let gathered: Vec<f32> = communicator.all_gather(&rank)?.to_vec()?;
+    let expected: Vec<f32> = (0..world.world_size).map(|rank| rank as f32).collect();
+    if gathered != expected {
+        return Err(SelftestError::Mismatch(format!(
+            "all-gather gave {gathered:?}, expected {expected:?}"
+        )));
+    }
+    println!("selftest: all-gather over QUIC ok: {gathered:?}");
     Ok(())
 }
 
@@ -155,8 +211,7 @@ fn all_gather_round(job: &Job, round: u64) -> Result<u64, SelftestError> {
             SelftestError::Mismatch(format!("rank {rank} stored {} bytes, not 8", bytes.len()))
         })?;
     }
-    let size = world.world_size as u64;
-    let expected = size * (size + 1) / 2 + size * round;
+    let expected = expected_sum(world.world_size, round);
     if sum != expected {
         return Err(SelftestError::Mismatch(format!(
             "round {round}: sum {sum}, expected {expected}"
@@ -166,58 +221,101 @@ fn all_gather_round(job: &Job, round: u64) -> Result<u64, SelftestError> {
     Ok(sum)
 }
 
-/// Prints, once, when this process learned of a peer failure.
-struct Detection {
-    health: Health,
-    rank: usize,
+/// Prints, once, when this process learned of a peer failure, and lets a SIGTERM from the
+/// launcher wait until the main thread has printed its error.
+struct Reporter {
+    watched: OnceLock<(Health, usize)>,
+    /// When the rounds failed (epoch ms).
+    error_at: OnceLock<u128>,
     printed: Once,
+    finished: Mutex<bool>,
+    finished_changed: Condvar,
 }
 
-impl Detection {
+impl Default for Reporter {
+    fn default() -> Self {
+        Reporter {
+            watched: OnceLock::new(),
+            error_at: OnceLock::new(),
+            printed: Once::new(),
+            finished: Mutex::new(false),
+            finished_changed: Condvar::new(),
+        }
+    }
+}
+
+impl Reporter {
+    /// Starts watching the job's health (from a thread of its own, so that a rank that is
+    /// sleeping or computing reports the failure too).
+    fn watch(self: &Arc<Self>, health: Health, rank: usize) {
+        if self.watched.set((health, rank)).is_ok() {
+            watch_health(self.clone());
+        }
+    }
+
     /// Prints the detection line if a failure is known and the line is not out yet; a second
     /// caller waits until the first has printed, so that the process does not exit before.
-    fn print(&self) {
-        let Some(failure) = self.health.failure() else {
+    fn print_detection(&self) {
+        let Some((health, rank)) = self.watched.get() else {
+            return;
+        };
+        let Some(failure) = health.failure() else {
             return;
         };
         self.printed.call_once(|| {
-            let age = self.health.failed_at().map(|at| at.elapsed().as_millis()).unwrap_or(0);
+            let age = health.failed_at().map(|at| at.elapsed().as_millis()).unwrap_or(0);
             println!(
-                "selftest: rank {} detected at {} ms: peer rank {} failed: {}",
-                self.rank,
+                "selftest: rank {rank} detected at {} ms: peer rank {} failed: {}",
                 now_ms() - age,
                 failure.rank,
                 failure.reason
             );
         });
     }
+
+    /// The main thread has printed its last line.
+    fn finish(&self) {
+        *self.finished.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.finished_changed.notify_all();
+    }
+
+    /// Waits (at most `limit`) until the main thread has printed its last line.
+    fn wait_finished(&self, limit: Duration) {
+        let finished = self.finished.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ = self
+            .finished_changed
+            .wait_timeout_while(finished, limit, |finished| !*finished)
+            .map_err(PoisonError::into_inner);
+    }
 }
 
-/// Prints the moment this process learns of a failure (from a thread of its own, so that a rank
-/// that is sleeping or computing reports it too), and on SIGTERM from the launcher waits up to a
-/// second for the failure to arrive before exiting, so that the line is not lost.
-fn watch_health(detection: Arc<Detection>) {
+/// Prints the moment this process learns of a failure; on SIGTERM from the launcher waits up to
+/// a second for the failure to arrive and up to another for the main thread's error line, so
+/// that neither is lost, then exits.
+fn watch_health(reporter: Arc<Reporter>) {
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
-        let Ok(runtime) = runtime else {
+        let (Ok(runtime), Some((health, _))) = (runtime, reporter.watched.get()) else {
             return;
         };
+        let health = health.clone();
         runtime.block_on(async move {
             let Ok(mut terminate) = signal(SignalKind::terminate()) else {
                 return;
             };
-            let health = detection.health.clone();
             tokio::select! {
-                _ = health.failed() => detection.print(),
+                _ = health.failed() => reporter.print_detection(),
                 _ = terminate.recv() => {
                     let failed = health.failed();
                     if tokio::time::timeout(Duration::from_secs(1), failed).await.is_ok() {
-                        detection.print();
+                        reporter.print_detection();
                     }
+                    reporter.wait_finished(Duration::from_secs(1));
                     std::process::exit(143);
                 }
             }
             terminate.recv().await;
+            reporter.wait_finished(Duration::from_secs(1));
             std::process::exit(143);
         });
     });

@@ -18,11 +18,17 @@
 //! returns [`ClusterError::PeerFailed`] naming the rank. A member that hears nothing from the
 //! rendezvous for the same time declares rank 0 failed. Detection is thus bounded by
 //! `failure_timeout` plus one heartbeat interval.
+//!
+//! Comm operations obey the health through composition: [`WatchedTransport`] wraps any
+//! transport and [`WatchedCommunicator`] any communicator, so that pending and later
+//! collectives fail with `meshflow_comm::Error::PeerFailed` naming the rank as soon as the
+//! health records the failure.
 
 pub mod health;
 mod member;
 mod quic;
 mod server;
+mod watched;
 pub mod wire;
 
 use std::time::Duration;
@@ -31,8 +37,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use health::{Health, PeerFailure};
 pub use member::{report_failure, Member};
-pub use quic::{join_over_quic, report_over_quic, serve_over_quic};
+pub use quic::{join_over_quic, report_over_quic, serve_over_quic, RENDEZVOUS_ACCEPTORS};
 pub use server::Rendezvous;
+pub use watched::{Abort, WatchedCommunicator, WatchedTransport};
 pub use wire::MemberInfo;
 
 /// The rank a launcher's endpoint announces when it reports a failed worker (not a worker rank).

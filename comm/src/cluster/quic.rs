@@ -6,6 +6,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc;
+
 use crate::quic::{AuthenticatedConnection, QuicEndpoint};
 
 use super::{ClusterConfig, ClusterError, Link, Member, MemberInfo, Rendezvous};
@@ -14,7 +16,11 @@ use super::{ClusterConfig, ClusterError, Link, Member, MemberInfo, Rendezvous};
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// Serves a rendezvous for `world_size` ranks on `endpoint` (rank 0's, bound at the master
-/// address). Connections that fail authentication are dropped and the accept loop goes on.
+/// address). Connections that fail authentication are dropped and the job goes on.
+///
+/// [`RENDEZVOUS_ACCEPTORS`] tasks accept side by side, and each authenticated connection gets its link in a
+/// task of its own, every step bounded by the endpoint's handshake timeout: a client that connects
+/// and then stalls holds one acceptor for at most that long, and the others keep admitting ranks.
 /// Must be called inside the endpoint's runtime.
 pub fn serve_over_quic(
     endpoint: QuicEndpoint,
@@ -22,24 +28,36 @@ pub fn serve_over_quic(
     config: ClusterConfig,
 ) -> Rendezvous {
     let rendezvous = Rendezvous::start(world_size, config);
-    let acceptor = rendezvous.acceptor();
-    tokio::spawn(async move {
-        loop {
-            let connection = match endpoint.accept().await {
-                Ok(connection) => connection,
-                Err(crate::Error::EndpointClosed) => return,
-                // Refused or failed handshakes: the stranger is gone, the job goes on.
-                Err(_) => continue,
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                if let Some(link) = accept_link(connection).await {
-                    let _ = acceptor.send(link).await;
-                }
-            });
-        }
-    });
+    for _ in 0..RENDEZVOUS_ACCEPTORS {
+        tokio::spawn(accept_loop(endpoint.clone(), rendezvous.acceptor()));
+    }
     rendezvous
+}
+
+/// Handshakes the rendezvous runs at once: the most stalled clients it can outlast without
+/// delaying a join (each is dropped after the handshake timeout).
+pub const RENDEZVOUS_ACCEPTORS: usize = 16;
+
+/// Accepts and authenticates connections one after the other, handing each to its own task.
+async fn accept_loop(endpoint: QuicEndpoint, acceptor: mpsc::Sender<Link>) {
+    let limit = endpoint.config().handshake_timeout;
+    loop {
+        let connection = match endpoint.accept().await {
+            Ok(connection) => connection,
+            Err(crate::Error::EndpointClosed) => return,
+            // Refused or failed handshakes: the stranger is gone, the job goes on.
+            Err(_) => continue,
+        };
+        if acceptor.is_closed() {
+            return;
+        }
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            if let Ok(Some(link)) = tokio::time::timeout(limit, accept_link(connection)).await {
+                let _ = acceptor.send(link).await;
+            }
+        });
+    }
 }
 
 async fn accept_link(connection: AuthenticatedConnection) -> Option<Link> {
