@@ -11,7 +11,7 @@
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use meshflow_comm::cluster::{
@@ -184,7 +184,7 @@ impl World {
             rendezvous: None,
             member: Some(member),
             finish_timeout: options.cluster.join_timeout,
-            data_plane: OnceLock::new(),
+            data_plane: Mutex::new(None),
             settle: settle_time(&options.cluster),
         })
     }
@@ -216,7 +216,7 @@ impl World {
             rendezvous: Some(rendezvous),
             member: Some(member?),
             finish_timeout: options.cluster.join_timeout,
-            data_plane: OnceLock::new(),
+            data_plane: Mutex::new(None),
             settle: settle_time(&options.cluster),
         })
     }
@@ -232,7 +232,7 @@ pub struct Job {
     rendezvous: Option<Rendezvous>,
     member: Option<Member>,
     finish_timeout: Duration,
-    data_plane: OnceLock<Arc<WatchedTransport>>,
+    data_plane: Mutex<Option<Arc<WatchedTransport>>>,
     settle: Duration,
 }
 
@@ -282,7 +282,9 @@ impl Job {
     /// (directly or through its first [`Job::communicator`]); later calls return the same
     /// transport. Blocking waits are bounded by [`JoinOptions::quic`]'s operation timeout.
     pub fn connect(&self) -> Result<Arc<WatchedTransport>, DistError> {
-        if let Some(transport) = self.data_plane.get() {
+        // Held while connecting, so that concurrent first calls connect once.
+        let mut data_plane = self.data_plane.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(transport) = data_plane.as_ref() {
             return Ok(transport.clone());
         }
         let addresses = self.data_addresses()?;
@@ -290,14 +292,15 @@ impl Job {
         let transport = QuicTransport::connect_mesh(self.data.clone(), &addresses)
             .map_err(|error| named(&health, "connect", error))?;
         let closer = self.data.clone();
-        let watched = WatchedTransport::new(
+        let watched = Arc::new(WatchedTransport::new(
             Arc::new(transport),
             health,
             &self.data.runtime(),
             self.settle,
             Box::new(move || closer.close()),
-        );
-        Ok(self.data_plane.get_or_init(|| Arc::new(watched)).clone())
+        ));
+        *data_plane = Some(watched.clone());
+        Ok(watched)
     }
 
     /// A communicator over the global `ranks` (this rank among them; every member passes the
