@@ -216,6 +216,13 @@ fn two_launchers_of_two_workers_form_one_world_and_all_reduce() {
     assert_eq!(output.matches("all-reduce over QUIC ok: 10").count(), 4, "{output}");
     let gathered = "all-gather over QUIC ok: [0.0, 1.0, 2.0, 3.0]";
     assert_eq!(output.matches(gathered).count(), 4, "{output}");
+    // Groups that are not the world: ranks 0 and 2 sum 1 + 3, ranks 1 and 3 sum 2 + 4.
+    for (rank, group, sum) in
+        [(0, "[0, 2]", 4), (2, "[0, 2]", 4), (1, "[1, 3]", 6), (3, "[1, 3]", 6)]
+    {
+        let line = format!("[rank {rank}] selftest: group {group} all-reduce ok: {sum}");
+        assert!(output.contains(&line), "{output}");
+    }
     assert!(!output.contains(&job.secret_text()), "the secret leaked into the output");
 }
 

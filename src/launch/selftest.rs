@@ -129,6 +129,7 @@ fn rounds(job: &Job, args: &SelftestArgs) -> Result<u64, SelftestError> {
     }
     if let Some(communicator) = communicator.as_mut().filter(|_| args.all_reduce) {
         all_reduce(communicator.as_mut(), job)?;
+        parity_all_reduce(job)?;
     }
     if communicator.is_some() {
         // Every rank must be done with the data plane before any closes its endpoint.
@@ -195,6 +196,25 @@ fn all_reduce(communicator: &mut dyn Communicator, job: &Job) -> Result<(), Self
         )));
     }
     println!("selftest: all-gather over QUIC ok: {gathered:?}");
+    Ok(())
+}
+
+/// One all-reduce of `rank + 1` over the group of the ranks with this rank's parity (a group
+/// that is not the world), checked against the sum of its members' values.
+fn parity_all_reduce(job: &Job) -> Result<(), SelftestError> {
+    let world = job.world();
+    let group: Vec<usize> =
+        (0..world.world_size).filter(|rank| rank % 2 == world.rank % 2).collect();
+    let mut communicator = job.communicator(&group)?;
+    let input = crate::ops::Tensor::from_vec(vec![world.rank as f32 + 1.0], vec![1])?;
+    let output: Vec<f32> = communicator.all_reduce(&input, ReduceOp::Sum)?.to_vec()?;
+    let expected: f32 = group.iter().map(|&rank| rank as f32 + 1.0).sum();
+    if output != [expected] {
+        return Err(SelftestError::Mismatch(format!(
+            "all-reduce over group {group:?} gave {output:?}, expected {expected}"
+        )));
+    }
+    println!("selftest: group {group:?} all-reduce ok: {expected}");
     Ok(())
 }
 
