@@ -2,14 +2,15 @@
 //! dtype (bf16/f16 compute in f32), chunked parallel loops over a [`Context`]'s thread budget,
 //! element-wise maps, broadcasting and reductions.
 //!
-//! Kernels walk contiguous slices in blocks of [`BLOCK`] elements: a block is converted to the
-//! compute type (a copy for f32/f64, a vectorised conversion for bf16/f16), computed, and stored
-//! back, so the inner loops have no dtype dispatch and vectorise.
+//! f32 and f64 kernels compute on the slices directly; bf16 and f16 kernels walk them in blocks
+//! of [`BLOCK`] elements, converted to f32 (vectorised), computed and stored back. Inner loops
+//! have no dtype dispatch and run [`vectorized`] (AVX2 + FMA where the CPU has them).
 
 pub mod broadcast;
 pub mod convert;
 pub mod layout;
 pub mod reduce;
+pub mod simd;
 
 use num_traits::{Float, FloatConst};
 use rayon::prelude::*;
@@ -18,6 +19,7 @@ use crate::{Context, Element, Result, Tensor};
 
 pub use broadcast::{binary, broadcast_copy, BroadcastPlan};
 pub use reduce::{reduce_axes, Reduction};
+pub use simd::vectorized;
 
 /// Elements per block in the element-wise inner loops.
 pub const BLOCK: usize = 512;
@@ -146,6 +148,38 @@ pub trait FloatElement: Element + Float {
 
     /// `value` (an attribute such as a scalar operand) in the compute type.
     fn acc_from_f64(value: f64) -> Self::Acc;
+
+    /// `dst[i] = f(src[i])` in the compute type: in place for f32/f64, through widened blocks
+    /// of [`BLOCK`] elements for bf16/f16.
+    #[inline(always)]
+    fn map(src: &[Self], dst: &mut [Self], f: impl Fn(Self::Acc) -> Self::Acc) {
+        let mut buffer = [Self::Acc::default(); BLOCK];
+        for (s, d) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)) {
+            let buffer = &mut buffer[..s.len()];
+            Self::load(s, buffer);
+            buffer.iter_mut().for_each(|v| *v = f(*v));
+            Self::store(buffer, d);
+        }
+    }
+
+    /// `dst[i] = f(a[i], b[i])` in the compute type, as [`FloatElement::map`].
+    #[inline(always)]
+    fn map2(
+        a: &[Self],
+        b: &[Self],
+        dst: &mut [Self],
+        f: impl Fn(Self::Acc, Self::Acc) -> Self::Acc,
+    ) {
+        let mut left = [Self::Acc::default(); BLOCK];
+        let mut right = [Self::Acc::default(); BLOCK];
+        for ((a, b), d) in a.chunks(BLOCK).zip(b.chunks(BLOCK)).zip(dst.chunks_mut(BLOCK)) {
+            let n = a.len();
+            Self::load(a, &mut left[..n]);
+            Self::load(b, &mut right[..n]);
+            left[..n].iter_mut().zip(&right[..n]).for_each(|(l, &r)| *l = f(*l, r));
+            Self::store(&left[..n], d);
+        }
+    }
 }
 
 macro_rules! float_self {
@@ -168,6 +202,14 @@ macro_rules! float_self {
             }
             fn acc_from_f64(value: f64) -> $t {
                 value as $t
+            }
+            #[inline(always)]
+            fn map(src: &[$t], dst: &mut [$t], f: impl Fn($t) -> $t) {
+                dst.iter_mut().zip(src).for_each(|(d, &s)| *d = f(s));
+            }
+            #[inline(always)]
+            fn map2(a: &[$t], b: &[$t], dst: &mut [$t], f: impl Fn($t, $t) -> $t) {
+                dst.iter_mut().zip(a.iter().zip(b)).for_each(|(d, (&a, &b))| *d = f(a, b));
             }
         }
     )*};
@@ -205,6 +247,7 @@ float_half!(half::bf16, half::f16);
 /// Runs `f(start, chunk)` over `out` split into chunks, in parallel on the context's pool when it
 /// has more than one thread and `out` is long enough; `start` is the chunk's offset in `out`.
 /// `grain` is the number of elements of work per item of `out` (rows count their length).
+/// Each chunk runs [`vectorized`].
 pub fn for_chunks<T: Send>(
     ctx: &Context,
     out: &mut [T],
@@ -214,13 +257,15 @@ pub fn for_chunks<T: Send>(
     let items = out.len();
     let work = items.saturating_mul(grain.max(1));
     if ctx.threads() <= 1 || work < 2 * PARALLEL_CHUNK || items < 2 {
-        f(0, out);
+        vectorized(|| f(0, out));
         return;
     }
     let min_items = PARALLEL_CHUNK.div_ceil(grain.max(1)).max(1);
     let chunk = items.div_ceil(ctx.threads() * 4).max(min_items);
     ctx.install(|| {
-        out.par_chunks_mut(chunk).enumerate().for_each(|(i, part)| f(i * chunk, part));
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, part)| vectorized(|| f(i * chunk, part)));
     });
 }
 
@@ -237,18 +282,9 @@ pub fn unary<T: FloatElement>(
     f: impl Fn(T::Acc) -> T::Acc + Sync + Send,
 ) -> Result<Tensor> {
     let src = x.as_slice::<T>()?;
-    let mut out = Tensor::zeros(x.shape().clone(), T::DTYPE);
+    let mut out = Tensor::for_overwrite(ctx, x.shape().clone(), T::DTYPE);
     for_chunks(ctx, out.as_mut_slice::<T>()?, 1, |start, chunk| {
-        let src = &src[start..start + chunk.len()];
-        let mut buffer = [T::Acc::default(); BLOCK];
-        for (s, d) in src.chunks(BLOCK).zip(chunk.chunks_mut(BLOCK)) {
-            let buffer = &mut buffer[..s.len()];
-            T::load(s, buffer);
-            for v in buffer.iter_mut() {
-                *v = f(*v);
-            }
-            T::store(buffer, d);
-        }
+        T::map(&src[start..start + chunk.len()], chunk, &f);
     });
     Ok(out)
 }
@@ -261,21 +297,10 @@ pub fn zip<T: FloatElement>(
     f: impl Fn(T::Acc, T::Acc) -> T::Acc + Sync + Send,
 ) -> Result<Tensor> {
     let (a, b) = (x.as_slice::<T>()?, y.as_slice::<T>()?);
-    let mut out = Tensor::zeros(x.shape().clone(), T::DTYPE);
+    let mut out = Tensor::for_overwrite(ctx, x.shape().clone(), T::DTYPE);
     for_chunks(ctx, out.as_mut_slice::<T>()?, 1, |start, chunk| {
         let end = start + chunk.len();
-        let (a, b) = (&a[start..end], &b[start..end]);
-        let mut left = [T::Acc::default(); BLOCK];
-        let mut right = [T::Acc::default(); BLOCK];
-        for ((a, b), d) in a.chunks(BLOCK).zip(b.chunks(BLOCK)).zip(chunk.chunks_mut(BLOCK)) {
-            let n = a.len();
-            T::load(a, &mut left[..n]);
-            T::load(b, &mut right[..n]);
-            for (l, &r) in left[..n].iter_mut().zip(&right[..n]) {
-                *l = f(*l, r);
-            }
-            T::store(&left[..n], d);
-        }
+        T::map2(&a[start..end], &b[start..end], chunk, &f);
     });
     Ok(out)
 }

@@ -7,6 +7,7 @@
 //! - [`eager::Tape`]: runs ops at once and differentiates them ([`autodiff::gradients`]).
 
 pub mod autodiff;
+pub mod buffers;
 pub mod context;
 pub mod cpu;
 pub mod creation;

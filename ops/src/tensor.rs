@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use crate::{DType, Device, Element, Error, Result, Shape};
+use crate::buffers::BufferPool;
+use crate::{Context, DType, Device, Element, Error, Result, Shape};
 
 /// What inference works on: the shape and dtype of a tensor, without data.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -25,17 +26,25 @@ impl TensorMeta {
     }
 }
 
-/// Host storage: bytes in a buffer aligned to 8, so any [`Element`] slice can view it.
+/// Host storage: bytes in a buffer aligned to 8, so any [`Element`] slice can view it. Storage
+/// taken from a [`BufferPool`] goes back to it when dropped.
 #[derive(Clone, Debug)]
 pub struct CpuStorage {
     words: Vec<u64>,
     len: usize,
+    home: Option<Arc<BufferPool>>,
 }
 
 impl CpuStorage {
     /// Zeroed storage of `len` bytes.
     pub fn zeroed(len: usize) -> Self {
-        CpuStorage { words: vec![0; len.div_ceil(8)], len }
+        CpuStorage { words: vec![0; len.div_ceil(8)], len, home: None }
+    }
+
+    /// Storage of `len` bytes from `pool`, holding stale values: for a writer that overwrites
+    /// every byte. It returns to `pool` when dropped.
+    pub fn for_overwrite(len: usize, pool: &Arc<BufferPool>) -> Self {
+        CpuStorage { words: pool.take(len.div_ceil(8)), len, home: Some(pool.clone()) }
     }
 
     /// Storage holding a copy of `bytes`.
@@ -68,6 +77,14 @@ impl CpuStorage {
     /// True when it holds no bytes.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+impl Drop for CpuStorage {
+    fn drop(&mut self) {
+        if let Some(home) = self.home.take() {
+            home.give(std::mem::take(&mut self.words));
+        }
     }
 }
 
@@ -138,6 +155,14 @@ impl Tensor {
     pub fn zeros(shape: impl Into<Shape>, dtype: DType) -> Self {
         let meta = TensorMeta::new(shape, dtype);
         let storage = Storage::Cpu(CpuStorage::zeroed(meta.bytes()));
+        Tensor { meta, storage: Arc::new(storage) }
+    }
+
+    /// A host tensor for a kernel that writes every element: its storage comes from the
+    /// context's [`BufferPool`] and holds stale values until then (never uninitialised memory).
+    pub fn for_overwrite(ctx: &Context, shape: impl Into<Shape>, dtype: DType) -> Self {
+        let meta = TensorMeta::new(shape, dtype);
+        let storage = Storage::Cpu(CpuStorage::for_overwrite(meta.bytes(), ctx.buffers()));
         Tensor { meta, storage: Arc::new(storage) }
     }
 

@@ -1,7 +1,7 @@
 //! Numpy broadcasting over contiguous tensors: a plan that collapses the output into rows of
 //! its innermost (merged) axis, with per-operand strides that are 0 on broadcast axes.
 
-use crate::cpu::{for_chunks, FloatElement, BLOCK};
+use crate::cpu::{for_chunks, FloatElement};
 use crate::{Context, Element, Result, Shape, Tensor};
 
 /// How each operand is read while walking the output row by row.
@@ -109,16 +109,9 @@ impl BroadcastPlan {
     }
 }
 
-/// Reads `len` elements of `src` from `start` with step `step` (0 or 1) into `dst`, widened.
-fn load_strided<T: FloatElement>(src: &[T], start: usize, step: usize, dst: &mut [T::Acc]) {
-    if step == 0 {
-        dst.fill(src[start].to_acc());
-    } else {
-        T::load(&src[start..start + dst.len()], dst);
-    }
-}
-
 /// `out = f(a, b)` with numpy broadcasting of `a` and `b` to `out_shape`, computed in `T::Acc`.
+/// Same shapes and scalar operands run as flat maps; otherwise the output is walked row by row
+/// (its innermost merged axis), each row a flat map over slices or with a fixed operand.
 pub fn binary<T: FloatElement>(
     ctx: &Context,
     a: &Tensor,
@@ -141,25 +134,26 @@ pub fn binary<T: FloatElement>(
     let plan = BroadcastPlan::new(&[a.shape(), b.shape()], out_shape);
     let row = plan.row_len();
     let (step_a, step_b) = (plan.row_step(0), plan.row_step(1));
-    let mut out = Tensor::zeros(out_shape.clone(), T::DTYPE);
+    let mut out = Tensor::for_overwrite(ctx, out_shape.clone(), T::DTYPE);
     if out.numel() == 0 {
         return Ok(out);
     }
     let mut rows: Vec<&mut [T]> = out.as_mut_slice::<T>()?.chunks_mut(row).collect();
     for_chunks(ctx, &mut rows, row, |first, chunk| {
         let starts = plan.row_starts(first, chunk.len());
-        let mut left = [T::Acc::default(); BLOCK];
-        let mut right = [T::Acc::default(); BLOCK];
         for (dst, start) in chunk.iter_mut().zip(starts) {
-            for (block, d) in dst.chunks_mut(BLOCK).enumerate() {
-                let n = d.len();
-                let offset = block * BLOCK;
-                load_strided(xa, start[0] + offset * step_a, step_a, &mut left[..n]);
-                load_strided(xb, start[1] + offset * step_b, step_b, &mut right[..n]);
-                for (l, &r) in left[..n].iter_mut().zip(&right[..n]) {
-                    *l = f(*l, r);
+            let (left, right) = (&xa[start[0]..], &xb[start[1]..]);
+            match (step_a, step_b) {
+                (0, 0) => dst.fill(T::from_acc(f(left[0].to_acc(), right[0].to_acc()))),
+                (0, _) => {
+                    let left = left[0].to_acc();
+                    T::map(&right[..row], dst, |y| f(left, y));
                 }
-                T::store(&left[..n], d);
+                (_, 0) => {
+                    let right = right[0].to_acc();
+                    T::map(&left[..row], dst, |x| f(x, right));
+                }
+                _ => T::map2(&left[..row], &right[..row], dst, &f),
             }
         }
     });

@@ -264,7 +264,7 @@ fn grad<T: RowFloat>(
     let classes = logits.dims()[logits.dims().len() - 1];
     let factor =
         T::Acc::constant(dloss.as_slice::<T>()?[0].widen().to_f64().unwrap_or(f64::NAN) * scale);
-    let mut out = Tensor::zeros(logits.shape().clone(), logits.dtype());
+    let mut out = Tensor::for_overwrite(ctx, logits.shape().clone(), logits.dtype());
     let rows = logits.as_slice::<T>()?;
     let target = SharedRows::new(out.as_mut_slice::<T>()?);
     let task = |range: std::ops::Range<usize>| {

@@ -6,6 +6,7 @@ use gemm::Parallelism;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use num_traits::One;
+use rayon::prelude::*;
 
 use crate::{Context, DType, Error, Result, Tensor, TensorMeta};
 
@@ -37,7 +38,12 @@ pub(crate) fn run_product(
     out: TensorMeta,
 ) -> Result<Tensor> {
     let (a, b) = (&inputs[0], &inputs[1]);
-    let mut y = Tensor::zeros(out.shape, out.dtype);
+    // gemm overwrites every element unless nothing is contracted (then the zeros are the answer).
+    let mut y = if product.k == 0 {
+        Tensor::zeros(out.shape, out.dtype)
+    } else {
+        Tensor::for_overwrite(ctx, out.shape, out.dtype)
+    };
     match out.dtype {
         DType::F32 => {
             gemm_strided::<f32>(ctx, product, a.as_slice()?, b.as_slice()?, y.as_mut_slice()?)
@@ -103,6 +109,15 @@ fn gemm_strided<T: Copy + One + Send + Sync + 'static>(
         } else if p.sum_batch && a_bs == p.k * a_cs && b_bs == p.k * b_rs {
             // Summed batches that lie along the contraction: one long product.
             call(Task { k: p.k * p.batches, ..base }, a, b, y);
+        } else if !p.sum_batch && ctx.threads() > 1 && p.batches >= ctx.threads() {
+            // Many independent products (attention heads): one thread each, not each one split
+            // between the threads.
+            let one = |(batch, y): (usize, &mut [T])| {
+                let (a, b) = (&a[batch * a_bs..], &b[batch * b_bs..]);
+                // SAFETY: as `call` (the batch offsets were checked by `assert_fits`).
+                unsafe { gemm_call(base.clone(), a, b, y, Parallelism::None) }
+            };
+            y[..p.batches * p.m * p.n].par_chunks_mut(p.m * p.n).enumerate().for_each(one);
         } else {
             for batch in 0..p.batches {
                 let (a, b) = (&a[batch * a_bs..], &b[batch * b_bs..]);

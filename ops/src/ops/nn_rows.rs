@@ -11,6 +11,7 @@ use half::{bf16, f16};
 use num_traits::{Float, FromPrimitive, ToPrimitive, Zero};
 use rayon::prelude::*;
 
+use crate::cpu::vectorized;
 use crate::{Context, Element};
 
 /// Elements a parallel task should at least cover, so that task overhead stays negligible.
@@ -170,6 +171,30 @@ pub(crate) fn sum_map2<T: RowFloat>(
     total
 }
 
+/// `Σ f(x_i, y_i, z_i)` over three equally long slices, lane-chunked.
+#[inline(always)]
+pub(crate) fn sum_map3<T: RowFloat>(
+    xs: &[T],
+    ys: &[T],
+    zs: &[T],
+    f: impl Fn(T::Acc, T::Acc, T::Acc) -> T::Acc,
+) -> T::Acc {
+    let mut lanes = [T::Acc::zero(); LANES];
+    let chunks = xs.chunks_exact(LANES).zip(ys.chunks_exact(LANES)).zip(zs.chunks_exact(LANES));
+    for ((x_chunk, y_chunk), z_chunk) in chunks {
+        for (lane, ((&x, &y), &z)) in lanes.iter_mut().zip(x_chunk.iter().zip(y_chunk).zip(z_chunk))
+        {
+            *lane += f(x.widen(), y.widen(), z.widen());
+        }
+    }
+    let mut total = lanes.iter().fold(T::Acc::zero(), |a, &b| a + b);
+    let done = xs.len() - xs.len() % LANES;
+    for ((&x, &y), &z) in xs[done..].iter().zip(&ys[done..]).zip(&zs[done..]) {
+        total += f(x.widen(), y.widen(), z.widen());
+    }
+    total
+}
+
 /// The largest element (−∞ for an empty slice; NaN propagates), lane-chunked.
 #[inline(always)]
 pub(crate) fn max<T: RowFloat>(xs: &[T]) -> T::Acc {
@@ -212,9 +237,11 @@ pub(crate) fn for_each_row<I: Sync, O: Send>(
     }
     let per_task = rows_per_task(ctx, rows, in_width);
     let task = |(input, output): (&[I], &mut [O])| {
-        for (row_in, row_out) in input.chunks(in_width).zip(output.chunks_mut(out_width)) {
-            kernel(row_in, row_out);
-        }
+        vectorized(|| {
+            for (row_in, row_out) in input.chunks(in_width).zip(output.chunks_mut(out_width)) {
+                kernel(row_in, row_out);
+            }
+        })
     };
     if ctx.threads() == 1 || per_task >= rows {
         task((input, output));
@@ -244,10 +271,12 @@ pub(crate) fn for_each_row2<I: Sync, O: Send>(
     }
     let per_task = rows_per_task(ctx, rows, in_width);
     let task = |((a, b), output): ((&[I], &[I]), &mut [O])| {
-        let rows = a.chunks(in_width).zip(b.chunks(in_width));
-        for ((row_a, row_b), row_out) in rows.zip(output.chunks_mut(out_width)) {
-            kernel(row_a, row_b, row_out);
-        }
+        vectorized(|| {
+            let rows = a.chunks(in_width).zip(b.chunks(in_width));
+            for ((row_a, row_b), row_out) in rows.zip(output.chunks_mut(out_width)) {
+                kernel(row_a, row_b, row_out);
+            }
+        })
     };
     if ctx.threads() == 1 || per_task >= rows {
         task(((a, b), output));
@@ -285,10 +314,11 @@ pub(crate) fn sum_over_rows<R: Send>(
     let per_task = rows_per_task(ctx, rows, width);
     let tasks = rows.div_ceil(per_task);
     let range = |t: usize| t * per_task..((t + 1) * per_task).min(rows);
+    let task = |t: usize| vectorized(|| kernel(range(t)));
     if ctx.threads() == 1 || tasks == 1 {
-        return (0..tasks).map(range).map(&kernel).reduce(&add);
+        return (0..tasks).map(task).reduce(&add);
     }
-    ctx.install(|| (0..tasks).into_par_iter().map(range).map(&kernel).reduce_with(&add))
+    ctx.install(|| (0..tasks).into_par_iter().map(task).reduce_with(&add))
 }
 
 /// Runs `task(row_range)` over tasks covering `rows`, in parallel within `ctx`'s budget.
