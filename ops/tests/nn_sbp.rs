@@ -9,12 +9,12 @@ use common::{assert_close, op, tensor, values, Tolerance};
 use meshflow_ops::ops::adamw::AdamW;
 use meshflow_ops::ops::cross_entropy::{CrossEntropy, CrossEntropyGrad};
 use meshflow_ops::ops::embedding::{Embedding, EmbeddingGrad};
-use meshflow_ops::ops::layer_norm::{LayerNorm, LayerNormGrad};
-use meshflow_ops::ops::log_softmax::{LogSoftmax, LogSoftmaxGrad};
+use meshflow_ops::ops::layer_norm::{LayerNorm, NormGrad};
+use meshflow_ops::ops::log_softmax::LogSoftmax;
 use meshflow_ops::ops::matmul::{MatMul, MatMulSumBatch};
-use meshflow_ops::ops::rms_norm::{RmsNorm, RmsNormGrad};
+use meshflow_ops::ops::rms_norm::RmsNorm;
 use meshflow_ops::ops::sgd::Sgd;
-use meshflow_ops::ops::softmax::{Softmax, SoftmaxGrad};
+use meshflow_ops::ops::softmax::{RowGrad, Softmax};
 use meshflow_ops::{Context, DType, OpRef, Shape, Shard, Tensor};
 use meshflow_placement::{Sbp, Signature};
 
@@ -188,12 +188,15 @@ fn row_op_signatures_are_exact() {
     let (w, b) = (random(&[7], 7), random(&[7], 8));
     assert_eq!(check(op(Softmax), std::slice::from_ref(&x)), 3);
     assert_eq!(check(op(LogSoftmax), std::slice::from_ref(&x)), 3);
-    assert_eq!(check(op(SoftmaxGrad), &[x.clone(), dy.clone()]), 3);
-    assert_eq!(check(op(LogSoftmaxGrad), &[x.clone(), dy.clone()]), 3);
+    assert_eq!(check(op(RowGrad(Softmax)), &[x.clone(), dy.clone()]), 3);
+    assert_eq!(check(op(RowGrad(LogSoftmax)), &[x.clone(), dy.clone()]), 3);
     assert_eq!(check(op(LayerNorm { eps: 1e-5 }), &[x.clone(), w.clone(), b]), 3);
-    assert_eq!(check(op(LayerNormGrad { eps: 1e-5 }), &[x.clone(), w.clone(), dy.clone()]), 3);
+    assert_eq!(
+        check(op(NormGrad(LayerNorm { eps: 1e-5 })), &[x.clone(), w.clone(), dy.clone()]),
+        3
+    );
     assert_eq!(check(op(RmsNorm { eps: 1e-6 }), &[x.clone(), w.clone()]), 3);
-    assert_eq!(check(op(RmsNormGrad { eps: 1e-6 }), &[x, w, dy]), 3);
+    assert_eq!(check(op(NormGrad(RmsNorm { eps: 1e-6 })), &[x, w, dy]), 3);
 }
 
 #[test]

@@ -16,7 +16,7 @@ use meshflow_placement::{Sbp, Signature};
 use num_traits::Float;
 
 use super::nn_rows::{for_each_range, Accumulate, RowFloat, SharedRows};
-use crate::{Context, Emit, Error, Op, Result, Tensor, TensorMeta, Value};
+use crate::{Context, Emit, Error, Result, Tensor, TensorMeta, Value};
 
 /// AdamW hyper-parameters and the step count of this update.
 ///
@@ -44,17 +44,6 @@ impl AdamW {
     pub fn new(lr: f64) -> Self {
         AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 1 }
     }
-
-    fn check(&self) -> Result<()> {
-        let finite = [self.lr, self.beta1, self.beta2, self.eps, self.weight_decay];
-        if finite.iter().any(|v| !v.is_finite()) || self.step == 0 {
-            return Err(Error::argument(self.name(), format!("bad hyper-parameters {self:?}")));
-        }
-        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
-            return Err(Error::argument(self.name(), "betas must lie in [0, 1)"));
-        }
-        Ok(())
-    }
 }
 
 /// Applies one [`AdamW`] update; returns `[param, m, v]`.
@@ -64,45 +53,6 @@ pub fn adamw(
     [param, grad, m, v]: [Value; 4],
 ) -> Result<Vec<Value>> {
     e.emit(Arc::new(config), &[param, grad, m, v])
-}
-
-impl Op for AdamW {
-    fn name(&self) -> &'static str {
-        "adamw"
-    }
-
-    fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        check_state(self.name(), inputs, 4)?;
-        self.check()?;
-        Ok(vec![inputs[0].clone(); 3])
-    }
-
-    fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        let metas: Vec<TensorMeta> = inputs.iter().map(|t| t.meta().clone()).collect();
-        self.infer(&metas)?;
-        crate::dispatch_float!(self.name(), inputs[0].dtype(), T => self.run::<T>(ctx, inputs))
-    }
-
-    fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
-        if self.infer(inputs).is_err() {
-            return Vec::new(); // invalid metas: no signature
-        }
-        elementwise_signatures(inputs[0].shape.rank(), 4, 3)
-    }
-
-    fn backward(
-        &self,
-        _e: &mut dyn Emit,
-        _inputs: &[Value],
-        _outputs: &[Value],
-        grads: &[Option<Value>],
-    ) -> Result<Vec<Option<Value>>> {
-        not_differentiable(self.name(), grads, 4)
-    }
-
-    fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        14 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
-    }
 }
 
 /// The scalars of one update, in the accumulate type.
@@ -132,13 +82,30 @@ impl AdamW {
             step_size: A::constant(-(self.lr / bias1)),
         }
     }
+}
+
+impl Update for AdamW {
+    const NAME: &'static str = "adamw";
+    const ARITY: (usize, usize) = (4, 3);
+    const FLOPS: u64 = 14;
+
+    fn check(&self) -> Result<()> {
+        let finite = [self.lr, self.beta1, self.beta2, self.eps, self.weight_decay];
+        if finite.iter().any(|v| !v.is_finite()) || self.step == 0 {
+            return Err(Error::argument(Self::NAME, format!("bad hyper-parameters {self:?}")));
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return Err(Error::argument(Self::NAME, "betas must lie in [0, 1)"));
+        }
+        Ok(())
+    }
 
     fn run<T: RowFloat>(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         let s = self.scalars::<T::Acc>();
         let [p, g, m, v] = [0, 1, 2, 3].map(|i| inputs[i].as_slice::<T>());
         let (p, g, m, v) = (p?, g?, m?, v?);
-        let mut outputs =
-            [0, 2, 3].map(|i| Tensor::zeros(inputs[i].shape().clone(), inputs[i].dtype()));
+        let mut outputs = [0, 2, 3]
+            .map(|i| Tensor::for_overwrite(ctx, inputs[i].shape().clone(), inputs[i].dtype()));
         let [p_out, m_out, v_out] = &mut outputs;
         let (p_all, m_all, v_all) = (
             SharedRows::new(p_out.as_mut_slice::<T>()?),
@@ -150,13 +117,16 @@ impl AdamW {
             let (p_new, m_new, v_new) = unsafe {
                 (p_all.row(range.clone()), m_all.row(range.clone()), v_all.row(range.clone()))
             };
-            for (k, i) in range.enumerate() {
-                let (pi, gi) = (p[i].widen() * s.decay, g[i].widen());
-                let mi = lerp(m[i].widen(), gi, s.lerp);
-                let vi = v[i].widen() * s.beta2 + s.one_minus_beta2 * gi * gi;
+            let old = p[range.clone()].iter().zip(&g[range.clone()]);
+            let state = m[range.clone()].iter().zip(&v[range]);
+            let new = p_new.iter_mut().zip(m_new.iter_mut().zip(v_new.iter_mut()));
+            for ((p_new, (m_new, v_new)), ((&pi, &gi), (&mi, &vi))) in new.zip(old.zip(state)) {
+                let (pi, gi) = (pi.widen() * s.decay, gi.widen());
+                let mi = lerp(mi.widen(), gi, s.lerp);
+                let vi = vi.widen() * s.beta2 + s.one_minus_beta2 * gi * gi;
                 let denom = vi.sqrt() / s.bias2_sqrt + s.eps;
-                p_new[k] = T::narrow(pi + s.step_size * (mi / denom));
-                (m_new[k], v_new[k]) = (T::narrow(mi), T::narrow(vi));
+                *p_new = T::narrow(pi + s.step_size * (mi / denom));
+                (*m_new, *v_new) = (T::narrow(mi), T::narrow(vi));
             }
         });
         Ok(outputs.into())
@@ -174,6 +144,94 @@ fn lerp<A: Accumulate>(start: A, end: A, weight: A) -> A {
 }
 
 // ---- shared with sgd ----
+
+/// A fused optimizer update: float tensors of one shape in (parameter, gradient, state), the
+/// new parameter and state out, element by element.
+pub(crate) trait Update: Clone + std::fmt::Debug + Send + Sync + 'static {
+    /// The op name.
+    const NAME: &'static str;
+    /// Numbers of inputs and outputs.
+    const ARITY: (usize, usize);
+    /// Flops per element.
+    const FLOPS: u64;
+
+    /// Checks the hyper-parameters.
+    fn check(&self) -> Result<()>;
+
+    /// The kernel.
+    fn run<T: RowFloat>(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>>;
+}
+
+/// Output metas of an [`Update`]: its state shapes, after checking inputs and hyper-parameters.
+pub(crate) fn infer_update<U: Update>(
+    update: &U,
+    inputs: &[TensorMeta],
+) -> Result<Vec<TensorMeta>> {
+    check_state(U::NAME, inputs, U::ARITY.0)?;
+    update.check()?;
+    Ok(vec![inputs[0].clone(); U::ARITY.1])
+}
+
+/// Checks the inputs and runs the kernel of an [`Update`] for their dtype.
+pub(crate) fn run_update<U: Update>(
+    update: &U,
+    ctx: &Context,
+    inputs: &[Tensor],
+) -> Result<Vec<Tensor>> {
+    let metas: Vec<TensorMeta> = inputs.iter().map(|t| t.meta().clone()).collect();
+    infer_update(update, &metas)?;
+    crate::dispatch_float!(U::NAME, inputs[0].dtype(), T => update.run::<T>(ctx, inputs))
+}
+
+/// Element-wise signatures of an [`Update`]; none for invalid metas.
+pub(crate) fn update_signatures<U: Update>(update: &U, inputs: &[TensorMeta]) -> Vec<Signature> {
+    if infer_update(update, inputs).is_err() {
+        return Vec::new(); // invalid metas: no signature
+    }
+    elementwise_signatures(inputs[0].shape.rank(), U::ARITY.0, U::ARITY.1)
+}
+
+/// Implements `Op` for an [`Update`] type: element-wise signatures, no gradient.
+macro_rules! update_op {
+    ($op:ty) => {
+        impl $crate::Op for $op {
+            fn name(&self) -> &'static str {
+                <$op as $crate::ops::adamw::Update>::NAME
+            }
+
+            fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
+                $crate::ops::adamw::infer_update(self, inputs)
+            }
+
+            fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+                $crate::ops::adamw::run_update(self, ctx, inputs)
+            }
+
+            fn signatures(&self, inputs: &[TensorMeta]) -> Vec<meshflow_placement::Signature> {
+                $crate::ops::adamw::update_signatures(self, inputs)
+            }
+
+            fn backward(
+                &self,
+                _e: &mut dyn Emit,
+                _inputs: &[Value],
+                _outputs: &[Value],
+                grads: &[Option<Value>],
+            ) -> Result<Vec<Option<Value>>> {
+                let inputs = <$op as $crate::ops::adamw::Update>::ARITY.0;
+                $crate::ops::adamw::not_differentiable(self.name(), grads, inputs)
+            }
+
+            fn flops(&self, inputs: &[TensorMeta]) -> u64 {
+                let per_element = <$op as $crate::ops::adamw::Update>::FLOPS;
+                per_element * inputs.first().map_or(0, |x| x.shape.numel() as u64)
+            }
+        }
+    };
+}
+pub(crate) use update_op;
+
+update_op!(AdamW);
 
 /// Every input is a float tensor of one shape and dtype.
 pub(crate) fn check_state(op: &'static str, inputs: &[TensorMeta], arity: usize) -> Result<()> {

@@ -2,10 +2,9 @@
 
 use meshflow_placement::{Sbp, Signature};
 
+use crate::ops::reshape::{emit_to_shape, infer_to_shape, linear_signatures, localize_to_shape};
 use crate::ops::sum::sum_to;
-use crate::{
-    emit1, Context, Emit, Error, Op, OpRef, Result, Shape, Shard, Tensor, TensorMeta, Value,
-};
+use crate::{Context, Emit, Op, OpRef, Result, Shape, Shard, Tensor, TensorMeta, Value};
 
 /// Broadcast to `shape` (the logical target; [`Op::localize`] gives the per-shard target).
 ///
@@ -21,10 +20,7 @@ pub struct BroadcastTo {
 
 /// Applies [`BroadcastTo`]; returns `x` itself when it already has `shape`.
 pub fn broadcast_to(e: &mut dyn Emit, x: Value, shape: &Shape) -> Result<Value> {
-    if &e.meta(x).shape == shape {
-        return Ok(x);
-    }
-    emit1(e, BroadcastTo { shape: shape.clone() }, &[x])
+    emit_to_shape(e, x, shape, BroadcastTo { shape: shape.clone() })
 }
 
 impl Op for BroadcastTo {
@@ -33,18 +29,12 @@ impl Op for BroadcastTo {
     }
 
     fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        let [x] = inputs else {
-            return Err(Error::Arity { op: self.name(), expected: 1, got: inputs.len() });
-        };
-        if !x.shape.broadcasts_to(&self.shape) {
-            return Err(Error::shape(self.name(), &[&x.shape, &self.shape], "does not broadcast"));
-        }
-        Ok(vec![TensorMeta::new(self.shape.clone(), x.dtype)])
+        let fits = |x: &Shape| x.broadcasts_to(&self.shape);
+        infer_to_shape(self.name(), inputs, &self.shape, fits, "does not broadcast")
     }
 
     fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        let metas: Vec<TensorMeta> = inputs.iter().map(|t| t.meta().clone()).collect();
-        self.infer(&metas)?;
+        crate::check_inputs(self, inputs)?;
         let x = &inputs[0];
         let out = crate::dispatch_any!(x.dtype(), T => {
             crate::cpu::broadcast_copy::<T>(ctx, x, &self.shape)
@@ -53,11 +43,7 @@ impl Op for BroadcastTo {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
-        if self.infer(inputs).is_err() {
-            return Vec::new();
-        }
-        let mut signatures =
-            vec![Signature::broadcast(1, 1), Signature::new([Sbp::PartialSum], [Sbp::PartialSum])];
+        let Some(mut signatures) = linear_signatures(self, inputs) else { return Vec::new() };
         let x = &inputs[0].shape;
         let lead = self.shape.rank().saturating_sub(x.rank());
         for k in 0..self.shape.rank() {
@@ -87,8 +73,6 @@ impl Op for BroadcastTo {
         _inputs: &[Shard],
         outputs: &[Shard],
     ) -> Result<Option<OpRef>> {
-        let local = outputs[0].local.shape.clone();
-        let op = BroadcastTo { shape: local.clone() };
-        Ok((local != self.shape).then(|| std::sync::Arc::new(op) as OpRef))
+        Ok(localize_to_shape(&self.shape, outputs, |shape| BroadcastTo { shape }))
     }
 }

@@ -10,7 +10,8 @@ use meshflow_placement::{Sbp, Signature};
 use num_traits::{Float, Zero};
 
 use super::nn_rows::{
-    for_each_row, second_order, sum_map, sum_over_rows, Accumulate, RowFloat, SharedRows,
+    for_each_row, second_order, sum_map, sum_map2, sum_map3, sum_over_rows, Accumulate, RowFloat,
+    SharedRows,
 };
 use super::softmax::last_axis_input;
 use crate::{emit1, Context, Emit, Error, Op, Result, Tensor, TensorMeta, Value};
@@ -39,89 +40,180 @@ pub fn layer_norm(
     emit1(e, LayerNorm { eps }, &[x, weight, bias])
 }
 
-impl Op for LayerNorm {
-    fn name(&self) -> &'static str {
-        "layer_norm"
-    }
-
-    fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        let x = last_axis_input(self.name(), inputs, 3)?;
-        check_params(self.name(), x, &inputs[1..])?;
-        check_eps(self.name(), self.eps)?;
-        Ok(vec![x.clone()])
-    }
-
-    fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        let metas: Vec<TensorMeta> = inputs.iter().map(|t| t.meta().clone()).collect();
-        self.infer(&metas)?;
-        let y = crate::dispatch_float!(self.name(), inputs[0].dtype(), T => norm_forward::<T>(ctx, inputs, self.eps, true))?;
-        Ok(vec![y])
-    }
-
-    fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
-        if self.infer(inputs).is_err() {
-            return Vec::new(); // invalid metas: no signature
-        }
-        norm_signatures(inputs[0].shape.rank(), 3)
-    }
-
-    fn backward(
-        &self,
-        e: &mut dyn Emit,
-        inputs: &[Value],
-        _outputs: &[Value],
-        grads: &[Option<Value>],
-    ) -> Result<Vec<Option<Value>>> {
-        let Some(dy) = grads[0] else { return Ok(vec![None, None, None]) };
-        let op = LayerNormGrad { eps: self.eps };
-        let grads = e.emit(std::sync::Arc::new(op), &[inputs[0], inputs[1], dy])?;
-        Ok(grads.into_iter().map(Some).collect())
-    }
-
-    fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        // mean, centre, square-sum, scale, affine
-        8 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
-    }
-}
-
 /// Gradient of [`LayerNorm`]: inputs `x, weight, dy`; outputs `dx, dweight, dbias`.
 ///
 /// With the row statistics recomputed, `x̂ = (x − mean)·rstd` and `g = dy ⊙ w`, per row:
 /// `dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂))`, and over all rows `dweight = Σ dy ⊙ x̂`,
 /// `dbias = Σ dy`.
-///
-/// Signatures: `S(i), B, S(i) -> S(i), P, P` for every axis `i` but the last (the parameter
-/// gradients are sums over rows, so each device holds an addend); all-`B`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LayerNormGrad {
-    /// The forward's `eps`.
-    pub eps: f64,
+pub type LayerNormGrad = NormGrad<LayerNorm>;
+
+impl RowNorm for LayerNorm {
+    const NAME: &'static str = "layer_norm";
+    const GRAD_NAME: &'static str = "layer_norm_grad";
+    const CENTRED: bool = true;
+    // mean, centre, square-sum, scale, affine; the gradient recomputes them and adds its own.
+    const FLOPS: (u64, u64) = (8, 12);
+
+    fn eps(&self) -> f64 {
+        self.eps
+    }
 }
 
-impl Op for LayerNormGrad {
+// ---- shared with rms_norm: the norm op over the last axis and its fused gradient ----
+
+/// A normalisation over the last axis with a weight (layer norm also centres and adds a bias):
+/// `norm_op!` makes it an op, [`NormGrad`] is its gradient op.
+pub trait RowNorm: Clone + std::fmt::Debug + Send + Sync + 'static {
+    /// The op name.
+    const NAME: &'static str;
+    /// The gradient op's name.
+    const GRAD_NAME: &'static str;
+    /// Subtracts the row mean and adds a bias (layer norm), or not (rms norm).
+    const CENTRED: bool;
+    /// Flops per element of the op and of its gradient.
+    const FLOPS: (u64, u64);
+
+    /// Added to the variance (or mean square) before the square root.
+    fn eps(&self) -> f64;
+
+    /// The parameters after `x`: weight and bias, or weight only.
+    fn parameters() -> usize {
+        if Self::CENTRED {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// Implements [`Op`] for a [`RowNorm`] type: inputs `x` and its parameters, row signatures
+/// with broadcast parameters, and the gradient through [`NormGrad`].
+macro_rules! norm_op {
+    ($op:ty) => {
+        impl $crate::Op for $op {
+            fn name(&self) -> &'static str {
+                <$op as $crate::ops::layer_norm::RowNorm>::NAME
+            }
+
+            fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
+                $crate::ops::layer_norm::infer_norm(self, inputs)
+            }
+
+            fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+                $crate::check_inputs(self, inputs)?;
+                Ok(vec![$crate::ops::layer_norm::run_forward(self, ctx, inputs)?])
+            }
+
+            fn signatures(&self, inputs: &[TensorMeta]) -> Vec<meshflow_placement::Signature> {
+                $crate::ops::layer_norm::norm_signatures(self, inputs)
+            }
+
+            fn backward(
+                &self,
+                e: &mut dyn Emit,
+                inputs: &[Value],
+                _outputs: &[Value],
+                grads: &[Option<Value>],
+            ) -> Result<Vec<Option<Value>>> {
+                $crate::ops::layer_norm::emit_grad(self, e, inputs, grads)
+            }
+
+            fn flops(&self, inputs: &[TensorMeta]) -> u64 {
+                let per_element = <$op as $crate::ops::layer_norm::RowNorm>::FLOPS.0;
+                per_element * inputs.first().map_or(0, |x| x.shape.numel() as u64)
+            }
+        }
+    };
+}
+pub(crate) use norm_op;
+
+norm_op!(LayerNorm);
+
+/// Output meta of a [`RowNorm`]: `x` of rank ≥ 1, `[D]` parameters of its dtype, a valid eps.
+pub(crate) fn infer_norm<N: RowNorm>(norm: &N, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
+    let x = last_axis_input(N::NAME, inputs, 1 + N::parameters())?;
+    check_params(N::NAME, x, &inputs[1..])?;
+    check_eps(N::NAME, norm.eps())?;
+    Ok(vec![x.clone()])
+}
+
+/// The forward kernel of a [`RowNorm`].
+pub(crate) fn run_forward<N: RowNorm>(
+    norm: &N,
+    ctx: &Context,
+    inputs: &[Tensor],
+) -> Result<Tensor> {
+    crate::dispatch_float!(N::NAME, inputs[0].dtype(), T => norm_forward::<T>(ctx, inputs, norm.eps(), N::CENTRED))
+}
+
+/// `S(i), B.. -> S(i)` for every axis `i` but the last, and all-`B`; none for invalid metas.
+pub(crate) fn norm_signatures<N: RowNorm>(norm: &N, inputs: &[TensorMeta]) -> Vec<Signature> {
+    if infer_norm(norm, inputs).is_err() {
+        return Vec::new(); // invalid metas: no signature
+    }
+    let arity = 1 + N::parameters();
+    let mut signatures = vec![Signature::broadcast(arity, 1)];
+    for i in 0..inputs[0].shape.rank().saturating_sub(1) {
+        let mut ins = vec![Sbp::Broadcast; arity];
+        ins[0] = Sbp::Split(i);
+        signatures.push(Signature::new(ins, [Sbp::Split(i)]));
+    }
+    signatures
+}
+
+/// The backward of a [`RowNorm`]: one [`NormGrad`] giving `dx` and the parameter gradients.
+pub(crate) fn emit_grad<N: RowNorm>(
+    norm: &N,
+    e: &mut dyn Emit,
+    inputs: &[Value],
+    grads: &[Option<Value>],
+) -> Result<Vec<Option<Value>>> {
+    let Some(dy) = grads[0] else { return Ok(vec![None; inputs.len()]) };
+    let grad = NormGrad(norm.clone());
+    let grads = e.emit(std::sync::Arc::new(grad), &[inputs[0], inputs[1], dy])?;
+    Ok(grads.into_iter().map(Some).collect())
+}
+
+/// The fused gradient of a [`RowNorm`]: inputs `x, weight, dy`; outputs `dx, dweight` and, when
+/// centred, `dbias`.
+///
+/// Signatures: `S(i), B, S(i) -> S(i), P(, P)` for every axis `i` but the last (the parameter
+/// gradients are sums over rows, so each device holds an addend); all-`B`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NormGrad<N>(pub N);
+
+impl<N: RowNorm> Op for NormGrad<N> {
     fn name(&self) -> &'static str {
-        "layer_norm_grad"
+        N::GRAD_NAME
     }
 
     fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
         let x = last_axis_input(self.name(), inputs, 3)?;
         check_params(self.name(), x, &inputs[1..2])?;
-        check_eps(self.name(), self.eps)?;
+        check_eps(self.name(), self.0.eps())?;
         check_dy(self.name(), x, &inputs[2])?;
-        Ok(vec![x.clone(), inputs[1].clone(), inputs[1].clone()])
+        Ok([vec![x.clone()], vec![inputs[1].clone(); N::parameters()]].concat())
     }
 
     fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        let metas: Vec<TensorMeta> = inputs.iter().map(|t| t.meta().clone()).collect();
-        self.infer(&metas)?;
-        crate::dispatch_float!(self.name(), inputs[0].dtype(), T => norm_backward::<T>(ctx, inputs, self.eps, true))
+        crate::check_inputs(self, inputs)?;
+        let eps = self.0.eps();
+        crate::dispatch_float!(self.name(), inputs[0].dtype(), T => norm_backward::<T>(ctx, inputs, eps, N::CENTRED))
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
         if self.infer(inputs).is_err() {
             return Vec::new(); // invalid metas: no signature
         }
-        norm_grad_signatures(inputs[0].shape.rank(), true)
+        let outputs = 1 + N::parameters();
+        let mut signatures = vec![Signature::broadcast(3, outputs)];
+        for i in 0..inputs[0].shape.rank().saturating_sub(1) {
+            let mut outs = vec![Sbp::PartialSum; outputs];
+            outs[0] = Sbp::Split(i);
+            let ins = [Sbp::Split(i), Sbp::Broadcast, Sbp::Split(i)];
+            signatures.push(Signature::new(ins, outs));
+        }
+        signatures
     }
 
     fn backward(
@@ -138,11 +230,9 @@ impl Op for LayerNormGrad {
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        12 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
+        N::FLOPS.1 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
     }
 }
-
-// ---- shared with rms_norm ----
 
 pub(crate) fn check_eps(op: &'static str, eps: f64) -> Result<()> {
     if eps.is_finite() && eps >= 0.0 {
@@ -174,30 +264,6 @@ pub(crate) fn check_dy(op: &'static str, x: &TensorMeta, dy: &TensorMeta) -> Res
     Ok(())
 }
 
-pub(crate) fn norm_signatures(rank: usize, inputs: usize) -> Vec<Signature> {
-    let mut signatures = vec![Signature::broadcast(inputs, 1)];
-    for i in 0..rank.saturating_sub(1) {
-        let mut ins = vec![Sbp::Broadcast; inputs];
-        ins[0] = Sbp::Split(i);
-        signatures.push(Signature::new(ins, [Sbp::Split(i)]));
-    }
-    signatures
-}
-
-/// Grad signatures: inputs `x, w, dy`; outputs `dx, dw (, db)`.
-pub(crate) fn norm_grad_signatures(rank: usize, with_bias: bool) -> Vec<Signature> {
-    let (inputs, outputs) = (3, if with_bias { 3 } else { 2 });
-    let mut signatures = vec![Signature::broadcast(inputs, outputs)];
-    for i in 0..rank.saturating_sub(1) {
-        let mut ins = vec![Sbp::Split(i); inputs];
-        ins[1] = Sbp::Broadcast;
-        let mut outs = vec![Sbp::PartialSum; outputs];
-        outs[0] = Sbp::Split(i);
-        signatures.push(Signature::new(ins, outs));
-    }
-    signatures
-}
-
 /// Per-row statistics of layer norm (`centred`) or rms norm: `(mean, rstd)`.
 #[inline(always)]
 fn row_stats<T: RowFloat>(x: &[T], eps: T::Acc, centred: bool) -> (T::Acc, T::Acc) {
@@ -218,7 +284,7 @@ pub(crate) fn norm_forward<T: RowFloat>(
     let weight = inputs[1].as_slice::<T>()?;
     let bias = if centred { Some(inputs[2].as_slice::<T>()?) } else { None };
     let width = weight.len();
-    let mut y = Tensor::zeros(inputs[0].shape().clone(), inputs[0].dtype());
+    let mut y = Tensor::for_overwrite(ctx, inputs[0].shape().clone(), inputs[0].dtype());
     let eps = T::Acc::constant(eps);
     let kernel = |x_row: &[T], y_row: &mut [T]| {
         let stats = row_stats(x_row, eps, centred);
@@ -265,7 +331,7 @@ pub(crate) fn norm_backward<T: RowFloat>(
     let eps = T::Acc::constant(eps);
     let width = weight.len();
     let rows = x.len() / width.max(1);
-    let mut dx = Tensor::zeros(inputs[0].shape().clone(), inputs[0].dtype());
+    let mut dx = Tensor::for_overwrite(ctx, inputs[0].shape().clone(), inputs[0].dtype());
     let dx_all = SharedRows::new(dx.as_mut_slice::<T>()?);
     let partial = |range: std::ops::Range<usize>| {
         let mut sums = vec![T::Acc::zero(); 2 * width];
@@ -308,17 +374,15 @@ impl<T: RowFloat> NormRow<'_, T> {
     fn backward(&self, dx: &mut [T], sums: &mut [T::Acc], centred: bool) {
         let (mean, rstd) = (self.mean, self.rstd);
         let width = T::Acc::constant(self.x.len() as f64);
-        let (mut g_sum, mut gx_sum) = (T::Acc::zero(), T::Acc::zero());
         let (dw, db) = sums.split_at_mut(self.x.len());
-        for i in 0..self.x.len() {
-            let xhat = (self.x[i].widen() - mean) * rstd;
-            let d = self.dy[i].widen();
-            let g = d * self.weight[i].widen();
-            g_sum += g;
-            gx_sum += g * xhat;
-            dw[i] += d * xhat;
-            db[i] += d;
+        let inputs = self.x.iter().zip(self.dy);
+        for ((dw, db), (&x, &d)) in dw.iter_mut().zip(db.iter_mut()).zip(inputs) {
+            let d = d.widen();
+            *dw += d * ((x.widen() - mean) * rstd);
+            *db += d;
         }
+        let g_sum = sum_map2(self.dy, self.weight, |d, w| d * w);
+        let gx_sum = sum_map3(self.x, self.dy, self.weight, |x, d, w| d * w * ((x - mean) * rstd));
         let g_mean = if centred { g_sum / width } else { T::Acc::zero() };
         let gx_mean = gx_sum / width;
         let inputs = self.x.iter().zip(self.dy).zip(self.weight);

@@ -1,18 +1,19 @@
 //! `log_softmax` over the last axis, numerically stable: `y = x − max − ln Σ e^(x − max)`, and
 //! its fused gradient [`LogSoftmaxGrad`].
 
-use meshflow_placement::Signature;
 use num_traits::{Float, Zero};
 
-use super::nn_rows::{max, second_order, sum_map, Accumulate, RowFloat};
-use super::softmax::{last_axis_input, row_signatures, rows_map, rows_zip, same_meta};
-use crate::{emit1, Context, Emit, Op, Result, Tensor, TensorMeta, Value};
+use super::nn_rows::{max, sum_map, Accumulate, RowFloat};
+use super::softmax::{last_axis_op, rows_map, rows_zip, LastAxis, RowGrad};
+use crate::{emit1, Context, Emit, Result, Tensor, TensorMeta, Value};
 
 /// Log-softmax over the last axis.
 ///
 /// Signatures, per device `d` (rows are independent, the last axis must be whole):
 /// - `S(i) -> S(i)` for every axis `i` but the last: `y_d = log_softmax(x_d)`;
 /// - `B -> B`: every device computes the whole `y`.
+///
+/// Backward: [`LogSoftmaxGrad`], `dx = dy − e^y · Σ dy` with the sum over the last axis.
 #[derive(Clone, Debug, Default)]
 pub struct LogSoftmax;
 
@@ -21,94 +22,24 @@ pub fn log_softmax(e: &mut dyn Emit, x: Value) -> Result<Value> {
     emit1(e, LogSoftmax, &[x])
 }
 
-impl Op for LogSoftmax {
-    fn name(&self) -> &'static str {
-        "log_softmax"
+/// Gradient of [`LogSoftmax`]: inputs `y` (the log-softmax output) and `dy`.
+pub type LogSoftmaxGrad = RowGrad<LogSoftmax>;
+
+impl LastAxis for LogSoftmax {
+    const NAME: &'static str = "log_softmax";
+    const GRAD_NAME: &'static str = "log_softmax_grad";
+    const FLOPS: (u64, u64) = (5, 4);
+
+    fn rows(ctx: &Context, x: &Tensor) -> Result<Tensor> {
+        crate::dispatch_float!(Self::NAME, x.dtype(), T => rows_map::<T>(ctx, x, log_softmax_row::<T>))
     }
 
-    fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        Ok(vec![last_axis_input(self.name(), inputs, 1)?.clone()])
-    }
-
-    fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        self.infer(&[inputs[0].meta().clone()])?;
-        let x = &inputs[0];
-        let out = crate::dispatch_float!(self.name(), x.dtype(), T => rows_map::<T>(ctx, x, log_softmax_row::<T>))?;
-        Ok(vec![out])
-    }
-
-    fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
-        if self.infer(inputs).is_err() {
-            return Vec::new(); // invalid metas: no signature
-        }
-        row_signatures(inputs[0].shape.rank(), 1, 1)
-    }
-
-    fn backward(
-        &self,
-        e: &mut dyn Emit,
-        _inputs: &[Value],
-        outputs: &[Value],
-        grads: &[Option<Value>],
-    ) -> Result<Vec<Option<Value>>> {
-        let Some(dy) = grads[0] else { return Ok(vec![None]) };
-        Ok(vec![Some(emit1(e, LogSoftmaxGrad, &[outputs[0], dy])?)])
-    }
-
-    fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        5 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
+    fn grad_rows(ctx: &Context, y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        crate::dispatch_float!(Self::GRAD_NAME, y.dtype(), T => rows_zip::<T>(ctx, y, dy, log_softmax_grad_row::<T>))
     }
 }
 
-/// Gradient of [`LogSoftmax`]: inputs `y` (the log-softmax output) and `dy`;
-/// `dx = dy − e^y · Σ dy`, the sum over the last axis.
-///
-/// Signatures: `S(i), S(i) -> S(i)` for every axis but the last; `B, B -> B`.
-#[derive(Clone, Debug, Default)]
-pub struct LogSoftmaxGrad;
-
-impl Op for LogSoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "log_softmax_grad"
-    }
-
-    fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        let y = last_axis_input(self.name(), inputs, 2)?;
-        same_meta(self.name(), y, &inputs[1])?;
-        Ok(vec![y.clone()])
-    }
-
-    fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        self.infer(&[inputs[0].meta().clone(), inputs[1].meta().clone()])?;
-        let (y, dy) = (&inputs[0], &inputs[1]);
-        let out = crate::dispatch_float!(self.name(), y.dtype(), T => rows_zip::<T>(ctx, y, dy, log_softmax_grad_row::<T>))?;
-        Ok(vec![out])
-    }
-
-    fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
-        if self.infer(inputs).is_err() {
-            return Vec::new(); // invalid metas: no signature
-        }
-        row_signatures(inputs[0].shape.rank(), 2, 1)
-    }
-
-    fn backward(
-        &self,
-        _e: &mut dyn Emit,
-        _inputs: &[Value],
-        _outputs: &[Value],
-        grads: &[Option<Value>],
-    ) -> Result<Vec<Option<Value>>> {
-        if grads.iter().any(Option::is_some) {
-            return Err(second_order(self.name()));
-        }
-        Ok(vec![None, None])
-    }
-
-    fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        4 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
-    }
-}
+last_axis_op!(LogSoftmax);
 
 #[inline(always)]
 fn log_softmax_row<T: RowFloat>(x: &[T], y: &mut [T]) {
@@ -132,6 +63,7 @@ fn log_softmax_grad_row<T: RowFloat>(y: &[T], dy: &[T], dx: &mut [T]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Op;
 
     #[test]
     fn log_softmax_is_log_of_softmax_even_for_huge_logits() {

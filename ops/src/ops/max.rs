@@ -3,9 +3,11 @@
 
 use meshflow_placement::{Sbp, Signature};
 
-use crate::cpu::{reduce_axes, BroadcastPlan, FloatElement, Reduction};
+use crate::cpu::{BroadcastPlan, FloatElement, Reduction};
 use crate::ops::reshape::reshape;
-use crate::ops::sum::{reduced_shapes, reduction_signatures, single_float};
+use crate::ops::sum::{
+    checked_reduction_signatures, infer_reduction, reduced_shapes, run_reduction,
+};
 use crate::{emit1, Context, Emit, Error, Op, Result, Shape, Tensor, TensorMeta, Value};
 
 /// Maximum over `axes` (negative counts from the end; an empty list reduces every axis).
@@ -32,34 +34,15 @@ impl Op for Max {
     }
 
     fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        let x = single_float(self.name(), inputs)?;
-        let (axes, _, out) = reduced_shapes(self.name(), &x.shape, &self.axes, self.keepdim)?;
-        if axes.iter().any(|&a| x.shape.dim(a) == 0) {
-            return Err(Error::shape(self.name(), &[&x.shape], "max over an empty axis"));
-        }
-        Ok(vec![TensorMeta::new(out, x.dtype)])
+        infer_reduction(self.name(), inputs, (&self.axes, self.keepdim), true)
     }
 
     fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        let metas: Vec<TensorMeta> = inputs.iter().map(|t| t.meta().clone()).collect();
-        let out = self.infer(&metas)?.remove(0).shape;
-        let x = &inputs[0];
-        let (axes, _, _) = reduced_shapes(self.name(), x.shape(), &self.axes, self.keepdim)?;
-        let kept = crate::dispatch_float!(self.name(), x.dtype(), T => {
-            reduce_axes::<T>(ctx, x, &axes, Reduction::Max)
-        })?;
-        Ok(vec![kept.reshaped(out)?])
+        run_reduction(self, ctx, inputs, (&self.axes, self.keepdim), Reduction::Max)
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
-        if self.infer(inputs).is_err() {
-            return Vec::new();
-        }
-        let shape = &inputs[0].shape;
-        match reduced_shapes(self.name(), shape, &self.axes, self.keepdim) {
-            Ok((axes, _, _)) => reduction_signatures(shape, &axes, self.keepdim, None),
-            Err(_) => vec![Signature::broadcast(1, 1)],
-        }
+        checked_reduction_signatures(self, inputs, (&self.axes, self.keepdim), None, false)
     }
 
     fn backward(

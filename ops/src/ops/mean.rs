@@ -1,11 +1,13 @@
 //! `mean`: y = Σ x / n over some axes (keepdim or not).
 
-use meshflow_placement::{Sbp, Signature};
+use meshflow_placement::Signature;
 
-use crate::cpu::{reduce_axes, Reduction};
-use crate::ops::sum::{reduced_shapes, reduction_signatures, single_float};
+use crate::cpu::Reduction;
+use crate::ops::sum::{
+    checked_reduction_signatures, infer_reduction, reduced_shapes, run_reduction,
+};
 use crate::ops::{broadcast_to::broadcast_to, mul_scalar::mul_scalar, reshape::reshape};
-use crate::{emit1, Context, Emit, Error, Op, Result, Tensor, TensorMeta, Value};
+use crate::{emit1, Context, Emit, Op, Result, Tensor, TensorMeta, Value};
 
 /// Mean over `axes` (negative counts from the end; an empty list reduces every axis).
 ///
@@ -34,36 +36,15 @@ impl Op for Mean {
     }
 
     fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        let x = single_float(self.name(), inputs)?;
-        let (axes, _, out) = reduced_shapes(self.name(), &x.shape, &self.axes, self.keepdim)?;
-        if axes.iter().any(|&a| x.shape.dim(a) == 0) {
-            return Err(Error::shape(self.name(), &[&x.shape], "mean over an empty axis"));
-        }
-        Ok(vec![TensorMeta::new(out, x.dtype)])
+        infer_reduction(self.name(), inputs, (&self.axes, self.keepdim), true)
     }
 
     fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        let metas: Vec<TensorMeta> = inputs.iter().map(|t| t.meta().clone()).collect();
-        let out = self.infer(&metas)?.remove(0).shape;
-        let x = &inputs[0];
-        let (axes, _, _) = reduced_shapes(self.name(), x.shape(), &self.axes, self.keepdim)?;
-        let kept = crate::dispatch_float!(self.name(), x.dtype(), T => {
-            reduce_axes::<T>(ctx, x, &axes, Reduction::Mean)
-        })?;
-        Ok(vec![kept.reshaped(out)?])
+        run_reduction(self, ctx, inputs, (&self.axes, self.keepdim), Reduction::Mean)
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
-        if self.infer(inputs).is_err() {
-            return Vec::new();
-        }
-        let shape = &inputs[0].shape;
-        let Ok((axes, _, _)) = reduced_shapes(self.name(), shape, &self.axes, self.keepdim) else {
-            return vec![Signature::broadcast(1, 1)];
-        };
-        let mut signatures = reduction_signatures(shape, &axes, self.keepdim, None);
-        signatures.push(Signature::new([Sbp::PartialSum], [Sbp::PartialSum]));
-        signatures
+        checked_reduction_signatures(self, inputs, (&self.axes, self.keepdim), None, true)
     }
 
     fn backward(

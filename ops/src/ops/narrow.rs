@@ -2,7 +2,7 @@
 
 use meshflow_placement::{Sbp, Signature};
 
-use crate::{emit1, Context, Emit, Error, Op, Result, Shape, Tensor, TensorMeta, Value};
+use crate::{emit1, Context, Element, Emit, Error, Op, Result, Shape, Tensor, TensorMeta, Value};
 
 /// Elements `start..start + len` along `axis` (negative counts from the end), like
 /// `torch.narrow`.
@@ -36,67 +36,30 @@ pub fn other_axis_signatures(rank: usize, axis: Option<usize>, arity: usize) -> 
     signatures
 }
 
-fn single<'a>(op: &'static str, inputs: &'a [TensorMeta]) -> Result<&'a TensorMeta> {
-    match inputs {
-        [x] => Ok(x),
-        _ => Err(Error::Arity { op, expected: 1, got: inputs.len() }),
-    }
-}
+impl AxisWindow for Narrow {
+    const NAME: &'static str = "narrow";
 
-impl Narrow {
-    fn check(&self, shape: &Shape) -> Result<(usize, Shape)> {
+    fn gradient(&self, e: &mut dyn Emit, shape: &Shape, g: Value) -> Result<Value> {
+        let (axis, _) = self.window(shape)?;
+        let pad = Pad { axis: axis as isize, start: self.start, total: shape.dim(axis) };
+        emit1(e, pad, &[g])
+    }
+
+    fn window(&self, shape: &Shape) -> Result<(usize, Shape)> {
         let axis = shape.axis("narrow", self.axis)?;
         if self.start + self.len > shape.dim(axis) {
-            return Err(Error::shape(
-                "narrow",
-                &[shape],
-                format!("slice {}..{} of axis {axis}", self.start, self.start + self.len),
-            ));
+            let slice = format!("slice {}..{} of axis {axis}", self.start, self.start + self.len);
+            return Err(Error::shape("narrow", &[shape], slice));
         }
         Ok((axis, shape.with_dim(axis, self.len)))
     }
-}
 
-impl Op for Narrow {
-    fn name(&self) -> &'static str {
-        "narrow"
+    fn axis(&self) -> isize {
+        self.axis
     }
 
-    fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        let x = single(self.name(), inputs)?;
-        Ok(vec![TensorMeta::new(self.check(&x.shape)?.1, x.dtype)])
-    }
-
-    fn forward(&self, _ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        crate::check_inputs(self, inputs)?;
-        let x = &inputs[0];
-        let (axis, _) = self.check(x.shape())?;
-        let out = crate::dispatch_any!(x.dtype(), T => {
-            crate::cpu::layout::narrow::<T>(x, axis, self.start, self.len)
-        })?;
-        Ok(vec![out])
-    }
-
-    fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
-        if self.infer(inputs).is_err() {
-            return Vec::new();
-        }
-        let shape = &inputs[0].shape;
-        other_axis_signatures(shape.rank(), shape.axis(self.name(), self.axis).ok(), 1)
-    }
-
-    fn backward(
-        &self,
-        e: &mut dyn Emit,
-        inputs: &[Value],
-        _outputs: &[Value],
-        grads: &[Option<Value>],
-    ) -> Result<Vec<Option<Value>>> {
-        let Some(g) = grads[0] else { return Ok(vec![None]) };
-        let shape = e.meta(inputs[0]).shape;
-        let (axis, _) = self.check(&shape)?;
-        let pad = Pad { axis: axis as isize, start: self.start, total: shape.dim(axis) };
-        Ok(vec![Some(emit1(e, pad, &[g])?)])
+    fn copy<T: Element>(&self, x: &Tensor, axis: usize) -> Result<Tensor> {
+        crate::cpu::layout::narrow::<T>(x, axis, self.start, self.len)
     }
 }
 
@@ -114,58 +77,96 @@ pub struct Pad {
     pub total: usize,
 }
 
-impl Pad {
-    fn check(&self, shape: &Shape) -> Result<(usize, Shape)> {
+impl AxisWindow for Pad {
+    const NAME: &'static str = "pad";
+
+    fn gradient(&self, e: &mut dyn Emit, shape: &Shape, g: Value) -> Result<Value> {
+        let len = shape.dim(self.window(shape)?.0);
+        narrow(e, g, self.axis, self.start, len)
+    }
+
+    fn window(&self, shape: &Shape) -> Result<(usize, Shape)> {
         let axis = shape.axis("pad", self.axis)?;
         if self.start + shape.dim(axis) > self.total {
-            return Err(Error::shape(
-                "pad",
-                &[shape],
-                format!("does not fit at {} in {}", self.start, self.total),
-            ));
+            let reason = format!("does not fit at {} in {}", self.start, self.total);
+            return Err(Error::shape("pad", &[shape], reason));
         }
         Ok((axis, shape.with_dim(axis, self.total)))
     }
+
+    fn axis(&self) -> isize {
+        self.axis
+    }
+
+    fn copy<T: Element>(&self, x: &Tensor, axis: usize) -> Result<Tensor> {
+        crate::cpu::layout::pad::<T>(x, axis, self.start, self.total)
+    }
 }
 
-impl Op for Pad {
-    fn name(&self) -> &'static str {
-        "pad"
-    }
+// ---- what narrow and pad share ----
 
-    fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        let x = single(self.name(), inputs)?;
-        Ok(vec![TensorMeta::new(self.check(&x.shape)?.1, x.dtype)])
-    }
+/// An op on one input that changes the size of one axis: [`Narrow`] cuts a window out of it,
+/// [`Pad`] places the input as a window of a larger zero tensor.
+trait AxisWindow: Clone + std::fmt::Debug + Send + Sync + 'static {
+    /// The op name.
+    const NAME: &'static str;
 
-    fn forward(&self, _ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        crate::check_inputs(self, inputs)?;
-        let x = &inputs[0];
-        let (axis, _) = self.check(x.shape())?;
-        let out = crate::dispatch_any!(x.dtype(), T => {
-            crate::cpu::layout::pad::<T>(x, axis, self.start, self.total)
-        })?;
-        Ok(vec![out])
-    }
+    /// The axis attribute (negative counts from the end).
+    fn axis(&self) -> isize;
 
-    fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
-        if self.infer(inputs).is_err() {
-            return Vec::new();
+    /// The gradient of an input of `shape` given the output gradient `g`: the other op.
+    fn gradient(&self, e: &mut dyn Emit, shape: &Shape, g: Value) -> Result<Value>;
+
+    /// The resolved axis and the output shape for an input of `shape`.
+    fn window(&self, shape: &Shape) -> Result<(usize, Shape)>;
+
+    /// The kernel along the resolved `axis`.
+    fn copy<T: Element>(&self, x: &Tensor, axis: usize) -> Result<Tensor>;
+}
+
+/// Implements [`Op`] for an [`AxisWindow`] type.
+macro_rules! window_op {
+    ($op:ty) => {
+        impl Op for $op {
+            fn name(&self) -> &'static str {
+                <$op as AxisWindow>::NAME
+            }
+
+            fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
+                let [x] = inputs else {
+                    return Err(Error::Arity { op: self.name(), expected: 1, got: inputs.len() });
+                };
+                Ok(vec![TensorMeta::new(self.window(&x.shape)?.1, x.dtype)])
+            }
+
+            fn forward(&self, _ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+                crate::check_inputs(self, inputs)?;
+                let x = &inputs[0];
+                let (axis, _) = self.window(x.shape())?;
+                Ok(vec![crate::dispatch_any!(x.dtype(), T => self.copy::<T>(x, axis))?])
+            }
+
+            fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+                if self.infer(inputs).is_err() {
+                    return Vec::new();
+                }
+                let shape = &inputs[0].shape;
+                other_axis_signatures(shape.rank(), shape.axis(self.name(), self.axis()).ok(), 1)
+            }
+
+            fn backward(
+                &self,
+                e: &mut dyn Emit,
+                inputs: &[Value],
+                _outputs: &[Value],
+                grads: &[Option<Value>],
+            ) -> Result<Vec<Option<Value>>> {
+                let Some(g) = grads[0] else { return Ok(vec![None]) };
+                let shape = e.meta(inputs[0]).shape;
+                Ok(vec![Some(self.gradient(e, &shape, g)?)])
+            }
         }
-        let shape = &inputs[0].shape;
-        other_axis_signatures(shape.rank(), shape.axis(self.name(), self.axis).ok(), 1)
-    }
-
-    fn backward(
-        &self,
-        e: &mut dyn Emit,
-        inputs: &[Value],
-        _outputs: &[Value],
-        grads: &[Option<Value>],
-    ) -> Result<Vec<Option<Value>>> {
-        let Some(g) = grads[0] else { return Ok(vec![None]) };
-        let len =
-            e.meta(inputs[0]).shape.dims().get(self.check(&e.meta(inputs[0]).shape)?.0).copied();
-        Ok(vec![Some(narrow(e, g, self.axis, self.start, len.unwrap_or(0))?)])
-    }
+    };
 }
+window_op!(Narrow);
+window_op!(Pad);

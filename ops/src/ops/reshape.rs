@@ -20,10 +20,7 @@ pub struct Reshape {
 
 /// Applies [`Reshape`]; returns `x` itself when it already has `shape`.
 pub fn reshape(e: &mut dyn Emit, x: Value, shape: &Shape) -> Result<Value> {
-    if &e.meta(x).shape == shape {
-        return Ok(x);
-    }
-    emit1(e, Reshape { shape: shape.clone() }, &[x])
+    emit_to_shape(e, x, shape, Reshape { shape: shape.clone() })
 }
 
 impl Op for Reshape {
@@ -32,17 +29,8 @@ impl Op for Reshape {
     }
 
     fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        let [x] = inputs else {
-            return Err(Error::Arity { op: self.name(), expected: 1, got: inputs.len() });
-        };
-        if x.shape.numel() != self.shape.numel() {
-            return Err(Error::shape(
-                self.name(),
-                &[&x.shape, &self.shape],
-                "element counts differ",
-            ));
-        }
-        Ok(vec![TensorMeta::new(self.shape.clone(), x.dtype)])
+        let same_count = |x: &Shape| x.numel() == self.shape.numel();
+        infer_to_shape(self.name(), inputs, &self.shape, same_count, "element counts differ")
     }
 
     fn forward(&self, _ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
@@ -53,11 +41,7 @@ impl Op for Reshape {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
-        if self.infer(inputs).is_err() {
-            return Vec::new();
-        }
-        let mut signatures =
-            vec![Signature::broadcast(1, 1), Signature::new([Sbp::PartialSum], [Sbp::PartialSum])];
+        let Some(mut signatures) = linear_signatures(self, inputs) else { return Vec::new() };
         let (from, to) = (inputs[0].shape.dims(), self.shape.dims());
         let common = from.iter().zip(to).take_while(|(a, b)| a == b).count();
         signatures.extend((0..common).map(|i| Signature::new([Sbp::Split(i)], [Sbp::Split(i)])));
@@ -81,7 +65,55 @@ impl Op for Reshape {
         _inputs: &[Shard],
         outputs: &[Shard],
     ) -> Result<Option<OpRef>> {
-        let local = outputs[0].local.shape.clone();
-        Ok((local != self.shape).then(|| std::sync::Arc::new(Reshape { shape: local }) as OpRef))
+        Ok(localize_to_shape(&self.shape, outputs, |shape| Reshape { shape }))
     }
+}
+
+// ---- shared with broadcast_to: ops whose attribute is the output shape ----
+
+/// Emits `op` on `x`, or returns `x` itself when it already has `shape`.
+pub(crate) fn emit_to_shape(
+    e: &mut dyn Emit,
+    x: Value,
+    shape: &Shape,
+    op: impl Op,
+) -> Result<Value> {
+    if &e.meta(x).shape == shape {
+        return Ok(x);
+    }
+    emit1(e, op, &[x])
+}
+
+/// One input whose shape `fits` the target: the output meta is the target shape, same dtype.
+pub(crate) fn infer_to_shape(
+    op: &'static str,
+    inputs: &[TensorMeta],
+    target: &Shape,
+    fits: impl Fn(&Shape) -> bool,
+    reason: &str,
+) -> Result<Vec<TensorMeta>> {
+    let [x] = inputs else {
+        return Err(Error::Arity { op, expected: 1, got: inputs.len() });
+    };
+    if !fits(&x.shape) {
+        return Err(Error::shape(op, &[&x.shape, target], reason));
+    }
+    Ok(vec![TensorMeta::new(target.clone(), x.dtype)])
+}
+
+/// `B -> B` and `P -> P` (the op is linear); `None` for invalid metas.
+pub(crate) fn linear_signatures(op: &dyn Op, inputs: &[TensorMeta]) -> Option<Vec<Signature>> {
+    op.infer(inputs).ok()?;
+    let partial = Signature::new([Sbp::PartialSum], [Sbp::PartialSum]);
+    Some(vec![Signature::broadcast(1, 1), partial])
+}
+
+/// The per-shard op: the same op with the local output shape, or `None` when it is the global.
+pub(crate) fn localize_to_shape<O: Op>(
+    global: &Shape,
+    outputs: &[Shard],
+    with_shape: impl FnOnce(Shape) -> O,
+) -> Option<OpRef> {
+    let local = outputs[0].local.shape.clone();
+    (&local != global).then(|| std::sync::Arc::new(with_shape(local)) as OpRef)
 }

@@ -11,12 +11,11 @@
 
 use std::sync::Arc;
 
-use meshflow_placement::Signature;
 use num_traits::Zero;
 
-use super::adamw::{check_state, elementwise_signatures, not_differentiable};
+use super::adamw::{update_op, Update};
 use super::nn_rows::{for_each_range, Accumulate, RowFloat, SharedRows};
-use crate::{Context, Emit, Error, Op, Result, Tensor, TensorMeta, Value};
+use crate::{Context, Emit, Error, Result, Tensor, TensorMeta, Value};
 
 /// SGD hyper-parameters and the step count of this update.
 ///
@@ -47,49 +46,19 @@ pub fn sgd(e: &mut dyn Emit, config: Sgd, [param, grad, buffer]: [Value; 3]) -> 
     e.emit(Arc::new(config), &[param, grad, buffer])
 }
 
-impl Op for Sgd {
-    fn name(&self) -> &'static str {
-        "sgd"
-    }
+impl Update for Sgd {
+    const NAME: &'static str = "sgd";
+    const ARITY: (usize, usize) = (3, 2);
+    const FLOPS: u64 = 6;
 
-    fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        check_state(self.name(), inputs, 3)?;
+    fn check(&self) -> Result<()> {
         let values = [self.lr, self.momentum, self.dampening, self.weight_decay];
         if values.iter().any(|v| !v.is_finite()) || self.step == 0 {
-            return Err(Error::argument(self.name(), format!("bad hyper-parameters {self:?}")));
+            return Err(Error::argument(Self::NAME, format!("bad hyper-parameters {self:?}")));
         }
-        Ok(vec![inputs[0].clone(); 2])
+        Ok(())
     }
 
-    fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        let metas: Vec<TensorMeta> = inputs.iter().map(|t| t.meta().clone()).collect();
-        self.infer(&metas)?;
-        crate::dispatch_float!(self.name(), inputs[0].dtype(), T => self.run::<T>(ctx, inputs))
-    }
-
-    fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
-        if self.infer(inputs).is_err() {
-            return Vec::new(); // invalid metas: no signature
-        }
-        elementwise_signatures(inputs[0].shape.rank(), 3, 2)
-    }
-
-    fn backward(
-        &self,
-        _e: &mut dyn Emit,
-        _inputs: &[Value],
-        _outputs: &[Value],
-        grads: &[Option<Value>],
-    ) -> Result<Vec<Option<Value>>> {
-        not_differentiable(self.name(), grads, 3)
-    }
-
-    fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        6 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
-    }
-}
-
-impl Sgd {
     fn run<T: RowFloat>(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         let [p, g, b] = [0, 1, 2].map(|i| inputs[i].as_slice::<T>());
         let (p, g, b) = (p?, g?, b?);
@@ -98,8 +67,8 @@ impl Sgd {
         let keep = T::Acc::constant(1.0 - self.dampening);
         let step = T::Acc::constant(-self.lr);
         let (with_momentum, first) = (self.momentum != 0.0, self.step == 1);
-        let mut outputs =
-            [0, 2].map(|i| Tensor::zeros(inputs[i].shape().clone(), inputs[i].dtype()));
+        let mut outputs = [0, 2]
+            .map(|i| Tensor::for_overwrite(ctx, inputs[i].shape().clone(), inputs[i].dtype()));
         let [p_out, b_out] = &mut outputs;
         let p_all = SharedRows::new(p_out.as_mut_slice::<T>()?);
         let b_all = SharedRows::new(b_out.as_mut_slice::<T>()?);
@@ -124,3 +93,5 @@ impl Sgd {
         Ok(outputs.into())
     }
 }
+
+update_op!(Sgd);

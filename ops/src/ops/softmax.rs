@@ -1,5 +1,6 @@
-//! `softmax` over the last axis, numerically stable: `y = e^(x − max) / Σ e^(x − max)`, and its
-//! fused gradient [`SoftmaxGrad`].
+//! `softmax` over the last axis, numerically stable: `y = e^(x − max) / Σ e^(x − max)`, its
+//! fused gradient [`SoftmaxGrad`], and what it shares with `log_softmax`: [`LastAxis`], the op
+//! implementation `last_axis_op!` derives from it, and the gradient op [`RowGrad`].
 
 use meshflow_placement::{Sbp, Signature};
 use num_traits::{Float, One, Zero};
@@ -14,6 +15,8 @@ use crate::{emit1, Context, Emit, Error, Op, Result, Tensor, TensorMeta, Value};
 /// Signatures, per device `d` (rows are independent, the last axis must be whole):
 /// - `S(i) -> S(i)` for every axis `i` but the last: `y_d = softmax(x_d)` on the rows `d` holds;
 /// - `B -> B`: every device computes the whole `y`.
+///
+/// Backward: [`SoftmaxGrad`], `dx = y ⊙ (dy − Σ dy ⊙ y)` with the sum over the last axis.
 #[derive(Clone, Debug, Default)]
 pub struct Softmax;
 
@@ -22,94 +25,21 @@ pub fn softmax(e: &mut dyn Emit, x: Value) -> Result<Value> {
     emit1(e, Softmax, &[x])
 }
 
-impl Op for Softmax {
-    fn name(&self) -> &'static str {
-        "softmax"
+/// Gradient of [`Softmax`]: inputs `y` (the softmax output) and `dy`.
+pub type SoftmaxGrad = RowGrad<Softmax>;
+
+impl LastAxis for Softmax {
+    const NAME: &'static str = "softmax";
+    const GRAD_NAME: &'static str = "softmax_grad";
+    // max, subtract, exp, sum, scale; the gradient: product, sum, subtract, scale.
+    const FLOPS: (u64, u64) = (5, 4);
+
+    fn rows(ctx: &Context, x: &Tensor) -> Result<Tensor> {
+        crate::dispatch_float!(Self::NAME, x.dtype(), T => rows_map::<T>(ctx, x, softmax_row::<T>))
     }
 
-    fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        let x = last_axis_input(self.name(), inputs, 1)?;
-        Ok(vec![x.clone()])
-    }
-
-    fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        self.infer(&[inputs[0].meta().clone()])?;
-        let x = &inputs[0];
-        let out = crate::dispatch_float!(self.name(), x.dtype(), T => rows_map::<T>(ctx, x, softmax_row::<T>))?;
-        Ok(vec![out])
-    }
-
-    fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
-        if self.infer(inputs).is_err() {
-            return Vec::new(); // invalid metas: no signature
-        }
-        row_signatures(inputs[0].shape.rank(), 1, 1)
-    }
-
-    fn backward(
-        &self,
-        e: &mut dyn Emit,
-        _inputs: &[Value],
-        outputs: &[Value],
-        grads: &[Option<Value>],
-    ) -> Result<Vec<Option<Value>>> {
-        let Some(dy) = grads[0] else { return Ok(vec![None]) };
-        Ok(vec![Some(emit1(e, SoftmaxGrad, &[outputs[0], dy])?)])
-    }
-
-    fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        // max, subtract, exp, sum, scale
-        5 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
-    }
-}
-
-/// Gradient of [`Softmax`]: inputs `y` (the softmax output) and `dy`; `dx = y ⊙ (dy − Σ dy ⊙ y)`,
-/// the sum over the last axis.
-///
-/// Signatures: `S(i), S(i) -> S(i)` for every axis but the last; `B, B -> B`.
-#[derive(Clone, Debug, Default)]
-pub struct SoftmaxGrad;
-
-impl Op for SoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "softmax_grad"
-    }
-
-    fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        let y = last_axis_input(self.name(), inputs, 2)?;
-        same_meta(self.name(), y, &inputs[1])?;
-        Ok(vec![y.clone()])
-    }
-
-    fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        self.infer(&[inputs[0].meta().clone(), inputs[1].meta().clone()])?;
-        let (y, dy) = (&inputs[0], &inputs[1]);
-        let out = crate::dispatch_float!(self.name(), y.dtype(), T => rows_zip::<T>(ctx, y, dy, softmax_grad_row::<T>))?;
-        Ok(vec![out])
-    }
-
-    fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
-        if self.infer(inputs).is_err() {
-            return Vec::new(); // invalid metas: no signature
-        }
-        row_signatures(inputs[0].shape.rank(), 2, 1)
-    }
-
-    fn backward(
-        &self,
-        _e: &mut dyn Emit,
-        _inputs: &[Value],
-        _outputs: &[Value],
-        grads: &[Option<Value>],
-    ) -> Result<Vec<Option<Value>>> {
-        if grads.iter().any(Option::is_some) {
-            return Err(second_order(self.name()));
-        }
-        Ok(vec![None, None])
-    }
-
-    fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        4 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
+    fn grad_rows(ctx: &Context, y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        crate::dispatch_float!(Self::GRAD_NAME, y.dtype(), T => rows_zip::<T>(ctx, y, dy, softmax_grad_row::<T>))
     }
 }
 
@@ -136,7 +66,126 @@ fn softmax_grad_row<T: RowFloat>(y: &[T], dy: &[T], dx: &mut [T]) {
     }
 }
 
-// ---- helpers shared with log_softmax (same shapes and signatures) ----
+// ---- shared with log_softmax: the row-wise op over the last axis and its fused gradient ----
+
+/// A function applied to each row (the last axis) whose gradient is computed from its output `y`
+/// and `dy` row by row: softmax and log_softmax. `last_axis_op!` makes it an op, [`RowGrad`]
+/// is its gradient op.
+pub trait LastAxis: Clone + std::fmt::Debug + Default + Send + Sync + 'static {
+    /// The op name.
+    const NAME: &'static str;
+    /// The gradient op's name.
+    const GRAD_NAME: &'static str;
+    /// Flops per element of the op and of its gradient.
+    const FLOPS: (u64, u64);
+
+    /// `y`, row by row, in parallel within `ctx`'s budget.
+    fn rows(ctx: &Context, x: &Tensor) -> Result<Tensor>;
+
+    /// `dx` from `y` and `dy`, row by row.
+    fn grad_rows(ctx: &Context, y: &Tensor, dy: &Tensor) -> Result<Tensor>;
+}
+
+/// Implements [`Op`] for a [`LastAxis`] type: one float input of rank ≥ 1, row signatures, and
+/// the gradient through [`RowGrad`].
+macro_rules! last_axis_op {
+    ($op:ty) => {
+        impl $crate::Op for $op {
+            fn name(&self) -> &'static str {
+                <$op as $crate::ops::softmax::LastAxis>::NAME
+            }
+
+            fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
+                Ok(vec![$crate::ops::softmax::last_axis_input(self.name(), inputs, 1)?.clone()])
+            }
+
+            fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+                $crate::check_inputs(self, inputs)?;
+                Ok(vec![<$op as $crate::ops::softmax::LastAxis>::rows(ctx, &inputs[0])?])
+            }
+
+            fn signatures(&self, inputs: &[TensorMeta]) -> Vec<meshflow_placement::Signature> {
+                $crate::ops::softmax::checked_row_signatures(self, inputs, 1)
+            }
+
+            fn backward(
+                &self,
+                e: &mut dyn Emit,
+                _inputs: &[Value],
+                outputs: &[Value],
+                grads: &[Option<Value>],
+            ) -> Result<Vec<Option<Value>>> {
+                let Some(dy) = grads[0] else { return Ok(vec![None]) };
+                let grad = $crate::ops::softmax::RowGrad(self.clone());
+                Ok(vec![Some(emit1(e, grad, &[outputs[0], dy])?)])
+            }
+
+            fn flops(&self, inputs: &[TensorMeta]) -> u64 {
+                let per_element = <$op as $crate::ops::softmax::LastAxis>::FLOPS.0;
+                per_element * inputs.first().map_or(0, |x| x.shape.numel() as u64)
+            }
+        }
+    };
+}
+pub(crate) use last_axis_op;
+
+last_axis_op!(Softmax);
+
+/// The fused gradient of a [`LastAxis`] op: inputs `y` (its output) and `dy`; output `dx`.
+///
+/// Signatures: `S(i), S(i) -> S(i)` for every axis but the last; `B, B -> B`.
+#[derive(Clone, Debug, Default)]
+pub struct RowGrad<K>(pub K);
+
+impl<K: LastAxis> Op for RowGrad<K> {
+    fn name(&self) -> &'static str {
+        K::GRAD_NAME
+    }
+
+    fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
+        let y = last_axis_input(self.name(), inputs, 2)?;
+        same_meta(self.name(), y, &inputs[1])?;
+        Ok(vec![y.clone()])
+    }
+
+    fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        crate::check_inputs(self, inputs)?;
+        Ok(vec![K::grad_rows(ctx, &inputs[0], &inputs[1])?])
+    }
+
+    fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
+        checked_row_signatures(self, inputs, 2)
+    }
+
+    fn backward(
+        &self,
+        _e: &mut dyn Emit,
+        _inputs: &[Value],
+        _outputs: &[Value],
+        grads: &[Option<Value>],
+    ) -> Result<Vec<Option<Value>>> {
+        if grads.iter().any(Option::is_some) {
+            return Err(second_order(self.name()));
+        }
+        Ok(vec![None, None])
+    }
+
+    fn flops(&self, inputs: &[TensorMeta]) -> u64 {
+        K::FLOPS.1 * inputs.first().map_or(0, |x| x.shape.numel() as u64)
+    }
+}
+
+/// [`row_signatures`] of `op` with `inputs` inputs and one output; none for invalid metas.
+pub(crate) fn checked_row_signatures(
+    op: &dyn Op,
+    metas: &[TensorMeta],
+    inputs: usize,
+) -> Vec<Signature> {
+    if op.infer(metas).is_err() {
+        return Vec::new(); // invalid metas: no signature
+    }
+    row_signatures(metas[0].shape.rank(), inputs, 1)
+}
 
 /// Checks arity, a float dtype and rank ≥ 1; returns the first input.
 pub(crate) fn last_axis_input<'a>(
@@ -186,7 +235,7 @@ pub(crate) fn rows_map<T: RowFloat>(
     kernel: fn(&[T], &mut [T]),
 ) -> Result<Tensor> {
     let width = x.dims().last().copied().unwrap_or(1);
-    let mut out = Tensor::zeros(x.shape().clone(), x.dtype());
+    let mut out = Tensor::for_overwrite(ctx, x.shape().clone(), x.dtype());
     let input = x.as_slice::<T>()?;
     for_each_row(ctx, input, width, out.as_mut_slice::<T>()?, width, kernel);
     Ok(out)
@@ -200,7 +249,7 @@ pub(crate) fn rows_zip<T: RowFloat>(
     kernel: fn(&[T], &[T], &mut [T]),
 ) -> Result<Tensor> {
     let width = x.dims().last().copied().unwrap_or(1);
-    let mut out = Tensor::zeros(x.shape().clone(), x.dtype());
+    let mut out = Tensor::for_overwrite(ctx, x.shape().clone(), x.dtype());
     let inputs = (x.as_slice::<T>()?, y.as_slice::<T>()?);
     for_each_row2(ctx, inputs, width, out.as_mut_slice::<T>()?, width, kernel);
     Ok(out)

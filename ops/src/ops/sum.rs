@@ -99,39 +99,78 @@ pub fn single_float<'a>(op: &'static str, inputs: &'a [TensorMeta]) -> Result<&'
     Ok(x)
 }
 
+/// What `sum`, `mean` and `max` share: the output meta of a reduction of one float input over
+/// `axes`; with `nonempty`, reducing an axis of size 0 is an error (no mean or max of nothing).
+pub(crate) fn infer_reduction(
+    op: &'static str,
+    inputs: &[TensorMeta],
+    (axes, keepdim): (&[isize], bool),
+    nonempty: bool,
+) -> Result<Vec<TensorMeta>> {
+    let x = single_float(op, inputs)?;
+    let (axes, _, out) = reduced_shapes(op, &x.shape, axes, keepdim)?;
+    if nonempty && axes.iter().any(|&a| x.shape.dim(a) == 0) {
+        return Err(Error::shape(op, &[&x.shape], "reduces an empty axis"));
+    }
+    Ok(vec![TensorMeta::new(out, x.dtype)])
+}
+
+/// The forward of a reduction op (checked with its `infer`): the kernel, then the output shape.
+pub(crate) fn run_reduction(
+    op: &dyn Op,
+    ctx: &Context,
+    inputs: &[Tensor],
+    (axes, keepdim): (&[isize], bool),
+    reduction: Reduction,
+) -> Result<Vec<Tensor>> {
+    let out = crate::check_inputs(op, inputs)?.remove(0).shape;
+    let x = &inputs[0];
+    let (axes, _, _) = reduced_shapes(op.name(), x.shape(), axes, keepdim)?;
+    let kept = crate::dispatch_float!(op.name(), x.dtype(), T => {
+        reduce_axes::<T>(ctx, x, &axes, reduction)
+    })?;
+    Ok(vec![kept.reshaped(out)?])
+}
+
+/// The signatures of a reduction op: [`reduction_signatures`] with `reduced` for split reduced
+/// axes, plus `P -> P` when the reduction is `linear`; none for invalid metas.
+pub(crate) fn checked_reduction_signatures(
+    op: &dyn Op,
+    inputs: &[TensorMeta],
+    (axes, keepdim): (&[isize], bool),
+    reduced: Option<Sbp>,
+    linear: bool,
+) -> Vec<Signature> {
+    if op.infer(inputs).is_err() {
+        return Vec::new();
+    }
+    let shape = &inputs[0].shape;
+    let Ok((axes, _, _)) = reduced_shapes(op.name(), shape, axes, keepdim) else {
+        return vec![Signature::broadcast(1, 1)];
+    };
+    let mut signatures = reduction_signatures(shape, &axes, keepdim, reduced);
+    if linear {
+        signatures.push(Signature::new([Sbp::PartialSum], [Sbp::PartialSum]));
+    }
+    signatures
+}
+
 impl Op for Sum {
     fn name(&self) -> &'static str {
         "sum"
     }
 
     fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        let x = single_float(self.name(), inputs)?;
-        let (_, _, out) = reduced_shapes(self.name(), &x.shape, &self.axes, self.keepdim)?;
-        Ok(vec![TensorMeta::new(out, x.dtype)])
+        infer_reduction(self.name(), inputs, (&self.axes, self.keepdim), false)
     }
 
     fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        crate::check_inputs(self, inputs)?;
-        let x = &inputs[0];
-        let (axes, _, out) = reduced_shapes(self.name(), x.shape(), &self.axes, self.keepdim)?;
-        let kept = crate::dispatch_float!(self.name(), x.dtype(), T => {
-            reduce_axes::<T>(ctx, x, &axes, Reduction::Sum)
-        })?;
-        Ok(vec![kept.reshaped(out)?])
+        run_reduction(self, ctx, inputs, (&self.axes, self.keepdim), Reduction::Sum)
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
-        if self.infer(inputs).is_err() {
-            return Vec::new();
-        }
-        let shape = &inputs[0].shape;
-        let Ok((axes, _, _)) = reduced_shapes(self.name(), shape, &self.axes, self.keepdim) else {
-            return vec![Signature::broadcast(1, 1)];
-        };
-        let mut signatures =
-            reduction_signatures(shape, &axes, self.keepdim, Some(Sbp::PartialSum));
-        signatures.push(Signature::new([Sbp::PartialSum], [Sbp::PartialSum]));
-        signatures
+        let reduced = Some(Sbp::PartialSum);
+        checked_reduction_signatures(self, inputs, (&self.axes, self.keepdim), reduced, true)
     }
 
     fn backward(
