@@ -13,8 +13,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 use meshflow::data::{inputs_and_targets, Batches, CharTokenizer, TokenFile};
-use meshflow::nn::{Gpt, GptConfig, Init, Layouts};
+use meshflow::nn::{Gpt, GptConfig, Layouts, WeightInit};
 use meshflow::ops::ops::adamw::AdamW;
 use meshflow::ops::{io, DType, Tensor as HostTensor};
 use meshflow::placement::{DeviceType, Placement};
@@ -37,6 +38,15 @@ struct Args {
     /// Tensor-parallel size (mesh axis 1).
     #[arg(long, default_value_t = 2)]
     tp: usize,
+    /// Pipeline stages, each a dp x tp mesh of its own devices.
+    #[arg(long, default_value_t = 1)]
+    pp: usize,
+    /// Micro-batches per step (gradient accumulation; what a pipeline streams).
+    #[arg(long, default_value_t = 1)]
+    micro_batches: usize,
+    /// Shard the optimizer state over the data-parallel axis (ZeRO).
+    #[arg(long)]
+    zero: bool,
     /// Kernel threads per device.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -79,7 +89,7 @@ struct Args {
     /// Warmup steps of the cosine schedule.
     #[arg(long, default_value_t = 50)]
     warmup: usize,
-    /// Gradient clipping by global norm (0 = off). Not supported yet: any other value is refused.
+    /// Gradient clipping by global norm (0 = off).
     #[arg(long, default_value_t = 0.0)]
     clip_grad: f64,
     /// Dropout probability (0 = off). Not supported yet: any other value is refused.
@@ -114,10 +124,8 @@ fn main() {
 }
 
 fn run(args: &Args) -> Result<()> {
-    if args.clip_grad != 0.0 || args.dropout != 0.0 {
-        return Err(Error::Graph(
-            "--clip-grad and --dropout are not supported by this example yet".into(),
-        ));
+    if args.dropout != 0.0 {
+        return Err(Error::Graph("--dropout is not supported by this example yet".into()));
     }
     let text = std::fs::read_to_string(&args.corpus)
         .map_err(|e| Error::Data(format!("{}: {e}", args.corpus.display())))?;
@@ -129,14 +137,22 @@ fn run(args: &Args) -> Result<()> {
         Some(f) => (f.batch, f.ctx),
         None => (args.batch, args.ctx.min(config.ctx)),
     };
-    let placement = Placement::grid(DeviceType::Cpu, &[args.dp, args.tp])?;
-    let layouts =
-        Layouts { placement: placement.clone(), data_axis: Some(0), tensor_axis: Some(1) };
+    let stage_size = args.dp * args.tp;
+    let stages = (0..args.pp.max(1))
+        .map(|s| {
+            let ranks = (s * stage_size..(s + 1) * stage_size).collect();
+            let placement = Placement::new(DeviceType::Cpu, vec![args.dp, args.tp], ranks)?;
+            Ok(Layouts { placement, data_axis: Some(0), tensor_axis: Some(1) })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (first, last) = (&stages[0], &stages[stages.len() - 1]);
     let graph = Graph::new();
-    let ids = graph.input("ids", [batch, ctx], DType::I64, &placement, Some(layouts.batch()))?;
+    let ids =
+        graph.input("ids", [batch, ctx], DType::I64, &first.placement, Some(first.batch()))?;
     let targets =
-        graph.input("targets", [batch, ctx], DType::I64, &placement, Some(layouts.batch()))?;
-    let model = Gpt::new(&graph, config, &layouts, Init { std: 0.02, seed: args.seed })?;
+        graph.input("targets", [batch, ctx], DType::I64, &last.placement, Some(last.batch()))?;
+    let weights = WeightInit { std: 0.02, seed: args.seed };
+    let model = Gpt::pipelined(&graph, config, &stages, weights)?;
     let loss = model.loss(&ids, &targets)?;
     let optimizer = Optimizer::AdamW(AdamW {
         lr: args.lr,
@@ -152,10 +168,16 @@ fn run(args: &Args) -> Result<()> {
         }
         _ => Schedule::Constant,
     };
-    let training = Training { loss: loss.clone(), optimizer, schedule };
+    let mut training = Training::new(&loss, optimizer, schedule);
+    if args.clip_grad > 0.0 {
+        training = training.clip_grad_norm(args.clip_grad);
+    }
+    let devices = stage_size * stages.len();
     let session_config = SessionConfig {
-        devices: args.dp * args.tp,
+        devices,
         threads_per_device: args.threads,
+        micro_batches: args.micro_batches,
+        zero_axis: args.zero.then_some(0),
         ..Default::default()
     };
     let mut session = Session::new(&graph, &[&loss], Some(training), session_config)?;
@@ -169,7 +191,8 @@ fn run(args: &Args) -> Result<()> {
         session.load_variables(&values)?;
     }
     println!(
-        "gpt: {} parameters, vocab {}, ctx {ctx}, {} layers, {} heads, d {}; mesh dp {} x tp {} ({} CPU devices)",
+        "gpt: {} parameters, vocab {}, ctx {ctx}, {} layers, {} heads, d {}; dp {} x tp {} x pp {} \
+         ({devices} CPU devices), {} micro-batches{}",
         config.parameters(),
         config.vocab,
         config.n_layer,
@@ -177,11 +200,18 @@ fn run(args: &Args) -> Result<()> {
         config.d_model,
         args.dp,
         args.tp,
-        args.dp * args.tp
+        stages.len(),
+        args.micro_batches,
+        if args.zero { ", ZeRO" } else { "" },
     );
     let mut batches = Batches::new(tokenizer.encode(&text)?, batch, ctx, args.seed)?;
     let steps = token_file.as_ref().map_or(args.steps, |f| f.steps.min(args.steps));
     let started = Instant::now();
+    let bar = ProgressBar::new(steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
+            .map_err(|e| Error::Graph(format!("progress bar template: {e}")))?,
+    );
     for step in 0..steps {
         let tokens = match &token_file {
             Some(f) => f.step(step)?.to_vec(),
@@ -196,10 +226,19 @@ fn run(args: &Args) -> Result<()> {
         let seconds = started.elapsed().as_secs_f64();
         let tokens_per_second = ((step + 1) * batch * ctx) as f64 / seconds;
         let every = if token_file.is_some() { 1 } else { args.log_every.max(1) };
+        bar.set_message(format!("loss {value:.4}, {tokens_per_second:.0} tokens/s"));
+        bar.inc(1);
         if step % every == 0 || step + 1 == steps {
-            println!("step {step} loss {value:.6} ({tokens_per_second:.0} tokens/s)");
+            let line = format!("step {step} loss {value:.6} ({tokens_per_second:.0} tokens/s)");
+            // A hidden bar (output not a terminal) drops its println; the log must not.
+            if bar.is_hidden() {
+                println!("{line}");
+            } else {
+                bar.println(line);
+            }
         }
     }
+    bar.finish_and_clear();
     if args.sample > 0 && token_file.is_none() {
         let parameters = session.variables()?;
         println!("sample:\n{}", sample(config, &tokenizer, &text, &parameters, ctx, args.sample)?);
@@ -263,7 +302,7 @@ fn sample(
     let layouts = Layouts::single(placement.clone());
     let graph = Graph::new();
     let ids = graph.input("ids", [1, ctx], DType::I64, &placement, None)?;
-    let model = Gpt::new(&graph, config, &layouts, Init { std: 0.02, seed: 0 })?;
+    let model = Gpt::new(&graph, config, &layouts, WeightInit { std: 0.02, seed: 0 })?;
     let probabilities = model.forward(&ids)?.softmax()?;
     let mut session = Session::new(&graph, &[&probabilities], None, SessionConfig::default())?;
     let weights: Vec<_> =

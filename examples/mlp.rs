@@ -72,11 +72,7 @@ fn run(args: &Args) -> Result<()> {
         }
     }
     let loss = h.cross_entropy(&y)?;
-    let training = Training {
-        loss: loss.clone(),
-        optimizer: Optimizer::AdamW(AdamW::new(args.lr)),
-        schedule: Schedule::Constant,
-    };
+    let training = Training::new(&loss, Optimizer::AdamW(AdamW::new(args.lr)), Schedule::Constant);
     let config = SessionConfig {
         devices: args.devices,
         threads_per_device: args.threads,

@@ -96,3 +96,39 @@ fn a_kernel_failing_on_one_rank_is_the_error_reported_not_the_peers_timeout() {
     assert!(error.contains("rank 1") && error.contains("embedding"), "{error}");
     assert!(!error.contains("timed out"), "{error}");
 }
+
+#[test]
+fn micro_batches_that_do_not_divide_the_batch_are_refused_naming_the_input() {
+    use meshflow::ops::ops::sgd::Sgd;
+    use meshflow::schedule::Schedule;
+    use meshflow::session::{Optimizer, Training};
+    let g = Graph::new();
+    let x = g.input("x", [6, 2], DType::F32, &mesh(1), None).unwrap();
+    let w = g.parameter("w", HostTensor::ones([2, 2], DType::F32), &mesh(1), None).unwrap();
+    let loss = x.matmul(&w).unwrap().sum(&[0, 1], false).unwrap();
+    let training = Training::new(&loss, Optimizer::Sgd(Sgd::new(0.1)), Schedule::Constant);
+    let config = SessionConfig { micro_batches: 4, ..SessionConfig::default() };
+    let error = Session::new(&g, &[&loss], Some(training), config).err().expect("refused");
+    let error = error.to_string();
+    assert!(
+        error.contains("input x") && error.contains("6 rows") && error.contains('4'),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_value_moved_to_another_placement_computes_there_and_fed_non_inputs_are_refused() {
+    let g = Graph::new();
+    let x = g.input("x", [4], DType::F32, &mesh(2), Some(NdSbp(vec![Sbp::Split(0)]))).unwrap();
+    let other = Placement::new(DeviceType::Cpu, vec![2], vec![2, 3]).unwrap();
+    let moved = x.to_placement(&other, Some(NdSbp(vec![Sbp::Broadcast]))).unwrap();
+    assert_eq!(moved.placement(), other);
+    let y = moved.mul_scalar(2.0).unwrap();
+    let config = SessionConfig { devices: 4, ..SessionConfig::default() };
+    let mut session = Session::new(&g, &[&y], None, config).unwrap();
+    let feed = HostTensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0], [4]).unwrap();
+    let out = session.step(&[(&x, feed.clone())]).unwrap();
+    assert_eq!(out[0].to_vec::<f32>().unwrap(), [2.0, 4.0, 6.0, 8.0]);
+    let error = session.step(&[(&x, feed.clone()), (&y, feed)]).unwrap_err().to_string();
+    assert!(error.contains("is not an input"), "{error}");
+}

@@ -64,11 +64,7 @@ fn train_on(
     let h = x.matmul(&w1).unwrap().add(&b1).unwrap().relu().unwrap();
     let logits = h.matmul(&w2).unwrap().add(&b2).unwrap();
     let loss = logits.cross_entropy(&y).unwrap();
-    let training = Training {
-        loss: loss.clone(),
-        optimizer: Optimizer::AdamW(AdamW::new(0.05)),
-        schedule: Schedule::Constant,
-    };
+    let training = Training::new(&loss, Optimizer::AdamW(AdamW::new(0.05)), Schedule::Constant);
     let devices = hierarchy.iter().product();
     let config = SessionConfig { devices, ..SessionConfig::default() };
     let mut session = Session::new(&g, &[&loss], Some(training), config).unwrap();

@@ -12,7 +12,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use meshflow_placement::Signature;
+use meshflow_placement::{Placement, Signature};
 
 use crate::{Context, Result, Tensor, TensorMeta};
 
@@ -58,6 +58,12 @@ pub trait Op: fmt::Debug + Send + Sync + 'static {
     /// Floating-point operations of one forward run on inputs of these shapes (cost model).
     fn flops(&self, _inputs: &[TensorMeta]) -> u64 {
         0
+    }
+
+    /// The placement the outputs live on when the op moves values between placements
+    /// (`to_placement`); `None`, the default: on the inputs' (common) placement.
+    fn output_placement(&self) -> Option<&Placement> {
+        None
     }
 
     /// True when the outputs depend on something other than the inputs (a random generator),

@@ -9,8 +9,11 @@
 //! Errors name the op, the shapes, the dtypes and the layouts, at build time.
 
 mod autodiff;
+mod init;
 mod methods;
+mod micro_batch;
 mod tensor;
+mod to_layout;
 
 use std::cell::RefCell;
 use std::fmt;
@@ -19,7 +22,10 @@ use std::rc::Rc;
 use meshflow_ops::{Emit, OpRef, Shape, TensorMeta, Value};
 use meshflow_placement::{NdSbp, Placement};
 
+pub use init::Init;
+pub use micro_batch::{unroll, Unrolled};
 pub use tensor::Tensor;
+pub use to_layout::ToLayout;
 
 use crate::{Error, Result};
 
@@ -34,8 +40,8 @@ pub enum Source {
     Input,
     /// A trainable parameter (a variable): initialised once, read by every step, updated after it.
     Parameter {
-        /// Its initial (logical, whole) value.
-        init: meshflow_ops::Tensor,
+        /// Its initial value, materialised shard by shard.
+        init: Init,
     },
     /// A value fixed when the graph is built, broadcast to every device.
     Constant {
@@ -127,6 +133,7 @@ impl GraphData {
     /// Records `op` on `inputs` after checking placements and inferring outputs.
     fn apply(&mut self, op: OpRef, inputs: &[Value]) -> Result<Vec<Value>> {
         let placement = self.common_placement(op.name(), inputs)?;
+        let placement = op.output_placement().cloned().unwrap_or(placement);
         let metas: Vec<TensorMeta> = inputs.iter().map(|v| self.value(*v).meta.clone()).collect();
         let out_metas = op.infer(&metas)?;
         let node = NodeId(self.nodes.len() as u32);
@@ -215,7 +222,40 @@ impl Graph {
         sbp: Option<NdSbp>,
     ) -> Result<Tensor> {
         let meta = init.meta().clone();
+        self.parameter_init(name, meta, Init::Value(init), placement, sbp)
+    }
+
+    /// A trainable parameter of logical `meta` whose first value `init` describes; each device
+    /// materialises only its shard, so nothing of the size of the whole is allocated here.
+    pub fn parameter_init(
+        &self,
+        name: &str,
+        meta: TensorMeta,
+        init: Init,
+        placement: &Placement,
+        sbp: Option<NdSbp>,
+    ) -> Result<Tensor> {
+        init.check(name, &meta)?;
         self.leaf(name, meta, placement, sbp, Source::Parameter { init })
+    }
+
+    /// Moves `x` to `placement` (a pipeline stage boundary), optionally fixing its nd-SBP there;
+    /// the gradient moves back the same way.
+    pub fn to_layout(
+        &self,
+        x: &Tensor,
+        placement: &Placement,
+        sbp: Option<NdSbp>,
+    ) -> Result<Tensor> {
+        let meta = x.meta();
+        let name = self.data().label(x.value());
+        if let Some(sbp) = &sbp {
+            check_sbp(&name, &meta.shape, placement, sbp)?;
+        }
+        let op = ToLayout { source: x.placement(), target: placement.clone() };
+        let moved = x.emit_with(|e| meshflow_ops::emit1(e, op, &[x.value()]))?;
+        self.fix_sbp(moved.value(), sbp);
+        Ok(moved)
     }
 
     fn leaf(
@@ -265,6 +305,11 @@ impl Graph {
     /// True when `a` and `b` are the same graph.
     pub fn same(&self, other: &Graph) -> bool {
         Rc::ptr_eq(&self.data, &other.data)
+    }
+
+    /// Sets the user-fixed nd-SBP of a node's output (when rebuilding a graph).
+    fn fix_sbp(&self, value: Value, sbp: Option<NdSbp>) {
+        self.data.borrow_mut().values[value.0 as usize].sbp = sbp;
     }
 
     fn own(&self, tensor: &Tensor) -> Result<Value> {

@@ -84,6 +84,17 @@ impl Tensor {
         Ok(values.into_iter().map(|v| Tensor::new(self.graph.clone(), v)).collect())
     }
 
+    /// This value on `placement` (another stage of a pipeline, or the same devices), with its
+    /// nd-SBP there fixed when `sbp` is given, else chosen by the compiler.
+    pub fn to_placement(&self, placement: &Placement, sbp: Option<NdSbp>) -> Result<Tensor> {
+        self.graph.to_layout(self, placement, sbp)
+    }
+
+    /// This value with nd-SBP `sbp` on its placement (the compiler inserts the boxing).
+    pub fn to_sbp(&self, sbp: NdSbp) -> Result<Tensor> {
+        self.graph.to_layout(self, &self.placement(), Some(sbp))
+    }
+
     /// The metadata of `value` in `e` (for constructors that need shapes).
     pub fn meta_in(e: &dyn Emit, value: Value) -> TensorMeta {
         e.meta(value)

@@ -6,7 +6,7 @@
 use meshflow_ops::{DType, Tensor as HostTensor};
 use meshflow_placement::Sbp;
 
-use super::{Init, InitCounter, LayerNorm, Layouts, Linear, Parallel};
+use super::{f32_meta, InitCounter, LayerNorm, Layouts, Linear, Parallel, WeightInit};
 use crate::{Error, Graph, Result, Tensor};
 
 /// The shape of a GPT.
@@ -67,7 +67,10 @@ struct Block {
 /// The model: its parameters live in the graph it was built on.
 pub struct Gpt {
     config: GptConfig,
-    layouts: Layouts,
+    /// The layouts of the pipeline stages (one for an unpipelined model).
+    stages: Vec<Layouts>,
+    /// The stage of each block.
+    block_stage: Vec<usize>,
     wte: Tensor,
     wpe: Tensor,
     blocks: Vec<Block>,
@@ -79,25 +82,56 @@ impl Gpt {
     /// Builds the parameters on `graph` with GPT-2's initialisation (normal 0.02, zero biases,
     /// unit LayerNorm weights), laid out by `layouts` (Megatron column/row splits on its tensor
     /// axis).
-    pub fn new(graph: &Graph, config: GptConfig, layouts: &Layouts, init: Init) -> Result<Self> {
+    pub fn new(
+        graph: &Graph,
+        config: GptConfig,
+        layouts: &Layouts,
+        init: WeightInit,
+    ) -> Result<Self> {
+        Gpt::pipelined(graph, config, std::slice::from_ref(layouts), init)
+    }
+
+    /// Like [`Gpt::new`], as a pipeline over `stages` (each a placement with its own layouts):
+    /// the blocks are spread evenly in order, the embeddings live on the first stage and the
+    /// final norm and head on the last; activations cross stages with `to_placement`. The
+    /// weights are the same as [`Gpt::new`]'s for the same `init`.
+    pub fn pipelined(
+        graph: &Graph,
+        config: GptConfig,
+        stages: &[Layouts],
+        init: WeightInit,
+    ) -> Result<Self> {
         config.check()?;
+        if stages.is_empty() || stages.len() > config.n_layer {
+            return Err(Error::Graph(format!(
+                "gpt: {} pipeline stages for {} layers (need 1 to n_layer)",
+                stages.len(),
+                config.n_layer
+            )));
+        }
+        let block_stage: Vec<usize> =
+            (0..config.n_layer).map(|i| i * stages.len() / config.n_layer).collect();
         let d = config.d_model;
         let mut init = InitCounter::new(init);
+        let layouts = &stages[0];
         let p = &layouts.placement;
-        let wte = graph.parameter(
+        let wte = graph.parameter_init(
             "wte.weight",
-            init.normal(&[config.vocab, d])?,
+            f32_meta(&[config.vocab, d]),
+            init.normal(),
             p,
             Some(layouts.weight(Sbp::Broadcast)),
         )?;
-        let wpe = graph.parameter(
+        let wpe = graph.parameter_init(
             "wpe.weight",
-            init.normal(&[config.ctx, d])?,
+            f32_meta(&[config.ctx, d]),
+            init.normal(),
             p,
             Some(layouts.weight(Sbp::Broadcast)),
         )?;
         let mut blocks = Vec::with_capacity(config.n_layer);
-        for i in 0..config.n_layer {
+        for (i, &stage) in block_stage.iter().enumerate() {
+            let layouts = &stages[stage];
             let name = |part: &str| format!("h.{i}.{part}");
             blocks.push(Block {
                 ln_1: LayerNorm::new(graph, &name("ln_1"), d, layouts)?,
@@ -140,6 +174,7 @@ impl Gpt {
                 )?,
             });
         }
+        let layouts = &stages[stages.len() - 1];
         let ln_f = LayerNorm::new(graph, "ln_f", d, layouts)?;
         let lm_head = Linear::new(
             graph,
@@ -150,7 +185,7 @@ impl Gpt {
             layouts,
             &mut init,
         )?;
-        Ok(Gpt { config, layouts: layouts.clone(), wte, wpe, blocks, ln_f, lm_head })
+        Ok(Gpt { config, stages: stages.to_vec(), block_stage, wte, wpe, blocks, ln_f, lm_head })
     }
 
     /// The configuration.
@@ -171,24 +206,45 @@ impl Gpt {
             )));
         }
         let graph = ids.graph();
-        let p = &self.layouts.placement;
+        let first = &self.stages[0].placement;
         let positions = HostTensor::from_vec((0..t as i64).collect::<Vec<_>>(), [t])?;
-        let positions = graph.constant(&format!("positions.{t}"), positions, p)?;
+        let positions = graph.constant(&format!("positions.{t}"), positions, first)?;
         let mask: Vec<u8> = (0..t * t).map(|k| u8::from(k % t > k / t)).collect();
         let mask = HostTensor::from_bytes(&mask, [t, t], DType::Bool)?;
-        let mask = graph.constant(&format!("causal_mask.{t}"), mask, p)?;
+        let masks = self
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(s, l)| {
+                graph.constant(&format!("causal_mask.{t}.{s}"), mask.clone(), &l.placement)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut x = self.wte.embedding(ids)?.add(&self.wpe.embedding(&positions)?)?;
-        for block in &self.blocks {
-            x = x.add(&self.attention(block, &block.ln_1.forward(&x)?, &mask)?)?;
+        for (block, &stage) in self.blocks.iter().zip(&self.block_stage) {
+            x = self.on_stage(&x, stage)?;
+            x = x.add(&self.attention(block, &block.ln_1.forward(&x)?, &masks[stage])?)?;
             let h = block.c_fc.forward(&block.ln_2.forward(&x)?)?.gelu(false)?;
             x = x.add(&block.mlp_proj.forward(&h)?)?;
         }
+        let x = self.on_stage(&x, self.stages.len() - 1)?;
         self.lm_head.forward(&self.ln_f.forward(&x)?)
     }
 
+    /// `x` moved to `stage`'s placement when it is not there yet.
+    fn on_stage(&self, x: &Tensor, stage: usize) -> Result<Tensor> {
+        let placement = &self.stages[stage].placement;
+        if &x.placement() == placement {
+            Ok(x.clone())
+        } else {
+            x.to_placement(placement, None)
+        }
+    }
+
     /// Mean cross-entropy of the next-token predictions for `ids [B, T]` against `targets [B, T]`.
+    /// With a pipeline, `ids` live on the first stage and `targets` may live on either end.
     pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        self.forward(ids)?.cross_entropy(targets)
+        let targets = self.on_stage(targets, self.stages.len() - 1)?;
+        self.forward(ids)?.cross_entropy(&targets)
     }
 
     fn attention(&self, block: &Block, x: &Tensor, mask: &Tensor) -> Result<Tensor> {

@@ -4,9 +4,10 @@
 
 mod gpt;
 
-use meshflow_ops::{DType, Tensor as HostTensor};
+use meshflow_ops::{DType, TensorMeta};
 use meshflow_placement::{NdSbp, Placement, Sbp};
 
+use crate::graph::Init;
 use crate::{Graph, Result, Tensor};
 
 pub use gpt::{Gpt, GptConfig};
@@ -57,24 +58,18 @@ impl Layouts {
     }
 }
 
-/// Parameter initialisation: normal(0, std) weights, seeded per parameter.
+/// Weight initialisation of a model: normal(0, std) weights, seeded per parameter.
 #[derive(Clone, Copy, Debug)]
-pub struct Init {
+pub struct WeightInit {
     /// Standard deviation of weights (GPT-2: 0.02).
     pub std: f64,
     /// Base seed; each parameter derives its own.
     pub seed: u64,
 }
 
-impl Init {
-    fn normal(&self, shape: &[usize], index: u64) -> Result<HostTensor> {
-        Ok(HostTensor::randn(
-            shape.to_vec(),
-            0.0,
-            self.std,
-            DType::F32,
-            self.seed.wrapping_add(index),
-        )?)
+impl WeightInit {
+    fn normal(&self, index: u64) -> Init {
+        Init::Normal { mean: 0.0, std: self.std, seed: self.seed.wrapping_add(index) }
     }
 }
 
@@ -115,17 +110,18 @@ impl Linear {
             Parallel::Row => (Sbp::Split(1), Sbp::Broadcast),
         };
         let placement = &layouts.placement;
-        let weight = graph.parameter(
+        let weight = graph.parameter_init(
             &format!("{name}.weight"),
-            init.normal(&[outputs, inputs])?,
+            f32_meta(&[outputs, inputs]),
+            init.normal(),
             placement,
             Some(layouts.weight(w_sbp)),
         )?;
         let bias = if bias {
-            let zeros = HostTensor::zeros([outputs], DType::F32);
-            Some(graph.parameter(
+            Some(graph.parameter_init(
                 &format!("{name}.bias"),
-                zeros,
+                f32_meta(&[outputs]),
+                Init::ZEROS,
                 placement,
                 Some(layouts.weight(b_sbp)),
             )?)
@@ -159,14 +155,15 @@ impl LayerNorm {
     pub fn new(graph: &Graph, name: &str, d: usize, layouts: &Layouts) -> Result<Self> {
         let sbp = Some(layouts.weight(Sbp::Broadcast));
         let p = &layouts.placement;
-        let weight = graph.parameter(
+        let weight = graph.parameter_init(
             &format!("{name}.weight"),
-            HostTensor::ones([d], DType::F32),
+            f32_meta(&[d]),
+            Init::Full(1.0),
             p,
             sbp.clone(),
         )?;
         let bias =
-            graph.parameter(&format!("{name}.bias"), HostTensor::zeros([d], DType::F32), p, sbp)?;
+            graph.parameter_init(&format!("{name}.bias"), f32_meta(&[d]), Init::ZEROS, p, sbp)?;
         Ok(LayerNorm { weight, bias })
     }
 
@@ -179,18 +176,23 @@ impl LayerNorm {
 /// Hands out per-parameter seeds in creation order, so a model built twice gets the same weights.
 #[derive(Clone, Debug)]
 pub struct InitCounter {
-    init: Init,
+    init: WeightInit,
     next: u64,
 }
 
 impl InitCounter {
     /// Counts from the first parameter.
-    pub fn new(init: Init) -> Self {
+    pub fn new(init: WeightInit) -> Self {
         InitCounter { init, next: 0 }
     }
 
-    fn normal(&mut self, shape: &[usize]) -> Result<HostTensor> {
+    fn normal(&mut self) -> Init {
         self.next += 1;
-        self.init.normal(shape, self.next)
+        self.init.normal(self.next)
     }
+}
+
+/// The logical meta of an f32 parameter.
+pub(crate) fn f32_meta(dims: &[usize]) -> TensorMeta {
+    TensorMeta::new(dims.to_vec(), DType::F32)
 }

@@ -9,25 +9,26 @@
 
 mod assemble;
 mod devices;
+mod training;
 mod worker;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshflow_ops::ops::adamw::{adamw, AdamW};
-use meshflow_ops::ops::sgd::{sgd, Sgd};
+use meshflow_ops::ops::adamw::AdamW;
+use meshflow_ops::ops::sgd::Sgd;
 use meshflow_ops::{OpRef, Tensor as HostTensor, Value};
-use meshflow_placement::{Layout, NdSbp};
 
 use crate::compile::{compile, CompileConfig, Program, Request};
+use crate::exec::layout::take_box;
 use crate::graph::{Graph, NodeId, Source, Tensor};
 use crate::schedule::Schedule;
 use crate::{Error, Result};
 
 pub use assemble::assemble;
 pub use devices::Devices;
-pub use worker::{shard_of, RunRequest, Worker};
+pub use worker::{init_shard, shard_of, RunRequest, Worker};
 
 /// The optimizer a training session appends.
 #[derive(Clone, Debug, PartialEq)]
@@ -47,6 +48,22 @@ pub struct Training {
     pub optimizer: Optimizer,
     /// The learning-rate schedule over steps.
     pub schedule: Schedule,
+    /// Scale the gradients so that their global 2-norm (over every parameter, across shards
+    /// and stages) is at most this (`torch.nn.utils.clip_grad_norm_`). `None`: no clipping.
+    pub clip_grad_norm: Option<f64>,
+}
+
+impl Training {
+    /// Minimises `loss` with `optimizer` under `schedule`, without clipping.
+    pub fn new(loss: &Tensor, optimizer: Optimizer, schedule: Schedule) -> Self {
+        Training { loss: loss.clone(), optimizer, schedule, clip_grad_norm: None }
+    }
+
+    /// With gradients clipped to a global 2-norm of `max_norm`.
+    pub fn clip_grad_norm(mut self, max_norm: f64) -> Self {
+        self.clip_grad_norm = Some(max_norm);
+        self
+    }
 }
 
 /// How a session runs.
@@ -60,6 +77,13 @@ pub struct SessionConfig {
     pub timeout: Duration,
     /// Compilation settings.
     pub compile: CompileConfig,
+    /// Training: run each step as this many micro-batches (every input split on axis 0), summing
+    /// their gradients before one update (gradient accumulation; pipeline micro-batches).
+    /// Default 1.
+    pub micro_batches: usize,
+    /// Training: shard the optimizer state over this mesh axis (ZeRO), where a parameter is
+    /// broadcast on it. Default `None`.
+    pub zero_axis: Option<usize>,
 }
 
 impl Default for SessionConfig {
@@ -69,17 +93,10 @@ impl Default for SessionConfig {
             threads_per_device: 1,
             timeout: Duration::from_secs(60),
             compile: CompileConfig::default(),
+            micro_batches: 1,
+            zero_axis: None,
         }
     }
-}
-
-/// A variable (by name) that takes a new value in the layout it lives in.
-type Assignment = (String, Value, Layout);
-
-/// One parameter's update: the optimizer node and the variables it writes.
-#[derive(Clone, Debug)]
-struct Update {
-    node: NodeId,
 }
 
 /// A compiled program on running devices.
@@ -88,8 +105,9 @@ pub struct Session {
     program: Arc<Program>,
     devices: Devices,
     fetches: usize,
+    inputs: Vec<(Value, Vec<Value>)>,
     assign: Vec<(String, crate::compile::Slot)>,
-    training: Option<(Training, Vec<Update>)>,
+    training: Option<(Training, Vec<NodeId>)>,
     steps_done: u64,
 }
 
@@ -102,29 +120,26 @@ impl Session {
         training: Option<Training>,
         config: SessionConfig,
     ) -> Result<Self> {
-        let mut requests: Vec<Request> =
-            fetches.iter().map(|t| Request { value: t.value(), layout: None }).collect();
-        let mut assign_values = Vec::new();
-        let training = match training {
-            None => None,
-            Some(training) => {
-                let (updates, assigns) = append_updates(graph, &training)?;
-                for (name, value, layout) in assigns {
-                    requests.push(Request { value, layout: Some(layout) });
-                    assign_values.push(name);
-                }
-                Some((training, updates))
-            }
+        let built = match &training {
+            None => training::inference(graph, fetches),
+            Some(t) => training::training(graph, fetches, t, &config)?,
         };
-        let program = compile(&graph.snapshot(), &requests, &config.compile)?;
+        let mut requests: Vec<Request> =
+            built.fetches.iter().map(|&value| Request { value, layout: None }).collect();
+        for (_, value, layout) in &built.assigns {
+            requests.push(Request { value: *value, layout: Some(layout.clone()) });
+        }
+        let program = compile(&built.graph.snapshot(), &requests, &config.compile)?;
         if let Some(&rank) = program.ranks.iter().find(|&&r| r >= config.devices) {
             return Err(Error::Graph(format!(
                 "the graph places work on rank {rank} but the session has {} devices",
                 config.devices
             )));
         }
-        let assign = assign_values
-            .into_iter()
+        let assign = built
+            .assigns
+            .iter()
+            .map(|(name, _, _)| name.clone())
             .zip(program.requested[fetches.len()..].iter().copied())
             .collect();
         let devices = Devices::cpu(config.devices, config.threads_per_device, config.timeout)?;
@@ -133,8 +148,9 @@ impl Session {
             program: Arc::new(program),
             devices,
             fetches: fetches.len(),
+            inputs: built.inputs,
             assign,
-            training,
+            training: training.map(|t| (t, built.updates)),
             steps_done: 0,
         })
     }
@@ -166,15 +182,8 @@ impl Session {
             }
             fed.insert(input.value(), value.clone());
         }
+        let fed = self.slice_feeds(fed)?;
         let program = &self.program;
-        for (index, info) in program.graph.values.iter().enumerate() {
-            if matches!(info.source, Source::Input) && !fed.contains_key(&Value(index as u32)) {
-                return Err(Error::Graph(format!(
-                    "input {} was not fed",
-                    program.graph.label(Value(index as u32))
-                )));
-            }
-        }
         let overrides = self.overrides();
         let fetch: Vec<_> = program.requested[..self.fetches].to_vec();
         let request = RunRequest {
@@ -211,9 +220,9 @@ impl Session {
             let key = name.clone();
             let shards = self.devices.each(move |w| w.variable(&key).cloned())?;
             let value = if shards.iter().all(Option::is_none) {
-                init.clone()
+                init.whole(&info.meta)?
             } else {
-                assemble(init.meta(), &layout, &shards)?
+                assemble(&info.meta, &layout, &shards)?
             };
             out.push((name, value));
         }
@@ -258,6 +267,38 @@ impl Session {
         Ok(())
     }
 
+    /// The feeds of the compiled graph: each user input's value, or its micro-batch slices on
+    /// axis 0. Every input must be fed.
+    fn slice_feeds(
+        &self,
+        mut fed: HashMap<Value, HostTensor>,
+    ) -> Result<HashMap<Value, HostTensor>> {
+        let mut out = HashMap::new();
+        for (input, targets) in &self.inputs {
+            let value = fed.remove(input).ok_or_else(|| {
+                Error::Graph(format!("input {} was not fed", self.graph.data().label(*input)))
+            })?;
+            if let [target] = targets.as_slice() {
+                out.insert(*target, value);
+                continue;
+            }
+            let dims = value.dims().to_vec();
+            let rows = dims[0] / targets.len();
+            for (i, target) in targets.iter().enumerate() {
+                let mut offsets = vec![0; dims.len()];
+                offsets[0] = i * rows;
+                let mut shape = dims.clone();
+                shape[0] = rows;
+                out.insert(*target, take_box(&value, &offsets, &shape)?);
+            }
+        }
+        if let Some(extra) = fed.keys().next() {
+            let label = self.graph.data().label(*extra);
+            return Err(Error::Graph(format!("{label} was fed but is not an input of the graph")));
+        }
+        Ok(out)
+    }
+
     fn overrides(&self) -> HashMap<NodeId, OpRef> {
         let Some((training, updates)) = &self.training else {
             return HashMap::new();
@@ -274,59 +315,6 @@ impl Session {
             }
         };
         let lr = training.schedule.rate(base, self.steps_done as usize);
-        updates.iter().map(|u| (u.node, op(lr))).collect()
+        updates.iter().map(|&node| (node, op(lr))).collect()
     }
-}
-
-/// The parameters of `graph` that `loss` depends on get an update node; returns the updates and
-/// the assignments (variable name, new value, the variable's layout).
-fn append_updates(graph: &Graph, training: &Training) -> Result<(Vec<Update>, Vec<Assignment>)> {
-    let params: Vec<Tensor> = {
-        let data = graph.data();
-        data.values
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| matches!(v.source, Source::Parameter { .. }))
-            .map(|(i, _)| Tensor::from_value(graph, Value(i as u32)))
-            .collect()
-    };
-    let refs: Vec<&Tensor> = params.iter().collect();
-    let grads = graph.gradients(&training.loss, &refs)?;
-    let mut updates = Vec::new();
-    let mut assigns = Vec::new();
-    for (param, grad) in params.iter().zip(grads) {
-        let Some(grad) = grad else { continue };
-        let name = graph.data().label(param.value());
-        let placement = param.placement();
-        let sbp = param.sbp().unwrap_or_else(|| NdSbp::broadcast(placement.mesh_axes()));
-        let layout = Layout::new(placement.clone(), sbp.clone());
-        let zeros = || HostTensor::zeros(param.shape(), param.dtype());
-        let state = |suffix: &str| {
-            graph.parameter(&format!("{name}.{suffix}"), zeros(), &placement, Some(sbp.clone()))
-        };
-        let (outputs, states) = match &training.optimizer {
-            Optimizer::AdamW(config) => {
-                let (m, v) = (state("exp_avg")?, state("exp_avg_sq")?);
-                let values = [param.value(), grad.value(), m.value(), v.value()];
-                let outputs = graph.with_emit(|e| adamw(e, config.clone(), values))?;
-                (outputs, vec![m, v])
-            }
-            Optimizer::Sgd(config) => {
-                let buffer = state("momentum_buffer")?;
-                let values = [param.value(), grad.value(), buffer.value()];
-                let outputs = graph.with_emit(|e| sgd(e, config.clone(), values))?;
-                (outputs, vec![buffer])
-            }
-        };
-        let node = graph
-            .data()
-            .producer(outputs[0])
-            .ok_or_else(|| Error::Graph("update has no node".into()))?;
-        updates.push(Update { node });
-        assigns.push((name, outputs[0], layout.clone()));
-        for (state, value) in states.iter().zip(&outputs[1..]) {
-            assigns.push((graph.data().label(state.value()), *value, layout.clone()));
-        }
-    }
-    Ok((updates, assigns))
 }

@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use meshflow_ops::{Context, OpRef, Tensor, Value};
-use meshflow_placement::{local_region, Layout};
+use meshflow_ops::{Context, OpRef, Tensor, TensorMeta, Value};
+use meshflow_placement::{local_region, Layout, Region};
 
 use crate::compile::{Program, Slot, Step};
 use crate::exec::boxing::{apply_plan, Comms};
 use crate::exec::layout::take_box;
-use crate::graph::{NodeId, Source};
+use crate::graph::{Init, NodeId, Source};
 use crate::{Error, Result};
 
 /// What one run of a program needs, shared by every device.
@@ -148,7 +148,7 @@ impl Worker {
                 if let Some(shard) = self.variables.get(&name) {
                     return Ok(shard.clone());
                 }
-                let shard = shard_of(init, layout, self.rank)?;
+                let shard = init_shard(init, &info.meta, layout, self.rank)?;
                 self.variables.insert(name, shard.clone());
                 return Ok(shard);
             }
@@ -162,10 +162,20 @@ impl Worker {
 /// The shard of logical tensor `t` that `rank` holds under `layout` (no partial sums: a leaf is
 /// split or broadcast).
 pub fn shard_of(t: &Tensor, layout: &Layout, rank: usize) -> Result<Tensor> {
+    let region = region_of(t.dims(), layout, rank)?;
+    take_box(t, &region.offsets, &region.shape)
+}
+
+/// The shard `rank` holds under `layout` of a parameter initialised by `init`.
+pub fn init_shard(init: &Init, meta: &TensorMeta, layout: &Layout, rank: usize) -> Result<Tensor> {
+    init.region(meta, &region_of(meta.shape.dims(), layout, rank)?)
+}
+
+/// The region of a logical tensor of `dims` that `rank` holds under `layout`.
+fn region_of(dims: &[usize], layout: &Layout, rank: usize) -> Result<Region> {
     let placement = &layout.placement;
     let coordinates = placement
         .coordinates(rank)
         .ok_or_else(|| Error::Runtime(format!("rank {rank} is not in {placement}")))?;
-    let region = local_region(t.dims(), &layout.nd_sbp, placement.hierarchy(), &coordinates)?;
-    take_box(t, &region.offsets, &region.shape)
+    Ok(local_region(dims, &layout.nd_sbp, placement.hierarchy(), &coordinates)?)
 }
