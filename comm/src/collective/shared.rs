@@ -176,19 +176,21 @@ impl SharedCommunicator {
             .collect()
     }
 
-    /// The shared output buffer of call `sequence`, allocated by the first member to ask.
+    /// The shared output buffer of call `sequence`, provided by the first member to ask: the
+    /// buffer of call `sequence - 2` when nobody holds that result any more, else a new one.
     fn output(&self, sequence: u64, meta: &TensorMeta) -> OutputPointer {
         let mut output = lock(&self.shared.outputs[(sequence % 2) as usize]);
-        match &*output {
-            Output::Writing { sequence: current, pointer, .. } if *current == sequence => *pointer,
-            _ => {
-                let mut storage = CpuStorage::zeroed(meta.bytes());
-                let bytes = storage.bytes_mut();
-                let pointer = OutputPointer { start: bytes.as_mut_ptr(), length: bytes.len() };
-                *output = Output::Writing { sequence, storage, pointer, meta: meta.clone() };
-                pointer
+        if let Output::Writing { sequence: current, pointer, .. } = &*output {
+            if *current == sequence {
+                return *pointer;
             }
         }
+        let previous = std::mem::replace(&mut *output, Output::Empty);
+        let mut storage = reclaim(previous, meta.bytes());
+        let bytes = storage.bytes_mut();
+        let pointer = OutputPointer { start: bytes.as_mut_ptr(), length: bytes.len() };
+        *output = Output::Writing { sequence, storage, pointer, meta: meta.clone() };
+        pointer
     }
 
     /// Ends the writes of call `sequence` and returns the shared output.
@@ -338,7 +340,13 @@ impl Communicator for SharedCommunicator {
     }
 }
 
-/// `target = inputs[0][range] ⊕ inputs[1][range] ⊕ …`, in member order.
+/// Bytes reduced at a time by [`reduce_chunk`]: small enough that the block of the output stays
+/// in the L1 cache while every input streams through it once.
+const REDUCE_BLOCK_BYTES: usize = 16 << 10;
+
+/// `target = inputs[0][range] ⊕ inputs[1][range] ⊕ …`, in member order, block by block: memory
+/// sees one read of every input and one write of the target (not a read and a write of the
+/// target per input).
 fn reduce_chunk(
     collective: &'static str,
     target: &mut [u8],
@@ -347,14 +355,35 @@ fn reduce_chunk(
     like: &Tensor,
     operation: ReduceOp,
 ) -> Result<()> {
-    let mut inputs = inputs.iter();
-    if let Some(first) = inputs.next() {
-        target.copy_from_slice(&first.bytes()?[range.clone()]);
-    }
-    for input in inputs {
-        reduce_into(collective, target, &input.bytes()?[range.clone()], like.dtype(), operation)?;
+    let sources = inputs
+        .iter()
+        .map(|input| Ok(&input.bytes()?[range.clone()]))
+        .collect::<Result<Vec<&[u8]>>>()?;
+    let Some((first, others)) = sources.split_first() else { return Ok(()) };
+    for (index, block) in target.chunks_mut(REDUCE_BLOCK_BYTES).enumerate() {
+        let offset = index * REDUCE_BLOCK_BYTES;
+        let span = offset..offset + block.len();
+        block.copy_from_slice(&first[span.clone()]);
+        for other in others {
+            reduce_into(collective, block, &other[span.clone()], like.dtype(), operation)?;
+        }
     }
     Ok(())
+}
+
+/// The storage of a finished call's output when every member has dropped it and it has
+/// `bytes` bytes (its stale contents are overwritten in full), else zeroed new storage.
+fn reclaim(previous: Output, bytes: usize) -> CpuStorage {
+    if let Output::Done { tensor, .. } = previous {
+        let storage = tensor.storage().clone();
+        drop(tensor);
+        if let Ok(Storage::Cpu(cpu)) = Arc::try_unwrap(storage) {
+            if cpu.len() == bytes {
+                return cpu;
+            }
+        }
+    }
+    CpuStorage::zeroed(bytes)
 }
 
 /// The meta of the concatenation and the byte offset of member `index`'s part.

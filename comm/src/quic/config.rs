@@ -11,8 +11,8 @@ use crate::{Error, Result};
 ///
 /// The defaults are tuned for bulk tensor traffic: large flow-control windows so that one stream
 /// can keep a fast link busy, MTU discovery up to the largest UDP payload (loopback and jumbo-frame
-/// links reach it, ordinary Ethernet settles near 1500), generic segmentation offload on, and large
-/// socket buffers so bursts are not dropped by the kernel.
+/// links reach it, ordinary Ethernet settles near 1500), segmentation offload where a batch of
+/// datagrams fits one send, and large socket buffers so bursts are not dropped by the kernel.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuicConfig {
     /// Limit on connecting plus authenticating one peer. Default 10 s.
@@ -37,7 +37,10 @@ pub struct QuicConfig {
     pub receive_window: u64,
     /// Bytes the sender buffers before waiting for acknowledgements. Default 64 MiB.
     pub send_window: u64,
-    /// Use generic segmentation offload (one system call for many packets). Default true.
+    /// Use generic segmentation offload (one system call for several packets) where it is safe:
+    /// see [`QuicConfig::segmentation_offload_in_effect`]. Default true, which with the default
+    /// `max_mtu` leaves it off (64 KiB datagrams need no batching); a path configured with
+    /// `max_mtu` 1452 (Ethernet) gets it.
     pub segmentation_offload: bool,
     /// Kernel send and receive buffer size requested for the UDP socket. Default 8 MiB (the
     /// kernel may cap it at `net.core.rmem_max` / `wmem_max`); 0 keeps the system default.
@@ -68,7 +71,23 @@ impl Default for QuicConfig {
     }
 }
 
+/// Linux refuses (`EMSGSIZE`) a segmentation-offload send whose datagrams add up to more than
+/// one IP packet, 65 535 bytes.
+const OFFLOAD_SEND_LIMIT_BYTES: usize = 65_535;
+/// Datagrams quinn batches into one segmentation-offload send (its `MAX_TRANSMIT_SEGMENTS`).
+const QUINN_OFFLOAD_SEGMENTS: usize = 10;
+
 impl QuicConfig {
+    /// Whether segmentation offload is really used: only when a full batch of quinn's (10
+    /// datagrams of up to [`QuicConfig::max_mtu`] bytes) fits the kernel's 64 KiB limit on one
+    /// offloaded send. Above it the kernel refuses every batch, quinn drops it silently
+    /// (`EMSGSIZE` is what MTU probes get too), and the connection crawls through loss recovery
+    /// and black-hole detection. Larger datagrams without offload cost as few system calls.
+    pub fn segmentation_offload_in_effect(&self) -> bool {
+        self.segmentation_offload
+            && usize::from(self.max_mtu) * QUINN_OFFLOAD_SEGMENTS <= OFFLOAD_SEND_LIMIT_BYTES
+    }
+
     /// The defaults with short timeouts, for tests that must end quickly when a peer dies.
     pub fn with_timeouts(mut self, operation: Duration) -> Self {
         self.operation_timeout = operation;
@@ -111,7 +130,25 @@ impl QuicConfig {
             .send_window(self.send_window)
             .max_concurrent_uni_streams(VarInt::from_u32(1024))
             .max_concurrent_bidi_streams(VarInt::from_u32(256))
-            .enable_segmentation_offload(self.segmentation_offload);
+            .enable_segmentation_offload(self.segmentation_offload_in_effect());
         Ok(Arc::new(transport))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segmentation_offload_is_never_combined_with_datagrams_too_large_for_a_batch() {
+        let defaults = QuicConfig::default();
+        let batch = usize::from(defaults.max_mtu) * QUINN_OFFLOAD_SEGMENTS;
+        assert!(!defaults.segmentation_offload_in_effect() || batch <= OFFLOAD_SEND_LIMIT_BYTES);
+        let jumbo = QuicConfig { max_mtu: 9000, segmentation_offload: true, ..defaults.clone() };
+        assert!(!jumbo.segmentation_offload_in_effect(), "10 x 9000 B exceed one offloaded send");
+        let ethernet = QuicConfig { max_mtu: 1452, segmentation_offload: true, ..defaults };
+        assert!(ethernet.segmentation_offload_in_effect());
+        assert!(!QuicConfig { segmentation_offload: false, ..ethernet }
+            .segmentation_offload_in_effect());
     }
 }

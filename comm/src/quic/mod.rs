@@ -3,7 +3,8 @@
 //! # API summary
 //!
 //! - [`QuicConfig`]: typed settings with documented defaults tuned for bulk throughput (large
-//!   windows, MTU discovery up to 64 KiB, GSO, big socket buffers) and timeouts for every wait.
+//!   windows, MTU discovery up to 64 KiB, GSO where it is safe, big socket buffers) and
+//!   timeouts for every wait.
 //! - [`JobSecret`]: the job's shared secret; `Debug`/`Display` print `JobSecret(<redacted>)`.
 //!   [`JobSecret::generate`], [`JobSecret::expose_hex`] / [`JobSecret::from_hex`] pass it to workers.
 //! - [`QuicEndpoint::bind`]`(address, rank, secret, config)`: one UDP socket that both listens and

@@ -19,8 +19,17 @@ use crate::{Error, Result};
 /// The ALPN protocol name both sides insist on.
 pub(crate) const ALPN: &[u8] = b"meshflow/1";
 
+/// ring's provider with AES-128-GCM preferred: the cheapest suite per byte on CPUs with AES
+/// instructions (10 rounds against AES-256's 14), which bulk tensor traffic pays on every byte.
+/// The other TLS 1.3 suites stay available.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(crypto::ring::default_provider())
+    let mut provider = crypto::ring::default_provider();
+    provider.cipher_suites = vec![
+        crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(provider)
 }
 
 fn setup_error(what: &str) -> impl Fn(String) -> Error + '_ {

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
+use bytes::Bytes;
 use meshflow_ops::{CpuStorage, Storage, Tensor};
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::Notify;
@@ -102,6 +103,11 @@ impl QuicTransport {
     /// The endpoint underneath.
     pub fn endpoint(&self) -> &QuicEndpoint {
         &self.endpoint
+    }
+
+    /// quinn's statistics of the connection to `peer` (packets, losses, path MTU, congestion).
+    pub fn stats(&self, peer: Rank) -> Result<quinn::ConnectionStats> {
+        Ok(self.link(peer)?.connection.stats())
     }
 
     fn link(&self, peer: Rank) -> Result<&Arc<PeerLink>> {
@@ -316,8 +322,19 @@ async fn write_message(
         *guard = Some(stream);
     }
     let Some(stream) = guard.as_mut() else { unreachable!("the stream was opened above") };
-    stream.write_all(&header).await.map_err(|error| closed(link.peer, operation, error))?;
-    stream.write_all(payload).await.map_err(|error| closed(link.peer, operation, error))
+    // The payload goes to quinn as a view of the tensor's own storage: no copy before encryption.
+    let mut chunks = [Bytes::from(header), Bytes::from_owner(Payload(message.tensor.clone()))];
+    stream.write_all_chunks(&mut chunks).await.map_err(|error| closed(link.peer, operation, error))
+}
+
+/// A tensor's bytes, lent to quinn's send buffer (which keeps the storage alive until acked).
+struct Payload(Tensor);
+
+impl AsRef<[u8]> for Payload {
+    fn as_ref(&self) -> &[u8] {
+        // `write_message` read the same bytes successfully before building the payload.
+        self.0.bytes().unwrap_or_default()
+    }
 }
 
 async fn read_message(
