@@ -9,6 +9,7 @@
 
 mod assemble;
 mod devices;
+pub mod shards;
 mod training;
 mod worker;
 
