@@ -112,7 +112,7 @@ fn rows(c: &mut Criterion) {
         run("softmax", &Softmax, &[x.clone()]);
         run("layer_norm", &LayerNorm { eps: 1e-5 }, &[x.clone(), weight.clone(), bias.clone()]);
         run("relu", &Unary(Relu), &[x.clone()]);
-        run("mul_scalar", &MulScalar { value: 0.5 }, &[x.clone()]);
+        run("mul_scalar", &Unary(MulScalar { value: 0.5 }), &[x.clone()]);
         run("add_row", &Add, &[x.clone(), bias.clone()]);
         group.throughput(Throughput::Bytes(3 * bytes));
         group.bench_function(name("add"), |b| {
