@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use meshflow::compile::{Program, View};
 use meshflow::data::{inputs_and_targets, Batches, CharTokenizer, TokenFile};
 use meshflow::nn::{Gpt, GptConfig, Layouts, WeightInit};
 use meshflow::ops::ops::adamw::AdamW;
@@ -110,6 +111,9 @@ struct Args {
     /// Print the loss every this many steps (every step when --data is given).
     #[arg(long, default_value_t = 10)]
     log_every: usize,
+    /// Write pictures of the compiled plan (logical.dot, physical.dot; `dot -Tsvg`) here.
+    #[arg(long)]
+    dot: Option<PathBuf>,
     /// Characters to generate at the end (0: none).
     #[arg(long, default_value_t = 200)]
     sample: usize,
@@ -181,6 +185,9 @@ fn run(args: &Args) -> Result<()> {
         ..Default::default()
     };
     let mut session = Session::new(&graph, &[&loss], Some(training), session_config)?;
+    if let Some(dir) = &args.dot {
+        write_pictures(session.program(), dir)?;
+    }
     if let Some(init) = &init {
         let values: Vec<(String, HostTensor)> = init
             .tensors
@@ -243,6 +250,18 @@ fn run(args: &Args) -> Result<()> {
         let parameters = session.variables()?;
         println!("sample:\n{}", sample(config, &tokenizer, &text, &parameters, ctx, args.sample)?);
     }
+    Ok(())
+}
+
+/// Writes `logical.dot` and `physical.dot` of `program` into `dir`.
+fn write_pictures(program: &Program, dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::Data(format!("{}: {e}", dir.display())))?;
+    for (name, view) in [("logical.dot", View::Logical), ("physical.dot", View::Physical)] {
+        let path = dir.join(name);
+        std::fs::write(&path, program.to_dot(view))
+            .map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
+    }
+    println!("plan pictures: {}/{{logical,physical}}.dot (render with dot -Tsvg)", dir.display());
     Ok(())
 }
 

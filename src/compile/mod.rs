@@ -10,6 +10,7 @@
 //!    layout); every rank runs the steps it takes part in, in that order, so collectives are issued
 //!    in the same order everywhere. Kernels carry their per-shard op (`Op::localize`).
 
+mod dot;
 mod lower;
 
 use std::fmt;
@@ -20,6 +21,7 @@ use meshflow_placement::{BoxingPlan, CostConfig, Layout};
 
 use crate::graph::{GraphData, NodeId};
 
+pub use dot::View;
 pub use lower::{compile, Request};
 
 /// How to compile.
