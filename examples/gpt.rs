@@ -6,14 +6,18 @@
 //! cargo run --release --example gpt -- --dp 2 --tp 2 --steps 200
 //! ```
 //!
+//! With `--checkpoint-dir DIR` it saves a checkpoint every `--save-every` steps and at the end,
+//! and resumes from it when it exists (on any mesh: checkpoints reshard).
+//!
 //! With `--init-from FILE` (weights in the layout of `shared/formats/gpt-weights.md`) and
 //! `--data FILE` (`data.tokens`), it reproduces another framework's run step for step.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use meshflow::checkpoint::{self, LoadOptions};
 use meshflow::compile::{Program, View};
 use meshflow::data::{inputs_and_targets, Batches, CharTokenizer, TokenFile};
 use meshflow::nn::{Gpt, GptConfig, Layouts, WeightInit};
@@ -114,6 +118,13 @@ struct Args {
     /// Write pictures of the compiled plan (logical.dot, physical.dot; `dot -Tsvg`) here.
     #[arg(long)]
     dot: Option<PathBuf>,
+    /// Checkpoint directory: training resumes from it when it holds a checkpoint, and saves into
+    /// it every --save-every steps and at the end.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Save a checkpoint every this many steps (0: only at the end).
+    #[arg(long, default_value_t = 100)]
+    save_every: usize,
     /// Characters to generate at the end (0: none).
     #[arg(long, default_value_t = 200)]
     sample: usize,
@@ -213,13 +224,20 @@ fn run(args: &Args) -> Result<()> {
     );
     let mut batches = Batches::new(tokenizer.encode(&text)?, batch, ctx, args.seed)?;
     let steps = token_file.as_ref().map_or(args.steps, |f| f.steps.min(args.steps));
+    let start = resume(&mut session, args.checkpoint_dir.as_deref())?;
+    if token_file.is_none() {
+        for _ in 0..start {
+            batches.next_step();
+        }
+    }
     let started = Instant::now();
     let bar = ProgressBar::new(steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
             .map_err(|e| Error::Graph(format!("progress bar template: {e}")))?,
     );
-    for step in 0..steps {
+    bar.set_position(start as u64);
+    for step in start..steps {
         let tokens = match &token_file {
             Some(f) => f.step(step)?.to_vec(),
             None => batches.next_step(),
@@ -231,7 +249,7 @@ fn run(args: &Args) -> Result<()> {
         ];
         let value = session.step(&feeds)?[0].to_vec::<f32>()?[0];
         let seconds = started.elapsed().as_secs_f64();
-        let tokens_per_second = ((step + 1) * batch * ctx) as f64 / seconds;
+        let tokens_per_second = ((step + 1 - start) * batch * ctx) as f64 / seconds;
         let every = if token_file.is_some() { 1 } else { args.log_every.max(1) };
         bar.set_message(format!("loss {value:.4}, {tokens_per_second:.0} tokens/s"));
         bar.inc(1);
@@ -244,6 +262,7 @@ fn run(args: &Args) -> Result<()> {
                 bar.println(line);
             }
         }
+        save_due(&session, args, step + 1, steps)?;
     }
     bar.finish_and_clear();
     if args.sample > 0 && token_file.is_none() {
@@ -262,6 +281,26 @@ fn write_pictures(program: &Program, dir: &std::path::Path) -> Result<()> {
             .map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
     }
     println!("plan pictures: {}/{{logical,physical}}.dot (render with dot -Tsvg)", dir.display());
+    Ok(())
+}
+
+/// Loads the checkpoint in `dir` when it holds one; returns the step to continue from.
+fn resume(session: &mut Session, dir: Option<&Path>) -> Result<usize> {
+    let Some(dir) = dir.filter(|d| d.join(checkpoint::INDEX_FILE).exists()) else {
+        return Ok(0);
+    };
+    checkpoint::load(session, dir, &LoadOptions::default())
+        .map_err(|e| Error::Data(e.to_string()))?;
+    println!("resumed from {} after step {}", dir.display(), session.steps_done());
+    Ok(session.steps_done() as usize)
+}
+
+/// Saves a checkpoint after `done` steps when one is due (every --save-every, and at the end).
+fn save_due(session: &Session, args: &Args, done: usize, steps: usize) -> Result<()> {
+    let Some(dir) = &args.checkpoint_dir else { return Ok(()) };
+    if done == steps || (args.save_every > 0 && done % args.save_every == 0) {
+        checkpoint::save(session, dir).map_err(|e| Error::Data(e.to_string()))?;
+    }
     Ok(())
 }
 
