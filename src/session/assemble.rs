@@ -1,5 +1,7 @@
 //! Gathering a distributed value back to one logical host tensor.
 
+use std::collections::HashSet;
+
 use meshflow_ops::ops::add::Add;
 use meshflow_ops::{Context, Op, Tensor, TensorMeta};
 use meshflow_placement::{local_region, Layout, Sbp};
@@ -7,26 +9,33 @@ use meshflow_placement::{local_region, Layout, Sbp};
 use crate::exec::layout::{put_box, take_box};
 use crate::{Error, Result};
 
-/// The logical tensor from the shards of every rank (`shards[rank]`) under `layout`: split
-/// regions are placed, broadcast copies taken once (coordinate 0), partial sums added.
+/// The logical tensor from the shards of every rank (`shards[rank]`, `None` where a rank's shard
+/// is not at hand, e.g. in another process) under `layout`: split regions are placed, broadcast
+/// copies taken once (from the first replica present), partial sums added.
 pub fn assemble(meta: &TensorMeta, layout: &Layout, shards: &[Option<Tensor>]) -> Result<Tensor> {
     let placement = &layout.placement;
     let axes = layout.nd_sbp.axes();
     let partial = axes.contains(&Sbp::PartialSum);
     let mut out = Tensor::zeros(meta.shape.clone(), meta.dtype);
+    let mut placed = HashSet::new();
+    let mut missing = None;
     for index in 0..placement.size() {
         let coordinates = placement.coordinates_of_index(index);
-        let replica = axes.iter().zip(&coordinates).any(|(s, c)| *s == Sbp::Broadcast && *c != 0);
-        if replica {
+        // Replicas of one region differ only in their coordinates on broadcast axes.
+        let region_key: Vec<usize> = axes
+            .iter()
+            .zip(&coordinates)
+            .map(|(s, &c)| if *s == Sbp::Broadcast { 0 } else { c })
+            .collect();
+        if placed.contains(&region_key) {
             continue;
         }
         let rank = placement.ranks()[index];
-        let shard = shards.get(rank).and_then(Option::as_ref).ok_or_else(|| {
-            Error::Runtime(format!(
-                "rank {rank} returned no shard of a {} {} value",
-                meta.shape, meta.dtype
-            ))
-        })?;
+        let Some(shard) = shards.get(rank).and_then(Option::as_ref) else {
+            missing.get_or_insert(rank);
+            continue;
+        };
+        placed.insert(region_key);
         let region =
             local_region(meta.shape.dims(), &layout.nd_sbp, placement.hierarchy(), &coordinates)?;
         if shard.dims() != region.shape.as_slice() {
@@ -44,5 +53,18 @@ pub fn assemble(meta: &TensorMeta, layout: &Layout, shards: &[Option<Tensor>]) -
         };
         put_box(&mut out, &region.offsets, &part)?;
     }
-    Ok(out)
+    let regions: HashSet<Vec<usize>> = (0..placement.size())
+        .map(|index| {
+            let coordinates = placement.coordinates_of_index(index);
+            let keys = axes.iter().zip(coordinates);
+            keys.map(|(s, c)| if *s == Sbp::Broadcast { 0 } else { c }).collect()
+        })
+        .collect();
+    match missing {
+        Some(rank) if placed.len() < regions.len() => Err(Error::Runtime(format!(
+            "rank {rank} returned no shard of a {} {} value under {layout}",
+            meta.shape, meta.dtype
+        ))),
+        _ => Ok(out),
+    }
 }

@@ -20,8 +20,10 @@ use std::time::Duration;
 use meshflow_ops::ops::adamw::AdamW;
 use meshflow_ops::ops::sgd::Sgd;
 use meshflow_ops::{OpRef, Tensor as HostTensor, Value};
+use meshflow_placement::{Layout, NdSbp};
 
 use crate::compile::{compile, CompileConfig, Program, Request};
+use crate::dist::Job;
 use crate::exec::layout::take_box;
 use crate::graph::{Graph, NodeId, Source, Tensor};
 use crate::schedule::Schedule;
@@ -85,6 +87,12 @@ pub struct SessionConfig {
     /// Training: shard the optimizer state over this mesh axis (ZeRO), where a parameter is
     /// broadcast on it. Default `None`.
     pub zero_axis: Option<usize>,
+    /// Run as one rank of a job started by `meshflow launch` (or srun, mpirun): this process
+    /// hosts the device of its rank (`devices` is then the job's world size, one device per
+    /// process) and collectives cross processes over the job's QUIC data plane. Every process
+    /// builds the same graph and session. Fetched values are replicated before they are
+    /// returned, so every process gets them whole. Default `None`: every device in this process.
+    pub job: Option<Arc<Job>>,
 }
 
 impl Default for SessionConfig {
@@ -96,6 +104,7 @@ impl Default for SessionConfig {
             compile: CompileConfig::default(),
             micro_batches: 1,
             zero_axis: None,
+            job: None,
         }
     }
 }
@@ -125,16 +134,30 @@ impl Session {
             None => training::inference(graph, fetches),
             Some(t) => training::training(graph, fetches, t, &config)?,
         };
-        let mut requests: Vec<Request> =
-            built.fetches.iter().map(|&value| Request { value, layout: None }).collect();
+        let replicated = |value: Value| {
+            let placement = built.graph.data().value(value).placement.clone();
+            let sbp = NdSbp::broadcast(placement.mesh_axes());
+            Layout::new(placement, sbp)
+        };
+        let distributed = config.job.is_some();
+        let mut requests: Vec<Request> = built
+            .fetches
+            .iter()
+            .map(|&value| Request { value, layout: distributed.then(|| replicated(value)) })
+            .collect();
         for (_, value, layout) in &built.assigns {
             requests.push(Request { value: *value, layout: Some(layout.clone()) });
         }
         let program = compile(&built.graph.snapshot(), &requests, &config.compile)?;
-        if let Some(&rank) = program.ranks.iter().find(|&&r| r >= config.devices) {
+        let (threads, timeout) = (config.threads_per_device, config.timeout);
+        let devices = match &config.job {
+            Some(job) => Devices::job(Arc::clone(job), threads, timeout)?,
+            None => Devices::cpu(config.devices, threads, timeout)?,
+        };
+        if let Some(&rank) = program.ranks.iter().find(|&&r| r >= devices.world()) {
             return Err(Error::Graph(format!(
                 "the graph places work on rank {rank} but the session has {} devices",
-                config.devices
+                devices.world()
             )));
         }
         let assign = built
@@ -143,7 +166,6 @@ impl Session {
             .map(|(name, _, _)| name.clone())
             .zip(program.requested[fetches.len()..].iter().copied())
             .collect();
-        let devices = Devices::cpu(config.devices, config.threads_per_device, config.timeout)?;
         Ok(Session {
             graph: graph.clone(),
             program: Arc::new(program),
@@ -219,7 +241,11 @@ impl Session {
                 info.name.clone().unwrap_or_else(|| program.graph.label(Value(index as u32)));
             let layout = program.slot(program.produced[index]).layout.clone();
             let key = name.clone();
-            let shards = self.devices.each(move |w| w.variable(&key).cloned())?;
+            let local = self.devices.each(move |w| w.variable(&key).cloned())?;
+            let mut shards = vec![None; self.devices.world()];
+            for (&rank, shard) in self.devices.ranks().iter().zip(local) {
+                shards[rank] = shard;
+            }
             let value = if shards.iter().all(Option::is_none) {
                 init.whole(&info.meta)?
             } else {

@@ -1,0 +1,111 @@
+//! A session under `meshflow launch`: the same training script, run as two processes of one job
+//! (one device each, collectives over the job's QUIC data plane), gives the losses of the same
+//! data-parallel program on two devices of one process.
+
+use std::net::UdpSocket;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshflow::dist::{self, JoinOptions};
+use meshflow::ops::ops::adamw::AdamW;
+use meshflow::ops::{DType, Tensor as HostTensor};
+use meshflow::placement::{DeviceType, NdSbp, Placement, Sbp};
+use meshflow::schedule::Schedule;
+use meshflow::session::{Optimizer, Session, SessionConfig, Training};
+use meshflow::{Graph, Tensor};
+
+const MESHFLOW: &str = env!("CARGO_BIN_EXE_meshflow");
+const STEPS: usize = 5;
+const BATCH: usize = 8;
+
+/// A two-layer MLP, data parallel over 2 devices; the session's devices come from `config`.
+fn session(config: SessionConfig) -> (Session, Tensor, Tensor) {
+    let g = Graph::new();
+    let placement = Placement::line(DeviceType::Cpu, 2).unwrap();
+    let split = Some(NdSbp(vec![Sbp::Split(0)]));
+    let x = g.input("x", [BATCH, 4], DType::F32, &placement, split.clone()).unwrap();
+    let y = g.input("y", [BATCH], DType::I64, &placement, split).unwrap();
+    let init =
+        |dims: [usize; 2], seed| HostTensor::randn(dims, 0.0, 0.5, DType::F32, seed).unwrap();
+    let w1 = g.parameter("w1", init([4, 8], 1), &placement, None).unwrap();
+    let w2 = g.parameter("w2", init([8, 3], 2), &placement, None).unwrap();
+    let loss = x.matmul(&w1).unwrap().relu().unwrap().matmul(&w2).unwrap();
+    let loss = loss.cross_entropy(&y).unwrap();
+    let training = Training::new(&loss, Optimizer::AdamW(AdamW::new(0.05)), Schedule::Constant);
+    (Session::new(&g, &[&loss], Some(training), config).unwrap(), x, y)
+}
+
+fn losses(session: &mut Session, x: &Tensor, y: &Tensor) -> Vec<f32> {
+    (0..STEPS)
+        .map(|_| {
+            let features: Vec<f32> =
+                (0..BATCH * 4).map(|k| ((k * 7) % 11) as f32 / 11.0 - 0.5).collect();
+            let labels: Vec<i64> = (0..BATCH).map(|k| (k % 3) as i64).collect();
+            let feeds = [
+                (x, HostTensor::from_vec(features, [BATCH, 4]).unwrap()),
+                (y, HostTensor::from_vec(labels, [BATCH]).unwrap()),
+            ];
+            session.step(&feeds).unwrap()[0].to_vec::<f32>().unwrap()[0]
+        })
+        .collect()
+}
+
+/// The worker: one rank of the job `meshflow launch` started (run by the test below).
+#[test]
+#[ignore = "run by dp2_across_two_processes_matches_dp2_in_one_process under meshflow launch"]
+fn session_worker() {
+    let world = dist::init().expect("launch environment");
+    let job = Arc::new(world.join(&JoinOptions::default()).expect("join"));
+    let config = SessionConfig {
+        job: Some(Arc::clone(&job)),
+        timeout: Duration::from_secs(30),
+        ..SessionConfig::default()
+    };
+    let (mut session, x, y) = session(config);
+    let losses = losses(&mut session, &x, &y);
+    println!("LOSSES {} {losses:?}", world.rank);
+    drop(session);
+    job.barrier("done").expect("barrier");
+    if let Ok(job) = Arc::try_unwrap(job) {
+        job.finish().expect("finish");
+    }
+}
+
+#[test]
+fn dp2_across_two_processes_matches_dp2_in_one_process() {
+    let config = SessionConfig { devices: 2, ..SessionConfig::default() };
+    let (mut one, x, y) = session(config);
+    let expected = losses(&mut one, &x, &y);
+    assert!(expected[STEPS - 1] < expected[0], "loss did not fall: {expected:?}");
+
+    let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let test_binary = std::env::current_exe().unwrap();
+    let output = Command::new(MESHFLOW)
+        .args(["launch", "--nproc-per-node", "2", "--master-port", &port.to_string(), "--"])
+        .arg(test_binary)
+        .args(["--ignored", "--exact", "session_worker", "--nocapture", "--test-threads", "1"])
+        .env_remove("MASTER_ADDR")
+        .env_remove("MASTER_PORT")
+        .env_remove("SLURM_PROCID")
+        .env_remove("OMPI_COMM_WORLD_RANK")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "launch failed:\n{stdout}\n{stderr}");
+    for rank in 0..2 {
+        let marker = format!("LOSSES {rank} ");
+        let line = stdout.lines().find_map(|l| l.split_once(&marker).map(|(_, rest)| rest));
+        let line = line.unwrap_or_else(|| panic!("rank {rank} printed no losses:\n{stdout}"));
+        let values: Vec<f32> = line
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(", ")
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert_eq!(values.len(), STEPS, "{line}");
+        for (step, (a, b)) in values.iter().zip(&expected).enumerate() {
+            assert!((a - b).abs() < 2e-5, "rank {rank} step {step}: {a} vs {b} ({values:?})");
+        }
+    }
+}
