@@ -232,7 +232,7 @@ pub(crate) fn row_signatures(rank: usize, inputs: usize, outputs: usize) -> Vec<
 pub(crate) fn rows_map<T: RowFloat>(
     ctx: &Context,
     x: &Tensor,
-    kernel: fn(&[T], &mut [T]),
+    kernel: impl Fn(&[T], &mut [T]) + Sync,
 ) -> Result<Tensor> {
     let width = x.dims().last().copied().unwrap_or(1);
     let mut out = Tensor::for_overwrite(ctx, x.shape().clone(), x.dtype());
@@ -246,7 +246,7 @@ pub(crate) fn rows_zip<T: RowFloat>(
     ctx: &Context,
     x: &Tensor,
     y: &Tensor,
-    kernel: fn(&[T], &[T], &mut [T]),
+    kernel: impl Fn(&[T], &[T], &mut [T]) + Sync,
 ) -> Result<Tensor> {
     let width = x.dims().last().copied().unwrap_or(1);
     let mut out = Tensor::for_overwrite(ctx, x.shape().clone(), x.dtype());
