@@ -71,6 +71,8 @@ pub struct Gpt {
     stages: Vec<Layouts>,
     /// The stage of each block.
     block_stage: Vec<usize>,
+    /// The dtype of the matrix products (f32, or bf16/f16 for mixed precision).
+    compute: DType,
     wte: Tensor,
     wpe: Tensor,
     blocks: Vec<Block>,
@@ -185,7 +187,16 @@ impl Gpt {
             layouts,
             &mut init,
         )?;
-        Ok(Gpt { config, stages: stages.to_vec(), block_stage, wte, wpe, blocks, ln_f, lm_head })
+        let stages = stages.to_vec();
+        let compute = DType::F32;
+        Ok(Gpt { config, stages, block_stage, compute, wte, wpe, blocks, ln_f, lm_head })
+    }
+
+    /// The same model with its matrix products in `dtype` (bf16 mixed precision: parameters,
+    /// optimizer state, norms, softmax and the loss stay f32).
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute = dtype;
+        self
     }
 
     /// The configuration.
@@ -223,11 +234,11 @@ impl Gpt {
         for (block, &stage) in self.blocks.iter().zip(&self.block_stage) {
             x = self.on_stage(&x, stage)?;
             x = x.add(&self.attention(block, &block.ln_1.forward(&x)?, &masks[stage])?)?;
-            let h = block.c_fc.forward(&block.ln_2.forward(&x)?)?.gelu(false)?;
-            x = x.add(&block.mlp_proj.forward(&h)?)?;
+            let h = block.c_fc.forward_as(&block.ln_2.forward(&x)?, self.compute)?.gelu(false)?;
+            x = x.add(&block.mlp_proj.forward_as(&h, self.compute)?)?;
         }
         let x = self.on_stage(&x, self.stages.len() - 1)?;
-        self.lm_head.forward(&self.ln_f.forward(&x)?)
+        self.lm_head.forward_as(&self.ln_f.forward(&x)?, self.compute)
     }
 
     /// `x` moved to `stage`'s placement when it is not there yet.
@@ -251,12 +262,25 @@ impl Gpt {
         let dims = x.dims();
         let (b, t, d) = (dims[0], dims[1], dims[2]);
         let (h, hd) = (self.config.n_head, d / self.config.n_head);
-        let qkv = block.c_attn.forward(x)?.split(2, &[d, d, d])?;
-        let heads = |x: &Tensor| x.reshape([b, t, h, hd])?.permute(&[0, 2, 1, 3]);
+        let qkv = block.c_attn.forward_as(x, self.compute)?.split(2, &[d, d, d])?;
+        let compute = self.compute;
+        let heads =
+            |x: &Tensor| as_dtype(&x.reshape([b, t, h, hd])?.permute(&[0, 2, 1, 3])?, compute);
         let (q, k, v) = (heads(&qkv[0])?, heads(&qkv[1])?, heads(&qkv[2])?);
-        let scores = q.matmul_t(&k, false, true)?.mul_scalar(1.0 / (hd as f64).sqrt())?;
-        let weights = scores.masked_fill(mask, f64::NEG_INFINITY)?.softmax()?;
-        let y = weights.matmul(&v)?.permute(&[0, 2, 1, 3])?.reshape([b, t, d])?;
-        block.attn_proj.forward(&y)
+        let scores = as_dtype(&q.matmul_t(&k, false, true)?, DType::F32)?;
+        let scores = scores.mul_scalar(1.0 / (hd as f64).sqrt())?;
+        let weights = as_dtype(&scores.masked_fill(mask, f64::NEG_INFINITY)?.softmax()?, compute)?;
+        let y = as_dtype(&weights.matmul(&v)?, DType::F32)?;
+        let y = y.permute(&[0, 2, 1, 3])?.reshape([b, t, d])?;
+        block.attn_proj.forward_as(&y, self.compute)
+    }
+}
+
+/// `x` in `dtype` (itself when it already is).
+fn as_dtype(x: &Tensor, dtype: DType) -> Result<Tensor> {
+    if x.dtype() == dtype {
+        Ok(x.clone())
+    } else {
+        x.cast(dtype)
     }
 }

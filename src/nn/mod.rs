@@ -133,7 +133,19 @@ impl Linear {
 
     /// Applies the layer to `x [..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul_t(&self.weight, false, true)?;
+        self.forward_as(x, self.weight.dtype())
+    }
+
+    /// Applies the layer with its product computed in `compute` (mixed precision: bf16 or f16
+    /// operands with f32 accumulation, the weight stays an f32 master copy whose gradient comes
+    /// back through the cast); the result and the bias add are in `x`'s dtype.
+    pub fn forward_as(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
+        let y = if compute == x.dtype() && compute == self.weight.dtype() {
+            x.matmul_t(&self.weight, false, true)?
+        } else {
+            let weight = self.weight.cast(compute)?;
+            x.cast(compute)?.matmul_t(&weight, false, true)?.cast(x.dtype())?
+        };
         match &self.bias {
             Some(b) => y.add(b),
             None => Ok(y),
