@@ -106,13 +106,13 @@ fn rows(c: &mut Criterion) {
         });
         let mut run = |kernel: &str, op: &dyn Op, inputs: &[Tensor]| {
             group.bench_function(name(kernel), |b| {
-                b.iter(|| black_box(op.forward(&ctx, inputs).expect(op.name())))
+                b.iter(|| black_box(op.forward(&ctx, inputs).unwrap_or_else(|e| panic!("{e}"))))
             });
         };
-        run("softmax", &Softmax, &[x.clone()]);
+        run("softmax", &Softmax, std::slice::from_ref(&x));
         run("layer_norm", &LayerNorm { eps: 1e-5 }, &[x.clone(), weight.clone(), bias.clone()]);
-        run("relu", &Unary(Relu), &[x.clone()]);
-        run("mul_scalar", &Unary(MulScalar { value: 0.5 }), &[x.clone()]);
+        run("relu", &Unary(Relu), std::slice::from_ref(&x));
+        run("mul_scalar", &Unary(MulScalar { value: 0.5 }), std::slice::from_ref(&x));
         run("add_row", &Add, &[x.clone(), bias.clone()]);
         group.throughput(Throughput::Bytes(3 * bytes));
         group.bench_function(name("add"), |b| {
