@@ -257,7 +257,8 @@ fn check_names(
         .tensors
         .iter()
         .filter(|(name, entry)| {
-            !names.contains(name.as_str()) && !(options.weights_only && entry.optimizer_state)
+            let ignored = options.weights_only && entry.optimizer_state;
+            !(names.contains(name.as_str()) || ignored)
         })
         .map(|(name, _)| name.clone())
         .collect();
