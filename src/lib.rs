@@ -18,6 +18,7 @@ pub mod error;
 pub mod exec;
 pub mod graph;
 pub mod nn;
+pub mod plan;
 pub mod schedule;
 pub mod session;
 

@@ -22,12 +22,15 @@ enum Command {
     /// Join the world that `meshflow launch` (or srun, mpirun) set up and check it: all-gather
     /// through the rendezvous store, barrier, report.
     Selftest(launch::selftest::SelftestArgs),
+    /// Compile a model for a described cluster without running it and predict its step time.
+    Plan(meshflow::plan::cli::PlanArgs),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Launch(args) => launch_command(&args),
         Command::Selftest(args) => launch::selftest::run(&args),
+        Command::Plan(args) => meshflow::plan::cli::run(&args),
     }
 }
 

@@ -10,6 +10,7 @@
 //!    layout); every rank runs the steps it takes part in, in that order, so collectives are issued
 //!    in the same order everywhere. Kernels carry their per-shard op (`Op::localize`).
 
+pub mod actors;
 mod dot;
 mod lower;
 

@@ -1,0 +1,662 @@
+//! Lowering a [`Program`] to an actor [`Plan`]: the first half of running the session on actors,
+//! and what the planner's simulator runs.
+//!
+//! One actor per (step, rank) (and per piece, for steps that run once per micro-batch):
+//!
+//! - a leaf is a [`ActorKind::Source`] (an input, fed every piece) or a [`ActorKind::Variable`]
+//!   (a parameter or constant, read once per step; a parameter whose new value is listed in
+//!   [`ActorConfig::updates`] takes it as its update input, so the next step reads it only after
+//!   this step wrote it);
+//! - a kernel or boxing step is a [`ActorKind::Compute`] actor on its rank's stream;
+//! - a boxing step whose plan communicates gets, per group of ranks that exchange data, a
+//!   [`Work::Join`] actor that reads the source slot of every member and feeds every member's
+//!   boxing actor: a collective's act starts only when all its group's ranks hold their input;
+//! - with `pieces > 1`, every rank sums the pieces of each value in [`ActorConfig::accumulate`]
+//!   (the gradients) in a [`Work::Accumulate`] actor before the steps that read it, which run
+//!   once per step;
+//! - every rank ends in a [`ActorKind::Sink`] ([`Work::End`]) that reads the last actor of each
+//!   of its streams.
+//!
+//! Edges: one per (writer, slot) to the actors that read that shard, and one "order" edge from
+//! each actor to the next on the same stream of the same rank, so a stream runs its acts in
+//! program order (pieces one after another). Every edge has one register: one step of `pieces`
+//! pieces is one piece of the plan ([`Simulator::run_step`](meshflow_actor::Simulator) with 1).
+
+use std::collections::{BTreeSet, HashMap};
+
+use meshflow_actor::{ActorId, ActorKind, DeviceId, Plan};
+use meshflow_ops::{TensorMeta, Value};
+use meshflow_placement::{local_region, transfer_pieces, BoxingPlan, Layout, StepKind};
+
+use super::{Program, Slot, Step};
+use crate::graph::Source;
+use crate::{Error, Result};
+
+/// How many device streams each rank has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Streams {
+    /// One stream runs kernels and communication in program order (the session today).
+    #[default]
+    Single,
+    /// Kernels on one stream, communicating boxing on a second one (collectives overlap with
+    /// compute, as NCCL streams do).
+    ComputeAndComm,
+}
+
+impl Streams {
+    /// Streams per rank.
+    pub fn count(self) -> u32 {
+        match self {
+            Streams::Single => 1,
+            Streams::ComputeAndComm => 2,
+        }
+    }
+}
+
+/// How to lower a program to actors.
+#[derive(Clone, Debug)]
+pub struct ActorConfig {
+    /// Micro-batches per step. Default 1.
+    pub pieces: u32,
+    /// Streams per rank. Default [`Streams::Single`].
+    pub streams: Streams,
+    /// Parameter values and the slots that hold their new values (the update input of their
+    /// variable actors).
+    pub updates: Vec<(Value, Slot)>,
+    /// Values summed over the pieces before they are read (gradients).
+    pub accumulate: Vec<Value>,
+}
+
+impl Default for ActorConfig {
+    fn default() -> Self {
+        ActorConfig {
+            pieces: 1,
+            streams: Streams::Single,
+            updates: Vec::new(),
+            accumulate: Vec::new(),
+        }
+    }
+}
+
+/// What an actor of a lowered program does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Work {
+    /// Runs `program.steps[step]` (leaf, kernel or boxing) on its rank.
+    Step {
+        /// Index into `Program::steps`.
+        step: usize,
+    },
+    /// Waits for the source shards of every member of one communicating group of the boxing
+    /// `program.steps[step]` (takes no time itself).
+    Join {
+        /// Index into `Program::steps`.
+        step: usize,
+    },
+    /// Sums the pieces of `slot` on its rank.
+    Accumulate {
+        /// The slot summed.
+        slot: Slot,
+    },
+    /// The rank's end of step.
+    End,
+}
+
+/// The payload of every actor: what it does, on which rank, for which piece.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActorWork {
+    /// What it does.
+    pub work: Work,
+    /// The rank (the group's first rank for a join).
+    pub rank: usize,
+    /// The piece, 0 for actors that run once per step.
+    pub piece: u32,
+}
+
+/// A program lowered to actors.
+#[derive(Clone, Debug)]
+pub struct ActorProgram {
+    /// The plan.
+    pub plan: Plan<ActorWork>,
+    /// Its streams per rank.
+    pub streams: Streams,
+    /// Micro-batches per step.
+    pub pieces: u32,
+}
+
+impl ActorProgram {
+    /// The device of stream `stream` (0: compute, 1: communication) of `rank`.
+    pub fn device(&self, rank: usize, stream: u32) -> DeviceId {
+        device(self.streams, rank, stream)
+    }
+
+    /// The rank a device belongs to.
+    pub fn rank_of(&self, device: DeviceId) -> usize {
+        (device.0 / self.streams.count()) as usize
+    }
+}
+
+/// Lowers `program` to an actor plan (see the module doc).
+pub fn lower_to_actors(program: &Program, config: &ActorConfig) -> Result<ActorProgram> {
+    if config.pieces == 0 {
+        return Err(Error::Graph("actor lowering: pieces must be at least 1".into()));
+    }
+    let mut lowering = ActorLowering::new(program, config)?;
+    lowering.create_actors()?;
+    lowering.connect()?;
+    Ok(ActorProgram { plan: lowering.plan, streams: config.streams, pieces: config.pieces })
+}
+
+/// The ranks that hold a shard of a layout.
+pub fn layout_ranks(layout: &Layout) -> &[usize] {
+    layout.placement.ranks()
+}
+
+/// The local shape and dtype of `slot` on `rank`, or `None` when the rank holds no shard.
+pub fn local_meta(program: &Program, slot: Slot, rank: usize) -> Option<TensorMeta> {
+    let info = program.slot(slot);
+    let placement = &info.layout.placement;
+    let coordinates = placement.coordinates(rank)?;
+    let meta = &program.graph.value(info.value).meta;
+    let region =
+        local_region(meta.shape.dims(), &info.layout.nd_sbp, placement.hierarchy(), &coordinates)
+            .ok()?;
+    Some(TensorMeta::new(region.shape, meta.dtype))
+}
+
+/// The slots a step reads and writes.
+pub fn step_slots(step: &Step) -> (Vec<Slot>, Vec<Slot>) {
+    match step {
+        Step::Leaf { slot, .. } => (Vec::new(), vec![*slot]),
+        Step::Boxing { from, to, .. } => (vec![*from], vec![*to]),
+        Step::Kernel { inputs, outputs, .. } => (inputs.clone(), outputs.clone()),
+    }
+}
+
+/// The ranks that run a step.
+pub fn step_ranks(program: &Program, step: &Step) -> Vec<usize> {
+    let ranks: BTreeSet<usize> = match step {
+        Step::Leaf { slot, .. } => {
+            layout_ranks(&program.slot(*slot).layout).iter().copied().collect()
+        }
+        Step::Boxing { from, to, .. } => {
+            let from = layout_ranks(&program.slot(*from).layout).iter();
+            from.chain(layout_ranks(&program.slot(*to).layout)).copied().collect()
+        }
+        Step::Kernel { node, .. } => {
+            program.graph.node(*node).placement.ranks().iter().copied().collect()
+        }
+    };
+    ranks.into_iter().collect()
+}
+
+/// True when a boxing plan moves bytes between devices.
+pub fn communicates(plan: &BoxingPlan) -> bool {
+    plan.steps.iter().any(|step| !step.kind.is_local())
+}
+
+fn device(streams: Streams, rank: usize, stream: u32) -> DeviceId {
+    DeviceId(rank as u32 * streams.count() + stream.min(streams.count() - 1))
+}
+
+/// When a step runs: before the pieces, once per piece, or after the accumulation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Before,
+    Piece,
+    After,
+}
+
+struct ActorLowering<'a> {
+    program: &'a Program,
+    config: &'a ActorConfig,
+    plan: Plan<ActorWork>,
+    phases: Vec<Phase>,
+    /// Per slot, whether it is summed over pieces.
+    accumulated: Vec<bool>,
+    /// (step, rank, piece) → actor.
+    actors: HashMap<(usize, usize, u32), ActorId>,
+    /// (slot, rank) → accumulate actor.
+    sums: HashMap<(Slot, usize), ActorId>,
+    /// Per (rank, stream), the actors in stream order.
+    streams: HashMap<(usize, u32), Vec<ActorId>>,
+    /// Per slot, its writing step.
+    writer: Vec<Option<usize>>,
+}
+
+impl<'a> ActorLowering<'a> {
+    fn new(program: &'a Program, config: &'a ActorConfig) -> Result<Self> {
+        let mut writer = vec![None; program.slots.len()];
+        for (index, step) in program.steps.iter().enumerate() {
+            for slot in step_slots(step).1 {
+                writer[slot.0 as usize] = Some(index);
+            }
+        }
+        let mut accumulated = vec![false; program.slots.len()];
+        for value in &config.accumulate {
+            let slot = program.produced.get(value.0 as usize).ok_or_else(|| {
+                Error::Graph(format!("actor lowering: accumulated value %{} is unknown", value.0))
+            })?;
+            accumulated[slot.0 as usize] = true;
+        }
+        let mut lowering = ActorLowering {
+            program,
+            config,
+            plan: Plan::new(),
+            phases: Vec::new(),
+            accumulated,
+            actors: HashMap::new(),
+            sums: HashMap::new(),
+            streams: HashMap::new(),
+            writer,
+        };
+        lowering.phases = lowering.classify()?;
+        Ok(lowering)
+    }
+
+    /// The phase of every step: inputs are per piece, anything reading a per-piece slot is per
+    /// piece, anything reading an accumulated slot (or an after-step) runs after the pieces.
+    fn classify(&self) -> Result<Vec<Phase>> {
+        let program = self.program;
+        let mut slot_phase = vec![Phase::Before; program.slots.len()];
+        let mut phases = Vec::with_capacity(program.steps.len());
+        for (index, step) in program.steps.iter().enumerate() {
+            let (reads, writes) = step_slots(step);
+            let mut phase = match step {
+                Step::Leaf { value, .. } => match program.graph.value(*value).source {
+                    Source::Input => Phase::Piece,
+                    _ => Phase::Before,
+                },
+                _ => Phase::Before,
+            };
+            for slot in &reads {
+                let read = match slot_phase[slot.0 as usize] {
+                    Phase::Piece if self.accumulated[slot.0 as usize] => Phase::After,
+                    other => other,
+                };
+                phase = match (phase, read) {
+                    (Phase::After, Phase::Piece) | (Phase::Piece, Phase::After) => {
+                        return Err(Error::Graph(format!(
+                            "actor lowering: step {index} reads both per-piece values and \
+                             values summed over pieces"
+                        )))
+                    }
+                    (Phase::Before, other) => other,
+                    (same, _) => same,
+                };
+            }
+            for slot in writes {
+                slot_phase[slot.0 as usize] = phase;
+            }
+            phases.push(phase);
+        }
+        Ok(phases)
+    }
+
+    fn stream_of(&self, step: &Step) -> u32 {
+        match (self.config.streams, step) {
+            (Streams::ComputeAndComm, Step::Boxing { plan, .. }) if communicates(plan) => 1,
+            _ => 0,
+        }
+    }
+
+    fn create_actors(&mut self) -> Result<()> {
+        let steps_in = |phase: Phase| -> Vec<usize> {
+            (0..self.phases.len()).filter(|&s| self.phases[s] == phase).collect()
+        };
+        let (before, pieces, mut after) =
+            (steps_in(Phase::Before), steps_in(Phase::Piece), steps_in(Phase::After));
+        if self.config.streams == Streams::ComputeAndComm {
+            after.sort_by_key(|&step| self.ready_order(step));
+        }
+        for step in before {
+            self.add_step(step, 0);
+        }
+        for piece in 0..self.config.pieces {
+            for &step in &pieces {
+                self.add_step(step, piece);
+            }
+        }
+        if self.config.pieces > 1 {
+            self.add_sums();
+        }
+        for step in after {
+            self.add_step(step, 0);
+        }
+        Ok(())
+    }
+
+    /// With a communication stream, collectives after the pieces (gradient all-reduces) are
+    /// issued in the order their inputs become ready, so they overlap the backward: a boxing
+    /// step sorts right after its source's writer, other steps at their own position.
+    fn ready_order(&self, step: usize) -> (usize, u8) {
+        match &self.program.steps[step] {
+            Step::Boxing { from, plan, .. } if communicates(plan) => {
+                (self.writer[from.0 as usize].unwrap_or(step), 1)
+            }
+            _ => (step, 0),
+        }
+    }
+
+    fn add_step(&mut self, index: usize, piece: u32) {
+        let program = self.program;
+        let step = &program.steps[index];
+        let (kind, chained) = match step {
+            Step::Leaf { value, .. } => match program.graph.value(*value).source {
+                Source::Input => (ActorKind::Source, false),
+                _ => (ActorKind::Variable, false),
+            },
+            _ => (ActorKind::Compute, true),
+        };
+        let stream = self.stream_of(step);
+        for rank in step_ranks(program, step) {
+            let name = format!("{} r{rank} p{piece}", self.step_name(index));
+            let payload = ActorWork { work: Work::Step { step: index }, rank, piece };
+            let device = device(self.config.streams, rank, stream);
+            let actor = self.plan.add_actor(name, kind, device, payload);
+            self.actors.insert((index, rank, piece), actor);
+            if chained {
+                self.streams.entry((rank, stream)).or_default().push(actor);
+            }
+        }
+    }
+
+    fn add_sums(&mut self) {
+        let program = self.program;
+        for (slot, _) in self.accumulated.iter().enumerate().filter(|(_, a)| **a) {
+            let slot = Slot(slot as u32);
+            for &rank in layout_ranks(&program.slot(slot).layout) {
+                let name =
+                    format!("accumulate {} r{rank}", program.graph.label(program.slot(slot).value));
+                let payload = ActorWork { work: Work::Accumulate { slot }, rank, piece: 0 };
+                let device = device(self.config.streams, rank, 0);
+                let actor = self.plan.add_actor(name, ActorKind::Compute, device, payload);
+                self.sums.insert((slot, rank), actor);
+                self.streams.entry((rank, 0)).or_default().push(actor);
+            }
+        }
+    }
+
+    fn step_name(&self, index: usize) -> String {
+        let program = self.program;
+        match &program.steps[index] {
+            Step::Leaf { value, .. } => format!("leaf {}", program.graph.label(*value)),
+            Step::Boxing { from, plan, .. } => {
+                let kinds: Vec<&str> = plan.steps.iter().map(|s| s.kind.name()).collect();
+                let label = program.graph.label(program.slot(*from).value);
+                format!("{} {label}", kinds.join("+"))
+            }
+            Step::Kernel { node, .. } => {
+                format!("{}#{}", program.graph.node(*node).op.name(), node.0)
+            }
+        }
+    }
+
+    /// The actor whose output holds `slot` on `rank` for `piece`, as a reader in `phase` sees it.
+    fn source_actor(&self, slot: Slot, rank: usize, piece: u32, phase: Phase) -> Result<ActorId> {
+        let step = self.writer[slot.0 as usize].ok_or_else(|| {
+            Error::Graph(format!("actor lowering: slot {} has no writer", slot.0))
+        })?;
+        if self.phases[step] == Phase::Piece && phase != Phase::Piece {
+            if let Some(sum) = self.sums.get(&(slot, rank)) {
+                return Ok(*sum);
+            }
+        }
+        let piece = if self.phases[step] == Phase::Piece { piece } else { 0 };
+        self.actors.get(&(step, rank, piece)).copied().ok_or_else(|| {
+            Error::Graph(format!(
+                "actor lowering: rank {rank} reads slot {} that step {step} does not write there",
+                slot.0
+            ))
+        })
+    }
+
+    fn connect(&mut self) -> Result<()> {
+        let mut edges: BTreeSetMap = BTreeSetMap::default();
+        self.data_edges(&mut edges)?;
+        self.sum_edges(&mut edges)?;
+        self.update_edges(&mut edges)?;
+        for ((producer, _), consumers) in edges.0 {
+            let consumers: Vec<ActorId> = consumers.into_iter().collect();
+            self.plan.add_edge(producer, &consumers, 1);
+        }
+        self.order_edges();
+        Ok(())
+    }
+
+    fn data_edges(&mut self, edges: &mut BTreeSetMap) -> Result<()> {
+        let program = self.program;
+        let keys: Vec<(usize, usize, u32)> = self.sorted_actor_keys();
+        let mut joins: HashMap<(usize, usize, u32), ActorId> = HashMap::new();
+        let mut groups: HashMap<usize, Vec<Vec<usize>>> = HashMap::new();
+        for (index, rank, piece) in keys {
+            let consumer = self.actors[&(index, rank, piece)];
+            let phase = self.phases[index];
+            match &program.steps[index] {
+                Step::Leaf { .. } => {}
+                Step::Kernel { inputs, .. } => {
+                    for slot in inputs {
+                        edges.add(self.source_actor(*slot, rank, piece, phase)?, *slot, consumer);
+                    }
+                }
+                Step::Boxing { from, to, plan } => {
+                    if !communicates(plan) {
+                        edges.add(self.source_actor(*from, rank, piece, phase)?, *from, consumer);
+                        continue;
+                    }
+                    if !groups.contains_key(&index) {
+                        let found = self.boxing_groups(*from, *to, plan)?;
+                        groups.insert(index, found);
+                    }
+                    let group = groups[&index]
+                        .iter()
+                        .find(|group| group.contains(&rank))
+                        .cloned()
+                        .unwrap_or_else(|| vec![rank]);
+                    let join = match joins.get(&(index, group[0], piece)) {
+                        Some(join) => *join,
+                        None => {
+                            let join = self.add_join(index, group[0], piece);
+                            let holders = layout_ranks(&program.slot(*from).layout);
+                            for member in group.iter().filter(|m| holders.contains(m)) {
+                                let source = self.source_actor(*from, *member, piece, phase)?;
+                                edges.add(source, *from, join);
+                            }
+                            joins.insert((index, group[0], piece), join);
+                            join
+                        }
+                    };
+                    edges.add(join, *to, consumer);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn sorted_actor_keys(&self) -> Vec<(usize, usize, u32)> {
+        let mut keys: Vec<(usize, usize, u32)> = self.actors.keys().copied().collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    fn add_join(&mut self, step: usize, first: usize, piece: u32) -> ActorId {
+        let name = format!("join {} r{first} p{piece}", self.step_name(step));
+        let payload = ActorWork { work: Work::Join { step }, rank: first, piece };
+        let device = device(self.config.streams, first, 1);
+        self.plan.add_actor(name, ActorKind::Compute, device, payload)
+    }
+
+    /// The groups of ranks that exchange data in a communicating boxing step: on one placement,
+    /// the ranks that agree on every mesh axis the plan does not communicate over; across
+    /// placements, the ranks connected by the pieces they copy.
+    fn boxing_groups(&self, from: Slot, to: Slot, plan: &BoxingPlan) -> Result<Vec<Vec<usize>>> {
+        let program = self.program;
+        let source = &program.slot(from).layout;
+        let target = &program.slot(to).layout;
+        let mut union = UnionFind::default();
+        for &rank in source.placement.ranks().iter().chain(target.placement.ranks()) {
+            union.find(rank);
+        }
+        if source.placement == target.placement {
+            let placement = &source.placement;
+            let axes: BTreeSet<usize> =
+                plan.steps.iter().filter_map(|step| mesh_axis(&step.kind)).collect();
+            let mut firsts: HashMap<Vec<usize>, usize> = HashMap::new();
+            for (index, &rank) in placement.ranks().iter().enumerate() {
+                let mut key = placement.coordinates_of_index(index);
+                for &axis in &axes {
+                    key[axis] = 0;
+                }
+                let first = *firsts.entry(key).or_insert(rank);
+                union.join(first, rank);
+            }
+        } else {
+            let meta = &program.graph.value(program.slot(from).value).meta;
+            let pieces = transfer_pieces(meta.shape.dims(), source, target)?;
+            for (index, copies) in pieces.iter().enumerate() {
+                let rank = target.placement.ranks()[index];
+                for piece in copies {
+                    union.join(source.placement.ranks()[piece.source_index], rank);
+                }
+            }
+        }
+        Ok(union.groups())
+    }
+
+    fn sum_edges(&mut self, edges: &mut BTreeSetMap) -> Result<()> {
+        let sums: Vec<((Slot, usize), ActorId)> =
+            self.sums.iter().map(|(key, actor)| (*key, *actor)).collect();
+        for ((slot, rank), sum) in sums {
+            for piece in 0..self.config.pieces {
+                edges.add(self.source_actor(slot, rank, piece, Phase::Piece)?, slot, sum);
+            }
+        }
+        Ok(())
+    }
+
+    fn update_edges(&mut self, edges: &mut BTreeSetMap) -> Result<()> {
+        let program = self.program;
+        for &(parameter, slot) in &self.config.updates {
+            let leaf = program.produced.get(parameter.0 as usize).copied();
+            let leaf_step = leaf.and_then(|s| self.writer[s.0 as usize]);
+            let Some(leaf_step) =
+                leaf_step.filter(|&s| matches!(program.steps[s], Step::Leaf { .. }))
+            else {
+                return Err(Error::Graph(format!(
+                    "actor lowering: update of %{} which is not a leaf",
+                    parameter.0
+                )));
+            };
+            for &rank in layout_ranks(&program.slot(slot).layout) {
+                let variable =
+                    self.actors.get(&(leaf_step, rank, 0)).copied().ok_or_else(|| {
+                        Error::Graph(format!(
+                        "actor lowering: the update of {} reaches rank {rank} where the variable \
+                         does not live",
+                        program.graph.label(parameter)
+                    ))
+                    })?;
+                edges.add(self.source_actor(slot, rank, 0, Phase::After)?, slot, variable);
+            }
+        }
+        Ok(())
+    }
+
+    /// Chains each stream's actors in order and ends every rank in a sink that reads the last
+    /// actor of each stream and every otherwise unread leaf.
+    fn order_edges(&mut self) {
+        let mut ends: HashMap<usize, Vec<ActorId>> = HashMap::new();
+        let mut streams: Vec<((usize, u32), Vec<ActorId>)> = self.streams.drain().collect();
+        streams.sort_unstable();
+        for ((rank, _), actors) in streams {
+            for pair in actors.windows(2) {
+                self.plan.add_edge(pair[0], &[pair[1]], 1);
+            }
+            if let Some(last) = actors.last() {
+                ends.entry(rank).or_default().push(*last);
+            }
+        }
+        let mut has_output = vec![false; self.plan.actors.len()];
+        for edge in &self.plan.edges {
+            has_output[edge.producer.index()] = true;
+        }
+        for (index, spec) in self.plan.actors.iter().enumerate() {
+            let leaf = matches!(spec.kind, ActorKind::Source | ActorKind::Variable);
+            if leaf && !has_output[index] {
+                ends.entry(spec.payload.rank).or_default().push(ActorId(index as u32));
+            }
+        }
+        let mut ends: Vec<(usize, Vec<ActorId>)> = ends.into_iter().collect();
+        ends.sort_unstable();
+        for (rank, lasts) in ends {
+            let payload = ActorWork { work: Work::End, rank, piece: 0 };
+            let device = device(self.config.streams, rank, 0);
+            let sink =
+                self.plan.add_actor(format!("end r{rank}"), ActorKind::Sink, device, payload);
+            for last in lasts {
+                self.plan.add_edge(last, &[sink], 1);
+            }
+        }
+    }
+}
+
+/// The mesh axis a communicating boxing step exchanges over, if it stays on one placement.
+fn mesh_axis(kind: &StepKind) -> Option<usize> {
+    match *kind {
+        StepKind::AllReduce { mesh_axis }
+        | StepKind::ReduceScatter { mesh_axis, .. }
+        | StepKind::AllGather { mesh_axis, .. }
+        | StepKind::AllToAll { mesh_axis, .. } => Some(mesh_axis),
+        _ => None,
+    }
+}
+
+/// Data edges under construction: per (producer, slot), its consumers.
+#[derive(Default)]
+struct BTreeSetMap(std::collections::BTreeMap<(ActorId, Slot), BTreeSet<ActorId>>);
+
+impl BTreeSetMap {
+    fn add(&mut self, producer: ActorId, slot: Slot, consumer: ActorId) {
+        self.0.entry((producer, slot)).or_default().insert(consumer);
+    }
+}
+
+/// Disjoint sets of ranks.
+#[derive(Default)]
+struct UnionFind {
+    parent: HashMap<usize, usize>,
+}
+
+impl UnionFind {
+    fn find(&mut self, rank: usize) -> usize {
+        let parent = *self.parent.entry(rank).or_insert(rank);
+        if parent == rank {
+            return rank;
+        }
+        let root = self.find(parent);
+        self.parent.insert(rank, root);
+        root
+    }
+
+    fn join(&mut self, a: usize, b: usize) {
+        let (a, b) = (self.find(a), self.find(b));
+        if a != b {
+            self.parent.insert(a.max(b), a.min(b));
+        }
+    }
+
+    /// The sets, each sorted, in order of their first rank.
+    fn groups(&mut self) -> Vec<Vec<usize>> {
+        let ranks: Vec<usize> = self.parent.keys().copied().collect();
+        let mut sets: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for rank in ranks {
+            let root = self.find(rank);
+            sets.entry(root).or_default().push(rank);
+        }
+        sets.into_values()
+            .map(|mut set| {
+                set.sort_unstable();
+                set
+            })
+            .collect()
+    }
+}

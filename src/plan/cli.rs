@@ -1,0 +1,162 @@
+//! `meshflow plan`: the flags and what the subcommand prints.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use meshflow_placement::select::Strategy as Selection;
+use meshflow_placement::DeviceType;
+
+use super::calibrate::{calibrate, CalibrationConfig};
+use super::cluster::{Cluster, Overrides};
+use super::model::{ModelSpec, Strategy, Workload};
+use super::report::{plan, PlanReport};
+use crate::compile::CompileConfig;
+use crate::{Error, Result};
+
+/// Compile a model for a described cluster without running it; predict its step time.
+#[derive(Debug, Clone, Args)]
+pub struct PlanArgs {
+    /// The cluster: NODESxDEVICES:KIND (kinds: h100, a100, cpu).
+    #[arg(long, default_value = "1x8:h100")]
+    pub cluster: String,
+    /// The model: char, gpt2 (124M) or 1.3b.
+    #[arg(long, default_value = "gpt2")]
+    pub model: String,
+    /// Data-parallel size (default: the devices left by --tp).
+    #[arg(long)]
+    pub dp: Option<usize>,
+    /// Tensor-parallel size.
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Let signature selection choose every layout on a flat mesh of all devices.
+    #[arg(long)]
+    pub auto: bool,
+    /// Sequences per step (global batch).
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Micro-batches per step.
+    #[arg(long, default_value_t = 1)]
+    pub micro_batches: u32,
+    /// Write the simulated step's Chrome trace (Perfetto) here.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Intra-node bandwidth per direction, GB/s.
+    #[arg(long)]
+    pub intra_bandwidth: Option<f64>,
+    /// Intra-node latency per hop, µs.
+    #[arg(long)]
+    pub intra_latency: Option<f64>,
+    /// Inter-node bandwidth per device, GB/s.
+    #[arg(long)]
+    pub inter_bandwidth: Option<f64>,
+    /// Inter-node latency per hop, µs.
+    #[arg(long)]
+    pub inter_latency: Option<f64>,
+    /// Device peak, TFLOP/s.
+    #[arg(long)]
+    pub tflops: Option<f64>,
+    /// Device memory, GB.
+    #[arg(long)]
+    pub memory_gb: Option<f64>,
+    /// Device memory bandwidth, GB/s.
+    #[arg(long)]
+    pub hbm_bandwidth: Option<f64>,
+    /// Fraction of peak that matrix products reach.
+    #[arg(long)]
+    pub matmul_efficiency: Option<f64>,
+    /// Greedy signature selection instead of the search.
+    #[arg(long)]
+    pub greedy: bool,
+    /// Instead of one plan: predict the strategies that run here (CPU devices) and compare
+    /// with real steps of the session.
+    #[arg(long)]
+    pub calibrate: bool,
+    /// Measured steps per strategy when calibrating.
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Instead of one plan: the table of GPT-2 and 1.3B on 8, 64 and 512 devices of --cluster's
+    /// kind (markdown).
+    #[arg(long)]
+    pub table: bool,
+}
+
+/// Runs `meshflow plan`.
+pub fn run(args: &PlanArgs) -> ExitCode {
+    match execute(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("meshflow plan: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(args: &PlanArgs) -> Result<()> {
+    let compile = compile_config(args);
+    if args.calibrate {
+        let config = CalibrationConfig { steps: args.steps, ..CalibrationConfig::default() };
+        let table = calibrate(&config, &compile)?;
+        print!("{table}");
+        return Ok(());
+    }
+    let cluster = cluster(args)?;
+    if args.table {
+        print!("{}", super::calibrate::scale_table(&cluster, &compile)?);
+        return Ok(());
+    }
+    let workload = workload(args, &cluster)?;
+    let report = plan(&workload, &cluster, &compile, args.trace.is_some())?;
+    print!("{report}");
+    write_trace(args, &report)
+}
+
+fn compile_config(args: &PlanArgs) -> CompileConfig {
+    let strategy = if args.greedy { Selection::Greedy } else { Selection::Search };
+    CompileConfig { strategy, ..CompileConfig::default() }
+}
+
+/// The cluster of the flags.
+pub fn cluster(args: &PlanArgs) -> Result<Cluster> {
+    let overrides = Overrides {
+        intra_bandwidth: args.intra_bandwidth,
+        intra_latency: args.intra_latency,
+        inter_bandwidth: args.inter_bandwidth,
+        inter_latency: args.inter_latency,
+        tflops: args.tflops,
+        memory_gb: args.memory_gb,
+        hbm_bandwidth: args.hbm_bandwidth,
+        matmul_efficiency: args.matmul_efficiency,
+    };
+    let parsed: Cluster = args.cluster.parse().map_err(|e| Error::Graph(format!("{e}")))?;
+    parsed.with(&overrides).map_err(|e| Error::Graph(format!("{e}")))
+}
+
+fn workload(args: &PlanArgs, cluster: &Cluster) -> Result<Workload> {
+    let devices = cluster.devices();
+    let strategy = if args.auto {
+        Strategy::Auto { devices }
+    } else {
+        let tp = args.tp.max(1);
+        let dp = args.dp.unwrap_or(devices / tp).max(1);
+        if dp * tp > devices {
+            return Err(Error::Graph(format!(
+                "dp {dp} × tp {tp} needs {} devices, the cluster has {devices}",
+                dp * tp
+            )));
+        }
+        Strategy::Mesh { dp, tp }
+    };
+    let device = if cluster.device.kind == "cpu" { DeviceType::Cpu } else { DeviceType::Cuda };
+    let model: ModelSpec = args.model.parse()?;
+    Ok(Workload { model, strategy, batch: args.batch, pieces: args.micro_batches, device })
+}
+
+fn write_trace(args: &PlanArgs, report: &PlanReport) -> Result<()> {
+    let (Some(path), Some(trace)) = (&args.trace, &report.prediction.trace) else {
+        return Ok(());
+    };
+    std::fs::write(path, trace).map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
+    println!("trace: {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! The cost model: how long each actor of a lowered program acts on a described cluster.
+//!
+//! - A kernel: the roofline of its per-rank op, `overhead + max(flops / roof, bytes / memory
+//!   bandwidth)`, with the matrix roof for matrix products and the vector roof otherwise; FLOPs
+//!   are `Op::flops` of the localized op on the rank's local shapes, bytes its local inputs and
+//!   outputs.
+//! - A boxing step: per communicating step of its plan, the α–β time of the ring algorithm over
+//!   the link its group uses (inside a node or across nodes): `hops · α + bytes_per_rank / β`,
+//!   with `2(p−1)` hops for an all-reduce, `p−1` for a reduce-scatter, all-gather or
+//!   all-to-all and one for a send/recv or slice copy; local steps (slices, zero fills) cost a
+//!   memory pass.
+//! - A gradient accumulation: `pieces − 1` element-wise additions.
+//! - Leaves, joins and ends take no time; messages take none either (latency is in the acts).
+
+use meshflow_actor::{ActorId, CostModel};
+use meshflow_placement::{BoxingPlan, BoxingStep, StepKind};
+
+use super::cluster::Cluster;
+use crate::compile::actors::{local_meta, ActorProgram, Work};
+use crate::compile::{Program, Slot, Step};
+
+/// Per-actor act durations in nanoseconds, and what they add up to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActCosts {
+    /// Per actor, its act's duration (ns).
+    pub durations: Vec<u64>,
+}
+
+impl CostModel for ActCosts {
+    fn act_duration(&self, actor: ActorId, _sequence: u64) -> u64 {
+        self.durations.get(actor.index()).copied().unwrap_or(0)
+    }
+
+    fn latency(&self, _from: ActorId, _to: ActorId) -> u64 {
+        0
+    }
+}
+
+/// What one act of a kind costs: compute (kernels, accumulation) or communication.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Breakdown {
+    /// Seconds of kernels on the busiest rank.
+    pub compute: f64,
+    /// Seconds of boxing on the busiest rank.
+    pub communication: f64,
+}
+
+impl ActCosts {
+    /// The duration of every actor of `actors` (lowered from `program`) on `cluster`.
+    pub fn new(program: &Program, actors: &ActorProgram, cluster: &Cluster) -> Self {
+        let durations = actors
+            .plan
+            .actors
+            .iter()
+            .map(|spec| {
+                let seconds =
+                    act_seconds(program, actors, cluster, spec.payload.work, spec.payload.rank);
+                (seconds * 1e9).round() as u64
+            })
+            .collect();
+        ActCosts { durations }
+    }
+
+    /// Per-rank sums of compute and communication act time, the largest of each.
+    pub fn breakdown(&self, program: &Program, actors: &ActorProgram) -> Breakdown {
+        let mut per_rank: std::collections::HashMap<usize, Breakdown> = Default::default();
+        for (spec, &ns) in actors.plan.actors.iter().zip(&self.durations) {
+            let entry = per_rank.entry(spec.payload.rank).or_default();
+            let seconds = ns as f64 / 1e9;
+            match spec.payload.work {
+                Work::Step { step } if matches!(program.steps[step], Step::Boxing { .. }) => {
+                    entry.communication += seconds
+                }
+                Work::Step { .. } | Work::Accumulate { .. } => entry.compute += seconds,
+                Work::Join { .. } | Work::End => {}
+            }
+        }
+        per_rank.values().fold(Breakdown::default(), |most, b| Breakdown {
+            compute: most.compute.max(b.compute),
+            communication: most.communication.max(b.communication),
+        })
+    }
+}
+
+fn act_seconds(
+    program: &Program,
+    actors: &ActorProgram,
+    cluster: &Cluster,
+    work: Work,
+    rank: usize,
+) -> f64 {
+    match work {
+        Work::Step { step } => match &program.steps[step] {
+            Step::Leaf { .. } => 0.0,
+            Step::Kernel { node, inputs, outputs, ops } => {
+                let placement = &program.graph.node(*node).placement;
+                let Some(index) = placement.ranks().iter().position(|&r| r == rank) else {
+                    return 0.0;
+                };
+                let metas: Vec<_> =
+                    inputs.iter().filter_map(|s| local_meta(program, *s, rank)).collect();
+                let flops = ops[index].flops(&metas);
+                let bytes = slot_bytes(program, inputs, rank) + slot_bytes(program, outputs, rank);
+                let matmul = ops[index].name().starts_with("matmul");
+                cluster.device.kernel_seconds(flops, bytes, matmul)
+            }
+            Step::Boxing { from, to, plan } => {
+                boxing_seconds(program, cluster, *from, *to, plan, rank)
+            }
+        },
+        Work::Accumulate { slot } => {
+            let bytes = slot_bytes(program, &[slot], rank);
+            let additions = u64::from(actors.pieces.saturating_sub(1));
+            cluster.device.kernel_seconds(bytes / 4 * additions, 3 * bytes * additions, false)
+        }
+        Work::Join { .. } | Work::End => 0.0,
+    }
+}
+
+/// Bytes of the local shards of `slots` on `rank`.
+pub fn slot_bytes(program: &Program, slots: &[Slot], rank: usize) -> u64 {
+    slots
+        .iter()
+        .filter_map(|s| local_meta(program, *s, rank))
+        .map(|meta| (meta.shape.numel() * meta.dtype.size()) as u64)
+        .sum()
+}
+
+/// Seconds of a boxing plan on `rank`.
+pub fn boxing_seconds(
+    program: &Program,
+    cluster: &Cluster,
+    from: Slot,
+    to: Slot,
+    plan: &BoxingPlan,
+    rank: usize,
+) -> f64 {
+    let device = &cluster.device;
+    let scale = device.element_bytes / 4.0;
+    let local = slot_bytes(program, &[from], rank).max(slot_bytes(program, &[to], rank));
+    let mut seconds = device.kernel_overhead;
+    for step in &plan.steps {
+        if step.kind.is_local() {
+            seconds += local as f64 * scale / device.memory_bandwidth;
+            continue;
+        }
+        let (hops, group) = ring(step, rank);
+        let link = cluster.link(&group);
+        seconds += hops as f64 * link.latency + step.bytes_per_rank as f64 * scale / link.bandwidth;
+    }
+    seconds
+}
+
+/// The ring algorithm's hops for one step and the ranks of `rank`'s group.
+pub fn ring(step: &BoxingStep, rank: usize) -> (u64, Vec<usize>) {
+    let p = step.group_size.max(1) as u64;
+    let placement = &step.before.placement;
+    let group_on = |axis: usize| -> Vec<usize> {
+        match placement.ranks().iter().position(|&r| r == rank) {
+            Some(index) => placement
+                .group_of_index(index, axis)
+                .into_iter()
+                .map(|i| placement.ranks()[i])
+                .collect(),
+            None => vec![rank],
+        }
+    };
+    match step.kind {
+        StepKind::AllReduce { mesh_axis } => (2 * (p - 1), group_on(mesh_axis)),
+        StepKind::ReduceScatter { mesh_axis, .. }
+        | StepKind::AllGather { mesh_axis, .. }
+        | StepKind::AllToAll { mesh_axis, .. } => (p - 1, group_on(mesh_axis)),
+        StepKind::SendRecv | StepKind::SliceCopy => {
+            let target = &step.after.placement;
+            let mut ranks = vec![rank];
+            if let Some(index) = target.ranks().iter().position(|&r| r == rank) {
+                if let Some(&source) = placement.ranks().get(index) {
+                    ranks.push(source);
+                }
+            }
+            (1, ranks)
+        }
+        StepKind::LocalSlice { .. } | StepKind::ZeroFill { .. } => (0, vec![rank]),
+    }
+}

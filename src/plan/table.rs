@@ -1,0 +1,75 @@
+//! The scaling table: GPT-2 and 1.3B on 8, 64 and 512 devices, per strategy, predicted.
+
+use std::fmt::Write as _;
+
+use meshflow_placement::DeviceType;
+
+use super::cluster::Cluster;
+use super::model::{ModelSpec, Strategy, Workload};
+use super::report::plan;
+use crate::compile::CompileConfig;
+use crate::Result;
+
+/// One row of the table: the strategies tried for one model on one device count.
+fn strategies(devices: usize, per_node: usize) -> Vec<(&'static str, Strategy)> {
+    let tp = per_node.min(devices);
+    let mut rows = vec![("DP", Strategy::Mesh { dp: devices, tp: 1 })];
+    if devices <= per_node {
+        rows.push(("TP", Strategy::Mesh { dp: 1, tp: devices }));
+    }
+    if devices > tp {
+        rows.push(("hybrid", Strategy::Mesh { dp: devices / tp, tp }));
+    }
+    rows.push(("auto", Strategy::Auto { devices }));
+    rows
+}
+
+/// The markdown table of predicted step time, throughput, MFU and memory for GPT-2 (8 sequences
+/// per data-parallel replica) and 1.3B (4 per replica) on 8, 64 and 512 devices of `cluster`'s
+/// kind (8 per node).
+pub fn scale_table(cluster: &Cluster, compile: &CompileConfig) -> Result<String> {
+    let mut out = String::new();
+    let _ = writeln!(out, "device: {}", cluster.device.kind);
+    let _ = writeln!(
+        out,
+        "| model | devices | strategy | batch | step ms | tokens/s | MFU | compute ms | comm ms | memory GB |"
+    );
+    let _ = writeln!(out, "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (model, per_replica) in [(ModelSpec::GPT2, 8), (ModelSpec::GPT_1_3B, 4)] {
+        for devices in [8, 64, 512] {
+            let mut sized = cluster.clone();
+            sized.per_node = cluster.per_node.min(devices);
+            sized.nodes = devices / sized.per_node;
+            for (name, strategy) in strategies(devices, sized.per_node) {
+                let replicas = match strategy {
+                    Strategy::Mesh { dp, .. } => dp,
+                    Strategy::Auto { devices } => devices,
+                };
+                let workload = Workload {
+                    model,
+                    strategy,
+                    batch: per_replica * replicas,
+                    pieces: 1,
+                    device: DeviceType::Cuda,
+                };
+                let row = match plan(&workload, &sized, compile, false) {
+                    Ok(r) => format!(
+                        "| {} | {devices} | {name} ({strategy}) | {} | {:.1} | {:.0} | {:.1}% | {:.1} | {:.1} | {:.1} |",
+                        model.name,
+                        workload.batch,
+                        r.prediction.step_seconds * 1e3,
+                        r.tokens_per_second(),
+                        r.mfu() * 100.0,
+                        r.prediction.breakdown.compute * 1e3,
+                        r.prediction.breakdown.communication * 1e3,
+                        r.memory.total() as f64 / 1e9
+                    ),
+                    Err(e) => format!("| {} | {devices} | {name} ({strategy}) | — | failed: {e} |", model.name),
+                };
+                let _ = writeln!(out, "{row}");
+                eprintln!("{row}");
+            }
+        }
+    }
+    Ok(out)
+}

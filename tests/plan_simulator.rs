@@ -1,0 +1,147 @@
+//! The planner's simulated timings on small programs whose answer is known in closed form: a
+//! pipeline of k stages over n micro-batches, one all-reduce's α–β time, and a data-parallel
+//! step = its kernels + its gradient all-reduce.
+
+use meshflow::compile::actors::{lower_to_actors, ActorConfig, Streams, Work};
+use meshflow::compile::{compile, CompileConfig, Program, Request, Step};
+use meshflow::ops::DType;
+use meshflow::placement::{DeviceType, Layout, NdSbp, Placement, Sbp};
+use meshflow::plan::{simulate, ActCosts, Cluster, Link};
+use meshflow::Graph;
+
+/// A chain of `stages` element-wise ops, stage `s` on rank `s` (the logical graph that
+/// `to_placement` between stages gives).
+fn pipeline(stages: usize) -> Program {
+    let stage = |s: usize| Placement::new(DeviceType::Cpu, vec![1], vec![s]).unwrap();
+    let graph = Graph::new();
+    let x = graph.input("x", [4, 4], DType::F32, &stage(0), None).unwrap();
+    let mut y = x.clone();
+    for _ in 0..stages {
+        y = y.mul_scalar(2.0).unwrap();
+    }
+    let mut data = graph.snapshot();
+    for (index, node) in data.nodes.iter_mut().enumerate() {
+        node.placement = stage(index);
+    }
+    for value in 1..data.values.len() {
+        data.values[value].placement = stage(value - 1);
+    }
+    let requests = [Request { value: y.value(), layout: None }];
+    compile(&data, &requests, &CompileConfig::default()).unwrap()
+}
+
+/// Durations: every kernel `kernel` ns, everything else 0.
+fn kernels_take(
+    program: &Program,
+    lowered: &meshflow::compile::actors::ActorProgram,
+    kernel: u64,
+) -> ActCosts {
+    let durations = lowered
+        .plan
+        .actors
+        .iter()
+        .map(|spec| match spec.payload.work {
+            Work::Step { step } if matches!(program.steps[step], Step::Kernel { .. }) => kernel,
+            _ => 0,
+        })
+        .collect();
+    ActCosts { durations }
+}
+
+#[test]
+fn pipeline_of_k_stages_over_n_pieces_takes_n_plus_k_minus_1_stage_times() {
+    for (stages, pieces) in [(1, 1), (2, 1), (3, 4), (4, 8)] {
+        let program = pipeline(stages);
+        assert_eq!(program.ranks, (0..stages).collect::<Vec<_>>());
+        let config = ActorConfig { pieces, ..ActorConfig::default() };
+        let lowered = lower_to_actors(&program, &config).unwrap();
+        let costs = kernels_take(&program, &lowered, 1000);
+        let prediction = simulate(&program, &lowered, costs, false).unwrap();
+        let expected = (pieces as usize + stages - 1) as f64 * 1e-6;
+        assert!(
+            (prediction.step_seconds - expected).abs() < 1e-12,
+            "{stages} stages, {pieces} pieces: {} s, expected {expected} s",
+            prediction.step_seconds
+        );
+    }
+}
+
+/// A cluster of `devices` CPU devices on one node with known figures and no kernel overhead.
+fn cluster(devices: usize, latency: f64, bandwidth: f64) -> Cluster {
+    let mut cluster: Cluster = format!("1x{devices}:cpu").parse().unwrap();
+    cluster.device.kernel_overhead = 0.0;
+    cluster.intra = Link { bandwidth, latency };
+    cluster
+}
+
+#[test]
+fn one_all_reduce_takes_its_ring_alpha_beta_time() {
+    for p in [2usize, 4] {
+        let placement = Placement::line(DeviceType::Cpu, p).unwrap();
+        let graph = Graph::new();
+        let partial = NdSbp(vec![Sbp::PartialSum]);
+        let x = graph.input("x", [1024], DType::F32, &placement, Some(partial)).unwrap();
+        let broadcast = Layout::new(placement.clone(), NdSbp(vec![Sbp::Broadcast]));
+        let requests = [Request { value: x.value(), layout: Some(broadcast) }];
+        let program = compile(&graph.snapshot(), &requests, &CompileConfig::default()).unwrap();
+        assert_eq!(program.count_boxing("all-reduce"), 1);
+        let (alpha, beta) = (5e-6, 1e9);
+        let cluster = cluster(p, alpha, beta);
+        let lowered = lower_to_actors(&program, &ActorConfig::default()).unwrap();
+        let joins =
+            lowered.plan.actors.iter().filter(|a| matches!(a.payload.work, Work::Join { .. }));
+        assert_eq!(joins.count(), 1, "one group, one join");
+        let costs = ActCosts::new(&program, &lowered, &cluster);
+        let prediction = simulate(&program, &lowered, costs, false).unwrap();
+        let bytes = 4096.0 * 2.0 * (p as f64 - 1.0) / p as f64;
+        let expected = 2.0 * (p as f64 - 1.0) * alpha + bytes / beta;
+        assert!(
+            (prediction.step_seconds - expected).abs() < 2e-9,
+            "p={p}: {} s, expected {expected} s",
+            prediction.step_seconds
+        );
+    }
+}
+
+#[test]
+fn data_parallel_step_is_its_kernels_then_the_gradient_all_reduce() {
+    let placement = Placement::line(DeviceType::Cpu, 2).unwrap();
+    let graph = Graph::new();
+    let split = NdSbp(vec![Sbp::Split(0)]);
+    let x = graph.input("x", [64, 32], DType::F32, &placement, Some(split)).unwrap();
+    let w = meshflow::ops::Tensor::zeros([32, 32], DType::F32);
+    let broadcast = NdSbp(vec![Sbp::Broadcast]);
+    let w = graph.parameter("w", w, &placement, Some(broadcast.clone())).unwrap();
+    let loss = x.matmul(&w).unwrap().gelu(false).unwrap().sum(&[0, 1], false).unwrap();
+    let gradient = graph.gradients(&loss, &[&w]).unwrap()[0].clone().unwrap();
+    let layout = Layout::new(placement.clone(), broadcast);
+    let requests = [Request { value: gradient.value(), layout: Some(layout) }];
+    let program = compile(&graph.snapshot(), &requests, &CompileConfig::default()).unwrap();
+    assert_eq!(program.count_boxing("all-reduce"), 1, "{program}");
+    let (alpha, beta) = (10e-6, 2e9);
+    let cluster = cluster(2, alpha, beta);
+    let config = ActorConfig { streams: Streams::Single, ..ActorConfig::default() };
+    let lowered = lower_to_actors(&program, &config).unwrap();
+    let costs = ActCosts::new(&program, &lowered, &cluster);
+    let rank0: u64 = lowered
+        .plan
+        .actors
+        .iter()
+        .zip(&costs.durations)
+        .filter(|(spec, _)| spec.payload.rank == 0 && matches!(spec.payload.work, Work::Step { .. }))
+        .filter(|(spec, _)| {
+            let Work::Step { step } = spec.payload.work else { return false };
+            !matches!(&program.steps[step], Step::Boxing { plan, .. } if plan.steps.iter().any(|s| !s.kind.is_local()))
+        })
+        .map(|(_, &ns)| ns)
+        .sum();
+    let all_reduce = 2.0 * alpha + (32.0 * 32.0 * 4.0) / beta;
+    let prediction = simulate(&program, &lowered, costs, false).unwrap();
+    let expected = rank0 as f64 / 1e9 + all_reduce;
+    assert!(rank0 > 0, "the kernels take time");
+    assert!(
+        (prediction.step_seconds - expected).abs() < 3e-9,
+        "{} s, expected {expected} s (kernels {rank0} ns + all-reduce {all_reduce} s)",
+        prediction.step_seconds
+    );
+}
