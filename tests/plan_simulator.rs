@@ -79,14 +79,18 @@ fn one_all_reduce_takes_its_ring_alpha_beta_time() {
     for p in [2usize, 4] {
         let placement = Placement::line(DeviceType::Cpu, p).unwrap();
         let graph = Graph::new();
-        let partial = NdSbp(vec![Sbp::PartialSum]);
-        let x = graph.input("x", [1024], DType::F32, &placement, Some(partial)).unwrap();
+        let rows = NdSbp(vec![Sbp::Split(0)]);
+        let x = graph.input("x", [p, 1024], DType::F32, &placement, Some(rows)).unwrap();
+        let partial = x.sum(&[0], false).unwrap();
         let broadcast = Layout::new(placement.clone(), NdSbp(vec![Sbp::Broadcast]));
-        let requests = [Request { value: x.value(), layout: Some(broadcast) }];
+        let requests = [Request { value: partial.value(), layout: Some(broadcast) }];
         let program = compile(&graph.snapshot(), &requests, &CompileConfig::default()).unwrap();
         assert_eq!(program.count_boxing("all-reduce"), 1);
         let (alpha, beta) = (5e-6, 1e9);
-        let cluster = cluster(p, alpha, beta);
+        let mut cluster = cluster(p, alpha, beta);
+        // The sum kernel takes no time: only the all-reduce counts.
+        cluster.device.vector_flops = 1e30;
+        cluster.device.memory_bandwidth = 1e30;
         let lowered = lower_to_actors(&program, &ActorConfig::default()).unwrap();
         let joins =
             lowered.plan.actors.iter().filter(|a| matches!(a.payload.work, Work::Join { .. }));

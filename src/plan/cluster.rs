@@ -176,44 +176,26 @@ impl Cluster {
 
     /// Applies `overrides`, refusing values that are not positive and finite.
     pub fn with(mut self, overrides: &Overrides) -> Result<Self, ClusterError> {
-        let set = |target: &mut f64, value: Option<f64>, what: &'static str| match value {
+        let set = |target: &mut f64, value: Option<f64>, scale: f64, what: &'static str| match value
+        {
             Some(v) if !(v.is_finite() && v > 0.0) => {
                 Err(ClusterError::BadValue { what, value: v })
             }
             Some(v) => {
-                *target = v;
+                *target = v * scale;
                 Ok(())
             }
             None => Ok(()),
         };
-        set(
-            &mut self.intra.bandwidth,
-            overrides.intra_bandwidth.map(|g| g * 1e9),
-            "intra-node bandwidth",
-        )?;
-        set(
-            &mut self.intra.latency,
-            overrides.intra_latency.map(|u| u * 1e-6),
-            "intra-node latency",
-        )?;
-        set(
-            &mut self.inter.bandwidth,
-            overrides.inter_bandwidth.map(|g| g * 1e9),
-            "inter-node bandwidth",
-        )?;
-        set(
-            &mut self.inter.latency,
-            overrides.inter_latency.map(|u| u * 1e-6),
-            "inter-node latency",
-        )?;
-        set(&mut self.device.peak_flops, overrides.tflops.map(|t| t * 1e12), "device TFLOP/s")?;
-        set(&mut self.device.memory, overrides.memory_gb.map(|g| g * 1e9), "device memory")?;
-        set(
-            &mut self.device.memory_bandwidth,
-            overrides.hbm_bandwidth.map(|g| g * 1e9),
-            "memory bandwidth",
-        )?;
-        set(&mut self.device.matmul_efficiency, overrides.matmul_efficiency, "matmul efficiency")?;
+        let o = overrides;
+        set(&mut self.intra.bandwidth, o.intra_bandwidth, 1e9, "intra-node bandwidth")?;
+        set(&mut self.intra.latency, o.intra_latency, 1e-6, "intra-node latency")?;
+        set(&mut self.inter.bandwidth, o.inter_bandwidth, 1e9, "inter-node bandwidth")?;
+        set(&mut self.inter.latency, o.inter_latency, 1e-6, "inter-node latency")?;
+        set(&mut self.device.peak_flops, o.tflops, 1e12, "device TFLOP/s")?;
+        set(&mut self.device.memory, o.memory_gb, 1e9, "device memory")?;
+        set(&mut self.device.memory_bandwidth, o.hbm_bandwidth, 1e9, "memory bandwidth")?;
+        set(&mut self.device.matmul_efficiency, o.matmul_efficiency, 1.0, "matmul efficiency")?;
         Ok(self)
     }
 }
