@@ -443,9 +443,8 @@ impl<'a> ActorLowering<'a> {
                         edges.add(self.source_actor(*from, rank, piece, phase)?, *from, consumer);
                         continue;
                     }
-                    if !groups.contains_key(&index) {
-                        let found = self.boxing_groups(*from, *to, plan)?;
-                        groups.insert(index, found);
+                    if let std::collections::hash_map::Entry::Vacant(entry) = groups.entry(index) {
+                        entry.insert(self.boxing_groups(*from, *to, plan)?);
                     }
                     let group = groups[&index]
                         .iter()
