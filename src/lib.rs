@@ -12,6 +12,7 @@ pub mod dist;
 pub mod launch;
 
 pub mod checkpoint;
+pub mod bench;
 pub mod compile;
 pub mod data;
 pub mod error;

@@ -24,6 +24,8 @@ enum Command {
     Selftest(launch::selftest::SelftestArgs),
     /// Compile a model for a described cluster without running it and predict its step time.
     Plan(meshflow::plan::cli::PlanArgs),
+    /// Measure a section (train, ops, comm, actors, all) against references in the same run.
+    Bench(meshflow::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +33,7 @@ fn main() -> ExitCode {
         Command::Launch(args) => launch_command(&args),
         Command::Selftest(args) => launch::selftest::run(&args),
         Command::Plan(args) => meshflow::plan::cli::run(&args),
+        Command::Bench(args) => meshflow::bench::run(&args),
     }
 }
 

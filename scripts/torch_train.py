@@ -1,0 +1,138 @@
+"""PyTorch reference for `meshflow bench train`: the same two models, the same sizes, AdamW, on the
+CPU with a fixed number of threads; prints one JSON object on stdout.
+
+- GPT (nanoGPT layout of shared/formats/gpt-weights.md): pre-norm LayerNorm (eps 1e-5), causal
+  self-attention with a fused c_attn and explicit softmax (as meshflow computes it), MLP with exact
+  GELU, learned positions, untied lm_head without bias; mean cross-entropy of next tokens.
+- MLP 784-1024-1024-10 (nn.Linear, ReLU), cross-entropy against random labels.
+
+Each model is timed over training steps (forward, backward, AdamW step, zero_grad) after warm-up
+steps; the JSON gives the median and mean step time in milliseconds:
+
+    {"torch": "2.x", "threads": 2, "gpt": {"median_ms": ..., "mean_ms": ..., "steps": ...}, "mlp": {...}}
+
+Run:  python3 scripts/torch_train.py [--threads 2] [--seconds 3] [--only gpt|mlp]
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(d, eps=1e-5)
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.attn_proj = nn.Linear(d, d)
+        self.ln_2 = nn.LayerNorm(d, eps=1e-5)
+        self.c_fc = nn.Linear(d, 4 * d)
+        self.mlp_proj = nn.Linear(4 * d, d)
+
+    def attention(self, x, mask):
+        b, t, d = x.shape
+        hd = d // self.heads
+        q, k, v = self.c_attn(x).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, hd).transpose(1, 2) for z in (q, k, v))
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))
+        weights = scores.masked_fill(mask[:t, :t], float("-inf")).softmax(dim=-1)
+        y = (weights @ v).transpose(1, 2).reshape(b, t, d)
+        return self.attn_proj(y)
+
+    def forward(self, x, mask):
+        x = x + self.attention(self.ln_1(x), mask)
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class Gpt(nn.Module):
+    def __init__(self, vocab, ctx, layers, heads, d):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d, eps=1e-5)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.register_buffer("mask", torch.ones(ctx, ctx, dtype=torch.bool).triu(1))
+
+    def forward(self, ids, targets):
+        t = ids.shape[1]
+        x = self.wte(ids) + self.wpe(torch.arange(t))
+        for block in self.blocks:
+            x = block(x, self.mask)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+class Mlp(nn.Module):
+    def __init__(self, sizes):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+
+    def forward(self, x, y):
+        for index, layer in enumerate(self.layers):
+            x = layer(x)
+            if index + 1 < len(self.layers):
+                x = F.relu(x)
+        return F.cross_entropy(x, y)
+
+
+def time_steps(model, batch, seconds, warmup, min_steps):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+
+    def step():
+        loss = model(*batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    times = []
+    started = time.perf_counter()
+    while len(times) < min_steps or time.perf_counter() - started < seconds:
+        begin = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - begin) * 1e3)
+    return {"median_ms": statistics.median(times), "mean_ms": statistics.mean(times),
+            "steps": len(times)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per model")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--min-steps", type=int, default=5)
+    parser.add_argument("--only", choices=("gpt", "mlp"))
+    parser.add_argument("--gpt", default="512,128,4,4,256,8",
+                        help="vocab,ctx,layers,heads,d_model,batch")
+    parser.add_argument("--mlp", default="784,1024,1024,10,256", help="sizes...,batch")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    if args.only in (None, "gpt"):
+        vocab, ctx, layers, heads, d, batch = map(int, args.gpt.split(","))
+        ids = torch.randint(vocab, (batch, ctx + 1))
+        model = Gpt(vocab, ctx, layers, heads, d)
+        result["gpt"] = time_steps(model, (ids[:, :-1], ids[:, 1:]), args.seconds, args.warmup,
+                                   args.min_steps)
+    if args.only in (None, "mlp"):
+        *sizes, batch = map(int, args.mlp.split(","))
+        x = torch.randn(batch, sizes[0])
+        y = torch.randint(sizes[-1], (batch,))
+        result["mlp"] = time_steps(Mlp(sizes), (x, y), args.seconds, args.warmup, args.min_steps)
+    json.dump(result, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()

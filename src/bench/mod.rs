@@ -1,0 +1,354 @@
+//! `meshflow bench <what>`: one harness for the figures meshflow is judged by, each next to the
+//! reference it is compared with, measured in the same run.
+//!
+//! - `train`: GPT and MLP reference configs per strategy (step time, tokens or samples per
+//!   second, model FLOP/s, MFU), PyTorch (`scripts/torch_train.py`) when torch is importable;
+//! - `ops`: matmul against the `gemm` crate, row kernels against memcpy;
+//! - `comm`: every collective nccl-tests style over device threads, or over the processes of
+//!   `meshflow launch --nproc-per-node N -- meshflow bench comm`;
+//! - `actors`: acts/s, hop latency and the empty training step against their references;
+//! - `all`: every section.
+//!
+//! Output: tables on stdout (progress on stderr), `--json FILE`, `--svg FILE` (scaling and busbw
+//! plots) and `--compare OLD.json` (the change of every metric present in both runs).
+//!
+//! ```text
+//! meshflow bench train --seconds 3 --json train.json --svg train.svg
+//! meshflow bench all --compare old.json
+//! ```
+
+pub mod actors;
+pub mod arithmetic;
+pub mod comm;
+pub mod ops;
+pub mod plot;
+pub mod report;
+pub mod table;
+pub mod torch;
+pub mod train;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use report::{Machine, Report, TrainFigure};
+use train::{Model, Strategy, Timing, TrainRunner};
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Building, compiling or running a program failed.
+    #[error(transparent)]
+    Meshflow(#[from] crate::Error),
+    /// A kernel or tensor failed.
+    #[error(transparent)]
+    Ops(#[from] crate::ops::Error),
+    /// A placement was refused.
+    #[error(transparent)]
+    Placement(#[from] crate::placement::Error),
+    /// A collective or transport failed.
+    #[error(transparent)]
+    Comm(#[from] crate::comm::Error),
+    /// Joining the launched job failed.
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
+    /// The actor runtime failed.
+    #[error("actor runtime: {0}")]
+    Actor(String),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A report could not be parsed or written.
+    #[error("{path}: {source}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: serde_json::Error,
+    },
+    /// The PyTorch reference script failed.
+    #[error("torch reference: {0}")]
+    Torch(String),
+    /// The SVG plot could not be drawn.
+    #[error("plot: {0}")]
+    Plot(String),
+    /// A measuring thread panicked.
+    #[error("{0} panicked")]
+    Panic(String),
+    /// A peer process sent an unreadable result.
+    #[error("peer: {0}")]
+    Peer(String),
+}
+
+/// Which section to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum What {
+    /// Training steps of the reference models per strategy, against PyTorch.
+    Train,
+    /// Kernels against the gemm crate and memcpy.
+    Ops,
+    /// Collectives, nccl-tests style.
+    Comm,
+    /// The actor runtime and the empty training step.
+    Actors,
+    /// Every section.
+    All,
+}
+
+/// The flags of `meshflow bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// The section to run.
+    #[arg(value_enum)]
+    pub what: What,
+    /// Timed seconds per figure (at least `--min-steps` steps each).
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Fewest timed steps per figure.
+    #[arg(long, default_value_t = 3)]
+    pub min_steps: usize,
+    /// Kernel threads of the single device and of PyTorch.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Models to train (`gpt`, `mlp`).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ModelArg::Gpt, ModelArg::Mlp])]
+    pub models: Vec<ModelArg>,
+    /// Meshes to train on: `1` (one device with `--threads`), `dp2`, `tp2`, `dp2tp2`, …
+    #[arg(long, value_delimiter = ',', default_value = "1,dp2,tp2,dp2tp2")]
+    pub strategies: Vec<String>,
+    /// Skip the PyTorch reference.
+    #[arg(long)]
+    pub no_torch: bool,
+    /// The PyTorch reference script.
+    #[arg(long, default_value = "scripts/torch_train.py")]
+    pub torch_script: PathBuf,
+    /// Peak GFLOP/s for MFU (default: the gemm crate's 1024³ rate measured in this run).
+    #[arg(long)]
+    pub peak_gflops: Option<f64>,
+    /// Device threads of the in-process collectives.
+    #[arg(long, default_value_t = 4)]
+    pub ranks: usize,
+    /// Largest collective size in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_bytes: usize,
+    /// Write the report as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Draw step time per strategy and busbw curves as SVG.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+    /// Show the change of every metric against a saved report.
+    #[arg(long, value_name = "OLD.json")]
+    pub compare: Option<PathBuf>,
+}
+
+/// A model on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModelArg {
+    /// The GPT reference config.
+    Gpt,
+    /// The MLP reference config.
+    Mlp,
+}
+
+impl From<ModelArg> for Model {
+    fn from(model: ModelArg) -> Self {
+        match model {
+            ModelArg::Gpt => Model::Gpt,
+            ModelArg::Mlp => Model::Mlp,
+        }
+    }
+}
+
+/// Runs the benchmark; prints the error and fails on any error.
+pub fn run(args: &BenchArgs) -> ExitCode {
+    match bench(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("meshflow bench: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(args: &BenchArgs) -> Result<(), BenchError> {
+    let mut report = Report { machine: machine(), ..Report::default() };
+    let timing = Timing { warmup: 1, min_steps: args.min_steps, seconds: args.seconds };
+    let sections = |what: What| args.what == what || args.what == What::All;
+    if sections(What::Comm) && !comm_section(args, &mut report)? {
+        return Ok(()); // a launched rank other than 0: rank 0 reports
+    }
+    if sections(What::Ops) {
+        let short = Timing { seconds: args.seconds / 4.0, ..timing };
+        let bar = progress(10, "ops");
+        report.ops = ops::measure(args.threads, short, |name| tick(&bar, name))?;
+        bar.finish_and_clear();
+        println!("{}", table::figures("ops: kernels against references", &report.ops));
+    }
+    if sections(What::Actors) {
+        let short = Timing { seconds: args.seconds / 2.0, ..timing };
+        let bar = progress(4, "actors");
+        report.actors = actors::measure(short, |name| tick(&bar, name))?;
+        bar.finish_and_clear();
+        println!("{}", table::figures("actors: runtime against references", &report.actors));
+    }
+    if sections(What::Train) {
+        train_section(args, timing, &mut report)?;
+    }
+    finish(args, &report)
+}
+
+/// The comm section; false on a launched rank other than 0.
+fn comm_section(args: &BenchArgs, report: &mut Report) -> Result<bool, BenchError> {
+    let bar = progress(0, "comm");
+    match comm::measure_processes(args.max_bytes, |name| tick(&bar, name))? {
+        Some(rows) if rows.is_empty() => return Ok(false),
+        Some(rows) => report.comm = rows,
+        None => {
+            report.comm =
+                comm::measure_in_process(args.ranks, args.max_bytes, |name| tick(&bar, name))?
+        }
+    }
+    bar.finish_and_clear();
+    let memcpy = ops::memcpy_bandwidth(Timing { warmup: 1, min_steps: 5, seconds: 0.2 });
+    println!("{}", table::comm(&report.comm, memcpy));
+    Ok(true)
+}
+
+fn train_section(args: &BenchArgs, timing: Timing, report: &mut Report) -> Result<(), BenchError> {
+    let strategies = args
+        .strategies
+        .iter()
+        .map(|s| parse_strategy(s, args.threads))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (peak, source) = match args.peak_gflops {
+        Some(gflops) => (gflops * 1e9, "--peak-gflops".to_string()),
+        None => {
+            let short = Timing { warmup: 1, min_steps: 3, seconds: 0.5 };
+            let peak = ops::gemm_peak(args.threads, short);
+            (peak, format!("gemm crate 1024³ ×{}thr, measured in this run", args.threads))
+        }
+    };
+    report.peak_flops = peak;
+    report.peak_source = source;
+    for model in args.models.iter().copied().map(Model::from) {
+        for (index, strategy) in strategies.iter().enumerate() {
+            report.train.push(train_figure(model, *strategy, timing, peak)?);
+            if index == 0 && !args.no_torch {
+                report.torch.extend(torch_figures(args, model)?);
+            }
+        }
+    }
+    println!("{}", table::train(report));
+    Ok(())
+}
+
+fn torch_figures(args: &BenchArgs, model: Model) -> Result<Vec<report::TorchFigure>, BenchError> {
+    let bar = progress(0, "PyTorch reference");
+    tick(&bar, &format!("PyTorch {} ×{}thr", model.name(), args.threads));
+    let figures = torch::measure(&args.torch_script, &[model], args.threads, args.seconds)?;
+    bar.finish_and_clear();
+    if figures.is_none() {
+        eprintln!("meshflow bench: PyTorch reference skipped (python3 cannot import torch)");
+    }
+    Ok(figures.unwrap_or_default())
+}
+
+/// Times one model on one strategy.
+pub fn train_figure(
+    model: Model,
+    strategy: Strategy,
+    timing: Timing,
+    peak: f64,
+) -> Result<TrainFigure, BenchError> {
+    let bar = progress(0, "train");
+    tick(&bar, &format!("compiling {} on {}", model.name(), strategy.label()));
+    let mut runner = TrainRunner::new(model, strategy)?;
+    let mut loss = f32::NAN;
+    let label = format!("{} on {}", model.name(), strategy.label());
+    tick(&bar, &label);
+    let times = train::time_steps(timing, || runner.step().map(|l| loss = l), || bar.inc(1))?;
+    bar.finish_and_clear();
+    let flops = model.step_flops();
+    Ok(TrainFigure {
+        model,
+        strategy,
+        times,
+        items_per_second: model.items_per_step() as f64 / times.median,
+        flops_per_second: flops / times.median,
+        mfu: arithmetic::mfu(flops, times.median, peak),
+        loss,
+    })
+}
+
+/// `1` (one device, `threads` threads), `dpN`, `tpN` or `dpNtpM` (one thread per device).
+pub fn parse_strategy(text: &str, threads: usize) -> Result<Strategy, BenchError> {
+    let lower = text.to_ascii_lowercase().replace(['×', 'x', '_', '-'], "");
+    let size = |prefix: &str| -> Option<usize> {
+        let start = lower.find(prefix)? + prefix.len();
+        let digits: String = lower[start..].chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    let strategy = match (lower.as_str(), size("dp"), size("tp")) {
+        ("1", _, _) => Some(Strategy::single(threads)),
+        (_, None, None) => None,
+        (_, dp, tp) => Some(Strategy { dp: dp.unwrap_or(1), tp: tp.unwrap_or(1), threads: 1 }),
+    };
+    let valid = |s: &Strategy| s.dp > 0 && s.tp > 0;
+    strategy.filter(valid).ok_or_else(|| {
+        BenchError::Meshflow(crate::Error::Graph(format!(
+            "unknown strategy {text:?}: use 1, dpN, tpN or dpNtpM"
+        )))
+    })
+}
+
+fn finish(args: &BenchArgs, report: &Report) -> Result<(), BenchError> {
+    if let Some(path) = &args.json {
+        report.save(path)?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.svg {
+        plot::draw(report, path)?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.compare {
+        let old = Report::load(path)?;
+        println!("\nchange against {}:", path.display());
+        println!("{}", report::format_changes(&report::compare(&old, report)));
+    }
+    Ok(())
+}
+
+fn machine() -> Machine {
+    let load_average = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok());
+    Machine {
+        cores: std::thread::available_parallelism().map(usize::from).unwrap_or(1),
+        load_average,
+        started_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    }
+}
+
+fn progress(length: u64, prefix: &str) -> ProgressBar {
+    let bar = if length == 0 { ProgressBar::new_spinner() } else { ProgressBar::new(length) };
+    let template = "{spinner} {prefix} [{elapsed}] {wide_msg} {pos}";
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    bar.set_prefix(prefix.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}
+
+fn tick(bar: &ProgressBar, message: &str) {
+    bar.set_message(message.to_string());
+}

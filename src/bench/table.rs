@@ -1,0 +1,165 @@
+//! The terminal tables of a report.
+
+use std::fmt::Write;
+
+use super::report::{CommFigure, Figure, Report};
+use super::train::Model;
+
+/// Goal of issue 7: meshflow's step time over PyTorch's, per model.
+pub fn goal(model: Model) -> f64 {
+    match model {
+        Model::Gpt => 0.75,
+        Model::Mlp => 0.7,
+    }
+}
+
+/// meshflow's median step time over PyTorch's for `model` (1-device row against torch), if both
+/// were measured.
+pub fn torch_ratio(report: &Report, model: Model) -> Option<f64> {
+    let ours = report.train.iter().find(|f| f.model == model && f.strategy.devices() == 1)?;
+    let theirs = report.torch.iter().find(|f| f.model == model)?;
+    Some(ours.times.median / theirs.times.median)
+}
+
+/// The train table: one row per model and strategy, then PyTorch and the ratios to it.
+pub fn train(report: &Report) -> String {
+    let mut out = format!(
+        "\n# train: step time (median), AdamW; MFU against {:.1} GFLOP/s ({})\n",
+        report.peak_flops / 1e9,
+        report.peak_source
+    );
+    let _ = writeln!(
+        out,
+        "{:<5} {:<11} {:>4} {:>10} {:>10} {:>6} {:>14} {:>9} {:>6} {:>8} {:>8}",
+        "model",
+        "strategy",
+        "devs",
+        "ms/step",
+        "mean ms",
+        "steps",
+        "items/s",
+        "GFLOP/s",
+        "MFU",
+        "vs 1dev",
+        "loss"
+    );
+    for f in &report.train {
+        let single = report
+            .train
+            .iter()
+            .find(|g| g.model == f.model && g.strategy.devices() == 1)
+            .map_or(f64::NAN, |g| g.times.median / f.times.median);
+        let _ = writeln!(
+            out,
+            "{:<5} {:<11} {:>4} {:>10.1} {:>10.1} {:>6} {:>8.0} {:<5} {:>9.2} {:>5.1}% {:>7.2}x {:>8.4}",
+            f.model.name(),
+            f.strategy.label(),
+            f.strategy.devices(),
+            f.times.median * 1e3,
+            f.times.mean * 1e3,
+            f.times.steps,
+            f.items_per_second,
+            f.model.item_name(),
+            f.flops_per_second / 1e9,
+            f.mfu * 100.0,
+            single,
+            f.loss
+        );
+    }
+    for t in &report.torch {
+        let _ = writeln!(
+            out,
+            "{:<5} {:<11} {:>4} {:>10.1} {:>10.1} {:>6} {:>8.0} {:<5} {:>9.2}",
+            t.model.name(),
+            format!("torch×{}thr", t.threads),
+            1,
+            t.times.median * 1e3,
+            t.times.mean * 1e3,
+            t.times.steps,
+            t.model.items_per_step() as f64 / t.times.median,
+            t.model.item_name(),
+            t.model.step_flops() / t.times.median / 1e9,
+        );
+    }
+    for model in Model::ALL {
+        if let Some(ratio) = torch_ratio(report, model) {
+            let verdict = if ratio <= goal(model) { "met" } else { "not met" };
+            let _ = writeln!(
+                out,
+                "# {}: meshflow / PyTorch step time = {ratio:.2} (goal <= {:.2}: {verdict})",
+                model.name(),
+                goal(model)
+            );
+        }
+    }
+    out
+}
+
+/// A table of figures with their references and ratios.
+pub fn figures(title: &str, figures: &[Figure]) -> String {
+    let mut out = format!("\n# {title}\n");
+    let _ = writeln!(
+        out,
+        "{:<34} {:>12} {:<8} {:>12} {:<22} {:>7}",
+        "figure", "value", "unit", "reference", "(reference)", "ratio"
+    );
+    for f in figures {
+        let _ = writeln!(
+            out,
+            "{:<34} {:>12.3} {:<8} {:>12.3} {:<22} {:>7.2}",
+            f.name,
+            f.value,
+            f.unit,
+            f.reference_value,
+            f.reference,
+            f.ratio()
+        );
+    }
+    out
+}
+
+/// The nccl-tests-style table, one block per transport and collective, with the memcpy
+/// bandwidth of the same run.
+pub fn comm(rows: &[CommFigure], memcpy: f64) -> String {
+    let mut out = String::new();
+    let mut previous = None;
+    for r in rows {
+        let block = (r.transport.as_str(), r.collective, r.ranks);
+        if previous != Some(block) {
+            let _ = writeln!(
+                out,
+                "\n# {} over {} ranks ({})",
+                r.collective.name(),
+                r.ranks,
+                r.transport
+            );
+            let _ = writeln!(
+                out,
+                "#{:>12} {:>12} {:>6} {:>6} {:>12} {:>12} {:>12} {:>7}",
+                "size",
+                "count",
+                "type",
+                "redop",
+                "time(us)",
+                "algbw(GB/s)",
+                "busbw(GB/s)",
+                "#wrong"
+            );
+            previous = Some(block);
+        }
+        let _ = writeln!(
+            out,
+            " {:>12} {:>12} {:>6} {:>6} {:>12.1} {:>12.3} {:>12.3} {:>7}",
+            r.bytes,
+            r.bytes / 4,
+            "float",
+            "sum",
+            r.seconds * 1e6,
+            r.algbw,
+            r.busbw,
+            r.wrong
+        );
+    }
+    let _ = writeln!(out, "# reference: memcpy {memcpy:.3} GB/s (read + write, one thread)");
+    out
+}

@@ -1,0 +1,154 @@
+//! `meshflow bench` reports: the JSON round trip, the comparison of two runs, the PyTorch
+//! script's output, the SVG, and the collectives' closed-form check on real device threads.
+
+use meshflow::bench::arithmetic::Collective;
+use meshflow::bench::comm::{elements, in_process};
+use meshflow::bench::report::{
+    compare, CommFigure, Figure, Machine, Report, TorchFigure, TrainFigure,
+};
+use meshflow::bench::table::{goal, torch_ratio};
+use meshflow::bench::train::{Model, StepTimes, Strategy};
+use meshflow::bench::{plot, torch};
+
+fn train(model: Model, strategy: Strategy, median: f64) -> TrainFigure {
+    TrainFigure {
+        model,
+        strategy,
+        times: StepTimes { median, mean: median * 1.1, steps: 5 },
+        items_per_second: model.items_per_step() as f64 / median,
+        flops_per_second: model.step_flops() / median,
+        mfu: 0.25,
+        loss: 6.2,
+    }
+}
+
+fn row(collective: Collective, bytes: usize, busbw: f64) -> CommFigure {
+    CommFigure {
+        transport: "in-process".into(),
+        collective,
+        ranks: 4,
+        bytes,
+        seconds: 1e-3,
+        algbw: busbw / collective.bus_factor(4),
+        busbw,
+        wrong: 0,
+    }
+}
+
+fn figure(name: &str, value: f64, higher_is_better: bool) -> Figure {
+    Figure {
+        name: name.into(),
+        value,
+        unit: if higher_is_better { "acts/s" } else { "µs" }.into(),
+        higher_is_better,
+        reference: "reference".into(),
+        reference_value: value * 2.0,
+    }
+}
+
+fn sample(gpt_ms: f64, busbw: f64, hop_us: f64) -> Report {
+    Report {
+        machine: Machine { cores: 2, load_average: Some(1.5), started_unix: 1_790_000_000 },
+        peak_flops: 160e9,
+        peak_source: "test".into(),
+        train: vec![
+            train(Model::Gpt, Strategy::single(2), gpt_ms / 1e3),
+            train(Model::Gpt, Strategy { dp: 2, tp: 2, threads: 1 }, 0.5),
+            train(Model::Mlp, Strategy::single(2), 0.03),
+        ],
+        torch: vec![TorchFigure {
+            model: Model::Gpt,
+            threads: 2,
+            version: "2.x".into(),
+            times: StepTimes { median: 0.4, mean: 0.41, steps: 7 },
+        }],
+        ops: vec![figure("matmul 1024³ ×2thr", 100.0, true)],
+        comm: vec![row(Collective::AllReduce, 1 << 20, busbw), row(Collective::AllGather, 8, 0.1)],
+        actors: vec![figure("hop between two threads", hop_us, false)],
+    }
+}
+
+#[test]
+fn reports_survive_a_json_round_trip() {
+    let report = sample(300.0, 5.0, 12.0);
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let path = directory.path().join("run.json");
+    report.save(&path).expect("save");
+    assert_eq!(Report::load(&path).expect("load"), report);
+    assert!(Report::load(&directory.path().join("missing.json")).is_err());
+}
+
+#[test]
+fn compare_gives_relative_change_and_direction() {
+    let old = sample(300.0, 5.0, 12.0);
+    let mut new = sample(240.0, 6.0, 15.0);
+    new.train.pop(); // a metric only in the old run is left out
+    let changes = compare(&old, &new);
+    let find = |key: &str| changes.iter().find(|c| c.key == key).expect(key);
+    let gpt = find("train/gpt/1dev×2thr");
+    assert_eq!((gpt.old, gpt.new), (300.0, 240.0));
+    assert!((gpt.relative + 0.2).abs() < 1e-12 && gpt.better, "{gpt:?}");
+    let busbw = find("comm/in-process/all_reduce/4ranks/1048576B");
+    assert!((busbw.relative - 0.2).abs() < 1e-12 && busbw.better, "{busbw:?}");
+    let hop = find("actors/hop between two threads");
+    assert!((hop.relative - 0.25).abs() < 1e-12 && !hop.better, "{hop:?}");
+    assert!(changes.iter().all(|c| !c.key.starts_with("train/mlp")));
+    let unchanged = find("train/gpt/DP2×TP2");
+    assert_eq!(unchanged.relative, 0.0);
+    assert_eq!(changes.len(), old.metrics().len() - 1);
+}
+
+#[test]
+fn the_torch_ratio_is_against_the_single_device_row() {
+    let report = sample(300.0, 5.0, 12.0);
+    let ratio = torch_ratio(&report, Model::Gpt).expect("both measured");
+    assert!((ratio - 0.75).abs() < 1e-12);
+    assert!(torch_ratio(&report, Model::Mlp).is_none());
+    assert_eq!((goal(Model::Gpt), goal(Model::Mlp)), (0.75, 0.7));
+}
+
+#[test]
+fn torch_script_output_parses() {
+    let stdout = concat!(
+        "noise\n",
+        r#"{"torch": "2.5.0", "threads": 2, "gpt": {"median_ms": 270.0, "mean_ms": 280.0, "steps": 9}, "#,
+        r#""mlp": {"median_ms": 38.0, "mean_ms": 40.0, "steps": 60}}"#,
+        "\n"
+    );
+    let figures = torch::parse(stdout).expect("parses");
+    assert_eq!(figures.len(), 2);
+    assert_eq!(figures[0].model, Model::Gpt);
+    assert_eq!(figures[0].times, StepTimes { median: 0.27, mean: 0.28, steps: 9 });
+    assert_eq!((figures[1].model, figures[1].threads), (Model::Mlp, 2));
+    assert!((figures[1].times.median - 0.038).abs() < 1e-12);
+    assert!(torch::parse("not json").is_err());
+}
+
+#[test]
+fn the_svg_shows_strategies_and_collectives() {
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let path = directory.path().join("plot.svg");
+    plot::draw(&sample(300.0, 5.0, 12.0), &path).expect("draws");
+    let svg = std::fs::read_to_string(&path).expect("written");
+    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
+    for text in ["1dev×2thr", "DP2×TP2", "all_reduce", "all_gather", "PyTorch gpt"] {
+        assert!(svg.contains(text), "{text} missing from the SVG");
+    }
+    assert_eq!(plot::human_bytes(16.0 * 1024.0 * 1024.0), "16 MiB");
+    assert_eq!(plot::human_bytes(8.0), "8 B");
+}
+
+#[test]
+fn every_collective_passes_its_closed_form_check_on_device_threads() {
+    assert_eq!(elements(8, 4), 4);
+    assert_eq!(elements(1 << 10, 4), 256);
+    assert_eq!(elements(1000, 3), 249);
+    for collective in Collective::ALL {
+        let row = in_process(collective, 4, 1 << 10).expect("collective runs");
+        assert_eq!(row.wrong, 0, "{collective:?}");
+        assert_eq!((row.ranks, row.bytes), (4, 1 << 10));
+        assert!(
+            row.seconds > 0.0 && (row.busbw - row.algbw * collective.bus_factor(4)).abs() < 1e-9
+        );
+    }
+}
