@@ -11,8 +11,8 @@ pub use meshflow_placement as placement;
 pub mod dist;
 pub mod launch;
 
-pub mod checkpoint;
 pub mod bench;
+pub mod checkpoint;
 pub mod compile;
 pub mod data;
 pub mod error;
