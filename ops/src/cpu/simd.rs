@@ -17,9 +17,10 @@ pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// True when the CPU has AVX2, FMA and BMI2 (what the `*_v3` kernels are compiled for).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn has_x86_v3() -> bool {
+pub fn has_x86_v3() -> bool {
     std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
         && std::arch::is_x86_feature_detected!("bmi2")

@@ -35,12 +35,33 @@ impl LastAxis for Softmax {
     const FLOPS: (u64, u64) = (5, 4);
 
     fn rows(ctx: &Context, x: &Tensor) -> Result<Tensor> {
-        crate::dispatch_float!(Self::NAME, x.dtype(), T => rows_map::<T>(ctx, x, softmax_row::<T>))
+        crate::dispatch_float!(Self::NAME, x.dtype(), T => rows_map::<T>(ctx, x, softmax_row_fast::<T>))
     }
 
     fn grad_rows(ctx: &Context, y: &Tensor, dy: &Tensor) -> Result<Tensor> {
         crate::dispatch_float!(Self::GRAD_NAME, y.dtype(), T => rows_zip::<T>(ctx, y, dy, softmax_grad_row::<T>))
     }
+}
+
+/// [`softmax_row`] in AVX2 + FMA code where the CPU has it. The feature boundary sits on the
+/// row function itself: a kernel handed down as `impl Fn` is not reliably inlined into a
+/// `#[target_feature]` loop further out (the exp loop stayed 4-wide SSE that way).
+#[inline(always)]
+fn softmax_row_fast<T: RowFloat>(x: &[T], y: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::simd::has_x86_v3() {
+        // SAFETY: the CPU has the features `softmax_row_v3` is compiled for (checked above).
+        return unsafe { softmax_row_v3(x, y) };
+    }
+    softmax_row(x, y)
+}
+
+/// # Safety
+/// The CPU must have AVX2, FMA and BMI2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+unsafe fn softmax_row_v3<T: RowFloat>(x: &[T], y: &mut [T]) {
+    softmax_row(x, y)
 }
 
 #[inline(always)]
