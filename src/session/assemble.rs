@@ -21,12 +21,7 @@ pub fn assemble(meta: &TensorMeta, layout: &Layout, shards: &[Option<Tensor>]) -
     let mut missing = None;
     for index in 0..placement.size() {
         let coordinates = placement.coordinates_of_index(index);
-        // Replicas of one region differ only in their coordinates on broadcast axes.
-        let region_key: Vec<usize> = axes
-            .iter()
-            .zip(&coordinates)
-            .map(|(s, &c)| if *s == Sbp::Broadcast { 0 } else { c })
-            .collect();
+        let region_key = region_key(axes, &coordinates);
         if placed.contains(&region_key) {
             continue;
         }
@@ -54,11 +49,7 @@ pub fn assemble(meta: &TensorMeta, layout: &Layout, shards: &[Option<Tensor>]) -
         put_box(&mut out, &region.offsets, &part)?;
     }
     let regions: HashSet<Vec<usize>> = (0..placement.size())
-        .map(|index| {
-            let coordinates = placement.coordinates_of_index(index);
-            let keys = axes.iter().zip(coordinates);
-            keys.map(|(s, c)| if *s == Sbp::Broadcast { 0 } else { c }).collect()
-        })
+        .map(|index| region_key(axes, &placement.coordinates_of_index(index)))
         .collect();
     match missing {
         Some(rank) if placed.len() < regions.len() => Err(Error::Runtime(format!(
@@ -67,4 +58,11 @@ pub fn assemble(meta: &TensorMeta, layout: &Layout, shards: &[Option<Tensor>]) -
         ))),
         _ => Ok(out),
     }
+}
+
+/// Which region a device at `coordinates` holds: replicas of one region differ only in their
+/// coordinates on broadcast axes, which are zeroed here.
+fn region_key(axes: &[Sbp], coordinates: &[usize]) -> Vec<usize> {
+    let pairs = axes.iter().zip(coordinates);
+    pairs.map(|(s, &c)| if *s == Sbp::Broadcast { 0 } else { c }).collect()
 }
