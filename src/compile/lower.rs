@@ -27,7 +27,8 @@ pub struct Request {
 
 /// Compiles `graph` for the `requests` (see the module doc of `compile`).
 pub fn compile(graph: &GraphData, requests: &[Request], config: &CompileConfig) -> Result<Program> {
-    let (selection_graph, ops_of) = selection_graph(graph)?;
+    let (mut selection_graph, ops_of) = selection_graph(graph)?;
+    add_request_sinks(&mut selection_graph, graph, requests, &ops_of)?;
     let selection = select(&selection_graph, &config.cost, config.strategy)?;
     let mut lowering = Lowering::new(graph, &selection, &ops_of);
     lowering.leaves();
@@ -134,6 +135,34 @@ fn selection_graph(graph: &GraphData) -> Result<(SelectionGraph, OpsOf)> {
         .map(|(v, o)| o.ok_or_else(|| Error::Graph(format!("value %{v} has no producer"))))
         .collect::<Result<Vec<_>>>()?;
     Ok((sg, ops_of))
+}
+
+/// A sink per request with a layout: an op with the request's placement whose one input is fixed
+/// to the request's SBP, so selection prices the boxing that the request adds (a parameter's
+/// update boxed back to the parameter's layout, for instance) like any other edge's.
+fn add_request_sinks(
+    sg: &mut SelectionGraph,
+    graph: &GraphData,
+    requests: &[Request],
+    ops_of: &OpsOf,
+) -> Result<()> {
+    for request in requests {
+        let Some(layout) = &request.layout else { continue };
+        let meta = &graph.value(request.value).meta;
+        let rank = meta.shape.rank();
+        let mut signatures: Vec<Signature> =
+            (0..rank).map(|axis| Signature::new([Sbp::Split(axis)], [])).collect();
+        signatures.push(Signature::new([Sbp::Broadcast], []));
+        signatures.push(Signature::new([Sbp::PartialSum], []));
+        let name = format!("request {}", graph.label(request.value));
+        let sink =
+            OpNode::new(name, layout.placement.clone(), vec![spec(meta)], vec![], &signatures, 0)?
+                .fix_input(0, layout.nd_sbp.clone());
+        let id = sg.add_op(sink);
+        let (producer, output) = ops_of[request.value.0 as usize];
+        sg.connect(producer, output, id, 0)?;
+    }
+    Ok(())
 }
 
 struct Lowering<'a> {
