@@ -149,3 +149,48 @@ fn data_parallel_step_is_its_kernels_then_the_gradient_all_reduce() {
         prediction.step_seconds
     );
 }
+
+/// Simulating the first rank of each placement predicts the same step as simulating every rank,
+/// on the symmetric strategies the planner compares (the full plan is the reference).
+#[test]
+fn one_representative_rank_per_placement_predicts_the_full_step() {
+    use meshflow::plan::model::{build, ModelSpec, Strategy, Workload};
+    use meshflow::plan::{streams_for, symmetry};
+
+    let cluster: Cluster = "2x4:h100".parse().unwrap();
+    let strategies = [
+        (Strategy::Mesh { dp: 8, tp: 1, pp: 1 }, 1),
+        (Strategy::Mesh { dp: 2, tp: 4, pp: 1 }, 1),
+        (Strategy::Mesh { dp: 2, tp: 1, pp: 4 }, 4),
+        (Strategy::Mesh { dp: 4, tp: 2, pp: 1 }, 2),
+    ];
+    for (strategy, pieces) in strategies {
+        let workload = Workload {
+            model: ModelSpec::CHAR,
+            strategy,
+            batch: 16,
+            pieces,
+            device: DeviceType::Cuda,
+        };
+        let built = build(&workload, &CompileConfig::default()).unwrap();
+        let config = ActorConfig { streams: streams_for(&cluster), ..built.actors.clone() };
+        let full = lower_to_actors(&built.program, &config).unwrap();
+        let kept = symmetry::representatives(&built.program);
+        let Strategy::Mesh { dp, tp, pp } = strategy else { unreachable!() };
+        let first_of_stages: Vec<usize> = (0..pp).map(|s| s * dp * tp).collect();
+        assert_eq!(kept.iter().copied().collect::<Vec<_>>(), first_of_stages, "{strategy}");
+        let pruned = symmetry::prune(&full, &kept);
+        assert!(pruned.plan.actors.len() < full.plan.actors.len(), "{strategy}");
+        let expected =
+            simulate(&built.program, &full, ActCosts::new(&built.program, &full, &cluster), false)
+                .unwrap();
+        let predicted = meshflow::plan::predict(&built.program, &config, &cluster, false).unwrap();
+        assert!(
+            (predicted.step_seconds - expected.step_seconds).abs() <= 1e-9 * expected.step_seconds,
+            "{strategy}: pruned {} s, full {} s",
+            predicted.step_seconds,
+            expected.step_seconds
+        );
+        assert!(expected.step_seconds > 0.0);
+    }
+}

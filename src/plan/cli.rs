@@ -29,6 +29,9 @@ pub struct PlanArgs {
     /// Tensor-parallel size.
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
+    /// Pipeline stages, each a dp × tp mesh of its own devices (use with --micro-batches).
+    #[arg(long, default_value_t = 1)]
+    pub pp: usize,
     /// Let signature selection choose every layout on a flat mesh of all devices.
     #[arg(long)]
     pub auto: bool,
@@ -137,15 +140,15 @@ fn workload(args: &PlanArgs, cluster: &Cluster) -> Result<Workload> {
     let strategy = if args.auto {
         Strategy::Auto { devices }
     } else {
-        let tp = args.tp.max(1);
-        let dp = args.dp.unwrap_or(devices / tp).max(1);
-        if dp * tp > devices {
+        let (tp, pp) = (args.tp.max(1), args.pp.max(1));
+        let dp = args.dp.unwrap_or(devices / (tp * pp)).max(1);
+        if dp * tp * pp > devices {
             return Err(Error::Graph(format!(
-                "dp {dp} × tp {tp} needs {} devices, the cluster has {devices}",
-                dp * tp
+                "dp {dp} × tp {tp} × pp {pp} needs {} devices, the cluster has {devices}",
+                dp * tp * pp
             )));
         }
-        Strategy::Mesh { dp, tp }
+        Strategy::Mesh { dp, tp, pp }
     };
     let device = if cluster.device.kind == "cpu" { DeviceType::Cpu } else { DeviceType::Cuda };
     let model: ModelSpec = args.model.parse()?;

@@ -18,6 +18,7 @@ pub mod cost;
 pub mod memory;
 pub mod model;
 pub mod report;
+pub mod symmetry;
 pub mod table;
 
 use std::convert::Infallible;
@@ -46,7 +47,8 @@ pub struct Prediction {
     pub trace: Option<Vec<u8>>,
 }
 
-/// Lowers `program` with `config`, prices every act on `cluster` and simulates one step.
+/// Lowers `program` with `config`, keeps one representative rank per placement
+/// ([`symmetry`]), prices every act on `cluster` and simulates one step.
 pub fn predict(
     program: &Program,
     config: &ActorConfig,
@@ -54,6 +56,7 @@ pub fn predict(
     trace: bool,
 ) -> Result<Prediction> {
     let lowered = lower_to_actors(program, config)?;
+    let lowered = symmetry::prune(&lowered, &symmetry::representatives(program));
     let costs = ActCosts::new(program, &lowered, cluster);
     simulate(program, &lowered, costs, trace)
 }

@@ -66,12 +66,15 @@ impl FromStr for ModelSpec {
 /// How a model is laid out over the devices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
-    /// Megatron layouts on a `[dp, tp]` mesh (batch split over axis 0, MLP weights over axis 1).
+    /// Megatron layouts on `pp` pipeline stages, each a `[dp, tp]` mesh of its own devices
+    /// (batch split over axis 0, MLP weights over axis 1; blocks spread evenly over the stages).
     Mesh {
         /// Data-parallel size.
         dp: usize,
         /// Tensor-parallel size.
         tp: usize,
+        /// Pipeline stages.
+        pp: usize,
     },
     /// Nothing fixed on a flat mesh of `devices`: signature selection chooses every layout.
     Auto {
@@ -84,7 +87,7 @@ impl Strategy {
     /// Devices used.
     pub fn devices(&self) -> usize {
         match *self {
-            Strategy::Mesh { dp, tp } => dp * tp,
+            Strategy::Mesh { dp, tp, pp } => dp * tp * pp,
             Strategy::Auto { devices } => devices,
         }
     }
@@ -93,9 +96,19 @@ impl Strategy {
 impl fmt::Display for Strategy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Strategy::Mesh { dp, tp: 1 } => write!(f, "dp{dp}"),
-            Strategy::Mesh { dp: 1, tp } => write!(f, "tp{tp}"),
-            Strategy::Mesh { dp, tp } => write!(f, "dp{dp}xtp{tp}"),
+            Strategy::Mesh { dp, tp, pp } => {
+                let axes = [("dp", dp), ("tp", tp), ("pp", pp)];
+                let named: Vec<String> = axes
+                    .iter()
+                    .filter(|(_, size)| **size > 1)
+                    .map(|(name, size)| format!("{name}{size}"))
+                    .collect();
+                if named.is_empty() {
+                    f.write_str("dp1")
+                } else {
+                    f.write_str(&named.join("x"))
+                }
+            }
             Strategy::Auto { devices } => write!(f, "auto{devices}"),
         }
     }
@@ -142,22 +155,26 @@ pub fn build(workload: &Workload, config: &CompileConfig) -> Result<Built> {
     }
     let micro = workload.batch / pieces;
     let model = workload.model.config;
-    let (layouts, auto) = match workload.strategy {
-        Strategy::Mesh { dp, tp } => {
-            let placement = Placement::grid(workload.device, &[dp, tp])?;
-            (Layouts { placement, data_axis: Some(0), tensor_axis: Some(1) }, false)
+    let (stages, auto) = match workload.strategy {
+        Strategy::Mesh { dp, tp, pp } => {
+            let stage = |s: usize| -> Result<Layouts> {
+                let ranks = (s * dp * tp..(s + 1) * dp * tp).collect();
+                let placement = Placement::new(workload.device, vec![dp, tp], ranks)?;
+                Ok(Layouts { placement, data_axis: Some(0), tensor_axis: Some(1) })
+            };
+            ((0..pp.max(1)).map(stage).collect::<Result<Vec<_>>>()?, false)
         }
         Strategy::Auto { devices } => {
             let placement = Placement::line(workload.device, devices)?;
-            (Layouts::single(placement), true)
+            (vec![Layouts::single(placement)], true)
         }
     };
+    let (first, last) = (&stages[0], &stages[stages.len() - 1]);
     let graph = Graph::new();
-    let p = &layouts.placement;
-    let ids = graph.input("ids", [micro, model.ctx], DType::I64, p, Some(layouts.batch()))?;
-    let targets =
-        graph.input("targets", [micro, model.ctx], DType::I64, p, Some(layouts.batch()))?;
-    let gpt = Gpt::new(&graph, model, &layouts, WeightInit { std: 0.02, seed: 1 })?;
+    let shape = [micro, model.ctx];
+    let ids = graph.input("ids", shape, DType::I64, &first.placement, Some(first.batch()))?;
+    let targets = graph.input("targets", shape, DType::I64, &last.placement, Some(last.batch()))?;
+    let gpt = Gpt::pipelined(&graph, model, &stages, WeightInit { std: 0.02, seed: 1 })?;
     let loss = gpt.loss(&ids, &targets)?;
     let training = append_adamw(&graph, &loss)?;
     let mut data = graph.snapshot();

@@ -10,15 +10,23 @@ use super::report::plan;
 use crate::compile::CompileConfig;
 use crate::Result;
 
+/// Pipeline stages of the PP and 3-D rows (a micro-batch of one sequence each).
+const PP_STAGES: usize = 4;
+
 /// One row of the table: the strategies tried for one model on one device count.
 fn strategies(devices: usize, per_node: usize) -> Vec<(&'static str, Strategy)> {
     let tp = per_node.min(devices);
-    let mut rows = vec![("DP", Strategy::Mesh { dp: devices, tp: 1 })];
+    let mut rows = vec![("DP", Strategy::Mesh { dp: devices, tp: 1, pp: 1 })];
     if devices <= per_node {
-        rows.push(("TP", Strategy::Mesh { dp: 1, tp: devices }));
+        rows.push(("TP", Strategy::Mesh { dp: 1, tp: devices, pp: 1 }));
     }
+    rows.push(("PP", Strategy::Mesh { dp: devices / PP_STAGES, tp: 1, pp: PP_STAGES }));
     if devices > tp {
-        rows.push(("hybrid", Strategy::Mesh { dp: devices / tp, tp }));
+        rows.push(("hybrid", Strategy::Mesh { dp: devices / tp, tp, pp: 1 }));
+    }
+    if devices > tp * PP_STAGES {
+        let dp = devices / (tp * PP_STAGES);
+        rows.push(("3-D", Strategy::Mesh { dp, tp, pp: PP_STAGES }));
     }
     rows.push(("auto", Strategy::Auto { devices }));
     rows
@@ -26,7 +34,7 @@ fn strategies(devices: usize, per_node: usize) -> Vec<(&'static str, Strategy)> 
 
 /// The markdown table of predicted step time, throughput, MFU and memory for GPT-2 (8 sequences
 /// per data-parallel replica) and 1.3B (4 per replica) on 8, 64 and 512 devices of `cluster`'s
-/// kind (8 per node).
+/// kind (8 per node). Pipelined rows run one sequence per micro-batch.
 pub fn scale_table(cluster: &Cluster, compile: &CompileConfig) -> Result<String> {
     let mut out = String::new();
     let _ = writeln!(out, "device: {}", cluster.device.kind);
@@ -49,7 +57,10 @@ pub fn scale_table(cluster: &Cluster, compile: &CompileConfig) -> Result<String>
                     model,
                     strategy,
                     batch: per_replica * replicas,
-                    pieces: 1,
+                    pieces: match strategy {
+                        Strategy::Mesh { pp, .. } if pp > 1 => per_replica as u32,
+                        _ => 1,
+                    },
                     device: DeviceType::Cuda,
                 };
                 let row = match plan(&workload, &sized, compile, false) {
