@@ -97,9 +97,12 @@ struct Args {
     /// Gradient clipping by global norm (0 = off).
     #[arg(long, default_value_t = 0.0)]
     clip_grad: f64,
-    /// Dropout probability (0 = off). Not supported yet: any other value is refused.
+    /// Dropout probability (0 = off); masks change every step and are the same on any mesh.
     #[arg(long, default_value_t = 0.0)]
     dropout: f64,
+    /// Recompute each block's forward in the backward instead of keeping its activations.
+    #[arg(long)]
+    activation_checkpointing: bool,
     /// Initial parameters (safetensors, names of shared/formats/gpt-weights.md).
     #[arg(long)]
     init_from: Option<PathBuf>,
@@ -139,9 +142,6 @@ fn main() {
 }
 
 fn run(args: &Args) -> Result<()> {
-    if args.dropout != 0.0 {
-        return Err(Error::Graph("--dropout is not supported by this example yet".into()));
-    }
     let text = std::fs::read_to_string(&args.corpus)
         .map_err(|e| Error::Data(format!("{}: {e}", args.corpus.display())))?;
     let tokenizer = CharTokenizer::from_text(&text);
@@ -167,7 +167,9 @@ fn run(args: &Args) -> Result<()> {
     let targets =
         graph.input("targets", [batch, ctx], DType::I64, &last.placement, Some(last.batch()))?;
     let weights = WeightInit { std: 0.02, seed: args.seed };
-    let model = Gpt::pipelined(&graph, config, &stages, weights)?;
+    let model = Gpt::pipelined(&graph, config, &stages, weights)?
+        .with_activation_checkpointing(args.activation_checkpointing)
+        .with_dropout(args.dropout, args.seed);
     let loss = model.loss(&ids, &targets)?;
     let optimizer = Optimizer::AdamW(AdamW {
         lr: args.lr,
@@ -363,8 +365,11 @@ fn sample(
     let model = Gpt::new(&graph, config, &layouts, WeightInit { std: 0.02, seed: 0 })?;
     let probabilities = model.forward(&ids)?.softmax()?;
     let mut session = Session::new(&graph, &[&probabilities], None, SessionConfig::default())?;
-    let weights: Vec<_> =
-        parameters.iter().filter(|(n, _)| !n.contains(".exp_avg")).cloned().collect();
+    let weights: Vec<_> = parameters
+        .iter()
+        .filter(|(n, _)| !n.contains(".exp_avg") && !n.starts_with("rng."))
+        .cloned()
+        .collect();
     session.load_variables(&weights)?;
     let mut window = tokenizer.encode(&text.chars().take(ctx).collect::<String>())?;
     let mut out = String::new();

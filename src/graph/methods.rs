@@ -229,10 +229,19 @@ impl Tensor {
         self.emit_with(|e| fill::fill(e, x, value))
     }
 
-    /// Dropout with probability `p` and a seeded mask.
+    /// Dropout with probability `p` and a mask fixed by `seed` (the same at every step).
     pub fn dropout(&self, p: f64, seed: u64) -> Result<Tensor> {
         let x = self.value();
         self.emit_with(|e| dropout::dropout(e, x, p, seed))
+    }
+
+    /// Dropout with probability `p` whose mask is a function of `(seed, step, logical index)`:
+    /// new at every training step (it reads the graph's [`crate::Graph::step_counter`] of this
+    /// placement), and the same on one device, any mesh and any number of micro-batches.
+    pub fn dropout_per_step(&self, p: f64, seed: u64) -> Result<Tensor> {
+        let step = self.graph().step_counter(&self.placement())?.value();
+        let x = self.value();
+        self.emit_with(|e| dropout::dropout_at_step(e, x, step, p, seed))
     }
 
     /// Layer normalisation over the last axis with affine `weight` and `bias`.

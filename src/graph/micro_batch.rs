@@ -67,7 +67,10 @@ impl Unrolled {
                 .map(|v| self.per_batch[batch].get(v).or_else(|| self.shared.get(v)).copied())
                 .collect::<Option<_>>()
                 .ok_or_else(|| Error::Graph(format!("{}: input not rebuilt", node.op.name())))?;
-            let outputs = self.replay(&node, &inputs)?;
+            let node =
+                super::random::micro_batch_node(&self.original, &self.graph, node, &inputs, batch)?;
+            let outputs =
+                self.graph.in_checkpoint(node.checkpoint, || self.replay(&node, &inputs))?;
             for (old, new) in node.outputs.iter().zip(outputs) {
                 self.graph.fix_sbp(new, self.original.value(*old).sbp.clone());
                 self.per_batch[batch].insert(*old, new);

@@ -12,6 +12,7 @@ mod autodiff;
 mod init;
 mod methods;
 mod micro_batch;
+mod random;
 mod tensor;
 mod to_layout;
 
@@ -24,6 +25,7 @@ use meshflow_placement::{NdSbp, Placement};
 
 pub use init::Init;
 pub use micro_batch::{unroll, Unrolled};
+pub use random::{for_piece, STEP_COUNTER};
 pub use tensor::Tensor;
 pub use to_layout::ToLayout;
 
@@ -83,6 +85,10 @@ pub struct Node {
     pub outputs: Vec<Value>,
     /// The devices it runs on (all its inputs live there).
     pub placement: Placement,
+    /// The activation-checkpointing region it was built in ([`Graph::checkpoint`]), if any: a
+    /// region is a maximal run of consecutive nodes with the same id, whose forward the backward
+    /// recomputes instead of keeping its activations.
+    pub checkpoint: Option<u32>,
 }
 
 /// The data of a graph: values and nodes in the order they were built (a topological order).
@@ -92,6 +98,10 @@ pub struct GraphData {
     pub values: Vec<ValueInfo>,
     /// Every node, in build order.
     pub nodes: Vec<Node>,
+    /// The checkpointing region new nodes are recorded in.
+    checkpoint: Option<u32>,
+    /// Checkpointing regions opened so far (the next region's id).
+    checkpoints: u32,
 }
 
 impl GraphData {
@@ -150,7 +160,14 @@ impl GraphData {
                 })
             })
             .collect();
-        self.nodes.push(Node { op, inputs: inputs.to_vec(), outputs: outputs.clone(), placement });
+        let checkpoint = self.checkpoint;
+        self.nodes.push(Node {
+            op,
+            inputs: inputs.to_vec(),
+            outputs: outputs.clone(),
+            placement,
+            checkpoint,
+        });
         Ok(outputs)
     }
 

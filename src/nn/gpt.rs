@@ -73,6 +73,10 @@ pub struct Gpt {
     block_stage: Vec<usize>,
     /// The dtype of the matrix products (f32, or bf16/f16 for mixed precision).
     compute: DType,
+    /// Recompute each block's forward in the backward instead of keeping its activations.
+    checkpointing: bool,
+    /// Dropout probability and base seed (probability 0: no dropout).
+    dropout: (f64, u64),
     wte: Tensor,
     wpe: Tensor,
     blocks: Vec<Block>,
@@ -188,14 +192,44 @@ impl Gpt {
             &mut init,
         )?;
         let stages = stages.to_vec();
-        let compute = DType::F32;
-        Ok(Gpt { config, stages, block_stage, compute, wte, wpe, blocks, ln_f, lm_head })
+        let (compute, checkpointing, dropout) = (DType::F32, false, (0.0, 0));
+        Ok(Gpt {
+            config,
+            stages,
+            block_stage,
+            compute,
+            checkpointing,
+            dropout,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+        })
+    }
+
+    /// The same model with activation checkpointing on each transformer block when `on`: the
+    /// backward recomputes a block's forward instead of keeping its activations (only the
+    /// residual stream between blocks stays alive), with the same gradients.
+    pub fn with_activation_checkpointing(mut self, on: bool) -> Self {
+        self.checkpointing = on;
+        self
     }
 
     /// The same model with its matrix products in `dtype` (bf16 mixed precision: parameters,
     /// optimizer state, norms, softmax and the loss stay f32).
     pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
         self.compute = dtype;
+        self
+    }
+
+    /// The same model with dropout of probability `p` (nanoGPT's places: on the embeddings, the
+    /// attention weights, and each block's attention and MLP outputs), each place with its own
+    /// seed derived from `seed`. Masks change at every training step and are the same on any
+    /// mesh and with micro-batches ([`Tensor::dropout_per_step`]). `p = 0` (the default) adds
+    /// nothing to the graph.
+    pub fn with_dropout(mut self, p: f64, seed: u64) -> Self {
+        self.dropout = (p, seed);
         self
     }
 
@@ -230,15 +264,38 @@ impl Gpt {
                 graph.constant(&format!("causal_mask.{t}.{s}"), mask.clone(), &l.placement)
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut x = self.wte.embedding(ids)?.add(&self.wpe.embedding(&positions)?)?;
-        for (block, &stage) in self.blocks.iter().zip(&self.block_stage) {
+        let x = self.wte.embedding(ids)?.add(&self.wpe.embedding(&positions)?)?;
+        let mut x = self.drop(&x, 0)?;
+        for (index, &stage) in self.block_stage.iter().enumerate() {
             x = self.on_stage(&x, stage)?;
-            x = x.add(&self.attention(block, &block.ln_1.forward(&x)?, &masks[stage])?)?;
-            let h = block.c_fc.forward_as(&block.ln_2.forward(&x)?, self.compute)?.gelu(false)?;
-            x = x.add(&block.mlp_proj.forward_as(&h, self.compute)?)?;
+            let mask = &masks[stage];
+            x = if self.checkpointing {
+                graph.checkpoint(|| self.block(index, &x, mask))?
+            } else {
+                self.block(index, &x, mask)?
+            };
         }
         let x = self.on_stage(&x, self.stages.len() - 1)?;
         self.lm_head.forward_as(&self.ln_f.forward(&x)?, self.compute)
+    }
+
+    /// Transformer block `index` on the residual stream `x`.
+    fn block(&self, index: usize, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let block = &self.blocks[index];
+        let y = self.attention(index, &block.ln_1.forward(x)?, mask)?;
+        let x = x.add(&self.drop(&y, 3 * index + 2)?)?;
+        let h = block.c_fc.forward_as(&block.ln_2.forward(&x)?, self.compute)?.gelu(false)?;
+        let y = block.mlp_proj.forward_as(&h, self.compute)?;
+        x.add(&self.drop(&y, 3 * index + 3)?)
+    }
+
+    /// Dropout place `place` on `x` (itself without dropout).
+    fn drop(&self, x: &Tensor, place: usize) -> Result<Tensor> {
+        let (p, seed) = self.dropout;
+        if p == 0.0 {
+            return Ok(x.clone());
+        }
+        x.dropout_per_step(p, meshflow_ops::random::hash(seed, place as u64))
     }
 
     /// `x` moved to `stage`'s placement when it is not there yet.
@@ -258,7 +315,8 @@ impl Gpt {
         self.forward(ids)?.cross_entropy(&targets)
     }
 
-    fn attention(&self, block: &Block, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn attention(&self, index: usize, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let block = &self.blocks[index];
         let dims = x.dims();
         let (b, t, d) = (dims[0], dims[1], dims[2]);
         let (h, hd) = (self.config.n_head, d / self.config.n_head);
@@ -269,7 +327,8 @@ impl Gpt {
         let (q, k, v) = (heads(&qkv[0])?, heads(&qkv[1])?, heads(&qkv[2])?);
         let scores = as_dtype(&q.matmul_t(&k, false, true)?, DType::F32)?;
         let scores = scores.mul_scalar(1.0 / (hd as f64).sqrt())?;
-        let weights = as_dtype(&scores.masked_fill(mask, f64::NEG_INFINITY)?.softmax()?, compute)?;
+        let weights = scores.masked_fill(mask, f64::NEG_INFINITY)?.softmax()?;
+        let weights = as_dtype(&self.drop(&weights, 3 * index + 1)?, compute)?;
         let y = as_dtype(&weights.matmul(&v)?, DType::F32)?;
         let y = y.permute(&[0, 2, 1, 3])?.reshape([b, t, d])?;
         block.attn_proj.forward_as(&y, self.compute)

@@ -62,6 +62,7 @@ pub(super) fn training(
         let Some(grad) = grad else { continue };
         append_update(&mut built, param, &grad, &training.optimizer, config.zero_axis)?;
     }
+    built.assigns.extend(built.graph.advance_step_counters()?);
     Ok(built)
 }
 

@@ -1,24 +1,30 @@
 //! `dropout`: y = x · keep / (1 − p), with `keep` drawn per element from a seeded counter-based
-//! generator, so a sharded run equals the single-device run.
+//! generator, so a sharded run equals the single-device run; with a step input, the mask changes
+//! with the training step.
 
 use meshflow_placement::{Sbp, Signature};
 
 use crate::cpu::{for_chunks, FloatElement};
 use crate::ops::unary::{elementwise_signatures, infer_float};
-use crate::random::uniform_at;
+use crate::random::{hash, uniform_at};
 use crate::{
-    emit1, Context, Emit, Error, Op, OpRef, Result, Shape, Shard, Tensor, TensorMeta, Value,
+    emit1, Context, DType, Emit, Error, Op, OpRef, Result, Shape, Shard, Tensor, TensorMeta, Value,
 };
 
 /// Zeroes each element with probability `p` and scales the rest by `1 / (1 − p)`.
 ///
 /// Element `i` (its row-major index in the logical tensor) is kept when
 /// `uniform_at(seed, i) ≥ p` ([`crate::random::uniform_at`]): the mask is a pure function of
-/// `(seed, logical index)`. On a shard, [`Op::localize`] records the logical shape and the
-/// shard's offset so each device draws the numbers of its own elements.
+/// `(seed, logical index)`. With a second input, a one-element step counter `s` (any float or
+/// integer dtype), the seed is `hash(seed, s)` ([`crate::random::hash`]): the mask is a pure
+/// function of `(seed, step, logical index)`, new at every step. On a shard, [`Op::localize`]
+/// records the logical shape and the shard's offset so each device draws the numbers of its own
+/// elements; localizing an op that already sits in a larger tensor (a micro-batch of the batch)
+/// adds the offsets.
 ///
-/// Signatures, per device `d`: `S(i) -> S(i)` (`y_d = dropout(x_d)` with the shard's indices),
-/// `B -> B`, and `P -> P` (the same mask on every addend: `Σ_d m·x_d = m·x`).
+/// Signatures, per device `d` (the step, when given, is `B`): `S(i) -> S(i)`
+/// (`y_d = dropout(x_d)` with the shard's indices), `B -> B`, and `P -> P` (the same mask on
+/// every addend: `Σ_d m·x_d = m·x`).
 #[derive(Clone, Debug)]
 pub struct Dropout {
     /// Probability of zeroing an element, in `[0, 1]`.
@@ -38,9 +44,20 @@ impl Dropout {
     }
 }
 
-/// Applies [`Dropout`].
+/// Applies [`Dropout`] with a fixed mask.
 pub fn dropout(e: &mut dyn Emit, x: Value, p: f64, seed: u64) -> Result<Value> {
     emit1(e, Dropout::new(p, seed), &[x])
+}
+
+/// Applies [`Dropout`] with a mask drawn for the step that the one-element `step` holds.
+pub fn dropout_at_step(
+    e: &mut dyn Emit,
+    x: Value,
+    step: Value,
+    p: f64,
+    seed: u64,
+) -> Result<Value> {
+    emit1(e, Dropout::new(p, seed), &[x, step])
 }
 
 impl Op for Dropout {
@@ -52,7 +69,19 @@ impl Op for Dropout {
         if !(0.0..=1.0).contains(&self.p) {
             return Err(Error::argument(self.name(), format!("p = {} is not in [0, 1]", self.p)));
         }
-        let x = infer_float(self.name(), inputs)?;
+        let x = match inputs {
+            [x, step] => {
+                if step.shape.numel() != 1 || step.dtype == DType::Bool {
+                    return Err(Error::shape(
+                        self.name(),
+                        &[&x.shape, &step.shape],
+                        "the step input must be one number",
+                    ));
+                }
+                infer_float(self.name(), std::slice::from_ref(x))?
+            }
+            _ => infer_float(self.name(), inputs)?,
+        };
         if let Some(logical) = &self.logical {
             let fits = logical.rank() == x.shape.rank()
                 && self.offset.len() == logical.rank()
@@ -71,8 +100,12 @@ impl Op for Dropout {
     fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         let metas: Vec<TensorMeta> = inputs.iter().map(|t| t.meta().clone()).collect();
         self.infer(&metas)?;
+        let seed = match inputs.get(1) {
+            Some(step) => hash(self.seed, step.to_dtype(DType::F64)?.to_vec::<f64>()?[0] as u64),
+            None => self.seed,
+        };
         let out = crate::dispatch_float!(self.name(), inputs[0].dtype(), T => {
-            self.kernel::<T>(ctx, &inputs[0])
+            self.kernel::<T>(ctx, &inputs[0], seed)
         })?;
         Ok(vec![out])
     }
@@ -81,21 +114,34 @@ impl Op for Dropout {
         if self.infer(inputs).is_err() {
             return Vec::new();
         }
-        let mut signatures = elementwise_signatures(inputs, true);
+        let mut signatures = elementwise_signatures(&inputs[..1], true);
         signatures.retain(|s| s.inputs.len() == 1);
         debug_assert!(signatures.iter().any(|s| s.inputs[0] == Sbp::PartialSum));
+        if inputs.len() == 2 {
+            for signature in &mut signatures {
+                signature.inputs.push(Sbp::Broadcast);
+            }
+        }
         signatures
     }
 
-    /// `dx = dropout(g)` with the same mask: dropout is linear in `x`.
+    /// `dx = dropout(g)` with the same mask (and step): dropout is linear in `x`; the step
+    /// gets no gradient.
     fn backward(
         &self,
         e: &mut dyn Emit,
-        _inputs: &[Value],
+        inputs: &[Value],
         _outputs: &[Value],
         grads: &[Option<Value>],
     ) -> Result<Vec<Option<Value>>> {
-        Ok(vec![grads[0].map(|g| emit1(e, self.clone(), &[g])).transpose()?])
+        let dx = grads[0]
+            .map(|g| {
+                let mut args = vec![g];
+                args.extend(inputs.get(1).copied());
+                emit1(e, self.clone(), &args)
+            })
+            .transpose()?;
+        Ok(if inputs.len() == 2 { vec![dx, None] } else { vec![dx] })
     }
 
     fn localize(
@@ -107,10 +153,17 @@ impl Op for Dropout {
         let Some(shard) = inputs.first() else {
             return Err(Error::Arity { op: self.name(), expected: 1, got: 0 });
         };
-        let local = Dropout {
-            logical: Some(shard.logical.clone()),
-            offset: shard.offset.clone(),
-            ..self.clone()
+        let local = match (&self.logical, self.offset.len() == shard.offset.len()) {
+            (Some(logical), true) => Dropout {
+                logical: Some(logical.clone()),
+                offset: self.offset.iter().zip(&shard.offset).map(|(a, b)| a + b).collect(),
+                ..self.clone()
+            },
+            _ => Dropout {
+                logical: Some(shard.logical.clone()),
+                offset: shard.offset.clone(),
+                ..self.clone()
+            },
         };
         Ok(Some(std::sync::Arc::new(local)))
     }
@@ -125,7 +178,7 @@ impl Op for Dropout {
 }
 
 impl Dropout {
-    fn kernel<T: FloatElement>(&self, ctx: &Context, x: &Tensor) -> Result<Tensor> {
+    fn kernel<T: FloatElement>(&self, ctx: &Context, x: &Tensor, seed: u64) -> Result<Tensor> {
         let mut out = Tensor::zeros(x.shape().clone(), x.dtype());
         if x.numel() == 0 {
             return Ok(out);
@@ -138,7 +191,7 @@ impl Dropout {
             if self.offset.is_empty() { vec![0; dims.len()] } else { self.offset.clone() };
         let row = dims.last().copied().unwrap_or(1);
         let outer = &dims[..dims.len().saturating_sub(1)];
-        let (p, seed) = (self.p as f32, self.seed);
+        let p = self.p as f32;
         let scale = T::acc_from_f64(if self.p < 1.0 { 1.0 / (1.0 - self.p) } else { 0.0 });
         let mut rows: Vec<&mut [T]> = out.as_mut_slice::<T>()?.chunks_mut(row).collect();
         for_chunks(ctx, &mut rows, row, |first, chunk| {
