@@ -34,7 +34,7 @@ pub fn export_logical(
     let keep = |name: &str| {
         specs.iter().any(|s| s.name == name && (options.optimizer_state || !s.optimizer_state))
     };
-    let tensors = session.variables()?.into_iter().filter(|(name, _)| keep(name)).collect();
+    let tensors = session.gather_variables()?.into_iter().filter(|(name, _)| keep(name)).collect();
     let named = Named { tensors, metadata: options.metadata.clone() };
     let bytes = io::serialize(&named, &path.display().to_string())?;
     atomic::replace_file(path, &bytes)

@@ -16,6 +16,13 @@
 //! only then renames it over the previous checkpoint (see [`atomic`]): a failure or a crash at
 //! any point leaves the previous checkpoint whole and loadable.
 //!
+//! In a session of several processes (`SessionConfig::job`), [`save`] and [`load`] are
+//! collective: every process calls them, writes (or reads) the files of its own ranks, and the
+//! directory must be on a file system every process sees. Rank 0 makes the temporary
+//! directory, waits until every process has reported its files written (through the job's
+//! key-value store, which also carries any failure, so nothing hangs), then writes the index and
+//! publishes; every process returns rank 0's outcome.
+//!
 //! [`load`] checks names, shapes and dtypes against the session, then builds every rank's shard
 //! in the session's own layout from the stored regions it meets (resharding by region
 //! intersection; matching layouts take the stored shard as is). [`export_logical`] and
@@ -25,6 +32,7 @@
 pub mod atomic;
 mod error;
 mod index;
+mod job;
 mod logical;
 mod reshard;
 
@@ -33,10 +41,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use meshflow_ops::io::{self, Named};
-use meshflow_ops::Tensor as HostTensor;
 
-use crate::exec::layout::take_box;
-use crate::session::shards::{RankShards, VariableSpec};
+use crate::session::shards::{RankAssignments, RankShards, VariableSpec};
 use crate::session::Session;
 
 pub use error::{Error, Result};
@@ -80,19 +86,30 @@ pub fn save_with(session: &Session, dir: impl AsRef<Path>, options: &SaveOptions
         spec.check_storable()?;
     }
     let specs = Arc::new(specs);
-    let initial = initial_values(session, &specs)?;
+    if let Some(job) = session.job() {
+        return job::save(session, job, &specs, dir, options);
+    }
     let temporary = atomic::temporary_sibling(dir)?;
-    let written = write_rank_files(session, &specs, &initial, &temporary, options);
-    let result = written.and_then(|files| {
-        let index = build_index(session, &specs, files)?;
-        atomic::write_synced(&temporary.join(INDEX_FILE), index.to_json().as_bytes())?;
-        atomic::publish_directory(&temporary, dir)?;
-        Ok(index)
-    });
+    let written = write_rank_files(session, &specs, &temporary, options);
+    let result = written.and_then(|()| publish(session, &specs, &temporary, dir));
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&temporary);
     }
     result
+}
+
+/// Writes the index into `temporary` (where every rank file already is) and renames it over
+/// `dir`.
+fn publish(
+    session: &Session,
+    specs: &[VariableSpec],
+    temporary: &Path,
+    dir: &Path,
+) -> Result<Index> {
+    let index = build_index(session, specs)?;
+    atomic::write_synced(&temporary.join(INDEX_FILE), index.to_json().as_bytes())?;
+    atomic::publish_directory(temporary, dir)?;
+    Ok(index)
 }
 
 /// Loads the checkpoint in `dir` into `session`, resharding every variable into the session's
@@ -113,7 +130,10 @@ pub fn load(session: &mut Session, dir: impl AsRef<Path>, options: &LoadOptions)
     }
     let plan = Arc::new(read_pieces(dir, &index, wanted)?);
     let built = session.on_each_rank(move |shards| rank_shards(shards.rank(), &plan))?;
-    let assignments = built.into_iter().collect::<crate::Result<Vec<_>>>()?;
+    let mut assignments: Vec<RankAssignments> = vec![Vec::new(); session.world_size()];
+    for (&rank, shards) in session.local_ranks().iter().zip(built) {
+        assignments[rank] = shards?;
+    }
     session.set_shards(assignments)?;
     if !options.weights_only {
         session.set_steps_done(index.steps_done);
@@ -121,35 +141,17 @@ pub fn load(session: &mut Session, dir: impl AsRef<Path>, options: &LoadOptions)
     Ok(())
 }
 
-/// The logical values of the variables when a writer rank has not materialised its shard yet
-/// (no step has run since the session started): their initial values. Empty otherwise.
-fn initial_values(
-    session: &Session,
-    specs: &Arc<Vec<VariableSpec>>,
-) -> Result<Arc<HashMap<String, HostTensor>>> {
-    let held = Arc::clone(specs);
-    let lacking = session.on_each_rank(move |shards| {
-        let rank = shards.rank();
-        held.iter().any(|spec| spec.is_writer(rank) && shards.shard(spec).is_none())
-    })?;
-    if !lacking.contains(&true) {
-        return Ok(Arc::default());
-    }
-    Ok(Arc::new(session.variables()?.into_iter().collect()))
-}
-
-/// Every rank writes its file into `dir`; per rank, the file name (`None`: nothing to write).
+/// Every rank of this process writes its file into `dir` (a rank that writes nothing has none).
 fn write_rank_files(
     session: &Session,
     specs: &Arc<Vec<VariableSpec>>,
-    initial: &Arc<HashMap<String, HostTensor>>,
     dir: &Path,
     options: &SaveOptions,
-) -> Result<Vec<Option<String>>> {
-    let (specs, initial) = (Arc::clone(specs), Arc::clone(initial));
+) -> Result<()> {
+    let specs = Arc::clone(specs);
     let (dir, fail) = (dir.to_path_buf(), options.fail_on_rank);
-    let results = session
-        .on_each_rank(move |shards| write_rank_file(shards, &specs, &initial, &dir, fail))?;
+    let results =
+        session.on_each_rank(move |shards| write_rank_file(shards, &specs, &dir, fail))?;
     results.into_iter().collect()
 }
 
@@ -157,21 +159,19 @@ fn write_rank_files(
 fn write_rank_file(
     shards: &RankShards<'_>,
     specs: &[VariableSpec],
-    initial: &HashMap<String, HostTensor>,
     dir: &Path,
     fail: Option<usize>,
-) -> Result<Option<String>> {
+) -> Result<()> {
     let rank = shards.rank();
     let mut named = Named::default();
     for spec in specs.iter().filter(|s| s.is_writer(rank)) {
-        let shard = match shards.shard(spec) {
-            Some(shard) => shard,
-            None => initial_shard(spec, rank, initial)?,
-        };
+        let shard = shards.current(spec)?.ok_or_else(|| {
+            crate::Error::Runtime(format!("rank {rank} does not hold variable {}", spec.name))
+        })?;
         named.tensors.insert(spec.name.clone(), shard);
     }
     if named.tensors.is_empty() {
-        return Ok(None);
+        return Ok(());
     }
     named.metadata.insert("format".into(), format!("{FORMAT}-shard"));
     named.metadata.insert("rank".into(), rank.to_string());
@@ -184,36 +184,19 @@ fn write_rank_file(
         return Err(Error::Io { path, source });
     }
     atomic::write_synced(&path, &bytes)?;
-    Ok(Some(file))
+    Ok(())
 }
 
-/// This rank's region of the initial value of `spec`.
-fn initial_shard(
-    spec: &VariableSpec,
-    rank: usize,
-    initial: &HashMap<String, HostTensor>,
-) -> Result<HostTensor> {
-    let logical = initial.get(&spec.name).ok_or_else(|| {
-        crate::Error::Runtime(format!("variable {} has no value to save", spec.name))
-    })?;
-    let region = spec.region(rank)?.ok_or_else(|| {
-        crate::Error::Runtime(format!("rank {rank} does not hold variable {}", spec.name))
-    })?;
-    Ok(take_box(logical, &region.offsets, &region.shape)?)
-}
-
-/// The index of what the ranks wrote.
-fn build_index(
-    session: &Session,
-    specs: &[VariableSpec],
-    files: Vec<Option<String>>,
-) -> Result<Index> {
+/// The index of what the ranks wrote: rank `r` has a file when it is the writer of a variable
+/// (the same rule as [`write_rank_file`], so no rank needs to hear from the others).
+fn build_index(session: &Session, specs: &[VariableSpec]) -> Result<Index> {
+    let world = session.world_size();
     let mut tensors = BTreeMap::new();
     for spec in specs {
         let mut shards = Vec::new();
-        for rank in (0..files.len()).filter(|&r| spec.is_writer(r)) {
+        for rank in (0..world).filter(|&r| spec.is_writer(r)) {
             let Some(region) = spec.region(rank)? else { continue };
-            let file = files[rank].clone().unwrap_or_else(|| rank_file(rank));
+            let file = rank_file(rank);
             shards.push(ShardEntry { file, rank, offsets: region.offsets, shape: region.shape });
         }
         let entry = TensorEntry {
@@ -230,8 +213,11 @@ fn build_index(
         format: FORMAT.to_string(),
         version: VERSION,
         steps_done: session.steps_done(),
-        world_size: session.world_size(),
-        files: files.into_iter().flatten().collect(),
+        world_size: world,
+        files: (0..world)
+            .filter(|&r| specs.iter().any(|s| s.is_writer(r)))
+            .map(rank_file)
+            .collect(),
         tensors,
     })
 }

@@ -107,6 +107,11 @@ impl Devices {
         self.world
     }
 
+    /// The job this process is one rank of, if any (for collective checkpoints).
+    pub fn joined(&self) -> Option<&Arc<Job>> {
+        self.job.as_ref()
+    }
+
     /// True when the world spans processes.
     pub fn is_distributed(&self) -> bool {
         self.job.is_some()
