@@ -5,7 +5,7 @@
 //!   runs numpy's OpenBLAS at the same sizes and prints the ratios.
 //! - `rows_f32/<kernel>/{1,2}_threads`: kernels over a `[4096, 1024]` f32 tensor (16 MiB);
 //!   throughput in bytes is what the kernel reads plus what it writes (`2 × 16 MiB` for softmax,
-//!   layer_norm, relu and the scalar multiply, `3 × 16 MiB` for `add`, `2 × 16 MiB` plus a row
+//!   log_softmax, layer_norm, gelu (erf), relu and the scalar multiply, `3 × 16 MiB` for `add`, `2 × 16 MiB` plus a row
 //!   for the row-broadcast `add_row`). The reference `memcpy/{1,2}_threads` copies the buffer
 //!   (split between the threads) under the same convention, so the GB/s figures compare directly.
 //! - `train_f32/<kernel>`: the kernels of the two training steps the project measures against
@@ -25,6 +25,7 @@ use meshflow_ops::ops::cross_entropy::{CrossEntropy, CrossEntropyGrad};
 use meshflow_ops::ops::embedding::EmbeddingGrad;
 use meshflow_ops::ops::gelu::Gelu;
 use meshflow_ops::ops::layer_norm::{LayerNorm, NormGrad};
+use meshflow_ops::ops::log_softmax::LogSoftmax;
 use meshflow_ops::ops::matmul::MatMul;
 use meshflow_ops::ops::mul_scalar::MulScalar;
 use meshflow_ops::ops::relu::Relu;
@@ -110,7 +111,9 @@ fn rows(c: &mut Criterion) {
             });
         };
         run("softmax", &Softmax, std::slice::from_ref(&x));
+        run("log_softmax", &LogSoftmax, std::slice::from_ref(&x));
         run("layer_norm", &LayerNorm { eps: 1e-5 }, &[x.clone(), weight.clone(), bias.clone()]);
+        run("gelu", &Unary(Gelu { tanh: false }), std::slice::from_ref(&x));
         run("relu", &Unary(Relu), std::slice::from_ref(&x));
         run("mul_scalar", &Unary(MulScalar { value: 0.5 }), std::slice::from_ref(&x));
         run("add_row", &Add, &[x.clone(), bias.clone()]);

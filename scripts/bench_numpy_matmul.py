@@ -4,12 +4,13 @@ the ratio of meshflow's figures to it, and the row kernels' bandwidth as a fract
 By default it first runs the criterion groups `matmul_f32` and `rows_f32` (so both are measured in
 the same run, on the same machine state), then times numpy at 1 and 2 threads (threadpoolctl),
 then reads criterion's estimates (mean time) and prints two tables: GFLOP/s of meshflow and
-OpenBLAS with their ratio, and GB/s of softmax, layer_norm and the element-wise kernels with
-their ratio to memcpy at the same thread count.
+OpenBLAS with their ratio, and GB/s of softmax, log_softmax, layer_norm, gelu and the
+element-wise kernels with their ratio to memcpy at the same thread count.
 
     python3 scripts/bench_numpy_matmul.py              # bench both, print the tables
     python3 scripts/bench_numpy_matmul.py --no-cargo   # reuse the last criterion results
     python3 scripts/bench_numpy_matmul.py --train      # also the training-step kernels (µs)
+    python3 scripts/bench_numpy_matmul.py --rows-only  # only the row kernels vs memcpy (~1 min)
 
 OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are removed from this process's environment before numpy
 loads, so OpenBLAS picks its kernel for the real CPU; the kernel it chose is printed.
@@ -88,13 +89,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--no-cargo", action="store_true", help="reuse existing criterion results")
     parser.add_argument("--train", action="store_true", help="also bench the training kernels")
+    parser.add_argument("--rows-only", action="store_true", help="only the row kernels vs memcpy")
     args = parser.parse_args()
     target_dir = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
     if not args.no_cargo:
-        groups = "matmul_f32|rows_f32" + ("|train_f32" if args.train else "")
+        groups = "rows_f32" if args.rows_only else "matmul_f32|rows_f32"
+        groups += "|train_f32" if args.train else ""
         command = ["cargo", "bench", "-p", "meshflow", "--bench", "ops", "--", groups]
         print("running", " ".join(command), file=sys.stderr)
         subprocess.run(command, cwd=ROOT, check=True)
+    if args.rows_only:
+        print_rows(target_dir)
+        return
     matmul = criterion_results(target_dir, "matmul_f32")
     blas = [info for info in threadpool_info() if info.get("user_api") == "blas"]
     for info in blas:

@@ -10,10 +10,11 @@ use meshflow_placement::{Sbp, Signature};
 use num_traits::{Float, Zero};
 
 use super::nn_rows::{
-    for_each_row, second_order, sum_map, sum_map2, sum_map3, sum_over_rows, Accumulate, RowFloat,
-    SharedRows,
+    for_each_row, prefetch, row, second_order, sum_map, sum_map2, sum_map3, sum_over_rows,
+    Accumulate, RowFloat, SharedRows,
 };
-use super::softmax::last_axis_input;
+use super::softmax::{checked_signatures, last_axis_input, row_signatures};
+use crate::cpu::simd::multiversion;
 use crate::{emit1, Context, Emit, Error, Op, Result, Tensor, TensorMeta, Value};
 
 /// Layer normalisation over the last axis: inputs `x [..., D]`, `weight [D]`, `bias [D]`;
@@ -147,18 +148,10 @@ pub(crate) fn run_forward<N: RowNorm>(
 }
 
 /// `S(i), B.. -> S(i)` for every axis `i` but the last, and all-`B`; none for invalid metas.
-pub(crate) fn norm_signatures<N: RowNorm>(norm: &N, inputs: &[TensorMeta]) -> Vec<Signature> {
-    if infer_norm(norm, inputs).is_err() {
-        return Vec::new(); // invalid metas: no signature
-    }
-    let arity = 1 + N::parameters();
-    let mut signatures = vec![Signature::broadcast(arity, 1)];
-    for i in 0..inputs[0].shape.rank().saturating_sub(1) {
-        let mut ins = vec![Sbp::Broadcast; arity];
-        ins[0] = Sbp::Split(i);
-        signatures.push(Signature::new(ins, [Sbp::Split(i)]));
-    }
-    signatures
+pub(crate) fn norm_signatures<N: RowNorm + Op>(norm: &N, inputs: &[TensorMeta]) -> Vec<Signature> {
+    let mut roles = vec![Some(Sbp::Broadcast); 1 + N::parameters()];
+    roles[0] = None;
+    checked_signatures(norm, inputs, || row_signatures(inputs[0].shape.rank(), &roles, &[None]))
 }
 
 /// The backward of a [`RowNorm`]: one [`NormGrad`] giving `dx` and the parameter gradients.
@@ -202,18 +195,10 @@ impl<N: RowNorm> Op for NormGrad<N> {
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
-        if self.infer(inputs).is_err() {
-            return Vec::new(); // invalid metas: no signature
-        }
-        let outputs = 1 + N::parameters();
-        let mut signatures = vec![Signature::broadcast(3, outputs)];
-        for i in 0..inputs[0].shape.rank().saturating_sub(1) {
-            let mut outs = vec![Sbp::PartialSum; outputs];
-            outs[0] = Sbp::Split(i);
-            let ins = [Sbp::Split(i), Sbp::Broadcast, Sbp::Split(i)];
-            signatures.push(Signature::new(ins, outs));
-        }
-        signatures
+        let mut outputs = vec![Some(Sbp::PartialSum); 1 + N::parameters()];
+        outputs[0] = None;
+        let rows = [None, Some(Sbp::Broadcast), None];
+        checked_signatures(self, inputs, || row_signatures(inputs[0].shape.rank(), &rows, &outputs))
     }
 
     fn backward(
@@ -286,15 +271,32 @@ pub(crate) fn norm_forward<T: RowFloat>(
     let width = weight.len();
     let mut y = Tensor::for_overwrite(ctx, inputs[0].shape().clone(), inputs[0].dtype());
     let eps = T::Acc::constant(eps);
-    let kernel = |x_row: &[T], y_row: &mut [T]| {
-        let stats = row_stats(x_row, eps, centred);
-        match bias {
-            Some(bias) => affine_row(x_row, y_row, stats, weight, bias),
-            None => scale_row(x_row, y_row, stats.1, weight),
-        }
-    };
+    let kernel = |x: &[T], y: &mut [T]| norm_rows(x, y, weight, bias, eps);
     for_each_row(ctx, x, width, y.as_mut_slice::<T>()?, width, kernel);
     Ok(y)
+}
+
+multiversion! {
+    /// Normalises each row of `x` (rows as wide as `weight`) into `y`: centred with a bias when
+    /// there is one (layer norm), scaled only when not (rms norm).
+    fn norm_rows<T: RowFloat>(
+        x: &[T],
+        y: &mut [T],
+        weight: &[T],
+        bias: Option<&[T]>,
+        eps: T::Acc,
+    ) {
+        let width = weight.len();
+        let rows = x.chunks_exact(width).zip(y.chunks_exact_mut(width));
+        for (index, (x_row, y_row)) in rows.enumerate() {
+            prefetch(row(x, width, index + 1));
+            let stats = row_stats(x_row, eps, bias.is_some());
+            match bias {
+                Some(bias) => affine_row(x_row, y_row, stats, weight, bias),
+                None => scale_row(x_row, y_row, stats.1, weight),
+            }
+        }
+    }
 }
 
 #[inline(always)]
@@ -334,16 +336,11 @@ pub(crate) fn norm_backward<T: RowFloat>(
     let mut dx = Tensor::for_overwrite(ctx, inputs[0].shape().clone(), inputs[0].dtype());
     let dx_all = SharedRows::new(dx.as_mut_slice::<T>()?);
     let partial = |range: std::ops::Range<usize>| {
-        let mut sums = vec![T::Acc::zero(); 2 * width];
-        for r in range {
-            let span = r * width..(r + 1) * width;
-            // SAFETY: tasks cover disjoint row ranges, so each row of dx has one writer.
-            let dx_row = unsafe { dx_all.row(span.clone()) };
-            let (mean, rstd) = row_stats(&x[span.clone()], eps, centred);
-            let row = NormRow { x: &x[span.clone()], dy: &dy[span], weight, mean, rstd };
-            row.backward(dx_row, &mut sums, centred);
-        }
-        sums
+        let span = range.start * width..range.end * width;
+        // SAFETY: tasks cover disjoint row ranges, so each row of dx has one writer.
+        let dx_rows = unsafe { dx_all.row(span.clone()) };
+        let rows = NormRows { x: &x[span.clone()], dy: &dy[span], weight, eps };
+        norm_backward_rows(rows, dx_rows, centred)
     };
     let add = |mut a: Vec<T::Acc>, b: Vec<T::Acc>| {
         a.iter_mut().zip(b).for_each(|(s, v)| *s += v);
@@ -357,6 +354,33 @@ pub(crate) fn norm_backward<T: RowFloat>(
         outputs.push(Tensor::from_vec(narrow(&sums[width..]), [width])?);
     }
     Ok(outputs)
+}
+
+/// Rows of the norm backward: `x` and `dy` hold whole rows as wide as `weight`.
+struct NormRows<'a, T: RowFloat> {
+    x: &'a [T],
+    dy: &'a [T],
+    weight: &'a [T],
+    eps: T::Acc,
+}
+
+multiversion! {
+    /// Writes `dx` of every row and returns `[Σ dy ⊙ x̂, Σ dy]` over the rows (`2·D` sums).
+    fn norm_backward_rows<T: RowFloat>(
+        rows: NormRows<'_, T>,
+        dx: &mut [T],
+        centred: bool,
+    ) -> Vec<T::Acc> {
+        let width = rows.weight.len();
+        let mut sums = vec![T::Acc::zero(); 2 * width];
+        let inputs = rows.x.chunks_exact(width).zip(rows.dy.chunks_exact(width));
+        for ((x, dy), dx) in inputs.zip(dx.chunks_exact_mut(width)) {
+            let (mean, rstd) = row_stats(x, rows.eps, centred);
+            let row = NormRow { x, dy, weight: rows.weight, mean, rstd };
+            row.backward(dx, &mut sums, centred);
+        }
+        sums
+    }
 }
 
 /// One row of the norm backward.

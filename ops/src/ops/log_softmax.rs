@@ -1,10 +1,11 @@
 //! `log_softmax` over the last axis, numerically stable: `y = x − max − ln Σ e^(x − max)`, and
 //! its fused gradient [`LogSoftmaxGrad`].
 
-use num_traits::{Float, Zero};
+use num_traits::Float;
 
-use super::nn_rows::{max, sum_map, Accumulate, RowFloat};
-use super::softmax::{last_axis_op, rows_map, rows_zip, LastAxis, RowGrad};
+use super::nn_rows::{max, prefetch, row, sum_map, Accumulate, RowFloat};
+use super::softmax::{last_axis_op, nonpositive_shift, rows_map, rows_zip, LastAxis, RowGrad};
+use crate::cpu::simd::multiversion;
 use crate::{emit1, Context, Emit, Result, Tensor, TensorMeta, Value};
 
 /// Log-softmax over the last axis.
@@ -31,21 +32,41 @@ impl LastAxis for LogSoftmax {
     const FLOPS: (u64, u64) = (5, 4);
 
     fn rows(ctx: &Context, x: &Tensor) -> Result<Tensor> {
-        crate::dispatch_float!(Self::NAME, x.dtype(), T => rows_map::<T>(ctx, x, log_softmax_row::<T>))
+        crate::dispatch_float!(Self::NAME, x.dtype(), T => rows_map::<T>(ctx, x, log_softmax_rows::<T>))
     }
 
     fn grad_rows(ctx: &Context, y: &Tensor, dy: &Tensor) -> Result<Tensor> {
-        crate::dispatch_float!(Self::GRAD_NAME, y.dtype(), T => rows_zip::<T>(ctx, y, dy, log_softmax_grad_row::<T>))
+        crate::dispatch_float!(Self::GRAD_NAME, y.dtype(), T => rows_zip::<T>(ctx, y, dy, log_softmax_grad_rows::<T>))
     }
 }
 
 last_axis_op!(LogSoftmax);
 
+multiversion! {
+    /// [`log_softmax_row`] over each row of `width` elements.
+    fn log_softmax_rows<T: RowFloat>(x: &[T], y: &mut [T], width: usize) {
+        let rows = x.chunks_exact(width).zip(y.chunks_exact_mut(width));
+        for (index, (x_row, y_row)) in rows.enumerate() {
+            prefetch(row(x, width, index + 1));
+            log_softmax_row(x_row, y_row);
+        }
+    }
+}
+
+multiversion! {
+    /// [`log_softmax_grad_row`] over each row of `width` elements.
+    fn log_softmax_grad_rows<T: RowFloat>(y: &[T], dy: &[T], dx: &mut [T], width: usize) {
+        let rows = y.chunks_exact(width).zip(dy.chunks_exact(width));
+        for ((y, dy), dx) in rows.zip(dx.chunks_exact_mut(width)) {
+            log_softmax_grad_row(y, dy, dx);
+        }
+    }
+}
+
 #[inline(always)]
 fn log_softmax_row<T: RowFloat>(x: &[T], y: &mut [T]) {
-    let peak = max(x);
-    let peak = if peak.is_finite() { peak } else { T::Acc::zero() };
-    let total = sum_map(x, |v| (v - peak).exp_fast());
+    let peak = nonpositive_shift(max(x));
+    let total = sum_map(x, |v| (v - peak).exp_nonpositive());
     let shift = peak + total.ln();
     for (out, &v) in y.iter_mut().zip(x) {
         *out = T::narrow(v.widen() - shift);

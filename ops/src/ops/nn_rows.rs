@@ -17,8 +17,9 @@ use crate::{Context, Element};
 /// Elements a parallel task should at least cover, so that task overhead stays negligible.
 const MIN_TASK_ELEMENTS: usize = 16 * 1024;
 
-/// Lanes of the chunked reductions (a multiple of every SIMD width we meet: 4, 8 or 16 f32s).
-const LANES: usize = 8;
+/// Lanes of the chunked reductions: a multiple of every SIMD width we meet (4, 8 or 16 f32s),
+/// and two AVX2 registers of f32, so that two accumulations are in flight at once.
+const LANES: usize = 16;
 
 /// The type kernels compute in: `f32` for f32, bf16 and f16; `f64` for f64.
 pub(crate) trait Accumulate:
@@ -26,6 +27,9 @@ pub(crate) trait Accumulate:
 {
     /// `e^x`, vectorisable (branch-free) for `f32`, the libm one for `f64`.
     fn exp_fast(self) -> Self;
+
+    /// [`Accumulate::exp_fast`] for `self ≤ 0` (or NaN), cheaper for `f32`.
+    fn exp_nonpositive(self) -> Self;
 
     /// A constant converted from `f64`.
     fn constant(value: f64) -> Self {
@@ -38,11 +42,21 @@ impl Accumulate for f32 {
     fn exp_fast(self) -> f32 {
         exp_f32(self)
     }
+
+    #[inline(always)]
+    fn exp_nonpositive(self) -> f32 {
+        exp_f32_nonpositive(self)
+    }
 }
 
 impl Accumulate for f64 {
     #[inline(always)]
     fn exp_fast(self) -> f64 {
+        self.exp()
+    }
+
+    #[inline(always)]
+    fn exp_nonpositive(self) -> f64 {
         self.exp()
     }
 }
@@ -99,16 +113,41 @@ row_float_half!(f16);
 /// range; 0 below −87.33, ∞ above 88.72; NaN stays NaN).
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
+    let value = exp_reduced(x.clamp(-87.33, 88.72));
+    // Selects (blends, not branches): underflow to 0, overflow to ∞. NaN fails both
+    // comparisons and stays NaN through the clamp and the polynomial.
+    let value = if x < -87.33 { 0.0 } else { value };
+    if x > 88.72 {
+        f32::INFINITY
+    } else {
+        value
+    }
+}
+
+/// [`exp_f32`] for `x ≤ 0` (or NaN), as softmax's `x − max`: no overflow to handle, so two
+/// instructions fewer per vector. Positive `x` above 88.72 gives garbage.
+#[inline(always)]
+pub(crate) fn exp_f32_nonpositive(x: f32) -> f32 {
+    let value = exp_reduced(if x < -87.33 { -87.33 } else { x });
+    if x < -87.33 {
+        0.0
+    } else {
+        value
+    }
+}
+
+/// `e^x` for `x` in [−87.33, 88.72] (or NaN): `2^n · p(r)` with `x = n·ln 2 + r`.
+#[inline(always)]
+fn exp_reduced(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HIGH: f32 = 0.693_359_4;
     const LN2_LOW: f32 = -2.121_944_4e-4;
     // 1.5 · 2^23: adding it rounds to the nearest integer and leaves that integer in the low bits.
     const ROUND: f32 = 12_582_912.0;
     // Plain multiply-adds (not `mul_add`, which is a libm call without the FMA target feature).
-    let clamped = x.clamp(-87.33, 88.72);
-    let shifted = clamped * LOG2E + ROUND;
+    let shifted = x * LOG2E + ROUND;
     let n = shifted - ROUND;
-    let r = clamped - n * LN2_HIGH;
+    let r = x - n * LN2_HIGH;
     let r = r - n * LN2_LOW;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -118,16 +157,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 0.5;
     let poly = p * (r * r) + r + 1.0;
     let exponent = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
-    let scale = f32::from_bits((exponent.wrapping_add(127) << 23) as u32);
-    let value = poly * scale;
-    // Selects (blends, not branches): underflow to 0, overflow to ∞, NaN stays NaN.
-    let value = if x < -87.33 { 0.0 } else { value };
-    let value = if x > 88.72 { f32::INFINITY } else { value };
-    if x.is_nan() {
-        x
-    } else {
-        value
-    }
+    poly * f32::from_bits((exponent.wrapping_add(127) << 23) as u32)
 }
 
 /// `Σ f(x_i)` in the accumulate type, with independent lanes so that it vectorises.
@@ -144,6 +174,30 @@ pub(crate) fn sum_map<T: RowFloat>(xs: &[T], f: impl Fn(T::Acc) -> T::Acc) -> T:
     let mut total = lanes.iter().fold(T::Acc::zero(), |a, &b| a + b);
     for &x in tail {
         total += f(x.widen());
+    }
+    total
+}
+
+/// Writes `y_i = f(x_i)` and returns `Σ y_i` (summed in the accumulate type before narrowing),
+/// lane-chunked: one pass that both maps and reduces.
+#[inline(always)]
+pub(crate) fn map_sum<T: RowFloat>(xs: &[T], ys: &mut [T], f: impl Fn(T::Acc) -> T::Acc) -> T::Acc {
+    let mut lanes = [T::Acc::zero(); LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    let mut outs = ys.chunks_exact_mut(LANES);
+    for (chunk, out) in chunks.zip(&mut outs) {
+        for ((lane, &x), out) in lanes.iter_mut().zip(chunk).zip(out) {
+            let value = f(x.widen());
+            *out = T::narrow(value);
+            *lane += value;
+        }
+    }
+    let mut total = lanes.iter().fold(T::Acc::zero(), |a, &b| a + b);
+    for (&x, out) in tail.iter().zip(outs.into_remainder()) {
+        let value = f(x.widen());
+        *out = T::narrow(value);
+        total += value;
     }
     total
 }
@@ -195,13 +249,15 @@ pub(crate) fn sum_map3<T: RowFloat>(
     total
 }
 
-/// The largest element (−∞ for an empty slice; NaN propagates), lane-chunked.
+/// The largest element (−∞ for an empty slice), lane-chunked. A NaN may or may not be
+/// returned when `xs` holds one (each lane is a plain `max` instruction); callers pass every
+/// element through `exp` afterwards, where a NaN poisons the row anyway.
 #[inline(always)]
 pub(crate) fn max<T: RowFloat>(xs: &[T]) -> T::Acc {
     let mut lanes = [T::Acc::neg_infinity(); LANES];
     let chunks = xs.chunks_exact(LANES);
     let tail = chunks.remainder();
-    let pick = |a: T::Acc, b: T::Acc| if a > b || a.is_nan() { a } else { b };
+    let pick = |a: T::Acc, b: T::Acc| if a > b { a } else { b };
     for chunk in chunks {
         for (lane, &x) in lanes.iter_mut().zip(chunk) {
             *lane = pick(*lane, x.widen());
@@ -214,6 +270,30 @@ pub(crate) fn max<T: RowFloat>(xs: &[T]) -> T::Acc {
     best
 }
 
+/// Asks the CPU to start loading `values` into its L2 cache, one hint per 64-byte line: row
+/// kernels prefetch the next row while they compute on this one, so the read overlaps the
+/// arithmetic (the hardware prefetcher stops at each 4 KiB page, one row of 1024 f32s).
+#[inline(always)]
+pub(crate) fn prefetch<T>(values: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let start = values.as_ptr().cast::<i8>();
+        for offset in (0..std::mem::size_of_val(values)).step_by(64) {
+            // SAFETY: a prefetch is a hint that never faults; the address lies inside `values`.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(start.wrapping_add(offset)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = values;
+}
+
+/// Row `index` of `values` (rows of `width`), or an empty slice past the end.
+#[inline(always)]
+pub(crate) fn row<T>(values: &[T], width: usize, index: usize) -> &[T] {
+    values.get(index * width..(index + 1) * width).unwrap_or_default()
+}
+
 /// Rows of `width` elements per task: enough work per task, and at least one task per thread.
 pub(crate) fn rows_per_task(ctx: &Context, rows: usize, width: usize) -> usize {
     let by_size = MIN_TASK_ELEMENTS.div_ceil(width.max(1));
@@ -221,8 +301,10 @@ pub(crate) fn rows_per_task(ctx: &Context, rows: usize, width: usize) -> usize {
     by_size.max(by_threads).min(rows.max(1))
 }
 
-/// Runs `kernel(input_row, output_row)` over every row, in parallel within `ctx`'s budget.
-/// `input` holds rows of `in_width`, `output` rows of `out_width`.
+/// Runs `kernel(input_rows, output_rows)` over tasks of whole rows, in parallel within `ctx`'s
+/// budget: `input` holds rows of `in_width`, `output` rows of `out_width`, and each call gets
+/// the same rows of both. The kernel loops over its rows itself, so that a
+/// [`multiversion!`](crate::cpu::simd::multiversion) row loop dispatches once per task.
 pub(crate) fn for_each_row<I: Sync, O: Send>(
     ctx: &Context,
     input: &[I],
@@ -232,31 +314,23 @@ pub(crate) fn for_each_row<I: Sync, O: Send>(
     kernel: impl Fn(&[I], &mut [O]) + Sync,
 ) {
     let rows = output.len().checked_div(out_width).unwrap_or(0);
-    if rows == 0 || in_width == 0 || out_width == 0 {
+    if rows == 0 || in_width == 0 {
         return;
     }
     let per_task = rows_per_task(ctx, rows, in_width);
-    let task = |(input, output): (&[I], &mut [O])| {
-        vectorized(|| {
-            for (row_in, row_out) in input.chunks(in_width).zip(output.chunks_mut(out_width)) {
-                kernel(row_in, row_out);
-            }
-        })
-    };
     if ctx.threads() == 1 || per_task >= rows {
-        task((input, output));
+        kernel(input, output);
         return;
     }
     ctx.install(|| {
         input
             .par_chunks(per_task * in_width)
             .zip(output.par_chunks_mut(per_task * out_width))
-            .for_each(task);
+            .for_each(|(input, output)| kernel(input, output));
     });
 }
 
-/// Runs `kernel(a_row, b_row, output_row)` over the rows of two inputs of one shape, in parallel
-/// within `ctx`'s budget.
+/// [`for_each_row`] over two inputs of one shape: `kernel(a_rows, b_rows, output_rows)`.
 pub(crate) fn for_each_row2<I: Sync, O: Send>(
     ctx: &Context,
     (a, b): (&[I], &[I]),
@@ -265,21 +339,13 @@ pub(crate) fn for_each_row2<I: Sync, O: Send>(
     out_width: usize,
     kernel: impl Fn(&[I], &[I], &mut [O]) + Sync,
 ) {
-    let rows = a.len() / in_width.max(1);
-    if rows == 0 || in_width == 0 || out_width == 0 {
+    let rows = a.len().checked_div(in_width).unwrap_or(0);
+    if rows == 0 || out_width == 0 {
         return;
     }
     let per_task = rows_per_task(ctx, rows, in_width);
-    let task = |((a, b), output): ((&[I], &[I]), &mut [O])| {
-        vectorized(|| {
-            let rows = a.chunks(in_width).zip(b.chunks(in_width));
-            for ((row_a, row_b), row_out) in rows.zip(output.chunks_mut(out_width)) {
-                kernel(row_a, row_b, row_out);
-            }
-        })
-    };
     if ctx.threads() == 1 || per_task >= rows {
-        task(((a, b), output));
+        kernel(a, b, output);
         return;
     }
     let chunk = per_task * in_width;
@@ -287,7 +353,7 @@ pub(crate) fn for_each_row2<I: Sync, O: Send>(
         a.par_chunks(chunk)
             .zip(b.par_chunks(chunk))
             .zip(output.par_chunks_mut(per_task * out_width))
-            .for_each(task);
+            .for_each(|((a, b), output)| kernel(a, b, output));
     });
 }
 
@@ -374,6 +440,11 @@ mod tests {
         }
         assert!(worst < 2.5e-7, "worst relative error {worst}");
         assert_eq!(exp_f32(-200.0), 0.0);
+        assert_eq!(exp_f32(200.0), f32::INFINITY);
+        for x in [-200.0f32, -87.0, -3.5, -1e-3, 0.0] {
+            assert_eq!(exp_f32_nonpositive(x), exp_f32(x));
+        }
+        assert!(exp_f32_nonpositive(f32::NAN).is_nan());
         assert_eq!(exp_f32(0.0), 1.0);
         assert!(exp_f32(f32::NAN).is_nan());
     }
@@ -393,7 +464,11 @@ mod tests {
         let ctx = Context::with_threads(2);
         let input: Vec<f32> = (0..64 * 1000).map(|i| i as f32).collect();
         let mut output = vec![0.0f32; 1000];
-        for_each_row(&ctx, &input, 64, &mut output, 1, |row, out| out[0] = row[0]);
+        for_each_row(&ctx, &input, 64, &mut output, 1, |rows, out| {
+            for (row, out) in rows.chunks(64).zip(out) {
+                *out = row[0];
+            }
+        });
         assert!(output.iter().enumerate().all(|(i, &v)| v == (i * 64) as f32));
         let total = sum_over_rows(&ctx, 1000, 64, |range| range.len(), |a, b| a + b);
         assert_eq!(total, Some(1000));

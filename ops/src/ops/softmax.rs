@@ -3,11 +3,13 @@
 //! implementation `last_axis_op!` derives from it, and the gradient op [`RowGrad`].
 
 use meshflow_placement::{Sbp, Signature};
-use num_traits::{Float, One, Zero};
+use num_traits::One;
 
 use super::nn_rows::{
-    for_each_row, for_each_row2, max, second_order, sum_map, sum_map2, Accumulate, RowFloat,
+    for_each_row, for_each_row2, map_sum, max, prefetch, row, second_order, sum_map2, Accumulate,
+    RowFloat,
 };
+use crate::cpu::simd::multiversion;
 use crate::{emit1, Context, Emit, Error, Op, Result, Tensor, TensorMeta, Value};
 
 /// Softmax over the last axis.
@@ -35,47 +37,57 @@ impl LastAxis for Softmax {
     const FLOPS: (u64, u64) = (5, 4);
 
     fn rows(ctx: &Context, x: &Tensor) -> Result<Tensor> {
-        crate::dispatch_float!(Self::NAME, x.dtype(), T => rows_map::<T>(ctx, x, softmax_row_fast::<T>))
+        crate::dispatch_float!(Self::NAME, x.dtype(), T => rows_map::<T>(ctx, x, softmax_rows::<T>))
     }
 
     fn grad_rows(ctx: &Context, y: &Tensor, dy: &Tensor) -> Result<Tensor> {
-        crate::dispatch_float!(Self::GRAD_NAME, y.dtype(), T => rows_zip::<T>(ctx, y, dy, softmax_grad_row::<T>))
+        crate::dispatch_float!(Self::GRAD_NAME, y.dtype(), T => rows_zip::<T>(ctx, y, dy, softmax_grad_rows::<T>))
     }
 }
 
-/// [`softmax_row`] in AVX2 + FMA code where the CPU has it. The feature boundary sits on the
-/// row function itself: a kernel handed down as `impl Fn` is not reliably inlined into a
-/// `#[target_feature]` loop further out (the exp loop stayed 4-wide SSE that way).
-#[inline(always)]
-fn softmax_row_fast<T: RowFloat>(x: &[T], y: &mut [T]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::cpu::simd::has_x86_v3() {
-        // SAFETY: the CPU has the features `softmax_row_v3` is compiled for (checked above).
-        return unsafe { softmax_row_v3(x, y) };
+multiversion! {
+    /// [`softmax_row`] over each row of `width` elements.
+    fn softmax_rows<T: RowFloat>(x: &[T], y: &mut [T], width: usize) {
+        let rows = x.chunks_exact(width).zip(y.chunks_exact_mut(width));
+        for (index, (x_row, y_row)) in rows.enumerate() {
+            prefetch(row(x, width, index + 1));
+            softmax_row(x_row, y_row);
+        }
     }
-    softmax_row(x, y)
 }
 
-/// # Safety
-/// The CPU must have AVX2, FMA and BMI2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
-unsafe fn softmax_row_v3<T: RowFloat>(x: &[T], y: &mut [T]) {
-    softmax_row(x, y)
+multiversion! {
+    /// [`softmax_grad_row`] over each row of `width` elements.
+    fn softmax_grad_rows<T: RowFloat>(y: &[T], dy: &[T], dx: &mut [T], width: usize) {
+        let rows = y.chunks_exact(width).zip(dy.chunks_exact(width));
+        for ((y, dy), dx) in rows.zip(dx.chunks_exact_mut(width)) {
+            softmax_grad_row(y, dy, dx);
+        }
+    }
 }
 
+/// One row: the max (a read pass), then `e^(x − max)` written to `y` while summed, then `y`
+/// scaled by the reciprocal of the sum. Rows are short enough to stay in L1 between passes,
+/// so memory sees one read of `x` and one write of `y`.
 #[inline(always)]
 fn softmax_row<T: RowFloat>(x: &[T], y: &mut [T]) {
-    let peak = max(x);
-    let peak = if peak.is_finite() { peak } else { T::Acc::zero() };
-    // A pure map (vectorises), then a lane-chunked sum of what it wrote.
-    for (out, &v) in y.iter_mut().zip(x) {
-        *out = T::narrow((v.widen() - peak).exp_fast());
-    }
-    let total = sum_map(y, |v| v);
+    let peak = nonpositive_shift(max(x));
+    let total = map_sum(x, y, |v| (v - peak).exp_nonpositive());
     let scale = T::Acc::one() / total;
     for out in y.iter_mut() {
         *out = T::narrow(out.widen() * scale);
+    }
+}
+
+/// The row maximum as the shift that makes every `x − shift` ≤ 0 (or NaN, where the row holds
+/// NaN or +∞, whose results are NaN as in PyTorch); 0 for a row of −∞ (whose `e^(x − 0)` are 0,
+/// so the result is NaN too).
+#[inline(always)]
+pub(crate) fn nonpositive_shift<A: Accumulate>(peak: A) -> A {
+    if peak == A::neg_infinity() {
+        A::zero()
+    } else {
+        peak
     }
 }
 
@@ -196,16 +208,28 @@ impl<K: LastAxis> Op for RowGrad<K> {
     }
 }
 
-/// [`row_signatures`] of `op` with `inputs` inputs and one output; none for invalid metas.
+/// [`row_signatures`] of an op whose `inputs` inputs and one output are all rows; none for
+/// invalid metas.
 pub(crate) fn checked_row_signatures(
     op: &dyn Op,
     metas: &[TensorMeta],
     inputs: usize,
 ) -> Vec<Signature> {
-    if op.infer(metas).is_err() {
-        return Vec::new(); // invalid metas: no signature
+    let rows = vec![None; inputs];
+    checked_signatures(op, metas, || row_signatures(metas[0].shape.rank(), &rows, &[None]))
+}
+
+/// `signatures()` when `op` accepts `metas`, none otherwise (the one check every signature
+/// function of a row op starts with).
+pub(crate) fn checked_signatures(
+    op: &dyn Op,
+    metas: &[TensorMeta],
+    signatures: impl FnOnce() -> Vec<Signature>,
+) -> Vec<Signature> {
+    match op.infer(metas) {
+        Ok(_) => signatures(),
+        Err(_) => Vec::new(), // invalid metas: no signature
     }
-    row_signatures(metas[0].shape.rank(), inputs, 1)
 }
 
 /// Checks arity, a float dtype and rank ≥ 1; returns the first input.
@@ -238,41 +262,52 @@ pub(crate) fn same_meta(op: &'static str, first: &TensorMeta, other: &TensorMeta
     Ok(())
 }
 
-/// Row signatures of an op whose inputs and outputs all have the rows of the first input:
-/// `S(i)` everywhere for every axis but the last, and all-`B`.
-pub(crate) fn row_signatures(rank: usize, inputs: usize, outputs: usize) -> Vec<Signature> {
-    let mut signatures = vec![Signature::broadcast(inputs, outputs)];
+/// Signatures of a row-wise op over inputs of rank `rank`: all-`B`, and for every axis `i` but
+/// the last, each input and output that is `None` (holding rows) split on `i` while the others
+/// take the SBP given (a broadcast weight, a partial-sum weight gradient).
+pub(crate) fn row_signatures(
+    rank: usize,
+    inputs: &[Option<Sbp>],
+    outputs: &[Option<Sbp>],
+) -> Vec<Signature> {
+    let mut signatures = vec![Signature::broadcast(inputs.len(), outputs.len())];
+    let place = |roles: &[Option<Sbp>], i| -> Vec<Sbp> {
+        roles.iter().map(|role| role.unwrap_or(Sbp::Split(i))).collect()
+    };
     signatures.extend(
-        (0..rank.saturating_sub(1))
-            .map(|i| Signature::new(vec![Sbp::Split(i); inputs], vec![Sbp::Split(i); outputs])),
+        (0..rank.saturating_sub(1)).map(|i| Signature::new(place(inputs, i), place(outputs, i))),
     );
     signatures
 }
 
-/// `y_row = kernel(x_row)` over the rows (last axis) of `x`, in parallel.
+/// `kernel(x_rows, y_rows, width)` over tasks of whole rows (last axis) of `x`, in parallel;
+/// `y` is the output.
 pub(crate) fn rows_map<T: RowFloat>(
     ctx: &Context,
     x: &Tensor,
-    kernel: impl Fn(&[T], &mut [T]) + Sync,
+    kernel: impl Fn(&[T], &mut [T], usize) + Sync,
 ) -> Result<Tensor> {
     let width = x.dims().last().copied().unwrap_or(1);
     let mut out = Tensor::for_overwrite(ctx, x.shape().clone(), x.dtype());
     let input = x.as_slice::<T>()?;
-    for_each_row(ctx, input, width, out.as_mut_slice::<T>()?, width, kernel);
+    let rows = |x: &[T], y: &mut [T]| kernel(x, y, width);
+    for_each_row(ctx, input, width, out.as_mut_slice::<T>()?, width, rows);
     Ok(out)
 }
 
-/// `z_row = kernel(x_row, y_row)` over the rows of two tensors of one shape, in parallel.
+/// `kernel(x_rows, y_rows, z_rows, width)` over tasks of whole rows of two tensors of one shape,
+/// in parallel; `z` is the output.
 pub(crate) fn rows_zip<T: RowFloat>(
     ctx: &Context,
     x: &Tensor,
     y: &Tensor,
-    kernel: impl Fn(&[T], &[T], &mut [T]) + Sync,
+    kernel: impl Fn(&[T], &[T], &mut [T], usize) + Sync,
 ) -> Result<Tensor> {
     let width = x.dims().last().copied().unwrap_or(1);
     let mut out = Tensor::for_overwrite(ctx, x.shape().clone(), x.dtype());
     let inputs = (x.as_slice::<T>()?, y.as_slice::<T>()?);
-    for_each_row2(ctx, inputs, width, out.as_mut_slice::<T>()?, width, kernel);
+    let rows = |x: &[T], y: &[T], z: &mut [T]| kernel(x, y, z, width);
+    for_each_row2(ctx, inputs, width, out.as_mut_slice::<T>()?, width, rows);
     Ok(out)
 }
 
