@@ -194,3 +194,43 @@ fn one_representative_rank_per_placement_predicts_the_full_step() {
         assert!(expected.step_seconds > 0.0);
     }
 }
+
+/// With a kernel profile, each kernel takes its measured time (times the slowdown): a chain of
+/// `stages` identical kernels over one piece takes `stages` of them.
+#[test]
+fn profiled_kernels_take_their_measured_time() {
+    use meshflow::plan::profile::KernelProfile;
+    use std::time::Duration;
+
+    let stages = 3;
+    let program = pipeline(stages);
+    let profile = KernelProfile::measure(&program, 1, Duration::from_millis(5)).unwrap();
+    assert_eq!((profile.len(), profile.failed), (1, 0), "one distinct kernel: mul_scalar [4, 4]");
+    let Step::Kernel { inputs, ops, .. } =
+        program.steps.iter().find(|s| matches!(s, Step::Kernel { .. })).unwrap()
+    else {
+        unreachable!()
+    };
+    let metas: Vec<_> = inputs
+        .iter()
+        .map(|s| meshflow::compile::actors::local_meta(&program, *s, 0).unwrap())
+        .collect();
+    let measured = profile.seconds(&ops[0], &metas).unwrap();
+    assert!(measured > 0.0 && measured < 0.01, "a 16-element kernel: {measured} s");
+    let cluster = cluster(stages, 0.0, 1e30);
+    let slowdown = 2.0;
+    let prediction = meshflow::plan::predict_measured(
+        &program,
+        &ActorConfig::default(),
+        &cluster,
+        Some((&profile, slowdown)),
+        false,
+    )
+    .unwrap();
+    let expected = stages as f64 * measured * slowdown;
+    assert!(
+        (prediction.step_seconds - expected).abs() < 2e-9 * stages as f64,
+        "{} s, expected {expected} s",
+        prediction.step_seconds
+    );
+}

@@ -7,6 +7,11 @@
 //! the in-process all-reduce's latency per hop and bandwidth (2 threads), and the fixed cost of an
 //! empty session step per device count. With more devices than cores, each device gets
 //! `cores / devices` of the compute and memory figures.
+//!
+//! Each strategy is predicted twice: with the roofline of those figures, and with every distinct
+//! kernel of its program timed on this machine ([`KernelProfile`], slowed by `devices / cores`
+//! when devices share cores). The second leaves the simulator only the schedule, the
+//! communication and the runtime between kernels to predict.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -23,7 +28,8 @@ use meshflow_placement::{DeviceType, Placement};
 
 use super::cluster::{Cluster, DeviceSpec, Link};
 use super::model::ModelSpec;
-use super::predict;
+use super::profile::KernelProfile;
+use super::{predict, predict_measured};
 use crate::compile::actors::ActorConfig;
 use crate::compile::CompileConfig;
 use crate::nn::{Gpt, Layouts, WeightInit};
@@ -101,8 +107,12 @@ impl Measured {
 pub struct CalibrationRow {
     /// `dp×tp`.
     pub mesh: (usize, usize),
-    /// Simulated step (kernels and boxing) plus the measured empty-step cost.
+    /// Simulated step (roofline kernels and boxing) plus the measured empty-step cost.
     pub predicted: f64,
+    /// Simulated step with measured kernel times ([`KernelProfile`]) plus the empty-step cost.
+    pub profiled: f64,
+    /// Distinct kernels profiled, and those that could not run on made-up inputs.
+    pub kernels: (usize, usize),
     /// Of which the empty step.
     pub fixed: f64,
     /// Fastest measured step (the least disturbed by other processes).
@@ -113,6 +123,11 @@ impl CalibrationRow {
     /// `(predicted − measured) / measured`.
     pub fn error(&self) -> f64 {
         (self.predicted - self.measured) / self.measured
+    }
+
+    /// `(profiled − measured) / measured`.
+    pub fn profiled_error(&self) -> f64 {
+        (self.profiled - self.measured) / self.measured
     }
 }
 
@@ -134,9 +149,20 @@ pub fn calibrate(config: &CalibrationConfig, compile: &CompileConfig) -> Result<
         let fixed = empty_step(dp * tp, 1)?;
         let cluster = measured.cluster(dp * tp);
         let prediction = predict(&session_program, &ActorConfig::default(), &cluster, false)?;
+        let profile = KernelProfile::measure(&session_program, 1, Duration::from_millis(20))?;
+        let slowdown = ((dp * tp) as f64 / measured.cores as f64).max(1.0);
+        let profiled = predict_measured(
+            &session_program,
+            &ActorConfig::default(),
+            &cluster,
+            Some((&profile, slowdown)),
+            false,
+        )?;
         rows.push(CalibrationRow {
             mesh: (dp, tp),
             predicted: prediction.step_seconds + fixed,
+            profiled: profiled.step_seconds + fixed,
+            kernels: (profile.len(), profile.failed),
             fixed,
             measured: measured_step,
         });
@@ -331,18 +357,26 @@ impl fmt::Display for CalibrationTable {
             m.hop_latency * 1e6,
             m.link_bandwidth / 1e9
         )?;
-        writeln!(f, "| char GPT, batch 16 (fastest of steps) | predicted ms | of which empty step | measured ms | error |")?;
-        writeln!(f, "| --- | ---: | ---: | ---: | ---: |")?;
+        writeln!(
+            f,
+            "| char GPT, batch 16 (fastest of steps) | measured ms | roofline ms | error | \
+             profiled kernels ms | error | of which empty step ms | kernels profiled (failed) |"
+        )?;
+        writeln!(f, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")?;
         for row in &self.rows {
             writeln!(
                 f,
-                "| dp{} × tp{} | {:.2} | {:.2} | {:.2} | {:+.1}% |",
+                "| dp{} × tp{} | {:.2} | {:.2} | {:+.1}% | {:.2} | {:+.1}% | {:.2} | {} ({}) |",
                 row.mesh.0,
                 row.mesh.1,
-                row.predicted * 1e3,
-                row.fixed * 1e3,
                 row.measured * 1e3,
-                row.error() * 100.0
+                row.predicted * 1e3,
+                row.error() * 100.0,
+                row.profiled * 1e3,
+                row.profiled_error() * 100.0,
+                row.fixed * 1e3,
+                row.kernels.0,
+                row.kernels.1,
             )?;
         }
         Ok(())

@@ -16,6 +16,7 @@ use meshflow_actor::{ActorId, CostModel};
 use meshflow_placement::{BoxingPlan, BoxingStep, StepKind};
 
 use super::cluster::Cluster;
+use super::profile::KernelProfile;
 use crate::compile::actors::{local_meta, ActorProgram, Work};
 use crate::compile::{Program, Slot, Step};
 
@@ -48,13 +49,24 @@ pub struct Breakdown {
 impl ActCosts {
     /// The duration of every actor of `actors` (lowered from `program`) on `cluster`.
     pub fn new(program: &Program, actors: &ActorProgram, cluster: &Cluster) -> Self {
+        Self::with_kernels(program, actors, cluster, None)
+    }
+
+    /// Like [`ActCosts::new`], with kernel times from `measured` (the profile and a slowdown
+    /// factor for devices that share cores) where it has them, plus the per-kernel overhead.
+    pub fn with_kernels(
+        program: &Program,
+        actors: &ActorProgram,
+        cluster: &Cluster,
+        measured: Option<(&KernelProfile, f64)>,
+    ) -> Self {
         let durations = actors
             .plan
             .actors
             .iter()
             .map(|spec| {
-                let seconds =
-                    act_seconds(program, actors, cluster, spec.payload.work, spec.payload.rank);
+                let (work, rank) = (spec.payload.work, spec.payload.rank);
+                let seconds = act_seconds(program, actors, cluster, work, rank, measured);
                 (seconds * 1e9).round() as u64
             })
             .collect();
@@ -88,6 +100,7 @@ fn act_seconds(
     cluster: &Cluster,
     work: Work,
     rank: usize,
+    measured: Option<(&KernelProfile, f64)>,
 ) -> f64 {
     match work {
         Work::Step { step } => match &program.steps[step] {
@@ -99,6 +112,12 @@ fn act_seconds(
                 };
                 let metas: Vec<_> =
                     inputs.iter().filter_map(|s| local_meta(program, *s, rank)).collect();
+                let measured = measured.and_then(|(profile, slowdown)| {
+                    Some(profile.seconds(&ops[index], &metas)? * slowdown)
+                });
+                if let Some(seconds) = measured {
+                    return cluster.device.kernel_overhead + seconds;
+                }
                 let flops = ops[index].flops(&metas);
                 let bytes = slot_bytes(program, inputs, rank) + slot_bytes(program, outputs, rank);
                 let matmul = ops[index].name().starts_with("matmul");

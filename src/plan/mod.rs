@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod cost;
 pub mod memory;
 pub mod model;
+pub mod profile;
 pub mod report;
 pub mod symmetry;
 pub mod table;
@@ -55,9 +56,21 @@ pub fn predict(
     cluster: &Cluster,
     trace: bool,
 ) -> Result<Prediction> {
+    predict_measured(program, config, cluster, None, trace)
+}
+
+/// Like [`predict`], with kernel times from a [`profile::KernelProfile`] (times a slowdown for
+/// devices sharing cores) where it has them.
+pub fn predict_measured(
+    program: &Program,
+    config: &ActorConfig,
+    cluster: &Cluster,
+    measured: Option<(&profile::KernelProfile, f64)>,
+    trace: bool,
+) -> Result<Prediction> {
     let lowered = lower_to_actors(program, config)?;
     let lowered = symmetry::prune(&lowered, &symmetry::representatives(program));
-    let costs = ActCosts::new(program, &lowered, cluster);
+    let costs = ActCosts::with_kernels(program, &lowered, cluster, measured);
     simulate(program, &lowered, costs, trace)
 }
 
