@@ -4,6 +4,7 @@
 //!   [`Device`].
 //! - [`Op`]: the contract every op implements, one op per file under [`ops`].
 //! - [`Context`]: a device's thread budget, which kernels run inside.
+//! - [`cuda`]: GPU storage and kernels behind the `cuda` feature (typed errors without it).
 //! - [`eager::Tape`]: runs ops at once and differentiates them ([`autodiff::gradients`]).
 
 pub mod autodiff;
@@ -11,6 +12,7 @@ pub mod buffers;
 pub mod context;
 pub mod cpu;
 pub mod creation;
+pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod eager;

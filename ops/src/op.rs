@@ -19,8 +19,9 @@ use crate::{Context, Result, Tensor, TensorMeta};
 /// A shared, immutable op.
 pub type OpRef = Arc<dyn Op>;
 
-/// One operation of the logical graph.
-pub trait Op: fmt::Debug + Send + Sync + 'static {
+/// One operation of the logical graph. (`Any` lets a device backend read an op's attributes:
+/// see [`crate::cuda`].)
+pub trait Op: std::any::Any + fmt::Debug + Send + Sync {
     /// Short name used in errors, reports and pictures, e.g. `matmul`.
     fn name(&self) -> &'static str;
 

@@ -93,6 +93,8 @@ impl Drop for CpuStorage {
 pub enum Storage {
     /// Host memory.
     Cpu(CpuStorage),
+    /// GPU memory, made by [`crate::cuda`] (never exists in a build without the `cuda` feature).
+    Cuda(crate::cuda::CudaStorage),
 }
 
 impl Storage {
@@ -100,7 +102,21 @@ impl Storage {
     pub fn device(&self) -> Device {
         match self {
             Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(gpu) => gpu.device(),
         }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Storage::Cpu(cpu) => cpu.len(),
+            Storage::Cuda(gpu) => gpu.len(),
+        }
+    }
+
+    /// True when it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -114,10 +130,9 @@ pub struct Tensor {
 impl Tensor {
     /// A tensor over existing storage; the storage must hold exactly `meta.bytes()` bytes.
     pub fn from_storage(meta: TensorMeta, storage: Arc<Storage>) -> Result<Self> {
-        let Storage::Cpu(cpu) = &*storage;
-        if cpu.len() != meta.bytes() {
+        if storage.len() != meta.bytes() {
             return Err(Error::DataLength {
-                len: cpu.len() / meta.dtype.size().max(1),
+                len: storage.len() / meta.dtype.size().max(1),
                 shape: meta.shape.clone(),
                 numel: meta.shape.numel(),
             });
@@ -205,6 +220,7 @@ impl Tensor {
     pub fn bytes(&self) -> Result<&[u8]> {
         match &*self.storage {
             Storage::Cpu(cpu) => Ok(cpu.bytes()),
+            Storage::Cuda(gpu) => Err(gpu.not_on_host()),
         }
     }
 
@@ -222,17 +238,12 @@ impl Tensor {
     /// A writable typed view; copies the storage first when it is shared (copy on write).
     pub fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T]> {
         self.check_view::<T>()?;
-        let storage = make_unique(&mut self.storage);
-        match storage {
-            Storage::Cpu(cpu) => Ok(bytemuck::cast_slice_mut(cpu.bytes_mut())),
-        }
+        Ok(bytemuck::cast_slice_mut(host_unique(&mut self.storage)?.bytes_mut()))
     }
 
     /// The raw bytes, writable whatever the dtype; copies the storage first when it is shared.
     pub fn bytes_mut(&mut self) -> Result<&mut [u8]> {
-        match make_unique(&mut self.storage) {
-            Storage::Cpu(cpu) => Ok(cpu.bytes_mut()),
-        }
+        Ok(host_unique(&mut self.storage)?.bytes_mut())
     }
 
     /// The same storage under another shape with the same number of elements.
@@ -254,13 +265,17 @@ impl Tensor {
     }
 }
 
-/// Copy-on-write: the storage, copied first when another tensor shares it.
-fn make_unique(storage: &mut Arc<Storage>) -> &mut Storage {
+/// Copy-on-write: the host storage, copied first when another tensor shares it.
+fn host_unique(storage: &mut Arc<Storage>) -> Result<&mut CpuStorage> {
     if Arc::get_mut(storage).is_none() {
         let copy = match &**storage {
             Storage::Cpu(cpu) => Storage::Cpu(cpu.clone()),
+            Storage::Cuda(gpu) => return Err(gpu.not_on_host()),
         };
         *storage = Arc::new(copy);
     }
-    Arc::get_mut(storage).expect("storage was just made unique")
+    match Arc::get_mut(storage).expect("storage was just made unique") {
+        Storage::Cpu(cpu) => Ok(cpu),
+        Storage::Cuda(gpu) => Err(gpu.not_on_host()),
+    }
 }

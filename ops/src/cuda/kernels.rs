@@ -1,0 +1,329 @@
+//! [`CudaDevice::forward`]: the op's kernel family from [`table::kernel`], its attributes read
+//! from the op itself ([`super::downcast`]), and the launch.
+
+use std::sync::Arc;
+
+use cudarc::driver::PushKernelArg;
+
+use super::launch;
+use super::source::{self, contiguous_strides, Layout};
+use super::table::{self, Kernel};
+use super::{downcast, CudaDevice};
+use crate::ops::{
+    add_scalar::AddScalar, concat::Concat, fill::Fill, gelu::Gelu, layer_norm::LayerNorm, max::Max,
+    mean::Mean, mul_scalar::MulScalar, narrow::Narrow, narrow::Pad, permute::Permute,
+    pow_scalar::PowScalar, rms_norm::RmsNorm, split::Split, sum::Sum, unary::GradOf, unary::Unary,
+};
+use crate::{Error, Op, Result, Storage, Tensor, TensorMeta};
+
+/// Runs `op` on `inputs`, which must all live on `device`.
+pub(super) fn forward(device: &CudaDevice, op: &dyn Op, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+    let outputs = crate::check_inputs(op, inputs)?;
+    for input in inputs {
+        if input.device() != device.device() {
+            let reason = format!("{}: an input is on {}", op.name(), input.device());
+            return Err(Error::Device { device: device.device().to_string(), reason });
+        }
+    }
+    let name = op.name();
+    let kernel = table::kernel(name)
+        .ok_or_else(|| Error::argument(name, "no entry in the GPU kernel table (cuda::table)"))?;
+    match kernel {
+        Kernel::View => view(inputs, outputs),
+        Kernel::Map => map(device, op, &inputs[0], &outputs[0]),
+        Kernel::MapGrad => derivative(device, op, inputs, &outputs[0]),
+        Kernel::Binary => binary(device, name, inputs, &outputs[0]),
+        Kernel::Cast => cast(device, &inputs[0], &outputs[0]),
+        Kernel::Fill => fill(device, &outputs[0], downcast::<Fill>(op).map_or(0.0, |f| f.value)),
+        Kernel::Copy => copy_op(device, op, inputs, &outputs),
+        Kernel::Reduce => reduce(device, op, &inputs[0], &outputs[0]),
+        Kernel::Rows => rows(device, op, inputs, &outputs[0]),
+        Kernel::Product => super::matmul::product(device, op, inputs, &outputs[0]),
+        Kernel::Host => host(device, op, inputs),
+    }
+}
+
+/// An uninitialised tensor of `meta` on `device`.
+pub(super) fn output(device: &CudaDevice, meta: &TensorMeta) -> Result<Tensor> {
+    let storage = device.storage(meta.bytes())?;
+    Tensor::from_storage(meta.clone(), Arc::new(Storage::Cuda(storage)))
+}
+
+/// The device address of a GPU tensor's first element.
+pub(super) fn pointer(tensor: &Tensor) -> Result<u64> {
+    match &**tensor.storage() {
+        Storage::Cuda(gpu) => Ok(gpu.pointer()),
+        Storage::Cpu(_) => Err(Error::Device {
+            device: "cpu".into(),
+            reason: "a GPU kernel was given a host tensor".into(),
+        }),
+    }
+}
+
+fn view(inputs: &[Tensor], outputs: Vec<TensorMeta>) -> Result<Vec<Tensor>> {
+    let meta = outputs.into_iter().next().expect("a view has one output");
+    Ok(vec![Tensor::from_storage(meta, inputs[0].storage().clone())?])
+}
+
+/// The scalar attribute of an element-wise op (0 when it has none; for gelu, 1 = tanh form).
+fn scalar(op: &dyn Op) -> f64 {
+    if let Some(op) = downcast::<Unary<AddScalar>>(op) {
+        op.0.value
+    } else if let Some(op) = downcast::<Unary<MulScalar>>(op) {
+        op.0.value
+    } else if let Some(op) = downcast::<Unary<PowScalar>>(op) {
+        op.0.exponent
+    } else if let Some(op) = downcast::<Unary<Gelu>>(op) {
+        f64::from(u8::from(op.0.tanh))
+    } else if let Some(op) = downcast::<GradOf<Gelu>>(op) {
+        f64::from(u8::from(op.0.tanh))
+    } else {
+        0.0
+    }
+}
+
+fn map(device: &CudaDevice, op: &dyn Op, x: &Tensor, meta: &TensorMeta) -> Result<Vec<Tensor>> {
+    let source = source::map_kernel(op.name(), meta.dtype)?;
+    let y = output(device, meta)?;
+    let (n, parameter) = (x.numel() as i64, scalar(op));
+    let (xp, yp) = (pointer(x)?, pointer(&y)?);
+    let shape = launch::elementwise(x.numel(), device.multiprocessors());
+    let function = device.function(&source)?;
+    let mut args = device.stream().launch_builder(&function);
+    args.arg(&xp).arg(&yp).arg(&n).arg(&parameter);
+    device.run(args, shape)?;
+    Ok(vec![y])
+}
+
+fn derivative(
+    device: &CudaDevice,
+    op: &dyn Op,
+    inputs: &[Tensor],
+    meta: &TensorMeta,
+) -> Result<Vec<Tensor>> {
+    let source = source::derivative_kernel(op.name(), meta.dtype)?;
+    let dx = output(device, meta)?;
+    let (n, parameter) = (dx.numel() as i64, scalar(op));
+    let (xp, gp, dp) = (pointer(&inputs[0])?, pointer(&inputs[1])?, pointer(&dx)?);
+    let shape = launch::elementwise(dx.numel(), device.multiprocessors());
+    let function = device.function(&source)?;
+    let mut args = device.stream().launch_builder(&function);
+    args.arg(&xp).arg(&gp).arg(&dp).arg(&n).arg(&parameter);
+    device.run(args, shape)?;
+    Ok(vec![dx])
+}
+
+/// Strides of `input` read along the axes of `out` (numpy broadcasting: 0 where it repeats).
+pub(super) fn broadcast_strides(input: &[usize], out: &[usize]) -> Vec<usize> {
+    let strides = contiguous_strides(input);
+    let offset = out.len() - input.len();
+    (0..out.len())
+        .map(|d| match d.checked_sub(offset) {
+            Some(i) if input[i] == out[d] => strides[i],
+            _ => 0,
+        })
+        .collect()
+}
+
+fn binary(
+    device: &CudaDevice,
+    name: &'static str,
+    inputs: &[Tensor],
+    meta: &TensorMeta,
+) -> Result<Vec<Tensor>> {
+    let source = source::binary_kernel(name, meta.dtype)?;
+    let out = meta.shape.dims();
+    let (a, b) = (&inputs[0], &inputs[1]);
+    let (sa, sb) = (broadcast_strides(a.dims(), out), broadcast_strides(b.dims(), out));
+    let layout = Layout::new(name, out, &sa, &sb)?;
+    let y = output(device, meta)?;
+    let n = y.numel() as i64;
+    let (ap, bp, yp) = (pointer(a)?, pointer(b)?, pointer(&y)?);
+    let shape = launch::elementwise(y.numel(), device.multiprocessors());
+    let function = device.function(&source)?;
+    let mut args = device.stream().launch_builder(&function);
+    args.arg(&ap).arg(&bp).arg(&yp).arg(&n).arg(&layout);
+    device.run(args, shape)?;
+    Ok(vec![y])
+}
+
+fn cast(device: &CudaDevice, x: &Tensor, meta: &TensorMeta) -> Result<Vec<Tensor>> {
+    if x.dtype() == meta.dtype {
+        return Ok(vec![x.clone()]);
+    }
+    let source = source::cast_kernel(x.dtype(), meta.dtype);
+    let y = output(device, meta)?;
+    let n = y.numel() as i64;
+    let (xp, yp) = (pointer(x)?, pointer(&y)?);
+    let shape = launch::elementwise(y.numel(), device.multiprocessors());
+    let function = device.function(&source)?;
+    let mut args = device.stream().launch_builder(&function);
+    args.arg(&xp).arg(&yp).arg(&n);
+    device.run(args, shape)?;
+    Ok(vec![y])
+}
+
+fn fill(device: &CudaDevice, meta: &TensorMeta, value: f64) -> Result<Vec<Tensor>> {
+    let y = output(device, meta)?;
+    fill_tensor(device, &y, value)?;
+    Ok(vec![y])
+}
+
+fn fill_tensor(device: &CudaDevice, y: &Tensor, value: f64) -> Result<()> {
+    let source = source::fill_kernel(y.dtype());
+    let (yp, n) = (pointer(y)?, y.numel() as i64);
+    let shape = launch::elementwise(y.numel(), device.multiprocessors());
+    let function = device.function(&source)?;
+    let mut args = device.stream().launch_builder(&function);
+    args.arg(&yp).arg(&n).arg(&value);
+    device.run(args, shape)
+}
+
+/// Copies `layout.count()` elements from `x` to `y` (strides and bases in `layout`).
+fn strided_copy(device: &CudaDevice, x: &Tensor, y: &Tensor, layout: Layout) -> Result<()> {
+    let count = layout.count();
+    if count == 0 {
+        return Ok(());
+    }
+    let source = source::copy_kernel(x.dtype().size())?;
+    let (xp, yp, n) = (pointer(x)?, pointer(y)?, count as i64);
+    let shape = launch::elementwise(count, device.multiprocessors());
+    let function = device.function(&source)?;
+    let mut args = device.stream().launch_builder(&function);
+    args.arg(&xp).arg(&yp).arg(&n).arg(&layout);
+    device.run(args, shape)
+}
+
+fn copy_op(
+    device: &CudaDevice,
+    op: &dyn Op,
+    inputs: &[Tensor],
+    outputs: &[TensorMeta],
+) -> Result<Vec<Tensor>> {
+    let name = op.name();
+    let x = &inputs[0];
+    let in_dims = x.dims();
+    let in_strides = contiguous_strides(in_dims);
+    if let Some(split) = downcast::<Split>(op) {
+        let axis = x.shape().axis(name, split.axis)?;
+        let mut start = 0;
+        let mut results = Vec::with_capacity(outputs.len());
+        for meta in outputs {
+            let y = output(device, meta)?;
+            let mut layout =
+                Layout::new(name, y.dims(), &in_strides, &contiguous_strides(y.dims()))?;
+            layout.first_base = (start * in_strides[axis]) as i64;
+            strided_copy(device, x, &y, layout)?;
+            start += y.dims()[axis];
+            results.push(y);
+        }
+        return Ok(results);
+    }
+    let y = output(device, &outputs[0])?;
+    let out_dims = y.dims().to_vec();
+    let out_strides = contiguous_strides(&out_dims);
+    if let Some(concat) = downcast::<Concat>(op) {
+        let axis = y.shape().axis(name, concat.axis)?;
+        let mut start = 0;
+        for input in inputs {
+            let strides = contiguous_strides(input.dims());
+            let mut layout = Layout::new(name, input.dims(), &strides, &out_strides)?;
+            layout.second_base = (start * out_strides[axis]) as i64;
+            strided_copy(device, input, &y, layout)?;
+            start += input.dims()[axis];
+        }
+    } else if let Some(narrow) = downcast::<Narrow>(op) {
+        let axis = x.shape().axis(name, narrow.axis)?;
+        let mut layout = Layout::new(name, &out_dims, &in_strides, &out_strides)?;
+        layout.first_base = (narrow.start * in_strides[axis]) as i64;
+        strided_copy(device, x, &y, layout)?;
+    } else if let Some(pad) = downcast::<Pad>(op) {
+        let axis = y.shape().axis(name, pad.axis)?;
+        fill_tensor(device, &y, 0.0)?;
+        let mut layout = Layout::new(name, in_dims, &in_strides, &out_strides)?;
+        layout.second_base = (pad.start * out_strides[axis]) as i64;
+        strided_copy(device, x, &y, layout)?;
+    } else if let Some(permute) = downcast::<Permute>(op) {
+        let first: Vec<usize> = permute.perm.iter().map(|&axis| in_strides[axis]).collect();
+        strided_copy(device, x, &y, Layout::new(name, &out_dims, &first, &out_strides)?)?;
+    } else {
+        // broadcast_to: read the input with broadcasting strides.
+        let first = broadcast_strides(in_dims, &out_dims);
+        strided_copy(device, x, &y, Layout::new(name, &out_dims, &first, &out_strides)?)?;
+    }
+    Ok(vec![y])
+}
+
+fn reduce(device: &CudaDevice, op: &dyn Op, x: &Tensor, meta: &TensorMeta) -> Result<Vec<Tensor>> {
+    let name = op.name();
+    let axes = if let Some(sum) = downcast::<Sum>(op) {
+        &sum.axes
+    } else if let Some(mean) = downcast::<Mean>(op) {
+        &mean.axes
+    } else if let Some(max) = downcast::<Max>(op) {
+        &max.axes
+    } else {
+        return Err(Error::argument(name, "not a reduction the GPU backend knows"));
+    };
+    let dims = x.dims();
+    let reduced: Vec<usize> =
+        if axes.is_empty() { (0..dims.len()).collect() } else { x.shape().axes(name, axes)? };
+    let strides = contiguous_strides(dims);
+    let (kept_axes, reduced_axes): (Vec<usize>, Vec<usize>) =
+        (0..dims.len()).partition(|axis| !reduced.contains(axis));
+    let pick = |axes: &[usize], of: &[usize]| axes.iter().map(|&a| of[a]).collect::<Vec<_>>();
+    let kept_dims = pick(&kept_axes, dims);
+    let kept =
+        Layout::new(name, &kept_dims, &pick(&kept_axes, &strides), &vec![0; kept_dims.len()])?;
+    let reduced_dims = pick(&reduced_axes, dims);
+    let zeros = vec![0; reduced_dims.len()];
+    let over = Layout::new(name, &reduced_dims, &pick(&reduced_axes, &strides), &zeros)?;
+    let source = source::reduce_kernel(name, meta.dtype)?;
+    let y = output(device, meta)?;
+    let (outputs, count) = (y.numel() as i64, over.count() as i64);
+    let (xp, yp) = (pointer(x)?, pointer(&y)?);
+    let shape = launch::elementwise(y.numel(), device.multiprocessors());
+    let function = device.function(&source)?;
+    let mut args = device.stream().launch_builder(&function);
+    args.arg(&xp).arg(&yp).arg(&outputs).arg(&kept).arg(&over).arg(&count);
+    device.run(args, shape)?;
+    Ok(vec![y])
+}
+
+fn rows(
+    device: &CudaDevice,
+    op: &dyn Op,
+    inputs: &[Tensor],
+    meta: &TensorMeta,
+) -> Result<Vec<Tensor>> {
+    let name = op.name();
+    let source = source::rows_kernel(name, meta.dtype)?;
+    let eps = downcast::<LayerNorm>(op)
+        .map(|n| n.eps)
+        .or_else(|| downcast::<RmsNorm>(op).map(|n| n.eps))
+        .unwrap_or(0.0);
+    let x = &inputs[0];
+    let cols = x.dims().last().copied().unwrap_or(1);
+    let row_count = x.numel().checked_div(cols).unwrap_or(0);
+    let y = output(device, meta)?;
+    if y.numel() == 0 {
+        return Ok(vec![y]);
+    }
+    let xp = pointer(x)?;
+    let up = inputs.get(1).map_or(Ok(xp), pointer)?;
+    let wp = inputs.get(2).map_or(Ok(xp), pointer)?;
+    let yp = pointer(&y)?;
+    let (row_total, col_total) = (row_count as i64, cols as i64);
+    let function = device.function(&source)?;
+    let mut args = device.stream().launch_builder(&function);
+    args.arg(&xp).arg(&up).arg(&wp).arg(&yp).arg(&row_total).arg(&col_total).arg(&eps);
+    device.run(args, launch::rows(row_count, cols))?;
+    Ok(vec![y])
+}
+
+/// The CPU kernel on host copies of the inputs, the outputs copied back.
+fn host(device: &CudaDevice, op: &dyn Op, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+    let host_inputs = inputs.iter().map(super::to_host).collect::<Result<Vec<_>>>()?;
+    let outputs = op.forward(device.host_context(), &host_inputs)?;
+    outputs.iter().map(|output| device.to_device(output)).collect()
+}

@@ -1,0 +1,505 @@
+//! CUDA C of the generated kernels: one source per (kernel, dtype), compiled by NVRTC to a CUBIN
+//! for the device's architecture and cached.
+//!
+//! Every source starts with [`prelude`]: the storage and accumulation types of each dtype and
+//! their conversions (bf16 and f16 through bit operations and `cvt`, so no CUDA header is
+//! needed), the [`Layout`] struct of strided kernels, and block reductions. Half-precision values
+//! are computed in f32, f64 in f64, integers in f64 (casts only).
+
+use crate::{DType, Error, Result};
+
+/// Axes a strided kernel handles ([`Layout`]).
+pub const MAX_RANK: usize = 8;
+
+/// One generated kernel: its entry point and its CUDA C.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KernelSource {
+    /// The `extern "C"` function to launch.
+    pub entry: String,
+    /// The complete translation unit.
+    pub code: String,
+}
+
+/// Index arithmetic of strided kernels, by value as a kernel parameter (same layout as the C
+/// struct in [`prelude`]): element `i` of a row-major iteration over `dims` sits at
+/// `first_base + Σ idx_d · first[d]` in one tensor and `second_base + Σ idx_d · second[d]` in
+/// the other.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// Sizes of the iterated axes.
+    pub dims: [i64; MAX_RANK],
+    /// Element strides of the first tensor.
+    pub first: [i64; MAX_RANK],
+    /// Element strides of the second tensor.
+    pub second: [i64; MAX_RANK],
+    /// Number of axes in use.
+    pub rank: i64,
+    /// Offset of element 0 in the first tensor.
+    pub first_base: i64,
+    /// Offset of element 0 in the second tensor.
+    pub second_base: i64,
+}
+
+impl Layout {
+    /// A layout over `dims` with strides for both tensors; `op` names the op in errors.
+    pub fn new(
+        op: &'static str,
+        dims: &[usize],
+        first: &[usize],
+        second: &[usize],
+    ) -> Result<Self> {
+        if dims.len() > MAX_RANK || first.len() != dims.len() || second.len() != dims.len() {
+            let reason = format!("GPU strided kernels take up to {MAX_RANK} axes, got {dims:?}");
+            return Err(Error::argument(op, reason));
+        }
+        let mut layout = Layout { rank: dims.len() as i64, ..Layout::default() };
+        for (d, &size) in dims.iter().enumerate() {
+            layout.dims[d] = size as i64;
+            layout.first[d] = first[d] as i64;
+            layout.second[d] = second[d] as i64;
+        }
+        Ok(layout)
+    }
+
+    /// Elements the layout iterates over.
+    pub fn count(&self) -> usize {
+        self.dims[..self.rank as usize].iter().product::<i64>() as usize
+    }
+}
+
+/// Row-major strides of `dims`.
+pub fn contiguous_strides(dims: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; dims.len()];
+    for d in (0..dims.len().saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * dims[d + 1];
+    }
+    strides
+}
+
+/// The C names of a dtype: (storage type, accumulation type, suffix of its load/store).
+fn c_types(dtype: DType) -> (&'static str, &'static str, &'static str) {
+    match dtype {
+        DType::F32 => ("float", "float", "f32"),
+        DType::F64 => ("double", "double", "f64"),
+        DType::BF16 => ("unsigned short", "float", "bf16"),
+        DType::F16 => ("unsigned short", "float", "f16"),
+        DType::I64 => ("long long", "double", "i64"),
+        DType::I32 => ("int", "double", "i32"),
+        DType::U8 => ("unsigned char", "double", "u8"),
+        DType::Bool => ("unsigned char", "double", "bool"),
+    }
+}
+
+const CONVERSIONS: &str = r#"
+__device__ __forceinline__ float load_f32(float v) { return v; }
+__device__ __forceinline__ float store_f32(float v) { return v; }
+__device__ __forceinline__ double load_f64(double v) { return v; }
+__device__ __forceinline__ double store_f64(double v) { return v; }
+__device__ __forceinline__ float load_bf16(unsigned short v) { return __uint_as_float(((unsigned int)v) << 16); }
+__device__ __forceinline__ unsigned short store_bf16(float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)0x7fc0u;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+__device__ __forceinline__ float load_f16(unsigned short v) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f; }
+__device__ __forceinline__ unsigned short store_f16(float v) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); return h; }
+__device__ __forceinline__ double load_i64(long long v) { return (double)v; }
+__device__ __forceinline__ long long store_i64(double v) { return (long long)v; }
+__device__ __forceinline__ double load_i32(int v) { return (double)v; }
+__device__ __forceinline__ int store_i32(double v) { return (int)v; }
+__device__ __forceinline__ double load_u8(unsigned char v) { return (double)v; }
+__device__ __forceinline__ unsigned char store_u8(double v) { return (unsigned char)v; }
+__device__ __forceinline__ double load_bool(unsigned char v) { return v != 0 ? 1.0 : 0.0; }
+__device__ __forceinline__ unsigned char store_bool(double v) { return v != 0.0 ? 1 : 0; }
+"#;
+
+const LAYOUT: &str = r#"
+#define MAX_RANK 8
+struct Layout {
+    long long dims[MAX_RANK];
+    long long first[MAX_RANK];
+    long long second[MAX_RANK];
+    long long rank;
+    long long first_base;
+    long long second_base;
+};
+__device__ __forceinline__ void offsets(const Layout& l, long long i, long long* a, long long* b) {
+    long long oa = l.first_base, ob = l.second_base;
+    for (int d = (int)l.rank - 1; d >= 0; --d) {
+        long long idx = i % l.dims[d];
+        i /= l.dims[d];
+        oa += idx * l.first[d];
+        ob += idx * l.second[d];
+    }
+    *a = oa;
+    *b = ob;
+}
+#define GRID_LOOP(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
+"#;
+
+const REDUCTIONS: &str = r#"
+__device__ __forceinline__ A neg_inf() { return (A)__longlong_as_double(0xfff0000000000000LL); }
+__device__ __forceinline__ A warp_sum(A v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ A warp_max(A v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ A block_sum(A v) {
+    __shared__ A partial[32];
+    __shared__ A total;
+    v = warp_sum(v);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)((blockDim.x + 31) >> 5) ? partial[lane] : (A)0;
+        v = warp_sum(v);
+        if (lane == 0) total = v;
+    }
+    __syncthreads();
+    const A result = total;
+    __syncthreads();
+    return result;
+}
+__device__ A block_max(A v) {
+    __shared__ A partial[32];
+    __shared__ A total;
+    v = warp_max(v);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)((blockDim.x + 31) >> 5) ? partial[lane] : neg_inf();
+        v = warp_max(v);
+        if (lane == 0) total = v;
+    }
+    __syncthreads();
+    const A result = total;
+    __syncthreads();
+    return result;
+}
+"#;
+
+/// The common head of every kernel source, with `T`, `A`, `load` and `store` bound to `dtype`.
+pub fn prelude(dtype: DType) -> String {
+    let (storage, accumulate, suffix) = c_types(dtype);
+    format!(
+        "{CONVERSIONS}{LAYOUT}typedef {storage} T;\ntypedef {accumulate} A;\n\
+         __device__ __forceinline__ A load(T v) {{ return load_{suffix}(v); }}\n\
+         __device__ __forceinline__ T store(A v) {{ return store_{suffix}(v); }}\n{REDUCTIONS}"
+    )
+}
+
+fn float_only(op: &'static str, dtype: DType) -> Result<()> {
+    if dtype.is_float() {
+        Ok(())
+    } else {
+        Err(Error::dtype(op, &[dtype], "GPU kernels of this op take float dtypes"))
+    }
+}
+
+fn entry(kind: &str, name: &str, dtype: DType) -> String {
+    format!("meshflow_{kind}_{name}_{}", dtype.name())
+}
+
+/// The body of `y = f(v)` with parameter `p` (the op's scalar), assigning `r`.
+pub fn map_expression(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "exp" => "r = exp(v);",
+        "log" => "r = log(v);",
+        "sqrt" => "r = sqrt(v);",
+        "rsqrt" => "r = (A)1 / sqrt(v);",
+        "sigmoid" => "r = (A)1 / ((A)1 + exp(-v));",
+        "tanh" => "r = tanh(v);",
+        "relu" => "r = v > (A)0 ? v : (A)0;",
+        "silu" => "r = v / ((A)1 + exp(-v));",
+        "gelu" => {
+            "if (p != (A)0) { r = (A)0.5 * v * ((A)1 + tanh((A)0.7978845608028654 * (v + (A)0.044715 * v * v * v))); } \
+             else { r = (A)0.5 * v * ((A)1 + erf(v * (A)0.7071067811865476)); }"
+        }
+        "neg" => "r = -v;",
+        "add_scalar" => "r = v + p;",
+        "mul_scalar" => "r = v * p;",
+        "pow_scalar" => "r = p == (A)2 ? v * v : pow(v, p);",
+        _ => return None,
+    })
+}
+
+/// The body of `f'(v)` (the derivative at `v`, parameter `p`), assigning `r`; the kernel
+/// multiplies by the incoming gradient.
+pub fn derivative_expression(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "relu_grad" => "r = v > (A)0 ? (A)1 : (A)0;",
+        "silu_grad" => "{ const A s = (A)1 / ((A)1 + exp(-v)); r = s * ((A)1 + v * ((A)1 - s)); }",
+        "gelu_grad" => {
+            "if (p != (A)0) { const A t = tanh((A)0.7978845608028654 * (v + (A)0.044715 * v * v * v)); \
+             r = (A)0.5 * ((A)1 + t) + (A)0.5 * v * ((A)1 - t * t) * (A)0.7978845608028654 * ((A)1 + (A)0.134145 * v * v); } \
+             else { r = (A)0.5 * ((A)1 + erf(v * (A)0.7071067811865476)) + v * exp((A)-0.5 * v * v) * (A)0.3989422804014327; }"
+        }
+        _ => return None,
+    })
+}
+
+/// The expression of `f(a, b)`.
+pub fn binary_expression(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "add" => "a + b",
+        "sub" => "a - b",
+        "mul" => "a * b",
+        "div" => "a / b",
+        "pow" => "pow(a, b)",
+        _ => return None,
+    })
+}
+
+/// `y[i] = f(x[i])` (`map`) for an op with a [`map_expression`]:
+/// `(const T* x, T* y, long long n, double p)`.
+pub fn map_kernel(op: &'static str, dtype: DType) -> Result<KernelSource> {
+    float_only(op, dtype)?;
+    let body = map_expression(op).ok_or_else(|| no_expression(op))?;
+    let entry = entry("map", op, dtype);
+    let code = format!(
+        "{}\nextern \"C\" __global__ void {entry}(const T* __restrict__ x, T* __restrict__ y, long long n, double param) {{\n\
+         const A p = (A)param;\n GRID_LOOP(i, n) {{ const A v = load(x[i]); A r; {body} y[i] = store(r); }}\n}}\n",
+        prelude(dtype)
+    );
+    Ok(KernelSource { entry, code })
+}
+
+/// `dx[i] = g[i] · f'(x[i])` for an op with a [`derivative_expression`]:
+/// `(const T* x, const T* g, T* dx, long long n, double p)`.
+pub fn derivative_kernel(op: &'static str, dtype: DType) -> Result<KernelSource> {
+    float_only(op, dtype)?;
+    let body = derivative_expression(op).ok_or_else(|| no_expression(op))?;
+    let entry = entry("grad", op, dtype);
+    let code = format!(
+        "{}\nextern \"C\" __global__ void {entry}(const T* __restrict__ x, const T* __restrict__ g, T* __restrict__ dx, long long n, double param) {{\n\
+         const A p = (A)param;\n GRID_LOOP(i, n) {{ const A v = load(x[i]); A r; {body} dx[i] = store(load(g[i]) * r); }}\n}}\n",
+        prelude(dtype)
+    );
+    Ok(KernelSource { entry, code })
+}
+
+/// `y[i] = f(a[ia], b[ib])` over the output with broadcasting strides in a [`Layout`]
+/// (`first` for `a`, `second` for `b`): `(const T* a, const T* b, T* y, long long n, Layout l)`.
+pub fn binary_kernel(op: &'static str, dtype: DType) -> Result<KernelSource> {
+    float_only(op, dtype)?;
+    let expression = binary_expression(op).ok_or_else(|| no_expression(op))?;
+    let entry = entry("binary", op, dtype);
+    let code = format!(
+        "{}\nextern \"C\" __global__ void {entry}(const T* __restrict__ x, const T* __restrict__ z, T* __restrict__ y, long long n, Layout l) {{\n\
+         GRID_LOOP(i, n) {{ long long ia, ib; offsets(l, i, &ia, &ib); const A a = load(x[ia]); const A b = load(z[ib]); y[i] = store({expression}); }}\n}}\n",
+        prelude(dtype)
+    );
+    Ok(KernelSource { entry, code })
+}
+
+/// `y[i] = (to) x[i]`: `(const From* x, To* y, long long n)`.
+pub fn cast_kernel(from: DType, to: DType) -> KernelSource {
+    let (from_storage, _, from_suffix) = c_types(from);
+    let (to_storage, _, to_suffix) = c_types(to);
+    let entry = format!("meshflow_cast_{}_{}", from.name(), to.name());
+    let code = format!(
+        "{}\nextern \"C\" __global__ void {entry}(const {from_storage}* __restrict__ x, {to_storage}* __restrict__ y, long long n) {{\n\
+         GRID_LOOP(i, n) {{ y[i] = store_{to_suffix}(load_{from_suffix}(x[i])); }}\n}}\n",
+        prelude(to)
+    );
+    KernelSource { entry, code }
+}
+
+/// `y[i] = value`: `(T* y, long long n, double value)`.
+pub fn fill_kernel(dtype: DType) -> KernelSource {
+    let entry = entry("fill", "constant", dtype);
+    let code = format!(
+        "{}\nextern \"C\" __global__ void {entry}(T* __restrict__ y, long long n, double value) {{\n\
+         const T v = store((A)value);\n GRID_LOOP(i, n) {{ y[i] = v; }}\n}}\n",
+        prelude(dtype)
+    );
+    KernelSource { entry, code }
+}
+
+/// `y[ob] = x[oa]` over a [`Layout`] (`first` for `x`, `second` for `y`), for elements of
+/// `element_bytes` bytes (1, 2, 4 or 8): `(const E* x, E* y, long long n, Layout l)`.
+pub fn copy_kernel(element_bytes: usize) -> Result<KernelSource> {
+    let element = match element_bytes {
+        1 => "unsigned char",
+        2 => "unsigned short",
+        4 => "unsigned int",
+        8 => "unsigned long long",
+        other => return Err(Error::argument("copy", format!("no {other}-byte elements"))),
+    };
+    let entry = format!("meshflow_copy_{element_bytes}");
+    let code = format!(
+        "{LAYOUT}\nextern \"C\" __global__ void {entry}(const {element}* __restrict__ x, {element}* __restrict__ y, long long n, Layout l) {{\n\
+         GRID_LOOP(i, n) {{ long long ia, ib; offsets(l, i, &ia, &ib); y[ib] = x[ia]; }}\n}}\n"
+    );
+    Ok(KernelSource { entry, code })
+}
+
+/// A reduction (`sum`, `mean` or `max`), one thread per output element: `kept` iterates over
+/// the output with input strides in `first`, `reduced` over the reduced axes:
+/// `(const T* x, T* y, long long outputs, Layout kept, Layout reduced, long long count)`.
+pub fn reduce_kernel(op: &'static str, dtype: DType) -> Result<KernelSource> {
+    float_only(op, dtype)?;
+    let (start, step, finish) = match op {
+        "sum" => ("(A)0", "acc += v;", "acc"),
+        "mean" => ("(A)0", "acc += v;", "acc / (A)(count > 0 ? count : 1)"),
+        "max" => ("neg_inf()", "acc = fmax(acc, v);", "acc"),
+        _ => return Err(no_expression(op)),
+    };
+    let entry = entry("reduce", op, dtype);
+    let code = format!(
+        "{}\nextern \"C\" __global__ void {entry}(const T* __restrict__ x, T* __restrict__ y, long long outputs, Layout kept, Layout reduced, long long count) {{\n\
+         GRID_LOOP(i, outputs) {{\n  long long base, unused; offsets(kept, i, &base, &unused);\n  A acc = {start};\n\
+           for (long long j = 0; j < count; ++j) {{ long long at, other; offsets(reduced, j, &at, &other); const A v = load(x[base + at]); {step} }}\n\
+           y[i] = store({finish});\n}}\n}}\n",
+        prelude(dtype)
+    );
+    Ok(KernelSource { entry, code })
+}
+
+/// The body of a row kernel: one block per row of `cols` elements; `x` is the first input's row,
+/// `u` and `w` the second's and third's (rows, or the norms' weight and bias vectors), `y` the
+/// output row, `eps` the op's epsilon.
+pub fn rows_body(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "softmax" | "log_softmax" => {
+            r#"
+    A m = neg_inf();
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) m = fmax(m, load(x[c]));
+    m = block_max(m);
+    A s = (A)0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) s += exp(load(x[c]) - m);
+    s = block_sum(s);
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        const A e = load(x[c]) - m;
+        y[c] = store(LOG_OUTPUT ? e - log(s) : exp(e) / s);
+    }"#
+        }
+        "softmax_grad" => {
+            r#"
+    A s = (A)0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) s += load(x[c]) * load(u[c]);
+    s = block_sum(s);
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) y[c] = store(load(x[c]) * (load(u[c]) - s));"#
+        }
+        "log_softmax_grad" => {
+            r#"
+    A s = (A)0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) s += load(u[c]);
+    s = block_sum(s);
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) y[c] = store(load(u[c]) - exp(load(x[c])) * s);"#
+        }
+        "layer_norm" => {
+            r#"
+    A s = (A)0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) s += load(x[c]);
+    const A mean = block_sum(s) / (A)cols;
+    A q = (A)0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) { const A d = load(x[c]) - mean; q += d * d; }
+    const A rstd = (A)1 / sqrt(block_sum(q) / (A)cols + (A)eps);
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) y[c] = store((load(x[c]) - mean) * rstd * load(u[c]) + load(w[c]));"#
+        }
+        "rms_norm" => {
+            r#"
+    A q = (A)0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) { const A v = load(x[c]); q += v * v; }
+    const A rstd = (A)1 / sqrt(block_sum(q) / (A)cols + (A)eps);
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) y[c] = store(load(x[c]) * rstd * load(u[c]));"#
+        }
+        _ => return None,
+    })
+}
+
+/// True when the op's second and third inputs are whole rows (not per-column vectors).
+pub fn rows_take_row_inputs(name: &str) -> bool {
+    name.ends_with("_grad")
+}
+
+/// A row kernel: `(const T* x, const T* u, const T* w, T* y, long long rows, long long cols,
+/// double eps)`; `u` and `w` advance by a row per row when [`rows_take_row_inputs`].
+pub fn rows_kernel(op: &'static str, dtype: DType) -> Result<KernelSource> {
+    float_only(op, dtype)?;
+    let body = rows_body(op).ok_or_else(|| no_expression(op))?;
+    let log_output = if op == "log_softmax" { 1 } else { 0 };
+    let row_inputs = if rows_take_row_inputs(op) { 1 } else { 0 };
+    let entry = entry("rows", op, dtype);
+    let code = format!(
+        "{}\n#define LOG_OUTPUT {log_output}\n\
+         extern \"C\" __global__ void {entry}(const T* __restrict__ x0, const T* __restrict__ u0, const T* __restrict__ w0, T* __restrict__ y0, long long rows, long long cols, double eps) {{\n\
+         for (long long row = blockIdx.x; row < rows; row += gridDim.x) {{\n\
+           const T* x = x0 + row * cols; T* y = y0 + row * cols;\n\
+           const T* u = u0 + ({row_inputs} ? row * cols : 0); const T* w = w0;\n{body}\n}}\n}}\n",
+        prelude(dtype)
+    );
+    Ok(KernelSource { entry, code })
+}
+
+fn no_expression(op: &'static str) -> Error {
+    Error::argument(op, "no GPU kernel source for this op")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::table::{Kernel, KERNELS};
+
+    fn balanced(code: &str) -> bool {
+        let mut depth = 0i64;
+        for c in code.chars() {
+            depth += match c {
+                '{' => 1,
+                '}' => -1,
+                _ => 0,
+            };
+            if depth < 0 {
+                return false;
+            }
+        }
+        depth == 0
+    }
+
+    #[test]
+    fn every_generated_op_has_a_source_for_every_float_dtype() {
+        let floats = [DType::F32, DType::F64, DType::BF16, DType::F16];
+        for &(op, kernel) in KERNELS {
+            for dtype in floats {
+                let source = match kernel {
+                    Kernel::Map => map_kernel(op, dtype),
+                    Kernel::MapGrad => derivative_kernel(op, dtype),
+                    Kernel::Binary => binary_kernel(op, dtype),
+                    Kernel::Reduce => reduce_kernel(op, dtype),
+                    Kernel::Rows => rows_kernel(op, dtype),
+                    _ => continue,
+                };
+                let source = source.unwrap_or_else(|e| panic!("{op} {dtype:?}: {e}"));
+                assert!(source.code.contains(&format!("void {}(", source.entry)), "{op}");
+                assert!(balanced(&source.code), "{op} {dtype:?}: unbalanced braces");
+            }
+        }
+    }
+
+    #[test]
+    fn integer_dtypes_are_refused_by_float_kernels() {
+        let error = map_kernel("exp", DType::I64).expect_err("exp of i64");
+        assert!(matches!(error, Error::DType { op: "exp", .. }), "{error}");
+        assert!(cast_kernel(DType::I64, DType::BF16).code.contains("store_bf16(load_i64(x[i]))"));
+        assert!(copy_kernel(3).is_err());
+    }
+
+    #[test]
+    fn layouts_hold_strides_and_count_their_elements() {
+        let layout = Layout::new("permute", &[2, 3, 4], &[1, 8, 2], &[12, 4, 1]).expect("fits");
+        assert_eq!(layout.count(), 24);
+        assert_eq!(layout.first[..3], [1, 8, 2]);
+        assert_eq!(std::mem::size_of::<Layout>(), 8 * (3 * MAX_RANK + 3));
+        assert!(Layout::new("permute", &[1; 9], &[1; 9], &[1; 9]).is_err());
+        assert_eq!(contiguous_strides(&[2, 3, 4]), vec![12, 4, 1]);
+        assert_eq!(contiguous_strides(&[]), Vec::<usize>::new());
+    }
+}

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# GPU check, first half (here, no GPU needed): build the CUDA test binaries with the `cuda`
+# feature and pack them with the run half into one git-ignored folder (at most 64 MiB) that a GPU
+# machine with CUDA, NCCL and PyTorch but no Rust toolchain runs:
+#
+#   scripts/gpu-check/pack.sh [release|dev]     # default release; packs into .gpu/
+#   .gpu/run.sh                                 # on the GPU machine (see run.sh)
+#
+# Where libnvrtc is loadable here (e.g. NVRTC_LIB_DIR=<the nvidia-cuda-nvrtc wheel's lib folder>),
+# it first compiles every generated kernel to a CUBIN for sm_90 and sm_80 (no GPU needed).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+profile=${1:-release}
+case "$profile" in
+  release) profile_flag=(--release) ;;
+  dev) profile_flag=() ;;
+  *) echo "usage: $0 [release|dev]" >&2; exit 2 ;;
+esac
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target-cuda}
+pack=.gpu
+rm -rf "$pack"
+mkdir -p "$pack/bin"
+
+# Executables of the test targets a cargo command builds, one "name path" per line.
+executables() {
+  cargo test "${profile_flag[@]}" --features cuda --no-run --message-format=json "$@" |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        message = json.loads(line)
+    except ValueError:
+        continue
+    if message.get("reason") == "compiler-artifact" and message.get("executable"):
+        print(message["target"]["name"], message["executable"])'
+}
+
+{
+  executables -p meshflow-ops --test cuda_gpu --test cuda_device --test cuda_kernels
+  executables -p meshflow-comm --lib | sed 's/^meshflow_comm /comm_lib /'
+} | while read -r name path; do
+  cp "$path" "$pack/bin/$name"
+  strip --strip-debug "$pack/bin/$name" 2>/dev/null || true
+done
+
+if [ -n "${NVRTC_LIB_DIR:-}" ]; then
+  echo "== NVRTC compile check here ($NVRTC_LIB_DIR)"
+  LD_LIBRARY_PATH="$NVRTC_LIB_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$pack/bin/cuda_kernels" --test-threads=1
+fi
+
+here=scripts/gpu-check
+cp "$here/run.sh" "$here/matmul_torch.py" "$here/device-env.sh" "$pack/"
+chmod +x "$pack/run.sh" "$pack"/bin/*
+size=$(du -sb "$pack" | cut -f1)
+echo "packed $pack: $(ls "$pack/bin" | tr '\n' ' ')($((size / 1024 / 1024)) MiB)"
+if [ "$size" -gt $((64 * 1024 * 1024)) ]; then
+  echo "the pack exceeds 64 MiB" >&2
+  exit 1
+fi
