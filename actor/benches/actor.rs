@@ -11,80 +11,11 @@
 
 mod table;
 
-use std::convert::Infallible;
 use std::time::Duration;
 
 use criterion::{BenchmarkGroup, Criterion, Throughput};
-use meshflow_actor::{
-    Act, ActorId, ActorKind, Completion, DeviceId, Driver, DriverConfig, Executor, Plan, Simulator,
-    UniformCost,
-};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-struct Nothing;
-
-impl Executor<()> for Nothing {
-    type Error = Infallible;
-
-    fn act(&mut self, act: &Act<'_, ()>) -> Result<Completion, Infallible> {
-        std::hint::black_box(act.outputs);
-        Ok(Completion::Done)
-    }
-}
-
-/// A chain of `actors`, the device of actor `i` being `device(i)`.
-fn chain(actors: usize, registers: u32, device: impl Fn(usize) -> u32) -> Plan<()> {
-    let mut plan = Plan::new();
-    let mut previous = plan.add_actor("stage0", ActorKind::Source, DeviceId(device(0)), ());
-    for index in 1..actors {
-        let kind = if index + 1 == actors { ActorKind::Sink } else { ActorKind::Compute };
-        let next = plan.add_actor(format!("stage{index}"), kind, DeviceId(device(index)), ());
-        plan.add_edge(previous, &[next], registers);
-        previous = next;
-    }
-    plan
-}
-
-/// `actors` actors over `devices` devices: a few sources, computes reading 1 to 3 of the 40
-/// actors before them, a sink on every loose end.
-fn random_plan(actors: usize, devices: u32, seed: u64) -> Plan<()> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut plan = Plan::new();
-    let mut consumers: Vec<Vec<ActorId>> = Vec::new();
-    for index in 0..actors {
-        let device = DeviceId(rng.random_range(0..devices));
-        let kind = if index < 4 { ActorKind::Source } else { ActorKind::Compute };
-        let actor = plan.add_actor(format!("actor{index}"), kind, device, ());
-        consumers.push(Vec::new());
-        if kind == ActorKind::Compute {
-            let mut chosen: Vec<usize> = (0..rng.random_range(1..=3))
-                .map(|_| rng.random_range(index.saturating_sub(40)..index))
-                .collect();
-            chosen.sort();
-            chosen.dedup();
-            for producer in chosen {
-                consumers[producer].push(actor);
-            }
-        }
-    }
-    for index in 0..actors {
-        if consumers[index].is_empty() {
-            let sink = plan.add_actor(
-                format!("sink{index}"),
-                ActorKind::Sink,
-                plan.actors[index].device,
-                (),
-            );
-            consumers.push(Vec::new());
-            consumers[index].push(sink);
-        }
-    }
-    for (index, list) in consumers.iter().enumerate().filter(|(_, list)| !list.is_empty()) {
-        plan.add_edge(ActorId(index as u32), list, 2);
-    }
-    plan
-}
+use meshflow_actor::workload::{chain, random_plan, NoWork, PingPong};
+use meshflow_actor::{Driver, DriverConfig, Plan, Simulator, UniformCost};
 
 fn configure(group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>) {
     group
@@ -106,7 +37,7 @@ fn settings() -> [(&'static str, DriverConfig); 4] {
 }
 
 fn driver(plan: &Plan<()>, config: DriverConfig) -> Driver<()> {
-    Driver::start(plan.clone(), config, |_, _| Nothing).expect("bench plans are well formed")
+    Driver::start(plan.clone(), config, |_, _| NoWork).expect("bench plans are well formed")
 }
 
 fn acts_per_second(criterion: &mut Criterion) {
@@ -121,7 +52,7 @@ fn acts_per_second(criterion: &mut Criterion) {
     let cost = UniformCost { act: 1, latency: 0 };
     let mut simulator = Simulator::new(&plan, cost, 0).expect("checks");
     group.bench_function("simulator_reference", |bench| {
-        bench.iter(|| simulator.run_step(PIECES, &mut Nothing).expect("runs"))
+        bench.iter(|| simulator.run_step(PIECES, &mut NoWork).expect("runs"))
     });
     group.finish();
 }
@@ -150,23 +81,8 @@ fn hop_latency(criterion: &mut Criterion) {
         });
     }
     group.bench_function("crossbeam_ping_pong_reference", |bench| {
-        let (to_peer, peer_inbox) = crossbeam::channel::unbounded::<u64>();
-        let (to_main, main_inbox) = crossbeam::channel::unbounded::<u64>();
-        let peer = std::thread::spawn(move || {
-            for token in peer_inbox {
-                if to_main.send(token + 1).is_err() {
-                    return;
-                }
-            }
-        });
-        bench.iter(|| {
-            for hop in 0..HOPS as u64 / 2 {
-                to_peer.send(hop).expect("peer alive");
-                main_inbox.recv().expect("peer alive");
-            }
-        });
-        drop(to_peer);
-        peer.join().expect("peer ends");
+        let ping_pong = PingPong::start();
+        bench.iter(|| assert!(ping_pong.round_trips(HOPS as u64 / 2), "peer alive"));
     });
     group.finish();
 }
@@ -185,7 +101,7 @@ fn random_step(criterion: &mut Criterion) {
     let cost = UniformCost { act: 1, latency: 0 };
     let mut simulator = Simulator::new(&plan, cost, 0).expect("checks");
     group.bench_function("simulator_reference", |bench| {
-        bench.iter(|| simulator.run_step(4, &mut Nothing).expect("runs"))
+        bench.iter(|| simulator.run_step(4, &mut NoWork).expect("runs"))
     });
     group.finish();
 }

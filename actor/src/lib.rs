@@ -44,6 +44,7 @@ mod message;
 mod plan;
 mod simulator;
 mod trace;
+pub mod workload;
 
 pub use actor::{Actor, RegisterUsage};
 pub use driver::{CompletionHandle, Driver, DriverConfig, Inbound, RunReport, Transport};

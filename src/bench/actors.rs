@@ -8,12 +8,8 @@
 //! - the overhead of an empty training step (one parameter of one element per device, AdamW) of a [`Session`] on
 //!   1 and 4 CPU devices, against the same crossbeam round trip.
 
-use std::convert::Infallible;
-
-use crate::actor::{
-    Act, ActorKind, Completion, DeviceId, Driver, DriverConfig, Executor, Plan, Simulator,
-    UniformCost,
-};
+use crate::actor::workload::{chain, NoWork, PingPong};
+use crate::actor::{Driver, DriverConfig, Plan, Simulator, UniformCost};
 use crate::ops::ops::adamw::AdamW;
 use crate::ops::{DType, Tensor as HostTensor};
 use crate::placement::{DeviceType, NdSbp, Placement, Sbp};
@@ -29,37 +25,12 @@ const CHAIN: usize = 64;
 const PIECES: u64 = 256;
 const HOPS: usize = 32;
 
-/// An executor whose acts do nothing.
-struct Nothing;
-
-impl Executor<()> for Nothing {
-    type Error = Infallible;
-
-    fn act(&mut self, act: &Act<'_, ()>) -> Result<Completion, Infallible> {
-        std::hint::black_box(act.outputs);
-        Ok(Completion::Done)
-    }
-}
-
-/// A chain of `actors` with `registers` per edge, actor `i` on device `device(i)`.
-pub fn chain(actors: usize, registers: u32, device: impl Fn(usize) -> u32) -> Plan<()> {
-    let mut plan = Plan::new();
-    let mut previous = plan.add_actor("stage0", ActorKind::Source, DeviceId(device(0)), ());
-    for index in 1..actors {
-        let kind = if index + 1 == actors { ActorKind::Sink } else { ActorKind::Compute };
-        let next = plan.add_actor(format!("stage{index}"), kind, DeviceId(device(index)), ());
-        plan.add_edge(previous, &[next], registers);
-        previous = next;
-    }
-    plan
-}
-
 fn actor_error(e: impl std::fmt::Display) -> BenchError {
     BenchError::Actor(e.to_string())
 }
 
 fn start(plan: &Plan<()>) -> Result<Driver<()>, BenchError> {
-    Driver::start(plan.clone(), DriverConfig::default(), |_, _| Nothing).map_err(actor_error)
+    Driver::start(plan.clone(), DriverConfig::default(), |_, _| NoWork).map_err(actor_error)
 }
 
 /// Acts per second of the driver and of the simulator on a 64-actor chain, 256 pieces a step.
@@ -72,7 +43,7 @@ pub fn acts_per_second(timing: Timing) -> Result<Figure, BenchError> {
     let mut simulator = Simulator::new(&plan, cost, 0).map_err(actor_error)?;
     let simulated = time_steps(
         timing,
-        || simulator.run_step(PIECES, &mut Nothing).map(drop).map_err(actor_error),
+        || simulator.run_step(PIECES, &mut NoWork).map(drop).map_err(actor_error),
         || {},
     )?;
     Ok(Figure {
@@ -102,30 +73,15 @@ pub fn hop_latency(timing: Timing) -> Result<Figure, BenchError> {
 
 /// Seconds of one round trip between two threads over crossbeam channels.
 pub fn ping_pong_seconds(timing: Timing) -> Result<f64, BenchError> {
-    let (to_peer, peer_inbox) = crossbeam::channel::unbounded::<u64>();
-    let (to_main, main_inbox) = crossbeam::channel::unbounded::<u64>();
-    let peer = std::thread::spawn(move || {
-        for token in peer_inbox {
-            if to_main.send(token + 1).is_err() {
-                return;
-            }
-        }
-    });
     const ROUNDS: u64 = 64;
-    let times: Result<_, BenchError> = time_steps(
+    let ping_pong = PingPong::start();
+    let peer_gone = || BenchError::Panic("ping-pong peer".into());
+    let times = time_steps(
         timing,
-        || {
-            for round in 0..ROUNDS {
-                to_peer.send(round).map_err(|_| BenchError::Panic("ping-pong peer".into()))?;
-                main_inbox.recv().map_err(|_| BenchError::Panic("ping-pong peer".into()))?;
-            }
-            Ok(())
-        },
+        || if ping_pong.round_trips(ROUNDS) { Ok(()) } else { Err(peer_gone()) },
         || {},
-    );
-    drop(to_peer);
-    peer.join().map_err(|_| BenchError::Panic("ping-pong peer".into()))?;
-    Ok(times?.median / ROUNDS as f64)
+    )?;
+    Ok(times.median / ROUNDS as f64)
 }
 
 /// Microseconds of an empty training step on `devices` CPU devices (data parallel).

@@ -22,9 +22,8 @@ pub mod report;
 pub mod symmetry;
 pub mod table;
 
-use std::convert::Infallible;
-
-use meshflow_actor::{Act, Completion, Executor, Simulator};
+use meshflow_actor::workload::NoWork;
+use meshflow_actor::Simulator;
 
 use crate::compile::actors::{lower_to_actors, ActorConfig, ActorProgram, Streams};
 use crate::compile::Program;
@@ -87,7 +86,7 @@ pub fn simulate(
     if trace {
         simulator.enable_trace();
     }
-    let report = simulator.run_step(1, &mut Idle).map_err(runtime)?;
+    let report = simulator.run_step(1, &mut NoWork).map_err(runtime)?;
     let trace = match simulator.trace() {
         Some(recorded) => {
             let mut json = Vec::new();
@@ -111,16 +110,5 @@ pub fn streams_for(cluster: &Cluster) -> Streams {
         Streams::Single
     } else {
         Streams::ComputeAndComm
-    }
-}
-
-/// The simulator's executor: acts do nothing but take their simulated time.
-struct Idle;
-
-impl<P> Executor<P> for Idle {
-    type Error = Infallible;
-
-    fn act(&mut self, _act: &Act<'_, P>) -> Result<Completion, Infallible> {
-        Ok(Completion::Done)
     }
 }
