@@ -1,6 +1,8 @@
 //! A session under `meshflow launch`: the same training script, run as two processes of one job
-//! (one device each, collectives over the job's QUIC data plane), gives the losses of the same
-//! data-parallel program on two devices of one process.
+//! (collectives over the job's QUIC data plane), gives the losses of the same program on the
+//! devices of one process: data parallel with one device per process, and data × tensor
+//! parallel with two devices per process (tensor-parallel groups inside a process, data-parallel
+//! groups across the two).
 
 use std::net::UdpSocket;
 use std::process::Command;
@@ -19,17 +21,25 @@ const MESHFLOW: &str = env!("CARGO_BIN_EXE_meshflow");
 const STEPS: usize = 5;
 const BATCH: usize = 8;
 
-/// A two-layer MLP, data parallel over 2 devices; the session's devices come from `config`.
-fn session(config: SessionConfig) -> (Session, Tensor, Tensor) {
+/// A two-layer MLP on `mesh`: data parallel on its first axis, and on a second axis tensor
+/// parallel (Megatron: `w1` split by columns, `w2` by rows); the devices come from `config`.
+fn session(config: SessionConfig, mesh: &[usize]) -> (Session, Tensor, Tensor) {
     let g = Graph::new();
-    let placement = Placement::line(DeviceType::Cpu, 2).unwrap();
-    let split = Some(NdSbp(vec![Sbp::Split(0)]));
-    let x = g.input("x", [BATCH, 4], DType::F32, &placement, split.clone()).unwrap();
-    let y = g.input("y", [BATCH], DType::I64, &placement, split).unwrap();
+    let ranks = (0..mesh.iter().product()).collect();
+    let placement = Placement::new(DeviceType::Cpu, mesh.to_vec(), ranks).unwrap();
+    let sbp = |data: Sbp, tensor: Sbp| {
+        let mut axes = vec![data];
+        axes.extend((mesh.len() > 1).then_some(tensor));
+        Some(NdSbp(axes))
+    };
+    let batch = sbp(Sbp::Split(0), Sbp::Broadcast);
+    let x = g.input("x", [BATCH, 4], DType::F32, &placement, batch.clone()).unwrap();
+    let y = g.input("y", [BATCH], DType::I64, &placement, batch).unwrap();
     let init =
         |dims: [usize; 2], seed| HostTensor::randn(dims, 0.0, 0.5, DType::F32, seed).unwrap();
-    let w1 = g.parameter("w1", init([4, 8], 1), &placement, None).unwrap();
-    let w2 = g.parameter("w2", init([8, 3], 2), &placement, None).unwrap();
+    let (columns, rows) = (sbp(Sbp::Broadcast, Sbp::Split(1)), sbp(Sbp::Broadcast, Sbp::Split(0)));
+    let w1 = g.parameter("w1", init([4, 8], 1), &placement, columns).unwrap();
+    let w2 = g.parameter("w2", init([8, 3], 2), &placement, rows).unwrap();
     let loss = x.matmul(&w1).unwrap().relu().unwrap().matmul(&w2).unwrap();
     let loss = loss.cross_entropy(&y).unwrap();
     let training = Training::new(&loss, Optimizer::AdamW(AdamW::new(0.05)), Schedule::Constant);
@@ -51,18 +61,18 @@ fn losses(session: &mut Session, x: &Tensor, y: &Tensor) -> Vec<f32> {
         .collect()
 }
 
-/// The worker: one rank of the job `meshflow launch` started (run by the test below).
-#[test]
-#[ignore = "run by dp2_across_two_processes_matches_dp2_in_one_process under meshflow launch"]
-fn session_worker() {
+/// The worker: one process of the job `meshflow launch` started, driving `devices` devices of
+/// a mesh `mesh` (run by the tests below).
+fn worker(devices: u32, mesh: &[usize]) {
     let world = dist::init().expect("launch environment");
-    let job = Arc::new(world.join(&JoinOptions::default()).expect("join"));
+    let options = JoinOptions { devices, ..JoinOptions::default() };
+    let job = Arc::new(world.join(&options).expect("join"));
     let config = SessionConfig {
         job: Some(Arc::clone(&job)),
         timeout: Duration::from_secs(30),
         ..SessionConfig::default()
     };
-    let (mut session, x, y) = session(config);
+    let (mut session, x, y) = session(config, mesh);
     let losses = losses(&mut session, &x, &y);
     println!("LOSSES {} {losses:?}", world.rank);
     drop(session);
@@ -73,18 +83,26 @@ fn session_worker() {
 }
 
 #[test]
-fn dp2_across_two_processes_matches_dp2_in_one_process() {
-    let config = SessionConfig { devices: 2, ..SessionConfig::default() };
-    let (mut one, x, y) = session(config);
-    let expected = losses(&mut one, &x, &y);
-    assert!(expected[STEPS - 1] < expected[0], "loss did not fall: {expected:?}");
+#[ignore = "run by dp2_across_two_processes_matches_dp2_in_one_process under meshflow launch"]
+fn session_worker() {
+    worker(1, &[2]);
+}
 
+#[test]
+#[ignore = "run by dp2_tp2_across_two_processes_of_two_devices_matches_one_process"]
+fn session_worker_two_devices() {
+    worker(2, &[2, 2]);
+}
+
+/// Launches two processes of this test binary, each running `worker`, and checks that both
+/// print `expected`.
+fn launch_and_compare(worker: &str, expected: &[f32]) {
     let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let test_binary = std::env::current_exe().unwrap();
     let output = Command::new(MESHFLOW)
         .args(["launch", "--nproc-per-node", "2", "--master-port", &port.to_string(), "--"])
         .arg(test_binary)
-        .args(["--ignored", "--exact", "session_worker", "--nocapture", "--test-threads", "1"])
+        .args(["--ignored", "--exact", worker, "--nocapture", "--test-threads", "1"])
         .env_remove("MASTER_ADDR")
         .env_remove("MASTER_PORT")
         .env_remove("SLURM_PROCID")
@@ -104,8 +122,26 @@ fn dp2_across_two_processes_matches_dp2_in_one_process() {
             .map(|v| v.parse().unwrap())
             .collect();
         assert_eq!(values.len(), STEPS, "{line}");
-        for (step, (a, b)) in values.iter().zip(&expected).enumerate() {
+        for (step, (a, b)) in values.iter().zip(expected).enumerate() {
             assert!((a - b).abs() < 2e-5, "rank {rank} step {step}: {a} vs {b} ({values:?})");
         }
     }
+}
+
+#[test]
+fn dp2_across_two_processes_matches_dp2_in_one_process() {
+    let config = SessionConfig { devices: 2, ..SessionConfig::default() };
+    let (mut one, x, y) = session(config, &[2]);
+    let expected = losses(&mut one, &x, &y);
+    assert!(expected[STEPS - 1] < expected[0], "loss did not fall: {expected:?}");
+    launch_and_compare("session_worker", &expected);
+}
+
+#[test]
+fn dp2_tp2_across_two_processes_of_two_devices_matches_one_process() {
+    let config = SessionConfig { devices: 4, ..SessionConfig::default() };
+    let (mut one, x, y) = session(config, &[2, 2]);
+    let expected = losses(&mut one, &x, &y);
+    assert!(expected[STEPS - 1] < expected[0], "loss did not fall: {expected:?}");
+    launch_and_compare("session_worker_two_devices", &expected);
 }

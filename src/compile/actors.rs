@@ -18,9 +18,16 @@
 //!   of its streams.
 //!
 //! Edges: one per (writer, slot) to the actors that read that shard, and one "order" edge from
-//! each actor to the next on the same stream of the same rank, so a stream runs its acts in
-//! program order (pieces one after another). Every edge has one register: one step of `pieces`
-//! pieces is one piece of the plan ([`Simulator::run_step`](meshflow_actor::Simulator) with 1).
+//! each actor to the next on the same stream of the same rank, so a stream runs its acts in one
+//! fixed order: the steps before the pieces, the pieces' forwards and backwards in the
+//! [`PieceOrder`] (1F1B by default: with [`ActorConfig::forward`] naming the loss, stage `s` of
+//! a pipeline of `S` stages runs `S − s − 1` forwards ahead and then alternates, so stages
+//! overlap and stage `s` holds at most `S − s` pieces' activations), the sums, the steps after
+//! (each part in program order). Every rank of a collective's group runs the same order, so
+//! collectives are issued in one order everywhere. Every edge has one register: one step of
+//! `pieces` pieces is one piece of the plan ([`Simulator::run_step`](meshflow_actor::Simulator)
+//! with 1); what bounds the pieces in flight is the order, since every piece has actors of its
+//! own. With [`ActorConfig::joins`] off (the session), no edge leaves a rank.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -53,11 +60,42 @@ impl Streams {
     }
 }
 
+/// In which order each rank runs the forward and backward of its pieces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PieceOrder {
+    /// Piece after piece: the forward and backward of piece 0, then of piece 1, … (no overlap
+    /// between pipeline stages; one piece's activations alive at a time).
+    Sequential,
+    /// Every piece's forward, then every piece's backward (GPipe): stage `s + 1` runs the
+    /// forward of piece `k` while stage `s` runs that of piece `k + 1`; all pieces' activations
+    /// stay alive until their backward.
+    GPipe,
+    /// One forward, one backward (PipeDream-flush, Megatron's 1F1B): stage `s` of `S` runs
+    /// `S − s − 1` forwards ahead, then alternates, so it holds at most `S − s` pieces'
+    /// activations. Falls back to [`PieceOrder::GPipe`] when a transfer between stages goes
+    /// against the pipeline's direction (point-to-point copies must meet in one order on both
+    /// sides), and acts as [`PieceOrder::Sequential`] on a program of one stage.
+    #[default]
+    OneForwardOneBackward,
+}
+
 /// How to lower a program to actors.
 #[derive(Clone, Debug)]
 pub struct ActorConfig {
     /// Micro-batches per step. Default 1.
     pub pieces: u32,
+    /// The order of the pieces' forwards and backwards on each rank. Default
+    /// [`PieceOrder::OneForwardOneBackward`].
+    pub order: PieceOrder,
+    /// The value whose writing step ends the forward (the loss): per-piece steps up to it in
+    /// program order are the forward, later ones the backward. `None` (the default): every
+    /// per-piece step counts as forward, and pieces run one after another.
+    pub forward: Option<Value>,
+    /// Whether a communicating boxing step waits, in a [`Work::Join`] actor, for the source of
+    /// every member of its group (default). Without joins every edge stays on one rank: the
+    /// collective itself is the meeting point (a session across processes needs no actor
+    /// messages between processes), and the plan is what each rank runs, in its order.
+    pub joins: bool,
     /// Streams per rank. Default [`Streams::Single`].
     pub streams: Streams,
     /// Parameter values and the slots that hold their new values (the update input of their
@@ -71,6 +109,9 @@ impl Default for ActorConfig {
     fn default() -> Self {
         ActorConfig {
             pieces: 1,
+            order: PieceOrder::default(),
+            forward: None,
+            joins: true,
             streams: Streams::Single,
             updates: Vec::new(),
             accumulate: Vec::new(),
@@ -121,6 +162,16 @@ pub struct ActorProgram {
     pub streams: Streams,
     /// Micro-batches per step.
     pub pieces: u32,
+    /// Per step of the program, when it runs.
+    pub phases: Vec<Phase>,
+    /// Per slot, whether it is summed over the pieces.
+    pub accumulated: Vec<bool>,
+    /// The order the pieces run in (after any fallback).
+    pub order: PieceOrder,
+    /// The last step of the forward ([`ActorConfig::forward`]), if one was named.
+    pub forward_end: Option<usize>,
+    /// Per (rank, stream), its chained actors in the order they run.
+    pub chains: Vec<((usize, u32), Vec<ActorId>)>,
 }
 
 impl ActorProgram {
@@ -142,8 +193,19 @@ pub fn lower_to_actors(program: &Program, config: &ActorConfig) -> Result<ActorP
     }
     let mut lowering = ActorLowering::new(program, config)?;
     lowering.create_actors()?;
+    lowering.order_streams();
     lowering.connect()?;
-    Ok(ActorProgram { plan: lowering.plan, streams: config.streams, pieces: config.pieces })
+    let forward_end = lowering.forward_end();
+    Ok(ActorProgram {
+        plan: lowering.plan,
+        streams: config.streams,
+        pieces: config.pieces,
+        phases: lowering.phases,
+        accumulated: lowering.accumulated,
+        order: lowering.order,
+        forward_end,
+        chains: lowering.chains,
+    })
 }
 
 /// The ranks that hold a shard of a layout.
@@ -200,9 +262,12 @@ fn device(streams: Streams, rank: usize, stream: u32) -> DeviceId {
 
 /// When a step runs: before the pieces, once per piece, or after the accumulation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
+pub enum Phase {
+    /// Once per step, before the pieces (parameters, their layout changes).
     Before,
+    /// Once per piece (everything that depends on an input).
     Piece,
+    /// Once per step, on the sums over the pieces (clipping, the update).
     After,
 }
 
@@ -221,6 +286,10 @@ struct ActorLowering<'a> {
     streams: HashMap<(usize, u32), Vec<ActorId>>,
     /// Per slot, its writing step.
     writer: Vec<Option<usize>>,
+    /// The piece order in force.
+    order: PieceOrder,
+    /// Per (rank, stream), its actors in order, once connected.
+    chains: Vec<((usize, u32), Vec<ActorId>)>,
 }
 
 impl<'a> ActorLowering<'a> {
@@ -248,6 +317,8 @@ impl<'a> ActorLowering<'a> {
             sums: HashMap::new(),
             streams: HashMap::new(),
             writer,
+            order: config.order,
+            chains: Vec::new(),
         };
         lowering.phases = lowering.classify()?;
         Ok(lowering)
@@ -300,6 +371,22 @@ impl<'a> ActorLowering<'a> {
     }
 
     fn create_actors(&mut self) -> Result<()> {
+        for step in 0..self.phases.len() {
+            let pieces = if self.phases[step] == Phase::Piece { self.config.pieces } else { 1 };
+            for piece in 0..pieces {
+                self.add_step(step, piece);
+            }
+        }
+        if self.config.pieces > 1 {
+            self.add_sums();
+        }
+        Ok(())
+    }
+
+    /// Puts every rank's chained actors on its streams in the order it runs them: the steps
+    /// before the pieces, the pieces' forwards and backwards in the [`PieceOrder`], the sums,
+    /// the steps after (all in program order within each part).
+    fn order_streams(&mut self) {
         let steps_in = |phase: Phase| -> Vec<usize> {
             (0..self.phases.len()).filter(|&s| self.phases[s] == phase).collect()
         };
@@ -308,21 +395,114 @@ impl<'a> ActorLowering<'a> {
         if self.config.streams == Streams::ComputeAndComm {
             after.sort_by_key(|&step| self.ready_order(step));
         }
-        for step in before {
-            self.add_step(step, 0);
+        let end = self.forward_end();
+        let (forward, backward): (Vec<usize>, Vec<usize>) =
+            pieces.into_iter().partition(|&step| end.is_none_or(|end| step <= end));
+        let stages = self.stages(&forward, &backward);
+        if self.order == PieceOrder::OneForwardOneBackward && stages.is_none() {
+            self.order = PieceOrder::GPipe;
         }
-        for piece in 0..self.config.pieces {
-            for &step in &pieces {
-                self.add_step(step, piece);
+        let mut ranks: Vec<usize> = self.actors.keys().map(|&(_, rank, _)| rank).collect();
+        ranks.sort_unstable();
+        ranks.dedup();
+        for rank in ranks {
+            for &step in &before {
+                self.chain(step, rank, 0);
+            }
+            let (stage, count) = stages
+                .as_ref()
+                .map_or((0, 1), |(of, count)| (of.get(&rank).copied().unwrap_or(0), *count));
+            for (piece, is_forward) in piece_schedule(self.order, self.config.pieces, stage, count)
+            {
+                let part = if is_forward { &forward } else { &backward };
+                for &step in part {
+                    self.chain(step, rank, piece);
+                }
+            }
+            let mut sums: Vec<(Slot, ActorId)> = self
+                .sums
+                .iter()
+                .filter(|((_, r), _)| *r == rank)
+                .map(|((slot, _), actor)| (*slot, *actor))
+                .collect();
+            sums.sort_unstable();
+            for (_, actor) in sums {
+                self.streams.entry((rank, 0)).or_default().push(actor);
+            }
+            for &step in &after {
+                self.chain(step, rank, 0);
             }
         }
-        if self.config.pieces > 1 {
-            self.add_sums();
+    }
+
+    /// Appends the actor of (step, rank, piece), if there is one and it runs on a stream.
+    fn chain(&mut self, step: usize, rank: usize, piece: u32) {
+        if matches!(self.program.steps[step], Step::Leaf { .. }) {
+            return;
         }
-        for step in after {
-            self.add_step(step, 0);
+        if let Some(&actor) = self.actors.get(&(step, rank, piece)) {
+            let stream = self.stream_of(&self.program.steps[step]);
+            self.streams.entry((rank, stream)).or_default().push(actor);
         }
-        Ok(())
+    }
+
+    /// The last step of the forward: the writer of [`ActorConfig::forward`].
+    fn forward_end(&self) -> Option<usize> {
+        let value = self.config.forward?;
+        let slot = self.program.produced.get(value.0 as usize)?;
+        self.writer[slot.0 as usize]
+    }
+
+    /// The pipeline stage of every rank and the stage count, for 1F1B: stages are the
+    /// placements of the forward kernels in order of first use. `None` when 1F1B is not safe
+    /// there: placements that share ranks, a collective across stages, or a copy between stages
+    /// against the direction of its pass (forward copies go to later stages, backward copies to
+    /// earlier ones), which would meet its receive in another order.
+    fn stages(
+        &self,
+        forward: &[usize],
+        backward: &[usize],
+    ) -> Option<(HashMap<usize, usize>, usize)> {
+        let program = self.program;
+        let mut placements: Vec<&meshflow_placement::Placement> = Vec::new();
+        for &step in forward {
+            if let Step::Kernel { node, .. } = &program.steps[step] {
+                let placement = &program.graph.node(*node).placement;
+                if !placements.contains(&placement) {
+                    placements.push(placement);
+                }
+            }
+        }
+        let mut stage_of = HashMap::new();
+        for (stage, placement) in placements.iter().enumerate() {
+            for &rank in placement.ranks() {
+                if stage_of.insert(rank, stage).is_some() {
+                    return None;
+                }
+            }
+        }
+        let stage = |layout: &Layout| -> Option<usize> {
+            let mut stages = layout.placement.ranks().iter().map(|rank| stage_of.get(rank));
+            let first = stages.next()??;
+            stages.all(|s| s == Some(first)).then_some(*first)
+        };
+        let passes = [(forward, true), (backward, false)];
+        for (steps, is_forward) in passes {
+            for &step in steps {
+                let Step::Boxing { from, to, plan } = &program.steps[step] else { continue };
+                if !communicates(plan) {
+                    continue;
+                }
+                let source = stage(&program.slot(*from).layout)?;
+                let target = stage(&program.slot(*to).layout)?;
+                let along = source == target || (source < target) == is_forward;
+                if !along {
+                    return None;
+                }
+            }
+        }
+        let count = placements.len().max(1);
+        Some((stage_of, count))
     }
 
     /// With a communication stream, collectives after the pieces (gradient all-reduces) are
@@ -340,12 +520,12 @@ impl<'a> ActorLowering<'a> {
     fn add_step(&mut self, index: usize, piece: u32) {
         let program = self.program;
         let step = &program.steps[index];
-        let (kind, chained) = match step {
+        let kind = match step {
             Step::Leaf { value, .. } => match program.graph.value(*value).source {
-                Source::Input => (ActorKind::Source, false),
-                _ => (ActorKind::Variable, false),
+                Source::Input => ActorKind::Source,
+                _ => ActorKind::Variable,
             },
-            _ => (ActorKind::Compute, true),
+            _ => ActorKind::Compute,
         };
         let stream = self.stream_of(step);
         for rank in step_ranks(program, step) {
@@ -354,9 +534,6 @@ impl<'a> ActorLowering<'a> {
             let device = device(self.config.streams, rank, stream);
             let actor = self.plan.add_actor(name, kind, device, payload);
             self.actors.insert((index, rank, piece), actor);
-            if chained {
-                self.streams.entry((rank, stream)).or_default().push(actor);
-            }
         }
     }
 
@@ -371,7 +548,6 @@ impl<'a> ActorLowering<'a> {
                 let device = device(self.config.streams, rank, 0);
                 let actor = self.plan.add_actor(name, ActorKind::Compute, device, payload);
                 self.sums.insert((slot, rank), actor);
-                self.streams.entry((rank, 0)).or_default().push(actor);
             }
         }
     }
@@ -420,7 +596,24 @@ impl<'a> ActorLowering<'a> {
             self.plan.add_edge(producer, &consumers, 1);
         }
         self.order_edges();
+        self.start_unfed();
         Ok(())
+    }
+
+    /// Without joins, a boxing actor of a rank that only receives may have no input at all
+    /// (the first of its stream): it acts once per step, as a source does.
+    fn start_unfed(&mut self) {
+        let mut fed = vec![false; self.plan.actors.len()];
+        for edge in &self.plan.edges {
+            for consumer in &edge.consumers {
+                fed[consumer.index()] = true;
+            }
+        }
+        for (spec, fed) in self.plan.actors.iter_mut().zip(fed) {
+            if spec.kind == ActorKind::Compute && !fed {
+                spec.kind = ActorKind::Source;
+            }
+        }
     }
 
     fn data_edges(&mut self, edges: &mut BTreeSetMap) -> Result<()> {
@@ -439,8 +632,11 @@ impl<'a> ActorLowering<'a> {
                     }
                 }
                 Step::Boxing { from, to, plan } => {
-                    if !communicates(plan) {
-                        edges.add(self.source_actor(*from, rank, piece, phase)?, *from, consumer);
+                    if !communicates(plan) || !self.config.joins {
+                        if layout_ranks(&program.slot(*from).layout).contains(&rank) {
+                            let source = self.source_actor(*from, rank, piece, phase)?;
+                            edges.add(source, *from, consumer);
+                        }
                         continue;
                     }
                     if let std::collections::hash_map::Entry::Vacant(entry) = groups.entry(index) {
@@ -566,6 +762,7 @@ impl<'a> ActorLowering<'a> {
         let mut ends: HashMap<usize, Vec<ActorId>> = HashMap::new();
         let mut streams: Vec<((usize, u32), Vec<ActorId>)> = self.streams.drain().collect();
         streams.sort_unstable();
+        self.chains = streams.clone();
         for ((rank, _), actors) in streams {
             for pair in actors.windows(2) {
                 self.plan.add_edge(pair[0], &[pair[1]], 1);
@@ -594,6 +791,32 @@ impl<'a> ActorLowering<'a> {
             for last in lasts {
                 self.plan.add_edge(last, &[sink], 1);
             }
+        }
+    }
+}
+
+/// Per rank of stage `stage` of `stages`, the (piece, is forward) units in the order it runs
+/// them (see [`PieceOrder`]).
+pub fn piece_schedule(
+    order: PieceOrder,
+    pieces: u32,
+    stage: usize,
+    stages: usize,
+) -> Vec<(u32, bool)> {
+    match order {
+        PieceOrder::Sequential => (0..pieces).flat_map(|p| [(p, true), (p, false)]).collect(),
+        PieceOrder::GPipe => {
+            (0..pieces).map(|p| (p, true)).chain((0..pieces).map(|p| (p, false))).collect()
+        }
+        PieceOrder::OneForwardOneBackward => {
+            let ahead = (stages.saturating_sub(stage + 1) as u32).min(pieces);
+            let mut units: Vec<(u32, bool)> = (0..ahead).map(|p| (p, true)).collect();
+            for p in 0..pieces - ahead {
+                units.push((p + ahead, true));
+                units.push((p, false));
+            }
+            units.extend((pieces - ahead..pieces).map(|p| (p, false)));
+            units
         }
     }
 }

@@ -28,12 +28,22 @@ pub struct Unrolled {
     /// Original nodes already rebuilt for micro-batch `i` (`built[i]` counts them).
     built: Vec<usize>,
     original: GraphData,
+    /// How many slices each input's batch is cut into.
+    divisor: usize,
 }
 
 impl Unrolled {
     /// The micro-batch count.
     pub fn count(&self) -> usize {
         self.per_batch.len()
+    }
+
+    /// `original` rebuilt for one micro-batch of `count`: every input holds `1/count` of its
+    /// batch (axis 0) and every node is built once, as the session's actors run it once per
+    /// piece. Nothing of the batch-dependent part is built yet (see [`Unrolled::value`] with
+    /// batch 0).
+    pub fn piece(original: &GraphData, count: usize) -> Result<Unrolled> {
+        rebuild(original, count, 1)
     }
 
     /// `value` of the original graph in micro-batch `batch` of the new one (the shared value
@@ -90,7 +100,7 @@ impl Unrolled {
             return self.graph.with_emit(|e| e.apply(node.op.clone(), inputs));
         }
         let mut dims = self.original.value(node.outputs[0]).meta.shape.dims().to_vec();
-        let count = self.count();
+        let count = self.divisor;
         match dims.first_mut() {
             Some(batch) if *batch % count == 0 => *batch /= count,
             _ => {
@@ -114,12 +124,17 @@ impl Unrolled {
 /// axis 0, which must divide by `count`; nothing of the batch-dependent part is built yet (see
 /// [`Unrolled::value`]).
 pub fn unroll(original: &GraphData, count: usize) -> Result<Unrolled> {
+    rebuild(original, count, count)
+}
+
+/// `original` with inputs cut into `count` slices, of which `copies` get a graph.
+fn rebuild(original: &GraphData, count: usize, copies: usize) -> Result<Unrolled> {
     if count == 0 {
         return Err(Error::Graph("micro-batch count must be at least 1".into()));
     }
     let graph = Graph::new();
     let mut shared = HashMap::new();
-    let mut per_batch = vec![HashMap::new(); count];
+    let mut per_batch = vec![HashMap::new(); copies];
     let mut inputs = Vec::new();
     for (index, info) in original.values.iter().enumerate() {
         let old = Value(index as u32);
@@ -131,7 +146,8 @@ pub fn unroll(original: &GraphData, count: usize) -> Result<Unrolled> {
                 let meta = slice_meta(&name, &info.meta, count)?;
                 let mut slices = Vec::with_capacity(count);
                 for (batch, map) in per_batch.iter_mut().enumerate() {
-                    let slice_name = format!("{name}@{batch}");
+                    let slice_name =
+                        if copies == 1 { name.clone() } else { format!("{name}@{batch}") };
                     let (shape, dtype) = (meta.shape.clone(), meta.dtype);
                     let t = graph.input(&slice_name, shape, dtype, &info.placement, sbp.clone())?;
                     map.insert(old, t.value());
@@ -166,8 +182,9 @@ pub fn unroll(original: &GraphData, count: usize) -> Result<Unrolled> {
         inputs,
         shared,
         per_batch,
-        built: vec![0; count],
+        built: vec![0; copies],
         original: original.clone(),
+        divisor: count,
     })
 }
 

@@ -49,5 +49,14 @@ pub fn prune(lowered: &ActorProgram, keep: &BTreeSet<usize>) -> ActorProgram {
             plan.add_edge(producer, &consumers, edge.registers);
         }
     }
-    ActorProgram { plan, streams: lowered.streams, pieces: lowered.pieces }
+    ActorProgram {
+        plan,
+        streams: lowered.streams,
+        pieces: lowered.pieces,
+        phases: lowered.phases.clone(),
+        accumulated: lowered.accumulated.clone(),
+        order: lowered.order,
+        forward_end: lowered.forward_end,
+        chains: Vec::new(),
+    }
 }

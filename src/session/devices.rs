@@ -3,98 +3,125 @@
 //! is one rank of a job started by `meshflow launch` ([`Devices::job`], collectives over the
 //! job's health-watched QUIC data plane).
 
-use std::collections::HashSet;
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crossbeam::channel::{bounded, unbounded, Sender};
-use meshflow_comm::{Communicator, Rank, SharedGroup};
+use meshflow_actor::{DeviceId, Driver, DriverConfig, Envelope, RunReport, Transport};
+use meshflow_comm::cluster::WatchedCommunicator;
+use meshflow_comm::{Communicator, InProcessTransport, Rank, SharedGroup, TransportCommunicator};
 use meshflow_ops::{Context, Tensor};
 
+use super::executor::{lock, Compiled, Current, RankExecutor};
+use super::transport::DeviceTransport;
 use super::worker::{RunRequest, Worker};
+use crate::compile::actors::ActorWork;
 use crate::compile::{Program, Step};
 use crate::dist::Job;
 use crate::exec::boxing::Comms;
 use crate::{Error, Result};
 
-type Call = Box<dyn FnOnce(&mut Worker) + Send>;
-
-/// The devices of this process: ranks `ranks` of a world of `world` ranks.
+/// The devices of this process: ranks `ranks` of a world of `world` ranks, and the actor
+/// driver that runs a compiled program on them (one thread per device).
 pub struct Devices {
-    senders: Vec<Sender<Call>>,
-    threads: Vec<JoinHandle<()>>,
+    workers: Vec<Arc<Mutex<Worker>>>,
     groups: HashSet<Vec<usize>>,
     timeout: Duration,
     ranks: Vec<usize>,
     world: usize,
     job: Option<Arc<Job>>,
+    /// Under a job, per device of this process, its transport.
+    transports: Vec<Arc<DeviceTransport>>,
+    driver: Option<Driver<ActorWork>>,
+    compiled: Option<Arc<Compiled>>,
+    current: Current,
 }
 
 impl Devices {
-    /// Starts `n` device threads, each with a kernel budget of `threads_per_device` threads;
-    /// collectives give up after `timeout`.
+    /// `n` devices, each with a kernel budget of `threads_per_device` threads; collectives give
+    /// up after `timeout`.
     pub fn cpu(n: usize, threads_per_device: usize, timeout: Duration) -> Result<Self> {
         if n == 0 {
             return Err(Error::Runtime("a session needs at least one device".into()));
         }
         let world = SharedGroup::members((0..n).map(Rank).collect(), timeout);
-        let mut devices = Devices {
-            senders: Vec::with_capacity(n),
-            threads: Vec::with_capacity(n),
-            groups: HashSet::new(),
-            timeout,
-            ranks: Vec::with_capacity(n),
-            world: n,
-            job: None,
-        };
+        let mut devices = Devices::empty(n, timeout, None);
         for (rank, world) in world.into_iter().enumerate() {
-            devices.start(rank, threads_per_device, Box::new(world))?;
+            devices.add(rank, threads_per_device, Box::new(world));
         }
         Ok(devices)
     }
 
-    /// This process's one device as rank `job.world().rank` of the job's world (one device
-    /// per process). Collective: every rank of the job must create its session.
+    /// This process's devices in the job: each process drives the devices it announced when it
+    /// joined (`JoinOptions::devices`), device ranks numbered process by process (process 0
+    /// has ranks `0..d0`, process 1 the next `d1`, …). Devices of one process exchange through
+    /// shared memory, devices of different processes over the job's health-watched QUIC data
+    /// plane. Collective: every process of the job must create its session.
     pub fn job(job: Arc<Job>, threads_per_device: usize, timeout: Duration) -> Result<Self> {
-        let (rank, size) = (job.world().rank, job.world().world_size);
-        let all: Vec<usize> = (0..size).collect();
-        let world = job.communicator(&all).map_err(|e| Error::Runtime(e.to_string()))?;
-        let mut devices = Devices {
-            senders: Vec::new(),
-            threads: Vec::new(),
-            groups: HashSet::new(),
-            timeout,
-            ranks: Vec::new(),
-            world: size,
-            job: Some(job),
-        };
-        devices.start(rank, threads_per_device, world)?;
+        let process_of: Vec<usize> = job
+            .members()
+            .iter()
+            .enumerate()
+            .flat_map(|(process, member)| std::iter::repeat_n(process, member.devices as usize))
+            .collect();
+        let me = job.world().rank;
+        let remote = job.connect().map_err(|e| Error::Runtime(e.to_string()))?;
+        let world = process_of.len();
+        let process_of = Arc::new(process_of);
+        let locals = InProcessTransport::world(world, 4, timeout);
+        let mut devices = Devices::empty(world, timeout, Some(Arc::clone(&job)));
+        for (rank, local) in locals.into_iter().enumerate() {
+            if process_of[rank] != me {
+                continue;
+            }
+            let transport = DeviceTransport {
+                rank,
+                process_of: Arc::clone(&process_of),
+                local,
+                remote: remote.clone(),
+            };
+            let transport = Arc::new(transport);
+            let all: Vec<usize> = (0..world).collect();
+            let communicator = devices.job_communicator(&transport, &all)?;
+            devices.transports.push(transport);
+            devices.add(rank, threads_per_device, communicator);
+        }
         Ok(devices)
     }
 
-    fn start(
-        &mut self,
-        rank: usize,
-        threads_per_device: usize,
-        world: Box<dyn Communicator>,
-    ) -> Result<()> {
-        let (sender, receiver) = unbounded::<Call>();
+    /// The communicator over the device ranks `group` of the device with `transport`.
+    fn job_communicator(
+        &self,
+        transport: &Arc<DeviceTransport>,
+        group: &[usize],
+    ) -> Result<Box<dyn Communicator>> {
+        let job = self.job.as_ref().ok_or_else(|| Error::Runtime("no job".into()))?;
+        let transport: Arc<dyn meshflow_comm::Transport> = transport.clone();
+        let members = group.iter().copied().map(Rank).collect();
+        let inner = TransportCommunicator::new(transport, members)?;
+        Ok(Box::new(WatchedCommunicator::new(Box::new(inner), job.health())))
+    }
+
+    fn empty(world: usize, timeout: Duration, job: Option<Arc<Job>>) -> Self {
+        Devices {
+            workers: Vec::new(),
+            groups: HashSet::new(),
+            timeout,
+            ranks: Vec::new(),
+            world,
+            job,
+            transports: Vec::new(),
+            driver: None,
+            compiled: None,
+            current: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    fn add(&mut self, rank: usize, threads_per_device: usize, world: Box<dyn Communicator>) {
         let comms = Comms { rank, groups: Default::default(), world };
-        let thread = std::thread::Builder::new()
-            .name(format!("meshflow-device-{rank}"))
-            .spawn(move || {
-                let mut worker =
-                    Worker::new(rank, Context::with_threads(threads_per_device), comms);
-                while let Ok(call) = receiver.recv() {
-                    call(&mut worker);
-                }
-            })
-            .map_err(|e| Error::Runtime(format!("cannot start device thread {rank}: {e}")))?;
-        self.senders.push(sender);
-        self.threads.push(thread);
+        let worker = Worker::new(rank, Context::with_threads(threads_per_device), comms);
+        self.workers.push(Arc::new(Mutex::new(worker)));
         self.ranks.push(rank);
-        Ok(())
     }
 
     /// The ranks of this process's devices, in the order [`Devices::each`] answers.
@@ -119,42 +146,71 @@ impl Devices {
 
     /// Number of devices.
     pub fn len(&self) -> usize {
-        self.senders.len()
+        self.workers.len()
     }
 
     /// True when there are no devices (never: [`Devices::cpu`] refuses 0).
     pub fn is_empty(&self) -> bool {
-        self.senders.is_empty()
+        self.workers.is_empty()
     }
 
-    /// Runs `f` on every device's worker of this process and returns the answers in the order
-    /// of [`Devices::ranks`].
+    /// Runs `f` on every device's worker of this process, one thread each (`f` may run
+    /// collectives), and returns the answers in the order of [`Devices::ranks`].
     pub fn each<R: Send + 'static>(
         &self,
         f: impl Fn(&mut Worker) -> R + Send + Sync + 'static,
     ) -> Result<Vec<R>> {
-        let f = Arc::new(f);
-        let receivers = self
-            .senders
+        let f = &f;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .workers
+                .iter()
+                .map(|worker| scope.spawn(move || f(&mut lock(worker))))
+                .collect();
+            handles
+                .into_iter()
+                .zip(&self.ranks)
+                .map(|(handle, rank)| {
+                    handle.join().map_err(|_| Error::Runtime(format!("device {rank} panicked")))
+                })
+                .collect()
+        })
+    }
+
+    /// Starts the actor driver on `compiled`: one thread per device of this process, each
+    /// running its rank's acts (parking when idle: a device thread that spun would take a core
+    /// from the kernels of the others). `trace` records every act (see [`Devices::stop`]).
+    pub fn start(&mut self, compiled: Arc<Compiled>, trace: bool) -> Result<()> {
+        self.prepare(&compiled.program)?;
+        let config = DriverConfig { spin: Duration::ZERO, trace, ..DriverConfig::default() };
+        let workers: HashMap<u32, Arc<Mutex<Worker>>> = self
+            .ranks
             .iter()
-            .enumerate()
-            .map(|(index, sender)| {
-                let rank = self.ranks[index];
-                let (reply, receiver) = bounded(1);
-                let f = Arc::clone(&f);
-                sender
-                    .send(Box::new(move |w: &mut Worker| {
-                        let _ = reply.send(f(w));
-                    }))
-                    .map_err(|_| Error::Runtime(format!("device {rank} has stopped")))?;
-                Ok(receiver)
+            .zip(&self.workers)
+            .map(|(&rank, worker)| (compiled.lowered.device(rank, 0).0, Arc::clone(worker)))
+            .collect();
+        let local: Vec<DeviceId> = workers.keys().map(|&device| DeviceId(device)).collect();
+        let transport: Option<Arc<dyn Transport>> =
+            (local.len() < self.world).then(|| Arc::new(NoActorMessages) as Arc<dyn Transport>);
+        let (shared, current) = (Arc::clone(&compiled), Arc::clone(&self.current));
+        let plan = compiled.lowered.plan.clone();
+        let driver =
+            Driver::start_partial(plan, config, &local, transport, move |device, _| RankExecutor {
+                worker: Arc::clone(&workers[&device.0]),
+                compiled: Arc::clone(&shared),
+                current: Arc::clone(&current),
+                cached: None,
             })
-            .collect::<Result<Vec<_>>>()?;
-        receivers
-            .into_iter()
-            .zip(&self.ranks)
-            .map(|(r, rank)| r.recv().map_err(|_| Error::Runtime(format!("device {rank} died"))))
-            .collect()
+            .map_err(|e| Error::Runtime(format!("starting the actor driver: {e}")))?;
+        self.driver = Some(driver);
+        self.compiled = Some(compiled);
+        Ok(())
+    }
+
+    /// Stops the driver; its report holds the acts it ran when started with `trace`.
+    pub fn stop(&mut self) -> Result<RunReport> {
+        let driver = self.driver.take().ok_or_else(|| Error::Runtime("no driver".into()))?;
+        driver.stop().map_err(|e| Error::Runtime(format!("stopping the actor driver: {e}")))
     }
 
     /// Makes sure every mesh-axis group the program's boxing uses has communicators.
@@ -180,8 +236,8 @@ impl Devices {
             if !self.groups.insert(group.clone()) {
                 continue;
             }
-            if let Some(job) = &self.job {
-                self.join_group(job.clone(), group)?;
+            if self.job.is_some() {
+                self.join_group(group)?;
                 continue;
             }
             let members =
@@ -193,11 +249,12 @@ impl Devices {
         Ok(())
     }
 
-    /// Gives this process's member of `group` (if it has one) its communicator from the job.
-    fn join_group(&mut self, job: Arc<Job>, group: Vec<usize>) -> Result<()> {
-        for rank in self.ranks.clone() {
+    /// Gives this process's members of `group` their communicators over the job's transport.
+    fn join_group(&mut self, group: Vec<usize>) -> Result<()> {
+        for index in 0..self.ranks.len() {
+            let rank = self.ranks[index];
             if group.contains(&rank) {
-                let member = job.communicator(&group).map_err(|e| Error::Runtime(e.to_string()))?;
+                let member = self.job_communicator(&self.transports[index], &group)?;
                 self.install(rank, group.clone(), member)?;
             }
         }
@@ -213,46 +270,40 @@ impl Devices {
     ) -> Result<()> {
         let index = self.ranks.iter().position(|&r| r == rank);
         let index = index.ok_or_else(|| Error::Runtime(format!("rank {rank} is not here")))?;
-        let (reply, receiver) = bounded(1);
-        self.senders[index]
-            .send(Box::new(move |w: &mut Worker| {
-                w.add_group(key, member);
-                let _ = reply.send(());
-            }))
-            .map_err(|_| Error::Runtime(format!("device {rank} has stopped")))?;
-        receiver.recv().map_err(|_| Error::Runtime(format!("device {rank} died")))
+        lock(&self.workers[index]).add_group(key, member);
+        Ok(())
     }
 
-    /// Runs a program on every device; per rank of the world, its shards of the fetched slots
-    /// (`None` for ranks of other processes). When ranks fail, the first error that is not a
-    /// timeout (usually the consequence of another) is returned.
+    /// Runs one step of the started program on every device; per rank of the world, its
+    /// shards of the fetched slots (`None` for ranks of other processes).
     pub fn run(&mut self, request: RunRequest) -> Result<Vec<Vec<Option<Tensor>>>> {
-        self.prepare(&request.program)?;
-        let request = Arc::new(request);
-        let fetched = request.fetch.len();
-        let results = self.each(move |w| w.run(&request))?;
-        let mut errors = Vec::new();
-        let mut outputs = vec![vec![None; fetched]; self.world];
-        for (&rank, result) in self.ranks.iter().zip(results) {
-            match result {
-                Ok(shards) => outputs[rank] = shards,
-                Err(e) => errors.push((rank, e)),
-            }
+        let (Some(driver), Some(compiled)) = (self.driver.as_mut(), self.compiled.clone()) else {
+            return Err(Error::Runtime("the devices run no program".into()));
+        };
+        *lock(&self.current) = Some(Arc::new(request));
+        let outcome = driver.run_step(1);
+        *lock(&self.current) = None;
+        let finished = {
+            let compiled = Arc::clone(&compiled);
+            self.each(move |worker| worker.finish_step(&compiled))?
+        };
+        outcome.map_err(|e| Error::Runtime(format!("{e}")))?;
+        let mut outputs = vec![vec![None; compiled.fetch.len()]; self.world];
+        for (&rank, shards) in self.ranks.iter().zip(finished) {
+            outputs[rank] = shards;
         }
-        if errors.is_empty() {
-            return Ok(outputs);
-        }
-        let first = errors.iter().position(|(_, e)| !e.is_timeout()).unwrap_or(0);
-        let (rank, error) = errors.swap_remove(first);
-        Err(Error::Runtime(format!("rank {rank}: {error}")))
+        Ok(outputs)
     }
 }
 
-impl Drop for Devices {
-    fn drop(&mut self) {
-        self.senders.clear();
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
+/// The transport of a session's driver across processes: its plan has no edge between ranks,
+/// so no actor message ever leaves the process.
+struct NoActorMessages;
+
+impl Transport for NoActorMessages {
+    fn send(&self, device: DeviceId, _: Vec<Envelope>) -> Result<(), meshflow_actor::Error> {
+        Err(meshflow_actor::Error::Stopped {
+            reason: format!("an actor message for {device} in another process"),
+        })
     }
 }

@@ -2,15 +2,19 @@
 //!
 //! [`Session::new`] takes the graph, the tensors to fetch and, for training, the loss and an
 //! [`Optimizer`]: it appends the backward (autodiff) and one fused update per parameter, compiles
-//! everything into one program, and starts one thread per device. [`Session::step`] feeds the
-//! inputs, runs the program on every device (collectives in one order everywhere), writes the
-//! updated parameters and optimizer state back into the devices' variables, and returns the
-//! fetched tensors as logical host tensors.
+//! everything into one program, lowers it to an actor plan (one actor per step, rank and
+//! micro-batch piece; gradients summed over the pieces; each rank's acts chained in a
+//! pipeline order, 1F1B by default) and starts the actor driver, one thread per device.
+//! [`Session::step`] feeds the inputs, runs one step of the plan (collectives in one order
+//! everywhere), writes the updated parameters and optimizer state back into the devices'
+//! variables, and returns the fetched tensors as logical host tensors.
 
 mod assemble;
 mod devices;
+mod executor;
 pub mod shards;
 mod training;
+mod transport;
 mod worker;
 
 use std::collections::HashMap;
@@ -22,6 +26,9 @@ use meshflow_ops::ops::sgd::Sgd;
 use meshflow_ops::{OpRef, Tensor as HostTensor, Value};
 use meshflow_placement::{Layout, NdSbp};
 
+use meshflow_actor::RunReport;
+
+use crate::compile::actors::{lower_to_actors, ActorConfig, ActorProgram, PieceOrder};
 use crate::compile::{compile, CompileConfig, Program, Request};
 use crate::dist::Job;
 use crate::exec::layout::take_box;
@@ -31,6 +38,7 @@ use crate::{Error, Result};
 
 pub use assemble::assemble;
 pub use devices::Devices;
+use executor::Compiled;
 pub use worker::{init_shard, shard_of, RunRequest, Worker};
 
 /// The optimizer a training session appends.
@@ -87,12 +95,19 @@ pub struct SessionConfig {
     /// Training: shard the optimizer state over this mesh axis (ZeRO), where a parameter is
     /// broadcast on it. Default `None`.
     pub zero_axis: Option<usize>,
-    /// Run as one rank of a job started by `meshflow launch` (or srun, mpirun): this process
-    /// hosts the device of its rank (`devices` is then the job's world size, one device per
-    /// process) and collectives cross processes over the job's QUIC data plane. Every process
-    /// builds the same graph and session. Fetched values are replicated before they are
-    /// returned, so every process gets them whole. Default `None`: every device in this process.
+    /// Run as one process of a job started by `meshflow launch` (or srun, mpirun): this
+    /// process hosts the devices it announced when it joined (`JoinOptions::devices`; device
+    /// ranks are numbered process by process, `devices` is then ignored); devices of one process
+    /// exchange through shared memory, devices of different processes over the job's QUIC data
+    /// plane. Every process builds the same graph and session. Fetched values are replicated
+    /// before they are returned, so every process gets them whole. Default `None`: every device
+    /// in this process.
     pub job: Option<Arc<Job>>,
+    /// The order of the micro-batches' forwards and backwards on each rank (pipeline
+    /// schedule). Default [`PieceOrder::OneForwardOneBackward`].
+    pub piece_order: PieceOrder,
+    /// Record every act of the actor driver ([`Session::stop`] returns them). Default off.
+    pub trace: bool,
 }
 
 impl Default for SessionConfig {
@@ -105,6 +120,8 @@ impl Default for SessionConfig {
             micro_batches: 1,
             zero_axis: None,
             job: None,
+            piece_order: PieceOrder::default(),
+            trace: false,
         }
     }
 }
@@ -113,10 +130,9 @@ impl Default for SessionConfig {
 pub struct Session {
     graph: Graph,
     program: Arc<Program>,
+    compiled: Arc<Compiled>,
     devices: Devices,
-    fetches: usize,
     inputs: Vec<(Value, Vec<Value>)>,
-    assign: Vec<(String, crate::compile::Slot)>,
     training: Option<(Training, Vec<NodeId>)>,
     steps_done: u64,
 }
@@ -149,10 +165,9 @@ impl Session {
             requests.push(Request { value: *value, layout: Some(layout.clone()) });
         }
         let program = compile(&built.graph.snapshot(), &requests, &config.compile)?;
-        let (threads, timeout) = (config.threads_per_device, config.timeout);
-        let devices = match &config.job {
-            Some(job) => Devices::job(Arc::clone(job), threads, timeout)?,
-            None => Devices::cpu(config.devices, threads, timeout)?,
+        let mut devices = match &config.job {
+            Some(job) => Devices::job(Arc::clone(job), config.threads_per_device, config.timeout)?,
+            None => Devices::cpu(config.devices, config.threads_per_device, config.timeout)?,
         };
         if let Some(&rank) = program.ranks.iter().find(|&&r| r >= devices.world()) {
             return Err(Error::Graph(format!(
@@ -160,22 +175,55 @@ impl Session {
                 devices.world()
             )));
         }
+        let pieces = config.micro_batches.max(1) as u32;
+        let actor_config = ActorConfig {
+            pieces,
+            order: config.piece_order,
+            forward: built.forward,
+            joins: false,
+            accumulate: if pieces > 1 { built.accumulate.clone() } else { Vec::new() },
+            ..ActorConfig::default()
+        };
+        let lowered = lower_to_actors(&program, &actor_config)?;
         let assign = built
             .assigns
             .iter()
             .map(|(name, _, _)| name.clone())
             .zip(program.requested[fetches.len()..].iter().copied())
             .collect();
+        let fetch = program.requested[..fetches.len()].to_vec();
+        let program = Arc::new(program);
+        let compiled = Arc::new(Compiled::new(Arc::clone(&program), lowered, fetch, assign));
+        if let Some((fetch, _)) =
+            fetches.iter().zip(&compiled.fetch).find(|(_, slot)| compiled.per_piece(**slot))
+        {
+            return Err(Error::Graph(format!(
+                "fetch {}: with {pieces} micro-batches only the loss and values that do not \
+                 depend on the inputs can be fetched",
+                graph.data().label(fetch.value())
+            )));
+        }
+        devices.start(Arc::clone(&compiled), config.trace)?;
         Ok(Session {
             graph: graph.clone(),
-            program: Arc::new(program),
+            program,
+            compiled,
             devices,
-            fetches: fetches.len(),
             inputs: built.inputs,
-            assign,
             training: training.map(|t| (t, built.updates)),
             steps_done: 0,
         })
+    }
+
+    /// The actor plan the session runs (one actor per step, rank and piece).
+    pub fn actors(&self) -> &ActorProgram {
+        &self.compiled.lowered
+    }
+
+    /// Stops the devices' actor driver and returns its report: every act with its start and end
+    /// when [`SessionConfig::trace`] was on. The session runs no step after this.
+    pub fn stop(&mut self) -> Result<RunReport> {
+        self.devices.stop()
     }
 
     /// The compiled program (for reports and tests).
@@ -205,20 +253,13 @@ impl Session {
             }
             fed.insert(input.value(), value.clone());
         }
-        let fed = self.slice_feeds(fed)?;
+        let feeds = self.slice_feeds(fed)?;
         let program = &self.program;
-        let overrides = self.overrides();
-        let fetch: Vec<_> = program.requested[..self.fetches].to_vec();
-        let request = RunRequest {
-            program: Arc::clone(program),
-            feeds: fed,
-            overrides,
-            fetch: fetch.clone(),
-            assign: self.assign.clone(),
-        };
+        let request = RunRequest { feeds, overrides: self.overrides() };
         let shards = self.devices.run(request)?;
         self.steps_done += 1;
-        fetch
+        self.compiled
+            .fetch
             .iter()
             .enumerate()
             .map(|(i, slot)| {
@@ -294,29 +335,32 @@ impl Session {
         Ok(())
     }
 
-    /// The feeds of the compiled graph: each user input's value, or its micro-batch slices on
-    /// axis 0. Every input must be fed.
+    /// The feeds of the compiled graph per piece: each user input's value, or its micro-batch
+    /// slices on axis 0. Every input must be fed.
     fn slice_feeds(
         &self,
         mut fed: HashMap<Value, HostTensor>,
-    ) -> Result<HashMap<Value, HostTensor>> {
+    ) -> Result<HashMap<(Value, u32), HostTensor>> {
+        let pieces = self.compiled.lowered.pieces;
         let mut out = HashMap::new();
         for (input, targets) in &self.inputs {
             let value = fed.remove(input).ok_or_else(|| {
                 Error::Graph(format!("input {} was not fed", self.graph.data().label(*input)))
             })?;
-            if let [target] = targets.as_slice() {
-                out.insert(*target, value);
-                continue;
-            }
-            let dims = value.dims().to_vec();
-            let rows = dims[0] / targets.len();
-            for (i, target) in targets.iter().enumerate() {
-                let mut offsets = vec![0; dims.len()];
-                offsets[0] = i * rows;
-                let mut shape = dims.clone();
-                shape[0] = rows;
-                out.insert(*target, take_box(&value, &offsets, &shape)?);
+            for target in targets {
+                if pieces == 1 {
+                    out.insert((*target, 0), value.clone());
+                    continue;
+                }
+                let dims = value.dims().to_vec();
+                let rows = dims[0] / pieces as usize;
+                for piece in 0..pieces {
+                    let mut offsets = vec![0; dims.len()];
+                    offsets[0] = piece as usize * rows;
+                    let mut shape = dims.clone();
+                    shape[0] = rows;
+                    out.insert((*target, piece), take_box(&value, &offsets, &shape)?);
+                }
             }
         }
         if let Some(extra) = fed.keys().next() {

@@ -8,7 +8,7 @@ use meshflow_ops::Value;
 use meshflow_placement::{Layout, NdSbp, Sbp};
 
 use super::{Optimizer, SessionConfig, Training};
-use crate::graph::{unroll, Graph, Init, NodeId, Source, Tensor};
+use crate::graph::{Graph, Init, NodeId, Source, Tensor, Unrolled};
 use crate::{Error, Result};
 
 /// A variable (by name) that takes a new value in the layout it lives in.
@@ -26,6 +26,10 @@ pub(super) struct Built {
     pub updates: Vec<NodeId>,
     /// Variables written after each step.
     pub assigns: Vec<Assignment>,
+    /// Micro-batches: the values summed over the pieces (the gradients and the loss).
+    pub accumulate: Vec<Value>,
+    /// The loss, whose writer ends the forward of a piece.
+    pub forward: Option<Value>,
 }
 
 /// Builds the graph of an inference session: the user's graph as it is.
@@ -36,6 +40,8 @@ pub(super) fn inference(graph: &Graph, fetches: &[&Tensor]) -> Built {
         inputs: user_inputs(graph).into_iter().map(|v| (v, vec![v])).collect(),
         updates: Vec::new(),
         assigns: Vec::new(),
+        accumulate: Vec::new(),
+        forward: None,
     }
 }
 
@@ -51,7 +57,9 @@ pub(super) fn training(
         let params = parameters(graph);
         let refs: Vec<&Tensor> = params.iter().collect();
         let grads = graph.gradients(&training.loss, &refs)?;
-        (inference(graph, fetches), grads, params)
+        let mut built = inference(graph, fetches);
+        built.forward = Some(training.loss.value());
+        (built, grads, params)
     } else {
         accumulate(graph, fetches, training, count)?
     };
@@ -66,8 +74,9 @@ pub(super) fn training(
     Ok(built)
 }
 
-/// The user's graph rebuilt for `count` micro-batches with summed gradients (mean over the
-/// micro-batches, as one step on the whole batch of a mean loss).
+/// The user's graph rebuilt for one of `count` micro-batches (the session runs it once per
+/// piece), the gradients and the loss summed over the pieces and scaled by `1/count` (the mean
+/// over the micro-batches, as one step on the whole batch of a mean loss).
 type Accumulated = (Built, Vec<Option<Tensor>>, Vec<Tensor>);
 
 fn accumulate(
@@ -76,51 +85,40 @@ fn accumulate(
     training: &Training,
     count: usize,
 ) -> Result<Accumulated> {
-    let mut unrolled = unroll(&graph.snapshot(), count)?;
-    let new = unrolled.graph.clone();
+    let mut piece = Unrolled::piece(&graph.snapshot(), count)?;
+    let new = piece.graph.clone();
     let params = parameters(&new);
     let refs: Vec<&Tensor> = params.iter().collect();
-    let mut sums: Vec<Option<Tensor>> = vec![None; params.len()];
-    let mut loss_sum: Option<Tensor> = None;
-    for batch in 0..count {
-        let loss = unrolled.value(training.loss.value(), batch)?;
-        let grads = new.gradients(&loss, &refs)?;
-        for (sum, grad) in sums.iter_mut().zip(grads) {
-            *sum = match (sum.take(), grad) {
-                (Some(a), Some(b)) => Some(a.add(&b)?),
-                (a, b) => a.or(b),
-            };
-        }
-        loss_sum = Some(match loss_sum {
-            None => loss,
-            Some(total) => total.add(&loss)?,
-        });
-    }
+    let loss = piece.value(training.loss.value(), 0)?;
+    let sums = new.gradients(&loss, &refs)?;
     let scale = 1.0 / count as f64;
+    let mut accumulated: Vec<Value> = sums.iter().flatten().map(Tensor::value).collect();
+    accumulated.push(loss.value());
     let grads = sums.into_iter().map(|g| g.map(|g| g.mul_scalar(scale)).transpose());
     let grads = grads.collect::<Result<Vec<_>>>()?;
-    let loss = loss_sum.ok_or_else(|| Error::Graph("no micro-batch".into()))?.mul_scalar(scale)?;
+    let mean = loss.mul_scalar(scale)?;
     let mut fetched = Vec::with_capacity(fetches.len());
     for fetch in fetches {
         if fetch.value() == training.loss.value() {
-            fetched.push(loss.value());
-        } else if !unrolled.depends_on_batch(fetch.value()) {
-            fetched.push(unrolled.value(fetch.value(), 0)?.value());
+            fetched.push(mean.value());
         } else {
-            return Err(Error::Graph(format!(
-                "fetch {}: with {count} micro-batches only the loss and values that do not \
-                 depend on the inputs can be fetched",
-                graph.data().label(fetch.value())
-            )));
+            fetched.push(piece.value(fetch.value(), 0)?.value());
         }
     }
-    let inputs = unrolled
+    let inputs = piece
         .inputs
         .iter()
         .map(|(old, slices)| (*old, slices.iter().map(Tensor::value).collect()))
         .collect();
-    let built =
-        Built { graph: new, fetches: fetched, inputs, updates: Vec::new(), assigns: Vec::new() };
+    let built = Built {
+        graph: new,
+        fetches: fetched,
+        inputs,
+        updates: Vec::new(),
+        assigns: Vec::new(),
+        accumulate: accumulated,
+        forward: Some(loss.value()),
+    };
     Ok((built, grads, params))
 }
 

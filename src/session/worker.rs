@@ -1,30 +1,29 @@
-//! One device of a session: a thread that owns its communicators, its thread budget and the
-//! shards of the variables placed on it, and runs the steps of a program it takes part in.
+//! One device of a session: its communicators, its thread budget, the shards of the variables
+//! placed on it, and the tensors of the step in flight. The actor runtime runs the acts of the
+//! rank on the device's thread ([`super::executor`]); each act runs one step of the program for
+//! one piece here ([`Worker::act`]).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
-use meshflow_ops::{Context, OpRef, Tensor, TensorMeta, Value};
+use meshflow_actor::ActorId;
+use meshflow_ops::ops::add::Add;
+use meshflow_ops::{Context, Op, OpRef, Tensor, TensorMeta, Value};
 use meshflow_placement::{local_region, Layout, Region};
 
-use crate::compile::{Program, Slot, Step};
+use super::executor::{Compiled, Key, SUM};
+use crate::compile::actors::Phase;
+use crate::compile::{Slot, Step};
 use crate::exec::boxing::{apply_plan, Comms};
 use crate::exec::layout::take_box;
 use crate::graph::{Init, NodeId, Source};
 use crate::{Error, Result};
 
-/// What one run of a program needs, shared by every device.
+/// What one step of a session needs besides the program, shared by every device.
 pub struct RunRequest {
-    /// The program.
-    pub program: Arc<Program>,
-    /// Logical values of the inputs.
-    pub feeds: HashMap<Value, Tensor>,
+    /// Per input and piece, its logical value (the piece's rows of the fed batch).
+    pub feeds: HashMap<(Value, u32), Tensor>,
     /// Ops that replace a node's op for this run (hyper-parameters that change per step).
     pub overrides: HashMap<NodeId, OpRef>,
-    /// Slots whose shards come back.
-    pub fetch: Vec<Slot>,
-    /// Variables (by name) that take the shard of a slot after the run.
-    pub assign: Vec<(String, Slot)>,
 }
 
 /// A device's state across runs.
@@ -33,12 +32,14 @@ pub struct Worker {
     ctx: Context,
     comms: Comms,
     variables: HashMap<String, Tensor>,
+    /// The shards of the step in flight, by slot and piece ([`SUM`] for sums over pieces).
+    store: HashMap<Key, Tensor>,
 }
 
 impl Worker {
     /// A device with its communicators and thread budget.
     pub fn new(rank: usize, ctx: Context, comms: Comms) -> Self {
-        Worker { rank, ctx, comms, variables: HashMap::new() }
+        Worker { rank, ctx, comms, variables: HashMap::new(), store: HashMap::new() }
     }
 
     /// This device's rank.
@@ -65,83 +66,134 @@ impl Worker {
         self.variables.insert(name.to_string(), shard);
     }
 
-    /// Runs the steps of `request.program` this rank takes part in; returns its shards of the
-    /// fetched slots (`None` where it holds none).
-    pub fn run(&mut self, request: &RunRequest) -> Result<Vec<Option<Tensor>>> {
-        let program = &request.program;
-        let mut local: Vec<Option<Tensor>> = vec![None; program.slots.len()];
-        for (step, frees) in program.steps.iter().zip(&program.frees) {
-            self.step(request, step, &mut local)?;
-            for slot in frees {
-                local[slot.0 as usize] = None;
-            }
-        }
-        for (name, slot) in &request.assign {
-            if let Some(shard) = local[slot.0 as usize].take() {
-                self.variables.insert(name.clone(), shard);
-            }
-        }
-        Ok(request.fetch.iter().map(|slot| local[slot.0 as usize].clone()).collect())
-    }
-
-    fn step(
+    /// Runs `program.steps[step]` for `piece` as the act of `actor`, then drops the shards whose
+    /// last reader it was.
+    pub(super) fn act(
         &mut self,
+        compiled: &Compiled,
         request: &RunRequest,
-        step: &Step,
-        local: &mut [Option<Tensor>],
+        actor: ActorId,
+        step: usize,
+        piece: u32,
     ) -> Result<()> {
-        let program = &request.program;
-        match step {
+        let program = &compiled.program;
+        let phase = compiled.lowered.phases[step];
+        match &program.steps[step] {
             Step::Leaf { value, slot } => {
                 let layout = &program.slot(*slot).layout;
                 if layout.placement.coordinates(self.rank).is_some() {
-                    local[slot.0 as usize] = Some(self.leaf(request, *value, layout)?);
+                    let shard = self.leaf(compiled, request, *value, layout, piece)?;
+                    self.write(compiled, *slot, phase, piece, shard)?;
                 }
             }
             Step::Boxing { from, to, plan } => {
-                let value = program.slot(*from).value;
-                let dtype = program.graph.value(value).meta.dtype;
-                let shard = local[from.0 as usize].clone();
-                local[to.0 as usize] = apply_plan(plan, dtype, shard, &mut self.comms)?;
+                let dtype = program.graph.value(program.slot(*from).value).meta.dtype;
+                let shard = self.store.get(&compiled.key(*from, phase, piece)).cloned();
+                if let Some(out) = apply_plan(plan, dtype, shard, &mut self.comms)? {
+                    self.write(compiled, *to, phase, piece, out)?;
+                }
             }
             Step::Kernel { node, inputs, outputs, ops } => {
                 let placement = &program.graph.node(*node).placement;
-                let Some(coordinates) = placement.coordinates(self.rank) else {
-                    return Ok(());
-                };
-                let index = placement.index_of_coordinates(&coordinates);
-                let op = request.overrides.get(node).unwrap_or(&ops[index]);
-                let args = inputs
-                    .iter()
-                    .map(|s| {
-                        local[s.0 as usize].clone().ok_or_else(|| {
-                            Error::Runtime(format!(
-                                "rank {}: {} has no shard of {}",
-                                self.rank,
-                                op.name(),
-                                program.graph.label(program.slot(*s).value)
-                            ))
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let results = self.ctx.install(|| op.forward(&self.ctx, &args)).map_err(|e| {
-                    Error::Runtime(format!("rank {}: {}: {e}", self.rank, op.name()))
-                })?;
-                for (slot, tensor) in outputs.iter().zip(results) {
-                    local[slot.0 as usize] = Some(tensor);
+                if let Some(coordinates) = placement.coordinates(self.rank) {
+                    let index = placement.index_of_coordinates(&coordinates);
+                    let op = request.overrides.get(node).unwrap_or(&ops[index]);
+                    let pieces = compiled.lowered.pieces;
+                    let op = &crate::graph::for_piece(op, &program.graph, *node, piece, pieces)?;
+                    let args = inputs
+                        .iter()
+                        .map(|slot| self.read(compiled, *slot, phase, piece, op.name()))
+                        .collect::<Result<Vec<_>>>()?;
+                    let results =
+                        self.ctx.install(|| op.forward(&self.ctx, &args)).map_err(|e| {
+                            Error::Runtime(format!("rank {}: {}: {e}", self.rank, op.name()))
+                        })?;
+                    for (slot, tensor) in outputs.iter().zip(results) {
+                        self.write(compiled, *slot, phase, piece, tensor)?;
+                    }
                 }
             }
+        }
+        for key in compiled.frees(actor) {
+            self.store.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Ends a step: the variables take their new shards, and this rank's shards of the fetched
+    /// slots come back (`None` where it holds none); everything else of the step is dropped.
+    pub(super) fn finish_step(&mut self, compiled: &Compiled) -> Vec<Option<Tensor>> {
+        for (name, slot) in &compiled.assign {
+            if let Some(shard) = self.store.get(&compiled.final_key(*slot)) {
+                self.variables.insert(name.clone(), shard.clone());
+            }
+        }
+        let fetched =
+            compiled.fetch.iter().map(|slot| self.store.get(&compiled.final_key(*slot)).cloned());
+        let fetched = fetched.collect();
+        self.store.clear();
+        fetched
+    }
+
+    fn read(
+        &self,
+        compiled: &Compiled,
+        slot: Slot,
+        phase: Phase,
+        piece: u32,
+        op: &str,
+    ) -> Result<Tensor> {
+        let program = &compiled.program;
+        self.store.get(&compiled.key(slot, phase, piece)).cloned().ok_or_else(|| {
+            Error::Runtime(format!(
+                "rank {}: {op} (piece {piece}) has no shard of {}",
+                self.rank,
+                program.graph.label(program.slot(slot).value)
+            ))
+        })
+    }
+
+    /// Keeps a shard the step wrote where a later act (or the end of the step) reads it; a
+    /// per-piece shard of a value summed over pieces is added to its sum at once.
+    fn write(
+        &mut self,
+        compiled: &Compiled,
+        slot: Slot,
+        phase: Phase,
+        piece: u32,
+        shard: Tensor,
+    ) -> Result<()> {
+        if phase == Phase::Piece && compiled.lowered.accumulated[slot.0 as usize] {
+            let sum = match self.store.remove(&(slot, SUM)) {
+                None => shard.clone(),
+                Some(sum) => {
+                    let added = self.ctx.install(|| Add.forward(&self.ctx, &[sum, shard.clone()]));
+                    added?.pop().ok_or_else(|| Error::Runtime("add returned nothing".into()))?
+                }
+            };
+            self.store.insert((slot, SUM), sum);
+        }
+        let key = (slot, if phase == Phase::Piece { piece } else { 0 });
+        if compiled.is_read(self.rank, key) {
+            self.store.insert(key, shard);
         }
         Ok(())
     }
 
     /// This rank's shard of a leaf.
-    fn leaf(&mut self, request: &RunRequest, value: Value, layout: &Layout) -> Result<Tensor> {
-        let graph = &request.program.graph;
+    fn leaf(
+        &mut self,
+        compiled: &Compiled,
+        request: &RunRequest,
+        value: Value,
+        layout: &Layout,
+        piece: u32,
+    ) -> Result<Tensor> {
+        let graph = &compiled.program.graph;
         let info = graph.value(value);
         let logical = match &info.source {
-            Source::Input => request.feeds.get(&value).ok_or_else(|| {
-                Error::Runtime(format!("input {} was not fed", graph.label(value)))
+            Source::Input => request.feeds.get(&(value, piece)).ok_or_else(|| {
+                Error::Runtime(format!("input {} (piece {piece}) was not fed", graph.label(value)))
             })?,
             Source::Parameter { init } => {
                 let name = info.name.clone().unwrap_or_else(|| graph.label(value));

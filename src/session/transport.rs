@@ -1,0 +1,126 @@
+//! The transport of a session whose job's processes each drive several devices: device ranks
+//! are numbered process by process; a message to a device of this process goes through shared
+//! memory, one to a device of another process over the job's (health-watched QUIC) data plane,
+//! on a channel of its own per (sender device, receiver device), so the devices of two processes
+//! share one connection without reading each other's messages.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshflow_comm::{
+    Arrived, Channel, InProcessTransport, Message, Piece, Rank, Result, Transport,
+};
+
+/// One device's view of a world of devices spread over processes.
+pub struct DeviceTransport {
+    /// This device's rank.
+    pub rank: usize,
+    /// Per device rank, the process that drives it.
+    pub process_of: Arc<Vec<usize>>,
+    /// Between the devices of this process (device ranks).
+    pub local: InProcessTransport,
+    /// Between processes (process ranks).
+    pub remote: Arc<dyn Transport>,
+}
+
+impl DeviceTransport {
+    fn process(&self, device: Rank) -> usize {
+        self.process_of.get(device.0).copied().unwrap_or(usize::MAX)
+    }
+
+    fn is_local(&self, device: Rank) -> bool {
+        self.process(device) == self.process(Rank(self.rank))
+    }
+
+    /// The channel of the processes' connection that carries `channel` from device `from` to
+    /// device `to`.
+    fn channel(channel: Channel, from: Rank, to: Rank) -> Channel {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for word in [u64::from(channel.0), from.0 as u64, to.0 as u64] {
+            hash ^= word;
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        Channel((hash ^ (hash >> 32)) as u32)
+    }
+
+    /// Sends `sends` on a helper thread while `receive` runs here, so two devices that exchange
+    /// over a flow-controlled connection cannot block each other.
+    fn overlapped<T>(
+        &self,
+        sends: Vec<(Rank, Channel, Message)>,
+        receive: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        std::thread::scope(|scope| {
+            let sending = scope.spawn(move || {
+                sends.into_iter().try_for_each(|(peer, channel, m)| self.send(peer, channel, m))
+            });
+            let received = receive();
+            let sent = sending.join().unwrap_or_else(|_| {
+                Err(meshflow_comm::Error::InvalidArgument {
+                    collective: "send",
+                    reason: "the sending thread panicked".into(),
+                })
+            });
+            sent.and(received)
+        })
+    }
+}
+
+impl Transport for DeviceTransport {
+    fn rank(&self) -> Rank {
+        Rank(self.rank)
+    }
+
+    fn world_size(&self) -> usize {
+        self.process_of.len()
+    }
+
+    fn timeout(&self) -> Duration {
+        self.local.timeout().max(self.remote.timeout())
+    }
+
+    fn send(&self, peer: Rank, channel: Channel, message: Message) -> Result<()> {
+        if self.is_local(peer) {
+            return self.local.send(peer, channel, message);
+        }
+        let wire = Self::channel(channel, Rank(self.rank), peer);
+        self.remote.send(Rank(self.process(peer)), wire, message)
+    }
+
+    fn recv(&self, peer: Rank, channel: Channel) -> Result<Message> {
+        if self.is_local(peer) {
+            return self.local.recv(peer, channel);
+        }
+        let wire = Self::channel(channel, peer, Rank(self.rank));
+        self.remote.recv(Rank(self.process(peer)), wire)
+    }
+
+    fn exchange(
+        &self,
+        channel: Channel,
+        sends: Vec<(Rank, Message)>,
+        receives: &[Rank],
+    ) -> Result<Vec<Message>> {
+        let sends = sends.into_iter().map(|(peer, message)| (peer, channel, message)).collect();
+        self.overlapped(sends, || receives.iter().map(|&peer| self.recv(peer, channel)).collect())
+    }
+
+    fn stream_exchange(
+        &self,
+        channel: Channel,
+        sends: Vec<Piece>,
+        receives: &[Rank],
+        arrived: &mut Arrived<'_>,
+    ) -> Result<()> {
+        let sends = sends
+            .into_iter()
+            .map(|piece| Ok((piece.peer, channel, piece.to_message()?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.overlapped(sends, || {
+            receives
+                .iter()
+                .enumerate()
+                .try_for_each(|(index, &peer)| arrived(index, self.recv(peer, channel)?))
+        })
+    }
+}
