@@ -46,6 +46,10 @@ unsafe fn x86_v3<R>(f: impl FnOnce() -> R) -> R {
 /// Defines a function whose body is compiled twice, for the baseline target and for
 /// x86-64-v3 (AVX2 + FMA + BMI2), and that runs the best one the CPU has, checked once per call.
 ///
+/// The body is copied into both versions; in each, the constant `FUSED` says whether
+/// `mul_add` is a single FMA instruction there, for helpers with a `const FUSED: bool`
+/// parameter (a fused multiply-add outside FMA code would be a slow libm call).
+///
 /// The function may have type parameters with one bound each and plain `name: Type`
 /// arguments (no patterns, no `impl Trait`: pass kernels by name inside the body instead):
 ///
@@ -67,8 +71,13 @@ macro_rules! multiversion {
         $(#[$attribute])*
         $visibility fn $name $(<$($generic: $bound),+>)? ($($argument: $type),*) $(-> $output)? {
             #[inline(always)]
-            fn portable $(<$($generic: $bound),+>)? ($($argument: $type),*) $(-> $output)?
+            fn portable $(<$($generic: $bound),+>)? ($($argument: $type),*) $(-> $output)? {
+                /// `mul_add` is not one instruction here (a libm call): helpers take this as
+                /// their `FUSED` parameter and multiply, then add.
+                #[allow(dead_code)]
+                const FUSED: bool = false;
                 $body
+            }
 
             /// # Safety
             /// The CPU must have AVX2, FMA and BMI2.
@@ -76,7 +85,10 @@ macro_rules! multiversion {
             #[target_feature(enable = "avx,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
             unsafe fn x86_v3 $(<$($generic: $bound),+>)? ($($argument: $type),*)
                 $(-> $output)? {
-                portable $(::<$($generic),+>)? ($($argument),*)
+                /// `mul_add` is one FMA instruction here.
+                #[allow(dead_code)]
+                const FUSED: bool = true;
+                $body
             }
 
             #[cfg(target_arch = "x86_64")]

@@ -48,7 +48,7 @@ multiversion! {
         let rows = x.chunks_exact(width).zip(y.chunks_exact_mut(width));
         for (index, (x_row, y_row)) in rows.enumerate() {
             prefetch(row(x, width, index + 1));
-            log_softmax_row(x_row, y_row);
+            log_softmax_row::<T, FUSED>(x_row, y_row);
         }
     }
 }
@@ -64,9 +64,9 @@ multiversion! {
 }
 
 #[inline(always)]
-fn log_softmax_row<T: RowFloat>(x: &[T], y: &mut [T]) {
+fn log_softmax_row<T: RowFloat, const FUSED: bool>(x: &[T], y: &mut [T]) {
     let peak = nonpositive_shift(max(x));
-    let total = sum_map(x, |v| (v - peak).exp_nonpositive());
+    let total = sum_map(x, |v| (v - peak).exp_nonpositive::<FUSED>());
     let shift = peak + total.ln();
     for (out, &v) in y.iter_mut().zip(x) {
         *out = T::narrow(v.widen() - shift);

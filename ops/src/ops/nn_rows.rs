@@ -28,8 +28,9 @@ pub(crate) trait Accumulate:
     /// `e^x`, vectorisable (branch-free) for `f32`, the libm one for `f64`.
     fn exp_fast(self) -> Self;
 
-    /// [`Accumulate::exp_fast`] for `self ≤ 0` (or NaN), cheaper for `f32`.
-    fn exp_nonpositive(self) -> Self;
+    /// [`Accumulate::exp_fast`] for `self ≤ 0` (or NaN), cheaper for `f32`; `FUSED` when
+    /// `mul_add` is one instruction (see `multiversion!`).
+    fn exp_nonpositive<const FUSED: bool>(self) -> Self;
 
     /// A constant converted from `f64`.
     fn constant(value: f64) -> Self {
@@ -44,8 +45,8 @@ impl Accumulate for f32 {
     }
 
     #[inline(always)]
-    fn exp_nonpositive(self) -> f32 {
-        exp_f32_nonpositive(self)
+    fn exp_nonpositive<const FUSED: bool>(self) -> f32 {
+        exp_f32_nonpositive::<FUSED>(self)
     }
 }
 
@@ -56,7 +57,7 @@ impl Accumulate for f64 {
     }
 
     #[inline(always)]
-    fn exp_nonpositive(self) -> f64 {
+    fn exp_nonpositive<const FUSED: bool>(self) -> f64 {
         self.exp()
     }
 }
@@ -113,7 +114,7 @@ row_float_half!(f16);
 /// range; 0 below −87.33, ∞ above 88.72; NaN stays NaN).
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
-    let value = exp_reduced(x.clamp(-87.33, 88.72));
+    let value = exp_reduced::<false>(x.clamp(-87.33, 88.72));
     // Selects (blends, not branches): underflow to 0, overflow to ∞. NaN fails both
     // comparisons and stays NaN through the clamp and the polynomial.
     let value = if x < -87.33 { 0.0 } else { value };
@@ -125,10 +126,11 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 }
 
 /// [`exp_f32`] for `x ≤ 0` (or NaN), as softmax's `x − max`: no overflow to handle, so two
-/// instructions fewer per vector. Positive `x` above 88.72 gives garbage.
+/// instructions fewer per vector; `FUSED`: with FMA instructions. Positive `x` above 88.72
+/// gives garbage.
 #[inline(always)]
-pub(crate) fn exp_f32_nonpositive(x: f32) -> f32 {
-    let value = exp_reduced(if x < -87.33 { -87.33 } else { x });
+pub(crate) fn exp_f32_nonpositive<const FUSED: bool>(x: f32) -> f32 {
+    let value = exp_reduced::<FUSED>(if x < -87.33 { -87.33 } else { x });
     if x < -87.33 {
         0.0
     } else {
@@ -136,28 +138,38 @@ pub(crate) fn exp_f32_nonpositive(x: f32) -> f32 {
     }
 }
 
-/// `e^x` for `x` in [−87.33, 88.72] (or NaN): `2^n · p(r)` with `x = n·ln 2 + r`.
+/// `e^x` for `x` in [−87.33, 88.72] (or NaN): `2^n · p(r)` with `x = n·ln 2 + r`; `FUSED`:
+/// multiply-adds as FMA instructions.
 #[inline(always)]
-fn exp_reduced(x: f32) -> f32 {
+fn exp_reduced<const FUSED: bool>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HIGH: f32 = 0.693_359_4;
     const LN2_LOW: f32 = -2.121_944_4e-4;
     // 1.5 · 2^23: adding it rounds to the nearest integer and leaves that integer in the low bits.
     const ROUND: f32 = 12_582_912.0;
-    // Plain multiply-adds (not `mul_add`, which is a libm call without the FMA target feature).
-    let shifted = x * LOG2E + ROUND;
+    let fma = multiply_add::<FUSED>;
+    let shifted = fma(x, LOG2E, ROUND);
     let n = shifted - ROUND;
-    let r = x - n * LN2_HIGH;
-    let r = r - n * LN2_LOW;
+    let r = fma(n, -LN2_HIGH, x);
+    let r = fma(n, -LN2_LOW, r);
     let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let poly = p * (r * r) + r + 1.0;
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+        p = fma(p, r, c);
+    }
+    let poly = fma(p, r * r, r + 1.0);
     let exponent = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     poly * f32::from_bits((exponent.wrapping_add(127) << 23) as u32)
+}
+
+/// `a·b + c`: one rounding with an FMA instruction when `FUSED` (only in code compiled for
+/// FMA, where `mul_add` is that instruction; elsewhere it is a libm call), else two.
+#[inline(always)]
+fn multiply_add<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FUSED {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
 }
 
 /// `Σ f(x_i)` in the accumulate type, with independent lanes so that it vectorises.
@@ -442,9 +454,11 @@ mod tests {
         assert_eq!(exp_f32(-200.0), 0.0);
         assert_eq!(exp_f32(200.0), f32::INFINITY);
         for x in [-200.0f32, -87.0, -3.5, -1e-3, 0.0] {
-            assert_eq!(exp_f32_nonpositive(x), exp_f32(x));
+            assert_eq!(exp_f32_nonpositive::<false>(x), exp_f32(x));
+            let fused = exp_f32_nonpositive::<true>(x);
+            assert!((fused - exp_f32(x)).abs() <= 2.5e-7 * exp_f32(x), "{x}");
         }
-        assert!(exp_f32_nonpositive(f32::NAN).is_nan());
+        assert!(exp_f32_nonpositive::<false>(f32::NAN).is_nan());
         assert_eq!(exp_f32(0.0), 1.0);
         assert!(exp_f32(f32::NAN).is_nan());
     }

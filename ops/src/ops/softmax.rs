@@ -51,7 +51,7 @@ multiversion! {
         let rows = x.chunks_exact(width).zip(y.chunks_exact_mut(width));
         for (index, (x_row, y_row)) in rows.enumerate() {
             prefetch(row(x, width, index + 1));
-            softmax_row(x_row, y_row);
+            softmax_row::<T, FUSED>(x_row, y_row);
         }
     }
 }
@@ -70,9 +70,9 @@ multiversion! {
 /// scaled by the reciprocal of the sum. Rows are short enough to stay in L1 between passes,
 /// so memory sees one read of `x` and one write of `y`.
 #[inline(always)]
-fn softmax_row<T: RowFloat>(x: &[T], y: &mut [T]) {
+fn softmax_row<T: RowFloat, const FUSED: bool>(x: &[T], y: &mut [T]) {
     let peak = nonpositive_shift(max(x));
-    let total = map_sum(x, y, |v| (v - peak).exp_nonpositive());
+    let total = map_sum(x, y, |v| (v - peak).exp_nonpositive::<FUSED>());
     let scale = T::Acc::one() / total;
     for out in y.iter_mut() {
         *out = T::narrow(out.widen() * scale);
