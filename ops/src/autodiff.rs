@@ -52,7 +52,9 @@ pub fn gradients(
         if output_grads.iter().all(Option::is_none) {
             continue;
         }
-        let input_grads = node.op.backward(e, &node.inputs, &node.outputs, &output_grads)?;
+        let needed: Vec<bool> = node.inputs.iter().map(|v| active.contains(v)).collect();
+        let values = (&node.inputs[..], &node.outputs[..]);
+        let input_grads = node.op.backward_needed(e, values, &output_grads, &needed)?;
         for (&input, grad) in node.inputs.iter().zip(input_grads) {
             if let (true, Some(grad)) = (active.contains(&input), grad) {
                 check_meta(e, node.op.name(), input, grad)?;

@@ -75,7 +75,10 @@ impl BufferPool {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::CpuStorage;
 
     #[test]
     fn buffers_come_back_up_to_the_limit() {
@@ -92,5 +95,19 @@ mod tests {
         assert_eq!(pool.held(), 0, "a buffer over the limit is freed");
         pool.give(vec![0; 16]);
         assert_eq!(pool.held(), 0, "small buffers are not pooled");
+    }
+
+    #[test]
+    fn copies_on_write_do_not_grow_the_pool() {
+        let pool = Arc::new(BufferPool::new(64 * MIN_POOLED_BYTES));
+        for step in 0..10u8 {
+            // One step: a kernel output, copied on write once (as a shared tensor written to).
+            let mut original = CpuStorage::for_overwrite(MIN_POOLED_BYTES, &pool);
+            original.bytes_mut()[0] = step;
+            let copy = original.clone();
+            assert_eq!(copy.bytes()[0], step, "the copy holds the original's bytes");
+            drop((original, copy));
+            assert_eq!(pool.held(), 2 * MIN_POOLED_BYTES, "step {step}: the pool stays at 2");
+        }
     }
 }

@@ -45,6 +45,20 @@ pub trait Op: std::any::Any + fmt::Debug + Send + Sync {
         grads: &[Option<Value>],
     ) -> Result<Vec<Option<Value>>>;
 
+    /// [`Op::backward`] told which inputs need a gradient (`needed[i]`, one per input): an op
+    /// whose gradients cost real work (a matrix product per operand) builds only those, and
+    /// returns `None` for the others. The default builds them all.
+    fn backward_needed(
+        &self,
+        e: &mut dyn Emit,
+        (inputs, outputs): (&[Value], &[Value]),
+        grads: &[Option<Value>],
+        needed: &[bool],
+    ) -> Result<Vec<Option<Value>>> {
+        let _ = needed;
+        self.backward(e, inputs, outputs, grads)
+    }
+
     /// The op that runs on one shard under `signature`, when it differs from this one.
     /// `inputs` and `outputs` describe the shard; the default is the op itself (`None`).
     fn localize(

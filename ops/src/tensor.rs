@@ -27,8 +27,9 @@ impl TensorMeta {
 }
 
 /// Host storage: bytes in a buffer aligned to 8, so any [`Element`] slice can view it. Storage
-/// taken from a [`BufferPool`] goes back to it when dropped.
-#[derive(Clone, Debug)]
+/// taken from a [`BufferPool`] goes back to it when dropped; a copy of it (copy on write) is
+/// taken from the same pool, so the pool only ever gets back what it handed out.
+#[derive(Debug)]
 pub struct CpuStorage {
     words: Vec<u64>,
     len: usize,
@@ -77,6 +78,19 @@ impl CpuStorage {
     /// True when it holds no bytes.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+impl Clone for CpuStorage {
+    fn clone(&self) -> Self {
+        match &self.home {
+            Some(pool) => {
+                let mut words = pool.take(self.words.len());
+                words.copy_from_slice(&self.words);
+                CpuStorage { words, len: self.len, home: Some(pool.clone()) }
+            }
+            None => CpuStorage { words: self.words.clone(), len: self.len, home: None },
+        }
     }
 }
 

@@ -166,7 +166,7 @@ pub fn broadcast_copy<T: Element>(ctx: &Context, x: &Tensor, out_shape: &Shape) 
     let plan = BroadcastPlan::new(&[x.shape()], out_shape);
     let row = plan.row_len();
     let step = plan.row_step(0);
-    let mut out = Tensor::zeros(out_shape.clone(), x.dtype());
+    let mut out = Tensor::for_overwrite(ctx, out_shape.clone(), x.dtype());
     if out.numel() == 0 {
         return Ok(out);
     }

@@ -9,7 +9,7 @@ pub fn permute<T: Element>(ctx: &Context, x: &Tensor, perm: &[usize]) -> Result<
     let dims: Vec<usize> = perm.iter().map(|&p| x.dims()[p]).collect();
     let strides = x.shape().strides();
     let from: Vec<usize> = perm.iter().map(|&p| strides[p]).collect();
-    let mut out = Tensor::zeros(Shape::new(dims.clone()), x.dtype());
+    let mut out = Tensor::for_overwrite(ctx, Shape::new(dims.clone()), x.dtype());
     if out.numel() == 0 {
         return Ok(out);
     }
@@ -39,9 +39,15 @@ pub fn permute<T: Element>(ctx: &Context, x: &Tensor, perm: &[usize]) -> Result<
 }
 
 /// Elements `start..start + len` of `x` along `axis` (in range, checked by the caller).
-pub fn narrow<T: Element>(x: &Tensor, axis: usize, start: usize, len: usize) -> Result<Tensor> {
+pub fn narrow<T: Element>(
+    ctx: &Context,
+    x: &Tensor,
+    axis: usize,
+    start: usize,
+    len: usize,
+) -> Result<Tensor> {
     let (outer, size, inner) = x.shape().split_at_axis(axis);
-    let mut out = Tensor::zeros(x.shape().with_dim(axis, len), x.dtype());
+    let mut out = Tensor::for_overwrite(ctx, x.shape().with_dim(axis, len), x.dtype());
     if out.numel() == 0 {
         return Ok(out);
     }
@@ -73,9 +79,14 @@ pub fn pad<T: Element>(x: &Tensor, axis: usize, start: usize, total: usize) -> R
 }
 
 /// The tensors joined along `axis` (same dtype and same dims elsewhere, checked by the caller).
-pub fn concat<T: Element>(xs: &[&Tensor], axis: usize, shape: &Shape) -> Result<Tensor> {
+pub fn concat<T: Element>(
+    ctx: &Context,
+    xs: &[&Tensor],
+    axis: usize,
+    shape: &Shape,
+) -> Result<Tensor> {
     let dtype = xs.first().map_or(T::DTYPE, |x| x.dtype());
-    let mut out = Tensor::zeros(shape.clone(), dtype);
+    let mut out = Tensor::for_overwrite(ctx, shape.clone(), dtype);
     let (outer, total, inner) = shape.split_at_axis(axis);
     if out.numel() == 0 {
         return Ok(out);

@@ -56,12 +56,12 @@ impl Op for Concat {
         Ok(vec![self.check(inputs)?.1])
     }
 
-    fn forward(&self, _ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+    fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         let metas: Vec<TensorMeta> = inputs.iter().map(|t| t.meta().clone()).collect();
         let (axis, out) = self.check(&metas)?;
         let refs: Vec<&Tensor> = inputs.iter().collect();
         let out = crate::dispatch_any!(out.dtype, T => {
-            crate::cpu::layout::concat::<T>(&refs, axis, &out.shape)
+            crate::cpu::layout::concat::<T>(ctx, &refs, axis, &out.shape)
         })?;
         Ok(vec![out])
     }

@@ -269,7 +269,12 @@ fn gather<T: crate::Element>(
 ) -> Result<Tensor> {
     let width = table.dims()[1];
     let source = table.as_slice::<T>()?;
-    let mut y = Tensor::zeros(out.shape, out.dtype);
+    // Every row is written unless some id lies outside this shard (those rows stay zero).
+    let mut y = if rows.local.iter().all(Option::is_some) {
+        Tensor::for_overwrite(ctx, out.shape, out.dtype)
+    } else {
+        Tensor::zeros(out.shape, out.dtype)
+    };
     let target = SharedRows::new(y.as_mut_slice::<T>()?);
     let task = |range: std::ops::Range<usize>| {
         for (position, row) in rows.local[range.clone()].iter().enumerate() {

@@ -76,11 +76,22 @@ impl Op for MatMul {
         &self,
         e: &mut dyn Emit,
         inputs: &[Value],
-        _outputs: &[Value],
+        outputs: &[Value],
         grads: &[Option<Value>],
     ) -> Result<Vec<Option<Value>>> {
+        self.backward_needed(e, (inputs, outputs), grads, &[true, true])
+    }
+
+    fn backward_needed(
+        &self,
+        e: &mut dyn Emit,
+        (inputs, _): (&[Value], &[Value]),
+        grads: &[Option<Value>],
+        needed: &[bool],
+    ) -> Result<Vec<Option<Value>>> {
         let Some(g) = grads[0] else { return Ok(vec![None, None]) };
-        product_grads(e, (inputs[0], inputs[1]), g, (self.transpose_a, self.transpose_b))
+        let transposes = (self.transpose_a, self.transpose_b);
+        product_grads(e, (inputs[0], inputs[1]), g, transposes, needed)
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
@@ -135,11 +146,22 @@ impl Op for MatMulSumBatch {
         &self,
         e: &mut dyn Emit,
         inputs: &[Value],
-        _outputs: &[Value],
+        outputs: &[Value],
         grads: &[Option<Value>],
     ) -> Result<Vec<Option<Value>>> {
+        self.backward_needed(e, (inputs, outputs), grads, &[true, true])
+    }
+
+    fn backward_needed(
+        &self,
+        e: &mut dyn Emit,
+        (inputs, _): (&[Value], &[Value]),
+        grads: &[Option<Value>],
+        needed: &[bool],
+    ) -> Result<Vec<Option<Value>>> {
         let Some(g) = grads[0] else { return Ok(vec![None, None]) };
-        product_grads(e, (inputs[0], inputs[1]), g, (self.transpose_a, self.transpose_b))
+        let transposes = (self.transpose_a, self.transpose_b);
+        product_grads(e, (inputs[0], inputs[1]), g, transposes, needed)
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
@@ -150,11 +172,14 @@ impl Op for MatMulSumBatch {
 
 /// Gradients of `y = op(a)·op(b)` (batched or not) from `g = ∂L/∂y`, each itself a product with
 /// transpose flags; a 2-D operand whose partner is batched gets a [`MatMulSumBatch`].
+/// Only the operands `needed` says get one (the product of a constant or an input's
+/// gradient is not built).
 fn product_grads(
     e: &mut dyn Emit,
     (a, b): (Value, Value),
     g: Value,
     (ta, tb): (bool, bool),
+    needed: &[bool],
 ) -> Result<Vec<Option<Value>>> {
     // For each case, (lhs, rhs, transpose lhs, transpose rhs) of the product that gives the grad.
     let grad_a = match (ta, tb) {
@@ -171,9 +196,10 @@ fn product_grads(
     };
     let rank_a = e.meta(a).shape.rank();
     let rank_b = e.meta(b).shape.rank();
-    let da = product(e, grad_a, rank_a == 2 && rank_b > 2)?;
-    let db = product(e, grad_b, rank_b == 2 && rank_a > 2)?;
-    Ok(vec![Some(da), Some(db)])
+    let wanted = |i: usize| needed.get(i).copied().unwrap_or(true);
+    let da = wanted(0).then(|| product(e, grad_a, rank_a == 2 && rank_b > 2)).transpose()?;
+    let db = wanted(1).then(|| product(e, grad_b, rank_b == 2 && rank_a > 2)).transpose()?;
+    Ok(vec![da, db])
 }
 
 fn product(

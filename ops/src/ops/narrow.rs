@@ -58,8 +58,8 @@ impl AxisWindow for Narrow {
         self.axis
     }
 
-    fn copy<T: Element>(&self, x: &Tensor, axis: usize) -> Result<Tensor> {
-        crate::cpu::layout::narrow::<T>(x, axis, self.start, self.len)
+    fn copy<T: Element>(&self, ctx: &Context, x: &Tensor, axis: usize) -> Result<Tensor> {
+        crate::cpu::layout::narrow::<T>(ctx, x, axis, self.start, self.len)
     }
 }
 
@@ -98,7 +98,7 @@ impl AxisWindow for Pad {
         self.axis
     }
 
-    fn copy<T: Element>(&self, x: &Tensor, axis: usize) -> Result<Tensor> {
+    fn copy<T: Element>(&self, _ctx: &Context, x: &Tensor, axis: usize) -> Result<Tensor> {
         crate::cpu::layout::pad::<T>(x, axis, self.start, self.total)
     }
 }
@@ -121,7 +121,7 @@ trait AxisWindow: Clone + std::fmt::Debug + Send + Sync + 'static {
     fn window(&self, shape: &Shape) -> Result<(usize, Shape)>;
 
     /// The kernel along the resolved `axis`.
-    fn copy<T: Element>(&self, x: &Tensor, axis: usize) -> Result<Tensor>;
+    fn copy<T: Element>(&self, ctx: &Context, x: &Tensor, axis: usize) -> Result<Tensor>;
 }
 
 /// Implements [`Op`] for an [`AxisWindow`] type.
@@ -139,11 +139,11 @@ macro_rules! window_op {
                 Ok(vec![TensorMeta::new(self.window(&x.shape)?.1, x.dtype)])
             }
 
-            fn forward(&self, _ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+            fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
                 crate::check_inputs(self, inputs)?;
                 let x = &inputs[0];
                 let (axis, _) = self.window(x.shape())?;
-                Ok(vec![crate::dispatch_any!(x.dtype(), T => self.copy::<T>(x, axis))?])
+                Ok(vec![crate::dispatch_any!(x.dtype(), T => self.copy::<T>(ctx, x, axis))?])
             }
 
             fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {

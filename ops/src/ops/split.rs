@@ -53,7 +53,7 @@ impl Op for Split {
             .collect())
     }
 
-    fn forward(&self, _ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+    fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         crate::check_inputs(self, inputs)?;
         let x = &inputs[0];
         let axis = self.check(x.shape())?;
@@ -61,7 +61,7 @@ impl Op for Split {
         let mut outputs = Vec::with_capacity(self.sizes.len());
         for &len in &self.sizes {
             outputs.push(crate::dispatch_any!(x.dtype(), T => {
-                crate::cpu::layout::narrow::<T>(x, axis, start, len)
+                crate::cpu::layout::narrow::<T>(ctx, x, axis, start, len)
             })?);
             start += len;
         }
