@@ -75,8 +75,10 @@ fn iterations(bytes: usize) -> usize {
     ((512usize << 20) / bytes.max(1)).clamp(2, 20)
 }
 
-/// Runs `run` once to warm up, then `iterations` times; mean seconds per run.
+/// Runs `run` twice to warm up (buffers that alternate between calls are both allocated), then
+/// `iterations` times; mean seconds per run.
 fn time(iterations: usize, mut run: impl FnMut()) -> f64 {
+    run();
     run();
     let started = Instant::now();
     for _ in 0..iterations {
@@ -150,6 +152,7 @@ fn in_process_all_reduce(max_bytes: usize) {
         let seconds = results.iter().map(|r| r.0).fold(0.0, f64::max);
         let busbw = row(bytes, seconds, devices, results.iter().map(|r| r.1).sum());
         if bytes >= 1 << 20 {
+            // Right after the all-reduce of the same size: both see the same load.
             ratios.push((bytes, busbw, memcpy_bandwidth(bytes)));
         }
     }
@@ -211,6 +214,13 @@ fn quic_throughput(config: &QuicConfig, bytes: usize, messages: usize) -> f64 {
     }
     let receiver = receiving.join().expect("receiver");
     let seconds = started.elapsed().as_secs_f64();
+    if let Ok(stats) = sender.stats(Rank(1)) {
+        let path = stats.path;
+        println!(
+            "#   sender: {} packets lost, {} congestion events, path MTU {}, window {} B",
+            path.lost_packets, path.congestion_events, path.current_mtu, path.cwnd
+        );
+    }
     drop(receiver);
     (bytes * messages) as f64 / seconds / 1e9
 }

@@ -24,4 +24,6 @@ pub use collective::{
 };
 pub use error::{Error, Result};
 pub use reduce::{chunk, ReduceOp};
-pub use transport::{Channel, InProcessTransport, Message, MessageKind, Rank, Tag, Transport};
+pub use transport::{
+    Arrived, Channel, InProcessTransport, Message, MessageKind, Piece, Rank, Tag, Transport,
+};

@@ -73,6 +73,41 @@ pub fn reduce_into(
     }
 }
 
+/// Bytes combined at a time by [`reduce_pair`]: the block of the target stays in the L1 cache
+/// between its copy and its reduction.
+const PAIR_BLOCK_BYTES: usize = 16 << 10;
+
+/// `target[i] = first[i] ⊕ second[i]`, block by block: memory sees one read of each source and
+/// one write of the target.
+pub fn reduce_pair(
+    collective: &'static str,
+    target: &mut [u8],
+    first: &[u8],
+    second: &[u8],
+    dtype: DType,
+    operation: ReduceOp,
+) -> Result<()> {
+    if target.len() != first.len() || target.len() != second.len() {
+        return Err(Error::InvalidArgument {
+            collective,
+            reason: format!(
+                "reducing {} and {} bytes into {} bytes",
+                first.len(),
+                second.len(),
+                target.len()
+            ),
+        });
+    }
+    let blocks = target.chunks_mut(PAIR_BLOCK_BYTES);
+    for ((block, first), second) in
+        blocks.zip(first.chunks(PAIR_BLOCK_BYTES)).zip(second.chunks(PAIR_BLOCK_BYTES))
+    {
+        block.copy_from_slice(first);
+        reduce_into(collective, block, second, dtype, operation)?;
+    }
+    Ok(())
+}
+
 fn combine<T: bytemuck::Pod>(
     collective: &'static str,
     accumulator: &mut [u8],
@@ -135,6 +170,12 @@ mod tests {
             bytemuck::cast_slice::<u8, bf16>(&b),
             &[bf16::from_f32(3.0), bf16::from_f32(4.0)]
         );
+        let mut pair = vec![0u8; 8];
+        let (first, second) = ([1.0f32, 2.0], [0.5f32, -4.0]);
+        let sources = (bytemuck::cast_slice(&first), bytemuck::cast_slice(&second));
+        reduce_pair("test", &mut pair, sources.0, sources.1, DType::F32, ReduceOp::Sum)
+            .expect("pair");
+        assert_eq!(bytemuck::cast_slice::<u8, f32>(&pair), &[1.5, -2.0]);
         let error = reduce_into("all_reduce", &mut [1u8], &[1u8], DType::Bool, ReduceOp::Sum);
         assert!(matches!(error, Err(Error::UnsupportedDType { collective: "all_reduce", .. })));
     }

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -105,6 +106,59 @@ pub struct Message {
     pub tensor: Tensor,
 }
 
+/// Elements `elements` of a tensor, sent to `peer` as one message holding a 1-D tensor of the
+/// same dtype. Transports that can send straight from the tensor's storage copy nothing.
+#[derive(Clone, Debug)]
+pub struct Piece {
+    /// Where it goes.
+    pub peer: Rank,
+    /// What it belongs to.
+    pub tag: Tag,
+    /// The tensor whose elements are sent (shared storage, never modified while in flight).
+    pub tensor: Tensor,
+    /// The elements of `tensor`'s flat storage that are sent.
+    pub elements: Range<usize>,
+}
+
+impl Piece {
+    /// The whole of `tensor` as one piece.
+    pub fn whole(peer: Rank, tag: Tag, tensor: Tensor) -> Self {
+        let elements = 0..tensor.numel();
+        Piece { peer, tag, tensor, elements }
+    }
+
+    /// The byte range of the piece in the tensor's storage.
+    pub fn byte_range(&self) -> Range<usize> {
+        let size = self.tensor.dtype().size();
+        self.elements.start * size..self.elements.end * size
+    }
+
+    /// The piece as a message of its own: the tensor itself when the piece covers it (1-D), else
+    /// a copy of the elements.
+    pub fn to_message(&self) -> Result<Message> {
+        let tensor = if self.elements == (0..self.tensor.numel()) && self.tensor.dims().len() == 1 {
+            self.tensor.clone()
+        } else {
+            let bytes = self.tensor.bytes()?.get(self.byte_range()).ok_or_else(|| {
+                Error::InvalidArgument {
+                    collective: self.tag.kind.name(),
+                    reason: format!(
+                        "elements {:?} outside a tensor of {}",
+                        self.elements,
+                        self.tensor.numel()
+                    ),
+                }
+            })?;
+            Tensor::from_bytes(bytes, [self.elements.len()], self.tensor.dtype())?
+        };
+        Ok(Message { tag: self.tag, tensor })
+    }
+}
+
+/// Called with each message a [`Transport::stream_exchange`] receives: its index in the list of
+/// receives and the message.
+pub type Arrived<'a> = dyn FnMut(usize, Message) -> Result<()> + 'a;
+
 /// Point-to-point messages between the ranks of one world.
 pub trait Transport: Send + Sync {
     /// This side's rank.
@@ -130,6 +184,38 @@ pub trait Transport: Send + Sync {
             self.send(peer, channel, message)?;
         }
         receives.iter().map(|&peer| self.recv(peer, channel)).collect()
+    }
+
+    /// Sends `sends` in order and receives one message from each of `receives` in order, handing
+    /// each to `arrived` as soon as it is in while the later sends and receives go on: the
+    /// pipeline of a chunked ring step (reduce piece `k` while piece `k + 1` travels). The
+    /// default sends from a scoped thread while this one receives, so neither side waits for the
+    /// other whatever the buffers hold; transports with asynchronous I/O do both on one thread.
+    fn stream_exchange(
+        &self,
+        channel: Channel,
+        sends: Vec<Piece>,
+        receives: &[Rank],
+        arrived: &mut Arrived<'_>,
+    ) -> Result<()> {
+        std::thread::scope(|scope| {
+            let sending = scope.spawn(move || {
+                sends
+                    .into_iter()
+                    .try_for_each(|piece| self.send(piece.peer, channel, piece.to_message()?))
+            });
+            let received = receives
+                .iter()
+                .enumerate()
+                .try_for_each(|(index, &peer)| arrived(index, self.recv(peer, channel)?));
+            let sent = sending.join().unwrap_or_else(|_| {
+                Err(Error::InvalidArgument {
+                    collective: "send",
+                    reason: "the sending thread panicked".into(),
+                })
+            });
+            received.and(sent)
+        })
     }
 }
 
@@ -239,6 +325,44 @@ mod tests {
         assert!(Arc::ptr_eq(received.tensor.storage(), &storage), "no copy in process");
         assert_eq!(received.tag.sequence, 0);
         assert_eq!(world[1].recv(Rank(0), Channel(0)).expect("recv").tag.sequence, 1);
+    }
+
+    #[test]
+    fn pieces_travel_as_their_elements_and_arrive_in_order_without_deadlock() {
+        // Capacity 1 and 50 pieces each way: the sends must go on while the receives run.
+        let world = InProcessTransport::world(2, 1, Duration::from_secs(5));
+        let tensor = Tensor::from_vec((0..100).map(|value| value as f32).collect(), [10, 10])
+            .expect("tensor");
+        let handles: Vec<_> = world
+            .into_iter()
+            .map(|transport| {
+                let tensor = tensor.clone();
+                std::thread::spawn(move || {
+                    let peer = Rank(1 - transport.rank().0);
+                    let sends = (0..50)
+                        .map(|index| Piece {
+                            peer,
+                            tag: Tag { kind: MessageKind::Send, sequence: index as u64, step: 0 },
+                            tensor: tensor.clone(),
+                            elements: 2 * index..2 * index + 2,
+                        })
+                        .collect();
+                    let mut arrived = Vec::new();
+                    transport
+                        .stream_exchange(Channel(9), sends, &[peer; 50], &mut |index, message| {
+                            assert_eq!(message.tag.sequence, index as u64);
+                            arrived.extend(message.tensor.to_vec::<f32>()?);
+                            Ok(())
+                        })
+                        .expect("stream exchange");
+                    arrived
+                })
+            })
+            .collect();
+        for handle in handles {
+            let expected: Vec<f32> = (0..100).map(|value| value as f32).collect();
+            assert_eq!(handle.join().expect("member"), expected);
+        }
     }
 
     #[test]

@@ -58,9 +58,11 @@ fn transport_members(size: usize, ring_threshold: usize) -> Vec<TransportCommuni
         .into_iter()
         .map(|transport| {
             let transport: Arc<dyn Transport> = Arc::new(transport);
+            // Pieces of 16 bytes: every ring step travels in many uneven pieces.
             TransportCommunicator::world(transport)
                 .expect("group")
                 .with_small_message_bytes(ring_threshold)
+                .with_piece_bytes(16)
         })
         .collect()
 }
@@ -107,6 +109,7 @@ fn quic_between_threads_every_collective_every_dtype_sizes_two_to_five() {
                 TransportCommunicator::world(transport)
                     .expect("group")
                     .with_small_message_bytes(1 << 10)
+                    .with_piece_bytes(4 << 10)
             })
             .collect();
         on_threads(members, |member| {

@@ -23,7 +23,8 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use super::health::{Health, PeerFailure};
-use crate::{Channel, Communicator, Error, Message, Rank, ReduceOp, Result, Transport};
+use crate::transport::Arrived;
+use crate::{Channel, Communicator, Error, Message, Piece, Rank, ReduceOp, Result, Transport};
 
 /// What makes a transport's blocked operations return; runs once, when a failure is recorded.
 pub type Abort = Box<dyn FnOnce() + Send>;
@@ -136,6 +137,16 @@ impl Transport for WatchedTransport {
         receives: &[Rank],
     ) -> Result<Vec<Message>> {
         self.guard("exchange", || self.inner.exchange(channel, sends, receives))
+    }
+
+    fn stream_exchange(
+        &self,
+        channel: Channel,
+        sends: Vec<Piece>,
+        receives: &[Rank],
+        arrived: &mut Arrived<'_>,
+    ) -> Result<()> {
+        self.guard("exchange", || self.inner.stream_exchange(channel, sends, receives, arrived))
     }
 }
 

@@ -3,15 +3,23 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use meshflow_ops::{CpuStorage, Shape, Storage, Tensor};
+use meshflow_ops::buffers::BufferPool;
+use meshflow_ops::{CpuStorage, Shape, Storage, Tensor, TensorMeta};
 
-use super::{check_root, concat_rows, mismatch, rows, slice_elements, slice_rows, Communicator};
-use crate::reduce::{check_reducible, chunk, reduce_into};
-use crate::{Channel, Error, Message, MessageKind, Rank, ReduceOp, Result, Tag, Transport};
+use super::{check_root, concat_rows, mismatch, rows, slice_rows, Communicator};
+use crate::reduce::{check_reducible, chunk, reduce_into, reduce_pair};
+use crate::{Channel, Error, Message, MessageKind, Piece, Rank, ReduceOp, Result, Tag, Transport};
 
 /// All-reduces of at most this many bytes use the direct exchange (one round, latency-optimal);
 /// larger ones use ring reduce-scatter + all-gather (bandwidth-optimal).
 pub const DEFAULT_SMALL_MESSAGE_BYTES: usize = 64 << 10;
+
+/// Ring steps travel in pieces of at most this many bytes, so that reducing one piece overlaps
+/// the transfer of the next.
+pub const DEFAULT_PIECE_BYTES: usize = 2 << 20;
+
+/// Freed outputs and pieces a communicator keeps for reuse (no zero fill, no page faults).
+const POOL_BYTES: usize = 256 << 20;
 
 /// One member's handle on a group of ranks reached through a [`Transport`].
 pub struct TransportCommunicator {
@@ -24,6 +32,8 @@ pub struct TransportCommunicator {
     sent: Vec<u64>,
     received: Vec<u64>,
     small_message_bytes: usize,
+    piece_bytes: usize,
+    buffers: Arc<BufferPool>,
 }
 
 /// One collective call: its kind and sequence number.
@@ -62,6 +72,8 @@ impl TransportCommunicator {
             received: vec![0; ranks.len()],
             ranks,
             small_message_bytes: DEFAULT_SMALL_MESSAGE_BYTES,
+            piece_bytes: DEFAULT_PIECE_BYTES,
+            buffers: Arc::new(BufferPool::new(POOL_BYTES)),
         })
     }
 
@@ -74,6 +86,12 @@ impl TransportCommunicator {
     /// Changes the size up to which all-reduce uses the direct exchange.
     pub fn with_small_message_bytes(mut self, bytes: usize) -> Self {
         self.small_message_bytes = bytes;
+        self
+    }
+
+    /// Changes the largest piece a ring step travels in (at least one element per piece).
+    pub fn with_piece_bytes(mut self, bytes: usize) -> Self {
+        self.piece_bytes = bytes.max(1);
         self
     }
 
@@ -108,51 +126,119 @@ impl TransportCommunicator {
         peers.iter().zip(received).map(|(&peer, message)| check(call, tag, peer, message)).collect()
     }
 
-    /// Ring reduce-scatter over the element ranges `chunks`; member `i` ends owning `chunks[i]`.
+    /// The pieces one ring step's chunk travels in: as many as the largest chunk needs to keep
+    /// pieces under [`TransportCommunicator::with_piece_bytes`], the same on every member.
+    fn pieces_per_chunk(&self, chunks: &[Range<usize>], like: &Tensor) -> usize {
+        let largest = chunks.iter().map(|range| range.len()).max().unwrap_or(0);
+        (largest * like.dtype().size()).div_ceil(self.piece_bytes.max(1)).max(1)
+    }
+
+    /// Ring reduce-scatter over the element ranges `chunks`, pipelined: each ring step travels as
+    /// pieces, and each piece is reduced with this member's input as soon as it arrives (while
+    /// the next ones travel) into a buffer of its own, which the next step forwards as it is.
+    /// Returns this member's chunk of the reduction, as its pieces in order.
     fn ring_reduce_scatter(
         &self,
         call: Call,
-        work: &mut CpuStorage,
         tensor: &Tensor,
         chunks: &[Range<usize>],
         operation: ReduceOp,
-    ) -> Result<()> {
+    ) -> Result<Vec<Tensor>> {
         let (n, i) = (self.size(), self.index);
-        let (right, left) = ((i + 1) % n, (i + n - 1) % n);
+        let (right, left) = (self.ranks[(i + 1) % n], self.ranks[(i + n - 1) % n]);
+        let parts = self.pieces_per_chunk(chunks, tensor);
+        let input = tensor.bytes()?;
         let size = tensor.dtype().size();
+        let mut carried: Vec<Tensor> = Vec::new();
         for step in 0..n - 1 {
             let outgoing = &chunks[(i + 2 * n - step - 1) % n];
-            let incoming = chunks[(i + 2 * n - step - 2) % n].clone();
-            let piece = piece(work, outgoing, tensor)?;
-            let received = self.exchange(call, step as u32, vec![(right, piece)], &[left])?;
-            let received =
-                expect_elements(call, self.ranks[left], tensor, incoming.len(), &received[0])?;
-            let target = &mut work.bytes_mut()[incoming.start * size..incoming.end * size];
-            reduce_into(call.kind.name(), target, received, tensor.dtype(), operation)?;
+            let incoming = &chunks[(i + 2 * n - step - 2) % n];
+            let sends: Vec<Piece> = if step == 0 {
+                (0..parts)
+                    .map(|k| Piece {
+                        peer: right,
+                        tag: tag(call, step, parts, k),
+                        tensor: tensor.clone(),
+                        elements: sub_range(outgoing, parts, k),
+                    })
+                    .collect()
+            } else {
+                let tags = (0..parts).map(|k| tag(call, step, parts, k));
+                carried
+                    .drain(..)
+                    .zip(tags)
+                    .map(|(piece, tag)| Piece::whole(right, tag, piece))
+                    .collect()
+            };
+            let mut reduced = Vec::with_capacity(parts);
+            let mut arrived = |k: usize, message: Message| {
+                let elements = sub_range(incoming, parts, k);
+                let received = check(call, tag(call, step, parts, k), left, message)?;
+                let bytes = expect_elements(call, left, tensor, elements.len(), &received)?;
+                let mut storage = CpuStorage::for_overwrite(bytes.len(), &self.buffers);
+                let mine = &input[elements.start * size..elements.end * size];
+                reduce_pair(
+                    call.kind.name(),
+                    storage.bytes_mut(),
+                    bytes,
+                    mine,
+                    tensor.dtype(),
+                    operation,
+                )?;
+                let meta = TensorMeta::new([elements.len()], tensor.dtype());
+                reduced.push(Tensor::from_storage(meta, Arc::new(Storage::Cpu(storage)))?);
+                Ok(())
+            };
+            self.transport
+                .stream_exchange(self.channel, sends, &vec![left; parts], &mut arrived)
+                .map_err(|error| rename(error, call))?;
+            carried = reduced;
         }
-        Ok(())
+        Ok(carried)
     }
 
-    /// Ring all-gather of owned element ranges: member `i` starts owning `chunks[i]`.
+    /// Ring all-gather, pipelined like [`Self::ring_reduce_scatter`]: this member starts with its
+    /// own chunk as the pieces `own`; every chunk lands in `output` (element ranges `chunks`),
+    /// and each piece received is forwarded as it is at the next step.
     fn ring_all_gather(
         &self,
         call: Call,
-        work: &mut CpuStorage,
-        tensor: &Tensor,
+        like: &Tensor,
+        output: &mut [u8],
         chunks: &[Range<usize>],
+        own: Vec<Tensor>,
     ) -> Result<()> {
         let (n, i) = (self.size(), self.index);
-        let (right, left) = ((i + 1) % n, (i + n - 1) % n);
-        let size = tensor.dtype().size();
+        let (right, left) = (self.ranks[(i + 1) % n], self.ranks[(i + n - 1) % n]);
+        let parts = self.pieces_per_chunk(chunks, like);
+        let size = like.dtype().size();
+        for (k, piece) in own.iter().enumerate() {
+            let elements = sub_range(&chunks[i], parts, k);
+            output[elements.start * size..elements.end * size].copy_from_slice(piece.bytes()?);
+        }
+        let mut carried = own;
         for step in 0..n - 1 {
-            let outgoing = &chunks[(i + n - step) % n];
-            let incoming = chunks[(i + 2 * n - step - 1) % n].clone();
-            let piece = piece(work, outgoing, tensor)?;
-            let step = (n - 1 + step) as u32;
-            let received = self.exchange(call, step, vec![(right, piece)], &[left])?;
-            let received =
-                expect_elements(call, self.ranks[left], tensor, incoming.len(), &received[0])?;
-            work.bytes_mut()[incoming.start * size..incoming.end * size].copy_from_slice(received);
+            let incoming = &chunks[(i + 2 * n - step - 1) % n];
+            let ring_step = n - 1 + step;
+            let tags = (0..parts).map(|k| tag(call, ring_step, parts, k));
+            let sends = carried
+                .drain(..)
+                .zip(tags)
+                .map(|(piece, tag)| Piece::whole(right, tag, piece))
+                .collect();
+            let mut received_pieces = Vec::with_capacity(parts);
+            let mut arrived = |k: usize, message: Message| {
+                let elements = sub_range(incoming, parts, k);
+                let received = check(call, tag(call, ring_step, parts, k), left, message)?;
+                let bytes = expect_elements(call, left, like, elements.len(), &received)?;
+                output[elements.start * size..elements.end * size].copy_from_slice(bytes);
+                received_pieces.push(received);
+                Ok(())
+            };
+            self.transport
+                .stream_exchange(self.channel, sends, &vec![left; parts], &mut arrived)
+                .map_err(|error| rename(error, call))?;
+            carried = received_pieces;
         }
         Ok(())
     }
@@ -201,10 +287,11 @@ impl Communicator for TransportCommunicator {
             return self.direct_all_reduce(call, tensor, operation);
         }
         let chunks: Vec<_> = (0..n).map(|member| chunk(tensor.numel(), n, member)).collect();
-        let mut work = CpuStorage::from_bytes(tensor.bytes()?);
-        self.ring_reduce_scatter(call, &mut work, tensor, &chunks, operation)?;
-        self.ring_all_gather(call, &mut work, tensor, &chunks)?;
-        Ok(Tensor::from_storage(tensor.meta().clone(), Arc::new(Storage::Cpu(work)))?)
+        let reduced = self.ring_reduce_scatter(call, tensor, &chunks, operation)?;
+        // Every byte is written: this member's chunk first, the others as they arrive.
+        let mut output = CpuStorage::for_overwrite(tensor.meta().bytes(), &self.buffers);
+        self.ring_all_gather(call, tensor, output.bytes_mut(), &chunks, reduced)?;
+        Ok(Tensor::from_storage(tensor.meta().clone(), Arc::new(Storage::Cpu(output)))?)
     }
 
     fn reduce_scatter(&mut self, tensor: &Tensor, operation: ReduceOp) -> Result<Tensor> {
@@ -218,12 +305,18 @@ impl Communicator for TransportCommunicator {
         }
         let chunks: Vec<_> =
             row_chunks.iter().map(|rows| rows.start * row..rows.end * row).collect();
-        let mut work = CpuStorage::from_bytes(tensor.bytes()?);
-        self.ring_reduce_scatter(call, &mut work, tensor, &chunks, operation)?;
+        let reduced = self.ring_reduce_scatter(call, tensor, &chunks, operation)?;
         let mut dims = tensor.dims().to_vec();
         dims[0] = row_chunks[self.index].len();
-        let reduced = Tensor::from_storage(tensor.meta().clone(), Arc::new(Storage::Cpu(work)))?;
-        slice_elements(&reduced, chunks[self.index].clone(), Shape::new(dims))
+        let meta = TensorMeta::new(Shape::new(dims), tensor.dtype());
+        let mut output = CpuStorage::for_overwrite(meta.bytes(), &self.buffers);
+        let mut offset = 0;
+        for piece in &reduced {
+            let bytes = piece.bytes()?;
+            output.bytes_mut()[offset..offset + bytes.len()].copy_from_slice(bytes);
+            offset += bytes.len();
+        }
+        Ok(Tensor::from_storage(meta, Arc::new(Storage::Cpu(output)))?)
     }
 
     fn all_gather(&mut self, tensor: &Tensor) -> Result<Tensor> {
@@ -380,11 +473,16 @@ fn rename(error: Error, call: Call) -> Error {
     }
 }
 
-/// A copy of elements `range` of `work` as a 1-D tensor of `like`'s dtype.
-fn piece(work: &CpuStorage, range: &Range<usize>, like: &Tensor) -> Result<Tensor> {
-    let size = like.dtype().size();
-    let bytes = &work.bytes()[range.start * size..range.end * size];
-    Ok(Tensor::from_bytes(bytes, [range.len()], like.dtype())?)
+/// The tag of piece `k` (of `parts`) of ring step `step`.
+fn tag(call: Call, step: usize, parts: usize, k: usize) -> Tag {
+    let step = u32::try_from(step * parts + k).unwrap_or(u32::MAX);
+    Tag { kind: call.kind, sequence: call.sequence, step }
+}
+
+/// Piece `k` of `parts` balanced pieces of the element range `range`.
+fn sub_range(range: &Range<usize>, parts: usize, k: usize) -> Range<usize> {
+    let piece = chunk(range.len(), parts, k);
+    range.start + piece.start..range.start + piece.end
 }
 
 /// The bytes of a received chunk, checked against the expected dtype and element count.

@@ -344,9 +344,10 @@ impl Communicator for SharedCommunicator {
 /// in the L1 cache while every input streams through it once.
 const REDUCE_BLOCK_BYTES: usize = 16 << 10;
 
-/// `target = inputs[0][range] ⊕ inputs[1][range] ⊕ …`, in member order, block by block: memory
-/// sees one read of every input and one write of the target (not a read and a write of the
-/// target per input).
+/// `target = inputs[0][range] ⊕ inputs[1][range] ⊕ …`, in member order, block by block: each
+/// block is reduced in a scratch buffer that stays in the L1 cache, then written to the target
+/// (with non-temporal stores when the target is large: see [`store_block`]). Memory sees one read
+/// of every input and one write of the target.
 fn reduce_chunk(
     collective: &'static str,
     target: &mut [u8],
@@ -360,15 +361,61 @@ fn reduce_chunk(
         .map(|input| Ok(&input.bytes()?[range.clone()]))
         .collect::<Result<Vec<&[u8]>>>()?;
     let Some((first, others)) = sources.split_first() else { return Ok(()) };
+    let streaming = target.len() >= STREAMING_BYTES;
+    let mut scratch = vec![0u64; REDUCE_BLOCK_BYTES / 8];
+    let scratch: &mut [u8] = bytemuck::cast_slice_mut(&mut scratch);
     for (index, block) in target.chunks_mut(REDUCE_BLOCK_BYTES).enumerate() {
         let offset = index * REDUCE_BLOCK_BYTES;
         let span = offset..offset + block.len();
-        block.copy_from_slice(&first[span.clone()]);
+        let sum = &mut scratch[..block.len()];
+        sum.copy_from_slice(&first[span.clone()]);
         for other in others {
-            reduce_into(collective, block, &other[span.clone()], like.dtype(), operation)?;
+            reduce_into(collective, sum, &other[span.clone()], like.dtype(), operation)?;
         }
+        store_block(block, sum, streaming);
     }
+    store_fence(streaming);
     Ok(())
+}
+
+/// Targets of at least this many bytes are written with non-temporal stores: the result is too
+/// large to be read back from the cache soon, and skipping the read-for-ownership of every target
+/// line saves a sixth of the memory traffic of a 4-member reduction.
+const STREAMING_BYTES: usize = 4 << 20;
+
+/// Copies `source` into `target`; with `streaming` on x86-64, the 16-byte-aligned body of the
+/// target is written with non-temporal stores (SSE2, always present there).
+fn store_block(target: &mut [u8], source: &[u8], streaming: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if streaming {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+        let head = target.as_ptr().align_offset(16).min(target.len());
+        let body = (target.len() - head) / 16 * 16;
+        target[..head].copy_from_slice(&source[..head]);
+        let (lines, tail) = target[head..].split_at_mut(body);
+        for (line, from) in lines.chunks_exact_mut(16).zip(source[head..].chunks_exact(16)) {
+            // SAFETY: `line` is 16 bytes, 16-byte aligned (after `head`) and writable; `from` is
+            // 16 readable bytes (the unaligned load accepts any address).
+            unsafe {
+                let value = _mm_loadu_si128(from.as_ptr().cast::<__m128i>());
+                _mm_stream_si128(line.as_mut_ptr().cast::<__m128i>(), value);
+            }
+        }
+        tail.copy_from_slice(&source[head + body..]);
+        return;
+    }
+    let _ = streaming;
+    target.copy_from_slice(source);
+}
+
+/// Orders the non-temporal stores of [`store_block`] before the barrier that publishes them.
+fn store_fence(streaming: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if streaming {
+        // SAFETY: SSE2 is part of x86-64; a store fence has no other effect.
+        unsafe { std::arch::x86_64::_mm_sfence() };
+    }
+    let _ = streaming;
 }
 
 /// The storage of a finished call's output when every member has dropped it and it has
@@ -490,5 +537,24 @@ fn copy_error(error: &Error) -> Error {
             collective: "group",
             reason: format!("the group is broken: {other}"),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streaming_stores_copy_every_byte_at_any_alignment() {
+        let source: Vec<u8> = (0..1000u32).map(|value| (value % 251) as u8).collect();
+        for offset in 0..17 {
+            for streaming in [false, true] {
+                let mut target = vec![0u8; 1000 + 17];
+                store_block(&mut target[offset..offset + 1000], &source, streaming);
+                store_fence(streaming);
+                assert_eq!(&target[offset..offset + 1000], &source[..], "offset {offset}");
+                assert!(target[..offset].iter().all(|&byte| byte == 0), "offset {offset}");
+            }
+        }
     }
 }

@@ -73,8 +73,8 @@ impl QuicEndpoint {
             .enable_all()
             .build()
             .map_err(|error| Error::Setup { reason: format!("tokio runtime: {error}") })?;
-        let socket = udp_socket(address, config.socket_buffer_bytes)?;
-        let transport = config.transport()?;
+        let (socket, receive_buffer) = udp_socket(address, config.socket_buffer_bytes)?;
+        let transport = config.transport(receive_buffer)?;
         let mut server = ServerConfig::with_crypto(Arc::new(tls::server_config()?));
         server.transport_config(transport.clone());
         let mut client = ClientConfig::new(Arc::new(tls::client_config()?));
@@ -200,7 +200,9 @@ impl AuthenticatedConnection {
     }
 }
 
-fn udp_socket(address: SocketAddr, buffer_bytes: usize) -> Result<UdpSocket> {
+/// A bound UDP socket and the receive buffer the kernel granted it (bytes, as the kernel counts
+/// them: twice the payload it holds).
+fn udp_socket(address: SocketAddr, buffer_bytes: usize) -> Result<(UdpSocket, usize)> {
     let setup = |what: &str, error: std::io::Error| Error::Setup {
         reason: format!("UDP socket {what}: {error}"),
     };
@@ -210,7 +212,38 @@ fn udp_socket(address: SocketAddr, buffer_bytes: usize) -> Result<UdpSocket> {
     if buffer_bytes > 0 {
         let _ = socket.set_recv_buffer_size(buffer_bytes);
         let _ = socket.set_send_buffer_size(buffer_bytes);
+        force_buffers(&socket, buffer_bytes);
     }
+    let granted = socket.recv_buffer_size().map_err(|error| setup("receive buffer", error))?;
     socket.bind(&address.into()).map_err(|error| setup("bind", error))?;
-    Ok(socket.into())
+    Ok((socket.into(), granted))
 }
+
+/// Raises the socket's buffers to `bytes` past the kernel's cap (`net.core.rmem_max`,
+/// `wmem_max`; 4 MiB on many systems) where the process may: `SO_RCVBUFFORCE` and
+/// `SO_SNDBUFFORCE` need `CAP_NET_ADMIN`, as quic-go also tries. Elsewhere the calls fail with
+/// `EPERM` and the capped buffers stay, with flow-control windows sized to them
+/// ([`QuicConfig::windows_for`]).
+#[cfg(target_os = "linux")]
+fn force_buffers(socket: &Socket, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    for option in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+        // SAFETY: `socket` is an open descriptor for the duration of the call, and the option
+        // value is a C int of the length passed; the kernel only reads it.
+        let _ = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&value as *const libc::c_int).cast(),
+                length,
+            )
+        };
+    }
+}
+
+/// Buffers cannot be raised past the kernel's cap on this platform.
+#[cfg(not(target_os = "linux"))]
+fn force_buffers(_socket: &Socket, _bytes: usize) {}

@@ -14,12 +14,14 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use meshflow_ops::{CpuStorage, Storage, Tensor};
+use meshflow_ops::buffers::BufferPool;
+use meshflow_ops::{CpuStorage, Storage, Tensor, TensorMeta};
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::Notify;
 
 use super::{AuthenticatedConnection, QuicEndpoint};
-use crate::{frame, Channel, Error, Message, Rank, Result, Transport};
+use crate::transport::Arrived;
+use crate::{frame, Channel, Error, Message, Piece, Rank, Result, Transport};
 
 const STREAM_MAGIC: &[u8; 4] = b"MFST";
 
@@ -28,6 +30,9 @@ pub struct QuicTransport {
     endpoint: QuicEndpoint,
     world_size: usize,
     links: Vec<Option<Arc<PeerLink>>>,
+    /// Storage of received payloads: a message dropped by its reader gives its buffer back for
+    /// the next one, so a receive neither zero-fills nor page-faults fresh memory.
+    buffers: Arc<BufferPool>,
 }
 
 struct PeerLink {
@@ -97,7 +102,8 @@ impl QuicTransport {
             runtime.spawn(accept_streams(link.clone(), endpoint.config().operation_timeout));
             *slot = Some(link);
         }
-        Ok(QuicTransport { endpoint, world_size, links })
+        let buffers = Arc::new(BufferPool::new(endpoint.config().receive_pool_bytes));
+        Ok(QuicTransport { endpoint, world_size, links, buffers })
     }
 
     /// The endpoint underneath.
@@ -133,16 +139,12 @@ impl QuicTransport {
         })
     }
 
-    fn transmit<'a>(
-        &'a self,
-        peer: Rank,
-        channel: Channel,
-        message: Message,
-    ) -> BoxedFuture<'a, ()> {
+    fn transmit<'a>(&'a self, channel: Channel, piece: Piece) -> BoxedFuture<'a, ()> {
+        let peer = piece.peer;
         let work: BoxedFuture<'a, ()> = Box::pin(async move {
             let link = self.link(peer)?;
             let max = self.endpoint.config().max_frame_bytes;
-            write_message(link, channel, &message, max).await
+            write_piece(link, channel, piece, max).await
         });
         self.bounded(peer, "send", work)
     }
@@ -151,9 +153,8 @@ impl QuicTransport {
         let work: BoxedFuture<'a, Message> = Box::pin(async move {
             let link = self.link(peer)?;
             let mut stream = take_stream(link, channel).await?;
-            let message =
-                read_message(link.peer, &mut stream, self.endpoint.config().max_frame_bytes)
-                    .await?;
+            let max = self.endpoint.config().max_frame_bytes;
+            let message = read_message(link.peer, &mut stream, max, &self.buffers).await?;
             link.incoming
                 .lock()
                 .unwrap_or_else(|poison| poison.into_inner())
@@ -210,7 +211,7 @@ impl Transport for QuicTransport {
     }
 
     fn send(&self, peer: Rank, channel: Channel, message: Message) -> Result<()> {
-        self.endpoint.block_on(self.transmit(peer, channel, message))
+        self.endpoint.block_on(self.transmit(channel, whole(peer, message)))
     }
 
     fn recv(&self, peer: Rank, channel: Channel) -> Result<Message> {
@@ -225,7 +226,7 @@ impl Transport for QuicTransport {
     ) -> Result<Vec<Message>> {
         let sends: Vec<BoxedFuture<'_, ()>> = sends
             .into_iter()
-            .map(|(peer, message)| self.transmit(peer, channel, message))
+            .map(|(peer, message)| self.transmit(channel, whole(peer, message)))
             .collect();
         let receives: Vec<BoxedFuture<'_, Message>> =
             receives.iter().map(|&peer| self.receive(peer, channel)).collect();
@@ -234,6 +235,38 @@ impl Transport for QuicTransport {
             Ok(messages)
         })
     }
+
+    /// Writes the pieces one after the other (each goes to quinn without a copy and is on its
+    /// way while the next is written) and, at the same time, reads the receives in order, calling
+    /// `arrived` on each as soon as it is in: quinn's tasks keep moving the data while the caller
+    /// reduces what has arrived.
+    fn stream_exchange(
+        &self,
+        channel: Channel,
+        sends: Vec<Piece>,
+        receives: &[Rank],
+        arrived: &mut Arrived<'_>,
+    ) -> Result<()> {
+        let sending = async {
+            for piece in sends {
+                self.transmit(channel, piece).await?;
+            }
+            Ok(())
+        };
+        let receiving = async {
+            for (index, &peer) in receives.iter().enumerate() {
+                let message = self.receive(peer, channel).await?;
+                arrived(index, message)?;
+            }
+            Ok(())
+        };
+        self.endpoint.block_on(async { tokio::try_join!(sending, receiving).map(|_| ()) })
+    }
+}
+
+/// A whole message as a piece (its tensor is sent with its own shape).
+fn whole(peer: Rank, message: Message) -> Piece {
+    Piece::whole(peer, message.tag, message.tensor)
 }
 
 /// Accepts the peer's ids for `ranks` (each once); others and strangers are closed.
@@ -293,15 +326,31 @@ async fn take_stream(link: &PeerLink, channel: Channel) -> Result<RecvStream> {
     }
 }
 
-async fn write_message(
+async fn write_piece(
     link: &PeerLink,
     channel: Channel,
-    message: &Message,
+    piece: Piece,
     max_frame_bytes: u64,
 ) -> Result<()> {
-    let header = frame::encode_header(message.tag, message.tensor.meta())?;
-    let payload = message.tensor.bytes()?;
-    let length = (header.len() + payload.len()) as u64;
+    let range = piece.byte_range();
+    let whole = range.len() == piece.tensor.meta().bytes();
+    let meta = if whole {
+        piece.tensor.meta().clone()
+    } else {
+        TensorMeta::new([piece.elements.len()], piece.tensor.dtype())
+    };
+    if piece.tensor.bytes()?.get(range.clone()).is_none() {
+        return Err(Error::InvalidArgument {
+            collective: piece.tag.kind.name(),
+            reason: format!(
+                "elements {:?} outside a tensor of {}",
+                piece.elements,
+                piece.tensor.numel()
+            ),
+        });
+    }
+    let header = frame::encode_header(piece.tag, &meta)?;
+    let length = (header.len() + range.len()) as u64;
     if length > max_frame_bytes {
         return Err(Error::FrameTooLarge { peer: link.peer, length, maximum: max_frame_bytes });
     }
@@ -310,7 +359,7 @@ async fn write_message(
         outgoing.entry(channel).or_default().clone()
     };
     let mut guard = slot.lock().await;
-    let operation = message.tag.kind.name();
+    let operation = piece.tag.kind.name();
     if guard.is_none() {
         let mut stream = link
             .connection
@@ -323,17 +372,22 @@ async fn write_message(
     }
     let Some(stream) = guard.as_mut() else { unreachable!("the stream was opened above") };
     // The payload goes to quinn as a view of the tensor's own storage: no copy before encryption.
-    let mut chunks = [Bytes::from(header), Bytes::from_owner(Payload(message.tensor.clone()))];
+    let payload = Payload { tensor: piece.tensor, range };
+    let mut chunks = [Bytes::from(header), Bytes::from_owner(payload)];
     stream.write_all_chunks(&mut chunks).await.map_err(|error| closed(link.peer, operation, error))
 }
 
-/// A tensor's bytes, lent to quinn's send buffer (which keeps the storage alive until acked).
-struct Payload(Tensor);
+/// A range of a tensor's bytes, lent to quinn's send buffer (which keeps the storage alive until
+/// acknowledged). The storage is shared, hence never written while the piece is in flight.
+struct Payload {
+    tensor: Tensor,
+    range: std::ops::Range<usize>,
+}
 
 impl AsRef<[u8]> for Payload {
     fn as_ref(&self) -> &[u8] {
-        // `write_message` read the same bytes successfully before building the payload.
-        self.0.bytes().unwrap_or_default()
+        // `write_piece` checked that the range lies inside the storage before building this.
+        self.tensor.bytes().ok().and_then(|bytes| bytes.get(self.range.clone())).unwrap_or_default()
     }
 }
 
@@ -341,13 +395,15 @@ async fn read_message(
     peer: Rank,
     stream: &mut RecvStream,
     max_frame_bytes: u64,
+    buffers: &Arc<BufferPool>,
 ) -> Result<Message> {
     let mut prefix = [0u8; frame::LENGTH_BYTES];
     stream.read_exact(&mut prefix).await.map_err(|error| closed(peer, "recv", error))?;
     let mut header = vec![0u8; frame::header_length(prefix, peer)?];
     stream.read_exact(&mut header).await.map_err(|error| closed(peer, "recv", error))?;
     let decoded = frame::decode_header(&header, peer, max_frame_bytes)?;
-    let mut storage = CpuStorage::zeroed(decoded.payload_bytes);
+    // Stale bytes from the pool: `read_exact` overwrites every one, or the storage is dropped.
+    let mut storage = CpuStorage::for_overwrite(decoded.payload_bytes, buffers);
     stream.read_exact(storage.bytes_mut()).await.map_err(|error| closed(peer, "recv", error))?;
     let tensor = Tensor::from_storage(decoded.meta, Arc::new(Storage::Cpu(storage)))?;
     Ok(Message { tag: decoded.tag, tensor })
