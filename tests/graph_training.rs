@@ -21,7 +21,8 @@ const BATCH: usize = 8;
 struct Model {
     config: GptConfig,
     batch: usize,
-    /// Devices (1: one device), data parallel unless `tensor_parallel`.
+    /// Devices (1: one device), data parallel unless `tensor_parallel` (4 tensor-parallel
+    /// devices: DP2 × TP2 on a 2-D mesh).
     devices: usize,
     tensor_parallel: bool,
     micro_batches: usize,
@@ -49,10 +50,16 @@ impl Model {
 
     /// The graph, the two inputs and the loss.
     fn build(&self) -> (Graph, Tensor, Tensor, Tensor) {
-        let placement = Placement::line(DeviceType::Cpu, self.devices).unwrap();
-        let (split, tensor) = (self.devices > 1, self.tensor_parallel);
-        let (data_axis, tensor_axis) = ((split && !tensor).then_some(0), tensor.then_some(0));
-        let layouts = Layouts { placement, data_axis, tensor_axis };
+        let layouts = if self.devices == 4 && self.tensor_parallel {
+            // DP2 × TP2 on a 2-D mesh: a shard is localized once per mesh axis.
+            let placement = Placement::grid(DeviceType::Cpu, &[2, 2]).unwrap();
+            Layouts { placement, data_axis: Some(0), tensor_axis: Some(1) }
+        } else {
+            let placement = Placement::line(DeviceType::Cpu, self.devices).unwrap();
+            let (split, tensor) = (self.devices > 1, self.tensor_parallel);
+            let (data_axis, tensor_axis) = ((split && !tensor).then_some(0), tensor.then_some(0));
+            Layouts { placement, data_axis, tensor_axis }
+        };
         let g = Graph::new();
         let (shape, batch) = ([self.batch, self.config.ctx], Some(layouts.batch()));
         let ids = g.input("ids", shape, DType::I64, &layouts.placement, batch.clone()).unwrap();
@@ -220,6 +227,11 @@ fn dropout_draws_the_same_masks_on_every_layout_and_micro_batching() {
         ("tp2", Model { devices: 2, tensor_parallel: true, ..one }),
         ("2 micro-batches", Model { micro_batches: 2, ..one }),
         ("dp2, 2 micro-batches", Model { devices: 2, micro_batches: 2, ..one }),
+        ("dp2 × tp2", Model { devices: 4, tensor_parallel: true, ..one }),
+        (
+            "dp2 × tp2, 2 micro-batches",
+            Model { devices: 4, tensor_parallel: true, micro_batches: 2, ..one },
+        ),
         ("checkpointing", Model { checkpointing: true, ..one }),
     ] {
         assert_close(&expected, &train(other, 3, false).0, 2e-4, what);

@@ -432,7 +432,7 @@ conformance! {
     fill => |d| Case::new(FillOp { value: 2.5 }).float(d.shape(2));
     masked_fill => |d| Case::new(MaskedFill { value: 0.0 }).float(d.shape(2)).input([d[1]], DType::Bool, Fill::Ids(2));
     where_select => |d| Case::new(Where).input(d.shape(2), DType::Bool, Fill::Ids(2)).float(d.shape(2)).float([d[1]]);
-    dropout => |d| Case::new(Dropout { p: 0.3, seed: 7, logical: None, offset: vec![] }).float(d.shape(3));
+    dropout => |d| Case::new(Dropout::new(0.3, 7)).float(d.shape(3));
 }
 
 fn product(transpose_a: bool, transpose_b: bool) -> MatMul {

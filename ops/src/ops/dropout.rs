@@ -20,7 +20,8 @@ use crate::{
 /// function of `(seed, step, logical index)`, new at every step. On a shard, [`Op::localize`]
 /// records the logical shape and the shard's offset so each device draws the numbers of its own
 /// elements; localizing an op that already sits in a larger tensor (a micro-batch of the batch)
-/// adds the offsets.
+/// adds the offsets and keeps the larger logical shape, whichever was localized first. The same
+/// shard given again (once per mesh axis) is applied once.
 ///
 /// Signatures, per device `d` (the step, when given, is `B`): `S(i) -> S(i)`
 /// (`y_d = dropout(x_d)` with the shard's indices), `B -> B`, and `P -> P` (the same mask on
@@ -35,12 +36,15 @@ pub struct Dropout {
     pub logical: Option<Shape>,
     /// The shard's offset along each logical axis (empty: at the origin).
     pub offset: Vec<usize>,
+    /// The last shard [`Op::localize`] applied (logical shape and offset), so the same shard
+    /// given once per mesh axis is not added twice.
+    pub applied: Option<(Shape, Vec<usize>)>,
 }
 
 impl Dropout {
     /// Dropout of probability `p` with `seed`, on whole tensors.
     pub fn new(p: f64, seed: u64) -> Self {
-        Dropout { p, seed, logical: None, offset: Vec::new() }
+        Dropout { p, seed, logical: None, offset: Vec::new(), applied: None }
     }
 }
 
@@ -82,7 +86,8 @@ impl Op for Dropout {
             }
             _ => infer_float(self.name(), inputs)?,
         };
-        if let Some(logical) = &self.logical {
+        // An empty shard (an axis smaller than its split) draws nothing, wherever it sits.
+        if let Some(logical) = self.logical.as_ref().filter(|_| x.shape.numel() > 0) {
             let fits = logical.rank() == x.shape.rank()
                 && self.offset.len() == logical.rank()
                 && (0..logical.rank()).all(|k| self.offset[k] + x.shape.dim(k) <= logical.dim(k));
@@ -153,15 +158,25 @@ impl Op for Dropout {
         let Some(shard) = inputs.first() else {
             return Err(Error::Arity { op: self.name(), expected: 1, got: 0 });
         };
+        let this = (shard.logical.clone(), shard.offset.clone());
+        if self.applied.as_ref() == Some(&this) {
+            return Ok(None);
+        }
         let local = match (&self.logical, self.offset.len() == shard.offset.len()) {
             (Some(logical), true) => Dropout {
-                logical: Some(logical.clone()),
+                logical: Some(if shard.logical.numel() > logical.numel() {
+                    shard.logical.clone()
+                } else {
+                    logical.clone()
+                }),
                 offset: self.offset.iter().zip(&shard.offset).map(|(a, b)| a + b).collect(),
+                applied: Some(this),
                 ..self.clone()
             },
             _ => Dropout {
                 logical: Some(shard.logical.clone()),
                 offset: shard.offset.clone(),
+                applied: Some(this),
                 ..self.clone()
             },
         };
