@@ -201,6 +201,7 @@ pub fn build(workload: &Workload, config: &CompileConfig) -> Result<Built> {
         pieces: workload.pieces.max(1),
         updates,
         accumulate: training.gradients,
+        forward: Some(loss.value()),
         ..ActorConfig::default()
     };
     Ok(Built {
