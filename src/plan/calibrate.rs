@@ -115,7 +115,7 @@ pub struct CalibrationRow {
     pub kernels: (usize, usize),
     /// Of which the empty step.
     pub fixed: f64,
-    /// Fastest measured step (the least disturbed by other processes).
+    /// Median measured step.
     pub measured: f64,
 }
 
@@ -303,7 +303,7 @@ fn empty_step(devices: usize, kernels: usize) -> Result<f64> {
     Ok(fastest)
 }
 
-/// Runs the char GPT on a `[dp, tp]` mesh; returns its program and fastest step seconds.
+/// Runs the char GPT on a `[dp, tp]` mesh; returns its program and median step seconds.
 fn run_session(
     config: &CalibrationConfig,
     compile: &CompileConfig,
@@ -333,13 +333,14 @@ fn run_session(
     for _ in 0..config.warmup {
         step()?;
     }
-    let mut seconds = f64::INFINITY;
+    let mut times = Vec::new();
     for _ in 0..config.steps.max(1) {
         let started = Instant::now();
         step()?;
-        seconds = seconds.min(started.elapsed().as_secs_f64());
+        times.push(started.elapsed().as_secs_f64());
     }
-    Ok((session.program().clone(), seconds))
+    times.sort_by(f64::total_cmp);
+    Ok((session.program().clone(), times[times.len() / 2]))
 }
 
 impl fmt::Display for CalibrationTable {
@@ -359,7 +360,7 @@ impl fmt::Display for CalibrationTable {
         )?;
         writeln!(
             f,
-            "| char GPT, batch 16 (fastest of steps) | measured ms | roofline ms | error | \
+            "| char GPT, batch 16 (median of steps) | measured ms | roofline ms | error | \
              profiled kernels ms | error | of which empty step ms | kernels profiled (failed) |"
         )?;
         writeln!(f, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")?;

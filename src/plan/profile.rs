@@ -46,7 +46,9 @@ impl KernelProfile {
     }
 
     /// Times every distinct kernel of `program` (every rank's) with `threads` threads: the
-    /// fastest call within `budget` per kernel (at least 3 calls, after one warm-up call).
+    /// median call within `budget` per kernel (at least 3 calls, after one warm-up call), each
+    /// call after the caches were filled with other data. The median, not the fastest: a step
+    /// is a sum of kernels, each at its typical time.
     pub fn measure(program: &Program, threads: usize, budget: Duration) -> Result<Self> {
         let ctx = Context::with_threads(threads);
         let mut profile = KernelProfile::default();
@@ -73,6 +75,9 @@ impl KernelProfile {
     }
 }
 
+/// Bytes written between timed calls to evict the kernel's data from the caches.
+const FLUSH_BYTES: usize = 32 << 20;
+
 /// Inputs of the given metas: standard normal values for floats, zeros (valid indices) else.
 fn made_up_inputs(metas: &[TensorMeta]) -> Option<Vec<HostTensor>> {
     metas
@@ -92,13 +97,17 @@ fn time_kernel(op: &OpRef, ctx: &Context, metas: &[TensorMeta], budget: Duration
     let inputs = made_up_inputs(metas)?;
     op.forward(ctx, &inputs).ok()?;
     let started = Instant::now();
-    let mut fastest = f64::INFINITY;
-    let mut calls = 0;
-    while calls < 3 || started.elapsed() < budget {
+    let mut times = Vec::new();
+    let mut flush = vec![0u8; FLUSH_BYTES];
+    while times.len() < 3 || started.elapsed() < budget {
+        // In a step a kernel's inputs were written by other kernels since it last ran: start
+        // each timed call with caches holding something else, as it does there.
+        flush.iter_mut().for_each(|byte| *byte = byte.wrapping_add(1));
+        std::hint::black_box(&flush);
         let call = Instant::now();
         std::hint::black_box(op.forward(ctx, &inputs).ok()?);
-        fastest = fastest.min(call.elapsed().as_secs_f64());
-        calls += 1;
+        times.push(call.elapsed().as_secs_f64());
     }
-    Some(fastest)
+    times.sort_by(f64::total_cmp);
+    Some(times[times.len() / 2])
 }
