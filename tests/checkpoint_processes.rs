@@ -82,6 +82,8 @@ fn checkpoint_worker() {
     }
     let index = checkpoint::save(&session, &dir).expect("save");
     assert_eq!(index.steps_done, BEFORE as u64);
+    let partial = session.variables().expect_err("this process holds only its own ranks");
+    assert!(partial.to_string().contains("gather_variables"), "{partial}");
     let gathered = session.gather_variables().expect("gather");
     println!("GATHERED {} {} {}", world.rank, gathered.len(), checksum(&gathered));
     let losses: Vec<f32> =

@@ -273,7 +273,20 @@ impl Session {
     }
 
     /// The current logical value of every parameter and optimizer state, by name.
+    ///
+    /// In a job whose ranks live in several processes this process does not hold every shard:
+    /// that is an error naming the missing ranks; [`Session::gather_variables`] (collective)
+    /// assembles them across processes.
     pub fn variables(&self) -> Result<Vec<(String, HostTensor)>> {
+        let held = self.devices.ranks();
+        let missing: Vec<usize> =
+            (0..self.devices.world()).filter(|rank| !held.contains(rank)).collect();
+        if !missing.is_empty() {
+            return Err(Error::Runtime(format!(
+                "Session::variables: ranks {missing:?} live in other processes of the job; \
+                 call Session::gather_variables on every process"
+            )));
+        }
         let program = &self.program;
         let mut out = Vec::new();
         for (index, info) in program.graph.values.iter().enumerate() {
