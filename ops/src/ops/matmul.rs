@@ -89,9 +89,7 @@ impl Op for MatMul {
         grads: &[Option<Value>],
         needed: &[bool],
     ) -> Result<Vec<Option<Value>>> {
-        let Some(g) = grads[0] else { return Ok(vec![None, None]) };
-        let transposes = (self.transpose_a, self.transpose_b);
-        product_grads(e, (inputs[0], inputs[1]), g, transposes, needed)
+        product_backward(e, inputs, grads, (self.transpose_a, self.transpose_b), needed)
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
@@ -159,15 +157,26 @@ impl Op for MatMulSumBatch {
         grads: &[Option<Value>],
         needed: &[bool],
     ) -> Result<Vec<Option<Value>>> {
-        let Some(g) = grads[0] else { return Ok(vec![None, None]) };
-        let transposes = (self.transpose_a, self.transpose_b);
-        product_grads(e, (inputs[0], inputs[1]), g, transposes, needed)
+        product_backward(e, inputs, grads, (self.transpose_a, self.transpose_b), needed)
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
         Plan::new(self.name(), inputs, (self.transpose_a, self.transpose_b))
             .map_or(0, |plan| plan.flops())
     }
+}
+
+/// The gradients of a product op (either kind) with transpose flags `transposes`: none without
+/// an output gradient, else [`product_grads`] for the operands in `needed`.
+fn product_backward(
+    e: &mut dyn Emit,
+    inputs: &[Value],
+    grads: &[Option<Value>],
+    transposes: (bool, bool),
+    needed: &[bool],
+) -> Result<Vec<Option<Value>>> {
+    let Some(g) = grads[0] else { return Ok(vec![None, None]) };
+    product_grads(e, (inputs[0], inputs[1]), g, transposes, needed)
 }
 
 /// Gradients of `y = op(a)·op(b)` (batched or not) from `g = ∂L/∂y`, each itself a product with
