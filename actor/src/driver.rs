@@ -161,6 +161,7 @@ impl<P: Send + Sync + 'static> Driver<P> {
             transport,
             executor,
             config,
+            epoch: Instant::now(),
         });
         let abort = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::with_capacity(devices.len());
@@ -374,6 +375,8 @@ struct Shared<F> {
     transport: Option<Arc<dyn Transport>>,
     executor: F,
     config: DriverConfig,
+    /// What every thread's trace times count from, so that acts on different threads compare.
+    epoch: Instant,
 }
 
 /// Mailbox polls (about a microsecond) between two yields, and reads of the clock, while a thread
@@ -396,7 +399,6 @@ struct Worker<P, E, F> {
     outboxes: Vec<Vec<Envelope>>,
     steps: HashMap<u64, usize>,
     stopping: bool,
-    epoch: Instant,
     trace: Option<Vec<TraceEvent>>,
     act_started: Vec<u64>,
 }
@@ -459,7 +461,6 @@ where
             local: VecDeque::new(),
             steps: HashMap::new(),
             stopping: false,
-            epoch: Instant::now(),
             trace,
         }
     }
@@ -653,7 +654,7 @@ where
 
     fn clock(&self) -> u64 {
         match self.trace {
-            Some(_) => self.epoch.elapsed().as_nanos() as u64,
+            Some(_) => self.shared.epoch.elapsed().as_nanos() as u64,
             None => 0,
         }
     }
