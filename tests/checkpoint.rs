@@ -9,11 +9,14 @@ use std::path::Path;
 use meshflow::checkpoint::{self, Error, ExportOptions, Index, LoadOptions, SaveOptions};
 use meshflow::nn::{Gpt, GptConfig, Layouts, WeightInit};
 use meshflow::ops::ops::adamw::AdamW;
-use meshflow::ops::{DType, Tensor as HostTensor};
+use meshflow::ops::DType;
 use meshflow::placement::{DeviceType, Placement};
 use meshflow::schedule::Schedule;
 use meshflow::session::{Optimizer, Session, SessionConfig, Training};
 use meshflow::{Graph, Tensor};
+
+mod common;
+use common::{token_batch, PATTERN};
 
 const CONFIG: GptConfig = GptConfig { vocab: 16, ctx: 8, n_layer: 2, n_head: 2, d_model: 16 };
 const BATCH: usize = 4;
@@ -56,13 +59,7 @@ fn trainer(
 impl Trainer {
     /// Runs the step with the batch of position `step`; returns the loss.
     fn step(&mut self, step: usize) -> f32 {
-        let t = CONFIG.ctx;
-        let tokens: Vec<i64> = (0..BATCH * (t + 1))
-            .map(|k| ((k * 5 + step * 3 + k / 7) % CONFIG.vocab) as i64)
-            .collect();
-        let (x, y) = meshflow::data::inputs_and_targets(&tokens, BATCH, t);
-        let x = HostTensor::from_vec(x, [BATCH, t]).unwrap();
-        let y = HostTensor::from_vec(y, [BATCH, t]).unwrap();
+        let (x, y) = token_batch(BATCH, CONFIG.ctx, CONFIG.vocab, step, PATTERN);
         let feeds = [(&self.ids, x), (&self.targets, y)];
         self.session.step(&feeds).unwrap()[0].to_vec::<f32>().unwrap()[0]
     }
@@ -76,11 +73,9 @@ fn dp2_tp2() -> Trainer {
     trainer(&[2, 2], Some(0), Some(1), CONFIG, true, 7)
 }
 
+/// The losses of two runs agree within 2e-4 at every step.
 fn assert_close(a: &[f32], b: &[f32], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}");
-    for (step, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() < 2e-4, "{what}: step {step}: {x} vs {y} (all {a:?} vs {b:?})");
-    }
+    common::assert_close(a, b, 2e-4, what);
 }
 
 /// Every variable of both sessions is equal, element by element.

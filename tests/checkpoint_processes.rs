@@ -20,6 +20,9 @@ use meshflow::schedule::Schedule;
 use meshflow::session::{Optimizer, Session, SessionConfig, Training};
 use meshflow::{Graph, Tensor};
 
+mod common;
+use common::token_batch;
+
 const MESHFLOW: &str = env!("CARGO_BIN_EXE_meshflow");
 const CONFIG: GptConfig = GptConfig { vocab: 16, ctx: 8, n_layer: 2, n_head: 2, d_model: 16 };
 const BATCH: usize = 4;
@@ -47,14 +50,8 @@ fn session(devices: usize, config: SessionConfig) -> (Session, Tensor, Tensor) {
 
 /// The loss of the step with the batch of position `step`.
 fn step(session: &mut Session, ids: &Tensor, targets: &Tensor, step: usize) -> f32 {
-    let t = CONFIG.ctx;
-    let tokens: Vec<i64> =
-        (0..BATCH * (t + 1)).map(|k| ((k * 7 + step * 5 + k / 3) % CONFIG.vocab) as i64).collect();
-    let (x, y) = meshflow::data::inputs_and_targets(&tokens, BATCH, t);
-    let feeds = [
-        (ids, HostTensor::from_vec(x, [BATCH, t]).unwrap()),
-        (targets, HostTensor::from_vec(y, [BATCH, t]).unwrap()),
-    ];
+    let (x, y) = token_batch(BATCH, CONFIG.ctx, CONFIG.vocab, step, (7, 5, 3));
+    let feeds = [(ids, x), (targets, y)];
     session.step(&feeds).unwrap()[0].to_vec::<f32>().unwrap()[0]
 }
 

@@ -13,6 +13,9 @@ use meshflow::schedule::Schedule;
 use meshflow::session::{Optimizer, Session, SessionConfig, Training};
 use meshflow::{Graph, Tensor};
 
+mod common;
+use common::{assert_close, token_batch, PATTERN};
+
 const CONFIG: GptConfig = GptConfig { vocab: 16, ctx: 8, n_layer: 3, n_head: 2, d_model: 16 };
 const BATCH: usize = 8;
 
@@ -87,11 +90,7 @@ impl Model {
 
 /// Token ids and targets of step `step` (the same batch every step when `step` is fixed).
 fn batch(model: &Model, step: usize) -> (HostTensor, HostTensor) {
-    let (b, t, vocab) = (model.batch, model.config.ctx, model.config.vocab);
-    let tokens: Vec<i64> =
-        (0..b * (t + 1)).map(|k| ((k * 5 + step * 3 + k / 7) % vocab) as i64).collect();
-    let (x, y) = meshflow::data::inputs_and_targets(&tokens, b, t);
-    (HostTensor::from_vec(x, [b, t]).unwrap(), HostTensor::from_vec(y, [b, t]).unwrap())
+    token_batch(model.batch, model.config.ctx, model.config.vocab, step, PATTERN)
 }
 
 /// Losses of `steps` training steps (the batch of step `k`, or of step 0 every time when
@@ -146,13 +145,6 @@ fn planned_peak(model: Model) -> u64 {
     requests.extend(grads.iter().flatten().map(|t| Request { value: t.value(), layout: None }));
     let program = compile(&g.snapshot(), &requests, &CompileConfig::default()).unwrap();
     memory(&program, &[], &[])[0].activations_peak
-}
-
-fn assert_close(a: &[f32], b: &[f32], tolerance: f32, what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}");
-    for (k, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= tolerance, "{what}: [{k}] {x} vs {y}");
-    }
 }
 
 #[test]
