@@ -234,3 +234,84 @@ fn profiled_kernels_take_their_measured_time() {
         prediction.step_seconds
     );
 }
+
+/// A pipeline with a backward: `stages` forward ops (op `s` on rank `s`), the last one's value
+/// the loss, then `stages` backward ops back from rank `stages − 1` to rank 0. Returns the
+/// program and the loss value (the end of the forward).
+fn pipeline_with_backward(stages: usize) -> (Program, meshflow::ops::Value) {
+    let stage = |s: usize| Placement::new(DeviceType::Cpu, vec![1], vec![s]).unwrap();
+    let graph = Graph::new();
+    let x = graph.input("x", [4, 4], DType::F32, &stage(0), None).unwrap();
+    let mut y = x.clone();
+    let mut loss = None;
+    for op in 0..2 * stages {
+        y = y.mul_scalar(2.0).unwrap();
+        if op == stages - 1 {
+            loss = Some(y.value());
+        }
+    }
+    let rank_of_op = |op: usize| if op < stages { op } else { 2 * stages - 1 - op };
+    let mut data = graph.snapshot();
+    for (op, node) in data.nodes.iter_mut().enumerate() {
+        node.placement = stage(rank_of_op(op));
+    }
+    for value in 1..data.values.len() {
+        data.values[value].placement = stage(rank_of_op(value - 1));
+    }
+    let requests = [Request { value: y.value(), layout: None }];
+    let program = compile(&data, &requests, &CompileConfig::default()).unwrap();
+    (program, loss.unwrap())
+}
+
+/// 1F1B (the order the session runs, the loss naming the end of the forward) over `k` stages
+/// and `n` micro-batches, every forward and backward kernel taking `t`: the step is
+/// `(n + k − 1) · 2t` (each stage's `2n` kernels plus the `k − 1` forward and `k − 1` backward
+/// slots of the fill and the drain).
+#[test]
+fn one_forward_one_backward_over_k_stages_and_n_pieces_takes_n_plus_k_minus_1_rounds() {
+    use meshflow::compile::actors::PieceOrder;
+
+    for (stages, pieces) in [(1, 1), (2, 1), (2, 2), (2, 4), (3, 4), (4, 8)] {
+        let (program, loss) = pipeline_with_backward(stages);
+        let config = ActorConfig {
+            pieces,
+            order: PieceOrder::OneForwardOneBackward,
+            forward: Some(loss),
+            ..ActorConfig::default()
+        };
+        let lowered = lower_to_actors(&program, &config).unwrap();
+        assert_eq!(lowered.order, PieceOrder::OneForwardOneBackward, "{stages} stages");
+        let costs = kernels_take(&program, &lowered, 1000);
+        let prediction = simulate(&program, &lowered, costs, false).unwrap();
+        let expected = (pieces as usize + stages - 1) as f64 * 2.0 * 1e-6;
+        assert!(
+            (prediction.step_seconds - expected).abs() < 1e-12,
+            "{stages} stages, {pieces} pieces: {} s, expected {expected} s",
+            prediction.step_seconds
+        );
+    }
+}
+
+/// The calibration runs one strategy of every kind that runs on this machine: one device, DP,
+/// TP, DP×TP, PP with micro-batches, ZeRO, gradient accumulation, DP×PP and DP across
+/// processes; each kind once, and the default configuration runs them all.
+#[test]
+fn calibration_covers_every_strategy_that_runs_here() {
+    use meshflow::plan::calibrate::{CalibrationConfig, CalibrationStrategy, StrategyKind};
+    use std::collections::BTreeSet;
+
+    let every = CalibrationStrategy::every();
+    let kinds: Vec<StrategyKind> = every.iter().map(CalibrationStrategy::kind).collect();
+    let distinct: BTreeSet<StrategyKind> = kinds.iter().copied().collect();
+    assert_eq!(distinct.len(), kinds.len(), "each kind once: {kinds:?}");
+    assert_eq!(distinct, StrategyKind::ALL.into_iter().collect::<BTreeSet<_>>());
+    assert_eq!(CalibrationConfig::default().strategies, every);
+    let pipelines = every.iter().filter(|s| s.pp > 1);
+    assert!(pipelines.clone().count() == 2 && pipelines.clone().all(|s| s.micro_batches > 1));
+    let processes = every.iter().find(|s| s.kind() == StrategyKind::Processes).unwrap();
+    assert_eq!((processes.processes, processes.devices()), (2, 2));
+    let names: Vec<String> = every.iter().map(ToString::to_string).collect();
+    assert_eq!(names[4], "dp1 × tp1 × pp2, 4 micro-batches");
+    assert_eq!(names[5], "dp2 × tp1, ZeRO");
+    assert_eq!(names[8], "dp2 × tp1, 2 processes (QUIC)");
+}

@@ -3,7 +3,8 @@
 //!
 //! - `train`: GPT and MLP reference configs per strategy (step time, tokens or samples per
 //!   second, model FLOP/s, MFU), PyTorch (`scripts/torch_train.py`) when torch is importable;
-//! - `ops`: matmul against the `gemm` crate, row kernels against memcpy;
+//! - `ops`: matmul against the `gemm` crate, row kernels against memcpy on as many threads (the
+//!   kernels live in [`ops`], which the criterion bench `benches/ops.rs` times too);
 //! - `comm`: every collective nccl-tests style over device threads, or over the processes of
 //!   `meshflow launch --nproc-per-node N -- meshflow bench comm`;
 //! - `actors`: acts/s, hop latency and the empty training step against their references;
@@ -188,7 +189,7 @@ fn bench(args: &BenchArgs) -> Result<(), BenchError> {
     }
     if sections(What::Ops) {
         let short = Timing { seconds: args.seconds / 4.0, ..timing };
-        let bar = progress(10, "ops");
+        let bar = progress(ops::ticks(args.threads), "ops");
         report.ops = ops::measure(args.threads, short, |name| tick(&bar, name))?;
         bar.finish_and_clear();
         println!("{}", table::figures("ops: kernels against references", &report.ops));

@@ -78,6 +78,13 @@ pub struct PlanArgs {
     /// Measured steps per strategy when calibrating.
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// Calibrate only the strategies whose name contains this text (e.g. `pp2`, `ZeRO`,
+    /// `processes`).
+    #[arg(long, value_name = "TEXT")]
+    pub only: Option<String>,
+    /// Internal: one launched worker of a calibration across processes (its request as JSON).
+    #[arg(long, hide = true, value_name = "REQUEST")]
+    pub calibrate_worker: Option<String>,
     /// Instead of one plan: the table of GPT-2 and 1.3B on 8, 64 and 512 devices of --cluster's
     /// kind (markdown).
     #[arg(long)]
@@ -97,8 +104,18 @@ pub fn run(args: &PlanArgs) -> ExitCode {
 
 fn execute(args: &PlanArgs) -> Result<()> {
     let compile = compile_config(args);
+    if let Some(request) = &args.calibrate_worker {
+        return super::processes::worker(request);
+    }
     if args.calibrate {
-        let config = CalibrationConfig { steps: args.steps, ..CalibrationConfig::default() };
+        let mut config = CalibrationConfig {
+            steps: args.steps,
+            binary: std::env::current_exe().ok(),
+            ..CalibrationConfig::default()
+        };
+        if let Some(only) = &args.only {
+            config.strategies.retain(|strategy| strategy.to_string().contains(only.as_str()));
+        }
         let table = calibrate(&config, &compile)?;
         print!("{table}");
         return Ok(());

@@ -12,6 +12,8 @@
 //! - A gradient accumulation: `pieces − 1` element-wise additions.
 //! - Leaves, joins and ends take no time; messages take none either (latency is in the acts).
 
+use std::collections::HashMap;
+
 use meshflow_actor::{ActorId, CostModel};
 use meshflow_placement::{BoxingPlan, BoxingStep, StepKind};
 
@@ -75,7 +77,20 @@ impl ActCosts {
 
     /// Per-rank sums of compute and communication act time, the largest of each.
     pub fn breakdown(&self, program: &Program, actors: &ActorProgram) -> Breakdown {
-        let mut per_rank: std::collections::HashMap<usize, Breakdown> = Default::default();
+        self.per_rank(program, actors).values().fold(Breakdown::default(), |most, b| Breakdown {
+            compute: most.compute.max(b.compute),
+            communication: most.communication.max(b.communication),
+        })
+    }
+
+    /// Compute act time (kernels, accumulations) summed over every rank of `actors`: the work
+    /// a step gives the machine's cores.
+    pub fn total_compute(&self, program: &Program, actors: &ActorProgram) -> f64 {
+        self.per_rank(program, actors).values().map(|b| b.compute).sum()
+    }
+
+    fn per_rank(&self, program: &Program, actors: &ActorProgram) -> HashMap<usize, Breakdown> {
+        let mut per_rank: HashMap<usize, Breakdown> = HashMap::new();
         for (spec, &ns) in actors.plan.actors.iter().zip(&self.durations) {
             let entry = per_rank.entry(spec.payload.rank).or_default();
             let seconds = ns as f64 / 1e9;
@@ -87,10 +102,7 @@ impl ActCosts {
                 Work::Join { .. } | Work::End => {}
             }
         }
-        per_rank.values().fold(Breakdown::default(), |most, b| Breakdown {
-            compute: most.compute.max(b.compute),
-            communication: most.communication.max(b.communication),
-        })
+        per_rank
     }
 }
 

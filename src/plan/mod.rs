@@ -15,10 +15,13 @@ pub mod calibrate;
 pub mod cli;
 pub mod cluster;
 pub mod cost;
+pub mod machine;
 pub mod memory;
 pub mod model;
+pub mod processes;
 pub mod profile;
 pub mod report;
+pub mod strategies;
 pub mod symmetry;
 pub mod table;
 

@@ -1,0 +1,225 @@
+//! This machine's figures for the calibration's `cpu` clusters: what one device thread computes
+//! and copies, what a kernel and an empty session step cost, and the α–β figures of the links
+//! the calibrated strategies use (shared memory between device threads, QUIC between launched
+//! processes on loopback).
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use meshflow_comm::{Communicator, Rank, ReduceOp, SharedGroup};
+use meshflow_ops::ops::add::Add;
+use meshflow_ops::ops::gelu::Gelu;
+use meshflow_ops::ops::matmul::MatMul;
+use meshflow_ops::ops::softmax::Softmax;
+use meshflow_ops::ops::unary::Unary;
+use meshflow_ops::{Context, DType, Op, Tensor as HostTensor};
+use meshflow_placement::{DeviceType, Placement};
+
+use super::cluster::{Cluster, DeviceSpec, Link};
+use crate::session::{Session, SessionConfig};
+use crate::{Error, Graph, Result};
+
+/// This machine's figures.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Measured {
+    /// Matrix-product FLOP/s of one thread.
+    pub gemm_flops: f64,
+    /// Element-wise FLOP/s of one thread.
+    pub vector_flops: f64,
+    /// Bytes per second read plus written by a copy.
+    pub memory_bandwidth: f64,
+    /// Seconds one kernel costs beyond its roofline: the larger of a tiny op's call and a
+    /// session's per-kernel cost (a chain of 200 tiny kernels less a chain of 1, per kernel).
+    pub kernel_overhead: f64,
+    /// Seconds per hop of the in-process all-reduce.
+    pub hop_latency: f64,
+    /// Bytes per second one member receives in the in-process all-reduce.
+    pub link_bandwidth: f64,
+    /// Cores available.
+    pub cores: usize,
+}
+
+impl Measured {
+    /// The `cpu` cluster of `devices` devices in one process on this machine.
+    pub fn cluster(&self, devices: usize) -> Cluster {
+        let share = self.share(devices);
+        let link = Link { bandwidth: self.link_bandwidth * share, latency: self.hop_latency };
+        self.cluster_with_link(devices, link)
+    }
+
+    /// The `cpu` cluster of `devices` devices whose links are all `link` (as measured, not
+    /// shared out: the QUIC link between processes is measured with the processes running).
+    pub fn cluster_with_link(&self, devices: usize, link: Link) -> Cluster {
+        let share = self.share(devices);
+        let device = DeviceSpec {
+            kind: "cpu".into(),
+            peak_flops: self.gemm_flops * share,
+            matmul_efficiency: 1.0,
+            vector_flops: self.vector_flops * share,
+            memory: 16e9,
+            memory_bandwidth: self.memory_bandwidth * share,
+            kernel_overhead: self.kernel_overhead,
+            element_bytes: 4.0,
+        };
+        Cluster { nodes: 1, per_node: devices, device, intra: link, inter: link }
+    }
+
+    /// The fraction of a core each of `devices` busy device threads gets.
+    pub fn share(&self, devices: usize) -> f64 {
+        (self.cores as f64 / devices as f64).min(1.0)
+    }
+}
+
+/// Measures the machine's figures (see the module doc).
+pub fn measure() -> Result<Measured> {
+    let ctx = Context::single_thread();
+    let shapes = [(1024, 128, 384), (1024, 128, 512), (1024, 512, 128), (512, 128, 128)];
+    let mut flops = 0u64;
+    let mut seconds = 0.0;
+    for (m, k, n) in shapes {
+        let a = HostTensor::randn([m, k], 0.0, 1.0, DType::F32, 1)?;
+        let b = HostTensor::randn([k, n], 0.0, 1.0, DType::F32, 2)?;
+        let op = MatMul { transpose_a: false, transpose_b: false };
+        let (f, s) = op_rate(&op, &ctx, &[a, b])?;
+        flops += f;
+        seconds += s;
+    }
+    let gemm_flops = flops as f64 / seconds;
+    let scores = HostTensor::randn([64, 64, 64], 0.0, 1.0, DType::F32, 3)?;
+    let hidden = HostTensor::randn([1024, 512], 0.0, 1.0, DType::F32, 4)?;
+    let x = HostTensor::randn([1024, 128], 0.0, 1.0, DType::F32, 5)?;
+    let (f1, s1) = op_rate(&Softmax, &ctx, &[scores])?;
+    let (f2, s2) = op_rate(&Unary(Gelu { tanh: false }), &ctx, &[hidden])?;
+    let (f3, s3) = op_rate(&Add, &ctx, &[x.clone(), x])?;
+    let vector_flops = (f1 + f2 + f3) as f64 / (s1 + s2 + s3);
+    let one = HostTensor::randn([1], 0.0, 1.0, DType::F32, 6)?;
+    let (_, kernel_overhead) = op_rate(&Add, &ctx, &[one.clone(), one])?;
+    let link = in_process_link()?;
+    let chain = 200;
+    let session_kernel = (empty_step(1, chain)? - empty_step(1, 1)?) / (chain - 1) as f64;
+    Ok(Measured {
+        gemm_flops,
+        vector_flops,
+        memory_bandwidth: copy_bandwidth(),
+        kernel_overhead: kernel_overhead.max(session_kernel),
+        hop_latency: link.latency,
+        link_bandwidth: link.bandwidth,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    })
+}
+
+/// FLOPs of one call and its fastest seconds over ~0.1 s of calls (the least disturbed by
+/// other processes: the machine is shared).
+fn op_rate(op: &dyn Op, ctx: &Context, inputs: &[HostTensor]) -> Result<(u64, f64)> {
+    let metas: Vec<_> = inputs.iter().map(|t| t.meta().clone()).collect();
+    op.forward(ctx, inputs)?;
+    let started = Instant::now();
+    let mut fastest = f64::INFINITY;
+    let mut calls = 0u32;
+    while started.elapsed() < Duration::from_millis(100) || calls < 3 {
+        let call = Instant::now();
+        std::hint::black_box(op.forward(ctx, inputs)?);
+        fastest = fastest.min(call.elapsed().as_secs_f64());
+        calls += 1;
+    }
+    Ok((op.flops(&metas), fastest))
+}
+
+/// Bytes read plus written per second by a 64 MB copy (the fastest of 8).
+fn copy_bandwidth() -> f64 {
+    let source = vec![1u8; 64 << 20];
+    let mut target = vec![0u8; 64 << 20];
+    let mut fastest = f64::INFINITY;
+    for _ in 0..8 {
+        let started = Instant::now();
+        target.copy_from_slice(std::hint::black_box(&source));
+        std::hint::black_box(&target);
+        fastest = fastest.min(started.elapsed().as_secs_f64());
+    }
+    (2 * source.len()) as f64 / fastest
+}
+
+/// Elements of the large all-reduce that gives a link's bandwidth (4 MB of f32).
+const LARGE_ALL_REDUCE: usize = 1 << 20;
+
+/// The α–β figures of a 2-member all-reduce from its seconds for one element (`small`, two
+/// hops) and for [`LARGE_ALL_REDUCE`] elements (`large`): per-hop latency, and the bytes per
+/// second one member receives (the large tensor's bytes less the latency).
+pub fn link_from_all_reduces(small: f64, large: f64) -> Link {
+    let bytes = (LARGE_ALL_REDUCE * 4) as f64;
+    Link { latency: small / 2.0, bandwidth: bytes / (large - small).max(1e-9) }
+}
+
+/// The in-process all-reduce's figures over 2 device threads (shared memory).
+fn in_process_link() -> Result<Link> {
+    let small = in_process_all_reduce(1, 200)?;
+    let large = in_process_all_reduce(LARGE_ALL_REDUCE, 10)?;
+    Ok(link_from_all_reduces(small, large))
+}
+
+fn in_process_all_reduce(elements: usize, rounds: u32) -> Result<f64> {
+    let members = SharedGroup::members(vec![Rank(0), Rank(1)], Duration::from_secs(30));
+    let results: Vec<Result<f64>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = members
+            .into_iter()
+            .map(|mut member| {
+                scope.spawn(move || all_reduce_seconds(&mut member, elements, rounds))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Runtime("all-reduce thread panicked".into())))
+            })
+            .collect()
+    });
+    let times = results.into_iter().collect::<Result<Vec<f64>>>()?;
+    Ok(times.iter().copied().fold(0.0, f64::max))
+}
+
+/// The QUIC link between the processes of a job: the all-reduce figures of `communicator`
+/// (every process of the job calls this with its member of the same group).
+pub fn transport_link(communicator: &mut dyn Communicator) -> Result<Link> {
+    let small = all_reduce_seconds(communicator, 1, 200)?;
+    let large = all_reduce_seconds(communicator, LARGE_ALL_REDUCE, 10)?;
+    Ok(link_from_all_reduces(small, large))
+}
+
+/// The median seconds of `rounds` all-reduces of `elements` f32 after one unmeasured call (the
+/// median: a step's all-reduces meet the link as it usually is, not at its best).
+fn all_reduce_seconds(member: &mut dyn Communicator, elements: usize, rounds: u32) -> Result<f64> {
+    let tensor = HostTensor::zeros([elements], DType::F32);
+    member.all_reduce(&tensor, ReduceOp::Sum)?;
+    let mut times = Vec::new();
+    for _ in 0..rounds {
+        let started = Instant::now();
+        member.all_reduce(&tensor, ReduceOp::Sum)?;
+        times.push(started.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// The fastest session step of a chain of `kernels` tiny kernels on `devices` devices.
+pub fn empty_step(devices: usize, kernels: usize) -> Result<f64> {
+    let placement = Placement::line(DeviceType::Cpu, devices)?;
+    let graph = Graph::new();
+    let x = graph.input("x", [devices], DType::F32, &placement, None)?;
+    let mut y = x.mul_scalar(2.0)?;
+    for _ in 1..kernels {
+        y = y.mul_scalar(1.0)?;
+    }
+    let config = SessionConfig { devices, ..SessionConfig::default() };
+    let mut session = Session::new(&graph, &[&y], None, config)?;
+    let feed = HostTensor::zeros([devices], DType::F32);
+    session.step(&[(&x, feed.clone())])?;
+    let mut fastest = f64::INFINITY;
+    for _ in 0..30 {
+        let started = Instant::now();
+        session.step(&[(&x, feed.clone())])?;
+        fastest = fastest.min(started.elapsed().as_secs_f64());
+    }
+    Ok(fastest)
+}
