@@ -3,10 +3,10 @@
 //! naming the op and the shapes.
 
 use meshflow_ops::ops::{
-    add, add_scalar, cast, concat, cross_entropy, div, dropout, embedding, exp, fill, gelu,
-    layer_norm, log, log_softmax, masked_fill, matmul, max, mean, mul, mul_scalar, narrow, neg,
-    permute, pow, pow_scalar, relu, reshape, rms_norm, rsqrt, sigmoid, silu, softmax, split, sqrt,
-    sub, sum, tanh, where_select,
+    add, add_scalar, attention, cast, concat, cross_entropy, div, dropout, embedding, exp, fill,
+    gelu, layer_norm, log, log_softmax, masked_fill, matmul, max, mean, mul, mul_scalar, narrow,
+    neg, permute, pow, pow_scalar, relu, reshape, rms_norm, rsqrt, sigmoid, silu, softmax, split,
+    sqrt, sub, sum, tanh, where_select,
 };
 use meshflow_ops::{DType, Emit, Shape, Value};
 
@@ -260,6 +260,13 @@ impl Tensor {
     pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
         let (table, ids) = (self.value(), self.same_graph(ids)?);
         self.emit_with(|e| embedding::embedding(e, table, ids))
+    }
+
+    /// Fused causal attention of packed `[B, T, 3, H, D]` queries, keys and values (the
+    /// `c_attn` output viewed per head): `[B, T, H, D]`, `softmax(scale · q kᵀ, causal) · v`.
+    pub fn causal_attention(&self, scale: f64) -> Result<Tensor> {
+        let qkv = self.value();
+        self.emit_with(|e| attention::causal_attention(e, qkv, scale))
     }
 
     /// Mean cross-entropy of these logits (`[N, C]`) against i64 targets (`[N]`).

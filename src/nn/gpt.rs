@@ -77,6 +77,9 @@ pub struct Gpt {
     checkpointing: bool,
     /// Dropout probability and base seed (probability 0: no dropout).
     dropout: (f64, u64),
+    /// Attention through the fused `causal_attention` op when it applies (no attention dropout,
+    /// f32 products); else through products, a mask and a softmax.
+    fused_attention: bool,
     wte: Tensor,
     wpe: Tensor,
     blocks: Vec<Block>,
@@ -200,6 +203,7 @@ impl Gpt {
             compute,
             checkpointing,
             dropout,
+            fused_attention: true,
             wte,
             wpe,
             blocks,
@@ -233,6 +237,21 @@ impl Gpt {
         self
     }
 
+    /// The same model with its attention computed by the fused `causal_attention` op when `on`
+    /// (the default) and the model has no dropout and f32 products; else (and always with
+    /// dropout, whose masks apply to the attention weights, or with bf16/f16 products, whose
+    /// rounding points the op does not reproduce) by batched products, a masked softmax and
+    /// permutations. Both give the same values within float rounding.
+    pub fn with_fused_attention(mut self, on: bool) -> Self {
+        self.fused_attention = on;
+        self
+    }
+
+    /// True when the attention runs through the fused op (see [`Gpt::with_fused_attention`]).
+    fn fused(&self) -> bool {
+        self.fused_attention && self.dropout.0 == 0.0 && self.compute == DType::F32
+    }
+
     /// The configuration.
     pub fn config(&self) -> GptConfig {
         self.config
@@ -254,21 +273,12 @@ impl Gpt {
         let first = &self.stages[0].placement;
         let positions = HostTensor::from_vec((0..t as i64).collect::<Vec<_>>(), [t])?;
         let positions = graph.constant(&format!("positions.{t}"), positions, first)?;
-        let mask: Vec<u8> = (0..t * t).map(|k| u8::from(k % t > k / t)).collect();
-        let mask = HostTensor::from_bytes(&mask, [t, t], DType::Bool)?;
-        let masks = self
-            .stages
-            .iter()
-            .enumerate()
-            .map(|(s, l)| {
-                graph.constant(&format!("causal_mask.{t}.{s}"), mask.clone(), &l.placement)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let masks = self.causal_masks(graph, t)?;
         let x = self.wte.embedding(ids)?.add(&self.wpe.embedding(&positions)?)?;
         let mut x = self.drop(&x, 0)?;
         for (index, &stage) in self.block_stage.iter().enumerate() {
             x = self.on_stage(&x, stage)?;
-            let mask = &masks[stage];
+            let mask = masks.get(stage);
             x = if self.checkpointing {
                 graph.checkpoint(|| self.block(index, &x, mask))?
             } else {
@@ -279,8 +289,24 @@ impl Gpt {
         self.lm_head.forward_as(&self.ln_f.forward(&x)?, self.compute)
     }
 
-    /// Transformer block `index` on the residual stream `x`.
-    fn block(&self, index: usize, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// The causal mask `[t, t]` (true above the diagonal) of each stage, for the attention
+    /// without the fused op; none with it.
+    fn causal_masks(&self, graph: &Graph, t: usize) -> Result<Vec<Tensor>> {
+        if self.fused() {
+            return Ok(Vec::new());
+        }
+        let mask: Vec<u8> = (0..t * t).map(|k| u8::from(k % t > k / t)).collect();
+        let mask = HostTensor::from_bytes(&mask, [t, t], DType::Bool)?;
+        let constant = |(stage, layouts): (usize, &Layouts)| {
+            let name = format!("causal_mask.{t}.{stage}");
+            graph.constant(&name, mask.clone(), &layouts.placement)
+        };
+        self.stages.iter().enumerate().map(constant).collect()
+    }
+
+    /// Transformer block `index` on the residual stream `x` (`mask`: for the attention without
+    /// the fused op).
+    fn block(&self, index: usize, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let block = &self.blocks[index];
         let y = self.attention(index, &block.ln_1.forward(x)?, mask)?;
         let x = x.add(&self.drop(&y, 3 * index + 2)?)?;
@@ -315,18 +341,25 @@ impl Gpt {
         self.forward(ids)?.cross_entropy(&targets)
     }
 
-    fn attention(&self, index: usize, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// Causal self-attention of block `index` on `x [B, T, d]`: fused, or (with `mask`) composed.
+    fn attention(&self, index: usize, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let block = &self.blocks[index];
         let dims = x.dims();
         let (b, t, d) = (dims[0], dims[1], dims[2]);
         let (h, hd) = (self.config.n_head, d / self.config.n_head);
-        let qkv = block.c_attn.forward_as(x, self.compute)?.split(2, &[d, d, d])?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let qkv = block.c_attn.forward_as(x, self.compute)?;
+        let Some(mask) = mask else {
+            let y = qkv.reshape([b, t, 3, h, hd])?.causal_attention(scale)?;
+            return block.attn_proj.forward_as(&y.reshape([b, t, d])?, self.compute);
+        };
+        let qkv = qkv.split(2, &[d, d, d])?;
         let compute = self.compute;
         let heads =
             |x: &Tensor| as_dtype(&x.reshape([b, t, h, hd])?.permute(&[0, 2, 1, 3])?, compute);
         let (q, k, v) = (heads(&qkv[0])?, heads(&qkv[1])?, heads(&qkv[2])?);
         let scores = as_dtype(&q.matmul_t(&k, false, true)?, DType::F32)?;
-        let scores = scores.mul_scalar(1.0 / (hd as f64).sqrt())?;
+        let scores = scores.mul_scalar(scale)?;
         let weights = scores.masked_fill(mask, f64::NEG_INFINITY)?.softmax()?;
         let weights = as_dtype(&self.drop(&weights, 3 * index + 1)?, compute)?;
         let y = as_dtype(&weights.matmul(&v)?, DType::F32)?;

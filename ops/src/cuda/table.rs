@@ -89,6 +89,8 @@ pub const KERNELS: &[(&str, Kernel)] = &[
     ("dropout", Kernel::Host),
     ("adamw", Kernel::Host),
     ("sgd", Kernel::Host),
+    ("causal_attention", Kernel::Host),
+    ("causal_attention_grad", Kernel::Host),
 ];
 
 /// Ops declared outside `ops/src/ops/` (the graph's layout markers in `src/graph/to_layout.rs`,

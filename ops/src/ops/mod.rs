@@ -5,6 +5,8 @@
 pub mod adamw;
 pub mod add;
 pub mod add_scalar;
+pub mod attention;
+pub(crate) mod attention_kernel;
 pub mod binary;
 pub mod broadcast_to;
 pub mod cast;

@@ -1,0 +1,516 @@
+//! The CPU kernel of [`super::attention`]: fused causal attention and its gradient.
+//!
+//! One task per (batch, head), spread over the context's threads; each task runs alone on its
+//! thread. Inside a task the query rows go in blocks of [`ROW_BLOCK`]: a block of rows
+//! `[r0, r1)` only meets keys `[0, r1)` (the rest of the upper triangle is masked), so each
+//! product is `rows × r1` with single-threaded `gemm` calls reading the packed `qkv` through its
+//! strides (no gather, no permutation copies). The block's scores (at most `ROW_BLOCK × T`) stay
+//! in cache between the products and the softmax. f32 and f64 run natively; bf16 and f16 are
+//! widened to f32 and the results rounded back.
+
+use gemm::Parallelism;
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::attention::lse_dtype;
+use super::nn_rows::{map_sum, max, sum_map2, Accumulate, RowFloat};
+use super::softmax::nonpositive_shift;
+use crate::cpu::simd::multiversion;
+use crate::{Context, DType, Element, Error, Result, Tensor, TensorMeta};
+
+/// Query rows per block: the block's scores and probabilities (`2 · ROW_BLOCK · T` elements)
+/// stay in L2, and the causal skip wastes at most half a block per row block.
+const ROW_BLOCK: usize = 32;
+
+/// The sizes of one attention: `qkv [batch, time, 3, heads, head_dim]` and the score factor.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Geometry {
+    /// `B`.
+    pub batch: usize,
+    /// `T`.
+    pub time: usize,
+    /// `H`.
+    pub heads: usize,
+    /// `D`.
+    pub head_dim: usize,
+    /// The factor of the scores.
+    pub scale: f64,
+}
+
+impl Geometry {
+    /// Checks `qkv` (a float `[B, T, 3, H, D]` with `D > 0`) and `scale` (finite).
+    pub fn of(op: &'static str, qkv: &TensorMeta, scale: f64) -> Result<Geometry> {
+        if !qkv.dtype.is_float() {
+            return Err(Error::dtype(
+                op,
+                &[qkv.dtype],
+                "needs a float dtype (f32, f64, bf16, f16)",
+            ));
+        }
+        let &[batch, time, three, heads, head_dim] = qkv.shape.dims() else {
+            let reason = "qkv must be [batch, time, 3, heads, head_dim]";
+            return Err(Error::shape(op, &[&qkv.shape], reason));
+        };
+        if three != 3 || head_dim == 0 {
+            let reason = "qkv must be [batch, time, 3, heads, head_dim] with head_dim > 0";
+            return Err(Error::shape(op, &[&qkv.shape], reason));
+        }
+        if !scale.is_finite() {
+            return Err(Error::argument(op, format!("the score scale {scale} is not finite")));
+        }
+        Ok(Geometry { batch, time, heads, head_dim, scale })
+    }
+
+    /// The meta of `y [B, T, H, D]`.
+    pub fn y_meta(&self, dtype: DType) -> TensorMeta {
+        TensorMeta::new([self.batch, self.time, self.heads, self.head_dim], dtype)
+    }
+
+    /// The meta of `lse [B, H, T]`.
+    pub fn lse_meta(&self, dtype: DType) -> TensorMeta {
+        TensorMeta::new([self.batch, self.heads, self.time], lse_dtype(dtype))
+    }
+
+    /// `B · H`, the number of independent attentions.
+    pub fn heads_total(&self) -> u64 {
+        (self.batch * self.heads) as u64
+    }
+
+    /// Score elements per head that the row blocks compute, and the causal ones among them
+    /// (`T (T + 1) / 2`).
+    pub fn score_elements(&self) -> (u64, u64) {
+        let computed = self.blocks().map(|(start, end)| (end - start) * end).sum::<usize>();
+        (computed as u64, (self.time * (self.time + 1) / 2) as u64)
+    }
+
+    /// The row blocks `[start, end)` in order.
+    fn blocks(&self) -> impl DoubleEndedIterator<Item = (usize, usize)> {
+        let time = self.time;
+        (0..time.div_ceil(ROW_BLOCK)).map(move |i| (i * ROW_BLOCK, ((i + 1) * ROW_BLOCK).min(time)))
+    }
+
+    /// `H · D`: the row stride of `y` and the distance between `q`, `k` and `v` in `qkv`.
+    fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
+/// `(y, lse)` of packed `qkv`.
+pub(crate) fn forward(ctx: &Context, g: &Geometry, qkv: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dtype = qkv.dtype();
+    let (y_meta, lse_meta) = (g.y_meta(dtype), g.lse_meta(dtype));
+    let mut y = Tensor::for_overwrite(ctx, y_meta.shape, dtype);
+    let mut lse = Tensor::for_overwrite(ctx, lse_meta.shape, lse_meta.dtype);
+    match dtype {
+        DType::F32 => {
+            forward_into::<f32>(ctx, g, qkv.as_slice()?, y.as_mut_slice()?, lse.as_mut_slice()?)
+        }
+        DType::F64 => {
+            forward_into::<f64>(ctx, g, qkv.as_slice()?, y.as_mut_slice()?, lse.as_mut_slice()?)
+        }
+        DType::BF16 => half_forward::<bf16>(ctx, g, qkv, &mut y, &mut lse)?,
+        DType::F16 => half_forward::<f16>(ctx, g, qkv, &mut y, &mut lse)?,
+        other => return Err(Error::dtype("causal_attention", &[other], "needs a float dtype")),
+    }
+    Ok((y, lse))
+}
+
+/// `dqkv` from packed `qkv` and the forward's `y`, `lse` and the gradient `dy` of `y`.
+pub(crate) fn backward(
+    ctx: &Context,
+    g: &Geometry,
+    qkv: &Tensor,
+    (y, lse, dy): (&Tensor, &Tensor, &Tensor),
+) -> Result<Tensor> {
+    let dtype = qkv.dtype();
+    let mut dqkv = Tensor::for_overwrite(ctx, qkv.shape().clone(), dtype);
+    match dtype {
+        DType::F32 => backward_into::<f32>(
+            ctx,
+            g,
+            (qkv.as_slice()?, y.as_slice()?, lse.as_slice()?, dy.as_slice()?),
+            dqkv.as_mut_slice()?,
+        ),
+        DType::F64 => backward_into::<f64>(
+            ctx,
+            g,
+            (qkv.as_slice()?, y.as_slice()?, lse.as_slice()?, dy.as_slice()?),
+            dqkv.as_mut_slice()?,
+        ),
+        DType::BF16 => half_backward::<bf16>(ctx, g, [qkv, y, lse, dy], &mut dqkv)?,
+        DType::F16 => half_backward::<f16>(ctx, g, [qkv, y, lse, dy], &mut dqkv)?,
+        other => {
+            return Err(Error::dtype("causal_attention_grad", &[other], "needs a float dtype"))
+        }
+    }
+    Ok(dqkv)
+}
+
+/// The forward of a 16-bit float: computed in f32, `y` rounded back (`lse` is f32 already).
+fn half_forward<H: Element>(
+    ctx: &Context,
+    g: &Geometry,
+    qkv: &Tensor,
+    y: &mut Tensor,
+    lse: &mut Tensor,
+) -> Result<()>
+where
+    [H]: HalfFloatSliceExt,
+{
+    let wide = qkv.as_slice::<H>()?.to_f32_vec();
+    let mut y_wide = vec![0.0f32; y.numel()];
+    forward_into::<f32>(ctx, g, &wide, &mut y_wide, lse.as_mut_slice()?);
+    y.as_mut_slice::<H>()?.convert_from_f32_slice(&y_wide);
+    Ok(())
+}
+
+/// The backward of a 16-bit float: computed in f32, `dqkv` rounded back.
+fn half_backward<H: Element>(
+    ctx: &Context,
+    g: &Geometry,
+    [qkv, y, lse, dy]: [&Tensor; 4],
+    dqkv: &mut Tensor,
+) -> Result<()>
+where
+    [H]: HalfFloatSliceExt,
+{
+    let (qkv, y, dy) = (
+        qkv.as_slice::<H>()?.to_f32_vec(),
+        y.as_slice::<H>()?.to_f32_vec(),
+        dy.as_slice::<H>()?.to_f32_vec(),
+    );
+    let mut wide = vec![0.0f32; dqkv.numel()];
+    backward_into::<f32>(ctx, g, (&qkv, &y, lse.as_slice()?, &dy), &mut wide);
+    dqkv.as_mut_slice::<H>()?.convert_from_f32_slice(&wide);
+    Ok(())
+}
+
+/// A float the kernel computes in natively (f32, f64): its own accumulate type, and a `gemm`
+/// element.
+pub(crate) trait Real: RowFloat<Acc = Self> + Accumulate {}
+
+impl Real for f32 {}
+impl Real for f64 {}
+
+/// A raw pointer that tasks share; each writes elements no other task touches.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+
+// SAFETY: tasks write disjoint elements through it (each its own batch and head).
+unsafe impl<T: Send> Sync for Shared<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Send for Shared<T> {}
+
+/// Runs `task(index)` for every (batch, head) index, in parallel within `ctx`'s budget.
+fn for_each_head(ctx: &Context, g: &Geometry, task: impl Fn(usize) + Sync + Send) {
+    let tasks = g.batch * g.heads;
+    if ctx.threads() == 1 || tasks <= 1 {
+        (0..tasks).for_each(task);
+    } else {
+        ctx.install(|| (0..tasks).into_par_iter().for_each(task));
+    }
+}
+
+fn forward_into<T: Real>(ctx: &Context, g: &Geometry, qkv: &[T], y: &mut [T], lse: &mut [T]) {
+    let total = g.batch * g.time * g.heads;
+    assert!(qkv.len() == 3 * total * g.head_dim, "causal_attention: qkv is not {g:?}");
+    assert!(y.len() == total * g.head_dim && lse.len() == total, "causal_attention: outputs");
+    let (y, lse) = (Shared(y.as_mut_ptr()), Shared(lse.as_mut_ptr()));
+    for_each_head(ctx, g, |task| {
+        let mut scratch = Scratch::new(g);
+        // SAFETY: the lengths were checked above; task `task` writes only its own head's rows
+        // of `y` and its own `lse` row.
+        unsafe { forward_head(g, task, qkv.as_ptr(), (y, lse), &mut scratch) }
+    });
+}
+
+fn backward_into<T: Real>(
+    ctx: &Context,
+    g: &Geometry,
+    (qkv, y, lse, dy): (&[T], &[T], &[T], &[T]),
+    dqkv: &mut [T],
+) {
+    let total = g.batch * g.time * g.heads;
+    assert!(qkv.len() == 3 * total * g.head_dim && dqkv.len() == qkv.len(), "qkv is not {g:?}");
+    assert!(y.len() == total * g.head_dim && dy.len() == y.len(), "y, dy are not {g:?}");
+    assert!(lse.len() == total, "causal_attention_grad: lse is not {g:?}");
+    let dqkv = Shared(dqkv.as_mut_ptr());
+    for_each_head(ctx, g, |task| {
+        let mut scratch = Scratch::new(g);
+        let inputs = (qkv.as_ptr(), y.as_ptr(), lse.as_ptr(), dy.as_ptr());
+        // SAFETY: the lengths were checked above; task `task` writes only its own head's
+        // elements of `dqkv`.
+        unsafe { backward_head(g, task, inputs, dqkv, &mut scratch) }
+    });
+}
+
+/// Per-task buffers of one row block: scores and probabilities (forward), probabilities and
+/// score gradients (backward), and the row dot products `Σ dy ⊙ y`.
+struct Scratch<T> {
+    first: Vec<T>,
+    second: Vec<T>,
+    dots: Vec<T>,
+}
+
+impl<T: Real> Scratch<T> {
+    fn new(g: &Geometry) -> Self {
+        let block = ROW_BLOCK.min(g.time) * g.time;
+        Scratch { first: vec![T::zero(); block], second: vec![T::zero(); block], dots: Vec::new() }
+    }
+}
+
+/// A strided matrix: element `(i, j)` at `pointer + i·row + j·column`.
+#[derive(Clone, Copy)]
+struct View<T> {
+    pointer: *const T,
+    row: usize,
+    column: usize,
+}
+
+impl<T> View<T> {
+    /// A row-major matrix with rows of `width`.
+    fn dense(values: &[T], width: usize) -> Self {
+        View { pointer: values.as_ptr(), row: width, column: 1 }
+    }
+
+    /// The transpose (a change of strides).
+    fn transposed(self) -> Self {
+        View { row: self.column, column: self.row, ..self }
+    }
+
+    /// The matrix from row `start` on.
+    fn rows_from(self, start: usize) -> Self {
+        View { pointer: self.pointer.wrapping_add(start * self.row), ..self }
+    }
+}
+
+/// Where one head of one batch lives in the packed tensors.
+struct Head<T> {
+    q: View<T>,
+    k: View<T>,
+    v: View<T>,
+    /// Offset of the head's first element of `q` in `qkv` (of `k`, `v`: plus `H·D`, `2·H·D`).
+    qkv_offset: usize,
+    /// Offset of the head's first element in `y`.
+    y_offset: usize,
+}
+
+impl<T> Head<T> {
+    fn new(g: &Geometry, task: usize, qkv: *const T) -> Self {
+        let (batch, head) = (task / g.heads, task % g.heads);
+        let width = g.width();
+        let qkv_offset = batch * g.time * 3 * width + head * g.head_dim;
+        let view =
+            |offset: usize| View { pointer: qkv.wrapping_add(offset), row: 3 * width, column: 1 };
+        Head {
+            q: view(qkv_offset),
+            k: view(qkv_offset + width),
+            v: view(qkv_offset + 2 * width),
+            qkv_offset,
+            y_offset: batch * g.time * width + head * g.head_dim,
+        }
+    }
+}
+
+/// One (batch, head) of the forward.
+///
+/// # Safety
+/// `qkv` holds `g`'s packed tensor, `y` and `lse` the outputs; no other task writes head `task`.
+unsafe fn forward_head<T: Real>(
+    g: &Geometry,
+    task: usize,
+    qkv: *const T,
+    (y, lse): (Shared<T>, Shared<T>),
+    scratch: &mut Scratch<T>,
+) {
+    let head = Head::new(g, task, qkv);
+    let (d, width, scale) = (g.head_dim, g.width(), T::constant(g.scale));
+    // SAFETY: row `task` of `lse [B·H, T]` belongs to this task.
+    let lse = unsafe { std::slice::from_raw_parts_mut(lse.0.add(task * g.time), g.time) };
+    for (start, end) in g.blocks() {
+        let size = (end - start) * end;
+        let (scores, probabilities) = (&mut scratch.first[..size], &mut scratch.second[..size]);
+        let rows = end - start;
+        // SAFETY: the views stay inside `qkv` (rows < T, columns < D), the scratch holds
+        // `rows × end`.
+        unsafe {
+            let out = (scores.as_mut_ptr(), end);
+            product(
+                out,
+                (rows, end, d),
+                head.q.rows_from(start),
+                head.k.transposed(),
+                scale,
+                false,
+            );
+        }
+        softmax_block(scores, probabilities, &mut lse[start..end], start, end);
+        let out = (y.0.wrapping_add(head.y_offset + start * width), width);
+        let p = View::dense(probabilities, end);
+        // SAFETY: rows `start..end` of this head of `y` belong to this task.
+        unsafe { product(out, (rows, d, end), p, head.v, T::one(), false) };
+    }
+}
+
+/// One (batch, head) of the backward. Row blocks run last to first: the last block meets every
+/// key, so its `dk`, `dv` products write every row and the earlier blocks accumulate.
+///
+/// # Safety
+/// The pointers hold `g`'s tensors; no other task writes head `task` of `dqkv`.
+unsafe fn backward_head<T: Real>(
+    g: &Geometry,
+    task: usize,
+    (qkv, y, lse, dy): (*const T, *const T, *const T, *const T),
+    dqkv: Shared<T>,
+    scratch: &mut Scratch<T>,
+) {
+    let head = Head::new(g, task, qkv);
+    let (d, width, scale, one) = (g.head_dim, g.width(), T::constant(g.scale), T::one());
+    let y = View { pointer: y.wrapping_add(head.y_offset), row: width, column: 1 };
+    let dy = View { pointer: dy.wrapping_add(head.y_offset), ..y };
+    // SAFETY: row `task` of `lse [B·H, T]`, and rows of `D` elements of `y`, `dy` in bounds.
+    let lse = unsafe { std::slice::from_raw_parts(lse.add(task * g.time), g.time) };
+    scratch.dots =
+        (0..g.time).map(|t| unsafe { row_dot(y.rows_from(t), dy.rows_from(t), d) }).collect();
+    let out = |offset: usize| (dqkv.0.wrapping_add(head.qkv_offset + offset), 3 * width);
+    let (dq, dk, dv) = (out(0), out(width), out(2 * width));
+    for (start, end) in g.blocks().rev() {
+        let (rows, size) = (end - start, (end - start) * end);
+        let (p, ds) = (&mut scratch.first[..size], &mut scratch.second[..size]);
+        let accumulate = end < g.time;
+        // SAFETY: views inside their tensors (rows < T, columns < D); the scratch holds
+        // `rows × end`; rows `0..end` of this head's `dq`, `dk`, `dv` belong to this task.
+        unsafe {
+            let q = head.q.rows_from(start);
+            product((p.as_mut_ptr(), end), (rows, end, d), q, head.k.transposed(), scale, false);
+            let dy_rows = dy.rows_from(start);
+            product(
+                (ds.as_mut_ptr(), end),
+                (rows, end, d),
+                dy_rows,
+                head.v.transposed(),
+                one,
+                false,
+            );
+            let dots = &scratch.dots[start..end];
+            gradient_block(p, ds, &lse[start..end], dots, start, end);
+            let (p, ds) = (View::dense(p, end), View::dense(ds, end));
+            product(dv, (end, d, rows), p.transposed(), dy_rows, one, accumulate);
+            product(dk, (end, d, rows), ds.transposed(), q, scale, accumulate);
+            let dq = (dq.0.wrapping_add(start * 3 * width), dq.1);
+            product(dq, (rows, d, end), ds, head.k, scale, false);
+        }
+    }
+}
+
+/// `Σ_j a_j b_j` over `len` contiguous elements of two rows.
+///
+/// # Safety
+/// Both rows hold `len` elements.
+unsafe fn row_dot<T: Real>(a: View<T>, b: View<T>, len: usize) -> T {
+    // SAFETY: forwarded from the caller.
+    let (a, b) = unsafe {
+        (std::slice::from_raw_parts(a.pointer, len), std::slice::from_raw_parts(b.pointer, len))
+    };
+    sum_map2(a, b, |x, y| x * y)
+}
+
+multiversion! {
+    /// Softmax of each causal row of a block of `scores` (rows of `width`, the block's first row
+    /// is `first_row`): row `i` keeps its first `first_row + i + 1` scores, the rest are masked.
+    /// Writes the probabilities (zeros where masked) and each row's log-sum-exp.
+    fn softmax_block<T: Real>(
+        scores: &[T],
+        probabilities: &mut [T],
+        lse: &mut [T],
+        first_row: usize,
+        width: usize,
+    ) {
+        let rows = scores.chunks_exact(width).zip(probabilities.chunks_exact_mut(width));
+        for (index, ((scores, probabilities), lse)) in rows.zip(lse.iter_mut()).enumerate() {
+            let valid = first_row + index + 1;
+            let (kept, masked) = probabilities.split_at_mut(valid);
+            let scores = &scores[..valid];
+            let peak = nonpositive_shift(max(scores));
+            let total = map_sum(scores, kept, |s| (s - peak).exp_nonpositive::<FUSED>());
+            let inverse = T::one() / total;
+            kept.iter_mut().for_each(|p| *p *= inverse);
+            masked.fill(T::zero());
+            *lse = peak + total.ln();
+        }
+    }
+}
+
+multiversion! {
+    /// From a block of scores and of `dp = dy vᵀ` (rows of `width` from row `first_row`), in
+    /// place: `p = e^(s − lse)` and `ds = p ⊙ (dp − dot)` on the causal entries, zeros on the
+    /// masked ones.
+    fn gradient_block<T: Real>(
+        scores: &mut [T],
+        dp: &mut [T],
+        lse: &[T],
+        dots: &[T],
+        first_row: usize,
+        width: usize,
+    ) {
+        let rows = scores.chunks_exact_mut(width).zip(dp.chunks_exact_mut(width));
+        for (index, ((p, ds), (&lse, &dot))) in rows.zip(lse.iter().zip(dots)).enumerate() {
+            let valid = first_row + index + 1;
+            let (p, p_masked) = p.split_at_mut(valid);
+            let (ds, ds_masked) = ds.split_at_mut(valid);
+            for (p, ds) in p.iter_mut().zip(ds.iter_mut()) {
+                let probability = (*p - lse).exp_nonpositive::<FUSED>();
+                *p = probability;
+                *ds = probability * (*ds - dot);
+            }
+            p_masked.fill(T::zero());
+            ds_masked.fill(T::zero());
+        }
+    }
+}
+
+/// `out (+)= beta · lhs · rhs` with `lhs [m, k]`, `rhs [k, n]` and `out = (pointer, row stride)`
+/// of unit column stride, on the calling thread; `accumulate`: add to `out`'s elements instead
+/// of overwriting them.
+///
+/// # Safety
+/// Every element the strides reach must lie inside live buffers; `out` may not overlap the
+/// operands and must be writable by this task alone.
+unsafe fn product<T: Real>(
+    (out, out_row): (*mut T, usize),
+    (m, n, k): (usize, usize, usize),
+    lhs: View<T>,
+    rhs: View<T>,
+    beta: T,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let stride = |s: usize| s as isize;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out,
+            1,
+            stride(out_row),
+            accumulate,
+            lhs.pointer,
+            stride(lhs.column),
+            stride(lhs.row),
+            rhs.pointer,
+            stride(rhs.column),
+            stride(rhs.row),
+            T::one(),
+            beta,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
