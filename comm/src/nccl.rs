@@ -1,8 +1,10 @@
 //! NCCL between GPUs, through cudarc's `nccl` module (feature `cuda`).
 //!
-//! One [`NcclCommunicator`] per GPU device thread (it is not `Send`, like cudarc's `Comm`); the
-//! [`NcclId`] is made on one rank and shared out of band (its 128 bytes travel over the
-//! rendezvous). Communicators are created non-blocking (`ncclCommInitRankConfig` with
+//! One [`NcclCommunicator`] per GPU device thread: it may move to another thread (NCCL allows
+//! a communicator to be used from any thread, one call at a time) but is not `Sync`, so its
+//! owner makes every call; a session keeps it in the rank's worker. The [`NcclId`] is made on
+//! one rank and shared out of band (in memory inside a process; its 128 bytes travel over the
+//! rendezvous between processes). Communicators are created non-blocking (`ncclCommInitRankConfig` with
 //! `blocking = 0`) and every call is followed by polling `ncclCommGetAsyncError` and the stream,
 //! with the deadline of [`NcclConfig`]: a dead peer ends in `ncclCommAbort` and an error, not a
 //! hang. Without the feature, or without `libnccl` at run time, every constructor returns
@@ -89,9 +91,9 @@ mod imp {
         }
     }
 
-    /// One rank's NCCL communicator on one GPU (not `Send`: keep it on its device thread).
+    /// One rank's NCCL communicator on one GPU (`Send`, not `Sync`: one owner calls it).
     pub struct NcclCommunicator {
-        _not_send: PhantomData<*const ()>,
+        _not_sync: PhantomData<std::cell::Cell<()>>,
     }
 
     impl NcclCommunicator {
@@ -110,13 +112,22 @@ mod imp {
         pub fn all_reduce_host(&self, tensor: &Tensor, operation: ReduceOp) -> Result<Tensor> {
             Err(not_reducible("all_reduce", tensor.dtype(), operation))
         }
+
+        /// All-reduce of a tensor on `device` (this communicator's GPU) into a new tensor there.
+        pub fn all_reduce_device(
+            &self,
+            _device: &meshflow_ops::cuda::CudaDevice,
+            _tensor: &Tensor,
+            _operation: ReduceOp,
+        ) -> Result<Tensor> {
+            Err(Error::NcclUnavailable { reason: REASON.into() })
+        }
     }
 }
 
 #[cfg(feature = "cuda")]
 mod imp {
     use std::cell::Cell;
-    use std::marker::PhantomData;
     use std::sync::Arc;
     use std::time::Instant;
 
@@ -169,7 +180,7 @@ mod imp {
         }
     }
 
-    /// One rank's NCCL communicator on one GPU (not `Send`: keep it on its device thread).
+    /// One rank's NCCL communicator on one GPU (`Send`, not `Sync`: one owner calls it).
     pub struct NcclCommunicator {
         comm: sys::ncclComm_t,
         stream: Arc<CudaStream>,
@@ -177,8 +188,12 @@ mod imp {
         world_size: usize,
         config: NcclConfig,
         aborted: Cell<bool>,
-        _not_send: PhantomData<*const ()>,
     }
+
+    // SAFETY: NCCL lets a communicator be used from any thread as long as calls on it do not
+    // overlap; `Cell` keeps the type `!Sync`, so only its one owner (of the moment) calls it.
+    // The CUDA calls it makes (cudarc streams and events) bind their context first.
+    unsafe impl Send for NcclCommunicator {}
 
     impl Drop for NcclCommunicator {
         fn drop(&mut self) {
@@ -225,7 +240,6 @@ mod imp {
                 world_size,
                 config,
                 aborted: Cell::new(false),
-                _not_send: PhantomData,
             };
             communicator.settle("comm_init_rank_config", communicator.config.init_timeout)?;
             Ok(communicator)

@@ -31,6 +31,8 @@ fn every_source() -> Vec<KernelSource> {
                 Kernel::Binary => source::binary_kernel(op, dtype),
                 Kernel::Reduce => source::reduce_kernel(op, dtype),
                 Kernel::Rows => source::rows_kernel(op, dtype),
+                Kernel::Update if op == "adamw" => source::adamw_kernel(dtype),
+                Kernel::Masked => source::masked_fill_kernel(dtype),
                 _ => continue,
             };
             sources.push(generated.expect("a source for every float dtype"));

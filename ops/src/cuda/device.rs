@@ -16,7 +16,7 @@ use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys, Ptx};
 use super::launch::Launch;
 use super::libraries;
 use super::pool::{size_class, CachingPool, PoolStats};
-use super::source::{KernelSource, Layout};
+use super::source::{AdamScalars, KernelSource, Layout};
 use crate::tensor::CpuStorage;
 use crate::{Context, Device, Error, Op, Result, Storage, Tensor, TensorMeta};
 
@@ -25,6 +25,8 @@ pub const POOL_LIMIT_BYTES: usize = 64 << 30;
 
 // SAFETY: `Layout` is `repr(C)` plain data (integers only), the layout of the C struct.
 unsafe impl DeviceRepr for Layout {}
+// SAFETY: `AdamScalars` is `repr(C)` plain data (seven doubles), the layout of the C struct.
+unsafe impl DeviceRepr for AdamScalars {}
 
 /// One GPU: context, stream, caching allocator, cuBLAS handle and compiled kernels. Cloning
 /// shares them; every clone issues work on the same stream.
@@ -126,6 +128,7 @@ impl CudaDevice {
             }
             return self.to_device(&gpu.to_host(tensor.meta().clone())?);
         }
+        self.bind()?;
         let bytes = tensor.bytes()?;
         let storage = self.storage(bytes.len())?;
         if !bytes.is_empty() {
@@ -146,7 +149,15 @@ impl CudaDevice {
     /// Runs `op` on tensors that live on this device: the kernel family comes from
     /// [`super::table::kernel`]. Returns once the kernels are enqueued.
     pub fn forward(&self, op: &dyn Op, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        self.bind()?;
         super::kernels::forward(self, op, inputs)
+    }
+
+    /// Makes this device's context current on the calling thread. cudarc's own calls do so,
+    /// but the raw calls here (copies, cuBLAS) need it too: a session downloads its fetches and
+    /// reads its variables on threads that may not have run a kernel yet.
+    fn bind(&self) -> Result<()> {
+        self.inner.context.bind_to_thread().map_err(|e| self.error("cuCtxSetCurrent", e))
     }
 
     /// Waits until the stream has finished all work issued so far.
@@ -258,6 +269,7 @@ impl CudaDevice {
     fn download(&self, storage: &CudaStorage, meta: TensorMeta) -> Result<Tensor> {
         let mut host = CpuStorage::zeroed(storage.len);
         if storage.len > 0 {
+            self.bind()?;
             let mut staging = self.staging(storage.len)?;
             let pinned = staging.as_mut().expect("staging was just sized");
             let buffer = pinned.as_mut_slice().map_err(|e| self.error("cuEventSynchronize", e))?;

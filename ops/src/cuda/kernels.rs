@@ -6,13 +6,14 @@ use std::sync::Arc;
 use cudarc::driver::PushKernelArg;
 
 use super::launch;
-use super::source::{self, contiguous_strides, Layout};
+use super::source::{self, contiguous_strides, AdamScalars, Layout};
 use super::table::{self, Kernel};
 use super::{downcast, CudaDevice};
 use crate::ops::{
-    add_scalar::AddScalar, concat::Concat, fill::Fill, gelu::Gelu, layer_norm::LayerNorm, max::Max,
-    mean::Mean, mul_scalar::MulScalar, narrow::Narrow, narrow::Pad, permute::Permute,
-    pow_scalar::PowScalar, rms_norm::RmsNorm, split::Split, sum::Sum, unary::GradOf, unary::Unary,
+    adamw::AdamW, add_scalar::AddScalar, concat::Concat, fill::Fill, gelu::Gelu,
+    layer_norm::LayerNorm, masked_fill::MaskedFill, max::Max, mean::Mean, mul_scalar::MulScalar,
+    narrow::Narrow, narrow::Pad, permute::Permute, pow_scalar::PowScalar, rms_norm::RmsNorm,
+    split::Split, sum::Sum, unary::GradOf, unary::Unary,
 };
 use crate::{Error, Op, Result, Storage, Tensor, TensorMeta};
 
@@ -39,6 +40,8 @@ pub(super) fn forward(device: &CudaDevice, op: &dyn Op, inputs: &[Tensor]) -> Re
         Kernel::Reduce => reduce(device, op, &inputs[0], &outputs[0]),
         Kernel::Rows => rows(device, op, inputs, &outputs[0]),
         Kernel::Product => super::matmul::product(device, op, inputs, &outputs[0]),
+        Kernel::Update => update(device, op, inputs, &outputs),
+        Kernel::Masked => masked_fill(device, op, inputs, &outputs[0]),
         Kernel::Host => host(device, op, inputs),
     }
 }
@@ -319,6 +322,62 @@ fn rows(
     args.arg(&xp).arg(&up).arg(&wp).arg(&yp).arg(&row_total).arg(&col_total).arg(&eps);
     device.run(args, launch::rows(row_count, cols))?;
     Ok(vec![y])
+}
+
+/// `masked_fill`: the mask (bool, broadcast to `x`) picks the op's value or `x`.
+fn masked_fill(
+    device: &CudaDevice,
+    op: &dyn Op,
+    inputs: &[Tensor],
+    meta: &TensorMeta,
+) -> Result<Vec<Tensor>> {
+    let value = downcast::<MaskedFill>(op).map_or(0.0, |m| m.value);
+    let source = source::masked_fill_kernel(meta.dtype)?;
+    let (x, mask, out) = (&inputs[0], &inputs[1], meta.shape.dims());
+    let strides = (contiguous_strides(out), broadcast_strides(mask.dims(), out));
+    let layout = Layout::new(op.name(), out, &strides.0, &strides.1)?;
+    let y = output(device, meta)?;
+    if y.numel() == 0 {
+        return Ok(vec![y]);
+    }
+    let n = y.numel() as i64;
+    let (xp, mp, yp) = (pointer(x)?, pointer(mask)?, pointer(&y)?);
+    let function = device.function(&source)?;
+    let mut args = device.stream().launch_builder(&function);
+    args.arg(&xp).arg(&mp).arg(&yp).arg(&n).arg(&layout).arg(&value);
+    device.run(args, launch::elementwise(y.numel(), device.multiprocessors()))?;
+    Ok(vec![y])
+}
+
+/// A fused optimizer update (AdamW) on the device; other updates, and inputs of mixed dtypes,
+/// run on the host.
+fn update(
+    device: &CudaDevice,
+    op: &dyn Op,
+    inputs: &[Tensor],
+    outputs: &[TensorMeta],
+) -> Result<Vec<Tensor>> {
+    let Some(config) = downcast::<AdamW>(op) else { return host(device, op, inputs) };
+    let dtype = outputs[0].dtype;
+    if inputs.len() != 4 || outputs.len() != 3 || inputs.iter().any(|t| t.dtype() != dtype) {
+        return host(device, op, inputs);
+    }
+    let source = source::adamw_kernel(dtype)?;
+    let results = outputs.iter().map(|meta| output(device, meta)).collect::<Result<Vec<_>>>()?;
+    let n = results[0].numel();
+    if n == 0 {
+        return Ok(results);
+    }
+    let (count, scalars) = (n as i64, AdamScalars::of(config));
+    let (pp, gp) = (pointer(&inputs[0])?, pointer(&inputs[1])?);
+    let (mp, vp) = (pointer(&inputs[2])?, pointer(&inputs[3])?);
+    let (po, mo, vo) = (pointer(&results[0])?, pointer(&results[1])?, pointer(&results[2])?);
+    let function = device.function(&source)?;
+    let mut args = device.stream().launch_builder(&function);
+    args.arg(&pp).arg(&gp).arg(&mp).arg(&vp).arg(&po).arg(&mo).arg(&vo);
+    args.arg(&count).arg(&scalars);
+    device.run(args, launch::elementwise(n, device.multiprocessors()))?;
+    Ok(results)
 }
 
 /// The CPU kernel on host copies of the inputs, the outputs copied back.

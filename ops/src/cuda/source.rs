@@ -440,6 +440,83 @@ pub fn rows_kernel(op: &'static str, dtype: DType) -> Result<KernelSource> {
     Ok(KernelSource { entry, code })
 }
 
+/// `y[i] = mask[im] ? value : x[i]` with the bool mask read through broadcasting strides
+/// (`second` of the [`Layout`]; `first` is `x`'s): `(const T* x, const unsigned char* mask,
+/// T* y, long long n, Layout l, double value)`.
+pub fn masked_fill_kernel(dtype: DType) -> Result<KernelSource> {
+    float_only("masked_fill", dtype)?;
+    let entry = entry("select", "masked_fill", dtype);
+    let code = format!(
+        "{}\nextern \"C\" __global__ void {entry}(const T* __restrict__ x, const unsigned char* __restrict__ mask, T* __restrict__ y, long long n, Layout l, double value) {{\n\
+         const T fill = store((A)value);\n\
+         GRID_LOOP(i, n) {{ long long ix, im; offsets(l, i, &ix, &im); y[i] = mask[im] != 0 ? fill : x[ix]; }}\n}}\n",
+        prelude(dtype)
+    );
+    Ok(KernelSource { entry, code })
+}
+
+/// The fused AdamW update of `ops::adamw` (torch's order of operations, `lerp` as torch computes
+/// it), arithmetic in the accumulate type: `(const T* p, const T* g, const T* m, const T* v,
+/// T* p_out, T* m_out, T* v_out, long long n, AdamScalars s)`, the scalars by value
+/// ([`AdamScalars`]).
+pub fn adamw_kernel(dtype: DType) -> Result<KernelSource> {
+    float_only("adamw", dtype)?;
+    let entry = entry("update", "adamw", dtype);
+    let code = format!(
+        "{}\nstruct AdamScalars {{ double decay, lerp, beta2, one_minus_beta2, bias2_sqrt, eps, step_size; }};\n\
+         extern \"C\" __global__ void {entry}(const T* __restrict__ p, const T* __restrict__ g, const T* __restrict__ m, const T* __restrict__ v, \
+         T* __restrict__ p_out, T* __restrict__ m_out, T* __restrict__ v_out, long long n, AdamScalars s) {{\n\
+         const A decay = (A)s.decay, weight = (A)s.lerp, beta2 = (A)s.beta2, one_minus_beta2 = (A)s.one_minus_beta2;\n\
+         const A bias2_sqrt = (A)s.bias2_sqrt, eps = (A)s.eps, step_size = (A)s.step_size;\n\
+         GRID_LOOP(i, n) {{\n\
+           const A pi = load(p[i]) * decay, gi = load(g[i]), m0 = load(m[i]);\n\
+           const A mi = weight < (A)0.5 ? m0 + weight * (gi - m0) : gi - (gi - m0) * ((A)1 - weight);\n\
+           const A vi = load(v[i]) * beta2 + one_minus_beta2 * gi * gi;\n\
+           const A denom = sqrt(vi) / bias2_sqrt + eps;\n\
+           p_out[i] = store(pi + step_size * (mi / denom)); m_out[i] = store(mi); v_out[i] = store(vi);\n\
+         }}\n}}\n",
+        prelude(dtype)
+    );
+    Ok(KernelSource { entry, code })
+}
+
+/// The scalars of one AdamW update as the kernel of [`adamw_kernel`] takes them (same layout as
+/// its C struct).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AdamScalars {
+    /// `1 - lr · weight_decay`.
+    pub decay: f64,
+    /// `1 - beta1` (the weight of `lerp(m, g, ·)`).
+    pub lerp: f64,
+    /// `beta2`.
+    pub beta2: f64,
+    /// `1 - beta2`.
+    pub one_minus_beta2: f64,
+    /// `sqrt(1 - beta2^t)`.
+    pub bias2_sqrt: f64,
+    /// `eps`.
+    pub eps: f64,
+    /// `-lr / (1 - beta1^t)`.
+    pub step_size: f64,
+}
+
+impl AdamScalars {
+    /// The scalars of `config`'s update (as `ops::adamw` computes them).
+    pub fn of(config: &crate::ops::adamw::AdamW) -> Self {
+        let t = config.step as f64;
+        AdamScalars {
+            decay: 1.0 - config.lr * config.weight_decay,
+            lerp: 1.0 - config.beta1,
+            beta2: config.beta2,
+            one_minus_beta2: 1.0 - config.beta2,
+            bias2_sqrt: (1.0 - config.beta2.powf(t)).sqrt(),
+            eps: config.eps,
+            step_size: -(config.lr / (1.0 - config.beta1.powf(t))),
+        }
+    }
+}
+
 fn no_expression(op: &'static str) -> Error {
     Error::argument(op, "no GPU kernel source for this op")
 }
@@ -482,6 +559,26 @@ mod tests {
                 assert!(balanced(&source.code), "{op} {dtype:?}: unbalanced braces");
             }
         }
+    }
+
+    #[test]
+    fn the_adamw_source_takes_the_scalars_struct() {
+        for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+            let source = adamw_kernel(dtype).expect("a float dtype");
+            assert!(source.code.contains(&format!("void {}(", source.entry)));
+            assert!(source.code.contains("AdamScalars s)"), "{}", source.code);
+            assert!(balanced(&source.code));
+        }
+        assert!(adamw_kernel(DType::I32).is_err());
+        let masked = masked_fill_kernel(DType::BF16).expect("bf16");
+        assert!(masked.code.contains("mask[im] != 0 ? fill : x[ix]") && balanced(&masked.code));
+        assert!(masked_fill_kernel(DType::Bool).is_err());
+        assert_eq!(std::mem::size_of::<AdamScalars>(), 7 * 8);
+        let config = crate::ops::adamw::AdamW { step: 2, ..crate::ops::adamw::AdamW::new(0.1) };
+        let scalars = AdamScalars::of(&config);
+        assert!((scalars.step_size + 0.1 / (1.0 - 0.81)).abs() < 1e-12);
+        assert!((scalars.bias2_sqrt - (1.0f64 - 0.999 * 0.999).sqrt()).abs() < 1e-12);
+        assert!((scalars.decay - 0.999).abs() < 1e-12);
     }
 
     #[test]
