@@ -1,7 +1,9 @@
 //! The devices a session runs on: one thread per device, each owning a [`Worker`]. Either every
 //! rank lives in this process ([`Devices::cpu`], collectives on shared buffers), or this process
 //! is one rank of a job started by `meshflow launch` ([`Devices::job`], collectives over the
-//! job's health-watched QUIC data plane).
+//! job's health-watched QUIC data plane). [`Devices::place`] puts the ranks on GPUs
+//! ([`DeviceKind`]); groups whose members are all GPUs of this process also get NCCL
+//! communicators, one per member's device thread.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -9,10 +11,14 @@ use std::time::Duration;
 
 use meshflow_actor::{DeviceId, Driver, DriverConfig, Envelope, RunReport, Transport};
 use meshflow_comm::cluster::WatchedCommunicator;
+use meshflow_comm::nccl::{nccl_available, NcclId};
 use meshflow_comm::{Communicator, InProcessTransport, Rank, SharedGroup, TransportCommunicator};
-use meshflow_ops::{Context, Tensor};
+use meshflow_ops::cuda::pool::PoolStats;
+use meshflow_ops::{Context, Device, Tensor};
 
 use super::executor::{lock, Compiled, Current, RankExecutor};
+use super::gpu::{Backend, DeviceKind};
+use super::gpu_events::EventWatcher;
 use super::transport::DeviceTransport;
 use super::worker::{RunRequest, Worker};
 use crate::compile::actors::ActorWork;
@@ -25,6 +31,8 @@ use crate::{Error, Result};
 /// driver that runs a compiled program on them (one thread per device).
 pub struct Devices {
     workers: Vec<Arc<Mutex<Worker>>>,
+    /// Per worker, the device it runs on.
+    kinds: Vec<Device>,
     groups: HashSet<Vec<usize>>,
     timeout: Duration,
     ranks: Vec<usize>,
@@ -105,6 +113,7 @@ impl Devices {
     fn empty(world: usize, timeout: Duration, job: Option<Arc<Job>>) -> Self {
         Devices {
             workers: Vec::new(),
+            kinds: Vec::new(),
             groups: HashSet::new(),
             timeout,
             ranks: Vec::new(),
@@ -119,9 +128,41 @@ impl Devices {
 
     fn add(&mut self, rank: usize, threads_per_device: usize, world: Box<dyn Communicator>) {
         let comms = Comms { rank, groups: Default::default(), world };
-        let worker = Worker::new(rank, Context::with_threads(threads_per_device), comms);
+        let ctx = Context::with_threads(threads_per_device);
+        let worker = Worker::new(rank, ctx, comms, Backend::Cpu);
         self.workers.push(Arc::new(Mutex::new(worker)));
+        self.kinds.push(Device::Cpu);
         self.ranks.push(rank);
+    }
+
+    /// Puts this process's device ranks on the devices `kind` names (the i-th rank of this
+    /// process on `kind.device(i)`). A GPU that cannot be opened (no driver, no such GPU, a
+    /// build without the `cuda` feature) is `Error::Ops(meshflow_ops::Error::Device)` naming it.
+    /// Call before [`Devices::start`].
+    pub fn place(&mut self, kind: &DeviceKind) -> Result<()> {
+        for (local, worker) in self.workers.iter().enumerate() {
+            let device = kind.device(local)?;
+            if device != self.kinds[local] {
+                *lock(worker).backend_mut() = Backend::open(device)?;
+                self.kinds[local] = device;
+            }
+        }
+        Ok(())
+    }
+
+    /// Per rank of this process on a GPU, its rank and the counters of its device's caching
+    /// allocator.
+    pub fn gpu_pool_stats(&self) -> Result<Vec<(usize, PoolStats)>> {
+        let stats = self.each(|w| {
+            let rank = w.rank();
+            w.backend_mut().gpu().map(|device| (rank, device.pool_stats()))
+        })?;
+        Ok(stats.into_iter().flatten().collect())
+    }
+
+    /// The device of each of this process's ranks, in the order of [`Devices::ranks`].
+    pub fn kinds(&self) -> &[Device] {
+        &self.kinds
     }
 
     /// The ranks of this process's devices, in the order [`Devices::each`] answers.
@@ -193,14 +234,21 @@ impl Devices {
         let transport: Option<Arc<dyn Transport>> =
             (local.len() < self.world).then(|| Arc::new(NoActorMessages) as Arc<dyn Transport>);
         let (shared, current) = (Arc::clone(&compiled), Arc::clone(&self.current));
+        let on_gpu = self.kinds.iter().any(|kind| *kind != Device::Cpu);
+        let events = match on_gpu && compiled.any_crossing() {
+            true => Some(Arc::new(EventWatcher::start(Duration::from_micros(20))?)),
+            false => None,
+        };
         let plan = compiled.lowered.plan.clone();
-        let driver =
-            Driver::start_partial(plan, config, &local, transport, move |device, _| RankExecutor {
-                worker: Arc::clone(&workers[&device.0]),
-                compiled: Arc::clone(&shared),
-                current: Arc::clone(&current),
-                cached: None,
-            })
+        let executor = move |device: DeviceId, completion| RankExecutor {
+            worker: Arc::clone(&workers[&device.0]),
+            compiled: Arc::clone(&shared),
+            current: Arc::clone(&current),
+            cached: None,
+            completion,
+            events: events.clone(),
+        };
+        let driver = Driver::start_partial(plan, config, &local, transport, executor)
             .map_err(|e| Error::Runtime(format!("starting the actor driver: {e}")))?;
         self.driver = Some(driver);
         self.compiled = Some(compiled);
@@ -245,8 +293,34 @@ impl Devices {
             for (member, &rank) in members.into_iter().zip(&group) {
                 self.install(rank, group.clone(), Box::new(member))?;
             }
+            self.join_nccl(group)?;
         }
         Ok(())
+    }
+
+    /// Gives the members of `group` an NCCL communicator when they are all GPUs of this
+    /// process, on distinct GPUs, and NCCL loads; otherwise their boxing stays on the host
+    /// communicators. The members join at once, each on its own thread (NCCL's init waits for
+    /// every member); the unique id goes to them in memory.
+    fn join_nccl(&mut self, group: Vec<usize>) -> Result<()> {
+        let mut ordinals = Vec::with_capacity(group.len());
+        for rank in &group {
+            match self.ranks.iter().position(|r| r == rank).map(|i| self.kinds[i]) {
+                Some(Device::Cuda(ordinal)) if !ordinals.contains(&ordinal) => {
+                    ordinals.push(ordinal)
+                }
+                _ => return Ok(()),
+            }
+        }
+        if group.len() < 2 || nccl_available().is_err() {
+            return Ok(());
+        }
+        let id = NcclId::generate()?;
+        let joined = self.each(move |w| {
+            let rank = w.rank();
+            w.backend_mut().join_nccl(rank, &group, &id)
+        })?;
+        joined.into_iter().collect()
     }
 
     /// Gives this process's members of `group` their communicators over the job's transport.
@@ -290,7 +364,7 @@ impl Devices {
         outcome.map_err(|e| Error::Runtime(format!("{e}")))?;
         let mut outputs = vec![vec![None; compiled.fetch.len()]; self.world];
         for (&rank, shards) in self.ranks.iter().zip(finished) {
-            outputs[rank] = shards;
+            outputs[rank] = shards?;
         }
         Ok(outputs)
     }

@@ -5,12 +5,18 @@
 //! receive is itself the meeting point of the ranks), so each rank's thread runs its chain of
 //! acts in the order the lowering chose, which issues collectives in one order on every rank of
 //! a group, and a job's processes exchange tensors only, never actor messages.
+//!
+//! On a GPU rank an act returns once its kernels are enqueued on the device's stream: its
+//! consumers on the same stream are told at once, and an act whose consumer sits on another
+//! device thread completes only when the event recorded after its kernels has completed
+//! ([`super::gpu_events`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use meshflow_actor::{Act, ActorId, Completion, Executor};
+use meshflow_actor::{Act, ActorId, Completion, CompletionHandle, Executor};
 
+use super::gpu_events::{crossing_actors, EventWatcher};
 use super::worker::{RunRequest, Worker};
 use crate::compile::actors::{layout_ranks, ActorProgram, ActorWork, Phase, Work};
 use crate::compile::{Program, Slot, Step};
@@ -38,6 +44,8 @@ pub struct Compiled {
     read: HashMap<usize, HashSet<Key>>,
     /// Per actor, the keys it reads last on its rank.
     frees: Vec<Vec<Key>>,
+    /// Per actor, true when a consumer of its outputs runs on another device thread.
+    crossing: Vec<bool>,
 }
 
 impl Compiled {
@@ -54,7 +62,9 @@ impl Compiled {
                 slot_phase[slot.0 as usize] = *phase;
             }
         }
+        let crossing = crossing_actors(&lowered.plan);
         let mut compiled = Compiled {
+            crossing,
             program,
             lowered,
             fetch,
@@ -94,6 +104,16 @@ impl Compiled {
     /// True when something reads `key` on `rank` after it is written.
     pub fn is_read(&self, rank: usize, key: Key) -> bool {
         self.read.get(&rank).is_some_and(|keys| keys.contains(&key))
+    }
+
+    /// True when a consumer of `actor`'s outputs runs on another device thread (stream).
+    pub fn crosses_streams(&self, actor: ActorId) -> bool {
+        self.crossing.get(actor.index()).copied().unwrap_or(false)
+    }
+
+    /// True when some actor has a consumer on another device thread.
+    pub fn any_crossing(&self) -> bool {
+        self.crossing.contains(&true)
     }
 
     /// The keys `actor` reads last on its rank.
@@ -164,6 +184,11 @@ pub struct RankExecutor {
     pub current: Current,
     /// The request of the driver step last seen.
     pub cached: Option<(u64, Arc<RunRequest>)>,
+    /// Reports acts left pending to the driver.
+    pub completion: CompletionHandle,
+    /// Completes GPU acts whose consumers are on other streams once their events complete
+    /// (present when the plan has such acts).
+    pub events: Option<Arc<EventWatcher>>,
 }
 
 impl RankExecutor {
@@ -191,7 +216,20 @@ impl Executor<ActorWork> for RankExecutor {
         let request = self.request(act.step)?;
         let mut worker = lock(&self.worker);
         worker.act(&self.compiled, &request, act.actor, step, act.payload.piece)?;
-        Ok(Completion::Done)
+        let gpu = worker.backend_mut().gpu().cloned();
+        drop(worker);
+        match (gpu, &self.events) {
+            (Some(device), Some(events)) if self.compiled.crosses_streams(act.actor) => {
+                let event = device.record()?;
+                let (handle, actor) = (self.completion.clone(), act.actor);
+                // A failed report means the driver stopped: the step is over already.
+                let notify = Box::new(move || drop(handle.complete(actor)));
+                events.watch(Box::new(event), notify)?;
+                Ok(Completion::Pending)
+            }
+            // Consumers on this stream (or a CPU rank): stream order suffices, tell them now.
+            _ => Ok(Completion::Done),
+        }
     }
 }
 

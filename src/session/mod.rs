@@ -12,6 +12,8 @@
 mod assemble;
 mod devices;
 mod executor;
+mod gpu;
+mod gpu_events;
 pub mod shards;
 mod training;
 mod transport;
@@ -39,6 +41,7 @@ use crate::{Error, Result};
 pub use assemble::assemble;
 pub use devices::Devices;
 use executor::Compiled;
+pub use gpu::{Backend, DeviceKind, Gpu};
 pub use worker::{init_shard, shard_of, RunRequest, Worker};
 
 /// The optimizer a training session appends.
@@ -108,6 +111,10 @@ pub struct SessionConfig {
     pub piece_order: PieceOrder,
     /// Record every act of the actor driver ([`Session::stop`] returns them). Default off.
     pub trace: bool,
+    /// Where this process's device ranks run: CPU threads, or GPUs ([`DeviceKind::Cuda`]: the
+    /// i-th rank of this process on GPU i; variables and activations stay in device memory).
+    /// Default [`DeviceKind::Cpu`].
+    pub device: DeviceKind,
 }
 
 impl Default for SessionConfig {
@@ -122,6 +129,7 @@ impl Default for SessionConfig {
             job: None,
             piece_order: PieceOrder::default(),
             trace: false,
+            device: DeviceKind::Cpu,
         }
     }
 }
@@ -169,6 +177,7 @@ impl Session {
             Some(job) => Devices::job(Arc::clone(job), config.threads_per_device, config.timeout)?,
             None => Devices::cpu(config.devices, config.threads_per_device, config.timeout)?,
         };
+        devices.place(&config.device)?;
         if let Some(&rank) = program.ranks.iter().find(|&&r| r >= devices.world()) {
             return Err(Error::Graph(format!(
                 "the graph places work on rank {rank} but the session has {} devices",
@@ -236,6 +245,12 @@ impl Session {
         self.steps_done
     }
 
+    /// Per GPU rank of this process, its rank and its device allocator's counters (empty on
+    /// CPUs): once the first steps have filled the cache, a step allocates nothing.
+    pub fn gpu_pool_stats(&self) -> Result<Vec<(usize, meshflow_ops::cuda::pool::PoolStats)>> {
+        self.devices.gpu_pool_stats()
+    }
+
     /// Runs one step with the given input values; returns the fetched tensors (logical).
     pub fn step(&mut self, feeds: &[(&Tensor, HostTensor)]) -> Result<Vec<HostTensor>> {
         let mut fed = HashMap::new();
@@ -295,10 +310,10 @@ impl Session {
                 info.name.clone().unwrap_or_else(|| program.graph.label(Value(index as u32)));
             let layout = program.slot(program.produced[index]).layout.clone();
             let key = name.clone();
-            let local = self.devices.each(move |w| w.variable(&key).cloned())?;
+            let local = self.devices.each(move |w| w.variable(&key))?;
             let mut shards = vec![None; self.devices.world()];
             for (&rank, shard) in self.devices.ranks().iter().zip(local) {
-                shards[rank] = shard;
+                shards[rank] = shard?;
             }
             let value = if shards.iter().all(Option::is_none) {
                 init.whole(&info.meta)?

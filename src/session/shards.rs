@@ -101,14 +101,14 @@ impl RankShards<'_> {
     /// This rank's shard of `spec`; `None` when the rank holds none: it is not in the
     /// variable's placement, or no step has read the variable yet (it still has its initial
     /// value, [`VariableSpec::initial_shard`]).
-    pub fn shard(&self, spec: &VariableSpec) -> Option<HostTensor> {
-        self.worker.variable(&spec.name).cloned()
+    pub fn shard(&self, spec: &VariableSpec) -> Result<Option<HostTensor>> {
+        self.worker.variable(&spec.name)
     }
 
     /// This rank's current shard of `spec`: what it holds, else its initial value; `None` when
     /// the rank is not in the variable's placement.
     pub fn current(&self, spec: &VariableSpec) -> Result<Option<HostTensor>> {
-        match self.shard(spec) {
+        match self.shard(spec)? {
             Some(shard) => Ok(Some(shard)),
             None => spec.initial_shard(self.rank()),
         }

@@ -7,13 +7,14 @@ use std::collections::HashMap;
 
 use meshflow_actor::ActorId;
 use meshflow_ops::ops::add::Add;
-use meshflow_ops::{Context, Op, OpRef, Tensor, TensorMeta, Value};
+use meshflow_ops::{Context, OpRef, Tensor, TensorMeta, Value};
 use meshflow_placement::{local_region, Layout, Region};
 
 use super::executor::{Compiled, Key, SUM};
+use super::gpu::Backend;
 use crate::compile::actors::Phase;
 use crate::compile::{Slot, Step};
-use crate::exec::boxing::{apply_plan, Comms};
+use crate::exec::boxing::Comms;
 use crate::exec::layout::take_box;
 use crate::graph::{Init, NodeId, Source};
 use crate::{Error, Result};
@@ -31,15 +32,22 @@ pub struct Worker {
     rank: usize,
     ctx: Context,
     comms: Comms,
+    /// Where this rank keeps its tensors and runs its kernels (host or a GPU).
+    backend: Backend,
     variables: HashMap<String, Tensor>,
     /// The shards of the step in flight, by slot and piece ([`SUM`] for sums over pieces).
     store: HashMap<Key, Tensor>,
 }
 
 impl Worker {
-    /// A device with its communicators and thread budget.
-    pub fn new(rank: usize, ctx: Context, comms: Comms) -> Self {
-        Worker { rank, ctx, comms, variables: HashMap::new(), store: HashMap::new() }
+    /// A device with its communicators, thread budget and backend.
+    pub fn new(rank: usize, ctx: Context, comms: Comms, backend: Backend) -> Self {
+        Worker { rank, ctx, comms, backend, variables: HashMap::new(), store: HashMap::new() }
+    }
+
+    /// Where this rank keeps its tensors and runs its kernels.
+    pub fn backend_mut(&mut self) -> &mut Backend {
+        &mut self.backend
     }
 
     /// This device's rank.
@@ -56,9 +64,9 @@ impl Worker {
         self.comms.groups.insert(ranks, communicator);
     }
 
-    /// This rank's shard of variable `name`, if it holds one.
-    pub fn variable(&self, name: &str) -> Option<&Tensor> {
-        self.variables.get(name)
+    /// A host copy of this rank's shard of variable `name`, if it holds one.
+    pub fn variable(&self, name: &str) -> Result<Option<Tensor>> {
+        self.variables.get(name).map(|shard| self.backend.download(shard)).transpose()
     }
 
     /// Replaces this rank's shard of variable `name`.
@@ -89,7 +97,7 @@ impl Worker {
             Step::Boxing { from, to, plan } => {
                 let dtype = program.graph.value(program.slot(*from).value).meta.dtype;
                 let shard = self.store.get(&compiled.key(*from, phase, piece)).cloned();
-                if let Some(out) = apply_plan(plan, dtype, shard, &mut self.comms)? {
+                if let Some(out) = self.backend.apply_plan(plan, dtype, shard, &mut self.comms)? {
                     self.write(compiled, *to, phase, piece, out)?;
                 }
             }
@@ -104,10 +112,9 @@ impl Worker {
                         .iter()
                         .map(|slot| self.read(compiled, *slot, phase, piece, op.name()))
                         .collect::<Result<Vec<_>>>()?;
-                    let results =
-                        self.ctx.install(|| op.forward(&self.ctx, &args)).map_err(|e| {
-                            Error::Runtime(format!("rank {}: {}: {e}", self.rank, op.name()))
-                        })?;
+                    let results = self.backend.forward(&self.ctx, &**op, &args).map_err(|e| {
+                        Error::Runtime(format!("rank {}: {}: {e}", self.rank, op.name()))
+                    })?;
                     for (slot, tensor) in outputs.iter().zip(results) {
                         self.write(compiled, *slot, phase, piece, tensor)?;
                     }
@@ -122,14 +129,16 @@ impl Worker {
 
     /// Ends a step: the variables take their new shards, and this rank's shards of the fetched
     /// slots come back (`None` where it holds none); everything else of the step is dropped.
-    pub(super) fn finish_step(&mut self, compiled: &Compiled) -> Vec<Option<Tensor>> {
+    pub(super) fn finish_step(&mut self, compiled: &Compiled) -> Result<Vec<Option<Tensor>>> {
         for (name, slot) in &compiled.assign {
             if let Some(shard) = self.store.get(&compiled.final_key(*slot)) {
                 self.variables.insert(name.clone(), shard.clone());
             }
         }
-        let fetched =
-            compiled.fetch.iter().map(|slot| self.store.get(&compiled.final_key(*slot)).cloned());
+        let fetched = compiled.fetch.iter().map(|slot| {
+            let shard = self.store.get(&compiled.final_key(*slot));
+            shard.map(|shard| self.backend.download(shard)).transpose()
+        });
         let fetched = fetched.collect();
         self.store.clear();
         fetched
@@ -167,7 +176,7 @@ impl Worker {
             let sum = match self.store.remove(&(slot, SUM)) {
                 None => shard.clone(),
                 Some(sum) => {
-                    let added = self.ctx.install(|| Add.forward(&self.ctx, &[sum, shard.clone()]));
+                    let added = self.backend.forward(&self.ctx, &Add, &[sum, shard.clone()]);
                     added?.pop().ok_or_else(|| Error::Runtime("add returned nothing".into()))?
                 }
             };
@@ -197,17 +206,18 @@ impl Worker {
             })?,
             Source::Parameter { init } => {
                 let name = info.name.clone().unwrap_or_else(|| graph.label(value));
-                if let Some(shard) = self.variables.get(&name) {
-                    return Ok(shard.clone());
-                }
-                let shard = init_shard(init, &info.meta, layout, self.rank)?;
+                let shard = match self.variables.get(&name) {
+                    Some(shard) => shard.clone(),
+                    None => init_shard(init, &info.meta, layout, self.rank)?,
+                };
+                let shard = self.backend.upload(shard)?;
                 self.variables.insert(name, shard.clone());
                 return Ok(shard);
             }
             Source::Constant { value } => value,
             Source::Node { .. } => unreachable!("leaf steps are made for leaves only"),
         };
-        shard_of(logical, layout, self.rank)
+        self.backend.upload(shard_of(logical, layout, self.rank)?)
     }
 }
 

@@ -1,0 +1,225 @@
+//! Devices of a session on GPUs: where each device rank of this process runs ([`DeviceKind`])
+//! and what a rank's worker does differently there ([`Backend`]).
+//!
+//! A rank on a GPU keeps its variables and the tensors of the step in flight in device memory
+//! (`meshflow_ops::cuda`): feeds, constants and initial parameters are uploaded when a leaf act
+//! takes them, every op runs through the rank's [`CudaDevice`] (cuBLAS, NVRTC kernels, the host
+//! fallback of the ops without one), and only the fetched values (the loss) are downloaded at the
+//! end of the step. Device buffers come from the device's caching allocator, so a step that makes
+//! the same tensors as the step before allocates nothing.
+//!
+//! Stream order: all kernels of a rank are issued on its device's one stream, in the order of the
+//! rank's chain of acts, so an act's consumers (same rank, same stream) may read its outputs at
+//! once; the executor reports an act complete as soon as its kernels are enqueued
+//! ([`super::events`] holds the rule for consumers on other streams).
+//!
+//! Boxing: a sum over a group of GPU ranks of this process (`P -> B`, the data-parallel gradient)
+//! runs as an NCCL all-reduce on device memory, on the communicator's own stream, ordered after
+//! the device stream and before the device's next kernels, in the chain order every rank shares.
+//! Every other boxing step, and every copy between a GPU and a CPU placement, goes through host
+//! copies and the rank's host communicators (download, the CPU boxing, upload).
+
+use std::collections::HashMap;
+
+use meshflow_comm::nccl::{NcclCommunicator, NcclConfig, NcclId};
+use meshflow_comm::{Rank, ReduceOp};
+use meshflow_ops::cuda::{self, CudaDevice};
+use meshflow_ops::{Context, DType, Device, Op, Tensor};
+use meshflow_placement::{BoxingPlan, BoxingStep, StepKind};
+
+use crate::exec::boxing::{apply_plan, Comms};
+use crate::{Error, Result};
+
+/// Where the device ranks of this process run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// Every rank is a CPU device: a thread with its kernel budget. The default.
+    #[default]
+    Cpu,
+    /// The i-th device rank of this process runs on GPU i (`Device::Cuda(i)`).
+    Cuda,
+    /// The i-th device rank of this process runs on the i-th device of the list (CPU and GPU
+    /// ranks mixed; tensors cross between them through host copies).
+    Each(Vec<Device>),
+}
+
+impl DeviceKind {
+    /// The device of the `local`-th device rank of this process.
+    pub fn device(&self, local: usize) -> Result<Device> {
+        match self {
+            DeviceKind::Cpu => Ok(Device::Cpu),
+            DeviceKind::Cuda => Ok(Device::Cuda(local)),
+            DeviceKind::Each(devices) => devices.get(local).copied().ok_or_else(|| {
+                Error::Runtime(format!(
+                    "the session has a device rank {local} but DeviceKind::Each lists {} devices",
+                    devices.len()
+                ))
+            }),
+        }
+    }
+}
+
+/// Where one rank keeps its tensors and runs its kernels.
+pub enum Backend {
+    /// Host memory and the CPU kernels.
+    Cpu,
+    /// A GPU.
+    Cuda(Gpu),
+}
+
+/// A rank on a GPU: its device and its NCCL communicators by group.
+pub struct Gpu {
+    device: CudaDevice,
+    nccl: HashMap<Vec<usize>, NcclCommunicator>,
+}
+
+impl Backend {
+    /// The backend of a rank on `device`: opening a GPU checks the driver and libraries first, so
+    /// a machine without them gets `Error::Ops(Error::Device)` naming the device, not a panic.
+    pub fn open(device: Device) -> Result<Self> {
+        match device {
+            Device::Cpu => Ok(Backend::Cpu),
+            Device::Cuda(ordinal) => {
+                let device = CudaDevice::new(ordinal)?;
+                Ok(Backend::Cuda(Gpu { device, nccl: HashMap::new() }))
+            }
+        }
+    }
+
+    /// The device this rank runs on.
+    pub fn device(&self) -> Device {
+        match self {
+            Backend::Cpu => Device::Cpu,
+            Backend::Cuda(gpu) => gpu.device.device(),
+        }
+    }
+
+    /// The GPU, on a GPU rank.
+    pub fn gpu(&self) -> Option<&CudaDevice> {
+        match self {
+            Backend::Cpu => None,
+            Backend::Cuda(gpu) => Some(&gpu.device),
+        }
+    }
+
+    /// Runs `op` on `inputs`: on the CPU within `ctx`'s thread budget, on a GPU through its
+    /// device (host inputs, e.g. a variable set from a checkpoint, are uploaded first).
+    pub fn forward(&self, ctx: &Context, op: &dyn Op, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        match self {
+            Backend::Cpu => Ok(ctx.install(|| op.forward(ctx, inputs))?),
+            Backend::Cuda(gpu) => {
+                let resident = inputs.iter().map(|t| gpu.device.to_device(t));
+                let resident = resident.collect::<meshflow_ops::Result<Vec<_>>>()?;
+                Ok(gpu.device.forward(op, &resident)?)
+            }
+        }
+    }
+
+    /// `tensor` where this rank keeps its tensors (a host tensor stays as it is on the CPU).
+    pub fn upload(&self, tensor: Tensor) -> Result<Tensor> {
+        match self {
+            Backend::Cpu => Ok(cuda::to_host(&tensor)?),
+            Backend::Cuda(gpu) => Ok(gpu.device.to_device(&tensor)?),
+        }
+    }
+
+    /// A host copy of `tensor` (shared when it already is on the host).
+    pub fn download(&self, tensor: &Tensor) -> Result<Tensor> {
+        Ok(cuda::to_host(tensor)?)
+    }
+
+    /// Applies a boxing plan to this rank's shard (see the module doc for which path a step
+    /// takes on a GPU).
+    pub fn apply_plan(
+        &mut self,
+        plan: &BoxingPlan,
+        dtype: DType,
+        local: Option<Tensor>,
+        comms: &mut Comms,
+    ) -> Result<Option<Tensor>> {
+        let Backend::Cuda(gpu) = self else {
+            return apply_plan(plan, dtype, local, comms);
+        };
+        if let (Some(local), [step]) = (&local, plan.steps.as_slice()) {
+            if let Some(reduced) = gpu.nccl_all_reduce(step, local, comms.rank)? {
+                return Ok(Some(reduced));
+            }
+        }
+        let host = local.as_ref().map(cuda::to_host).transpose()?;
+        let out = apply_plan(plan, dtype, host, comms)?;
+        Ok(out.map(|t| gpu.device.to_device(&t)).transpose()?)
+    }
+
+    /// Joins the NCCL communicator `id` of the GPU ranks `group`, when this rank is one of them
+    /// (a CPU rank never is: groups get NCCL only when all their members are GPUs).
+    pub fn join_nccl(&mut self, rank: usize, group: &[usize], id: &NcclId) -> Result<()> {
+        let (Backend::Cuda(gpu), Some(index)) = (self, group.iter().position(|&r| r == rank))
+        else {
+            return Ok(());
+        };
+        let Device::Cuda(ordinal) = gpu.device.device() else {
+            return Err(Error::Runtime(format!("rank {rank}: a GPU backend on the host")));
+        };
+        let config = NcclConfig::default();
+        let communicator = NcclCommunicator::init(ordinal, id, Rank(index), group.len(), config)?;
+        gpu.nccl.insert(group.to_vec(), communicator);
+        Ok(())
+    }
+}
+
+impl Gpu {
+    /// The all-reduce of `step` on device memory through NCCL, when `step` is an all-reduce over
+    /// a group that has a communicator here; `None` otherwise (the host path runs it).
+    fn nccl_all_reduce(
+        &self,
+        step: &BoxingStep,
+        local: &Tensor,
+        rank: usize,
+    ) -> Result<Option<Tensor>> {
+        let StepKind::AllReduce { mesh_axis } = step.kind else { return Ok(None) };
+        let Some(group) = group_of(step, mesh_axis, rank) else { return Ok(None) };
+        let Some(communicator) = self.nccl.get(&group) else { return Ok(None) };
+        let reduced = communicator
+            .all_reduce_device(&self.device, local, ReduceOp::Sum)
+            .map_err(|e| Error::Boxing { step: step.to_string(), source: Box::new(e.into()) })?;
+        Ok(Some(reduced))
+    }
+}
+
+/// The ranks of `rank`'s group on `mesh_axis` of the step's source placement, in group order.
+fn group_of(step: &BoxingStep, mesh_axis: usize, rank: usize) -> Option<Vec<usize>> {
+    let placement = &step.before.placement;
+    let index = placement.index_of_coordinates(&placement.coordinates(rank)?);
+    let ranks = placement.ranks();
+    Some(placement.group_of_index(index, mesh_axis).into_iter().map(|i| ranks[i]).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_kinds_place_local_ranks() {
+        assert_eq!(DeviceKind::Cpu.device(3).expect("cpu"), Device::Cpu);
+        assert_eq!(DeviceKind::Cuda.device(1).expect("gpu 1"), Device::Cuda(1));
+        let mixed = DeviceKind::Each(vec![Device::Cuda(0), Device::Cpu]);
+        assert_eq!(mixed.device(1).expect("listed"), Device::Cpu);
+        let error = mixed.device(2).expect_err("not listed");
+        assert!(error.to_string().contains("lists 2 devices"), "{error}");
+    }
+
+    #[test]
+    fn the_cpu_backend_runs_host_kernels_and_keeps_host_tensors() {
+        let backend = Backend::open(Device::Cpu).expect("a CPU backend");
+        assert_eq!(backend.device(), Device::Cpu);
+        assert!(backend.gpu().is_none());
+        let x = Tensor::from_vec(vec![1.0f32, 2.0], [2]).expect("x");
+        let y = Tensor::from_vec(vec![0.5f32, -4.0], [2]).expect("y");
+        let ctx = Context::default();
+        let op = meshflow_ops::ops::add::Add;
+        let sum = backend.forward(&ctx, &op, &[x.clone(), y]).expect("add");
+        assert_eq!(sum[0].to_vec::<f32>().expect("f32"), vec![1.5, -2.0]);
+        let kept = backend.upload(x.clone()).expect("upload");
+        assert!(std::sync::Arc::ptr_eq(kept.storage(), x.storage()), "no copy on the host");
+    }
+}
