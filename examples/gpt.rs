@@ -25,8 +25,17 @@ use meshflow::ops::ops::adamw::AdamW;
 use meshflow::ops::{io, DType, Tensor as HostTensor};
 use meshflow::placement::{DeviceType, Placement};
 use meshflow::schedule::Schedule;
-use meshflow::session::{Optimizer, Session, SessionConfig, Training};
+use meshflow::session::{DeviceKind, Optimizer, Session, SessionConfig, Training};
 use meshflow::{Error, Graph, Result};
+
+/// Where the devices run.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DeviceArg {
+    /// CPU threads.
+    Cpu,
+    /// GPUs: device rank i on GPU i (build with `--features cuda`).
+    Cuda,
+}
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum ScheduleKind {
@@ -34,7 +43,7 @@ enum ScheduleKind {
     Cosine,
 }
 
-/// Train a character-level GPT on CPU devices.
+/// Train a character-level GPT on CPU devices (or GPUs with `--device cuda`).
 #[derive(Debug, Parser)]
 struct Args {
     /// Data-parallel size (mesh axis 0).
@@ -55,6 +64,9 @@ struct Args {
     /// Kernel threads per device.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Run the devices on CPU threads or on GPUs.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
     /// Training steps.
     #[arg(long, default_value_t = 1000)]
     steps: usize,
@@ -195,6 +207,10 @@ fn run(args: &Args) -> Result<()> {
         threads_per_device: args.threads,
         micro_batches: args.micro_batches,
         zero_axis: args.zero.then_some(0),
+        device: match args.device {
+            DeviceArg::Cpu => DeviceKind::Cpu,
+            DeviceArg::Cuda => DeviceKind::Cuda,
+        },
         ..Default::default()
     };
     let mut session = Session::new(&graph, &[&loss], Some(training), session_config)?;
@@ -212,7 +228,7 @@ fn run(args: &Args) -> Result<()> {
     }
     println!(
         "gpt: {} parameters, vocab {}, ctx {ctx}, {} layers, {} heads, d {}; dp {} x tp {} x pp {} \
-         ({devices} CPU devices), {} micro-batches{}",
+         ({devices} {:?} devices), {} micro-batches{}",
         config.parameters(),
         config.vocab,
         config.n_layer,
@@ -221,6 +237,7 @@ fn run(args: &Args) -> Result<()> {
         args.dp,
         args.tp,
         stages.len(),
+        args.device,
         args.micro_batches,
         if args.zero { ", ZeRO" } else { "" },
     );

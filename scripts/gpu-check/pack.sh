@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU check, first half (here, no GPU needed): build the CUDA test binaries with the `cuda`
-# feature and pack them with the run half into one git-ignored folder (at most 64 MiB) that a GPU
-# machine with CUDA, NCCL and PyTorch but no Rust toolchain runs:
+# GPU check, first half (here, no GPU needed): build the CUDA test binaries and the GPT example
+# with the `cuda` feature and pack them, the example's corpus and the run half into one
+# git-ignored folder (at most 64 MiB) that a GPU machine with CUDA, NCCL and PyTorch but no Rust
+# toolchain runs:
 #
 #   scripts/gpu-check/pack.sh [release|dev]     # default release; packs into .gpu/
 #   .gpu/run.sh                                 # on the GPU machine (see run.sh)
@@ -38,10 +39,17 @@ for line in sys.stdin:
 {
   executables -p meshflow-ops --test cuda_gpu --test cuda_device --test cuda_kernels
   executables -p meshflow-comm --lib | sed 's/^meshflow_comm /comm_lib /'
+  executables -p meshflow --test cuda_session
 } | while read -r name path; do
   cp "$path" "$pack/bin/$name"
   strip --strip-debug "$pack/bin/$name" 2>/dev/null || true
 done
+cargo build "${profile_flag[@]}" --features cuda --example gpt
+example_dir=$CARGO_TARGET_DIR/$([ "$profile" = release ] && echo release || echo debug)/examples
+cp "$example_dir/gpt" "$pack/bin/gpt"
+strip --strip-debug "$pack/bin/gpt" 2>/dev/null || true
+mkdir -p "$pack/data"
+cp examples/data/kjv-genesis.txt "$pack/data/"
 
 if [ -n "${NVRTC_LIB_DIR:-}" ]; then
   echo "== NVRTC compile check here ($NVRTC_LIB_DIR)"
@@ -49,8 +57,8 @@ if [ -n "${NVRTC_LIB_DIR:-}" ]; then
 fi
 
 here=scripts/gpu-check
-cp "$here/run.sh" "$here/matmul_torch.py" "$here/device-env.sh" "$pack/"
-chmod +x "$pack/run.sh" "$pack"/bin/*
+cp "$here/run.sh" "$here/gpt_example.sh" "$here/matmul_torch.py" "$here/gpt_torch.py" "$here/device-env.sh" "$pack/"
+chmod +x "$pack/run.sh" "$pack/gpt_example.sh" "$pack"/bin/*
 size=$(du -sb "$pack" | cut -f1)
 echo "packed $pack: $(ls "$pack/bin" | tr '\n' ' ')($((size / 1024 / 1024)) MiB)"
 if [ "$size" -gt $((64 * 1024 * 1024)) ]; then
