@@ -315,3 +315,55 @@ fn calibration_covers_every_strategy_that_runs_here() {
     assert_eq!(names[5], "dp2 × tp1, ZeRO");
     assert_eq!(names[8], "dp2 × tp1, 2 processes (QUIC)");
 }
+
+/// Device threads sharing cores: two ranks computing at once on one core are each slowed ×2,
+/// two pipeline stages that take turns are not slowed at all (the slowdown is the mean number
+/// of threads computing over the step per core, found by fixed-point iteration).
+#[test]
+fn device_threads_sharing_cores_are_slowed_by_the_mean_number_busy() {
+    use meshflow::plan::calibrate::predict_sharing_cores;
+    use meshflow::plan::profile::KernelProfile;
+    use std::time::Duration;
+
+    let parallel = {
+        let placement = Placement::line(DeviceType::Cpu, 2).unwrap();
+        let graph = Graph::new();
+        let rows = NdSbp(vec![Sbp::Split(0)]);
+        let x = graph.input("x", [4, 4], DType::F32, &placement, Some(rows)).unwrap();
+        let y = x.mul_scalar(2.0).unwrap();
+        let requests = [Request { value: y.value(), layout: None }];
+        compile(&graph.snapshot(), &requests, &CompileConfig::default()).unwrap()
+    };
+    assert_eq!(parallel.count_boxing("all-reduce"), 0);
+    for (program, expected_slowdown, kernels_in_series) in
+        [(parallel, 2.0, 1.0), (pipeline(2), 1.0, 2.0)]
+    {
+        let profile = KernelProfile::measure(&program, 1, Duration::from_millis(5)).unwrap();
+        assert_eq!(profile.len(), 1, "one distinct kernel");
+        let kernel = program
+            .steps
+            .iter()
+            .find_map(|step| match step {
+                Step::Kernel { inputs, ops, .. } => {
+                    let metas: Vec<_> = inputs
+                        .iter()
+                        .map(|s| meshflow::compile::actors::local_meta(&program, *s, 0).unwrap())
+                        .collect();
+                    profile.seconds(&ops[0], &metas)
+                }
+                _ => None,
+            })
+            .unwrap();
+        let cluster = cluster(2, 0.0, 1e30);
+        let (prediction, slowdown) =
+            predict_sharing_cores(&program, &ActorConfig::default(), &cluster, &profile, 1)
+                .unwrap();
+        assert!((slowdown - expected_slowdown).abs() < 1e-3, "slowdown {slowdown}");
+        let expected = kernels_in_series * kernel * expected_slowdown;
+        assert!(
+            (prediction.step_seconds - expected).abs() < 1e-3 * expected + 4e-9,
+            "{} s, expected {expected} s",
+            prediction.step_seconds
+        );
+    }
+}

@@ -91,6 +91,9 @@ pub struct CalibrationRow {
     /// The factor the profiled kernels were slowed by for device threads sharing cores
     /// ([`predict_sharing_cores`]).
     pub slowdown: f64,
+    /// Of the profiled prediction: seconds of kernels on the busiest rank (what the schedule
+    /// adds to it is waiting: pipeline bubbles, collectives).
+    pub busiest_compute: f64,
 }
 
 impl CalibrationRow {
@@ -157,6 +160,7 @@ pub fn predict_row(
         measured: ran.step,
         link: (cluster.intra.latency, cluster.intra.bandwidth),
         slowdown,
+        busiest_compute: profiled.breakdown.compute,
     })
 }
 
@@ -213,22 +217,26 @@ impl fmt::Display for CalibrationTable {
         writeln!(
             f,
             "| char GPT, batch {} (median of steps) | measured ms | roofline ms | error | \
-             profiled kernels ms | error | of which empty step ms | kernels profiled (failed) | \
-             cores shared, slowdown | link hop µs, GB/s |",
+             profiled kernels ms | error | busiest rank's kernels ms | of which empty step ms | \
+             kernels profiled (failed) | cores shared, slowdown | link hop µs, GB/s |",
             self.batch
         )?;
-        writeln!(f, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")?;
+        writeln!(
+            f,
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        )?;
         for row in &self.rows {
             writeln!(
                 f,
-                "| {} | {:.2} | {:.2} | {:+.1}% | {:.2} | {:+.1}% | {:.2} | {} ({}) | ×{:.2} | \
-                 {:.1}, {:.2} |",
+                "| {} | {:.2} | {:.2} | {:+.1}% | {:.2} | {:+.1}% | {:.2} | {:.2} | {} ({}) | \
+                 ×{:.2} | {:.1}, {:.2} |",
                 row.strategy,
                 row.measured * 1e3,
                 row.predicted * 1e3,
                 row.error() * 100.0,
                 row.profiled * 1e3,
                 row.profiled_error() * 100.0,
+                row.busiest_compute * 1e3,
                 row.fixed * 1e3,
                 row.kernels.0,
                 row.kernels.1,
