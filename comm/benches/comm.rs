@@ -18,9 +18,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use meshflow_comm::quic::{JobSecret, QuicConfig, QuicEndpoint, QuicTransport};
+use meshflow_comm::table::{self, iterations, sizes, time};
 use meshflow_comm::{
-    Channel, Communicator, Message, MessageKind, Rank, ReduceOp, SharedGroup, Tag, Transport,
-    TransportCommunicator,
+    Channel, Communicator, Message, MessageKind, Piece, Rank, ReduceOp, SharedGroup, Tag,
+    Transport, TransportCommunicator,
 };
 use meshflow_ops::Tensor;
 
@@ -61,55 +62,25 @@ fn cores() -> usize {
     thread::available_parallelism().map(usize::from).unwrap_or(1)
 }
 
-/// 8 B, 1 KiB, 64 KiB, 1 MiB, 16 MiB, 64 MiB, 256 MiB (up to `max_bytes`).
-fn sizes(max_bytes: usize) -> Vec<usize> {
-    [8, 1 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20]
-        .into_iter()
-        .filter(|&s| s <= max_bytes)
-        .collect()
-}
-
-/// Iterations for a message size: the same on every rank (collectives must match), from 20 for
-/// small messages down to 2 at 256 MiB.
-fn iterations(bytes: usize) -> usize {
-    ((512usize << 20) / bytes.max(1)).clamp(2, 20)
-}
-
-/// Runs `run` twice to warm up (buffers that alternate between calls are both allocated), then
-/// `iterations` times; mean seconds per run.
-fn time(iterations: usize, mut run: impl FnMut()) -> f64 {
-    run();
-    run();
-    let started = Instant::now();
-    for _ in 0..iterations {
-        run();
-    }
-    started.elapsed().as_secs_f64() / iterations as f64
-}
-
 fn header(title: &str) {
     println!("\n# {title}");
-    println!(
-        "#{:>12} {:>12} {:>6} {:>6} {:>12} {:>12} {:>12} {:>7}",
-        "size", "count", "type", "redop", "time(us)", "algbw(GB/s)", "busbw(GB/s)", "#wrong"
-    );
+    println!("{}", table::header());
 }
 
+/// Prints one all-reduce row over `ranks`; returns its busbw.
 fn row(bytes: usize, seconds: f64, ranks: usize, wrong: usize) -> f64 {
-    let algbw = bytes as f64 / seconds / 1e9;
-    let busbw = algbw * 2.0 * (ranks as f64 - 1.0) / ranks as f64;
-    println!(
-        " {:>12} {:>12} {:>6} {:>6} {:>12.1} {:>12.3} {:>12.3} {:>7}",
+    let row = table::Row {
         bytes,
-        bytes / 4,
-        "float",
-        "sum",
-        seconds * 1e6,
-        algbw,
-        busbw,
-        wrong
-    );
-    busbw
+        count: bytes / 4,
+        dtype: "float",
+        redop: "sum",
+        seconds,
+        algbw: table::algorithm_bandwidth(bytes, seconds),
+        busbw: table::all_reduce_bus_bandwidth(bytes, seconds, ranks),
+        wrong,
+    };
+    println!("{}", row.line());
+    row.busbw
 }
 
 fn memcpy_bandwidth(bytes: usize) -> f64 {
@@ -117,7 +88,8 @@ fn memcpy_bandwidth(bytes: usize) -> f64 {
     let mut target = vec![0u8; bytes];
     let seconds = time(iterations(bytes), || {
         std::hint::black_box(&mut target).copy_from_slice(std::hint::black_box(&source))
-    });
+    })
+    .seconds;
     bytes as f64 / seconds / 1e9
 }
 
@@ -139,7 +111,8 @@ fn in_process_all_reduce(max_bytes: usize) {
                     let mut output = None;
                     let seconds = time(iterations(bytes), || {
                         output = Some(member.all_reduce(&input, ReduceOp::Sum).expect("all_reduce"))
-                    });
+                    })
+                    .seconds;
                     let wrong = output.map_or(count, |out| {
                         out.as_slice::<f32>().expect("f32").iter().filter(|&&v| v != 10.0).count()
                     });
@@ -246,6 +219,65 @@ fn tcp_throughput(bytes: usize, messages: usize) -> f64 {
     (bytes * messages) as f64 / started.elapsed().as_secs_f64() / 1e9
 }
 
+/// GB/s each way of two QUIC transports that send `messages` tensors of `bytes` to each other
+/// at the same time (what a 2-rank all-reduce does): the ceiling of its busbw.
+fn quic_bidirectional(config: &QuicConfig, bytes: usize, messages: usize) -> f64 {
+    let (first, second) = quic_pair(config);
+    let side = |transport: QuicTransport| {
+        thread::spawn(move || {
+            let peer = Rank(1 - transport.rank().0);
+            let tensor = Tensor::zeros([bytes], meshflow_ops::DType::U8);
+            let tag = Tag { kind: MessageKind::Send, sequence: 0, step: 0 };
+            let exchange = |count: usize| {
+                let sends =
+                    (0..count).map(|_| (Channel(2), Piece::whole(peer, tag, tensor.clone())));
+                let receives = vec![(peer, Channel(2)); count];
+                transport
+                    .stream_exchange(sends.collect(), &receives, &mut |_, _| Ok(()))
+                    .expect("exchange");
+            };
+            exchange(1);
+            let started = Instant::now();
+            exchange(messages);
+            (started.elapsed().as_secs_f64(), transport)
+        })
+    };
+    let (one, other) = (side(first), side(second));
+    let (seconds, _first) = one.join().expect("side");
+    let (other_seconds, _second) = other.join().expect("side");
+    (bytes * messages) as f64 / seconds.max(other_seconds) / 1e9
+}
+
+/// GB/s each way of two TCP connection ends writing `messages` buffers of `bytes` to each other
+/// at the same time (a reader and a writer thread on each end).
+fn tcp_bidirectional(bytes: usize, messages: usize) -> f64 {
+    let listener = TcpListener::bind(LOOPBACK).expect("listen");
+    let address = listener.local_addr().expect("address");
+    let accepting = thread::spawn(move || listener.accept().expect("accept").0);
+    let dialed = TcpStream::connect(address).expect("connect");
+    let accepted = accepting.join().expect("acceptor");
+    let started = Instant::now();
+    let ends: Vec<_> = [dialed, accepted]
+        .into_iter()
+        .flat_map(|stream| {
+            let mut reader = stream.try_clone().expect("clone");
+            let mut writer = stream;
+            [
+                thread::spawn(move || {
+                    let payload = vec![0u8; bytes];
+                    (0..messages).for_each(|_| writer.write_all(&payload).expect("write"));
+                }),
+                thread::spawn(move || {
+                    let mut buffer = vec![0u8; bytes];
+                    (0..messages).for_each(|_| reader.read_exact(&mut buffer).expect("read"));
+                }),
+            ]
+        })
+        .collect();
+    ends.into_iter().for_each(|end| end.join().expect("end"));
+    (bytes * messages) as f64 / started.elapsed().as_secs_f64() / 1e9
+}
+
 fn point_to_point(bytes: usize) {
     let messages = (512usize << 20) / bytes.max(1);
     println!("\n# point-to-point throughput on loopback, {messages} messages of {bytes} bytes");
@@ -260,6 +292,16 @@ fn point_to_point(bytes: usize) {
         "QUIC, meshflow QuicConfig::default",
         tuned,
         tuned / tcp
+    );
+    let messages = messages.min(16);
+    let tcp_both = tcp_bidirectional(bytes, messages);
+    println!(" {:>34} {:>10.3}   each way at once", "TCP, both ways (reference)", tcp_both);
+    let quic_both = quic_bidirectional(&QuicConfig::default(), bytes, messages);
+    println!(
+        " {:>34} {:>10.3}   {:.2}x TCP: the ceiling of a 2-process all-reduce's busbw",
+        "QUIC, both ways",
+        quic_both,
+        quic_both / tcp_both
     );
 }
 
@@ -283,18 +325,22 @@ fn two_process_all_reduce(max_bytes: usize) {
         assert!(status.success(), "bench child failed: {status}");
     }
     let ours = std::fs::read_to_string(directory.join("busbw")).unwrap_or_default();
-    let ours: Vec<(usize, f64)> = ours.lines().filter_map(parse_pair).collect();
+    let ours: Vec<(usize, f64, f64)> = ours.lines().filter_map(parse_figures).collect();
     gloo_comparison(&ours, max_bytes);
 }
 
-fn parse_pair(line: &str) -> Option<(usize, f64)> {
-    let (bytes, busbw) = line.split_once(' ')?;
-    Some((bytes.parse().ok()?, busbw.parse().ok()?))
+/// "bytes busbw cpu-seconds-per-GB" (the last may be missing: NaN).
+fn parse_figures(line: &str) -> Option<(usize, f64, f64)> {
+    let mut fields = line.split_whitespace();
+    let bytes = fields.next()?.parse().ok()?;
+    let busbw = fields.next()?.parse().ok()?;
+    let cpu = fields.next().and_then(|field| field.parse().ok()).unwrap_or(f64::NAN);
+    Some((bytes, busbw, cpu))
 }
 
-fn gloo_comparison(ours: &[(usize, f64)], max_bytes: usize) {
+fn gloo_comparison(ours: &[(usize, f64, f64)], max_bytes: usize) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gloo_allreduce.py");
-    let sizes: Vec<String> = ours.iter().map(|(bytes, _)| bytes.to_string()).collect();
+    let sizes: Vec<String> = ours.iter().map(|(bytes, _, _)| bytes.to_string()).collect();
     let output = Command::new("python3").arg(&script).arg("--sizes").args(&sizes).output();
     let Some(output) = output.ok().filter(|output| output.status.success()) else {
         println!(
@@ -304,18 +350,24 @@ fn gloo_comparison(ours: &[(usize, f64)], max_bytes: usize) {
         return;
     };
     println!("\n{}", String::from_utf8_lossy(&output.stderr).trim_end());
-    let gloo: Vec<(usize, f64)> =
-        String::from_utf8_lossy(&output.stdout).lines().filter_map(parse_pair).collect();
+    let gloo: Vec<(usize, f64, f64)> =
+        String::from_utf8_lossy(&output.stdout).lines().filter_map(parse_figures).collect();
     println!("\n# all_reduce between 2 processes: meshflow QUIC vs torch.distributed gloo (same run, up to {max_bytes} B)");
-    println!("#{:>12} {:>14} {:>14} {:>8}", "size", "quic busbw", "gloo busbw", "ratio");
-    for (bytes, busbw) in ours {
-        if let Some((_, reference)) = gloo.iter().find(|(size, _)| size == bytes) {
+    println!("# cpu: CPU seconds (user + system, all threads) of rank 0 per GB all-reduced");
+    println!(
+        "#{:>12} {:>12} {:>12} {:>8} {:>10} {:>10}",
+        "size", "quic busbw", "gloo busbw", "ratio", "quic cpu", "gloo cpu"
+    );
+    for (bytes, busbw, cpu) in ours {
+        if let Some((_, reference, gloo_cpu)) = gloo.iter().find(|(size, _, _)| size == bytes) {
             println!(
-                " {:>12} {:>14.3} {:>14.3} {:>8.2}",
+                " {:>12} {:>12.3} {:>12.3} {:>8.2} {:>10.3} {:>10.3}",
                 bytes,
                 busbw,
                 reference,
-                busbw / reference
+                busbw / reference,
+                cpu,
+                gloo_cpu
             );
         }
     }
@@ -344,15 +396,17 @@ fn quic_child(role: &str) {
         let count = (bytes / 4).max(1);
         let input = Tensor::from_vec(vec![rank as f32 + 1.0; count], [count]).expect("tensor");
         let mut output = None;
-        let seconds = time(iterations(bytes), || {
+        let timing = time(iterations(bytes), || {
             output = Some(group.all_reduce(&input, ReduceOp::Sum).expect("all_reduce"))
         });
+        let (seconds, cpu_per_gb) =
+            (timing.seconds, timing.cpu_seconds / ((count * 4) as f64 / 1e9));
         let wrong = output.map_or(count, |out| {
             out.as_slice::<f32>().expect("f32").iter().filter(|&&v| v != 3.0).count()
         });
         if rank == 0 {
             let busbw = row(count * 4, seconds, 2, wrong);
-            lines.push_str(&format!("{} {busbw}\n", count * 4));
+            lines.push_str(&format!("{} {busbw} {cpu_per_gb}\n", count * 4));
         }
     }
     if rank == 0 {

@@ -9,6 +9,8 @@
 //! - [`collective`]: all-reduce, reduce-scatter, all-gather, all-to-all, broadcast, reduce,
 //!   send/recv on any group: [`SharedGroup`] (threads of one process, shared buffers) and
 //!   [`TransportCommunicator`] (ring / direct over any transport).
+//! - [`table`]: the nccl-tests-style benchmark tables (sizes, timing, rows) the comm bench and
+//!   `meshflow bench comm` share.
 
 pub mod cluster;
 pub mod collective;
@@ -17,6 +19,7 @@ pub mod frame;
 pub mod nccl;
 pub mod quic;
 pub mod reduce;
+pub mod table;
 pub mod transport;
 
 pub use collective::{
@@ -25,5 +28,6 @@ pub use collective::{
 pub use error::{Error, Result};
 pub use reduce::{chunk, ReduceOp};
 pub use transport::{
-    Arrived, Channel, InProcessTransport, Message, MessageKind, Piece, Rank, Tag, Transport,
+    deliver, Arrived, Channel, Delivery, InProcessTransport, Message, MessageKind, Piece, Rank,
+    Tag, Transport,
 };

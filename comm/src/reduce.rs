@@ -108,6 +108,90 @@ pub fn reduce_pair(
     Ok(())
 }
 
+/// `target[i] = received[i] ⊕ mine[i]`, where `received` may start at any byte (a slice of a
+/// network packet): one pass over the three, no copy of `received` into place first.
+pub fn reduce_received(
+    collective: &'static str,
+    target: &mut [u8],
+    received: &[u8],
+    mine: &[u8],
+    dtype: DType,
+    operation: ReduceOp,
+) -> Result<()> {
+    if target.len() != received.len() || target.len() != mine.len() {
+        return Err(Error::InvalidArgument {
+            collective,
+            reason: format!(
+                "reducing {} and {} bytes into {} bytes",
+                received.len(),
+                mine.len(),
+                target.len()
+            ),
+        });
+    }
+    let sources = (received, mine);
+    match dtype {
+        DType::F32 => {
+            combine_received::<f32>(collective, target, sources, operation, |a, b| a + b, f32::max)
+        }
+        DType::F64 => {
+            combine_received::<f64>(collective, target, sources, operation, |a, b| a + b, f64::max)
+        }
+        DType::BF16 => combine_received::<bf16>(
+            collective,
+            target,
+            sources,
+            operation,
+            |a, b| a + b,
+            bf16::max,
+        ),
+        DType::F16 => {
+            combine_received::<f16>(collective, target, sources, operation, |a, b| a + b, f16::max)
+        }
+        DType::I64 => combine_received::<i64>(
+            collective,
+            target,
+            sources,
+            operation,
+            i64::wrapping_add,
+            i64::max,
+        ),
+        DType::I32 => combine_received::<i32>(
+            collective,
+            target,
+            sources,
+            operation,
+            i32::wrapping_add,
+            i32::max,
+        ),
+        DType::U8 | DType::Bool => check_reducible(collective, dtype, operation),
+    }
+}
+
+fn combine_received<T: bytemuck::Pod>(
+    collective: &'static str,
+    target: &mut [u8],
+    (received, mine): (&[u8], &[u8]),
+    operation: ReduceOp,
+    sum: impl Fn(T, T) -> T,
+    max: impl Fn(T, T) -> T,
+) -> Result<()> {
+    let misaligned = |_| Error::InvalidArgument {
+        collective,
+        reason: "buffer is not aligned to its dtype".into(),
+    };
+    let target: &mut [T] = bytemuck::try_cast_slice_mut(target).map_err(misaligned)?;
+    let mine: &[T] = bytemuck::try_cast_slice(mine).map_err(misaligned)?;
+    let received =
+        received.chunks_exact(std::mem::size_of::<T>()).map(bytemuck::pod_read_unaligned::<T>);
+    let pairs = target.iter_mut().zip(received.zip(mine));
+    match operation {
+        ReduceOp::Sum => pairs.for_each(|(t, (r, &m))| *t = sum(r, m)),
+        ReduceOp::Max => pairs.for_each(|(t, (r, &m))| *t = max(r, m)),
+    }
+    Ok(())
+}
+
 fn combine<T: bytemuck::Pod>(
     collective: &'static str,
     accumulator: &mut [u8],
@@ -123,10 +207,33 @@ fn combine<T: bytemuck::Pod>(
     let accumulator: &mut [T] = bytemuck::try_cast_slice_mut(accumulator).map_err(misaligned)?;
     let other: &[T] = bytemuck::try_cast_slice(other).map_err(misaligned)?;
     match operation {
-        ReduceOp::Sum => accumulator.iter_mut().zip(other).for_each(|(a, &b)| *a = sum(*a, b)),
-        ReduceOp::Max => accumulator.iter_mut().zip(other).for_each(|(a, &b)| *a = max(*a, b)),
+        ReduceOp::Sum => apply(accumulator, other, sum),
+        ReduceOp::Max => apply(accumulator, other, max),
     }
     Ok(())
+}
+
+/// `target[i] = combine(target[i], other[i])`, run as a copy compiled for AVX2 where the CPU
+/// has it (the baseline x86-64 build combines 4 floats at a time with SSE; AVX2 does 8).
+#[inline(always)]
+fn apply<T: Copy>(target: &mut [T], other: &[T], combine: impl Fn(T, T) -> T) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { apply_avx2(target, other, combine) };
+    }
+    apply_baseline(target, other, combine)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn apply_avx2<T: Copy>(target: &mut [T], other: &[T], combine: impl Fn(T, T) -> T) {
+    apply_baseline(target, other, combine)
+}
+
+#[inline(always)]
+fn apply_baseline<T: Copy>(target: &mut [T], other: &[T], combine: impl Fn(T, T) -> T) {
+    target.iter_mut().zip(other).for_each(|(a, &b)| *a = combine(*a, b))
 }
 
 /// The `index`-th of `parts` balanced pieces of `0..count`: the first `count % parts` pieces hold
@@ -176,6 +283,14 @@ mod tests {
         reduce_pair("test", &mut pair, sources.0, sources.1, DType::F32, ReduceOp::Sum)
             .expect("pair");
         assert_eq!(bytemuck::cast_slice::<u8, f32>(&pair), &[1.5, -2.0]);
+        // A received slice that starts at an odd byte.
+        let mut packet = vec![0u8];
+        packet.extend_from_slice(bytemuck::cast_slice(&[2.0f64, -1.0]));
+        let mut target = vec![0u8; 16];
+        let mine = bytemuck::cast_slice(&[0.5f64, 3.0]);
+        reduce_received("test", &mut target, &packet[1..], mine, DType::F64, ReduceOp::Max)
+            .expect("received");
+        assert_eq!(bytemuck::cast_slice::<u8, f64>(&target), &[2.0, 3.0]);
         let error = reduce_into("all_reduce", &mut [1u8], &[1u8], DType::Bool, ReduceOp::Sum);
         assert!(matches!(error, Err(Error::UnsupportedDType { collective: "all_reduce", .. })));
     }

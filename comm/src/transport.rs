@@ -12,9 +12,9 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crossbeam::channel::{bounded, Receiver, SendTimeoutError, Sender};
+use crossbeam::channel::{bounded, Receiver, Select, SendTimeoutError, Sender};
 
-use meshflow_ops::Tensor;
+use meshflow_ops::{Tensor, TensorMeta};
 
 use crate::{Error, Result};
 
@@ -155,9 +155,37 @@ impl Piece {
     }
 }
 
-/// Called with each message a [`Transport::stream_exchange`] receives: its index in the list of
-/// receives and the message.
-pub type Arrived<'a> = dyn FnMut(usize, Message) -> Result<()> + 'a;
+/// What a [`Transport::stream_exchange`] hands over of one received message: first its
+/// [`Delivery::Header`], then its payload as [`Delivery::Payload`] slices in order (none for an
+/// empty tensor). A transport may deliver the payload in any number of slices, each as soon as
+/// it is in (QUIC hands over the decrypted packets themselves), so the receiver can reduce or
+/// place the bytes without a copy of its own.
+#[derive(Debug)]
+pub enum Delivery<'a> {
+    /// The message's tag and the shape and dtype of its tensor.
+    Header {
+        /// What it belongs to.
+        tag: Tag,
+        /// The shape and dtype; the payload holds `meta.bytes()` bytes.
+        meta: &'a TensorMeta,
+    },
+    /// The next bytes of the payload.
+    Payload(&'a [u8]),
+}
+
+/// Called with what a [`Transport::stream_exchange`] receives: the index of the receive in the
+/// list of receives and the next part of its message (see [`Delivery`]).
+pub type Arrived<'a> = dyn FnMut(usize, Delivery<'_>) -> Result<()> + 'a;
+
+/// Hands a whole message to `arrived` as its header and one payload slice.
+pub fn deliver(arrived: &mut Arrived<'_>, index: usize, message: &Message) -> Result<()> {
+    arrived(index, Delivery::Header { tag: message.tag, meta: message.tensor.meta() })?;
+    let bytes = message.tensor.bytes()?;
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    arrived(index, Delivery::Payload(bytes))
+}
 
 /// Point-to-point messages between the ranks of one world.
 pub trait Transport: Send + Sync {
@@ -186,28 +214,27 @@ pub trait Transport: Send + Sync {
         receives.iter().map(|&peer| self.recv(peer, channel)).collect()
     }
 
-    /// Sends `sends` in order and receives one message from each of `receives` in order, handing
-    /// each to `arrived` as soon as it is in while the later sends and receives go on: the
-    /// pipeline of a chunked ring step (reduce piece `k` while piece `k + 1` travels). The
-    /// default sends from a scoped thread while this one receives, so neither side waits for the
-    /// other whatever the buffers hold; transports with asynchronous I/O do both on one thread.
+    /// Sends `sends` (each on its channel) in order and receives one message from each of
+    /// `receives` (peer, channel) in order, handing each to `arrived` as it comes in (see
+    /// [`Delivery`]) while the later sends and receives go on: the pipeline of a chunked ring
+    /// step (reduce piece `k` while piece `k + 1` travels). The default sends from a scoped
+    /// thread while this one receives, so neither side waits for the other whatever the buffers
+    /// hold; the transports of this crate do both on the calling thread.
     fn stream_exchange(
         &self,
-        channel: Channel,
-        sends: Vec<Piece>,
-        receives: &[Rank],
+        sends: Vec<(Channel, Piece)>,
+        receives: &[(Rank, Channel)],
         arrived: &mut Arrived<'_>,
     ) -> Result<()> {
         std::thread::scope(|scope| {
             let sending = scope.spawn(move || {
-                sends
-                    .into_iter()
-                    .try_for_each(|piece| self.send(piece.peer, channel, piece.to_message()?))
+                sends.into_iter().try_for_each(|(channel, piece)| {
+                    self.send(piece.peer, channel, piece.to_message()?)
+                })
             });
-            let received = receives
-                .iter()
-                .enumerate()
-                .try_for_each(|(index, &peer)| arrived(index, self.recv(peer, channel)?));
+            let received = receives.iter().enumerate().try_for_each(|(index, &(peer, channel))| {
+                deliver(arrived, index, &self.recv(peer, channel)?)
+            });
             let sent = sending.join().unwrap_or_else(|_| {
                 Err(Error::InvalidArgument {
                     collective: "send",
@@ -303,6 +330,112 @@ impl Transport for InProcessTransport {
             timeout: self.timeout(),
         })
     }
+
+    /// Sends and receives on this thread: each wait is on whichever comes first, room in the
+    /// next send's mailbox or the next receive's message (no helper thread per exchange).
+    fn stream_exchange(
+        &self,
+        sends: Vec<(Channel, Piece)>,
+        receives: &[(Rank, Channel)],
+        arrived: &mut Arrived<'_>,
+    ) -> Result<()> {
+        let mut sends = sends.into_iter();
+        let (mut outgoing, mut message) = self.next_outgoing(&mut sends)?;
+        let mut index = 0;
+        while outgoing.is_some() || index < receives.len() {
+            let incoming = match receives.get(index) {
+                Some(&(peer, channel)) => {
+                    self.check(peer)?;
+                    Some((peer, self.mailboxes.mailbox(peer, self.rank, channel).1))
+                }
+                None => None,
+            };
+            let received = {
+                let mut select = Select::new();
+                let send = outgoing.as_ref().map(|(_, sender)| select.send(sender));
+                if let Some((_, receiver)) = &incoming {
+                    select.recv(receiver);
+                }
+                let peer = match (&outgoing, &incoming) {
+                    (Some((peer, _)), _) | (None, Some((peer, _))) => *peer,
+                    (None, None) => self.rank,
+                };
+                let operation =
+                    select.select_timeout(self.timeout()).map_err(|_| Error::Timeout {
+                        peer,
+                        operation: "stream exchange".into(),
+                        timeout: self.timeout(),
+                    })?;
+                match (&outgoing, &incoming) {
+                    (Some((peer, sender)), _) if Some(operation.index()) == send => {
+                        let closed = |_| Error::PeerClosed {
+                            peer: *peer,
+                            operation: "send".into(),
+                            reason: "mailbox closed".into(),
+                        };
+                        match message.take() {
+                            Some(message) => operation.send(sender, message).map_err(closed)?,
+                            None => unreachable!("a pending send always holds its message"),
+                        }
+                        None
+                    }
+                    (_, Some((peer, receiver))) => {
+                        Some(operation.recv(receiver).map_err(|_| Error::PeerClosed {
+                            peer: *peer,
+                            operation: "recv".into(),
+                            reason: "mailbox closed".into(),
+                        })?)
+                    }
+                    _ => unreachable!("the selected operation is one of those registered"),
+                }
+            };
+            match received {
+                Some(arrival) => {
+                    if let Err(error) = deliver(arrived, index, &arrival) {
+                        self.flush(outgoing.zip(message), sends);
+                        return Err(error);
+                    }
+                    index += 1;
+                }
+                None => (outgoing, message) = self.next_outgoing(&mut sends)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the next send of an in-process stream exchange goes: its peer and mailbox.
+type Mailed = (Rank, Sender<Message>);
+
+impl InProcessTransport {
+    /// After a failed receive: hands the peers what still fits in their mailboxes, without
+    /// waiting, so that a peer on a mismatched call names the mismatch instead of timing out.
+    fn flush(
+        &self,
+        pending: Option<(Mailed, Message)>,
+        sends: impl Iterator<Item = (Channel, Piece)>,
+    ) {
+        if let Some(((_, sender), message)) = pending {
+            let _ = sender.try_send(message);
+        }
+        for (channel, piece) in sends {
+            let (sender, _) = self.mailboxes.mailbox(self.rank, piece.peer, channel);
+            if let Ok(message) = piece.to_message() {
+                let _ = sender.try_send(message);
+            }
+        }
+    }
+
+    /// The next send of an in-process stream exchange: its peer and mailbox, and its message.
+    fn next_outgoing(
+        &self,
+        sends: &mut impl Iterator<Item = (Channel, Piece)>,
+    ) -> Result<(Option<Mailed>, Option<Message>)> {
+        let Some((channel, piece)) = sends.next() else { return Ok((None, None)) };
+        self.check(piece.peer)?;
+        let (sender, _) = self.mailboxes.mailbox(self.rank, piece.peer, channel);
+        Ok((Some((piece.peer, sender)), Some(piece.to_message()?)))
+    }
 }
 
 #[cfg(test)]
@@ -340,21 +473,30 @@ mod tests {
                 std::thread::spawn(move || {
                     let peer = Rank(1 - transport.rank().0);
                     let sends = (0..50)
-                        .map(|index| Piece {
-                            peer,
-                            tag: Tag { kind: MessageKind::Send, sequence: index as u64, step: 0 },
-                            tensor: tensor.clone(),
-                            elements: 2 * index..2 * index + 2,
+                        .map(|index| {
+                            let tag =
+                                Tag { kind: MessageKind::Send, sequence: index as u64, step: 0 };
+                            let elements = 2 * index..2 * index + 2;
+                            (Channel(9), Piece { peer, tag, tensor: tensor.clone(), elements })
                         })
                         .collect();
                     let mut arrived = Vec::new();
+                    let mut headers = 0;
                     transport
-                        .stream_exchange(Channel(9), sends, &[peer; 50], &mut |index, message| {
-                            assert_eq!(message.tag.sequence, index as u64);
-                            arrived.extend(message.tensor.to_vec::<f32>()?);
+                        .stream_exchange(sends, &[(peer, Channel(9)); 50], &mut |index, part| {
+                            match part {
+                                Delivery::Header { tag, meta } => {
+                                    assert_eq!(tag.sequence, index as u64);
+                                    assert_eq!(meta.shape.dims(), &[2]);
+                                    headers += 1;
+                                }
+                                Delivery::Payload(bytes) => arrived
+                                    .extend_from_slice(bytemuck::cast_slice::<u8, f32>(bytes)),
+                            }
                             Ok(())
                         })
                         .expect("stream exchange");
+                    assert_eq!(headers, 50);
                     arrived
                 })
             })

@@ -9,9 +9,10 @@
 
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::comm::quic::QuicTransport;
+use crate::comm::table::time;
 use crate::comm::{Communicator, Rank, ReduceOp, SharedGroup, TransportCommunicator};
 use crate::dist::{self, JoinOptions};
 use crate::ops::Tensor;
@@ -20,26 +21,17 @@ use super::arithmetic::{algorithm_bandwidth, bus_bandwidth, Collective};
 use super::report::CommFigure;
 use super::BenchError;
 
-/// 8 B, 1 KiB, 64 KiB, 1 MiB, 16 MiB, 64 MiB, 256 MiB, up to `max_bytes`.
-pub fn sizes(max_bytes: usize) -> Vec<usize> {
-    [8, 1 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20]
-        .into_iter()
-        .filter(|&s| s <= max_bytes)
-        .collect()
-}
-
-/// Calls per size, the same on every member: from 20 for small messages down to 3.
-pub fn iterations(bytes: usize) -> usize {
-    ((128usize << 20) / bytes.max(1)).clamp(3, 20)
-}
+/// The sizes and calls per size of the table: the comm crate's, shared with its bench.
+pub use crate::comm::table::{iterations, sizes};
 
 /// f32 elements for `bytes`, a positive multiple of `ranks` (so that every member's part is even).
 pub fn elements(bytes: usize, ranks: usize) -> usize {
     ((bytes / 4) / ranks * ranks).max(ranks)
 }
 
-/// Runs `collective` on `count` f32 elements `iterations` times after one warm-up; returns the
-/// mean seconds per call and the output elements that differ from the closed form.
+/// Runs `collective` on `count` f32 elements `iterations` times after the warm-ups of
+/// [`crate::comm::table::time`]; returns the mean seconds per call and the output elements that
+/// differ from the closed form.
 pub fn run_collective(
     member: &mut dyn Communicator,
     collective: Collective,
@@ -48,13 +40,14 @@ pub fn run_collective(
 ) -> Result<(f64, usize), BenchError> {
     let (i, n) = (member.group_index(), member.group_size());
     let input = input(collective, i, n, count)?;
-    let mut output = call(member, collective, &input)?;
-    let started = Instant::now();
-    for _ in 0..iterations {
-        output = call(member, collective, &input)?;
-    }
-    let seconds = started.elapsed().as_secs_f64() / iterations.max(1) as f64;
-    Ok((seconds, wrong(collective, i, n, count, output.as_ref())?))
+    let mut output = Ok(None);
+    let timing = time(iterations, || {
+        if output.is_ok() {
+            output = call(member, collective, &input);
+        }
+    });
+    let output = output?;
+    Ok((timing.seconds, wrong(collective, i, n, count, output.as_ref())?))
 }
 
 /// Member `i`'s input: all-to-all chunk `j` holds `i·n + j`, broadcast's root holds 7, every

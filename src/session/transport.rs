@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshflow_comm::{
-    Arrived, Channel, InProcessTransport, Message, Piece, Rank, Result, Transport,
+    deliver, Arrived, Channel, InProcessTransport, Message, Piece, Rank, Result, Transport,
 };
 
 /// One device's view of a world of devices spread over processes.
@@ -105,22 +105,47 @@ impl Transport for DeviceTransport {
         self.overlapped(sends, || receives.iter().map(|&peer| self.recv(peer, channel)).collect())
     }
 
+    /// A ring step whose peers are all in this process runs on shared memory, one whose peers
+    /// are all in other processes goes to the process transport's own `stream_exchange` (for
+    /// QUIC: sends and receives on one thread, payloads delivered from the decrypted packets);
+    /// neither starts a thread. A step that sends to one side and receives from the other sends
+    /// from a scoped thread, so neither side can wait on the other.
     fn stream_exchange(
         &self,
-        channel: Channel,
-        sends: Vec<Piece>,
-        receives: &[Rank],
+        sends: Vec<(Channel, Piece)>,
+        receives: &[(Rank, Channel)],
         arrived: &mut Arrived<'_>,
     ) -> Result<()> {
+        let peers =
+            || sends.iter().map(|(_, piece)| piece.peer).chain(receives.iter().map(|r| r.0));
+        if peers().all(|peer| self.is_local(peer)) {
+            return self.local.stream_exchange(sends, receives, arrived);
+        }
+        let me = Rank(self.rank);
+        if peers().all(|peer| !self.is_local(peer)) {
+            let sends = sends
+                .into_iter()
+                .map(|(channel, piece)| {
+                    let wire = Self::channel(channel, me, piece.peer);
+                    (wire, Piece { peer: Rank(self.process(piece.peer)), ..piece })
+                })
+                .collect();
+            let receives: Vec<(Rank, Channel)> = receives
+                .iter()
+                .map(|&(peer, channel)| {
+                    (Rank(self.process(peer)), Self::channel(channel, peer, me))
+                })
+                .collect();
+            return self.remote.stream_exchange(sends, &receives, arrived);
+        }
         let sends = sends
             .into_iter()
-            .map(|piece| Ok((piece.peer, channel, piece.to_message()?)))
+            .map(|(channel, piece)| Ok((piece.peer, channel, piece.to_message()?)))
             .collect::<Result<Vec<_>>>()?;
         self.overlapped(sends, || {
-            receives
-                .iter()
-                .enumerate()
-                .try_for_each(|(index, &peer)| arrived(index, self.recv(peer, channel)?))
+            receives.iter().enumerate().try_for_each(|(index, &(peer, channel))| {
+                deliver(arrived, index, &self.recv(peer, channel)?)
+            })
         })
     }
 }

@@ -141,12 +141,11 @@ impl Transport for WatchedTransport {
 
     fn stream_exchange(
         &self,
-        channel: Channel,
-        sends: Vec<Piece>,
-        receives: &[Rank],
+        sends: Vec<(Channel, Piece)>,
+        receives: &[(Rank, Channel)],
         arrived: &mut Arrived<'_>,
     ) -> Result<()> {
-        self.guard("exchange", || self.inner.stream_exchange(channel, sends, receives, arrived))
+        self.guard("exchange", || self.inner.stream_exchange(sends, receives, arrived))
     }
 }
 

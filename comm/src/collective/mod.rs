@@ -28,6 +28,7 @@
 
 mod ring;
 mod shared;
+mod step;
 
 use meshflow_ops::{CpuStorage, Shape, Storage, Tensor, TensorMeta};
 

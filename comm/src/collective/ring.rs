@@ -6,8 +6,9 @@ use std::sync::Arc;
 use meshflow_ops::buffers::BufferPool;
 use meshflow_ops::{CpuStorage, Shape, Storage, Tensor, TensorMeta};
 
+use super::step::{GatherStep, ReduceStep, StepPlan};
 use super::{check_root, concat_rows, mismatch, rows, slice_rows, Communicator};
-use crate::reduce::{check_reducible, chunk, reduce_into, reduce_pair};
+use crate::reduce::{check_reducible, chunk, reduce_into};
 use crate::{Channel, Error, Message, MessageKind, Piece, Rank, ReduceOp, Result, Tag, Transport};
 
 /// All-reduces of at most this many bytes use the direct exchange (one round, latency-optimal);
@@ -38,9 +39,9 @@ pub struct TransportCommunicator {
 
 /// One collective call: its kind and sequence number.
 #[derive(Clone, Copy)]
-struct Call {
-    kind: MessageKind,
-    sequence: u64,
+pub(super) struct Call {
+    pub kind: MessageKind,
+    pub sequence: u64,
 }
 
 impl TransportCommunicator {
@@ -134,26 +135,27 @@ impl TransportCommunicator {
     }
 
     /// Ring reduce-scatter over the element ranges `chunks`, pipelined: each ring step travels as
-    /// pieces, and each piece is reduced with this member's input as soon as it arrives (while
-    /// the next ones travel) into a buffer of its own, which the next step forwards as it is.
-    /// Returns this member's chunk of the reduction, as its pieces in order.
+    /// pieces, and each piece is reduced with this member's input as its bytes arrive (while the
+    /// next ones travel) into a buffer of its own, which the next step forwards as it is. The
+    /// last step also writes this member's chunk of the reduction to `output`. Returns that
+    /// chunk as its pieces in order.
     fn ring_reduce_scatter(
         &self,
         call: Call,
         tensor: &Tensor,
         chunks: &[Range<usize>],
         operation: ReduceOp,
+        output: &mut [u8],
     ) -> Result<Vec<Tensor>> {
         let (n, i) = (self.size(), self.index);
         let (right, left) = (self.ranks[(i + 1) % n], self.ranks[(i + n - 1) % n]);
         let parts = self.pieces_per_chunk(chunks, tensor);
         let input = tensor.bytes()?;
-        let size = tensor.dtype().size();
         let mut carried: Vec<Tensor> = Vec::new();
         for step in 0..n - 1 {
             let outgoing = &chunks[(i + 2 * n - step - 1) % n];
-            let incoming = &chunks[(i + 2 * n - step - 2) % n];
-            let sends: Vec<Piece> = if step == 0 {
+            let incoming = chunks[(i + 2 * n - step - 2) % n].clone();
+            let sends: Vec<(Channel, Piece)> = if step == 0 {
                 (0..parts)
                     .map(|k| Piece {
                         peer: right,
@@ -161,45 +163,45 @@ impl TransportCommunicator {
                         tensor: tensor.clone(),
                         elements: sub_range(outgoing, parts, k),
                     })
+                    .map(|piece| (self.channel, piece))
                     .collect()
             } else {
-                let tags = (0..parts).map(|k| tag(call, step, parts, k));
-                carried
-                    .drain(..)
-                    .zip(tags)
-                    .map(|(piece, tag)| Piece::whole(right, tag, piece))
-                    .collect()
+                self.forward(call, step, right, std::mem::take(&mut carried))
             };
-            let mut reduced = Vec::with_capacity(parts);
-            let mut arrived = |k: usize, message: Message| {
-                let elements = sub_range(incoming, parts, k);
-                let received = check(call, tag(call, step, parts, k), left, message)?;
-                let bytes = expect_elements(call, left, tensor, elements.len(), &received)?;
-                let mut storage = CpuStorage::for_overwrite(bytes.len(), &self.buffers);
-                let mine = &input[elements.start * size..elements.end * size];
-                reduce_pair(
-                    call.kind.name(),
-                    storage.bytes_mut(),
-                    bytes,
-                    mine,
-                    tensor.dtype(),
-                    operation,
-                )?;
-                let meta = TensorMeta::new([elements.len()], tensor.dtype());
-                reduced.push(Tensor::from_storage(meta, Arc::new(Storage::Cpu(storage)))?);
-                Ok(())
-            };
+            let plan =
+                StepPlan { call, peer: left, step, parts, chunk: incoming, dtype: tensor.dtype() };
+            let last = (step == n - 2).then_some(&mut *output);
+            let mut receiver = ReduceStep::new(plan, input, operation, &self.buffers, last);
             self.transport
-                .stream_exchange(self.channel, sends, &vec![left; parts], &mut arrived)
+                .stream_exchange(sends, &vec![(left, self.channel); parts], &mut |k, delivery| {
+                    receiver.deliver(k, delivery)
+                })
                 .map_err(|error| rename(error, call))?;
-            carried = reduced;
+            carried = receiver.finish()?;
         }
         Ok(carried)
     }
 
-    /// Ring all-gather, pipelined like [`Self::ring_reduce_scatter`]: this member starts with its
-    /// own chunk as the pieces `own`; every chunk lands in `output` (element ranges `chunks`),
-    /// and each piece received is forwarded as it is at the next step.
+    /// The pieces a ring step sends on, tagged as `step`.
+    fn forward(
+        &self,
+        call: Call,
+        step: usize,
+        to: Rank,
+        pieces: Vec<Tensor>,
+    ) -> Vec<(Channel, Piece)> {
+        let parts = pieces.len();
+        pieces
+            .into_iter()
+            .enumerate()
+            .map(|(k, piece)| (self.channel, Piece::whole(to, tag(call, step, parts, k), piece)))
+            .collect()
+    }
+
+    /// Ring all-gather, pipelined like [`Self::ring_reduce_scatter`]: this member's chunk is
+    /// already in `output` and travels as the pieces `own`; every other chunk lands in `output`
+    /// (element ranges `chunks`) as its bytes arrive, and each piece received is forwarded as it
+    /// is at the next step.
     fn ring_all_gather(
         &self,
         call: Call,
@@ -211,34 +213,27 @@ impl TransportCommunicator {
         let (n, i) = (self.size(), self.index);
         let (right, left) = (self.ranks[(i + 1) % n], self.ranks[(i + n - 1) % n]);
         let parts = self.pieces_per_chunk(chunks, like);
-        let size = like.dtype().size();
-        for (k, piece) in own.iter().enumerate() {
-            let elements = sub_range(&chunks[i], parts, k);
-            output[elements.start * size..elements.end * size].copy_from_slice(piece.bytes()?);
-        }
         let mut carried = own;
         for step in 0..n - 1 {
-            let incoming = &chunks[(i + 2 * n - step - 1) % n];
+            let incoming = chunks[(i + 2 * n - step - 1) % n].clone();
             let ring_step = n - 1 + step;
-            let tags = (0..parts).map(|k| tag(call, ring_step, parts, k));
-            let sends = carried
-                .drain(..)
-                .zip(tags)
-                .map(|(piece, tag)| Piece::whole(right, tag, piece))
-                .collect();
-            let mut received_pieces = Vec::with_capacity(parts);
-            let mut arrived = |k: usize, message: Message| {
-                let elements = sub_range(incoming, parts, k);
-                let received = check(call, tag(call, ring_step, parts, k), left, message)?;
-                let bytes = expect_elements(call, left, like, elements.len(), &received)?;
-                output[elements.start * size..elements.end * size].copy_from_slice(bytes);
-                received_pieces.push(received);
-                Ok(())
+            let sends = self.forward(call, ring_step, right, std::mem::take(&mut carried));
+            let plan = StepPlan {
+                call,
+                peer: left,
+                step: ring_step,
+                parts,
+                chunk: incoming,
+                dtype: like.dtype(),
             };
+            let forward = (step < n - 2).then_some(&self.buffers);
+            let mut receiver = GatherStep::new(plan, output, forward);
             self.transport
-                .stream_exchange(self.channel, sends, &vec![left; parts], &mut arrived)
+                .stream_exchange(sends, &vec![(left, self.channel); parts], &mut |k, delivery| {
+                    receiver.deliver(k, delivery)
+                })
                 .map_err(|error| rename(error, call))?;
-            carried = received_pieces;
+            carried = receiver.finish()?;
         }
         Ok(())
     }
@@ -287,9 +282,17 @@ impl Communicator for TransportCommunicator {
             return self.direct_all_reduce(call, tensor, operation);
         }
         let chunks: Vec<_> = (0..n).map(|member| chunk(tensor.numel(), n, member)).collect();
-        let reduced = self.ring_reduce_scatter(call, tensor, &chunks, operation)?;
-        // Every byte is written: this member's chunk first, the others as they arrive.
+        // Every byte is written: this member's chunk by the reduction, the others as they arrive.
         let mut output = CpuStorage::for_overwrite(tensor.meta().bytes(), &self.buffers);
+        let size = tensor.dtype().size();
+        let own = chunks[self.index].start * size..chunks[self.index].end * size;
+        let reduced = self.ring_reduce_scatter(
+            call,
+            tensor,
+            &chunks,
+            operation,
+            &mut output.bytes_mut()[own],
+        )?;
         self.ring_all_gather(call, tensor, output.bytes_mut(), &chunks, reduced)?;
         Ok(Tensor::from_storage(tensor.meta().clone(), Arc::new(Storage::Cpu(output)))?)
     }
@@ -305,17 +308,11 @@ impl Communicator for TransportCommunicator {
         }
         let chunks: Vec<_> =
             row_chunks.iter().map(|rows| rows.start * row..rows.end * row).collect();
-        let reduced = self.ring_reduce_scatter(call, tensor, &chunks, operation)?;
         let mut dims = tensor.dims().to_vec();
         dims[0] = row_chunks[self.index].len();
         let meta = TensorMeta::new(Shape::new(dims), tensor.dtype());
         let mut output = CpuStorage::for_overwrite(meta.bytes(), &self.buffers);
-        let mut offset = 0;
-        for piece in &reduced {
-            let bytes = piece.bytes()?;
-            output.bytes_mut()[offset..offset + bytes.len()].copy_from_slice(bytes);
-            offset += bytes.len();
-        }
+        self.ring_reduce_scatter(call, tensor, &chunks, operation, output.bytes_mut())?;
         Ok(Tensor::from_storage(meta, Arc::new(Storage::Cpu(output)))?)
     }
 
@@ -440,27 +437,33 @@ fn group_hash(ranks: &[Rank]) -> u32 {
 
 /// The tensor of a message, if its tag is the one this member expects.
 fn check(call: Call, expected: Tag, peer: Rank, message: Message) -> Result<Tensor> {
-    if message.tag.kind != expected.kind || message.tag.sequence != expected.sequence {
+    check_tag(call, expected, peer, message.tag)?;
+    Ok(message.tensor)
+}
+
+/// Fails unless `received` is the tag this member expects.
+pub(super) fn check_tag(call: Call, expected: Tag, peer: Rank, received: Tag) -> Result<()> {
+    if received.kind != expected.kind || received.sequence != expected.sequence {
         return Err(Error::SequenceMismatch {
             collective: call.kind.name(),
             peer,
             expected: expected.sequence,
-            received_collective: message.tag.kind.name().to_string(),
-            received: message.tag.sequence,
+            received_collective: received.kind.name().to_string(),
+            received: received.sequence,
         });
     }
-    if message.tag.step != expected.step {
+    if received.step != expected.step {
         return Err(Error::InvalidFrame {
             peer,
             reason: format!(
                 "{} step {} arrived during step {}",
                 call.kind.name(),
-                message.tag.step,
+                received.step,
                 expected.step
             ),
         });
     }
-    Ok(message.tensor)
+    Ok(())
 }
 
 /// Names the collective in transport errors.
@@ -474,35 +477,15 @@ fn rename(error: Error, call: Call) -> Error {
 }
 
 /// The tag of piece `k` (of `parts`) of ring step `step`.
-fn tag(call: Call, step: usize, parts: usize, k: usize) -> Tag {
+pub(super) fn tag(call: Call, step: usize, parts: usize, k: usize) -> Tag {
     let step = u32::try_from(step * parts + k).unwrap_or(u32::MAX);
     Tag { kind: call.kind, sequence: call.sequence, step }
 }
 
 /// Piece `k` of `parts` balanced pieces of the element range `range`.
-fn sub_range(range: &Range<usize>, parts: usize, k: usize) -> Range<usize> {
+pub(super) fn sub_range(range: &Range<usize>, parts: usize, k: usize) -> Range<usize> {
     let piece = chunk(range.len(), parts, k);
     range.start + piece.start..range.start + piece.end
-}
-
-/// The bytes of a received chunk, checked against the expected dtype and element count.
-fn expect_elements<'a>(
-    call: Call,
-    peer: Rank,
-    like: &Tensor,
-    count: usize,
-    received: &'a Tensor,
-) -> Result<&'a [u8]> {
-    if received.dtype() != like.dtype() || received.numel() != count {
-        return Err(mismatch(
-            call.kind.name(),
-            peer,
-            like.dtype(),
-            &format!("[{count}]"),
-            received,
-        ));
-    }
-    Ok(received.bytes()?)
 }
 
 /// Reduces `inputs` in order into a tensor shaped like `like`.

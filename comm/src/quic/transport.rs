@@ -20,7 +20,7 @@ use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::Notify;
 
 use super::{AuthenticatedConnection, QuicEndpoint};
-use crate::transport::Arrived;
+use crate::transport::{Arrived, Delivery};
 use crate::{frame, Channel, Error, Message, Piece, Rank, Result, Transport};
 
 const STREAM_MAGIC: &[u8; 4] = b"MFST";
@@ -237,31 +237,79 @@ impl Transport for QuicTransport {
     }
 
     /// Writes the pieces one after the other (each goes to quinn without a copy and is on its
-    /// way while the next is written) and, at the same time, reads the receives in order, calling
-    /// `arrived` on each as soon as it is in: quinn's tasks keep moving the data while the caller
-    /// reduces what has arrived.
+    /// way while the next is written) and, at the same time, reads the receives in order, handing
+    /// `arrived` each frame's header and then the payload as quinn's decrypted packets hold it
+    /// (no copy of its own): quinn's tasks keep moving the data while the caller reduces what
+    /// has arrived.
     fn stream_exchange(
         &self,
-        channel: Channel,
-        sends: Vec<Piece>,
-        receives: &[Rank],
+        sends: Vec<(Channel, Piece)>,
+        receives: &[(Rank, Channel)],
         arrived: &mut Arrived<'_>,
     ) -> Result<()> {
         let sending = async {
-            for piece in sends {
+            for (channel, piece) in sends {
                 self.transmit(channel, piece).await?;
             }
             Ok(())
         };
         let receiving = async {
-            for (index, &peer) in receives.iter().enumerate() {
-                let message = self.receive(peer, channel).await?;
-                arrived(index, message)?;
+            for (index, &(peer, channel)) in receives.iter().enumerate() {
+                self.deliver_frame(peer, channel, index, arrived).await?;
             }
             Ok(())
         };
         self.endpoint.block_on(async { tokio::try_join!(sending, receiving).map(|_| ()) })
     }
+}
+
+impl QuicTransport {
+    /// Reads the next frame from `peer` on `channel` into `arrived` (see [`Delivery`]); every
+    /// wait is bounded by the operation timeout.
+    async fn deliver_frame(
+        &self,
+        peer: Rank,
+        channel: Channel,
+        index: usize,
+        arrived: &mut Arrived<'_>,
+    ) -> Result<()> {
+        let link = self.link(peer)?;
+        let timeout = self.timeout();
+        let mut stream = within(peer, timeout, take_stream(link, channel)).await?;
+        let max = self.endpoint.config().max_frame_bytes;
+        let decoded = within(peer, timeout, read_header(peer, &mut stream, max)).await?;
+        arrived(index, Delivery::Header { tag: decoded.tag, meta: &decoded.meta })?;
+        let mut remaining = decoded.payload_bytes;
+        while remaining > 0 {
+            let read = async {
+                stream
+                    .read_chunk(remaining, true)
+                    .await
+                    .map_err(|error| closed(peer, "recv", error))
+            };
+            let Some(chunk) = within(peer, timeout, read).await? else {
+                return Err(closed(peer, "recv", "the stream ended inside a frame"));
+            };
+            remaining = remaining.saturating_sub(chunk.bytes.len());
+            arrived(index, Delivery::Payload(&chunk.bytes))?;
+        }
+        lock(&link.incoming).insert(channel, stream);
+        link.arrived.notify_waiters();
+        Ok(())
+    }
+}
+
+/// `work`, or a timeout error naming `peer` once `timeout` has passed.
+async fn within<T>(
+    peer: Rank,
+    timeout: Duration,
+    work: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(timeout, work).await.map_err(|_| Error::Timeout {
+        peer,
+        operation: "recv".into(),
+        timeout,
+    })?
 }
 
 /// A whole message as a piece (its tensor is sent with its own shape).
@@ -391,17 +439,26 @@ impl AsRef<[u8]> for Payload {
     }
 }
 
+/// Reads and validates the next frame's header; the payload follows on the stream.
+async fn read_header(
+    peer: Rank,
+    stream: &mut RecvStream,
+    max_frame_bytes: u64,
+) -> Result<frame::Decoded> {
+    let mut prefix = [0u8; frame::LENGTH_BYTES];
+    stream.read_exact(&mut prefix).await.map_err(|error| closed(peer, "recv", error))?;
+    let mut header = vec![0u8; frame::header_length(prefix, peer)?];
+    stream.read_exact(&mut header).await.map_err(|error| closed(peer, "recv", error))?;
+    frame::decode_header(&header, peer, max_frame_bytes)
+}
+
 async fn read_message(
     peer: Rank,
     stream: &mut RecvStream,
     max_frame_bytes: u64,
     buffers: &Arc<BufferPool>,
 ) -> Result<Message> {
-    let mut prefix = [0u8; frame::LENGTH_BYTES];
-    stream.read_exact(&mut prefix).await.map_err(|error| closed(peer, "recv", error))?;
-    let mut header = vec![0u8; frame::header_length(prefix, peer)?];
-    stream.read_exact(&mut header).await.map_err(|error| closed(peer, "recv", error))?;
-    let decoded = frame::decode_header(&header, peer, max_frame_bytes)?;
+    let decoded = read_header(peer, stream, max_frame_bytes).await?;
     // Stale bytes from the pool: `read_exact` overwrites every one, or the storage is dropped.
     let mut storage = CpuStorage::for_overwrite(decoded.payload_bytes, buffers);
     stream.read_exact(storage.bytes_mut()).await.map_err(|error| closed(peer, "recv", error))?;
