@@ -9,6 +9,7 @@
 //! never arrives is named in the error, and the group refuses further calls.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -471,7 +472,14 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Barrier {
     state: Mutex<BarrierState>,
     changed: Condvar,
+    /// `state.generation`, readable without the lock by members that spin before sleeping.
+    generation: AtomicU64,
 }
+
+/// How long a member yields its core while waiting at the barrier before it sleeps on the
+/// condition variable: device threads usually meet within microseconds, and a wake-up from
+/// sleep costs more than that (measured: 1 MiB in-process all-reduce on 4 threads, 2 cores).
+const SPIN: Duration = Duration::from_micros(50);
 
 struct BarrierState {
     generation: u64,
@@ -488,6 +496,7 @@ impl Barrier {
                 broken: None,
             }),
             changed: Condvar::new(),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -498,10 +507,20 @@ impl Barrier {
         if state.arrived.iter().all(|&arrived| arrived) {
             state.arrived.iter_mut().for_each(|arrived| *arrived = false);
             state.generation += 1;
+            self.generation.store(state.generation, Ordering::Release);
             self.changed.notify_all();
             return Ok(());
         }
-        let deadline = Instant::now() + shared.timeout;
+        drop(state);
+        let started = Instant::now();
+        while started.elapsed() < SPIN {
+            if self.generation.load(Ordering::Acquire) != generation {
+                return Ok(());
+            }
+            std::thread::yield_now();
+        }
+        let mut state = lock(&self.state);
+        let deadline = started + shared.timeout;
         while state.generation == generation {
             if let Some(error) = &state.broken {
                 return Err(copy_error(error));
