@@ -93,6 +93,8 @@ pub const KERNELS: &[(&str, Kernel)] = &[
     ("dropout", Kernel::Host),
     ("adamw", Kernel::Update),
     ("sgd", Kernel::Host),
+    ("causal_attention", Kernel::Host),
+    ("causal_attention_grad", Kernel::Host),
 ];
 
 /// Ops declared outside `ops/src/ops/` (the graph's layout markers in `src/graph/to_layout.rs`,
