@@ -15,10 +15,10 @@ use meshflow_ops::cuda::table::{Kernel, KERNELS};
 use meshflow_ops::cuda::{self, CudaDevice};
 use meshflow_ops::eager::Tape;
 use meshflow_ops::ops::{
-    adamw, add, add_scalar, broadcast_to, cast, concat, cross_entropy, div, dropout, embedding,
-    exp, fill, gelu, layer_norm, log, log_softmax, masked_fill, matmul, max, mean, mul, mul_scalar,
-    narrow, neg, permute, pow, pow_scalar, relu, reshape, rms_norm, rsqrt, sgd, sigmoid, silu,
-    softmax, split, sqrt, sub, sum, tanh, where_select,
+    adamw, add, add_scalar, attention, broadcast_to, cast, concat, cross_entropy, div, dropout,
+    embedding, exp, fill, gelu, layer_norm, log, log_softmax, masked_fill, matmul, max, mean, mul,
+    mul_scalar, narrow, neg, permute, pow, pow_scalar, relu, reshape, rms_norm, rsqrt, sgd,
+    sigmoid, silu, softmax, split, sqrt, sub, sum, tanh, where_select,
 };
 use meshflow_ops::{Context, DType, Result, Shape, Tensor, Value};
 
@@ -105,6 +105,13 @@ fn program(tape: &mut Tape, dtype: DType) -> Result<()> {
     terms.push(matmul::matmul_transposed(tape, w, x, true, true)?);
     let batched = input(tape, &[2, 4, 8], 6, dtype)?;
     terms.push(matmul::matmul(tape, batched, w)?);
+    if dtype == DType::F32 {
+        // qkv [B 2, T 4, 3, H 2, D 2] projected from `batched`, so the gradient op runs too.
+        let project = input(tape, &[8, 12], 12, dtype)?;
+        let packed = matmul::matmul(tape, batched, project)?;
+        let qkv = reshape::reshape(tape, packed, &Shape::from([2, 4, 3, 2, 2]))?;
+        terms.push(attention::causal_attention(tape, qkv, 0.5)?);
+    }
     let table = input(tape, &[10, 8], 7, dtype)?;
     let ids = tape.leaf(Tensor::from_vec(vec![3i64, 0, 9, 3], [4]).expect("ids"));
     let embedded = embedding::embedding(tape, table, ids)?;
