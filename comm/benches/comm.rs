@@ -6,7 +6,8 @@
 //! - `quic`: all-reduce between 2 processes over QUIC vs torch.distributed/gloo
 //!   (`scripts/gloo_allreduce.py`, when torch is importable).
 //!
-//! `cargo bench -p meshflow-comm --bench comm -- [inproc] [p2p] [quic] [--max-bytes N]`
+//! `cargo bench -p meshflow-comm --bench comm -- [inproc] [p2p] [quic] [--max-bytes N]
+//! [--quic-workers N]`
 //! (no section names: all three). busbw uses nccl-tests' factor for all-reduce, 2(n-1)/n.
 
 use std::io::{Read, Write};
@@ -41,6 +42,13 @@ fn main() {
         .and_then(|index| arguments.get(index + 1))
         .and_then(|value| value.parse().ok())
         .unwrap_or(256usize << 20);
+    // Worker threads of each all-reduce process's QUIC runtime (QuicConfig::worker_threads).
+    let workers = arguments
+        .iter()
+        .position(|argument| argument == "--quic-workers")
+        .and_then(|index| arguments.get(index + 1))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(QuicConfig::default().worker_threads);
     let chosen = |name: &str| {
         let named = ["inproc", "p2p", "quic"];
         !arguments.iter().any(|a| named.contains(&a.as_str()))
@@ -54,7 +62,7 @@ fn main() {
         point_to_point(max_bytes.min(64 << 20));
     }
     if chosen("quic") {
-        two_process_all_reduce(max_bytes);
+        two_process_all_reduce(max_bytes, workers);
     }
 }
 
@@ -305,7 +313,7 @@ fn point_to_point(bytes: usize) {
     );
 }
 
-fn two_process_all_reduce(max_bytes: usize) {
+fn two_process_all_reduce(max_bytes: usize, workers: usize) {
     let directory =
         std::env::temp_dir().join(format!("meshflow-comm-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&directory);
@@ -314,7 +322,7 @@ fn two_process_all_reduce(max_bytes: usize) {
     let children: Vec<_> = (0..2)
         .map(|rank| {
             Command::new(std::env::current_exe().expect("bench binary"))
-                .env(CHILD, format!("{rank}:{max_bytes}:{}", directory.display()))
+                .env(CHILD, format!("{rank}:{max_bytes}:{workers}:{}", directory.display()))
                 .env(SECRET, secret.expose_hex())
                 .spawn()
                 .expect("spawn")
@@ -376,14 +384,17 @@ fn gloo_comparison(ours: &[(usize, f64, f64)], max_bytes: usize) {
 
 /// One of the two all-reduce processes; rank 0 prints the table and writes "bytes busbw" lines.
 fn quic_child(role: &str) {
-    let parts: Vec<&str> = role.splitn(3, ':').collect();
-    let [rank, max_bytes, directory] = parts[..] else { panic!("bad role {role}") };
+    let parts: Vec<&str> = role.splitn(4, ':').collect();
+    let [rank, max_bytes, workers, directory] = parts[..] else { panic!("bad role {role}") };
+    let config = QuicConfig {
+        worker_threads: workers.parse().expect("worker threads"),
+        ..QuicConfig::default()
+    };
     let rank: usize = rank.parse().expect("rank");
     let max_bytes: usize = max_bytes.parse().expect("max bytes");
     let directory = PathBuf::from(directory);
     let secret = JobSecret::from_hex(&std::env::var(SECRET).expect("secret")).expect("hex");
-    let endpoint =
-        QuicEndpoint::bind(LOOPBACK, Rank(rank), secret, QuicConfig::default()).expect("bind");
+    let endpoint = QuicEndpoint::bind(LOOPBACK, Rank(rank), secret, config).expect("bind");
     let addresses = meet(&directory, rank, endpoint.local_address().expect("address"));
     let transport: Arc<dyn Transport> =
         Arc::new(QuicTransport::connect_mesh(endpoint, &addresses).expect("mesh"));
