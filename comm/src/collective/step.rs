@@ -255,3 +255,80 @@ impl<'a> GatherStep<'a> {
         Ok(self.pieces)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MessageKind;
+
+    fn plan(step: usize, parts: usize, chunk: Range<usize>) -> StepPlan {
+        let call = Call { kind: MessageKind::AllReduce, sequence: 3 };
+        StepPlan { call, peer: Rank(1), step, parts, chunk, dtype: DType::F32 }
+    }
+
+    /// Delivers piece `k` of `plan` holding `values`, its payload cut into slices of 1, 2, 3, …
+    /// bytes (so that most slices end inside an element).
+    fn deliver_cut(
+        deliver: &mut dyn FnMut(usize, Delivery<'_>) -> Result<()>,
+        plan: &StepPlan,
+        k: usize,
+        values: &[f32],
+    ) {
+        let meta = TensorMeta::new([values.len()], DType::F32);
+        let tag = tag(plan.call, plan.step, plan.parts, k);
+        deliver(k, Delivery::Header { tag, meta: &meta }).expect("header");
+        let mut bytes: &[u8] = bytemuck::cast_slice(values);
+        let mut cut = 1;
+        while !bytes.is_empty() {
+            let (slice, rest) = bytes.split_at(cut.min(bytes.len()));
+            deliver(k, Delivery::Payload(slice)).expect("payload");
+            bytes = rest;
+            cut += 1;
+        }
+    }
+
+    #[test]
+    fn reduce_step_reduces_slices_that_split_elements() {
+        let buffers = Arc::new(BufferPool::new(0));
+        let mine: Vec<f32> = (0..20).map(|value| value as f32).collect();
+        let mut output = vec![0u8; 10 * 4];
+        // Chunk 10..20 in two pieces of 5 elements; received values are 100 + element.
+        let mut step = ReduceStep::new(
+            plan(0, 2, 10..20),
+            bytemuck::cast_slice(&mine),
+            ReduceOp::Sum,
+            &buffers,
+            Some(&mut output),
+        );
+        let check = plan(0, 2, 10..20);
+        for k in 0..2 {
+            let received: Vec<f32> = (0..5).map(|e| 100.0 + (10 + 5 * k + e) as f32).collect();
+            deliver_cut(&mut |k, part| step.deliver(k, part), &check, k, &received);
+        }
+        let pieces = step.finish().expect("every piece");
+        let expected: Vec<f32> = (10..20).map(|element| 100.0 + 2.0 * element as f32).collect();
+        let reduced: Vec<f32> =
+            pieces.iter().flat_map(|p| p.to_vec::<f32>().expect("f32")).collect();
+        assert_eq!(reduced, expected);
+        assert_eq!(bytemuck::cast_slice::<u8, f32>(&output), &expected[..]);
+    }
+
+    #[test]
+    fn gather_step_places_slices_and_rejects_a_wrong_header() {
+        let buffers = Arc::new(BufferPool::new(0));
+        let mut output = vec![0u8; 8 * 4];
+        let mut step = GatherStep::new(plan(1, 1, 4..8), &mut output, Some(&buffers));
+        let values = [1.5f32, 2.5, 3.5, 4.5];
+        deliver_cut(&mut |k, part| step.deliver(k, part), &plan(1, 1, 4..8), 0, &values);
+        let forwarded = step.finish().expect("every piece");
+        assert_eq!(forwarded[0].to_vec::<f32>().expect("f32"), values);
+        let placed = bytemuck::cast_slice::<u8, f32>(&output);
+        assert_eq!(&placed[4..], &values);
+        let mut other = vec![0u8; 8 * 4];
+        let mut step = GatherStep::new(plan(1, 1, 4..8), &mut other, None);
+        let meta = TensorMeta::new([3], DType::F32);
+        let tag = tag(plan(1, 1, 4..8).call, 1, 1, 0);
+        let error = step.deliver(0, Delivery::Header { tag, meta: &meta }).expect_err("3 of 4");
+        assert!(matches!(error, Error::SizeMismatch { peer: Rank(1), .. }), "{error}");
+    }
+}
