@@ -21,6 +21,8 @@ pub use broadcast::{binary, broadcast_copy, BroadcastPlan};
 pub use reduce::{reduce_axes, Reduction};
 pub use simd::vectorized;
 
+use simd::multiversion;
+
 /// Elements per block in the element-wise inner loops.
 pub const BLOCK: usize = 512;
 
@@ -120,11 +122,109 @@ impl Special for f64 {
     }
 }
 
+/// An element-wise function of one value in the compute type `A`.
+///
+/// The element loops of [`unary`], [`zip`] and [`binary`] call it by name inside a
+/// [`multiversion!`](simd::multiversion) function, where an `#[inline(always)]` `call` is
+/// inlined and vectorised (a large kernel handed down as a closure stayed a scalar call per
+/// element: `perf annotate`). Closures implement it too, for small kernels.
+pub trait Map1<A>: Sync {
+    /// `f(x)`.
+    fn call(&self, x: A) -> A;
+}
+
+/// An element-wise function of two values in the compute type `A` (see [`Map1`]).
+pub trait Map2<A>: Sync {
+    /// `f(x, y)`.
+    fn call(&self, x: A, y: A) -> A;
+}
+
+impl<A, F: Fn(A) -> A + Sync> Map1<A> for F {
+    #[inline(always)]
+    fn call(&self, x: A) -> A {
+        self(x)
+    }
+}
+
+impl<A, F: Fn(A, A) -> A + Sync> Map2<A> for F {
+    #[inline(always)]
+    fn call(&self, x: A, y: A) -> A {
+        self(x, y)
+    }
+}
+
+/// `f(x, y)` with `x` fixed: a [`Map2`] as a [`Map1`] of its second argument.
+pub struct FixLeft<'a, F, A>(pub &'a F, pub A);
+
+impl<F: Map2<A>, A: Copy + Sync> Map1<A> for FixLeft<'_, F, A> {
+    #[inline(always)]
+    fn call(&self, y: A) -> A {
+        self.0.call(self.1, y)
+    }
+}
+
+/// `f(x, y)` with `y` fixed: a [`Map2`] as a [`Map1`] of its first argument.
+pub struct FixRight<'a, F, A>(pub &'a F, pub A);
+
+impl<F: Map2<A>, A: Copy + Sync> Map1<A> for FixRight<'_, F, A> {
+    #[inline(always)]
+    fn call(&self, x: A) -> A {
+        self.0.call(x, self.1)
+    }
+}
+
+multiversion! {
+    /// `dst[i] = f(src[i])` computed in `T::Acc`: directly for f32/f64, through widened blocks
+    /// of [`BLOCK`] elements for bf16/f16.
+    pub fn map_slice<T: FloatElement, F: Map1<T::Acc>>(f: &F, src: &[T], dst: &mut [T]) {
+        if T::NATIVE {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = T::from_acc(f.call(s.to_acc()));
+            }
+            return;
+        }
+        let mut buffer = [T::Acc::default(); BLOCK];
+        for (s, d) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)) {
+            let buffer = &mut buffer[..s.len()];
+            T::load(s, buffer);
+            for v in buffer.iter_mut() {
+                *v = f.call(*v);
+            }
+            T::store(buffer, d);
+        }
+    }
+}
+
+multiversion! {
+    /// `dst[i] = f(a[i], b[i])` computed in `T::Acc`, as [`map_slice`].
+    pub fn map2_slice<T: FloatElement, F: Map2<T::Acc>>(f: &F, a: &[T], b: &[T], dst: &mut [T]) {
+        if T::NATIVE {
+            for (d, (&x, &y)) in dst.iter_mut().zip(a.iter().zip(b)) {
+                *d = T::from_acc(f.call(x.to_acc(), y.to_acc()));
+            }
+            return;
+        }
+        let mut left = [T::Acc::default(); BLOCK];
+        let mut right = [T::Acc::default(); BLOCK];
+        for ((a, b), d) in a.chunks(BLOCK).zip(b.chunks(BLOCK)).zip(dst.chunks_mut(BLOCK)) {
+            let n = a.len();
+            T::load(a, &mut left[..n]);
+            T::load(b, &mut right[..n]);
+            for (l, &r) in left[..n].iter_mut().zip(&right[..n]) {
+                *l = f.call(*l, r);
+            }
+            T::store(&left[..n], d);
+        }
+    }
+}
+
 /// A float element type that kernels can compute with: f32 and f64 compute in themselves,
 /// bf16 and f16 in f32.
 pub trait FloatElement: Element + Float {
     /// The type arithmetic is done in.
     type Acc: Special;
+    /// True when `Acc` is the element type itself (f32, f64): no widening.
+    const NATIVE: bool;
 
     /// Widens one element.
     fn to_acc(self) -> Self::Acc;
@@ -148,44 +248,13 @@ pub trait FloatElement: Element + Float {
 
     /// `value` (an attribute such as a scalar operand) in the compute type.
     fn acc_from_f64(value: f64) -> Self::Acc;
-
-    /// `dst[i] = f(src[i])` in the compute type: in place for f32/f64, through widened blocks
-    /// of [`BLOCK`] elements for bf16/f16.
-    #[inline(always)]
-    fn map(src: &[Self], dst: &mut [Self], f: impl Fn(Self::Acc) -> Self::Acc) {
-        let mut buffer = [Self::Acc::default(); BLOCK];
-        for (s, d) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)) {
-            let buffer = &mut buffer[..s.len()];
-            Self::load(s, buffer);
-            buffer.iter_mut().for_each(|v| *v = f(*v));
-            Self::store(buffer, d);
-        }
-    }
-
-    /// `dst[i] = f(a[i], b[i])` in the compute type, as [`FloatElement::map`].
-    #[inline(always)]
-    fn map2(
-        a: &[Self],
-        b: &[Self],
-        dst: &mut [Self],
-        f: impl Fn(Self::Acc, Self::Acc) -> Self::Acc,
-    ) {
-        let mut left = [Self::Acc::default(); BLOCK];
-        let mut right = [Self::Acc::default(); BLOCK];
-        for ((a, b), d) in a.chunks(BLOCK).zip(b.chunks(BLOCK)).zip(dst.chunks_mut(BLOCK)) {
-            let n = a.len();
-            Self::load(a, &mut left[..n]);
-            Self::load(b, &mut right[..n]);
-            left[..n].iter_mut().zip(&right[..n]).for_each(|(l, &r)| *l = f(*l, r));
-            Self::store(&left[..n], d);
-        }
-    }
 }
 
 macro_rules! float_self {
     ($($t:ty),*) => {$(
         impl FloatElement for $t {
             type Acc = $t;
+            const NATIVE: bool = true;
             #[inline(always)]
             fn to_acc(self) -> $t {
                 self
@@ -203,14 +272,6 @@ macro_rules! float_self {
             fn acc_from_f64(value: f64) -> $t {
                 value as $t
             }
-            #[inline(always)]
-            fn map(src: &[$t], dst: &mut [$t], f: impl Fn($t) -> $t) {
-                dst.iter_mut().zip(src).for_each(|(d, &s)| *d = f(s));
-            }
-            #[inline(always)]
-            fn map2(a: &[$t], b: &[$t], dst: &mut [$t], f: impl Fn($t, $t) -> $t) {
-                dst.iter_mut().zip(a.iter().zip(b)).for_each(|(d, (&a, &b))| *d = f(a, b));
-            }
         }
     )*};
 }
@@ -221,6 +282,7 @@ macro_rules! float_half {
     ($($t:ty),*) => {$(
         impl FloatElement for $t {
             type Acc = f32;
+            const NATIVE: bool = false;
             #[inline(always)]
             fn to_acc(self) -> f32 {
                 self.to_f32()
@@ -275,32 +337,83 @@ pub fn map<T: Element>(x: &Tensor, f: impl Fn(T) -> T) -> Result<Tensor> {
     Tensor::from_vec(data, x.shape().clone())
 }
 
-/// `y[i] = f(x[i])` computed in `T::Acc`, blocked and parallel over the context.
-pub fn unary<T: FloatElement>(
-    ctx: &Context,
-    x: &Tensor,
-    f: impl Fn(T::Acc) -> T::Acc + Sync + Send,
-) -> Result<Tensor> {
+/// `y[i] = f(x[i])` computed in `T::Acc`, vectorised ([`map_slice`]) and parallel over the
+/// context.
+pub fn unary<T: FloatElement, F: Map1<T::Acc>>(ctx: &Context, x: &Tensor, f: &F) -> Result<Tensor> {
     let src = x.as_slice::<T>()?;
     let mut out = Tensor::for_overwrite(ctx, x.shape().clone(), T::DTYPE);
     for_chunks(ctx, out.as_mut_slice::<T>()?, 1, |start, chunk| {
-        T::map(&src[start..start + chunk.len()], chunk, &f);
+        map_slice(f, &src[start..start + chunk.len()], chunk);
     });
     Ok(out)
 }
 
-/// `z[i] = f(x[i], y[i])` over two tensors of the same shape, computed in `T::Acc`.
-pub fn zip<T: FloatElement>(
+/// `z[i] = f(x[i], y[i])` over two tensors of the same shape, computed in `T::Acc`
+/// ([`map2_slice`]).
+pub fn zip<T: FloatElement, F: Map2<T::Acc>>(
     ctx: &Context,
     x: &Tensor,
     y: &Tensor,
-    f: impl Fn(T::Acc, T::Acc) -> T::Acc + Sync + Send,
+    f: &F,
 ) -> Result<Tensor> {
     let (a, b) = (x.as_slice::<T>()?, y.as_slice::<T>()?);
     let mut out = Tensor::for_overwrite(ctx, x.shape().clone(), T::DTYPE);
     for_chunks(ctx, out.as_mut_slice::<T>()?, 1, |start, chunk| {
         let end = start + chunk.len();
-        T::map2(&a[start..end], &b[start..end], chunk, &f);
+        map2_slice(f, &a[start..end], &b[start..end], chunk);
     });
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use half::bf16;
+
+    use super::*;
+
+    /// A kernel large enough that a closure of it was not inlined (as gelu's).
+    struct Wide;
+
+    impl Map1<f32> for Wide {
+        #[inline(always)]
+        fn call(&self, x: f32) -> f32 {
+            (x * x + 1.0).sqrt() / (x.abs() + 2.0) - x * 0.25
+        }
+    }
+
+    fn wide(x: f32) -> f32 {
+        (x * x + 1.0).sqrt() / (x.abs() + 2.0) - x * 0.25
+    }
+
+    #[test]
+    fn map_slices_equal_plain_loops_at_every_length() {
+        for len in [0, 1, 7, 16, 17, 511, 513, 1029] {
+            let xs: Vec<f32> = (0..len).map(|i| i as f32 * 0.37 - 50.0).collect();
+            let ys: Vec<f32> = (0..len).map(|i| 3.0 - i as f32 * 0.11).collect();
+            let mut out = vec![f32::NAN; len];
+            map_slice(&Wide, &xs, &mut out);
+            assert_eq!(out, xs.iter().map(|&x| wide(x)).collect::<Vec<_>>(), "len {len}");
+            map2_slice(&|x: f32, y: f32| x * y - y, &xs, &ys, &mut out);
+            let plain: Vec<f32> = xs.iter().zip(&ys).map(|(x, y)| x * y - y).collect();
+            assert_eq!(out, plain, "len {len}");
+            let sub = |x: f32, y: f32| x - y;
+            map_slice(&FixLeft(&sub, 10.0), &xs, &mut out);
+            assert_eq!(out, xs.iter().map(|x| 10.0 - x).collect::<Vec<_>>(), "len {len}");
+            map_slice(&FixRight(&sub, 10.0), &xs, &mut out);
+            assert_eq!(out, xs.iter().map(|x| x - 10.0).collect::<Vec<_>>(), "len {len}");
+        }
+    }
+
+    #[test]
+    fn half_slices_compute_in_f32_blocks() {
+        let len = 2 * BLOCK + 3;
+        let xs: Vec<bf16> = (0..len).map(|i| bf16::from_f32(i as f32 * 0.5 - 300.0)).collect();
+        let mut out = vec![bf16::ZERO; len];
+        map_slice(&Wide, &xs, &mut out);
+        let plain: Vec<bf16> = xs.iter().map(|x| bf16::from_f32(wide(x.to_f32()))).collect();
+        assert_eq!(out, plain);
+        map2_slice(&|x: f32, y: f32| x + 2.0 * y, &xs, &xs, &mut out);
+        let plain: Vec<bf16> = xs.iter().map(|x| bf16::from_f32(3.0 * x.to_f32())).collect();
+        assert_eq!(out, plain);
+    }
 }

@@ -1,7 +1,7 @@
 //! Numpy broadcasting over contiguous tensors: a plan that collapses the output into rows of
 //! its innermost (merged) axis, with per-operand strides that are 0 on broadcast axes.
 
-use crate::cpu::{for_chunks, FloatElement};
+use crate::cpu::{for_chunks, map2_slice, map_slice, FixLeft, FixRight, FloatElement, Map2};
 use crate::{Context, Element, Result, Shape, Tensor};
 
 /// How each operand is read while walking the output row by row.
@@ -112,23 +112,23 @@ impl BroadcastPlan {
 /// `out = f(a, b)` with numpy broadcasting of `a` and `b` to `out_shape`, computed in `T::Acc`.
 /// Same shapes and scalar operands run as flat maps; otherwise the output is walked row by row
 /// (its innermost merged axis), each row a flat map over slices or with a fixed operand.
-pub fn binary<T: FloatElement>(
+pub fn binary<T: FloatElement, F: Map2<T::Acc>>(
     ctx: &Context,
     a: &Tensor,
     b: &Tensor,
     out_shape: &Shape,
-    f: impl Fn(T::Acc, T::Acc) -> T::Acc + Sync + Send,
+    f: &F,
 ) -> Result<Tensor> {
     if a.shape() == out_shape && b.shape() == out_shape {
-        return crate::cpu::zip::<T>(ctx, a, b, f);
+        return crate::cpu::zip::<T, F>(ctx, a, b, f);
     }
     if b.numel() == 1 && a.shape() == out_shape {
         let right = b.as_slice::<T>()?[0].to_acc();
-        return crate::cpu::unary::<T>(ctx, a, |x| f(x, right));
+        return crate::cpu::unary::<T, _>(ctx, a, &FixRight(f, right));
     }
     if a.numel() == 1 && b.shape() == out_shape {
         let left = a.as_slice::<T>()?[0].to_acc();
-        return crate::cpu::unary::<T>(ctx, b, |y| f(left, y));
+        return crate::cpu::unary::<T, _>(ctx, b, &FixLeft(f, left));
     }
     let (xa, xb) = (a.as_slice::<T>()?, b.as_slice::<T>()?);
     let plan = BroadcastPlan::new(&[a.shape(), b.shape()], out_shape);
@@ -144,16 +144,10 @@ pub fn binary<T: FloatElement>(
         for (dst, start) in chunk.iter_mut().zip(starts) {
             let (left, right) = (&xa[start[0]..], &xb[start[1]..]);
             match (step_a, step_b) {
-                (0, 0) => dst.fill(T::from_acc(f(left[0].to_acc(), right[0].to_acc()))),
-                (0, _) => {
-                    let left = left[0].to_acc();
-                    T::map(&right[..row], dst, |y| f(left, y));
-                }
-                (_, 0) => {
-                    let right = right[0].to_acc();
-                    T::map(&left[..row], dst, |x| f(x, right));
-                }
-                _ => T::map2(&left[..row], &right[..row], dst, &f),
+                (0, 0) => dst.fill(T::from_acc(f.call(left[0].to_acc(), right[0].to_acc()))),
+                (0, _) => map_slice(&FixLeft(f, left[0].to_acc()), &right[..row], dst),
+                (_, 0) => map_slice(&FixRight(f, right[0].to_acc()), &left[..row], dst),
+                _ => map2_slice(f, &left[..row], &right[..row], dst),
             }
         }
     });

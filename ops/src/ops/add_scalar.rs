@@ -22,6 +22,7 @@ pub fn add_scalar(e: &mut dyn Emit, x: Value, value: f64) -> Result<Value> {
 impl Pointwise for AddScalar {
     const NAME: &'static str = "add_scalar";
 
+    #[inline(always)]
     fn apply<A: Special>(&self, x: A) -> A {
         x + A::constant(self.value)
     }

@@ -59,7 +59,8 @@ macro_rules! binary_forward {
             return Err($crate::Error::dtype($op, &[a.dtype(), b.dtype()], "dtypes differ"));
         }
         let out = $crate::dispatch_float!($op, a.dtype(), T => {
-            $crate::cpu::binary::<T>($ctx, a, b, &shape, |$x, $y| $f)
+            type Acc = <T as $crate::cpu::FloatElement>::Acc;
+            $crate::cpu::binary::<T, _>($ctx, a, b, &shape, &|$x: Acc, $y: Acc| $f)
         })?;
         Ok(vec![out])
     }};

@@ -19,6 +19,7 @@ pub fn exp(e: &mut dyn Emit, x: Value) -> Result<Value> {
 impl Pointwise for Exp {
     const NAME: &'static str = "exp";
 
+    #[inline(always)]
     fn apply<A: Special>(&self, x: A) -> A {
         x.exp()
     }

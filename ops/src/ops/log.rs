@@ -19,6 +19,7 @@ pub fn log(e: &mut dyn Emit, x: Value) -> Result<Value> {
 impl Pointwise for Log {
     const NAME: &'static str = "log";
 
+    #[inline(always)]
     fn apply<A: Special>(&self, x: A) -> A {
         x.ln()
     }

@@ -23,6 +23,7 @@ impl Pointwise for MulScalar {
     const NAME: &'static str = "mul_scalar";
     const LINEAR: bool = true;
 
+    #[inline(always)]
     fn apply<A: Special>(&self, x: A) -> A {
         x * A::constant(self.value)
     }

@@ -22,6 +22,7 @@ pub fn pow_scalar(e: &mut dyn Emit, x: Value, exponent: f64) -> Result<Value> {
 impl Pointwise for PowScalar {
     const NAME: &'static str = "pow_scalar";
 
+    #[inline(always)]
     fn apply<A: Special>(&self, x: A) -> A {
         if self.exponent == 2.0 {
             x * x

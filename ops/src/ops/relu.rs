@@ -19,6 +19,7 @@ pub fn relu(e: &mut dyn Emit, x: Value) -> Result<Value> {
 impl Pointwise for Relu {
     const NAME: &'static str = "relu";
 
+    #[inline(always)]
     fn apply<A: Special>(&self, x: A) -> A {
         if x > A::zero() {
             x
@@ -36,6 +37,7 @@ impl Differentiable for Relu {
     const GRAD_NAME: &'static str = "relu_grad";
     const SECOND_DERIVATIVE_ZERO: bool = true;
 
+    #[inline(always)]
     fn derivative<A: Special>(&self, x: A) -> A {
         if x > A::zero() {
             A::one()

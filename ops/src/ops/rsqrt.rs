@@ -19,6 +19,7 @@ pub fn rsqrt(e: &mut dyn Emit, x: Value) -> Result<Value> {
 impl Pointwise for Rsqrt {
     const NAME: &'static str = "rsqrt";
 
+    #[inline(always)]
     fn apply<A: Special>(&self, x: A) -> A {
         x.sqrt().recip()
     }

@@ -19,6 +19,7 @@ pub fn sigmoid(e: &mut dyn Emit, x: Value) -> Result<Value> {
 impl Pointwise for Sigmoid {
     const NAME: &'static str = "sigmoid";
 
+    #[inline(always)]
     fn apply<A: Special>(&self, x: A) -> A {
         (A::one() + (-x).exp()).recip()
     }

@@ -23,6 +23,7 @@ fn sigmoid<A: Special>(x: A) -> A {
 impl Pointwise for Silu {
     const NAME: &'static str = "silu";
 
+    #[inline(always)]
     fn apply<A: Special>(&self, x: A) -> A {
         x * sigmoid(x)
     }
@@ -35,6 +36,7 @@ impl Pointwise for Silu {
 impl Differentiable for Silu {
     const GRAD_NAME: &'static str = "silu_grad";
 
+    #[inline(always)]
     fn derivative<A: Special>(&self, x: A) -> A {
         let s = sigmoid(x);
         s * (A::one() + x * (A::one() - s))

@@ -19,6 +19,7 @@ pub fn sqrt(e: &mut dyn Emit, x: Value) -> Result<Value> {
 impl Pointwise for Sqrt {
     const NAME: &'static str = "sqrt";
 
+    #[inline(always)]
     fn apply<A: Special>(&self, x: A) -> A {
         x.sqrt()
     }

@@ -19,6 +19,7 @@ pub fn tanh(e: &mut dyn Emit, x: Value) -> Result<Value> {
 impl Pointwise for Tanh {
     const NAME: &'static str = "tanh";
 
+    #[inline(always)]
     fn apply<A: Special>(&self, x: A) -> A {
         x.tanh()
     }

@@ -6,7 +6,7 @@ use std::fmt;
 
 use meshflow_placement::{Sbp, Signature};
 
-use crate::cpu::Special;
+use crate::cpu::{Map1, Map2, Special};
 use crate::{emit1, Context, Emit, Error, Op, Result, Tensor, TensorMeta, Value};
 
 /// An element-wise function `y = f(x)` on floats.
@@ -81,9 +81,8 @@ impl<P: Pointwise> Op for Unary<P> {
         let [x] = inputs else {
             return Err(Error::Arity { op: P::NAME, expected: 1, got: inputs.len() });
         };
-        let f = &self.0;
         let out = crate::dispatch_float!(P::NAME, x.dtype(), T => {
-            crate::cpu::unary::<T>(ctx, x, |v| f.apply(v))
+            crate::cpu::unary::<T, _>(ctx, x, &Apply(&self.0))
         })?;
         Ok(vec![out])
     }
@@ -105,6 +104,26 @@ impl<P: Pointwise> Op for Unary<P> {
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
         inputs.first().map_or(0, |x| x.shape.numel() as u64)
+    }
+}
+
+/// `f(x)` of a [`Pointwise`] function, called by name in the vectorised element loop.
+struct Apply<'a, P>(&'a P);
+
+impl<P: Pointwise, A: Special> Map1<A> for Apply<'_, P> {
+    #[inline(always)]
+    fn call(&self, x: A) -> A {
+        self.0.apply(x)
+    }
+}
+
+/// `g · f'(x)` of a [`Differentiable`] function, called by name in the vectorised element loop.
+struct Derivative<'a, P>(&'a P);
+
+impl<P: Differentiable, A: Special> Map2<A> for Derivative<'_, P> {
+    #[inline(always)]
+    fn call(&self, x: A, g: A) -> A {
+        g * self.0.derivative(x)
     }
 }
 
@@ -145,10 +164,9 @@ impl<P: Differentiable> Op for GradOf<P> {
     fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         let metas: Vec<TensorMeta> = inputs.iter().map(|t| t.meta().clone()).collect();
         self.infer(&metas)?;
-        let f = &self.0;
         let (x, g) = (&inputs[0], &inputs[1]);
         let out = crate::dispatch_float!(P::GRAD_NAME, x.dtype(), T => {
-            crate::cpu::zip::<T>(ctx, x, g, |x, g| g * f.derivative(x))
+            crate::cpu::zip::<T, _>(ctx, x, g, &Derivative(&self.0))
         })?;
         Ok(vec![out])
     }
