@@ -4,12 +4,15 @@ CPU with a fixed number of threads; prints one JSON object on stdout.
 - GPT (nanoGPT layout of shared/formats/gpt-weights.md): pre-norm LayerNorm (eps 1e-5), causal
   self-attention with a fused c_attn and explicit softmax (as meshflow computes it), MLP with exact
   GELU, learned positions, untied lm_head without bias; mean cross-entropy of next tokens.
+- The same GPT with `F.scaled_dot_product_attention(is_causal=True)` (torch's fused attention)
+  in place of the explicit softmax: a second, faster reference, reported as `gpt_sdpa`.
 - MLP 784-1024-1024-10 (nn.Linear, ReLU), cross-entropy against random labels.
 
 Each model is timed over training steps (forward, backward, AdamW step, zero_grad) after warm-up
 steps; the JSON gives the median and mean step time in milliseconds:
 
-    {"torch": "2.x", "threads": 2, "gpt": {"median_ms": ..., "mean_ms": ..., "steps": ...}, "mlp": {...}}
+    {"torch": "2.x", "threads": 2, "gpt": {"median_ms": ..., "mean_ms": ..., "steps": ...},
+     "gpt_sdpa": {...}, "mlp": {...}}
 
 Run:  python3 scripts/torch_train.py [--threads 2] [--seconds 3] [--only gpt|mlp]
 """
@@ -26,9 +29,10 @@ import torch.nn.functional as F
 
 
 class Block(nn.Module):
-    def __init__(self, d, heads):
+    def __init__(self, d, heads, sdpa):
         super().__init__()
         self.heads = heads
+        self.sdpa = sdpa
         self.ln_1 = nn.LayerNorm(d, eps=1e-5)
         self.c_attn = nn.Linear(d, 3 * d)
         self.attn_proj = nn.Linear(d, d)
@@ -41,6 +45,9 @@ class Block(nn.Module):
         hd = d // self.heads
         q, k, v = self.c_attn(x).split(d, dim=2)
         q, k, v = (z.view(b, t, self.heads, hd).transpose(1, 2) for z in (q, k, v))
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.attn_proj(y.transpose(1, 2).reshape(b, t, d))
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))
         weights = scores.masked_fill(mask[:t, :t], float("-inf")).softmax(dim=-1)
         y = (weights @ v).transpose(1, 2).reshape(b, t, d)
@@ -52,11 +59,11 @@ class Block(nn.Module):
 
 
 class Gpt(nn.Module):
-    def __init__(self, vocab, ctx, layers, heads, d):
+    def __init__(self, vocab, ctx, layers, heads, d, sdpa=False):
         super().__init__()
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Embedding(ctx, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d, heads, sdpa) for _ in range(layers))
         self.ln_f = nn.LayerNorm(d, eps=1e-5)
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.register_buffer("mask", torch.ones(ctx, ctx, dtype=torch.bool).triu(1))
@@ -122,9 +129,10 @@ def main():
     if args.only in (None, "gpt"):
         vocab, ctx, layers, heads, d, batch = map(int, args.gpt.split(","))
         ids = torch.randint(vocab, (batch, ctx + 1))
-        model = Gpt(vocab, ctx, layers, heads, d)
-        result["gpt"] = time_steps(model, (ids[:, :-1], ids[:, 1:]), args.seconds, args.warmup,
-                                   args.min_steps)
+        for key, sdpa in (("gpt", False), ("gpt_sdpa", True)):
+            model = Gpt(vocab, ctx, layers, heads, d, sdpa)
+            result[key] = time_steps(model, (ids[:, :-1], ids[:, 1:]), args.seconds, args.warmup,
+                                     args.min_steps)
     if args.only in (None, "mlp"):
         *sizes, batch = map(int, args.mlp.split(","))
         x = torch.randn(batch, sizes[0])

@@ -71,6 +71,10 @@ pub struct TorchFigure {
     pub version: String,
     /// Step times.
     pub times: StepTimes,
+    /// The GPT's attention is `F.scaled_dot_product_attention` (torch's fused kernel) instead of
+    /// the script's explicit softmax, which the goal is measured against.
+    #[serde(default)]
+    pub fused_attention: bool,
 }
 
 /// A measured value next to its reference measured in the same run.
@@ -182,7 +186,8 @@ impl Report {
             out.push(metric(key, f.times.median * 1e3, "ms/step", false));
         }
         for f in &self.torch {
-            let key = format!("torch/{}/{}thr", f.model.name(), f.threads);
+            let sdpa = if f.fused_attention { "_sdpa" } else { "" };
+            let key = format!("torch/{}{sdpa}/{}thr", f.model.name(), f.threads);
             out.push(metric(key, f.times.median * 1e3, "ms/step", false));
         }
         for (section, figures) in [("ops", &self.ops), ("actors", &self.actors)] {

@@ -1,4 +1,6 @@
-//! The PyTorch reference: `scripts/torch_train.py` run in the same `meshflow bench` run.
+//! The PyTorch reference: `scripts/torch_train.py` run in the same `meshflow bench` run. The
+//! GPT comes twice: the script's model (explicit softmax, what the goal compares with) and the
+//! same model on torch's fused attention (`torch-sdpa`).
 
 use std::path::Path;
 use std::process::Command;
@@ -15,6 +17,9 @@ struct Output {
     torch: String,
     threads: usize,
     gpt: Option<Times>,
+    /// The GPT with torch's fused attention (`F.scaled_dot_product_attention`).
+    #[serde(default)]
+    gpt_sdpa: Option<Times>,
     mlp: Option<Times>,
 }
 
@@ -61,16 +66,47 @@ pub fn parse(stdout: &str) -> Result<Vec<TorchFigure>, BenchError> {
     let line = stdout.lines().last().unwrap_or_default();
     let output: Output = serde_json::from_str(line)
         .map_err(|e| BenchError::Torch(format!("unreadable output {line:?}: {e}")))?;
-    let figure = |model: Model, times: &Option<Times>| {
+    let figure = |model: Model, times: &Option<Times>, fused_attention: bool| {
         times.as_ref().map(|t| TorchFigure {
             model,
             threads: output.threads,
             version: output.torch.clone(),
             times: StepTimes { median: t.median_ms / 1e3, mean: t.mean_ms / 1e3, steps: t.steps },
+            fused_attention,
         })
     };
-    Ok([figure(Model::Gpt, &output.gpt), figure(Model::Mlp, &output.mlp)]
-        .into_iter()
-        .flatten()
-        .collect())
+    Ok([
+        figure(Model::Gpt, &output.gpt, false),
+        figure(Model::Gpt, &output.gpt_sdpa, true),
+        figure(Model::Mlp, &output.mlp, false),
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fused_attention_gpt_is_a_second_gpt_figure() {
+        let times = |ms: f64| format!(r#"{{"median_ms": {ms}, "mean_ms": {ms}, "steps": 5}}"#);
+        let line = format!(
+            r#"{{"torch": "2.x", "threads": 2, "gpt": {}, "gpt_sdpa": {}, "mlp": {}}}"#,
+            times(120.0),
+            times(90.0),
+            times(17.0)
+        );
+        let figures = parse(&format!("warming up\n{line}")).expect("parse");
+        let summary: Vec<(Model, bool, f64)> =
+            figures.iter().map(|f| (f.model, f.fused_attention, f.times.median)).collect();
+        assert_eq!(
+            summary,
+            [(Model::Gpt, false, 0.12), (Model::Gpt, true, 0.09), (Model::Mlp, false, 0.017)]
+        );
+        let old =
+            r#"{"torch": "2.x", "threads": 2, "gpt": {"median_ms": 1, "mean_ms": 1, "steps": 1}}"#;
+        assert_eq!(parse(old).expect("parse").len(), 1);
+    }
 }
