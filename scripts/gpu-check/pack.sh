@@ -39,7 +39,8 @@ for line in sys.stdin:
 {
   executables -p meshflow-ops --test cuda_gpu --test cuda_device --test cuda_kernels
   executables -p meshflow-comm --lib | sed 's/^meshflow_comm /comm_lib /'
-  executables -p meshflow --test cuda_session
+  # (building an integration test also builds the meshflow binary; only the test is packed)
+  executables -p meshflow --test cuda_session | grep '^cuda_session '
 } | while read -r name path; do
   cp "$path" "$pack/bin/$name"
   strip --strip-debug "$pack/bin/$name" 2>/dev/null || true
