@@ -196,6 +196,9 @@ pub fn predict_sharing_cores(
     Ok((prediction, slowdown))
 }
 
+/// Bytes per MiB.
+const MIB: f64 = 1024.0 * 1024.0;
+
 /// Rounds of the fixed-point iteration of [`predict_sharing_cores`] at most.
 const MAX_SHARING_ROUNDS: usize = 8;
 
@@ -205,14 +208,17 @@ impl fmt::Display for CalibrationTable {
         writeln!(
             f,
             "this machine ({} cores): GEMM {:.1} GFLOP/s, element-wise {:.2} GFLOP/s, copy {:.1} GB/s, \
-             kernel {:.2} µs, all-reduce hop {:.1} µs, {:.2} GB/s",
+             kernel {:.2} µs, all-reduce hop {:.1} µs, {:.2} GB/s, cache {:.1} MiB per core + \
+             {:.1} MiB shared",
             m.cores,
             m.gemm_flops / 1e9,
             m.vector_flops / 1e9,
             m.memory_bandwidth / 1e9,
             m.kernel_overhead * 1e6,
             m.hop_latency * 1e6,
-            m.link_bandwidth / 1e9
+            m.link_bandwidth / 1e9,
+            m.private_cache / MIB,
+            m.shared_cache / MIB
         )?;
         writeln!(
             f,

@@ -66,10 +66,14 @@ pub struct DeviceSpec {
     /// Bytes per element the devices compute and communicate in (2 for bf16 mixed precision);
     /// the graph's own f32 byte counts are scaled by `element_bytes / 4` for time (not memory).
     pub element_bytes: f64,
+    /// Bytes of cache one device's kernels keep their data in (its private cache plus its share
+    /// of a shared one): measured kernels are priced warm for inputs touched fewer bytes ago
+    /// than this, cold for inputs touched more ([`super::cost`]).
+    pub cache_bytes: f64,
 }
 
 impl DeviceSpec {
-    /// NVIDIA H100 SXM: 989 TFLOP/s dense bf16, 80 GB HBM3 at 3.35 TB/s.
+    /// NVIDIA H100 SXM: 989 TFLOP/s dense bf16, 80 GB HBM3 at 3.35 TB/s, 50 MB L2.
     pub fn h100() -> Self {
         DeviceSpec {
             kind: "h100".into(),
@@ -80,10 +84,11 @@ impl DeviceSpec {
             memory_bandwidth: 3.35e12,
             kernel_overhead: 4e-6,
             element_bytes: 2.0,
+            cache_bytes: 50e6,
         }
     }
 
-    /// NVIDIA A100 SXM: 312 TFLOP/s dense bf16, 80 GB HBM2e at 2.04 TB/s.
+    /// NVIDIA A100 SXM: 312 TFLOP/s dense bf16, 80 GB HBM2e at 2.04 TB/s, 40 MB L2.
     pub fn a100() -> Self {
         DeviceSpec {
             kind: "a100".into(),
@@ -94,6 +99,7 @@ impl DeviceSpec {
             memory_bandwidth: 2.04e12,
             kernel_overhead: 4e-6,
             element_bytes: 2.0,
+            cache_bytes: 40e6,
         }
     }
 
@@ -109,6 +115,7 @@ impl DeviceSpec {
             memory_bandwidth: 10e9,
             kernel_overhead: 5e-6,
             element_bytes: 4.0,
+            cache_bytes: super::machine::DEFAULT_CACHE_BYTES,
         }
     }
 

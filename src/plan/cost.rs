@@ -11,6 +11,17 @@
 //!   memory pass.
 //! - A gradient accumulation: `pieces − 1` element-wise additions.
 //! - Leaves, joins and ends take no time; messages take none either (latency is in the acts).
+//!
+//! A kernel with measured times ([`KernelProfile`]: warm and cold) is priced between the two by
+//! the fraction of its input bytes that are out of cache when it acts ([`cold_fractions`]):
+//! walking each (rank, stream) chain of actors in the order it runs, the bytes the chain touched
+//! (inputs plus outputs of its acts) since an input was last touched (written or read) are its
+//! reuse distance `d`, and `min(d / cache, 1)` of its bytes count as cold, with `cache` the
+//! device's [`DeviceSpec::cache_bytes`](super::cluster::DeviceSpec::cache_bytes). An input the
+//! chain has not touched before (a variable or fed input, a shard another stream received) is
+//! cold: parameters read once per step were written long before. The distance sums bytes,
+//! repeated ones too (an upper bound of the distinct bytes an LRU cache would hold), and counts
+//! the static chain order, not the interleaving of micro-batches at run time.
 
 use std::collections::HashMap;
 
@@ -19,7 +30,7 @@ use meshflow_placement::{BoxingPlan, BoxingStep, StepKind};
 
 use super::cluster::Cluster;
 use super::profile::KernelProfile;
-use crate::compile::actors::{local_meta, ActorProgram, Work};
+use crate::compile::actors::{local_meta, step_slots, ActorProgram, Work};
 use crate::compile::{Program, Slot, Step};
 
 /// Per-actor act durations in nanoseconds, and what they add up to.
@@ -62,13 +73,16 @@ impl ActCosts {
         cluster: &Cluster,
         measured: Option<(&KernelProfile, f64)>,
     ) -> Self {
+        let cold = cold_fractions(program, actors, cluster.device.cache_bytes);
         let durations = actors
             .plan
             .actors
             .iter()
-            .map(|spec| {
+            .zip(cold)
+            .map(|(spec, cold)| {
                 let (work, rank) = (spec.payload.work, spec.payload.rank);
-                let seconds = act_seconds(program, actors, cluster, work, rank, measured);
+                let act = Act { work, rank, cold };
+                let seconds = act_seconds(program, actors, cluster, act, measured);
                 (seconds * 1e9).round() as u64
             })
             .collect();
@@ -106,14 +120,56 @@ impl ActCosts {
     }
 }
 
+/// Per actor of `actors`, the fraction (0 to 1) of the bytes its act reads that are out of a
+/// `cache_bytes` cache when it acts (see the module doc); 1 for actors on no chain.
+pub fn cold_fractions(program: &Program, actors: &ActorProgram, cache_bytes: f64) -> Vec<f64> {
+    let mut cold = vec![1.0; actors.plan.actors.len()];
+    for ((rank, _), chain) in &actors.chains {
+        // Per slot, the chain's bytes touched when it was last touched.
+        let mut last: HashMap<Slot, f64> = HashMap::new();
+        let mut touched = 0.0;
+        for id in chain {
+            let (reads, writes) = match actors.plan.actors[id.index()].payload.work {
+                Work::Step { step } if matches!(program.steps[step], Step::Leaf { .. }) => continue,
+                Work::Step { step } => step_slots(&program.steps[step]),
+                Work::Accumulate { slot } => (vec![slot], vec![slot]),
+                Work::Join { .. } | Work::End => continue,
+            };
+            let bytes = |slot: &Slot| slot_bytes(program, &[*slot], *rank) as f64;
+            let (mut read, mut evicted) = (0.0, 0.0);
+            for slot in &reads {
+                let distance = last.get(slot).map_or(f64::INFINITY, |at| touched - at);
+                read += bytes(slot);
+                evicted += bytes(slot) * (distance / cache_bytes.max(1.0)).min(1.0);
+            }
+            if read > 0.0 {
+                cold[id.index()] = evicted / read;
+            }
+            touched += reads.iter().chain(&writes).map(bytes).sum::<f64>();
+            for slot in reads.into_iter().chain(writes) {
+                last.insert(slot, touched);
+            }
+        }
+    }
+    cold
+}
+
+/// One act to price: what, on which rank, and the fraction of its input out of cache.
+#[derive(Clone, Copy)]
+struct Act {
+    work: Work,
+    rank: usize,
+    cold: f64,
+}
+
 fn act_seconds(
     program: &Program,
     actors: &ActorProgram,
     cluster: &Cluster,
-    work: Work,
-    rank: usize,
+    act: Act,
     measured: Option<(&KernelProfile, f64)>,
 ) -> f64 {
+    let Act { work, rank, cold } = act;
     match work {
         Work::Step { step } => match &program.steps[step] {
             Step::Leaf { .. } => 0.0,
@@ -125,7 +181,7 @@ fn act_seconds(
                 let metas: Vec<_> =
                     inputs.iter().filter_map(|s| local_meta(program, *s, rank)).collect();
                 let measured = measured.and_then(|(profile, slowdown)| {
-                    Some(profile.seconds(&ops[index], &metas)? * slowdown)
+                    Some(profile.times(&ops[index], &metas)?.at(cold) * slowdown)
                 });
                 if let Some(seconds) = measured {
                     return cluster.device.kernel_overhead + seconds;

@@ -1,7 +1,8 @@
 //! This machine's figures for the calibration's `cpu` clusters: what one device thread computes
 //! and copies, what a kernel and an empty session step cost, and the α–β figures of the links
 //! the calibrated strategies use (shared memory between device threads, QUIC between launched
-//! processes on loopback).
+//! processes on loopback), and its cache sizes (read from
+//! `/sys/devices/system/cpu/cpu0/cache`, [`DEFAULT_CACHE_BYTES`] where unreadable).
 
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,64 @@ pub struct Measured {
     pub link_bandwidth: f64,
     /// Cores available.
     pub cores: usize,
+    /// Bytes of the largest cache private to a core (L2).
+    #[serde(default)]
+    pub private_cache: f64,
+    /// Bytes of the cache its cores share (L3; 0 if none).
+    #[serde(default)]
+    pub shared_cache: f64,
+}
+
+/// The cache one device is priced with where the machine's cannot be read: a 1 MiB L2 and
+/// 1 MiB of a shared L3.
+pub const DEFAULT_CACHE_BYTES: f64 = 2.0 * 1024.0 * 1024.0;
+
+/// This machine's private (largest level-2 data or unified) and shared (level-3) cache bytes from
+/// `/sys/devices/system/cpu/cpu0/cache/index*/{level,size,type}`; `None` if unreadable.
+pub fn cache_sizes() -> Option<(f64, f64)> {
+    let root = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
+    let mut sizes = (0.0f64, 0.0f64);
+    for entry in std::fs::read_dir(root).ok()?.flatten() {
+        let read = |name: &str| std::fs::read_to_string(entry.path().join(name)).ok();
+        let (Some(level), Some(size), Some(kind)) = (read("level"), read("size"), read("type"))
+        else {
+            continue;
+        };
+        let Some(bytes) = parse_cache_size(size.trim()) else { continue };
+        match (level.trim(), kind.trim()) {
+            (_, "Instruction") => {}
+            ("2", _) => sizes.0 = sizes.0.max(bytes),
+            ("3", _) => sizes.1 = sizes.1.max(bytes),
+            _ => {}
+        }
+    }
+    (sizes.0 > 0.0).then_some(sizes)
+}
+
+/// The environment variable that replaces the cache a device thread uses (`2048K`, `8M`): for
+/// machines whose sysfs sizes are not what a thread gets (a virtual machine reports its host's
+/// whole L3, shared with other tenants).
+pub const CACHE_VARIABLE: &str = "MESHFLOW_CACHE_BYTES";
+
+/// The cache bytes [`CACHE_VARIABLE`] names, if set and valid.
+pub fn cache_override() -> Option<f64> {
+    parse_cache_size(std::env::var(CACHE_VARIABLE).ok()?.trim())
+}
+
+/// Bytes of a sysfs cache size such as `2048K` or `32M`.
+pub fn parse_cache_size(text: &str) -> Option<f64> {
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let scale = match unit {
+        "" => 1.0,
+        "K" => 1024.0,
+        "M" => 1024.0 * 1024.0,
+        "G" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    Some(digits.parse::<f64>().ok()? * scale)
 }
 
 impl Measured {
@@ -61,8 +120,20 @@ impl Measured {
             memory_bandwidth: self.memory_bandwidth * share,
             kernel_overhead: self.kernel_overhead,
             element_bytes: 4.0,
+            cache_bytes: self.cache_bytes(devices),
         };
         Cluster { nodes: 1, per_node: devices, device, intra: link, inter: link }
+    }
+
+    /// The cache one of `devices` device threads on this machine uses: a core's private cache
+    /// plus its share of the shared one ([`DEFAULT_CACHE_BYTES`] if neither was read).
+    pub fn cache_bytes(&self, devices: usize) -> f64 {
+        let bytes = self.private_cache + self.shared_cache / devices.max(1) as f64;
+        if bytes > 0.0 {
+            bytes
+        } else {
+            DEFAULT_CACHE_BYTES
+        }
     }
 
     /// The fraction of a core each of `devices` busy device threads gets.
@@ -97,6 +168,10 @@ pub fn measure() -> Result<Measured> {
     let (_, kernel_overhead) = op_rate(&Add, &ctx, &[one.clone(), one])?;
     let link = in_process_link()?;
     let chain = 200;
+    let (private_cache, shared_cache) = cache_override()
+        .map(|bytes| (bytes, 0.0))
+        .or_else(cache_sizes)
+        .unwrap_or((DEFAULT_CACHE_BYTES / 2.0, DEFAULT_CACHE_BYTES / 2.0));
     let session_kernel = (empty_step(1, chain)? - empty_step(1, 1)?) / (chain - 1) as f64;
     Ok(Measured {
         gemm_flops,
@@ -106,6 +181,8 @@ pub fn measure() -> Result<Measured> {
         hop_latency: link.latency,
         link_bandwidth: link.bandwidth,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        private_cache,
+        shared_cache,
     })
 }
 

@@ -3,9 +3,12 @@
 //! The roofline ([`super::cost`]) prices a kernel from its FLOPs and bytes and a few machine
 //! figures. On a device we can run, each distinct kernel of the program (op, attributes and local
 //! shapes) can instead be timed: [`KernelProfile::measure`] runs every one on inputs of its
-//! shapes with the device's thread budget and keeps the fastest of a few calls. The simulator
-//! then schedules measured kernels and α–β communication, so what it still has to predict is
-//! the overlap, the waiting and the runtime between kernels.
+//! shapes with the device's thread budget, twice: warm (its inputs in cache from the call
+//! before) and cold (each call after the caches were filled with other data), the median call
+//! of each. The cost model prices an act between the two by how much of its input is still
+//! cached in the step ([`super::cost`]). The simulator then schedules measured kernels and α–β
+//! communication, so what it still has to predict is the overlap, the waiting and the runtime
+//! between kernels.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -16,10 +19,26 @@ use crate::compile::actors::local_meta;
 use crate::compile::{Program, Step};
 use crate::Result;
 
-/// Seconds per distinct kernel, by [`KernelProfile::key`].
+/// One kernel's measured seconds with its inputs in cache and out of it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KernelTimes {
+    /// Median call right after an identical call (inputs in cache).
+    pub warm: f64,
+    /// Median call after the caches were filled with [`FLUSH_BYTES`] of other data.
+    pub cold: f64,
+}
+
+impl KernelTimes {
+    /// The time of a call whose input bytes are a fraction `cold` (0 to 1) out of cache.
+    pub fn at(&self, cold: f64) -> f64 {
+        self.warm + cold.clamp(0.0, 1.0) * (self.cold - self.warm)
+    }
+}
+
+/// Warm and cold seconds per distinct kernel, by [`KernelProfile::key`].
 #[derive(Clone, Debug, Default)]
 pub struct KernelProfile {
-    seconds: HashMap<String, f64>,
+    times: HashMap<String, KernelTimes>,
     /// Kernels that could not run on made-up inputs (priced by the roofline instead).
     pub failed: usize,
 }
@@ -30,25 +49,36 @@ impl KernelProfile {
         format!("{op:?} {inputs:?}")
     }
 
-    /// Measured seconds of a kernel, if it was profiled.
+    /// Measured cold seconds of a kernel, if it was profiled.
     pub fn seconds(&self, op: &OpRef, inputs: &[TensorMeta]) -> Option<f64> {
-        self.seconds.get(&Self::key(op, inputs)).copied()
+        self.times(op, inputs).map(|times| times.cold)
+    }
+
+    /// Measured warm and cold seconds of a kernel, if it was profiled.
+    pub fn times(&self, op: &OpRef, inputs: &[TensorMeta]) -> Option<KernelTimes> {
+        self.times.get(&Self::key(op, inputs)).copied()
+    }
+
+    /// Records (or replaces) the times of a kernel: for profiles measured elsewhere, and tests.
+    pub fn insert(&mut self, op: &OpRef, inputs: &[TensorMeta], times: KernelTimes) {
+        self.times.insert(Self::key(op, inputs), times);
     }
 
     /// Distinct kernels measured.
     pub fn len(&self) -> usize {
-        self.seconds.len()
+        self.times.len()
     }
 
     /// Whether nothing was measured.
     pub fn is_empty(&self) -> bool {
-        self.seconds.is_empty()
+        self.times.is_empty()
     }
 
     /// Times every distinct kernel of `program` (every rank's) with `threads` threads: the
-    /// median call within `budget` per kernel (at least 3 calls, after one warm-up call), each
-    /// call after the caches were filled with other data. The median, not the fastest: a step
-    /// is a sum of kernels, each at its typical time.
+    /// median call within `budget` per kernel and cache state (at least 3 calls, after one
+    /// warm-up call), warm (calls back to back) and cold (each call after the caches were
+    /// filled with other data). The median, not the fastest: a step is a sum of kernels, each
+    /// at its typical time.
     pub fn measure(program: &Program, threads: usize, budget: Duration) -> Result<Self> {
         let ctx = Context::with_threads(threads);
         let mut profile = KernelProfile::default();
@@ -63,9 +93,14 @@ impl KernelProfile {
                 if !tried.insert(key.clone()) {
                     continue;
                 }
-                match time_kernel(op, &ctx, &metas, budget) {
-                    Some(seconds) => {
-                        profile.seconds.insert(key, seconds);
+                let warm = time_kernel(op, &ctx, &metas, budget, false);
+                let cold = time_kernel(op, &ctx, &metas, budget, true);
+                match warm.zip(cold) {
+                    Some((warm, cold)) => {
+                        // Noise can put the warm median above the cold one: never price a
+                        // cached input dearer than an evicted one.
+                        let times = KernelTimes { warm: warm.min(cold), cold };
+                        profile.times.insert(key, times);
                     }
                     None => profile.failed += 1,
                 }
@@ -75,8 +110,8 @@ impl KernelProfile {
     }
 }
 
-/// Bytes written between timed calls to evict the kernel's data from the caches.
-const FLUSH_BYTES: usize = 32 << 20;
+/// Bytes written between cold timed calls to evict the kernel's data from the caches.
+pub const FLUSH_BYTES: usize = 32 << 20;
 
 /// Inputs of the given metas: standard normal values for floats, zeros (valid indices) else.
 fn made_up_inputs(metas: &[TensorMeta]) -> Option<Vec<HostTensor>> {
@@ -93,15 +128,22 @@ fn made_up_inputs(metas: &[TensorMeta]) -> Option<Vec<HostTensor>> {
         .collect()
 }
 
-fn time_kernel(op: &OpRef, ctx: &Context, metas: &[TensorMeta], budget: Duration) -> Option<f64> {
+/// The median seconds of `op`'s calls within `budget`; `cold`: each after a cache flush.
+fn time_kernel(
+    op: &OpRef,
+    ctx: &Context,
+    metas: &[TensorMeta],
+    budget: Duration,
+    cold: bool,
+) -> Option<f64> {
     let inputs = made_up_inputs(metas)?;
     op.forward(ctx, &inputs).ok()?;
     let started = Instant::now();
     let mut times = Vec::new();
-    let mut flush = vec![0u8; FLUSH_BYTES];
+    let mut flush = vec![0u8; if cold { FLUSH_BYTES } else { 0 }];
     while times.len() < 3 || started.elapsed() < budget {
-        // In a step a kernel's inputs were written by other kernels since it last ran: start
-        // each timed call with caches holding something else, as it does there.
+        // Cold: start each timed call with caches holding something else, as a kernel whose
+        // inputs were written long before does in a step.
         flush.iter_mut().for_each(|byte| *byte = byte.wrapping_add(1));
         std::hint::black_box(&flush);
         let call = Instant::now();

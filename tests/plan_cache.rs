@@ -1,0 +1,111 @@
+//! Cache-aware kernel pricing on a tiny program whose answer is known: a kernel right after the
+//! producer of its small input is priced warm, one reading that input after more than a cache
+//! of other work is priced cold, and one reading a variable is cold.
+
+use meshflow::compile::actors::{local_meta, lower_to_actors, ActorConfig, ActorProgram, Work};
+use meshflow::compile::{compile, CompileConfig, Program, Request, Step};
+use meshflow::ops::{DType, Value};
+use meshflow::placement::{DeviceType, Placement};
+use meshflow::plan::cost::cold_fractions;
+use meshflow::plan::machine::parse_cache_size;
+use meshflow::plan::profile::{KernelProfile, KernelTimes};
+use meshflow::plan::{ActCosts, Cluster};
+use meshflow::Graph;
+
+/// The program and its values: `small` ([16, 16]) is `x · 2`; `right_after` reads it next;
+/// then a chain of 4 kernels on a [512, 512] input (1 MiB each); then `long_after` reads
+/// `small` again.
+struct Tiny {
+    program: Program,
+    small: Value,
+    right_after: Value,
+    long_after: Value,
+}
+
+fn tiny() -> Tiny {
+    let one = Placement::new(DeviceType::Cpu, vec![1], vec![0]).unwrap();
+    let graph = Graph::new();
+    let x = graph.input("x", [16, 16], DType::F32, &one, None).unwrap();
+    let small = x.mul_scalar(2.0).unwrap();
+    let right_after = small.mul_scalar(3.0).unwrap();
+    let z = graph.input("z", [512, 512], DType::F32, &one, None).unwrap();
+    let mut big = z.mul_scalar(2.0).unwrap();
+    for _ in 0..3 {
+        big = big.mul_scalar(2.0).unwrap();
+    }
+    let long_after = small.mul_scalar(5.0).unwrap();
+    let requests: Vec<_> = [&right_after, &big, &long_after]
+        .iter()
+        .map(|v| Request { value: v.value(), layout: None })
+        .collect();
+    let program = compile(&graph.snapshot(), &requests, &CompileConfig::default()).unwrap();
+    Tiny {
+        program,
+        small: small.value(),
+        right_after: right_after.value(),
+        long_after: long_after.value(),
+    }
+}
+
+/// The actor of the kernel that writes `value`.
+fn writer(program: &Program, actors: &ActorProgram, value: Value) -> usize {
+    actors
+        .plan
+        .actors
+        .iter()
+        .position(|spec| match spec.payload.work {
+            Work::Step { step } => match &program.steps[step] {
+                Step::Kernel { outputs, .. } => {
+                    outputs.iter().any(|s| program.slot(*s).value == value)
+                }
+                _ => false,
+            },
+            _ => false,
+        })
+        .unwrap()
+}
+
+#[test]
+fn reuse_distance_against_the_cache_gives_the_cold_fraction() {
+    let tiny = tiny();
+    let actors = lower_to_actors(&tiny.program, &ActorConfig::default()).unwrap();
+    let mib = 1024.0 * 1024.0;
+    let cold = cold_fractions(&tiny.program, &actors, mib);
+    let of = |value| cold[writer(&tiny.program, &actors, value)];
+    assert_eq!(of(tiny.small), 1.0, "reads the variable x: cold");
+    assert_eq!(of(tiny.right_after), 0.0, "reads small right after its producer: warm");
+    assert_eq!(of(tiny.long_after), 1.0, "reads small after 4 × 2 MiB of other work: cold");
+    let huge = cold_fractions(&tiny.program, &actors, 1e12);
+    let long_after = huge[writer(&tiny.program, &actors, tiny.long_after)];
+    assert!(long_after > 0.0 && long_after < 1e-4, "in a 1 TB cache: {long_after}");
+    assert_eq!(huge[writer(&tiny.program, &actors, tiny.small)], 1.0, "variables stay cold");
+}
+
+#[test]
+fn measured_kernels_are_priced_between_warm_and_cold() {
+    let tiny = tiny();
+    let program = &tiny.program;
+    let actors = lower_to_actors(program, &ActorConfig::default()).unwrap();
+    let mut profile = KernelProfile::default();
+    for step in &program.steps {
+        let Step::Kernel { inputs, ops, .. } = step else { continue };
+        let metas: Vec<_> = inputs.iter().map(|s| local_meta(program, *s, 0).unwrap()).collect();
+        profile.insert(&ops[0], &metas, KernelTimes { warm: 1e-6, cold: 3e-6 });
+    }
+    let mut cluster: Cluster = "1x1:cpu".parse().unwrap();
+    cluster.device.kernel_overhead = 0.0;
+    cluster.device.cache_bytes = 1024.0 * 1024.0;
+    let costs = ActCosts::with_kernels(program, &actors, &cluster, Some((&profile, 2.0)));
+    let ns = |value| costs.durations[writer(program, &actors, value)];
+    assert_eq!(ns(tiny.right_after), 2000, "warm 1 µs, slowed ×2");
+    assert_eq!(ns(tiny.long_after), 6000, "cold 3 µs, slowed ×2");
+    assert_eq!(ns(tiny.small), 6000, "reads a variable: cold");
+}
+
+#[test]
+fn sysfs_cache_sizes_parse() {
+    assert_eq!(parse_cache_size("48K"), Some(48.0 * 1024.0));
+    assert_eq!(parse_cache_size("32M"), Some(32.0 * 1024.0 * 1024.0));
+    assert_eq!(parse_cache_size("512"), Some(512.0));
+    assert_eq!(parse_cache_size("2X"), None);
+}
