@@ -122,7 +122,7 @@ impl<P: Send + Sync + 'static> Driver<P> {
     /// Checks `plan`, starts one thread per device and makes its executor there with `executor`.
     pub fn start<E, F>(plan: Plan<P>, config: DriverConfig, executor: F) -> Result<Self, Error>
     where
-        E: Executor<P> + 'static,
+        E: Executor<P> + Send + 'static,
         F: Fn(DeviceId, CompletionHandle) -> E + Send + Sync + 'static,
     {
         let devices = plan.actors.iter().map(|spec| spec.device).collect::<Vec<_>>();
@@ -140,7 +140,7 @@ impl<P: Send + Sync + 'static> Driver<P> {
         executor: F,
     ) -> Result<Self, Error>
     where
-        E: Executor<P> + 'static,
+        E: Executor<P> + Send + 'static,
         F: Fn(DeviceId, CompletionHandle) -> E + Send + Sync + 'static,
     {
         let topology = plan.check()?;
@@ -405,8 +405,9 @@ struct Worker<P, E, F> {
 
 impl<P, E, F> Worker<P, E, F>
 where
-    E: Executor<P>,
-    F: Fn(DeviceId, CompletionHandle) -> E,
+    P: Send + Sync,
+    E: Executor<P> + Send,
+    F: Fn(DeviceId, CompletionHandle) -> E + Send + Sync,
 {
     fn run(
         thread: usize,
@@ -417,7 +418,15 @@ where
     ) {
         let (abort, reports) = (Arc::clone(&context.2), context.3.clone());
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Self::new(thread, device, actors, inbox, context).serve_all()
+            let worker = Self::new(thread, device, actors, inbox, context);
+            let Some(enclose) = worker.executor.enclosure() else { return worker.serve_all() };
+            let (mut worker, mut outcome) = (Some(worker), Ok(()));
+            enclose(&mut || {
+                if let Some(worker) = worker.take() {
+                    outcome = worker.serve_all();
+                }
+            });
+            outcome
         }));
         let error = match outcome {
             Ok(Ok(())) => return,

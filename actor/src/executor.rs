@@ -57,7 +57,19 @@ pub trait Executor<P> {
 
     /// Runs one act: reads `act.inputs`, writes `act.outputs`.
     fn act(&mut self, act: &Act<'_, P>) -> Result<Completion, Self::Error>;
+
+    /// What the threaded driver runs its device thread's whole serving loop inside (see
+    /// [`Enclosure`]). Default: nothing.
+    fn enclosure(&self) -> Option<Enclosure> {
+        None
+    }
 }
+
+/// Runs a device thread's serving loop inside what every act of the thread needs around it: an
+/// executor whose kernels use a thread pool enters the pool once for the thread's life, so its
+/// acts run on a pool thread and no act hands its work to the pool (and waits for a parked pool
+/// thread to wake) on its own.
+pub type Enclosure = std::sync::Arc<dyn Fn(&mut (dyn FnMut() + Send)) + Send + Sync>;
 
 /// Hands `executor` the act `start` of `actor` (a state machine of `plan`); an executor error
 /// becomes [`Error::Act`] naming the actor. Both drivers start acts here.

@@ -49,7 +49,7 @@ pub mod workload;
 pub use actor::{Actor, RegisterUsage};
 pub use driver::{CompletionHandle, Driver, DriverConfig, Inbound, RunReport, Transport};
 pub use error::{Blocked, DeadlockReport, Error, Wait};
-pub use executor::{Act, Completion, Executor};
+pub use executor::{Act, Completion, Enclosure, Executor};
 pub use ids::{ActorId, DeviceId, EdgeId, RegisterId};
 pub use message::{ActStart, Action, Command, Envelope, Message, Stage};
 pub use plan::{ActorKind, ActorSpec, EdgeSpec, Plan, Topology};

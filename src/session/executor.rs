@@ -14,7 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use meshflow_actor::{Act, ActorId, Completion, CompletionHandle, Executor};
+use meshflow_actor::{Act, ActorId, Completion, CompletionHandle, Enclosure, Executor};
 
 use super::gpu_events::{crossing_actors, EventWatcher};
 use super::worker::{RunRequest, Worker};
@@ -208,6 +208,10 @@ impl RankExecutor {
 
 impl Executor<ActorWork> for RankExecutor {
     type Error = Error;
+
+    fn enclosure(&self) -> Option<Enclosure> {
+        lock(&self.worker).enclosure()
+    }
 
     fn act(&mut self, act: &Act<'_, ActorWork>) -> Result<Completion> {
         let Work::Step { step } = act.payload.work else {

@@ -5,9 +5,9 @@
 
 use std::collections::HashMap;
 
-use meshflow_actor::ActorId;
+use meshflow_actor::{ActorId, Enclosure};
 use meshflow_ops::ops::add::Add;
-use meshflow_ops::{Context, OpRef, Tensor, TensorMeta, Value};
+use meshflow_ops::{Context, Device, OpRef, Tensor, TensorMeta, Value};
 use meshflow_placement::{local_region, Layout, Region};
 
 use super::executor::{Compiled, Key, SUM};
@@ -48,6 +48,16 @@ impl Worker {
     /// Where this rank keeps its tensors and runs its kernels.
     pub fn backend_mut(&mut self) -> &mut Backend {
         &mut self.backend
+    }
+
+    /// Where the device thread serves its acts: inside this device's thread pool on a CPU rank
+    /// with several threads (entered once, not once per kernel), nothing else.
+    pub fn enclosure(&self) -> Option<Enclosure> {
+        if self.backend.device() != Device::Cpu || self.ctx.threads() < 2 {
+            return None;
+        }
+        let ctx = self.ctx.clone();
+        Some(std::sync::Arc::new(move |serve: &mut (dyn FnMut() + Send)| ctx.install(serve)))
     }
 
     /// This device's rank.
