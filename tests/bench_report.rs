@@ -62,6 +62,7 @@ fn sample(gpt_ms: f64, busbw: f64, hop_us: f64) -> Report {
             version: "2.x".into(),
             times: StepTimes { median: 0.4, mean: 0.41, steps: 7 },
             fused_attention: false,
+            processes: 1,
         }],
         ops: vec![figure("matmul 1024³ ×2thr", 100.0, true)],
         comm: vec![row(Collective::AllReduce, 1 << 20, busbw), row(Collective::AllGather, 8, 0.1)],

@@ -244,7 +244,10 @@ fn train_section(args: &BenchArgs, timing: Timing, report: &mut Report) -> Resul
         for (index, strategy) in strategies.iter().enumerate() {
             report.train.push(train_figure(model, *strategy, timing, peak)?);
             if index == 0 && !args.no_torch {
-                report.torch.extend(torch_figures(args, model)?);
+                report.torch.extend(torch_figures(args, model, None)?);
+            }
+            if strategy.dp > 1 && strategy.devices() == strategy.dp && !args.no_torch {
+                report.torch.extend(torch_figures(args, model, Some(*strategy))?);
             }
         }
     }
@@ -252,10 +255,22 @@ fn train_section(args: &BenchArgs, timing: Timing, report: &mut Report) -> Resul
     Ok(())
 }
 
-fn torch_figures(args: &BenchArgs, model: Model) -> Result<Vec<report::TorchFigure>, BenchError> {
+/// PyTorch's figures for `model`: in one process with the bench's threads, or, for a
+/// data-parallel `strategy`, DDP over gloo with one process per device
+/// (`scripts/torch_ddp.py` next to the one-process script).
+fn torch_figures(
+    args: &BenchArgs,
+    model: Model,
+    strategy: Option<Strategy>,
+) -> Result<Vec<report::TorchFigure>, BenchError> {
     let bar = progress(0, "PyTorch reference");
-    tick(&bar, &format!("PyTorch {} ×{}thr", model.name(), args.threads));
-    let figures = torch::measure(&args.torch_script, &[model], args.threads, args.seconds)?;
+    let (script, threads, world) = match strategy {
+        None => (args.torch_script.clone(), args.threads, None),
+        Some(s) => (args.torch_script.with_file_name("torch_ddp.py"), s.threads, Some(s.dp)),
+    };
+    let processes = world.map_or(String::new(), |n| format!(" DDP {n} processes"));
+    tick(&bar, &format!("PyTorch {}{processes} ×{threads}thr", model.name()));
+    let figures = torch::measure(&script, &[model], threads, args.seconds, world)?;
     bar.finish_and_clear();
     if figures.is_none() {
         eprintln!("meshflow bench: PyTorch reference skipped (python3 cannot import torch)");

@@ -99,7 +99,7 @@ fn scaling(report: &Report, area: &Area<'_>) -> Result<(), BenchError> {
         chart
             .draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))
             .map_err(plot_error)?;
-        if let Some(t) = report.torch.iter().find(|t| t.model == model && !t.fused_attention) {
+        if let Some(t) = report.torch.iter().find(|t| t.model == model && t.is_goal_reference()) {
             let marker = (0.0, t.times.median * 1e3);
             chart
                 .draw_series(std::iter::once(Cross::new(marker, 7, color.stroke_width(2))))

@@ -75,6 +75,32 @@ pub struct TorchFigure {
     /// the script's explicit softmax, which the goal is measured against.
     #[serde(default)]
     pub fused_attention: bool,
+    /// Processes of a DistributedDataParallel run over gloo, each with `threads` threads and
+    /// its share of the batch (1: one process, the goal's reference).
+    #[serde(default = "one_process")]
+    pub processes: usize,
+}
+
+fn one_process() -> usize {
+    1
+}
+
+impl TorchFigure {
+    /// Whether this is the reference the goal compares with: the script's model (explicit
+    /// softmax) in one process.
+    pub fn is_goal_reference(&self) -> bool {
+        !self.fused_attention && self.processes == 1
+    }
+
+    /// `torch×2thr`, `sdpa×2thr` or `ddp2×1thr`.
+    pub fn label(&self) -> String {
+        let kind = match (self.fused_attention, self.processes) {
+            (true, _) => "sdpa".to_string(),
+            (false, 1) => "torch".to_string(),
+            (false, n) => format!("ddp{n}"),
+        };
+        format!("{kind}×{}thr", self.threads)
+    }
 }
 
 /// A measured value next to its reference measured in the same run.
@@ -186,8 +212,7 @@ impl Report {
             out.push(metric(key, f.times.median * 1e3, "ms/step", false));
         }
         for f in &self.torch {
-            let sdpa = if f.fused_attention { "_sdpa" } else { "" };
-            let key = format!("torch/{}{sdpa}/{}thr", f.model.name(), f.threads);
+            let key = format!("torch/{}/{}", f.model.name(), f.label());
             out.push(metric(key, f.times.median * 1e3, "ms/step", false));
         }
         for (section, figures) in [("ops", &self.ops), ("actors", &self.actors)] {

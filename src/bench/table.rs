@@ -17,7 +17,7 @@ pub fn goal(model: Model) -> f64 {
 /// were measured.
 pub fn torch_ratio(report: &Report, model: Model) -> Option<f64> {
     let ours = report.train.iter().find(|f| f.model == model && f.strategy.devices() == 1)?;
-    let theirs = report.torch.iter().find(|f| f.model == model && !f.fused_attention)?;
+    let theirs = report.torch.iter().find(|f| f.model == model && f.is_goal_reference())?;
     Some(ours.times.median / theirs.times.median)
 }
 
@@ -71,8 +71,8 @@ pub fn train(report: &Report) -> String {
             out,
             "{:<5} {:<11} {:>4} {:>10.1} {:>10.1} {:>6} {:>8.0} {:<5} {:>9.2}",
             t.model.name(),
-            format!("{}×{}thr", if t.fused_attention { "sdpa" } else { "torch" }, t.threads),
-            1,
+            t.label(),
+            t.processes,
             t.times.median * 1e3,
             t.times.mean * 1e3,
             t.times.steps,
@@ -87,6 +87,23 @@ pub fn train(report: &Report) -> String {
             "# sdpa: the PyTorch GPT on F.scaled_dot_product_attention(is_causal=True), torch's \
              fused attention (the goal compares with the explicit-softmax torch row)"
         );
+    }
+    for t in report.torch.iter().filter(|t| t.processes > 1) {
+        let ours = report.train.iter().find(|f| {
+            f.model == t.model
+                && f.strategy.dp == t.processes
+                && f.strategy.devices() == t.processes
+        });
+        if let Some(ours) = ours {
+            let _ = writeln!(
+                out,
+                "# {} {}: meshflow / PyTorch DDP (gloo, {} processes) step time = {:.2}",
+                t.model.name(),
+                ours.strategy.label(),
+                t.processes,
+                ours.times.median / t.times.median
+            );
+        }
     }
     for model in Model::ALL {
         if let Some(ratio) = torch_ratio(report, model) {

@@ -1,6 +1,8 @@
 //! The PyTorch reference: `scripts/torch_train.py` run in the same `meshflow bench` run. The
 //! GPT comes twice: the script's model (explicit softmax, what the goal compares with) and the
-//! same model on torch's fused attention (`torch-sdpa`).
+//! same model on torch's fused attention (`torch-sdpa`). Data-parallel strategies get
+//! `scripts/torch_ddp.py` (DistributedDataParallel over gloo, as many processes as the strategy
+//! has devices) next to them.
 
 use std::path::Path;
 use std::process::Command;
@@ -16,6 +18,9 @@ use super::BenchError;
 struct Output {
     torch: String,
     threads: usize,
+    /// Processes of a DDP run (absent: one).
+    #[serde(default)]
+    world: Option<usize>,
     gpt: Option<Times>,
     /// The GPT with torch's fused attention (`F.scaled_dot_product_attention`).
     #[serde(default)]
@@ -30,13 +35,15 @@ struct Times {
     steps: usize,
 }
 
-/// Runs the script for `models` with `threads` and `seconds` of timing per model.
-/// `Ok(None)` when python3 or torch is missing (the reference is then skipped).
+/// Runs the script for `models` with `threads` and `seconds` of timing per model (and
+/// `--world N` when `world` is given: the DDP script). `Ok(None)` when python3 or torch is
+/// missing (the reference is then skipped).
 pub fn measure(
     script: &Path,
     models: &[Model],
     threads: usize,
     seconds: f64,
+    world: Option<usize>,
 ) -> Result<Option<Vec<TorchFigure>>, BenchError> {
     let probe = Command::new("python3").args(["-c", "import torch"]).output();
     if !probe.map(|o| o.status.success()).unwrap_or(false) {
@@ -45,6 +52,9 @@ pub fn measure(
     let mut command = Command::new("python3");
     command.arg(script).arg("--threads").arg(threads.to_string());
     command.arg("--seconds").arg(seconds.to_string());
+    if let Some(world) = world {
+        command.arg("--world").arg(world.to_string());
+    }
     if let [only] = models {
         command.arg("--only").arg(only.name());
     }
@@ -73,6 +83,7 @@ pub fn parse(stdout: &str) -> Result<Vec<TorchFigure>, BenchError> {
             version: output.torch.clone(),
             times: StepTimes { median: t.median_ms / 1e3, mean: t.mean_ms / 1e3, steps: t.steps },
             fused_attention,
+            processes: output.world.unwrap_or(1),
         })
     };
     Ok([
@@ -105,6 +116,14 @@ mod tests {
             summary,
             [(Model::Gpt, false, 0.12), (Model::Gpt, true, 0.09), (Model::Mlp, false, 0.017)]
         );
+        let ddp = times(300.0);
+        let line = format!(r#"{{"torch": "2.x", "threads": 1, "world": 2, "gpt": {ddp}}}"#);
+        let figures = parse(&line).expect("parse");
+        assert_eq!(
+            (figures.len(), figures[0].processes, figures[0].label()),
+            (1, 2, "ddp2×1thr".into())
+        );
+        assert!(!figures[0].is_goal_reference());
         let old =
             r#"{"torch": "2.x", "threads": 2, "gpt": {"median_ms": 1, "mean_ms": 1, "steps": 1}}"#;
         assert_eq!(parse(old).expect("parse").len(), 1);
