@@ -70,11 +70,12 @@ class Gpt(nn.Module):
 
     def forward(self, ids, targets):
         t = ids.shape[1]
-        x = self.wte(ids) + self.wpe(torch.arange(t))
+        x = self.wte(ids) + self.wpe(torch.arange(t, device=ids.device))
         for block in self.blocks:
             x = block(x, self.mask)
         logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        # The loss in f32 also under bf16 autocast (the GPU check's reference).
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
 class Mlp(nn.Module):

@@ -1,7 +1,7 @@
 """PyTorch eager reference of the GPU check: the GPT step time on the GPU, printed as meshflow's
 `gpt_reference_step_time_on_a_gpu` test (tests/cuda_session.rs) prints its own.
 
-The model is scripts/torch_train.py's GPT (nanoGPT layout: pre-norm LayerNorm eps 1e-5, causal
+The model is scripts/torch_train.py's GPT (imported from the copy packed next to this file) (nanoGPT layout: pre-norm LayerNorm eps 1e-5, causal
 self-attention with a fused c_attn and an explicit masked softmax as meshflow computes it, MLP
 with exact GELU, learned positions, untied lm_head without bias, mean cross-entropy), with its
 position index on the model's device. Config (vocab 512, ctx 128, 4 layers, 4 heads, d 256,
@@ -16,62 +16,15 @@ Run:  python3 gpt_torch.py [--gpt 512,128,4,4,256,8] [--steps 20]
 """
 import argparse
 import contextlib
-import math
+import os
 import statistics
+import sys
 import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-
-class Block(nn.Module):
-    def __init__(self, d, heads, sdpa):
-        super().__init__()
-        self.heads = heads
-        self.sdpa = sdpa
-        self.ln_1 = nn.LayerNorm(d, eps=1e-5)
-        self.c_attn = nn.Linear(d, 3 * d)
-        self.attn_proj = nn.Linear(d, d)
-        self.ln_2 = nn.LayerNorm(d, eps=1e-5)
-        self.c_fc = nn.Linear(d, 4 * d)
-        self.mlp_proj = nn.Linear(4 * d, d)
-
-    def attention(self, x, mask):
-        b, t, d = x.shape
-        hd = d // self.heads
-        q, k, v = self.c_attn(x).split(d, dim=2)
-        q, k, v = (z.view(b, t, self.heads, hd).transpose(1, 2) for z in (q, k, v))
-        if self.sdpa:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            return self.attn_proj(y.transpose(1, 2).reshape(b, t, d))
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))
-        weights = scores.masked_fill(mask[:t, :t], float("-inf")).softmax(dim=-1)
-        y = (weights @ v).transpose(1, 2).reshape(b, t, d)
-        return self.attn_proj(y)
-
-    def forward(self, x, mask):
-        x = x + self.attention(self.ln_1(x), mask)
-        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
-
-
-class Gpt(nn.Module):
-    def __init__(self, vocab, ctx, layers, heads, d, sdpa=False):
-        super().__init__()
-        self.wte = nn.Embedding(vocab, d)
-        self.wpe = nn.Embedding(ctx, d)
-        self.blocks = nn.ModuleList(Block(d, heads, sdpa) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(d, eps=1e-5)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-        self.register_buffer("mask", torch.ones(ctx, ctx, dtype=torch.bool).triu(1))
-
-    def forward(self, ids, targets):
-        t = ids.shape[1]
-        x = self.wte(ids) + self.wpe(torch.arange(t, device=ids.device))
-        for block in self.blocks:
-            x = block(x, self.mask)
-        logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_train import Gpt  # noqa: E402  (the one definition of the model, packed next to this)
 
 
 def step_times(model, ids, dtype, warmup, steps):

@@ -59,6 +59,7 @@ fi
 
 here=scripts/gpu-check
 cp "$here/run.sh" "$here/gpt_example.sh" "$here/matmul_torch.py" "$here/gpt_torch.py" "$here/device-env.sh" "$pack/"
+cp scripts/torch_train.py "$pack/"
 chmod +x "$pack/run.sh" "$pack/gpt_example.sh" "$pack"/bin/*
 size=$(du -sb "$pack" | cut -f1)
 echo "packed $pack: $(ls "$pack/bin" | tr '\n' ' ')($((size / 1024 / 1024)) MiB)"
