@@ -309,18 +309,7 @@ mod imp {
             {
                 let (pointer, _record) = buffer.device_ptr_mut(&self.stream);
                 // SAFETY: the buffer holds numel elements of `dtype` on this communicator's device.
-                unsafe {
-                    nccl::all_reduce(
-                        pointer as _,
-                        pointer as _,
-                        tensor.numel(),
-                        dtype,
-                        op,
-                        self.comm,
-                        self.stream.cu_stream() as _,
-                    )
-                }
-                .map_err(|error| nccl_error("all_reduce", self.rank, error))?;
+                unsafe { self.enqueue_all_reduce(pointer, pointer, tensor.numel(), (dtype, op)) }?;
             }
             self.complete("all_reduce")?;
             let bytes = self.stream.clone_dtoh(&buffer).map_err(driver)?;
@@ -349,18 +338,7 @@ mod imp {
             self.stream.join(device.stream()).map_err(driver)?;
             // SAFETY: both pointers address `numel` elements of `dtype` on this communicator's
             // device, alive until the collective completes below (this call holds both tensors).
-            unsafe {
-                nccl::all_reduce(
-                    source as _,
-                    target as _,
-                    tensor.numel(),
-                    dtype,
-                    op,
-                    self.comm,
-                    self.stream.cu_stream() as _,
-                )
-            }
-            .map_err(|error| nccl_error("all_reduce", self.rank, error))?;
+            unsafe { self.enqueue_all_reduce(source, target, tensor.numel(), (dtype, op)) }?;
             device.stream().join(&self.stream).map_err(driver)?;
             self.complete("all_reduce")?;
             Ok(output)
@@ -382,6 +360,35 @@ mod imp {
         }
 
         /// Waits for the enqueued work on the stream, polling the async error; aborts at the deadline.
+        /// Enqueues an all-reduce of `count` elements from `source` into `target` (they may be
+        /// the same) on this communicator's stream.
+        ///
+        /// # Safety
+        /// Both addresses hold `count` elements of the dtype on this communicator's device and
+        /// stay alive until the collective has completed.
+        unsafe fn enqueue_all_reduce(
+            &self,
+            source: u64,
+            target: u64,
+            count: usize,
+            (dtype, op): (sys::ncclDataType_t, sys::ncclRedOp_t),
+        ) -> Result<()> {
+            // SAFETY: the caller's contract.
+            unsafe {
+                nccl::all_reduce(
+                    source as _,
+                    target as _,
+                    count,
+                    dtype,
+                    op,
+                    self.comm,
+                    self.stream.cu_stream() as _,
+                )
+            }
+            .map_err(|error| nccl_error("all_reduce", self.rank, error))?;
+            Ok(())
+        }
+
         fn complete(&self, operation: &'static str) -> Result<()> {
             let limit = self.config.operation_timeout;
             self.settle(operation, limit)?;

@@ -87,17 +87,7 @@ pub fn reduce_pair(
     dtype: DType,
     operation: ReduceOp,
 ) -> Result<()> {
-    if target.len() != first.len() || target.len() != second.len() {
-        return Err(Error::InvalidArgument {
-            collective,
-            reason: format!(
-                "reducing {} and {} bytes into {} bytes",
-                first.len(),
-                second.len(),
-                target.len()
-            ),
-        });
-    }
+    check_pair(collective, target, first, second)?;
     let blocks = target.chunks_mut(PAIR_BLOCK_BYTES);
     for ((block, first), second) in
         blocks.zip(first.chunks(PAIR_BLOCK_BYTES)).zip(second.chunks(PAIR_BLOCK_BYTES))
@@ -106,6 +96,15 @@ pub fn reduce_pair(
         reduce_into(collective, block, second, dtype, operation)?;
     }
     Ok(())
+}
+
+/// Two sources of a pairwise reduction are as long as its target.
+fn check_pair(collective: &'static str, target: &[u8], a: &[u8], b: &[u8]) -> Result<()> {
+    if target.len() == a.len() && target.len() == b.len() {
+        return Ok(());
+    }
+    let reason = format!("reducing {} and {} bytes into {} bytes", a.len(), b.len(), target.len());
+    Err(Error::InvalidArgument { collective, reason })
 }
 
 /// `target[i] = received[i] ⊕ mine[i]`, where `received` may start at any byte (a slice of a
@@ -118,17 +117,7 @@ pub fn reduce_received(
     dtype: DType,
     operation: ReduceOp,
 ) -> Result<()> {
-    if target.len() != received.len() || target.len() != mine.len() {
-        return Err(Error::InvalidArgument {
-            collective,
-            reason: format!(
-                "reducing {} and {} bytes into {} bytes",
-                received.len(),
-                mine.len(),
-                target.len()
-            ),
-        });
-    }
+    check_pair(collective, target, received, mine)?;
     let sources = (received, mine);
     match dtype {
         DType::F32 => {
