@@ -12,16 +12,7 @@ use meshflow_ops::{DType, Error};
 /// Every source the backend can generate for the ops in the table.
 fn every_source() -> Vec<KernelSource> {
     let floats = [DType::F32, DType::F64, DType::BF16, DType::F16];
-    let all = [
-        DType::F32,
-        DType::F64,
-        DType::BF16,
-        DType::F16,
-        DType::I64,
-        DType::I32,
-        DType::U8,
-        DType::Bool,
-    ];
+    let all = DType::ALL;
     let mut sources = Vec::new();
     for &(op, kernel) in KERNELS {
         for dtype in floats {

@@ -16,7 +16,7 @@
 use meshflow_placement::{Sbp, Signature};
 
 use super::attention_kernel::{self, Geometry};
-use super::nn_rows::second_order;
+use super::nn_rows::first_order_only;
 use crate::{Context, DType, Emit, Error, Op, Result, Tensor, TensorMeta, Value};
 
 /// Causal attention of packed `qkv [B, T, 3, H, D]`; outputs `y [B, T, H, D]` (qkv's dtype) and
@@ -178,10 +178,7 @@ impl Op for CausalAttentionGrad {
         _outputs: &[Value],
         grads: &[Option<Value>],
     ) -> Result<Vec<Option<Value>>> {
-        if grads.iter().any(Option::is_some) {
-            return Err(second_order(GRAD_NAME));
-        }
-        Ok(vec![None; 4])
+        first_order_only(GRAD_NAME, grads, 4)
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {

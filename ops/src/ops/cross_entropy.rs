@@ -13,7 +13,7 @@ use meshflow_placement::{Sbp, Signature};
 use num_traits::{Float, ToPrimitive, Zero};
 
 use super::nn_rows::{
-    for_each_range, max, second_order, sum_map, sum_over_rows, Accumulate, RowFloat, SharedRows,
+    first_order_only, for_each_range, max, sum_map, sum_over_rows, Accumulate, RowFloat, SharedRows,
 };
 use crate::{
     emit1, Context, DType, Emit, Error, Op, OpRef, Result, Shard, Tensor, TensorMeta, Value,
@@ -155,10 +155,7 @@ impl Op for CrossEntropyGrad {
         _outputs: &[Value],
         grads: &[Option<Value>],
     ) -> Result<Vec<Option<Value>>> {
-        if grads.iter().any(Option::is_some) {
-            return Err(second_order(self.name()));
-        }
-        Ok(vec![None; 3])
+        first_order_only(self.name(), grads, 3)
     }
 
     fn localize(

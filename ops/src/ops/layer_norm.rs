@@ -10,7 +10,7 @@ use meshflow_placement::{Sbp, Signature};
 use num_traits::{Float, Zero};
 
 use super::nn_rows::{
-    for_each_row, prefetch, row, second_order, sum_map, sum_map2, sum_map3, sum_over_rows,
+    first_order_only, for_each_row, prefetch, row, sum_map, sum_map2, sum_map3, sum_over_rows,
     Accumulate, RowFloat, SharedRows,
 };
 use super::softmax::{checked_signatures, last_axis_input, row_signatures};
@@ -208,10 +208,7 @@ impl<N: RowNorm> Op for NormGrad<N> {
         _outputs: &[Value],
         grads: &[Option<Value>],
     ) -> Result<Vec<Option<Value>>> {
-        if grads.iter().any(Option::is_some) {
-            return Err(second_order(self.name()));
-        }
-        Ok(vec![None; 3])
+        first_order_only(self.name(), grads, 3)
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {

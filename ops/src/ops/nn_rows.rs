@@ -369,12 +369,20 @@ pub(crate) fn for_each_row2<I: Sync, O: Send>(
     });
 }
 
-/// The error of asking a fused gradient op for its own gradient.
-pub(crate) fn second_order(op: &'static str) -> crate::Error {
-    crate::Error::argument(
-        op,
-        "second-order gradients of this fused gradient op are not implemented",
-    )
+/// The backward of a fused gradient op of `inputs` inputs: no gradient flows back, and asking it
+/// for one (a second-order gradient) is an error naming `op`.
+pub(crate) fn first_order_only(
+    op: &'static str,
+    grads: &[Option<crate::Value>],
+    inputs: usize,
+) -> crate::Result<Vec<Option<crate::Value>>> {
+    if grads.iter().any(Option::is_some) {
+        return Err(crate::Error::argument(
+            op,
+            "second-order gradients of this fused gradient op are not implemented",
+        ));
+    }
+    Ok(vec![None; inputs])
 }
 
 /// Runs `kernel(row_index_range)` over tasks covering `rows` and adds up what each returns, in

@@ -6,8 +6,8 @@ use meshflow_placement::{Sbp, Signature};
 use num_traits::One;
 
 use super::nn_rows::{
-    for_each_row, for_each_row2, map_sum, max, prefetch, row, second_order, sum_map2, Accumulate,
-    RowFloat,
+    first_order_only, for_each_row, for_each_row2, map_sum, max, prefetch, row, sum_map2,
+    Accumulate, RowFloat,
 };
 use crate::cpu::simd::multiversion;
 use crate::{emit1, Context, Emit, Error, Op, Result, Tensor, TensorMeta, Value};
@@ -197,10 +197,7 @@ impl<K: LastAxis> Op for RowGrad<K> {
         _outputs: &[Value],
         grads: &[Option<Value>],
     ) -> Result<Vec<Option<Value>>> {
-        if grads.iter().any(Option::is_some) {
-            return Err(second_order(self.name()));
-        }
-        Ok(vec![None, None])
+        first_order_only(self.name(), grads, 2)
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
