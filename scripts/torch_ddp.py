@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_train import Gpt, Mlp  # noqa: E402  (the one definition of the models)
+from torch_train import Gpt, Mlp, training_step  # noqa: E402  (one definition of each)
 
 
 def free_port():
@@ -36,14 +36,7 @@ def free_port():
 
 def time_ddp(model, batch, seconds, warmup):
     """Rank 0's step times; every rank runs the same number of steps."""
-    model = DistributedDataParallel(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-
-    def step():
-        loss = model(*batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step = training_step(DistributedDataParallel(model), batch)
 
     begin = time.perf_counter()
     for _ in range(warmup):

@@ -91,7 +91,8 @@ class Mlp(nn.Module):
         return F.cross_entropy(x, y)
 
 
-def time_steps(model, batch, seconds, warmup, min_steps):
+def training_step(model, batch):
+    """One step of the benchmark's training (forward, backward, AdamW, zero_grad), as a function."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
 
     def step():
@@ -100,6 +101,12 @@ def time_steps(model, batch, seconds, warmup, min_steps):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
+
+    return step
+
+
+def time_steps(model, batch, seconds, warmup, min_steps):
+    step = training_step(model, batch)
 
     for _ in range(warmup):
         step()
