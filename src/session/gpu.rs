@@ -3,9 +3,9 @@
 //!
 //! A rank on a GPU keeps its variables and the tensors of the step in flight in device memory
 //! (`meshflow_ops::cuda`): feeds, constants and initial parameters are uploaded when a leaf act
-//! takes them, every op runs through the rank's [`CudaDevice`] (cuBLAS, NVRTC kernels, the host
-//! fallback of the ops without one), and only the fetched values (the loss) are downloaded at the
-//! end of the step. Device buffers come from the device's caching allocator, so a step that makes
+//! takes them, every op runs through the rank's [`CudaDevice`] (cuBLAS and NVRTC kernels: every
+//! op has a device kernel, none round-trips through the host), and only the fetched values (the
+//! loss) are downloaded at the end of the step. Device buffers come from the device's caching allocator, so a step that makes
 //! the same tensors as the step before allocates nothing.
 //!
 //! Stream order: all kernels of a rank are issued on its device's one stream, in the order of the

@@ -16,9 +16,9 @@ use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys, Ptx};
 use super::launch::Launch;
 use super::libraries;
 use super::pool::{size_class, CachingPool, PoolStats};
-use super::source::{AdamScalars, KernelSource, Layout};
+use super::source::{AdamScalars, KernelSource, Layout, SgdScalars};
 use crate::tensor::CpuStorage;
-use crate::{Context, Device, Error, Op, Result, Storage, Tensor, TensorMeta};
+use crate::{Device, Error, Op, Result, Storage, Tensor, TensorMeta};
 
 /// Bytes of free device buffers a device keeps for reuse.
 pub const POOL_LIMIT_BYTES: usize = 64 << 30;
@@ -27,6 +27,8 @@ pub const POOL_LIMIT_BYTES: usize = 64 << 30;
 unsafe impl DeviceRepr for Layout {}
 // SAFETY: `AdamScalars` is `repr(C)` plain data (seven doubles), the layout of the C struct.
 unsafe impl DeviceRepr for AdamScalars {}
+// SAFETY: `SgdScalars` is `repr(C)` plain data (five doubles), the layout of the C struct.
+unsafe impl DeviceRepr for SgdScalars {}
 
 /// One GPU: context, stream, caching allocator, cuBLAS handle and compiled kernels. Cloning
 /// shares them; every clone issues work on the same stream.
@@ -45,7 +47,6 @@ struct Inner {
     functions: Mutex<HashMap<String, CudaFunction>>,
     architecture: (i32, i32),
     multiprocessors: usize,
-    host: Context,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -83,7 +84,6 @@ impl CudaDevice {
         let multiprocessors = context
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(failed("cuDeviceGetAttribute"))?;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let inner = Inner {
             ordinal,
             context,
@@ -94,7 +94,6 @@ impl CudaDevice {
             functions: Mutex::new(HashMap::new()),
             architecture,
             multiprocessors: multiprocessors.max(1) as usize,
-            host: Context::with_threads(threads),
         };
         Ok(CudaDevice { inner: Arc::new(inner) })
     }
@@ -290,10 +289,6 @@ impl CudaDevice {
 
     pub(super) fn cu_stream(&self) -> cudarc::driver::sys::CUstream {
         self.inner.stream.cu_stream()
-    }
-
-    pub(super) fn host_context(&self) -> &Context {
-        &self.inner.host
     }
 
     pub(super) fn error(&self, call: &str, error: DriverError) -> Error {

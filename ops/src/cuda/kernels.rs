@@ -6,16 +6,16 @@ use std::sync::Arc;
 use cudarc::driver::PushKernelArg;
 
 use super::launch;
-use super::source::{self, contiguous_strides, AdamScalars, Layout};
+use super::source::{self, contiguous_strides, AdamScalars, Layout, SgdScalars};
 use super::table::{self, Kernel};
 use super::{downcast, CudaDevice};
 use crate::ops::{
-    adamw::AdamW, add_scalar::AddScalar, concat::Concat, fill::Fill, gelu::Gelu,
+    adamw::AdamW, add_scalar::AddScalar, concat::Concat, dropout::Dropout, fill::Fill, gelu::Gelu,
     layer_norm::LayerNorm, masked_fill::MaskedFill, max::Max, mean::Mean, mul_scalar::MulScalar,
     narrow::Narrow, narrow::Pad, permute::Permute, pow_scalar::PowScalar, rms_norm::RmsNorm,
-    split::Split, sum::Sum, unary::GradOf, unary::Unary,
+    sgd::Sgd, split::Split, sum::Sum, unary::GradOf, unary::Unary,
 };
-use crate::{Error, Op, Result, Storage, Tensor, TensorMeta};
+use crate::{DType, Error, Op, Result, Storage, Tensor, TensorMeta};
 
 /// Runs `op` on `inputs`, which must all live on `device`.
 pub(super) fn forward(device: &CudaDevice, op: &dyn Op, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
@@ -41,9 +41,21 @@ pub(super) fn forward(device: &CudaDevice, op: &dyn Op, inputs: &[Tensor]) -> Re
         Kernel::Rows => rows(device, op, inputs, &outputs[0]),
         Kernel::Product => super::matmul::product(device, op, inputs, &outputs[0]),
         Kernel::Update => update(device, op, inputs, &outputs),
-        Kernel::Masked => masked_fill(device, op, inputs, &outputs[0]),
-        Kernel::Host => host(device, op, inputs),
+        Kernel::Select => select(device, op, inputs, &outputs[0]),
+        Kernel::Route => route(device, inputs, &outputs[0]),
+        Kernel::Dropout => dropout(device, op, inputs, &outputs[0]),
+        Kernel::Embedding => super::nn::embedding(device, op, inputs, &outputs[0]),
+        Kernel::CrossEntropy => super::nn::cross_entropy(device, op, inputs, &outputs[0]),
+        Kernel::NormGrad => super::nn::norm_grad(device, op, inputs, &outputs),
+        Kernel::Attention => super::attention::attention(device, op, inputs, &outputs),
     }
+}
+
+/// A device buffer of `elements` values of `dtype` that a kernel overwrites before reading
+/// (intermediate sums, statistics, scores); it returns to the caching allocator when dropped,
+/// and stream order makes that safe while the kernels that use it are still queued.
+pub(super) fn scratch(device: &CudaDevice, elements: usize, dtype: DType) -> Result<Tensor> {
+    output(device, &TensorMeta::new([elements], dtype))
 }
 
 /// An uninitialised tensor of `meta` on `device`.
@@ -150,7 +162,7 @@ fn binary(
     Ok(vec![y])
 }
 
-fn cast(device: &CudaDevice, x: &Tensor, meta: &TensorMeta) -> Result<Vec<Tensor>> {
+pub(super) fn cast(device: &CudaDevice, x: &Tensor, meta: &TensorMeta) -> Result<Vec<Tensor>> {
     if x.dtype() == meta.dtype {
         return Ok(vec![x.clone()]);
     }
@@ -172,7 +184,7 @@ fn fill(device: &CudaDevice, meta: &TensorMeta, value: f64) -> Result<Vec<Tensor
     Ok(vec![y])
 }
 
-fn fill_tensor(device: &CudaDevice, y: &Tensor, value: f64) -> Result<()> {
+pub(super) fn fill_tensor(device: &CudaDevice, y: &Tensor, value: f64) -> Result<()> {
     let source = source::fill_kernel(y.dtype());
     let (yp, n) = (pointer(y)?, y.numel() as i64);
     let shape = launch::elementwise(y.numel(), device.multiprocessors());
@@ -324,65 +336,148 @@ fn rows(
     Ok(vec![y])
 }
 
-/// `masked_fill`: the mask (bool, broadcast to `x`) picks the op's value or `x`.
-fn masked_fill(
+/// `masked_fill` (`x, mask` and the op's constant) and `where` (`cond, x, y`): a bool mask,
+/// broadcast, picks the first value or the second ([`source::select_kernel`]).
+fn select(
     device: &CudaDevice,
     op: &dyn Op,
     inputs: &[Tensor],
     meta: &TensorMeta,
 ) -> Result<Vec<Tensor>> {
-    let value = downcast::<MaskedFill>(op).map_or(0.0, |m| m.value);
-    let source = source::masked_fill_kernel(meta.dtype)?;
-    let (x, mask, out) = (&inputs[0], &inputs[1], meta.shape.dims());
-    let strides = (contiguous_strides(out), broadcast_strides(mask.dims(), out));
-    let layout = Layout::new(op.name(), out, &strides.0, &strides.1)?;
+    let out = meta.shape.dims();
+    let constant = downcast::<MaskedFill>(op).map(|m| m.value);
+    let (mask, then, other) = match constant {
+        Some(_) => (&inputs[1], &inputs[0], &inputs[0]),
+        None => (&inputs[0], &inputs[1], &inputs[2]),
+    };
+    let strides = |t: &Tensor| broadcast_strides(t.dims(), out);
+    let layout = Layout::new(op.name(), out, &strides(mask), &strides(other))?;
+    let zeros = vec![0; out.len()];
+    let then_layout = Layout::new(op.name(), out, &strides(then), &zeros)?;
     let y = output(device, meta)?;
     if y.numel() == 0 {
         return Ok(vec![y]);
     }
-    let n = y.numel() as i64;
-    let (xp, mp, yp) = (pointer(x)?, pointer(mask)?, pointer(&y)?);
-    let function = device.function(&source)?;
+    let (n, value) = (y.numel() as i64, constant.unwrap_or(0.0));
+    let (mp, ap, bp, yp) = (pointer(mask)?, pointer(then)?, pointer(other)?, pointer(&y)?);
+    let function = device.function(&source::select_kernel(meta.dtype, constant.is_some()))?;
     let mut args = device.stream().launch_builder(&function);
-    args.arg(&xp).arg(&mp).arg(&yp).arg(&n).arg(&layout).arg(&value);
+    args.arg(&mp).arg(&ap).arg(&bp).arg(&yp).arg(&n).arg(&layout).arg(&then_layout).arg(&value);
     device.run(args, launch::elementwise(y.numel(), device.multiprocessors()))?;
     Ok(vec![y])
 }
 
-/// A fused optimizer update (AdamW) on the device; other updates, and inputs of mixed dtypes,
-/// run on the host.
+/// `max_grad` (`x, y, g`): zeros, then `g` at each group's first maximum, one thread per group
+/// (the reduced axes are those where `y` has size 1 and `x` does not).
+fn route(device: &CudaDevice, inputs: &[Tensor], meta: &TensorMeta) -> Result<Vec<Tensor>> {
+    let (x, y, g) = (&inputs[0], &inputs[1], &inputs[2]);
+    let dx = output(device, meta)?;
+    fill_tensor(device, &dx, 0.0)?;
+    if dx.numel() == 0 {
+        return Ok(vec![dx]);
+    }
+    let (dims, kept_dims) = (x.dims(), y.dims());
+    let strides = contiguous_strides(dims);
+    let (kept_axes, reduced_axes): (Vec<usize>, Vec<usize>) =
+        (0..dims.len()).partition(|&axis| kept_dims[axis] == dims[axis]);
+    let pick = |axes: &[usize], of: &[usize]| axes.iter().map(|&a| of[a]).collect::<Vec<_>>();
+    let zeros = |count: usize| vec![0; count];
+    let kept_sizes = pick(&kept_axes, dims);
+    let kept =
+        Layout::new("max_grad", &kept_sizes, &pick(&kept_axes, &strides), &zeros(kept_axes.len()))?;
+    let reduced_sizes = pick(&reduced_axes, dims);
+    let reduced_strides = pick(&reduced_axes, &strides);
+    let over =
+        Layout::new("max_grad", &reduced_sizes, &reduced_strides, &zeros(reduced_axes.len()))?;
+    let (outputs, count) = (y.numel() as i64, over.count() as i64);
+    let (xp, yp, gp, dp) = (pointer(x)?, pointer(y)?, pointer(g)?, pointer(&dx)?);
+    let function = device.function(&source::max_grad_kernel(meta.dtype)?)?;
+    let mut args = device.stream().launch_builder(&function);
+    args.arg(&xp).arg(&yp).arg(&gp).arg(&dp).arg(&outputs).arg(&kept).arg(&over).arg(&count);
+    device.run(args, launch::elementwise(y.numel(), device.multiprocessors()))?;
+    Ok(vec![dx])
+}
+
+/// `dropout` (`x` and an optional step): the CPU's mask from the same counter-based hash, each
+/// element's counter its index in the logical tensor (the shard's offset added).
+fn dropout(
+    device: &CudaDevice,
+    op: &dyn Op,
+    inputs: &[Tensor],
+    meta: &TensorMeta,
+) -> Result<Vec<Tensor>> {
+    let Some(config) = downcast::<Dropout>(op) else {
+        return Err(Error::argument(op.name(), "not a dropout the GPU backend knows"));
+    };
+    let x = &inputs[0];
+    let dims = x.dims();
+    let logical = config.logical.clone().unwrap_or_else(|| x.shape().clone());
+    let strides = logical.strides();
+    if strides.len() != dims.len()
+        || (!config.offset.is_empty() && config.offset.len() != dims.len())
+    {
+        let reason = format!("the logical shape {logical} does not match the shard {dims:?}");
+        return Err(Error::argument(op.name(), reason));
+    }
+    let mut layout = Layout::new(op.name(), dims, &strides, &vec![0; dims.len()])?;
+    layout.first_base = config.offset.iter().zip(&strides).map(|(o, s)| (o * s) as i64).sum();
+    let y = output(device, meta)?;
+    if y.numel() == 0 {
+        return Ok(vec![y]);
+    }
+    let step = inputs.get(1).unwrap_or(x);
+    let source = source::dropout_kernel(meta.dtype, step.dtype())?;
+    let (n, seed, has_step) = (y.numel() as i64, config.seed, i32::from(inputs.len() > 1));
+    let (p, scale) = (config.p as f32, if config.p < 1.0 { 1.0 / (1.0 - config.p) } else { 0.0 });
+    let (xp, yp, sp) = (pointer(x)?, pointer(&y)?, pointer(step)?);
+    let function = device.function(&source)?;
+    let mut args = device.stream().launch_builder(&function);
+    args.arg(&xp).arg(&yp).arg(&n).arg(&layout).arg(&seed).arg(&sp).arg(&has_step);
+    args.arg(&p).arg(&scale);
+    device.run(args, launch::elementwise(y.numel(), device.multiprocessors()))?;
+    Ok(vec![y])
+}
+
+/// A fused optimizer update: AdamW or SGD (every input of one float dtype, as the ops check).
 fn update(
     device: &CudaDevice,
     op: &dyn Op,
     inputs: &[Tensor],
     outputs: &[TensorMeta],
 ) -> Result<Vec<Tensor>> {
-    let Some(config) = downcast::<AdamW>(op) else { return host(device, op, inputs) };
     let dtype = outputs[0].dtype;
-    if inputs.len() != 4 || outputs.len() != 3 || inputs.iter().any(|t| t.dtype() != dtype) {
-        return host(device, op, inputs);
-    }
-    let source = source::adamw_kernel(dtype)?;
     let results = outputs.iter().map(|meta| output(device, meta)).collect::<Result<Vec<_>>>()?;
-    let n = results[0].numel();
-    if n == 0 {
+    if results[0].numel() == 0 {
         return Ok(results);
     }
-    let (count, scalars) = (n as i64, AdamScalars::of(config));
-    let (pp, gp) = (pointer(&inputs[0])?, pointer(&inputs[1])?);
-    let (mp, vp) = (pointer(&inputs[2])?, pointer(&inputs[3])?);
-    let (po, mo, vo) = (pointer(&results[0])?, pointer(&results[1])?, pointer(&results[2])?);
-    let function = device.function(&source)?;
-    let mut args = device.stream().launch_builder(&function);
-    args.arg(&pp).arg(&gp).arg(&mp).arg(&vp).arg(&po).arg(&mo).arg(&vo);
-    args.arg(&count).arg(&scalars);
-    device.run(args, launch::elementwise(n, device.multiprocessors()))?;
+    let pointers = inputs.iter().chain(&results).map(pointer).collect::<Result<Vec<u64>>>()?;
+    if let Some(config) = downcast::<AdamW>(op) {
+        let source = source::adamw_kernel(dtype)?;
+        launch_update(device, &source, &pointers, results[0].numel(), AdamScalars::of(config))?;
+    } else if let Some(config) = downcast::<Sgd>(op) {
+        let source = source::sgd_kernel(dtype)?;
+        launch_update(device, &source, &pointers, results[0].numel(), SgdScalars::of(config))?;
+    } else {
+        return Err(Error::argument(op.name(), "not an update the GPU backend knows"));
+    }
     Ok(results)
 }
 
-/// The CPU kernel on host copies of the inputs, the outputs copied back.
-fn host(device: &CudaDevice, op: &dyn Op, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-    let host_inputs = inputs.iter().map(super::to_host).collect::<Result<Vec<_>>>()?;
-    let outputs = op.forward(device.host_context(), &host_inputs)?;
-    outputs.iter().map(|output| device.to_device(output)).collect()
+/// Launches an update kernel: the inputs' and outputs' addresses, the element count, the
+/// scalars by value.
+fn launch_update<S: cudarc::driver::DeviceRepr>(
+    device: &CudaDevice,
+    source: &source::KernelSource,
+    pointers: &[u64],
+    n: usize,
+    scalars: S,
+) -> Result<()> {
+    let function = device.function(source)?;
+    let mut args = device.stream().launch_builder(&function);
+    for address in pointers {
+        args.arg(address);
+    }
+    let count = n as i64;
+    args.arg(&count).arg(&scalars);
+    device.run(args, launch::elementwise(n, device.multiprocessors()))
 }

@@ -67,29 +67,79 @@ pub fn gemm_shape(a: &[usize], b: &[usize], transpose: (bool, bool)) -> crate::R
     let a_batches: usize = a[..ra - 2].iter().product();
     let b_batches: usize = b[..rb - 2].iter().product();
     let batches = if ra > 2 { a_batches } else { b_batches };
-    let narrow = |value: usize| {
-        i32::try_from(value).map_err(|_| {
-            crate::Error::argument("matmul", format!("{value} exceeds cuBLAS's int range"))
-        })
+    let product = RowMajorProduct {
+        sizes: (m, n, k),
+        transpose,
+        a: Operand { row: if transpose.0 { m } else { k }, batch: if ra > 2 { m * k } else { 0 } },
+        b: Operand { row: if transpose.1 { k } else { n }, batch: if rb > 2 { k * n } else { 0 } },
+        y: Operand { row: n, batch: m * n },
+        batches: batches.max(1),
     };
-    Ok(GemmShape {
-        m: narrow(n)?,
-        n: narrow(m)?,
-        k: narrow(k)?,
-        transpose_first: transpose.1,
-        transpose_second: transpose.0,
-        leading: (
-            narrow(if transpose.1 { k } else { n })?,
-            narrow(if transpose.0 { m } else { k })?,
-            narrow(n)?,
-        ),
-        strides: (
-            if rb > 2 { (k * n) as i64 } else { 0 },
-            if ra > 2 { (m * k) as i64 } else { 0 },
-            (m * n) as i64,
-        ),
-        batches: narrow(batches.max(1))?,
-    })
+    product.shape("matmul")
+}
+
+/// Where a row-major operand's rows and batches lie: element `(batch, i, j)` of the stored
+/// matrix at `batch · batch_stride + i · row + j` (elements).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Operand {
+    /// The row stride (at least the stored row's length).
+    pub row: usize,
+    /// The batch stride (0: one matrix shared by every batch).
+    pub batch: usize,
+}
+
+/// A batched row-major product `y = op(a) · op(b)` of strided operands: `y [m, n]`, the
+/// contracted size `k`, `op` a transpose when the flag is set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowMajorProduct {
+    /// `(m, n, k)`.
+    pub sizes: (usize, usize, usize),
+    /// Transpose `a`, transpose `b`.
+    pub transpose: (bool, bool),
+    /// The stored `a`.
+    pub a: Operand,
+    /// The stored `b`.
+    pub b: Operand,
+    /// The result.
+    pub y: Operand,
+    /// Number of batches.
+    pub batches: usize,
+}
+
+impl RowMajorProduct {
+    /// The column-major cuBLAS call: `yᵀ = op(b)ᵀ · op(a)ᵀ` (the first operand is `b`); `op`
+    /// names the op in the error when a size exceeds cuBLAS's `int`.
+    pub fn shape(&self, op: &'static str) -> crate::Result<GemmShape> {
+        let narrow = |value: usize| {
+            i32::try_from(value).map_err(|_| {
+                crate::Error::argument(op, format!("{value} exceeds cuBLAS's int range"))
+            })
+        };
+        let (m, n, k) = self.sizes;
+        Ok(GemmShape {
+            m: narrow(n)?,
+            n: narrow(m)?,
+            k: narrow(k)?,
+            transpose_first: self.transpose.1,
+            transpose_second: self.transpose.0,
+            leading: (narrow(self.b.row)?, narrow(self.a.row)?, narrow(self.y.row)?),
+            strides: (self.b.batch as i64, self.a.batch as i64, self.y.batch as i64),
+            batches: narrow(self.batches)?,
+        })
+    }
+}
+
+/// The column pass of the norms' gradient over `rows × cols`: blocks of
+/// `COLUMN_TILE × ROW_LANES` threads, one per (column tile, chunk of rows), enough chunks for
+/// about [`BLOCKS_PER_MULTIPROCESSOR`] blocks per multiprocessor, each chunk at least
+/// `ROW_LANES` rows and at most 1024 chunks. Returns the launch and the number of chunks.
+pub fn norm_columns(rows: usize, cols: usize, multiprocessors: usize) -> (Launch, usize) {
+    use super::source_nn::{COLUMN_TILE, ROW_LANES};
+    let tiles = cols.div_ceil(COLUMN_TILE).max(1);
+    let wanted = (multiprocessors.max(1) * BLOCKS_PER_MULTIPROCESSOR).div_ceil(tiles);
+    let chunks = wanted.min(rows.div_ceil(ROW_LANES)).clamp(1, 1024);
+    let grid = (tiles * chunks).min(u32::MAX as usize) as u32;
+    (Launch { grid, block: (COLUMN_TILE * ROW_LANES) as u32, shared_bytes: 0 }, chunks)
 }
 
 #[cfg(test)]
@@ -125,6 +175,40 @@ mod tests {
         assert_eq!(shape.leading, (5, 2, 5));
         assert_eq!(shape.strides, (15, 6, 10));
         assert!(gemm_shape(&[3], &[3, 5], (false, false)).is_err());
+    }
+
+    #[test]
+    fn strided_products_keep_their_row_and_batch_strides() {
+        // Attention's S = q · kᵀ per head: q and k rows of width 3·H·D = 48, heads D = 4 apart.
+        let scores = RowMajorProduct {
+            sizes: (10, 10, 4),
+            transpose: (false, true),
+            a: Operand { row: 48, batch: 4 },
+            b: Operand { row: 48, batch: 4 },
+            y: Operand { row: 10, batch: 100 },
+            batches: 4,
+        };
+        let shape = scores.shape("causal_attention").expect("fits");
+        assert_eq!((shape.m, shape.n, shape.k), (10, 10, 4));
+        assert!(shape.transpose_first && !shape.transpose_second);
+        assert_eq!(shape.leading, (48, 48, 10));
+        assert_eq!((shape.strides, shape.batches), ((4, 4, 100), 4));
+        let huge = RowMajorProduct { sizes: (1 << 31, 1, 1), ..scores };
+        assert!(huge.shape("causal_attention").is_err());
+    }
+
+    #[test]
+    fn norm_column_passes_cover_every_column_and_row() {
+        let (shape, chunks) = norm_columns(8192, 768, 132);
+        assert_eq!(shape.block, 256);
+        assert_eq!(shape.grid as usize, 24 * chunks, "24 tiles of 32 columns");
+        assert_eq!(chunks, (132 * 8usize).div_ceil(24));
+        let (small, chunks) = norm_columns(3, 5, 132);
+        assert_eq!((small.grid, chunks), (1, 1), "3 rows: one chunk of one tile");
+        let (_, chunks) = norm_columns(1 << 20, 1, 132);
+        assert_eq!(chunks, 1024, "capped");
+        let (empty, chunks) = norm_columns(0, 0, 0);
+        assert_eq!((empty.grid, chunks), (1, 1));
     }
 
     #[test]

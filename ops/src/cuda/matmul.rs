@@ -48,10 +48,11 @@ pub(super) fn product(
             let one = GemmShape { batches: 1, ..shape };
             let batch_pointers =
                 (at(pointers.0, shape.strides.0), at(pointers.1, shape.strides.1), pointers.2);
-            gemm(device, meta.dtype, one, batch_pointers, if batch == 0 { 0.0 } else { 1.0 })?;
+            let beta = if batch == 0 { 0.0 } else { 1.0 };
+            gemm(device, Types::same(meta.dtype), one, batch_pointers, (1.0, beta))?;
         }
     } else {
-        gemm(device, meta.dtype, shape, pointers, 0.0)?;
+        gemm(device, Types::same(meta.dtype), shape, pointers, (1.0, 0.0))?;
     }
     Ok(vec![y])
 }
@@ -64,36 +65,59 @@ fn operation(transpose: bool) -> cublasOperation_t {
     }
 }
 
-/// The cuBLAS data type and compute type of `dtype`.
-fn types(dtype: DType) -> Result<(cudaDataType_t, cublasComputeType_t)> {
+/// The cuBLAS data type of `dtype`.
+fn data_type(dtype: DType) -> Result<cudaDataType_t> {
     Ok(match dtype {
-        DType::F32 => (cudaDataType_t::CUDA_R_32F, cublasComputeType_t::CUBLAS_COMPUTE_32F),
-        DType::F64 => (cudaDataType_t::CUDA_R_64F, cublasComputeType_t::CUBLAS_COMPUTE_64F),
-        DType::BF16 => (cudaDataType_t::CUDA_R_16BF, cublasComputeType_t::CUBLAS_COMPUTE_32F),
-        DType::F16 => (cudaDataType_t::CUDA_R_16F, cublasComputeType_t::CUBLAS_COMPUTE_32F),
+        DType::F32 => cudaDataType_t::CUDA_R_32F,
+        DType::F64 => cudaDataType_t::CUDA_R_64F,
+        DType::BF16 => cudaDataType_t::CUDA_R_16BF,
+        DType::F16 => cudaDataType_t::CUDA_R_16F,
         other => return Err(Error::dtype("matmul", &[other], "cuBLAS products take float dtypes")),
     })
 }
 
-/// One strided batched product `C = A·B + beta·C` on the device's stream.
-fn gemm(
+/// The dtypes of one product: both operands share `inputs`; the result is `output` (the
+/// operands' dtype, or f32 for 16-bit operands, f64 for f64: the accumulation type).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Types {
+    /// The operands' dtype.
+    pub inputs: DType,
+    /// The result's dtype.
+    pub output: DType,
+}
+
+impl Types {
+    /// Operands and result of one dtype.
+    pub fn same(dtype: DType) -> Self {
+        Types { inputs: dtype, output: dtype }
+    }
+}
+
+/// One strided batched product `C = alpha·A·B + beta·C` on the device's stream, computed in
+/// f64 for f64 operands and in f32 (on tensor cores for 16-bit operands) otherwise.
+pub(super) fn gemm(
     device: &CudaDevice,
-    dtype: DType,
+    types: Types,
     shape: GemmShape,
     (first, second, result): (u64, u64, u64),
-    beta: f64,
+    (alpha, beta): (f64, f64),
 ) -> Result<()> {
-    let (data, compute) = types(dtype)?;
-    let (alpha64, beta64) = (1.0f64, beta);
-    let (alpha32, beta32) = (1.0f32, beta as f32);
-    let (alpha, beta): (*const c_void, *const c_void) = if dtype == DType::F64 {
-        (&alpha64 as *const f64 as _, &beta64 as *const f64 as _)
+    let (data, output) = (data_type(types.inputs)?, data_type(types.output)?);
+    let double = types.inputs == DType::F64;
+    let compute = if double {
+        cublasComputeType_t::CUBLAS_COMPUTE_64F
+    } else {
+        cublasComputeType_t::CUBLAS_COMPUTE_32F
+    };
+    let (alpha32, beta32) = (alpha as f32, beta as f32);
+    let (alpha, beta): (*const c_void, *const c_void) = if double {
+        (&alpha as *const f64 as _, &beta as *const f64 as _)
     } else {
         (&alpha32 as *const f32 as _, &beta32 as *const f32 as _)
     };
     // SAFETY: the pointers address live device buffers of this device holding the operands and
-    // the result in the shapes `shape` describes (checked by the op's inference); alpha and beta
-    // live until the call returns (cuBLAS reads host scalars before returning).
+    // the result in the shapes `shape` describes (checked by the callers); alpha and beta live
+    // until the call returns (cuBLAS reads host scalars before returning).
     unsafe {
         cublas::gemm_strided_batched_ex(
             *device.blas().handle(),
@@ -113,7 +137,7 @@ fn gemm(
             shape.strides.1,
             beta,
             result as *mut c_void,
-            data,
+            output,
             shape.leading.2,
             shape.strides.2,
             shape.batches,

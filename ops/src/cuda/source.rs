@@ -141,48 +141,33 @@ __device__ __forceinline__ void offsets(const Layout& l, long long i, long long*
 
 const REDUCTIONS: &str = r#"
 __device__ __forceinline__ A neg_inf() { return (A)__longlong_as_double(0xfff0000000000000LL); }
-__device__ __forceinline__ A warp_sum(A v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
+__device__ __forceinline__ A nan_value() { return (A)__longlong_as_double(0x7ff8000000000000LL); }
+__device__ __forceinline__ A add_op(A a, A b) { return a + b; }
+__device__ __forceinline__ A max_op(A a, A b) { return fmax(a, b); }
+#define BLOCK_REDUCE(NAME, OP, IDENTITY) \
+__device__ __forceinline__ A warp_##NAME(A v) { \
+    for (int o = 16; o > 0; o >>= 1) v = OP(v, __shfl_xor_sync(0xffffffffu, v, o)); \
+    return v; \
+} \
+__device__ A block_##NAME(A v) { \
+    __shared__ A partial[32]; \
+    __shared__ A total; \
+    v = warp_##NAME(v); \
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5; \
+    if (lane == 0) partial[warp] = v; \
+    __syncthreads(); \
+    if (warp == 0) { \
+        v = lane < (int)((blockDim.x + 31) >> 5) ? partial[lane] : (IDENTITY); \
+        v = warp_##NAME(v); \
+        if (lane == 0) total = v; \
+    } \
+    __syncthreads(); \
+    const A result = total; \
+    __syncthreads(); \
+    return result; \
 }
-__device__ __forceinline__ A warp_max(A v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-__device__ A block_sum(A v) {
-    __shared__ A partial[32];
-    __shared__ A total;
-    v = warp_sum(v);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < (int)((blockDim.x + 31) >> 5) ? partial[lane] : (A)0;
-        v = warp_sum(v);
-        if (lane == 0) total = v;
-    }
-    __syncthreads();
-    const A result = total;
-    __syncthreads();
-    return result;
-}
-__device__ A block_max(A v) {
-    __shared__ A partial[32];
-    __shared__ A total;
-    v = warp_max(v);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < (int)((blockDim.x + 31) >> 5) ? partial[lane] : neg_inf();
-        v = warp_max(v);
-        if (lane == 0) total = v;
-    }
-    __syncthreads();
-    const A result = total;
-    __syncthreads();
-    return result;
-}
+BLOCK_REDUCE(sum, add_op, (A)0)
+BLOCK_REDUCE(max, max_op, neg_inf())
 "#;
 
 /// The common head of every kernel source, with `T`, `A`, `load` and `store` bound to `dtype`.
@@ -262,13 +247,7 @@ pub fn binary_expression(name: &str) -> Option<&'static str> {
 pub fn map_kernel(op: &'static str, dtype: DType) -> Result<KernelSource> {
     float_only(op, dtype)?;
     let body = map_expression(op).ok_or_else(|| no_expression(op))?;
-    let entry = entry("map", op, dtype);
-    let code = format!(
-        "{}\nextern \"C\" __global__ void {entry}(const T* __restrict__ x, T* __restrict__ y, long long n, double param) {{\n\
-         const A p = (A)param;\n GRID_LOOP(i, n) {{ const A v = load(x[i]); A r; {body} y[i] = store(r); }}\n}}\n",
-        prelude(dtype)
-    );
-    Ok(KernelSource { entry, code })
+    Ok(pointwise_kernel(entry("map", op, dtype), dtype, body, false))
 }
 
 /// `dx[i] = g[i] · f'(x[i])` for an op with a [`derivative_expression`]:
@@ -276,13 +255,23 @@ pub fn map_kernel(op: &'static str, dtype: DType) -> Result<KernelSource> {
 pub fn derivative_kernel(op: &'static str, dtype: DType) -> Result<KernelSource> {
     float_only(op, dtype)?;
     let body = derivative_expression(op).ok_or_else(|| no_expression(op))?;
-    let entry = entry("grad", op, dtype);
+    Ok(pointwise_kernel(entry("grad", op, dtype), dtype, body, true))
+}
+
+/// The one template of [`map_kernel`] and [`derivative_kernel`]: `body` assigns `r` from `v`
+/// (and the parameter `p`); with `gradient` the result is multiplied by `g[i]`.
+fn pointwise_kernel(entry: String, dtype: DType, body: &str, gradient: bool) -> KernelSource {
+    let (inputs, result) = if gradient {
+        ("const T* __restrict__ x, const T* __restrict__ g", "load(g[i]) * r")
+    } else {
+        ("const T* __restrict__ x", "r")
+    };
     let code = format!(
-        "{}\nextern \"C\" __global__ void {entry}(const T* __restrict__ x, const T* __restrict__ g, T* __restrict__ dx, long long n, double param) {{\n\
-         const A p = (A)param;\n GRID_LOOP(i, n) {{ const A v = load(x[i]); A r; {body} dx[i] = store(load(g[i]) * r); }}\n}}\n",
+        "{}\nextern \"C\" __global__ void {entry}({inputs}, T* __restrict__ y, long long n, double param) {{\n\
+         const A p = (A)param;\n GRID_LOOP(i, n) {{ const A v = load(x[i]); A r; {body} y[i] = store({result}); }}\n}}\n",
         prelude(dtype)
     );
-    Ok(KernelSource { entry, code })
+    KernelSource { entry, code }
 }
 
 /// `y[i] = f(a[ia], b[ib])` over the output with broadcasting strides in a [`Layout`]
@@ -440,19 +429,118 @@ pub fn rows_kernel(op: &'static str, dtype: DType) -> Result<KernelSource> {
     Ok(KernelSource { entry, code })
 }
 
-/// `y[i] = mask[im] ? value : x[i]` with the bool mask read through broadcasting strides
-/// (`second` of the [`Layout`]; `first` is `x`'s): `(const T* x, const unsigned char* mask,
-/// T* y, long long n, Layout l, double value)`.
-pub fn masked_fill_kernel(dtype: DType) -> Result<KernelSource> {
-    float_only("masked_fill", dtype)?;
-    let entry = entry("select", "masked_fill", dtype);
+/// `y[i] = mask[im] ? then : other[io]`, every operand read through broadcasting strides: the
+/// mask through `l.first`, `other` through `l.second`, `then` through `m.first`, or the constant
+/// `value` when `constant` (`masked_fill`; `where` takes a tensor): `(const unsigned char* mask,
+/// const T* then, const T* other, T* y, long long n, Layout l, Layout m, double value)`. Any
+/// dtype (the values are copied, not computed).
+pub fn select_kernel(dtype: DType, constant: bool) -> KernelSource {
+    let (name, then) = if constant { ("masked_fill", "fill") } else { ("where", "a[ia]") };
+    let entry = entry("select", name, dtype);
     let code = format!(
-        "{}\nextern \"C\" __global__ void {entry}(const T* __restrict__ x, const unsigned char* __restrict__ mask, T* __restrict__ y, long long n, Layout l, double value) {{\n\
+        "{}\nextern \"C\" __global__ void {entry}(const unsigned char* __restrict__ mask, const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y, long long n, Layout l, Layout m, double value) {{\n\
          const T fill = store((A)value);\n\
-         GRID_LOOP(i, n) {{ long long ix, im; offsets(l, i, &ix, &im); y[i] = mask[im] != 0 ? fill : x[ix]; }}\n}}\n",
+         GRID_LOOP(i, n) {{ long long im, ib, ia, unused; offsets(l, i, &im, &ib); offsets(m, i, &ia, &unused); y[i] = mask[im] != 0 ? {then} : b[ib]; }}\n}}\n",
+        prelude(dtype)
+    );
+    KernelSource { entry, code }
+}
+
+/// The gradient of a max: `dx[at] = g[o]` at the first position (row-major) of each group `o`
+/// where `x == y[o]` (`dx` is zero-filled first); one thread per group, `kept` and `reduced` as
+/// in [`reduce_kernel`]: `(const T* x, const T* y, const T* g, T* dx, long long outputs,
+/// Layout kept, Layout reduced, long long count)`.
+pub fn max_grad_kernel(dtype: DType) -> Result<KernelSource> {
+    float_only("max_grad", dtype)?;
+    let entry = entry("route", "max_grad", dtype);
+    let code = format!(
+        "{}\nextern \"C\" __global__ void {entry}(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ g, T* __restrict__ dx, long long outputs, Layout kept, Layout reduced, long long count) {{\n\
+         GRID_LOOP(i, outputs) {{\n  long long base, unused; offsets(kept, i, &base, &unused);\n  const A peak = load(y[i]);\n\
+           for (long long j = 0; j < count; ++j) {{ long long at, other; offsets(reduced, j, &at, &other); if (load(x[base + at]) == peak) {{ dx[base + at] = g[i]; break; }} }}\n}}\n}}\n",
         prelude(dtype)
     );
     Ok(KernelSource { entry, code })
+}
+
+/// Dropout with the counter-based hash of `crate::random` (bit-equal to the CPU mask): element
+/// `i` keeps `x` (times `scale`) when `uniform(seed', index) >= p`, its index in the logical
+/// tensor from `l.first` (strides) and `l.first_base` (the shard's offset); `seed'` is the seed,
+/// or `hash(seed, step)` when `has_step` (the step read as a number of dtype `step_dtype`):
+/// `(const T* x, T* y, long long n, Layout l, unsigned long long seed, const S* step,
+/// int has_step, float p, double scale)`.
+pub fn dropout_kernel(dtype: DType, step_dtype: DType) -> Result<KernelSource> {
+    float_only("dropout", dtype)?;
+    let (step_storage, _, step_suffix) = c_types(step_dtype);
+    let entry = format!("meshflow_dropout_{}_{}", dtype.name(), step_dtype.name());
+    let code = format!(
+        "{}{HASH}\nextern \"C\" __global__ void {entry}(const T* __restrict__ x, T* __restrict__ y, long long n, Layout l, unsigned long long seed, const {step_storage}* __restrict__ step, int has_step, float p, double scale) {{\n\
+         if (has_step) {{ const double s = (double)load_{step_suffix}(step[0]); seed = mix(seed, s >= 18446744073709551615.0 ? ~0ull : (s > 0.0 ? (unsigned long long)s : 0ull)); }}\n\
+         GRID_LOOP(i, n) {{ long long at, unused; offsets(l, i, &at, &unused);\n\
+           const float u = (float)(mix(seed, (unsigned long long)at) >> 40) / 16777216.0f;\n\
+           y[i] = store(u >= p ? load(x[i]) * (A)scale : (A)0); }}\n}}\n",
+        prelude(dtype)
+    );
+    Ok(KernelSource { entry, code })
+}
+
+/// `crate::random::hash` in C.
+const HASH: &str = r#"
+__device__ __forceinline__ unsigned long long mix(unsigned long long seed, unsigned long long index) {
+    unsigned long long z = seed * 0x9e3779b97f4a7c15ull + (index + 1ull) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+"#;
+
+/// The SGD update of `ops::sgd` (torch's order of operations), arithmetic in the accumulate
+/// type: `(const T* p, const T* g, const T* b, T* p_out, T* b_out, long long n, SgdScalars s)`.
+pub fn sgd_kernel(dtype: DType) -> Result<KernelSource> {
+    float_only("sgd", dtype)?;
+    let entry = entry("update", "sgd", dtype);
+    let code = format!(
+        "{}\nstruct SgdScalars {{ double decay, momentum, keep, step, first; }};\n\
+         extern \"C\" __global__ void {entry}(const T* __restrict__ p, const T* __restrict__ g, const T* __restrict__ b, \
+         T* __restrict__ p_out, T* __restrict__ b_out, long long n, SgdScalars s) {{\n\
+         GRID_LOOP(i, n) {{\n\
+           const A pi = load(p[i]); A d = load(g[i]);\n\
+           if (s.decay != 0.0) d += (A)s.decay * pi;\n\
+           A buffer = load(b[i]);\n\
+           if (s.momentum != 0.0) {{ buffer = s.first != 0.0 ? d : buffer * (A)s.momentum + (A)s.keep * d; d = buffer; }}\n\
+           p_out[i] = store(pi + (A)s.step * d); b_out[i] = store(buffer);\n\
+         }}\n}}\n",
+        prelude(dtype)
+    );
+    Ok(KernelSource { entry, code })
+}
+
+/// The scalars of one SGD update as [`sgd_kernel`] takes them (same layout as its C struct).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SgdScalars {
+    /// The weight decay (L2 penalty).
+    pub decay: f64,
+    /// The momentum factor (0: no buffer).
+    pub momentum: f64,
+    /// `1 - dampening`.
+    pub keep: f64,
+    /// `-lr`.
+    pub step: f64,
+    /// 1 on the first step (the buffer starts as the gradient), else 0.
+    pub first: f64,
+}
+
+impl SgdScalars {
+    /// The scalars of `config`'s update (as `ops::sgd` computes them).
+    pub fn of(config: &crate::ops::sgd::Sgd) -> Self {
+        SgdScalars {
+            decay: config.weight_decay,
+            momentum: config.momentum,
+            keep: 1.0 - config.dampening,
+            step: -config.lr,
+            first: f64::from(u8::from(config.step == 1)),
+        }
+    }
 }
 
 /// The fused AdamW update of `ops::adamw` (torch's order of operations, `lerp` as torch computes
@@ -570,9 +658,10 @@ mod tests {
             assert!(balanced(&source.code));
         }
         assert!(adamw_kernel(DType::I32).is_err());
-        let masked = masked_fill_kernel(DType::BF16).expect("bf16");
-        assert!(masked.code.contains("mask[im] != 0 ? fill : x[ix]") && balanced(&masked.code));
-        assert!(masked_fill_kernel(DType::Bool).is_err());
+        let masked = select_kernel(DType::BF16, true);
+        assert!(masked.code.contains("mask[im] != 0 ? fill : b[ib]") && balanced(&masked.code));
+        let chosen = select_kernel(DType::I64, false);
+        assert!(chosen.code.contains("mask[im] != 0 ? a[ia] : b[ib]") && balanced(&chosen.code));
         assert_eq!(std::mem::size_of::<AdamScalars>(), 7 * 8);
         let config = crate::ops::adamw::AdamW { step: 2, ..crate::ops::adamw::AdamW::new(0.1) };
         let scalars = AdamScalars::of(&config);

@@ -1,9 +1,13 @@
 //! Which GPU kernel family serves each op: the one table, keyed by [`crate::Op::name`].
 //!
 //! A test reads every op file under `ops/src/ops/` and checks that each op name found there has
-//! an entry, so a new op cannot be forgotten. [`Kernel::Host`] marks the ops that still run their
-//! CPU kernel on host copies when given GPU tensors (correct, slow); everything else runs on the
-//! device.
+//! an entry, so a new op cannot be forgotten. Every family runs on the device (there is no host
+//! fallback); [`sources`] lists the generated kernels of each op, so the compile test covers
+//! them all.
+
+use super::source::{self, KernelSource};
+use super::source_nn;
+use crate::{DType, Result};
 
 /// How an op runs on the GPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,12 +32,22 @@ pub enum Kernel {
     Rows,
     /// A matrix product through cuBLAS.
     Product,
-    /// A fused optimizer update (AdamW on the device; others on the host).
+    /// A fused optimizer update (AdamW, SGD).
     Update,
-    /// `masked_fill`: a bool mask, broadcast, selects a constant or the input.
-    Masked,
-    /// The CPU kernel on host copies, then the outputs copied back to the device.
-    Host,
+    /// A bool mask, broadcast, selects a constant (`masked_fill`) or a tensor (`where`).
+    Select,
+    /// The gradient of a max: the incoming gradient at each group's first maximum.
+    Route,
+    /// Dropout with the CPU's counter-based mask.
+    Dropout,
+    /// Embedding lookup and its scatter-add gradient.
+    Embedding,
+    /// Cross-entropy and its gradient (row kernels).
+    CrossEntropy,
+    /// The norms' gradient: row kernels for `dx`, column sums for the parameters.
+    NormGrad,
+    /// Fused causal attention and its gradient (cuBLAS products, row kernels).
+    Attention,
 }
 
 /// Every op by name and the family of its GPU kernel.
@@ -81,20 +95,20 @@ pub const KERNELS: &[(&str, Kernel)] = &[
     ("rms_norm", Kernel::Rows),
     ("matmul", Kernel::Product),
     ("matmul_sum_batch", Kernel::Product),
-    ("max_grad", Kernel::Host),
-    ("layer_norm_grad", Kernel::Host),
-    ("rms_norm_grad", Kernel::Host),
-    ("cross_entropy", Kernel::Host),
-    ("cross_entropy_grad", Kernel::Host),
-    ("embedding", Kernel::Host),
-    ("embedding_grad", Kernel::Host),
-    ("where", Kernel::Host),
-    ("masked_fill", Kernel::Masked),
-    ("dropout", Kernel::Host),
+    ("max_grad", Kernel::Route),
+    ("layer_norm_grad", Kernel::NormGrad),
+    ("rms_norm_grad", Kernel::NormGrad),
+    ("cross_entropy", Kernel::CrossEntropy),
+    ("cross_entropy_grad", Kernel::CrossEntropy),
+    ("embedding", Kernel::Embedding),
+    ("embedding_grad", Kernel::Embedding),
+    ("where", Kernel::Select),
+    ("masked_fill", Kernel::Select),
+    ("dropout", Kernel::Dropout),
     ("adamw", Kernel::Update),
-    ("sgd", Kernel::Host),
-    ("causal_attention", Kernel::Host),
-    ("causal_attention_grad", Kernel::Host),
+    ("sgd", Kernel::Update),
+    ("causal_attention", Kernel::Attention),
+    ("causal_attention_grad", Kernel::Attention),
 ];
 
 /// Ops declared outside `ops/src/ops/` (the graph's layout markers in `src/graph/to_layout.rs`,
@@ -104,6 +118,59 @@ pub const GRAPH_OPS: &[&str] = &["to_sbp", "to_placement"];
 /// The kernel family of the op named `name`, or `None` for a name no op has.
 pub fn kernel(name: &str) -> Option<Kernel> {
     KERNELS.iter().find(|(op, _)| *op == name).map(|&(_, kernel)| kernel)
+}
+
+/// Every kernel source the op named `name` launches for tensors of `dtype` (for `dropout`, with
+/// a step of every dtype; for `where` and `masked_fill`, values of `dtype`). An op that refuses the
+/// dtype on the GPU (integers for float ops) gives [`crate::Error::DType`]; views and cuBLAS
+/// products generate nothing.
+pub fn sources(name: &'static str, dtype: DType) -> Result<Vec<KernelSource>> {
+    let Some(family) = kernel(name) else {
+        return Err(crate::Error::argument(name, "no entry in the GPU kernel table"));
+    };
+    let accumulate = crate::ops::attention::lse_dtype(dtype);
+    Ok(match family {
+        Kernel::View | Kernel::Product => Vec::new(),
+        Kernel::Map => vec![source::map_kernel(name, dtype)?],
+        Kernel::MapGrad => vec![source::derivative_kernel(name, dtype)?],
+        Kernel::Binary => vec![source::binary_kernel(name, dtype)?],
+        Kernel::Cast => {
+            crate::DType::ALL.iter().map(|&to| source::cast_kernel(dtype, to)).collect()
+        }
+        Kernel::Fill => vec![source::fill_kernel(dtype)],
+        Kernel::Copy => vec![source::copy_kernel(dtype.size())?, source::fill_kernel(dtype)],
+        Kernel::Reduce => vec![source::reduce_kernel(name, dtype)?],
+        Kernel::Rows => vec![source::rows_kernel(name, dtype)?],
+        Kernel::Update if name == "sgd" => vec![source::sgd_kernel(dtype)?],
+        Kernel::Update => vec![source::adamw_kernel(dtype)?],
+        Kernel::Select => vec![source::select_kernel(dtype, name == "masked_fill")],
+        Kernel::Route => vec![source::max_grad_kernel(dtype)?, source::fill_kernel(dtype)],
+        Kernel::Dropout => crate::DType::ALL
+            .iter()
+            .map(|&step| source::dropout_kernel(dtype, step))
+            .collect::<Result<_>>()?,
+        Kernel::Embedding if name == "embedding" => vec![source_nn::embedding_kernel(dtype)?],
+        Kernel::Embedding => vec![
+            source_nn::embedding_grad_kernel(dtype)?,
+            source::fill_kernel(accumulate),
+            source::cast_kernel(accumulate, dtype),
+        ],
+        Kernel::CrossEntropy if name == "cross_entropy" => vec![
+            source_nn::cross_entropy_rows_kernel(dtype)?,
+            source_nn::block_total_kernel(dtype)?,
+        ],
+        Kernel::CrossEntropy => vec![source_nn::cross_entropy_grad_kernel(dtype)?],
+        Kernel::NormGrad => vec![
+            source_nn::norm_grad_rows_kernel(dtype, name == "layer_norm_grad")?,
+            source_nn::norm_columns_kernel(dtype)?,
+            source_nn::norm_finish_kernel(dtype)?,
+            source::fill_kernel(dtype),
+        ],
+        Kernel::Attention => source_nn::AttentionRows::ALL
+            .iter()
+            .map(|&kind| source_nn::attention_rows_kernel(kind, dtype))
+            .collect::<Result<_>>()?,
+    })
 }
 
 #[cfg(test)]
@@ -153,12 +220,27 @@ mod tests {
     }
 
     #[test]
-    fn names_are_unique_and_most_ops_run_on_the_device() {
+    fn names_are_unique_and_every_float_op_has_device_kernels() {
         let unique: BTreeSet<&str> = KERNELS.iter().map(|(n, _)| *n).collect();
         assert_eq!(unique.len(), KERNELS.len());
-        let host = KERNELS.iter().filter(|(_, k)| *k == Kernel::Host).count();
-        assert!(host * 3 < KERNELS.len(), "{host} of {} ops fall back to the host", KERNELS.len());
         assert_eq!(kernel("matmul"), Some(Kernel::Product));
         assert_eq!(kernel("no_such_op"), None);
+        let mut entries = BTreeSet::new();
+        for &(name, family) in KERNELS {
+            for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+                let sources = sources(name, dtype).unwrap_or_else(|e| panic!("{name}: {e}"));
+                let generated = !matches!(family, Kernel::View | Kernel::Product);
+                assert_eq!(!sources.is_empty(), generated, "{name} {dtype:?}");
+                for source in sources {
+                    assert!(source.code.contains(&format!("void {}(", source.entry)), "{name}");
+                    entries.insert(source.entry);
+                }
+            }
+        }
+        assert!(entries.len() > 200, "{} distinct kernels", entries.len());
+        let refused = sources("cross_entropy", DType::I64).expect_err("integer logits");
+        assert!(matches!(refused, crate::Error::DType { .. }), "{refused}");
+        assert_eq!(sources("where", DType::I64).map(|s| s.len()).ok(), Some(1));
+        assert!(sources("no_such_op", DType::F32).is_err());
     }
 }
