@@ -1,11 +1,19 @@
 //! The execution context a kernel runs in: the device's thread budget.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rayon::Yield;
 
 use crate::buffers::BufferPool;
 
 /// Bytes of free output buffers a context keeps for reuse by default ([`Context::buffers`]).
 pub const DEFAULT_POOL_BYTES: usize = 256 << 20;
+
+/// How long a pool's other threads keep looking for work after the last parallel kernel began,
+/// by default ([`Context::with_keep_warm`]).
+pub const DEFAULT_KEEP_WARM: Duration = Duration::from_micros(500);
 
 /// Per-device execution context. A CPU device owns a thread budget: several CPU devices in one
 /// process each get a share of the cores (a device may be given 1 thread).
@@ -14,12 +22,18 @@ pub struct Context {
     threads: usize,
     pool: Option<Arc<rayon::ThreadPool>>,
     buffers: Arc<BufferPool>,
+    warm: Option<Arc<Warmth>>,
 }
 
 impl Context {
     /// A context whose kernels run on the calling thread only.
     pub fn single_thread() -> Self {
-        Context { threads: 1, pool: None, buffers: Arc::new(BufferPool::new(DEFAULT_POOL_BYTES)) }
+        Context {
+            threads: 1,
+            pool: None,
+            buffers: Arc::new(BufferPool::new(DEFAULT_POOL_BYTES)),
+            warm: None,
+        }
     }
 
     /// A context with a private pool of `threads` worker threads (1 means no pool).
@@ -38,6 +52,19 @@ impl Context {
         Context { threads, pool, ..Self::single_thread() }
     }
 
+    /// This context with its pool kept warm for `span` after each parallel kernel that begins on
+    /// one of the pool's threads (a device thread serving inside its pool, as a session's CPU
+    /// rank does): the other threads keep looking for work instead of going to sleep between
+    /// the kernels of a step, so the next kernel's tasks start at once instead of after a
+    /// futex wake-up (an inter-processor interrupt, slow in a VM). A pool that sees no new
+    /// kernel and finds no work for `span` sleeps as before: an idle context keeps no core busy.
+    /// `Duration::ZERO` turns it off (the default). Give it to a device whose threads have cores
+    /// of their own: the spinning threads hold their cores while they look.
+    pub fn with_keep_warm(mut self, span: Duration) -> Self {
+        self.warm = (self.pool.is_some() && !span.is_zero()).then(|| Arc::new(Warmth::new(span)));
+        self
+    }
+
     /// The number of threads kernels may use.
     pub fn threads(&self) -> usize {
         self.threads
@@ -51,7 +78,12 @@ impl Context {
     /// Runs `f` inside this context's pool (rayon work inside `f` uses the budget).
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         match &self.pool {
-            Some(pool) => pool.install(f),
+            Some(pool) => {
+                if let (Some(warm), Some(index)) = (&self.warm, pool.current_thread_index()) {
+                    warm.touch(pool, index);
+                }
+                pool.install(f)
+            }
             None => f(),
         }
     }
@@ -60,5 +92,107 @@ impl Context {
 impl Default for Context {
     fn default() -> Self {
         Self::single_thread()
+    }
+}
+
+/// The keep-warm state of a pool: when the last kernel began, and whether the other threads
+/// are looking for work now.
+#[derive(Debug)]
+struct Warmth {
+    span: Duration,
+    origin: Instant,
+    /// Nanoseconds from `origin` to the start of the last parallel kernel.
+    last: AtomicU64,
+    /// The other threads are spinning (set by the kernel that started them, cleared by the
+    /// last of them to stop).
+    spinning: AtomicBool,
+}
+
+impl Warmth {
+    fn new(span: Duration) -> Self {
+        Warmth {
+            span,
+            origin: Instant::now(),
+            last: AtomicU64::new(0),
+            spinning: AtomicBool::new(false),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64
+    }
+
+    /// A kernel begins on pool thread `caller`: the other threads keep looking for work from
+    /// now until `span` after the last such start.
+    fn touch(self: &Arc<Self>, pool: &rayon::ThreadPool, caller: usize) {
+        self.last.store(self.now(), Ordering::Relaxed);
+        if self.spinning.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let warm = self.clone();
+        let others = Arc::new(std::sync::atomic::AtomicUsize::new(pool.current_num_threads() - 1));
+        pool.spawn_broadcast(move |broadcast| {
+            if broadcast.index() == caller {
+                return;
+            }
+            warm.spin();
+            if others.fetch_sub(1, Ordering::AcqRel) == 1 {
+                warm.spinning.store(false, Ordering::Release);
+            }
+        });
+    }
+
+    /// Runs the pool's pending work on this thread until, for `span`, no kernel has begun and
+    /// no work was found.
+    fn spin(&self) {
+        let span = self.span.as_nanos() as u64;
+        loop {
+            match rayon::yield_now() {
+                Some(Yield::Executed) => self.last.store(self.now(), Ordering::Relaxed),
+                Some(Yield::Idle) => {
+                    if self.now().saturating_sub(self.last.load(Ordering::Relaxed)) > span {
+                        return;
+                    }
+                    std::hint::spin_loop();
+                }
+                None => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rayon::prelude::*;
+
+    use super::*;
+
+    fn parallel_sum(ctx: &Context, n: u64) -> u64 {
+        ctx.install(|| (0..n).into_par_iter().map(|i| i * i).sum())
+    }
+
+    #[test]
+    fn a_warm_pool_computes_and_goes_back_to_sleep_when_idle() {
+        let ctx = Context::with_threads(2).with_keep_warm(Duration::from_millis(2));
+        let warm = ctx.warm.clone().expect("a pool with a span is kept warm");
+        let expected: u64 = (0..100_000u64).map(|i| i * i).sum();
+        // Kernels that begin on a pool thread, as a device thread serving inside its pool.
+        let sums = ctx.install(|| (0..50).map(|_| parallel_sum(&ctx, 100_000)).collect::<Vec<_>>());
+        assert!(sums.iter().all(|&s| s == expected), "{sums:?}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while warm.spinning.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!warm.spinning.load(Ordering::Acquire), "still spinning 5 s after the last kernel");
+        // It warms up again for the next kernel, and a kernel from outside the pool still runs.
+        assert_eq!(ctx.install(|| parallel_sum(&ctx, 100_000)), expected);
+        assert_eq!(parallel_sum(&ctx, 100_000), expected);
+    }
+
+    #[test]
+    fn keep_warm_needs_a_pool_and_a_span() {
+        assert!(Context::single_thread().with_keep_warm(DEFAULT_KEEP_WARM).warm.is_none());
+        assert!(Context::with_threads(2).with_keep_warm(Duration::ZERO).warm.is_none());
+        assert!(Context::with_threads(2).warm.is_none());
     }
 }
