@@ -18,7 +18,7 @@ use meshflow::{Graph, Tensor};
 mod common;
 use common::{token_batch, PATTERN};
 
-const CONFIG: GptConfig = GptConfig { vocab: 16, ctx: 8, n_layer: 2, n_head: 2, d_model: 16 };
+const CONFIG: GptConfig = GptConfig { vocab: 16, ctx: 8, n_layer: 2, n_head: 4, d_model: 16 };
 const BATCH: usize = 4;
 const STEPS: usize = 6;
 

@@ -1,12 +1,13 @@
 //! The GPT of `meshflow::nn` trains to the same losses (2e-4) for 20 steps from the same initial
 //! weights on one device and in data, tensor, pipeline (micro-batches) and hybrid layouts, with
-//! ZeRO-sharded optimizer state, and with global-norm clipping.
+//! ZeRO-sharded optimizer state, and with global-norm clipping; tensor-parallel attention
+//! computes each device's own heads, fused or composed (masked softmax, dropout).
 
 use meshflow::nn::{Gpt, GptConfig, Layouts, WeightInit};
 use meshflow::ops::ops::adamw::AdamW;
 use meshflow::ops::ops::sgd::Sgd;
 use meshflow::ops::DType;
-use meshflow::placement::{DeviceType, Placement};
+use meshflow::placement::{DeviceType, NdSbp, Placement, Sbp};
 use meshflow::schedule::Schedule;
 use meshflow::session::{Optimizer, Session, SessionConfig, Training};
 use meshflow::{Graph, Tensor};
@@ -14,7 +15,7 @@ use meshflow::{Graph, Tensor};
 mod common;
 use common::{token_batch, PATTERN};
 
-const CONFIG: GptConfig = GptConfig { vocab: 16, ctx: 8, n_layer: 2, n_head: 2, d_model: 16 };
+const CONFIG: GptConfig = GptConfig { vocab: 16, ctx: 8, n_layer: 2, n_head: 4, d_model: 16 };
 const BATCH: usize = 8;
 const STEPS: usize = 20;
 
@@ -37,6 +38,10 @@ struct Run {
     compute: DType,
     /// SGD with momentum instead of AdamW (whose steps hardly change when gradients are scaled).
     sgd: bool,
+    /// Attention through the fused op (else products, a masked softmax and permutations).
+    fused: bool,
+    /// Dropout probability (0: none).
+    dropout: f64,
 }
 
 const fn mesh(hierarchy: &'static [usize], data: Option<usize>, tensor: Option<usize>) -> Stage {
@@ -59,6 +64,8 @@ impl Run {
             clip: None,
             compute: DType::F32,
             sgd: false,
+            fused: true,
+            dropout: 0.0,
         }
     }
 }
@@ -87,6 +94,7 @@ fn session(run: Run) -> (Session, Tensor, Tensor) {
     let targets = targets.unwrap();
     let init = WeightInit { std: 0.02, seed: 7 };
     let model = Gpt::pipelined(&g, CONFIG, &stages, init).unwrap().with_compute_dtype(run.compute);
+    let model = model.with_fused_attention(run.fused).with_dropout(run.dropout, 3);
     let loss = model.loss(&ids, &targets).unwrap();
     let optimizer = if run.sgd {
         Optimizer::Sgd(Sgd { momentum: 0.9, ..Sgd::new(0.5) })
@@ -195,5 +203,76 @@ fn bf16_mixed_precision_tracks_f32_and_agrees_across_layouts() {
     assert!(variables.iter().all(|(_, t)| t.dtype() == DType::F32), "master weights stay f32");
     for (step, (a, b)) in mixed.iter().zip(&losses(bf16(DP2_TP2), STEPS)).enumerate() {
         assert!((a - b).abs() < 5e-3, "dp2 x tp2 bf16 step {step}: {a} vs {b}");
+    }
+}
+
+/// The chosen nd-SBP of the first input and the first output of every op named `op`.
+fn chosen(session: &Session, op: &str) -> Vec<(NdSbp, NdSbp)> {
+    let prefix = format!("{op}#");
+    let ops = &session.program().selection.ops;
+    let ops = ops.iter().filter(|choice| choice.name.starts_with(&prefix));
+    ops.map(|choice| (choice.signature.inputs[0].clone(), choice.signature.outputs[0].clone()))
+        .collect()
+}
+
+#[test]
+fn tensor_parallel_attention_computes_each_devices_own_heads() {
+    let (s, b) = (Sbp::Split, Sbp::Broadcast);
+    // qkv [B, T, 3, H, D] split on its heads (axis 3) on the tensor axis, y [B, T, H, D] on
+    // axis 2; with a data axis, both split on the batch there too.
+    for (stages, qkv, y) in
+        [(TP4, vec![s(3)], vec![s(2)]), (DP2_TP2, vec![s(0), s(3)], vec![s(0), s(2)])]
+    {
+        let (session, _, _) = session(Run::on(stages));
+        let (qkv, y) = (NdSbp(qkv), NdSbp(y));
+        let forward = chosen(&session, "causal_attention");
+        assert_eq!(forward.len(), CONFIG.n_layer);
+        assert!(forward.iter().all(|c| *c == (qkv.clone(), y.clone())), "{forward:?}");
+        let backward = chosen(&session, "causal_attention_grad");
+        assert_eq!(backward.len(), CONFIG.n_layer);
+        assert!(backward.iter().all(|(input, output)| *input == qkv && *output == qkv));
+    }
+    // The composed attention: scores [B, H, T, T] split on the heads (axis 1).
+    let (composed, _, _) = session(Run { fused: false, ..Run::on(TP4) });
+    let softmax = chosen(&composed, "softmax");
+    assert_eq!(softmax.len(), CONFIG.n_layer);
+    assert!(softmax.iter().all(|c| *c == (NdSbp(vec![s(1)]), NdSbp(vec![s(1)]))), "{softmax:?}");
+    // c_attn stays whole (the layout of the weights file); c_proj is row-parallel.
+    let (hybrid, _, _) = session(Run::on(DP2_TP2));
+    let program = hybrid.program();
+    for (name, layout) in
+        [("h.0.attn.c_attn.weight", [b, b]), ("h.1.attn.c_proj.weight", [b, s(1)])]
+    {
+        let index = program.graph.values.iter().position(|v| v.name.as_deref() == Some(name));
+        let slot = program.produced[index.unwrap_or_else(|| panic!("no value {name}"))];
+        assert_eq!(program.slot(slot).layout.nd_sbp, NdSbp(layout.to_vec()), "{name}");
+    }
+}
+
+#[test]
+fn composed_attention_is_tensor_parallel_too() {
+    const STEPS: usize = 6;
+    let composed = |stages| Run { fused: false, ..Run::on(stages) };
+    let one = losses(composed(ONE), STEPS);
+    assert_close(&one, &losses(Run::on(ONE), STEPS), "composed vs fused");
+    assert_close(&one, &losses(composed(TP4), STEPS), "composed tp4");
+    let dropout = |stages| Run { dropout: 0.1, ..Run::on(stages) };
+    let dropped = losses(dropout(ONE), STEPS);
+    assert!(dropped.iter().zip(&one).any(|(a, b)| (a - b).abs() > 1e-3), "dropout changes losses");
+    assert_close(&dropped, &losses(dropout(DP2_TP2), STEPS), "dropout dp2 x tp2");
+}
+
+#[test]
+fn heads_that_the_tensor_axis_does_not_divide_are_a_build_error() {
+    let placement = Placement::new(DeviceType::Cpu, vec![4], (0..4).collect()).unwrap();
+    let layouts = Layouts { placement, data_axis: None, tensor_axis: Some(0) };
+    let config = GptConfig { n_head: 2, d_model: 8, ..CONFIG };
+    let Err(error) = Gpt::new(&Graph::new(), config, &layouts, WeightInit { std: 0.02, seed: 1 })
+    else {
+        panic!("2 heads on 4 tensor-parallel devices must be refused");
+    };
+    let message = error.to_string();
+    for part in ["causal_attention", "2 heads", "4 devices", "tensor axis 0"] {
+        assert!(message.contains(part), "{part:?} missing from: {message}");
     }
 }

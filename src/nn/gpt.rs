@@ -90,7 +90,9 @@ pub struct Gpt {
 impl Gpt {
     /// Builds the parameters on `graph` with GPT-2's initialisation (normal 0.02, zero biases,
     /// unit LayerNorm weights), laid out by `layouts` (Megatron column/row splits on its tensor
-    /// axis).
+    /// axis: each device of it computes whole attention heads and a slice of the MLP's hidden
+    /// features; `c_attn` stays whole, in the layout of the weights file, and each device
+    /// takes its heads' rows of q, k and v from it). The tensor axis must divide `n_head`.
     pub fn new(
         graph: &Graph,
         config: GptConfig,
@@ -111,6 +113,9 @@ impl Gpt {
         init: WeightInit,
     ) -> Result<Self> {
         config.check()?;
+        for layouts in stages {
+            check_heads(config.n_head, layouts)?;
+        }
         if stages.is_empty() || stages.len() > config.n_layer {
             return Err(Error::Graph(format!(
                 "gpt: {} pipeline stages for {} layers (need 1 to n_layer)",
@@ -158,7 +163,7 @@ impl Gpt {
                     &name("attn.c_proj"),
                     (d, d),
                     true,
-                    Parallel::None,
+                    Parallel::Row,
                     layouts,
                     &mut init,
                 )?,
@@ -342,29 +347,66 @@ impl Gpt {
     }
 
     /// Causal self-attention of block `index` on `x [B, T, d]`: fused, or (with `mask`) composed.
+    ///
+    /// `q`, `k` and `v` come from the three pieces of `c_attn` (its `[q | k | v]` rows), each a
+    /// column-parallel product whose `[B, T, d]` output is split on the tensor axis by whole
+    /// heads; they stay split through the head reshapes, the attention and the head merge, and
+    /// the row-parallel `c_proj` turns them into a partial sum that boxing reduces, as in the
+    /// MLP. On one device the same graph runs whole.
     fn attention(&self, index: usize, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let block = &self.blocks[index];
         let dims = x.dims();
         let (b, t, d) = (dims[0], dims[1], dims[2]);
         let (h, hd) = (self.config.n_head, d / self.config.n_head);
         let scale = 1.0 / (hd as f64).sqrt();
-        let qkv = block.c_attn.forward_as(x, self.compute)?;
-        let Some(mask) = mask else {
-            let y = qkv.reshape([b, t, 3, h, hd])?.causal_attention(scale)?;
-            return block.attn_proj.forward_as(&y.reshape([b, t, d])?, self.compute);
-        };
-        let qkv = qkv.split(2, &[d, d, d])?;
         let compute = self.compute;
+        let pieces = block.c_attn.split_outputs(3)?;
+        let project = |piece: &Linear| self.by_heads(index, &piece.forward_as(x, compute)?);
+        let (q, k, v) = (project(&pieces[0])?, project(&pieces[1])?, project(&pieces[2])?);
+        let Some(mask) = mask else {
+            let packed = |x: &Tensor| x.reshape([b, t, 1, h, hd]);
+            let qkv = Tensor::concat(&[&packed(&q)?, &packed(&k)?, &packed(&v)?], 2)?;
+            let y = qkv.causal_attention(scale)?;
+            return block.attn_proj.forward_as(&y.reshape([b, t, d])?, compute);
+        };
         let heads =
             |x: &Tensor| as_dtype(&x.reshape([b, t, h, hd])?.permute(&[0, 2, 1, 3])?, compute);
-        let (q, k, v) = (heads(&qkv[0])?, heads(&qkv[1])?, heads(&qkv[2])?);
+        let (q, k, v) = (heads(&q)?, heads(&k)?, heads(&v)?);
         let scores = as_dtype(&q.matmul_t(&k, false, true)?, DType::F32)?;
         let scores = scores.mul_scalar(scale)?;
         let weights = scores.masked_fill(mask, f64::NEG_INFINITY)?.softmax()?;
         let weights = as_dtype(&self.drop(&weights, 3 * index + 1)?, compute)?;
         let y = as_dtype(&weights.matmul(&v)?, DType::F32)?;
         let y = y.permute(&[0, 2, 1, 3])?.reshape([b, t, d])?;
-        block.attn_proj.forward_as(&y, self.compute)
+        block.attn_proj.forward_as(&y, compute)
+    }
+
+    /// `x [B, T, d]` (q, k or v) split by whole heads on the tensor axis of block `index`'s
+    /// stage and by batch on its data axis: Megatron's layout of the attention, pinned as an SBP
+    /// choice (the signature selection would otherwise be free to split the attention by batch
+    /// on the tensor axis, gathering the weights' gradients instead); `x` itself without a
+    /// tensor axis. [`check_heads`] made sure that the devices divide the heads.
+    fn by_heads(&self, index: usize, x: &Tensor) -> Result<Tensor> {
+        let layouts = &self.stages[self.block_stage[index]];
+        if layouts.tensor_axis.is_none() {
+            return Ok(x.clone());
+        }
+        x.to_sbp(layouts.sbp(Sbp::Split(0), Sbp::Split(2)))
+    }
+}
+
+/// An error unless the tensor axis of `layouts` divides the `heads`: tensor-parallel attention
+/// gives each device whole heads.
+fn check_heads(heads: usize, layouts: &Layouts) -> Result<()> {
+    let devices = layouts.tensor_parallel();
+    match (heads % devices, layouts.tensor_axis) {
+        (0, _) | (_, None) => Ok(()),
+        (_, Some(axis)) => Err(Error::Graph(format!(
+            "gpt attention (causal_attention over the heads of c_attn): {heads} heads do not \
+             split over the {devices} devices of tensor axis {axis} of {}: each device must \
+             hold whole heads, so n_head must be a multiple of the tensor-parallel size",
+            layouts.placement
+        ))),
     }
 }
 

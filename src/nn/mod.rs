@@ -1,6 +1,7 @@
 //! Modules: the layers of a GPT, built on the graph API. Tensor-parallel layouts are only SBP
 //! choices on the parameters ([`Layouts`]): the compiler inserts whatever communication they
-//! imply (Megatron's column- then row-parallel linear gives one all-reduce per MLP forward).
+//! imply (Megatron's column- then row-parallel linear gives one all-reduce per MLP forward, and
+//! one per attention forward, whose devices each compute their own heads).
 
 mod gpt;
 
@@ -55,6 +56,11 @@ impl Layouts {
     /// A parameter: replicated over the data axis, `on_tensor` on the tensor axis.
     pub fn weight(&self, on_tensor: Sbp) -> NdSbp {
         self.sbp(Sbp::Broadcast, on_tensor)
+    }
+
+    /// Devices along the tensor axis (1 without one).
+    pub fn tensor_parallel(&self) -> usize {
+        self.tensor_axis.map_or(1, |axis| self.placement.hierarchy()[axis])
     }
 }
 
@@ -150,6 +156,28 @@ impl Linear {
             Some(b) => y.add(b),
             None => Ok(y),
         }
+    }
+
+    /// The layer cut into `parts` layers of equal output features, in order (a fused
+    /// projection such as `c_attn`'s `[q | k | v]` seen as its pieces): the weight rows and
+    /// the bias are split in the graph, so the pieces share the parameters (and their
+    /// gradients add up into them), and each piece can be column-parallel on its own.
+    pub fn split_outputs(&self, parts: usize) -> Result<Vec<Linear>> {
+        let outputs = self.weight.dims()[0];
+        if parts == 0 || outputs % parts != 0 {
+            return Err(crate::Error::Graph(format!(
+                "linear {}: {outputs} output features do not split into {parts} equal parts",
+                self.weight.graph().data().label(self.weight.value())
+            )));
+        }
+        let sizes = vec![outputs / parts; parts];
+        let weights = self.weight.split(0, &sizes)?;
+        let biases = match &self.bias {
+            Some(bias) => bias.split(0, &sizes)?.into_iter().map(Some).collect(),
+            None => vec![None; parts],
+        };
+        let pieces = weights.into_iter().zip(biases);
+        Ok(pieces.map(|(weight, bias)| Linear { weight, bias }).collect())
     }
 }
 
