@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use meshflow_actor::{ActorId, Enclosure};
 use meshflow_ops::ops::add::Add;
-use meshflow_ops::{Context, Device, OpRef, Tensor, TensorMeta, Value};
+use meshflow_ops::{Context, Device, OpRef, Tensor, TensorMeta, Value, DEFAULT_KEEP_WARM};
 use meshflow_placement::{local_region, Layout, Region};
 
 use super::executor::{Compiled, Key, SUM};
@@ -40,8 +40,16 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A device with its communicators, thread budget and backend.
+    /// A device with its communicators, thread budget and backend. A CPU device with several
+    /// threads keeps its pool warm between the kernels of a step
+    /// ([`Context::with_keep_warm`], [`DEFAULT_KEEP_WARM`]): its acts run on a pool thread
+    /// ([`Worker::enclosure`]), and a parked pool thread woke late for each parallel kernel.
     pub fn new(rank: usize, ctx: Context, comms: Comms, backend: Backend) -> Self {
+        let ctx = if backend.device() == Device::Cpu && ctx.threads() > 1 {
+            ctx.with_keep_warm(DEFAULT_KEEP_WARM)
+        } else {
+            ctx
+        };
         Worker { rank, ctx, comms, backend, variables: HashMap::new(), store: HashMap::new() }
     }
 
