@@ -15,7 +15,7 @@
 use cudarc::driver::PushKernelArg;
 
 use super::kernels::{output, pointer, scratch};
-use super::launch::{self, Operand, RowMajorProduct};
+use super::launch::{self, GemmShape, Operand, RowMajorProduct};
 use super::matmul::{gemm, Types};
 use super::nn::accumulation;
 use super::source_nn::{attention_rows_kernel, AttentionRows};
@@ -138,8 +138,9 @@ impl Sizes {
 }
 
 /// Device addresses of element 0 of the tensors an attention kernel reads and writes.
+#[derive(Clone, Copy, Debug)]
 struct Buffers {
-    /// `qkv` (or `dqkv` for the gradient's outputs).
+    /// `qkv`.
     packed: u64,
     /// `y`.
     y: u64,
@@ -147,9 +148,9 @@ struct Buffers {
     dy: u64,
     /// `lse`.
     lse: u64,
-    /// Scores `[H, T, T]` in the accumulation type.
+    /// Scores `[N, T, T]` in the accumulation type.
     scores: u64,
-    /// Probabilities `[H, T, T]` in the storage type.
+    /// Probabilities `[N, T, T]` in the storage type.
     probabilities: u64,
 }
 
@@ -167,129 +168,194 @@ pub(super) fn attention(
     if results.iter().any(|t| t.numel() == 0) {
         return Ok(results);
     }
-    let heads_square = sizes.batched() * sizes.time * sizes.time;
-    let scores = scratch(device, heads_square, accumulation(dtype))?;
-    let probabilities = scratch(device, heads_square, dtype)?;
+    let squares = sizes.batched() * sizes.time * sizes.time;
+    let scores = scratch(device, squares, accumulation(dtype))?;
+    let probabilities = scratch(device, squares, dtype)?;
     let (scores, probabilities) = (pointer(&scores)?, pointer(&probabilities)?);
+    let mut issue = OnDevice(device);
     if let Some(forward) = downcast::<CausalAttention>(op) {
         let (y, lse) = (pointer(&results[0])?, pointer(&results[1])?);
         let qkv = pointer(&inputs[0])?;
         let buffers = Buffers { packed: qkv, y, dy: y, lse, scores, probabilities };
-        for step in 0..sizes.steps() {
-            forward_step(device, &sizes, dtype, forward.scale, &buffers, step)?;
-        }
+        run_forward(&mut issue, &sizes, dtype, forward.scale, &buffers)?;
     } else if let Some(grad) = downcast::<CausalAttentionGrad>(op) {
         let [qkv, y, lse, dy] = [0, 1, 2, 3].map(|i| pointer(&inputs[i]));
         let buffers = Buffers { packed: qkv?, y: y?, dy: dy?, lse: lse?, scores, probabilities };
         let dqkv = pointer(&results[0])?;
-        for step in 0..sizes.steps() {
-            backward_step(device, &sizes, dtype, grad.scale, (&buffers, dqkv), step)?;
-        }
+        run_backward(&mut issue, &sizes, dtype, grad.scale, (&buffers, dqkv))?;
     } else {
         return Err(Error::argument(name, "not an attention op the GPU backend knows"));
     }
     Ok(results)
 }
 
-/// The batched products of loop step `step` on the device.
-struct Product<'a> {
-    device: &'a CudaDevice,
-    sizes: &'a Sizes,
-    step: usize,
-}
-
-impl Product<'_> {
-    /// `y = alpha · op(a) · op(b)`, each matrix given as its role and its tensor's address.
-    fn run(
-        &self,
-        types: Types,
-        dims: (usize, usize, usize),
-        transpose: (bool, bool),
-        matrices: [(Matrix, u64); 3],
-        alpha: f64,
-    ) -> Result<()> {
-        let [(a, ap), (b, bp), (y, yp)] = matrices;
-        let product = self.sizes.product(dims, transpose, (a, b, y));
-        let shape = product.shape("causal_attention")?;
-        let address = |matrix: Matrix, base: u64, dtype: DType| {
-            base + (self.sizes.offset(matrix, self.step) * dtype.size()) as u64
-        };
-        let pointers = (
-            address(b, bp, types.inputs),
-            address(a, ap, types.inputs),
-            address(y, yp, types.output),
-        );
-        gemm(self.device, types, shape, pointers, (alpha, 0.0))
-    }
-}
-
-fn forward_step(
-    device: &CudaDevice,
+/// The forward of every loop step.
+fn run_forward(
+    issue: &mut impl Issue,
     sizes: &Sizes,
     dtype: DType,
     scale: f64,
     buffers: &Buffers,
-    step: usize,
 ) -> Result<()> {
-    let (t, d) = (sizes.time, sizes.head_dim);
-    let product = Product { device, sizes, step };
-    let wide = Types { inputs: dtype, output: accumulation(dtype) };
-    let (q, k, v) = (Matrix::Packed(0), Matrix::Packed(1), Matrix::Packed(2));
-    let packed = buffers.packed;
-    let scores = [(q, packed), (k, packed), (Matrix::Scores, buffers.scores)];
-    product.run(wide, (t, t, d), (false, true), scores, scale)?;
-    rows(device, sizes, dtype, AttentionRows::Probabilities, buffers, step)?;
-    let out = [(Matrix::Scores, buffers.probabilities), (v, packed), (Matrix::Output, buffers.y)];
-    product.run(Types::same(dtype), (t, d, t), (false, false), out, 1.0)
+    for step in 0..sizes.steps() {
+        Step { issue: &mut *issue, sizes, dtype, step, buffers }.forward(scale)?;
+    }
+    Ok(())
 }
 
-fn backward_step(
-    device: &CudaDevice,
+/// The backward of every loop step, writing `dqkv` (its address).
+fn run_backward(
+    issue: &mut impl Issue,
     sizes: &Sizes,
     dtype: DType,
     scale: f64,
     (buffers, dqkv): (&Buffers, u64),
-    step: usize,
 ) -> Result<()> {
-    let (t, d) = (sizes.time, sizes.head_dim);
-    let product = Product { device, sizes, step };
-    let (wide, same) = (Types { inputs: dtype, output: accumulation(dtype) }, Types::same(dtype));
-    let (q, k, v) = (Matrix::Packed(0), Matrix::Packed(1), Matrix::Packed(2));
-    let (packed, s, p) = (buffers.packed, buffers.scores, buffers.probabilities);
-    let (scores, out) = ((Matrix::Scores, s), (Matrix::Output, buffers.dy));
-    product.run(wide, (t, t, d), (false, true), [(q, packed), (k, packed), scores], scale)?;
-    rows(device, sizes, dtype, AttentionRows::Recompute, buffers, step)?;
-    let probabilities = (Matrix::Scores, p);
-    product.run(same, (t, d, t), (true, false), [probabilities, out, (v, dqkv)], 1.0)?;
-    product.run(wide, (t, t, d), (false, true), [out, (v, packed), scores], 1.0)?;
-    rows(device, sizes, dtype, AttentionRows::ScoreGrad, buffers, step)?;
-    product.run(same, (t, d, t), (false, false), [probabilities, (k, packed), (q, dqkv)], scale)?;
-    product.run(same, (t, d, t), (true, false), [probabilities, (q, packed), (k, dqkv)], scale)
+    for step in 0..sizes.steps() {
+        Step { issue: &mut *issue, sizes, dtype, step, buffers }.backward(scale, dqkv)?;
+    }
+    Ok(())
 }
 
-/// One row kernel over loop step `step`'s `N·T` score rows.
-fn rows(
-    device: &CudaDevice,
-    sizes: &Sizes,
-    dtype: DType,
+/// One row kernel launch: the kernel, the addresses (of the loop step's first rows) and sizes.
+#[derive(Clone, Copy, Debug)]
+struct RowCall {
     kind: AttentionRows,
-    buffers: &Buffers,
+    scores: u64,
+    probabilities: u64,
+    lse: u64,
+    y: u64,
+    dy: u64,
+    rows: usize,
+    time: usize,
+    lse_stride: usize,
+    y_stride: usize,
+    y_row: usize,
+    head_dim: usize,
+}
+
+/// Where a loop step's work goes: the device's stream ([`OnDevice`]), or a host emulation of
+/// cuBLAS and the row kernels in the tests (so the strides, offsets and transposes of every
+/// product are checked against the CPU op without a GPU).
+trait Issue {
+    /// One strided batched product `C = alpha · op(A) · op(B)` in cuBLAS's terms, at the
+    /// addresses `(first, second, result)`.
+    fn product(
+        &mut self,
+        types: Types,
+        shape: GemmShape,
+        at: (u64, u64, u64),
+        alpha: f64,
+    ) -> Result<()>;
+
+    /// One row kernel of `dtype`.
+    fn rows(&mut self, dtype: DType, call: RowCall) -> Result<()>;
+}
+
+/// The device's stream.
+struct OnDevice<'a>(&'a CudaDevice);
+
+impl Issue for OnDevice<'_> {
+    fn product(
+        &mut self,
+        types: Types,
+        shape: GemmShape,
+        at: (u64, u64, u64),
+        alpha: f64,
+    ) -> Result<()> {
+        gemm(self.0, types, shape, at, (alpha, 0.0))
+    }
+
+    fn rows(&mut self, dtype: DType, call: RowCall) -> Result<()> {
+        let function = self.0.function(&attention_rows_kernel(call.kind, dtype)?)?;
+        let [rows, time, lse_stride, y_stride, y_row, head_dim] =
+            [call.rows, call.time, call.lse_stride, call.y_stride, call.y_row, call.head_dim]
+                .map(|n| n as i64);
+        let mut args = self.0.stream().launch_builder(&function);
+        args.arg(&call.scores).arg(&call.probabilities).arg(&call.lse).arg(&call.y);
+        args.arg(&call.dy).arg(&rows).arg(&time).arg(&lse_stride).arg(&y_stride).arg(&y_row);
+        args.arg(&head_dim);
+        self.0.run(args, launch::rows(call.rows, call.time))
+    }
+}
+
+/// One loop step: the batched products and row kernels over its `N` (batch, head) pairs.
+struct Step<'a, I: Issue> {
+    issue: &'a mut I,
+    sizes: &'a Sizes,
+    dtype: DType,
     step: usize,
-) -> Result<()> {
-    let function = device.function(&attention_rows_kernel(kind, dtype)?)?;
-    let row_count = sizes.batched() * sizes.time;
-    let (lse_offset, lse_stride) = sizes.lse(step);
-    let lse = buffers.lse + (lse_offset * accumulation(dtype).size()) as u64;
-    let at = |base: u64| base + (sizes.offset(Matrix::Output, step) * dtype.size()) as u64;
-    let (y, dy) = (at(buffers.y), at(buffers.dy));
-    let output = sizes.operand(Matrix::Output);
-    let (total, time, lse_stride) = (row_count as i64, sizes.time as i64, lse_stride as i64);
-    let (y_stride, y_row) = (output.batch as i64, output.row as i64);
-    let head_dim = sizes.head_dim as i64;
-    let mut args = device.stream().launch_builder(&function);
-    args.arg(&buffers.scores).arg(&buffers.probabilities).arg(&lse).arg(&y).arg(&dy);
-    args.arg(&total).arg(&time).arg(&lse_stride).arg(&y_stride).arg(&y_row).arg(&head_dim);
-    device.run(args, launch::rows(row_count, sizes.time))
+    buffers: &'a Buffers,
+}
+
+impl<I: Issue> Step<'_, I> {
+    /// `y = alpha · op(a) · op(b)`, each matrix given as its role and its tensor's address.
+    fn product(
+        &mut self,
+        wide: bool,
+        dims: (usize, usize, usize),
+        transpose: (bool, bool),
+        [(a, ap), (b, bp), (y, yp)]: [(Matrix, u64); 3],
+        alpha: f64,
+    ) -> Result<()> {
+        let output = if wide { accumulation(self.dtype) } else { self.dtype };
+        let types = Types { inputs: self.dtype, output };
+        let shape = self.sizes.product(dims, transpose, (a, b, y)).shape("causal_attention")?;
+        let address = |matrix: Matrix, base: u64, dtype: DType| {
+            base + (self.sizes.offset(matrix, self.step) * dtype.size()) as u64
+        };
+        let at =
+            (address(b, bp, types.inputs), address(a, ap, types.inputs), address(y, yp, output));
+        self.issue.product(types, shape, at, alpha)
+    }
+
+    fn rows(&mut self, kind: AttentionRows) -> Result<()> {
+        let (sizes, buffers, step) = (self.sizes, self.buffers, self.step);
+        let (lse_offset, lse_stride) = sizes.lse(step);
+        let at = |base: u64| base + (sizes.offset(Matrix::Output, step) * self.dtype.size()) as u64;
+        let output = sizes.operand(Matrix::Output);
+        let call = RowCall {
+            kind,
+            scores: buffers.scores,
+            probabilities: buffers.probabilities,
+            lse: buffers.lse + (lse_offset * accumulation(self.dtype).size()) as u64,
+            y: at(buffers.y),
+            dy: at(buffers.dy),
+            rows: sizes.batched() * sizes.time,
+            time: sizes.time,
+            lse_stride,
+            y_stride: output.batch,
+            y_row: output.row,
+            head_dim: sizes.head_dim,
+        };
+        self.issue.rows(self.dtype, call)
+    }
+
+    fn forward(&mut self, scale: f64) -> Result<()> {
+        let (t, d) = (self.sizes.time, self.sizes.head_dim);
+        let (q, k, v) = (Matrix::Packed(0), Matrix::Packed(1), Matrix::Packed(2));
+        let Buffers { packed, y, scores, probabilities, .. } = *self.buffers;
+        let (scores, probabilities) = ((Matrix::Scores, scores), (Matrix::Scores, probabilities));
+        self.product(true, (t, t, d), (false, true), [(q, packed), (k, packed), scores], scale)?;
+        self.rows(AttentionRows::Probabilities)?;
+        let out = [probabilities, (v, packed), (Matrix::Output, y)];
+        self.product(false, (t, d, t), (false, false), out, 1.0)
+    }
+
+    fn backward(&mut self, scale: f64, dqkv: u64) -> Result<()> {
+        let (t, d) = (self.sizes.time, self.sizes.head_dim);
+        let (q, k, v) = (Matrix::Packed(0), Matrix::Packed(1), Matrix::Packed(2));
+        let Buffers { packed, dy, scores, probabilities, .. } = *self.buffers;
+        let (scores, p) = ((Matrix::Scores, scores), (Matrix::Scores, probabilities));
+        let dy = (Matrix::Output, dy);
+        self.product(true, (t, t, d), (false, true), [(q, packed), (k, packed), scores], scale)?;
+        self.rows(AttentionRows::Recompute)?;
+        self.product(false, (t, d, t), (true, false), [p, dy, (v, dqkv)], 1.0)?;
+        self.product(true, (t, t, d), (false, true), [dy, (v, packed), scores], 1.0)?;
+        self.rows(AttentionRows::ScoreGrad)?;
+        self.product(false, (t, d, t), (false, false), [p, (k, packed), (q, dqkv)], scale)?;
+        self.product(false, (t, d, t), (true, false), [p, (q, packed), (k, dqkv)], scale)
+    }
 }
 
 #[cfg(test)]
@@ -362,6 +428,184 @@ mod tests {
             );
             assert_eq!((output.len(), output.last().copied()), (total * d, Some(total * d - 1)));
             assert_eq!((lse.len(), lse.last().copied()), (total, Some(total - 1)));
+        }
+    }
+
+    /// f64 buffers at synthetic addresses (`(index + 1) << 40` plus the byte offset), and cuBLAS
+    /// (column-major, as its documentation defines the call) and the row kernels on them.
+    struct Host {
+        buffers: Vec<Vec<f64>>,
+    }
+
+    impl Host {
+        fn address(index: usize) -> u64 {
+            (index as u64 + 1) << 40
+        }
+
+        fn at(address: u64, element: usize) -> (usize, usize) {
+            let byte = (address & ((1 << 40) - 1)) as usize;
+            ((address >> 40) as usize - 1, byte / 8 + element)
+        }
+
+        fn read(&self, address: u64, element: usize) -> f64 {
+            let (buffer, index) = Host::at(address, element);
+            self.buffers[buffer][index]
+        }
+
+        fn write(&mut self, address: u64, element: usize, value: f64) {
+            let (buffer, index) = Host::at(address, element);
+            self.buffers[buffer][index] = value;
+        }
+    }
+
+    impl Issue for Host {
+        fn product(
+            &mut self,
+            _types: Types,
+            shape: GemmShape,
+            (first, second, result): (u64, u64, u64),
+            alpha: f64,
+        ) -> Result<()> {
+            let [m, n, k] = [shape.m, shape.n, shape.k].map(|v| v as usize);
+            let (lda, ldb, ldc) = shape.leading;
+            let [lda, ldb, ldc] = [lda, ldb, ldc].map(|v| v as usize);
+            for batch in 0..shape.batches as usize {
+                let [oa, ob, oc] = [shape.strides.0, shape.strides.1, shape.strides.2]
+                    .map(|stride| batch * stride as usize);
+                for r in 0..m {
+                    for c in 0..n {
+                        let sum: f64 = (0..k)
+                            .map(|x| {
+                                let a =
+                                    if shape.transpose_first { x + r * lda } else { r + x * lda };
+                                let b =
+                                    if shape.transpose_second { c + x * ldb } else { x + c * ldb };
+                                self.read(first, oa + a) * self.read(second, ob + b)
+                            })
+                            .sum();
+                        self.write(result, oc + r + c * ldc, alpha * sum);
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        fn rows(&mut self, _dtype: DType, call: RowCall) -> Result<()> {
+            let time = call.time;
+            for row in 0..call.rows {
+                let (j, t) = (row / time, row % time);
+                let s: Vec<f64> =
+                    (0..time).map(|c| self.read(call.scores, row * time + c)).collect();
+                let lse_at = j * call.lse_stride + t;
+                let p: Vec<f64> = match call.kind {
+                    AttentionRows::Probabilities => {
+                        let m = s[..=t].iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        let z: f64 = s[..=t].iter().map(|v| (v - m).exp()).sum();
+                        self.write(call.lse, lse_at, m + z.ln());
+                        (0..time).map(|c| if c <= t { (s[c] - m).exp() / z } else { 0.0 }).collect()
+                    }
+                    AttentionRows::Recompute => {
+                        let shift = self.read(call.lse, lse_at);
+                        (0..time).map(|c| if c <= t { (s[c] - shift).exp() } else { 0.0 }).collect()
+                    }
+                    AttentionRows::ScoreGrad => {
+                        let base = j * call.y_stride + t * call.y_row;
+                        let delta: f64 = (0..call.head_dim)
+                            .map(|d| self.read(call.y, base + d) * self.read(call.dy, base + d))
+                            .sum();
+                        (0..time)
+                            .map(|c| {
+                                let p = self.read(call.probabilities, row * time + c);
+                                if c <= t {
+                                    p * (s[c] - delta)
+                                } else {
+                                    0.0
+                                }
+                            })
+                            .collect()
+                    }
+                };
+                for (c, value) in p.into_iter().enumerate() {
+                    self.write(call.probabilities, row * time + c, value);
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn values(count: usize, seed: u64) -> Vec<f64> {
+        let mut state = seed;
+        (0..count)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn worst(a: &[f64], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    }
+
+    /// The exact sequence of products and row kernels the device runs, emulated on the host in
+    /// f64, equals the CPU op (forward: `y` and `lse`; backward: `dqkv`) in both loop orders.
+    #[test]
+    fn the_issued_products_and_row_kernels_equal_the_cpu_attention() {
+        use crate::{Context, Tensor};
+        let context = Context::with_threads(1);
+        for dims in [[2, 5, 3, 3, 4], [3, 6, 3, 2, 4]] {
+            let sizes = Sizes::of("causal_attention", &dims).expect("packed");
+            let scale = 0.4;
+            let count: usize = dims.iter().product();
+            let qkv = Tensor::from_vec(values(count, 1), dims.to_vec()).expect("qkv");
+            let forward = CausalAttention { scale };
+            let cpu =
+                forward.forward(&context, std::slice::from_ref(&qkv)).expect("the CPU forward");
+            let (y, lse) =
+                (cpu[0].to_vec::<f64>().expect("y"), cpu[1].to_vec::<f64>().expect("lse"));
+            let squares = sizes.batched() * sizes.time * sizes.time;
+            let qkv_values = qkv.to_vec::<f64>().expect("qkv");
+            let mut host = Host {
+                buffers: vec![
+                    qkv_values.clone(),
+                    vec![0.0; y.len()],
+                    vec![0.0; lse.len()],
+                    vec![f64::NAN; squares],
+                    vec![f64::NAN; squares],
+                ],
+            };
+            let [qkv_at, y_at, lse_at, scores, probabilities] = [0, 1, 2, 3, 4].map(Host::address);
+            let buffers =
+                Buffers { packed: qkv_at, y: y_at, dy: y_at, lse: lse_at, scores, probabilities };
+            run_forward(&mut host, &sizes, DType::F64, scale, &buffers).expect("emulated");
+            assert!(worst(&host.buffers[1], &y) < 1e-12, "y of {dims:?}");
+            assert!(worst(&host.buffers[2], &lse) < 1e-12, "lse of {dims:?}");
+
+            let dy = values(y.len(), 2);
+            let grad = CausalAttentionGrad { scale };
+            let dy_tensor = Tensor::from_vec(dy.clone(), cpu[0].dims().to_vec()).expect("dy");
+            let inputs = [qkv, cpu[0].clone(), cpu[1].clone(), dy_tensor];
+            let dqkv = grad.forward(&context, &inputs).expect("the CPU backward").remove(0);
+            let mut host = Host {
+                buffers: vec![
+                    qkv_values,
+                    y,
+                    lse,
+                    dy,
+                    vec![f64::NAN; squares],
+                    vec![f64::NAN; squares],
+                    vec![f64::NAN; count],
+                ],
+            };
+            let [qkv_at, y_at, lse_at, dy_at, scores, probabilities, dqkv_at] =
+                [0, 1, 2, 3, 4, 5, 6].map(Host::address);
+            let buffers =
+                Buffers { packed: qkv_at, y: y_at, dy: dy_at, lse: lse_at, scores, probabilities };
+            run_backward(&mut host, &sizes, DType::F64, scale, (&buffers, dqkv_at))
+                .expect("emulated");
+            let expected = dqkv.to_vec::<f64>().expect("dqkv");
+            assert!(worst(&host.buffers[6], &expected) < 1e-12, "dqkv of {dims:?}");
         }
     }
 }
