@@ -348,11 +348,12 @@ impl Gpt {
 
     /// Causal self-attention of block `index` on `x [B, T, d]`: fused, or (with `mask`) composed.
     ///
-    /// `q`, `k` and `v` come from the three pieces of `c_attn` (its `[q | k | v]` rows), each a
-    /// column-parallel product whose `[B, T, d]` output is split on the tensor axis by whole
-    /// heads; they stay split through the head reshapes, the attention and the head merge, and
-    /// the row-parallel `c_proj` turns them into a partial sum that boxing reduces, as in the
-    /// MLP. On one device the same graph runs whole.
+    /// With a tensor axis, `q`, `k` and `v` come from the three pieces of `c_attn` (its
+    /// `[q | k | v]` rows), each a column-parallel product whose `[B, T, d]` output is split on
+    /// the tensor axis by whole heads ([`Gpt::by_heads`]); they stay split through the head
+    /// reshapes, the attention and the head merge, and the row-parallel `c_proj` turns them
+    /// into a partial sum that boxing reduces, as in the MLP. Without one, `c_attn` is one
+    /// product whose output is viewed as the packed `[B, T, 3, H, D]` (or split in three).
     fn attention(&self, index: usize, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let block = &self.blocks[index];
         let dims = x.dims();
@@ -360,18 +361,22 @@ impl Gpt {
         let (h, hd) = (self.config.n_head, d / self.config.n_head);
         let scale = 1.0 / (hd as f64).sqrt();
         let compute = self.compute;
-        let pieces = block.c_attn.split_outputs(3)?;
-        let project = |piece: &Linear| self.by_heads(index, &piece.forward_as(x, compute)?);
-        let (q, k, v) = (project(&pieces[0])?, project(&pieces[1])?, project(&pieces[2])?);
+        let pieces = self.qkv(index, x)?;
         let Some(mask) = mask else {
-            let packed = |x: &Tensor| x.reshape([b, t, 1, h, hd]);
-            let qkv = Tensor::concat(&[&packed(&q)?, &packed(&k)?, &packed(&v)?], 2)?;
+            let qkv = match &pieces[..] {
+                [q, k, v] => {
+                    let packed = |x: &Tensor| x.reshape([b, t, 1, h, hd]);
+                    Tensor::concat(&[&packed(q)?, &packed(k)?, &packed(v)?], 2)?
+                }
+                _ => pieces[0].reshape([b, t, 3, h, hd])?,
+            };
             let y = qkv.causal_attention(scale)?;
             return block.attn_proj.forward_as(&y.reshape([b, t, d])?, compute);
         };
+        let pieces = if pieces.len() == 3 { pieces } else { pieces[0].split(2, &[d, d, d])? };
         let heads =
             |x: &Tensor| as_dtype(&x.reshape([b, t, h, hd])?.permute(&[0, 2, 1, 3])?, compute);
-        let (q, k, v) = (heads(&q)?, heads(&k)?, heads(&v)?);
+        let (q, k, v) = (heads(&pieces[0])?, heads(&pieces[1])?, heads(&pieces[2])?);
         let scores = as_dtype(&q.matmul_t(&k, false, true)?, DType::F32)?;
         let scores = scores.mul_scalar(scale)?;
         let weights = scores.masked_fill(mask, f64::NEG_INFINITY)?.softmax()?;
@@ -381,16 +386,24 @@ impl Gpt {
         block.attn_proj.forward_as(&y, compute)
     }
 
+    /// The `c_attn` projection of `x [B, T, d]` in block `index`: `[q, k, v]` (each `[B, T, d]`,
+    /// split by heads) on a stage with a tensor axis, else `[qkv]` (`[B, T, 3d]`, one product).
+    fn qkv(&self, index: usize, x: &Tensor) -> Result<Vec<Tensor>> {
+        let c_attn = &self.blocks[index].c_attn;
+        if self.stages[self.block_stage[index]].tensor_axis.is_none() {
+            return Ok(vec![c_attn.forward_as(x, self.compute)?]);
+        }
+        let project = |piece: &Linear| self.by_heads(index, &piece.forward_as(x, self.compute)?);
+        c_attn.split_outputs(3)?.iter().map(project).collect()
+    }
+
     /// `x [B, T, d]` (q, k or v) split by whole heads on the tensor axis of block `index`'s
     /// stage and by batch on its data axis: Megatron's layout of the attention, pinned as an SBP
     /// choice (the signature selection would otherwise be free to split the attention by batch
-    /// on the tensor axis, gathering the weights' gradients instead); `x` itself without a
-    /// tensor axis. [`check_heads`] made sure that the devices divide the heads.
+    /// on the tensor axis, gathering the weights' gradients instead). [`check_heads`] made sure
+    /// that the devices divide the heads.
     fn by_heads(&self, index: usize, x: &Tensor) -> Result<Tensor> {
         let layouts = &self.stages[self.block_stage[index]];
-        if layouts.tensor_axis.is_none() {
-            return Ok(x.clone());
-        }
         x.to_sbp(layouts.sbp(Sbp::Split(0), Sbp::Split(2)))
     }
 }
