@@ -88,13 +88,20 @@ fn a_kernel_failing_on_one_rank_is_the_error_reported_not_the_peers_timeout() {
     // The sum over the split rows needs a collective, which rank 0 reaches and rank 1 never does.
     let total = table.embedding(&ids).unwrap().sum(&[0, 1], false).unwrap();
     let config =
-        SessionConfig { devices: 2, timeout: Duration::from_secs(2), ..Default::default() };
+        SessionConfig { devices: 2, timeout: Duration::from_secs(60), ..Default::default() };
     let mut session = Session::new(&g, &[&total], None, config).unwrap();
     // Rank 1 holds ids 2..4, one of which is outside the table's 3 rows.
     let feed = HostTensor::from_vec(vec![0i64, 1, 2, 7], [4]).unwrap();
+    let started = std::time::Instant::now();
     let error = session.step(&[(&ids, feed)]).unwrap_err().to_string();
     assert!(error.contains("rank 1") && error.contains("embedding"), "{error}");
     assert!(!error.contains("timed out"), "{error}");
+    // Rank 0 left its collective when rank 1 failed, not at the 60 s timeout.
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    // The session is dead after an aborted step and says so instead of hanging.
+    let feed = HostTensor::from_vec(vec![0i64, 1, 2, 0], [4]).unwrap();
+    let again = session.step(&[(&ids, feed)]).unwrap_err().to_string();
+    assert!(again.contains("aborted") || again.contains("no longer running"), "{again}");
 }
 
 #[test]

@@ -104,6 +104,10 @@ enum Report {
     Blocked(Vec<Blocked>),
 }
 
+/// Told why a step was aborted, and on which device when one act's failure caused it, before the
+/// driver waits for its threads: see [`Driver::on_abort`].
+pub type AbortHook = Box<dyn Fn(Option<DeviceId>, &Error) + Send>;
+
 /// A plan running on one thread per device.
 pub struct Driver<P> {
     plan: Arc<Plan<P>>,
@@ -116,6 +120,7 @@ pub struct Driver<P> {
     timeout: Option<Duration>,
     step: u64,
     dead: Option<String>,
+    on_abort: Option<AbortHook>,
 }
 
 impl<P: Send + Sync + 'static> Driver<P> {
@@ -191,6 +196,7 @@ impl<P: Send + Sync + 'static> Driver<P> {
             timeout,
             step: 0,
             dead: None,
+            on_abort: None,
         })
     }
 
@@ -267,9 +273,24 @@ impl<P: Send + Sync + 'static> Driver<P> {
         }
     }
 
+    /// Runs `hook` when a step is aborted (an act failed, the step timed out, a thread ended),
+    /// after every thread has been told to stop and before the driver waits for them. A thread
+    /// blocked outside the runtime, e.g. in a collective whose peer failed, only sees the abort
+    /// when the hook wakes it; without one it waits out its own timeout.
+    pub fn on_abort(&mut self, hook: impl Fn(Option<DeviceId>, &Error) + Send + 'static) {
+        self.on_abort = Some(Box::new(hook));
+    }
+
     fn abort_with(&mut self, mut error: Error) -> Error {
         self.abort.store(true, Ordering::Release);
         self.broadcast(|| Mail::Abort);
+        if let Some(hook) = &self.on_abort {
+            let device = match &error {
+                Error::Act { actor, .. } => self.plan.actors.get(actor.index()).map(|a| a.device),
+                _ => None,
+            };
+            hook(device, &error);
+        }
         self.join();
         self.dead = Some(format!("aborted: {error}"));
         if let Error::StepTimeout { blocked, .. } = &mut error {

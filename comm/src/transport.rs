@@ -9,13 +9,14 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use crossbeam::channel::{bounded, Receiver, Select, SendTimeoutError, Sender};
+use crossbeam::channel::{bounded, Receiver, Select, Sender};
 
 use meshflow_ops::{Tensor, TensorMeta};
 
+use crate::cluster::{Health, PeerFailure};
 use crate::{Error, Result};
 
 /// A process-wide (or, in one process, device-thread-wide) rank.
@@ -254,6 +255,11 @@ struct Mailboxes {
     capacity: usize,
     timeout: Duration,
     world_size: usize,
+    /// Never carries a value: it disconnects (waking every wait that selects on it) when a
+    /// watched [`Health`] records a failure, which `failure` then holds.
+    tripped: Receiver<()>,
+    trip: Mutex<Option<Sender<()>>>,
+    failure: OnceLock<PeerFailure>,
 }
 
 impl Mailboxes {
@@ -275,22 +281,63 @@ pub struct InProcessTransport {
 impl InProcessTransport {
     /// One transport per rank of a world of `world_size` device threads.
     pub fn world(world_size: usize, capacity: usize, timeout: Duration) -> Vec<InProcessTransport> {
+        let (trip, tripped) = bounded(0);
         let mailboxes = Arc::new(Mailboxes {
             boxes: Mutex::new(HashMap::new()),
             capacity: capacity.max(1),
             timeout,
             world_size,
+            tripped,
+            trip: Mutex::new(Some(trip)),
+            failure: OnceLock::new(),
         });
         (0..world_size)
             .map(|rank| InProcessTransport { mailboxes: mailboxes.clone(), rank: Rank(rank) })
             .collect()
     }
 
+    /// Ends every pending and later send and receive of this transport's whole world with
+    /// [`Error::PeerFailed`] once `health` records a failure, instead of at the timeout: a
+    /// device thread that failed never sends what its peers wait for.
+    pub fn watch(&self, health: &Health) {
+        let mailboxes = Arc::downgrade(&self.mailboxes);
+        health.on_failure(move |failure| {
+            if let Some(mailboxes) = mailboxes.upgrade() {
+                let _ = mailboxes.failure.set(failure.clone());
+                let mut trip = mailboxes.trip.lock().unwrap_or_else(|poison| poison.into_inner());
+                drop(trip.take());
+            }
+        });
+    }
+
     fn check(&self, peer: Rank) -> Result<()> {
         if peer.0 >= self.mailboxes.world_size {
             return Err(Error::UnknownPeer { peer, world_size: self.mailboxes.world_size });
         }
+        if self.mailboxes.failure.get().is_some() {
+            return Err(self.failed(peer, "send or receive"));
+        }
         Ok(())
+    }
+
+    /// The error of an operation with `peer` that the recorded failure ended.
+    fn failed(&self, peer: Rank, operation: &str) -> Error {
+        match self.mailboxes.failure.get() {
+            Some(failure) => Error::PeerFailed {
+                peer: Rank(failure.rank),
+                operation: operation.to_string(),
+                reason: failure.reason.clone(),
+            },
+            None => Error::PeerClosed {
+                peer,
+                operation: operation.to_string(),
+                reason: "the world was aborted".into(),
+            },
+        }
+    }
+
+    fn timed_out(&self, peer: Rank, operation: &str) -> Error {
+        Error::Timeout { peer, operation: operation.to_string(), timeout: self.timeout() }
     }
 }
 
@@ -310,24 +357,39 @@ impl Transport for InProcessTransport {
     fn send(&self, peer: Rank, channel: Channel, message: Message) -> Result<()> {
         self.check(peer)?;
         let (sender, _) = self.mailboxes.mailbox(self.rank, peer, channel);
-        let operation = message.tag.kind.name().to_string();
-        sender.send_timeout(message, self.timeout()).map_err(|error| match error {
-            SendTimeoutError::Timeout(_) => {
-                Error::Timeout { peer, operation, timeout: self.timeout() }
-            }
-            SendTimeoutError::Disconnected(_) => {
-                Error::PeerClosed { peer, operation, reason: "mailbox closed".into() }
-            }
+        let operation = message.tag.kind.name();
+        let mut select = Select::new();
+        let send = select.send(&sender);
+        select.recv(&self.mailboxes.tripped);
+        let selected =
+            select.select_timeout(self.timeout()).map_err(|_| self.timed_out(peer, operation))?;
+        if selected.index() != send {
+            let _ = selected.recv(&self.mailboxes.tripped);
+            return Err(self.failed(peer, operation));
+        }
+        selected.send(&sender, message).map_err(|_| Error::PeerClosed {
+            peer,
+            operation: operation.to_string(),
+            reason: "mailbox closed".into(),
         })
     }
 
     fn recv(&self, peer: Rank, channel: Channel) -> Result<Message> {
         self.check(peer)?;
         let (_, receiver) = self.mailboxes.mailbox(peer, self.rank, channel);
-        receiver.recv_timeout(self.timeout()).map_err(|_| Error::Timeout {
+        let mut select = Select::new();
+        let message = select.recv(&receiver);
+        select.recv(&self.mailboxes.tripped);
+        let selected =
+            select.select_timeout(self.timeout()).map_err(|_| self.timed_out(peer, "recv"))?;
+        if selected.index() != message {
+            let _ = selected.recv(&self.mailboxes.tripped);
+            return Err(self.failed(peer, "recv"));
+        }
+        selected.recv(&receiver).map_err(|_| Error::PeerClosed {
             peer,
             operation: "recv".into(),
-            timeout: self.timeout(),
+            reason: "mailbox closed".into(),
         })
     }
 
@@ -356,16 +418,18 @@ impl Transport for InProcessTransport {
                 if let Some((_, receiver)) = &incoming {
                     select.recv(receiver);
                 }
+                let tripped = select.recv(&self.mailboxes.tripped);
                 let peer = match (&outgoing, &incoming) {
                     (Some((peer, _)), _) | (None, Some((peer, _))) => *peer,
                     (None, None) => self.rank,
                 };
-                let operation =
-                    select.select_timeout(self.timeout()).map_err(|_| Error::Timeout {
-                        peer,
-                        operation: "stream exchange".into(),
-                        timeout: self.timeout(),
-                    })?;
+                let operation = select
+                    .select_timeout(self.timeout())
+                    .map_err(|_| self.timed_out(peer, "stream exchange"))?;
+                if operation.index() == tripped {
+                    let _ = operation.recv(&self.mailboxes.tripped);
+                    return Err(self.failed(peer, "stream exchange"));
+                }
                 match (&outgoing, &incoming) {
                     (Some((peer, sender)), _) if Some(operation.index()) == send => {
                         let closed = |_| Error::PeerClosed {
@@ -445,6 +509,25 @@ mod tests {
     fn message(value: f32, sequence: u64) -> Message {
         let tensor = Tensor::from_slice(&[value; 4], [4]).expect("tensor");
         Message { tag: Tag { kind: MessageKind::Send, sequence, step: 0 }, tensor }
+    }
+
+    #[test]
+    fn a_recorded_failure_ends_pending_receives_and_sends_of_the_world() {
+        let health = Health::new();
+        let world = InProcessTransport::world(2, 1, Duration::from_secs(60));
+        world[1].watch(&health);
+        let failing = health.clone();
+        let failer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            failing.fail(PeerFailure { rank: 0, reason: "act failed".into() });
+        });
+        let started = std::time::Instant::now();
+        let error = world[0].recv(Rank(1), Channel(0)).expect_err("peer failed");
+        failer.join().expect("failer");
+        assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+        assert!(matches!(&error, Error::PeerFailed { peer: Rank(0), .. }), "{error}");
+        let error = world[1].send(Rank(0), Channel(0), message(1.0, 0)).expect_err("failed");
+        assert!(matches!(&error, Error::PeerFailed { .. }), "{error}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshflow_actor::{DeviceId, Driver, DriverConfig, Envelope, RunReport, Transport};
-use meshflow_comm::cluster::WatchedCommunicator;
+use meshflow_comm::cluster::{Health, PeerFailure, WatchedCommunicator};
 use meshflow_comm::nccl::{nccl_available, NcclId};
 use meshflow_comm::{Communicator, InProcessTransport, Rank, SharedGroup, TransportCommunicator};
 use meshflow_ops::cuda::pool::PoolStats;
@@ -43,6 +43,10 @@ pub struct Devices {
     driver: Option<Driver<ActorWork>>,
     compiled: Option<Arc<Compiled>>,
     current: Current,
+    /// Failed when a step aborts: every in-process collective and mailbox (and, under a job,
+    /// the QUIC data plane) then ends its waits at once, so the peers of a failed device thread
+    /// do not sit out their timeout.
+    health: Health,
 }
 
 impl Devices {
@@ -52,8 +56,9 @@ impl Devices {
         if n == 0 {
             return Err(Error::Runtime("a session needs at least one device".into()));
         }
-        let world = SharedGroup::members((0..n).map(Rank).collect(), timeout);
-        let mut devices = Devices::empty(n, timeout, None);
+        let health = Health::new();
+        let world = SharedGroup::watched((0..n).map(Rank).collect(), timeout, &health);
+        let mut devices = Devices::empty(n, timeout, None, health);
         for (rank, world) in world.into_iter().enumerate() {
             devices.add(rank, threads_per_device, Box::new(world));
         }
@@ -77,7 +82,11 @@ impl Devices {
         let world = process_of.len();
         let process_of = Arc::new(process_of);
         let locals = InProcessTransport::world(world, 4, timeout);
-        let mut devices = Devices::empty(world, timeout, Some(Arc::clone(&job)));
+        let health = job.health();
+        if let Some(local) = locals.first() {
+            local.watch(&health);
+        }
+        let mut devices = Devices::empty(world, timeout, Some(Arc::clone(&job)), health);
         for (rank, local) in locals.into_iter().enumerate() {
             if process_of[rank] != me {
                 continue;
@@ -110,7 +119,7 @@ impl Devices {
         Ok(Box::new(WatchedCommunicator::new(Box::new(inner), job.health())))
     }
 
-    fn empty(world: usize, timeout: Duration, job: Option<Arc<Job>>) -> Self {
+    fn empty(world: usize, timeout: Duration, job: Option<Arc<Job>>, health: Health) -> Self {
         Devices {
             workers: Vec::new(),
             kinds: Vec::new(),
@@ -123,6 +132,7 @@ impl Devices {
             driver: None,
             compiled: None,
             current: Arc::new(Mutex::new(None)),
+            health,
         }
     }
 
@@ -248,11 +258,34 @@ impl Devices {
             completion,
             events: events.clone(),
         };
-        let driver = Driver::start_partial(plan, config, &local, transport, executor)
+        let mut driver = Driver::start_partial(plan, config, &local, transport, executor)
             .map_err(|e| Error::Runtime(format!("starting the actor driver: {e}")))?;
+        driver.on_abort(self.abort_hook(&compiled));
         self.driver = Some(driver);
         self.compiled = Some(compiled);
         Ok(())
+    }
+
+    /// What the driver runs when a step aborts: records the failure in the health, naming the
+    /// failed device's rank in one process, this process's rank in a job (the job's health
+    /// names processes). Its peers' collectives then end at once.
+    fn abort_hook(
+        &self,
+        compiled: &Compiled,
+    ) -> impl Fn(Option<DeviceId>, &meshflow_actor::Error) + Send + 'static {
+        let rank_of: HashMap<u32, usize> =
+            self.ranks.iter().map(|&rank| (compiled.lowered.device(rank, 0).0, rank)).collect();
+        let process = self.job.as_ref().map(|job| job.world().rank);
+        let health = self.health.clone();
+        move |device, error| {
+            let device_rank = device.and_then(|device| rank_of.get(&device.0).copied());
+            let rank = process.or(device_rank).unwrap_or(0);
+            let reason = match device_rank {
+                Some(device_rank) => format!("device rank {device_rank}: {error}"),
+                None => error.to_string(),
+            };
+            health.fail(PeerFailure { rank, reason });
+        }
     }
 
     /// Stops the driver; its report holds the acts it ran when started with `trace`.
@@ -288,8 +321,11 @@ impl Devices {
                 self.join_group(group)?;
                 continue;
             }
-            let members =
-                SharedGroup::members(group.iter().copied().map(Rank).collect(), self.timeout);
+            let members = SharedGroup::watched(
+                group.iter().copied().map(Rank).collect(),
+                self.timeout,
+                &self.health,
+            );
             for (member, &rank) in members.into_iter().zip(&group) {
                 self.install(rank, group.clone(), Box::new(member))?;
             }

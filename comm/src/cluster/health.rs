@@ -3,10 +3,16 @@
 //! A [`Health`] is cheap to clone and shared by everything in the process that waits on peers:
 //! the rendezvous client sets it when the rendezvous reports a failure or goes silent, and any
 //! other layer (the collectives of this crate, a training loop) can [`Health::check`] it before
-//! and during an operation, or `select!` on [`Health::failed`] to abort a blocked one. The first
-//! failure wins and is never cleared: a job that lost a rank stays failed.
+//! and during an operation, or `select!` on [`Health::failed`] to abort a blocked one; code that
+//! blocks on threads registers [`Health::on_failure`] to be woken. The first failure wins and is
+//! never cleared: a job that lost a rank stays failed.
+//!
+//! The same state serves the device threads of one process: when one of them fails, the session
+//! records it, and the in-process collectives its peers wait in end at once instead of at their
+//! timeout.
 
-use std::sync::Arc;
+use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::watch;
@@ -29,10 +35,21 @@ impl PeerFailure {
     }
 }
 
+/// Runs once, on the thread that records the failure.
+type Wake = Box<dyn FnOnce(&PeerFailure) + Send>;
+
 /// The shared failure state of one process's view of the job.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Health {
     state: Arc<watch::Sender<Option<(PeerFailure, Instant)>>>,
+    /// Called when the failure is recorded; `None` once it has been.
+    wakes: Arc<Mutex<Option<Vec<Wake>>>>,
+}
+
+impl fmt::Debug for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Health").field("failure", &self.failure()).finish()
+    }
 }
 
 impl Default for Health {
@@ -44,18 +61,47 @@ impl Default for Health {
 impl Health {
     /// A healthy state.
     pub fn new() -> Self {
-        Health { state: Arc::new(watch::channel(None).0) }
+        Health {
+            state: Arc::new(watch::channel(None).0),
+            wakes: Arc::new(Mutex::new(Some(Vec::new()))),
+        }
     }
 
-    /// Records a failure, unless one is recorded already. Returns whether this one was recorded.
+    /// Records a failure, unless one is recorded already. Returns whether this one was recorded;
+    /// when it was, every [`Health::on_failure`] callback runs on this thread.
     pub fn fail(&self, failure: PeerFailure) -> bool {
-        self.state.send_if_modified(|state| {
+        let recorded = self.state.send_if_modified(|state| {
             if state.is_some() {
                 return false;
             }
-            *state = Some((failure, Instant::now()));
+            *state = Some((failure.clone(), Instant::now()));
             true
-        })
+        });
+        if recorded {
+            let wakes = self.lock_wakes().take().unwrap_or_default();
+            wakes.into_iter().for_each(|wake| wake(&failure));
+        }
+        recorded
+    }
+
+    /// Calls `wake` once a failure is recorded: at once (on this thread) if it already is,
+    /// otherwise on the thread that records it. For waits outside an async runtime (condition
+    /// variables, channels) that must end when the job fails.
+    pub fn on_failure(&self, wake: impl FnOnce(&PeerFailure) + Send + 'static) {
+        let mut wakes = self.lock_wakes();
+        match wakes.as_mut() {
+            Some(wakes) => wakes.push(Box::new(wake)),
+            None => {
+                drop(wakes);
+                if let Some(failure) = self.failure() {
+                    wake(&failure);
+                }
+            }
+        }
+    }
+
+    fn lock_wakes(&self) -> std::sync::MutexGuard<'_, Option<Vec<Wake>>> {
+        self.wakes.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
     /// The failure, if any.
@@ -111,5 +157,19 @@ mod tests {
             Err(ClusterError::PeerFailed { rank, .. }) => assert_eq!(rank, 3),
             other => panic!("expected PeerFailed, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn callbacks_run_once_on_the_first_failure_or_at_once_when_registered_after_it() {
+        let health = Health::new();
+        let (sender, seen) = std::sync::mpsc::channel();
+        let early = sender.clone();
+        health.on_failure(move |failure| early.send(("early", failure.rank)).unwrap());
+        assert!(seen.try_recv().is_err(), "nothing has failed yet");
+        health.fail(PeerFailure { rank: 2, reason: "act failed".to_string() });
+        health.fail(PeerFailure { rank: 5, reason: "later".to_string() });
+        health.on_failure(move |failure| sender.send(("late", failure.rank)).unwrap());
+        let seen: Vec<_> = seen.try_iter().collect();
+        assert_eq!(seen, [("early", 2), ("late", 2)]);
     }
 }

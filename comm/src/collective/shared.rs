@@ -6,7 +6,9 @@
 //! copies its own input into its place in the shared output; a second barrier ends the writes,
 //! and every member returns the same output tensor (shared storage, copy-on-write). Broadcast
 //! hands out the root's tensor itself. Every barrier wait has the group's timeout; a member that
-//! never arrives is named in the error, and the group refuses further calls.
+//! never arrives is named in the error, and the group refuses further calls. A group built with
+//! [`SharedGroup::watched`] also ends every wait at once when its [`Health`] records a failure
+//! (a device thread whose act failed will never arrive).
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +20,7 @@ use meshflow_ops::{CpuStorage, Storage, Tensor, TensorMeta};
 use super::{
     check_root, concat_rows, mismatch, rows, slice_rows, Communicator, TransportCommunicator,
 };
+use crate::cluster::{Health, PeerFailure};
 use crate::reduce::{check_reducible, chunk, reduce_into};
 use crate::{Error, InProcessTransport, MessageKind, Rank, ReduceOp, Result};
 
@@ -27,6 +30,24 @@ pub struct SharedGroup;
 impl SharedGroup {
     /// One communicator per member; `ranks` name the members in errors. Hand each to its thread.
     pub fn members(ranks: Vec<Rank>, timeout: Duration) -> Vec<SharedCommunicator> {
+        SharedGroup::build(ranks, timeout, None)
+    }
+
+    /// Like [`SharedGroup::members`], and once `health` records a failure every pending and later
+    /// call of the group ends with [`Error::PeerFailed`] naming it, instead of at the timeout.
+    pub fn watched(
+        ranks: Vec<Rank>,
+        timeout: Duration,
+        health: &Health,
+    ) -> Vec<SharedCommunicator> {
+        SharedGroup::build(ranks, timeout, Some(health))
+    }
+
+    fn build(
+        ranks: Vec<Rank>,
+        timeout: Duration,
+        health: Option<&Health>,
+    ) -> Vec<SharedCommunicator> {
         let size = ranks.len();
         let slot = || (0..size).map(|_| Mutex::new(None)).collect::<Vec<_>>();
         let shared = Arc::new(Shared {
@@ -37,6 +58,15 @@ impl SharedGroup {
             timeout,
         });
         let points = InProcessTransport::world(size, 4, timeout);
+        if let (Some(health), Some(point)) = (health, points.first()) {
+            point.watch(health);
+            let group = Arc::downgrade(&shared);
+            health.on_failure(move |failure| {
+                if let Some(group) = group.upgrade() {
+                    group.barrier.fail(failure);
+                }
+            });
+        }
         points
             .into_iter()
             .enumerate()
@@ -500,8 +530,25 @@ impl Barrier {
         }
     }
 
+    /// Breaks the barrier for good: every member waiting now or later gets the failure.
+    fn fail(&self, failure: &PeerFailure) {
+        let mut state = lock(&self.state);
+        if state.broken.is_none() {
+            state.broken = Some(Error::PeerFailed {
+                peer: Rank(failure.rank),
+                operation: "barrier".into(),
+                reason: failure.reason.clone(),
+            });
+        }
+        // Spinning members look at the generation only: they sleep on `changed` next.
+        self.changed.notify_all();
+    }
+
     fn wait(&self, member: usize, shared: &Shared, kind: MessageKind, sequence: u64) -> Result<()> {
         let mut state = lock(&self.state);
+        if let Some(error) = &state.broken {
+            return Err(copy_error(error));
+        }
         let generation = state.generation;
         state.arrived[member] = true;
         if state.arrived.iter().all(|&arrived| arrived) {
@@ -552,6 +599,9 @@ fn copy_error(error: &Error) -> Error {
         Error::Timeout { peer, operation, timeout } => {
             Error::Timeout { peer: *peer, operation: operation.clone(), timeout: *timeout }
         }
+        Error::PeerFailed { peer, operation, reason } => {
+            Error::PeerFailed { peer: *peer, operation: operation.clone(), reason: reason.clone() }
+        }
         other => Error::InvalidArgument {
             collective: "group",
             reason: format!("the group is broken: {other}"),
@@ -562,6 +612,36 @@ fn copy_error(error: &Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recorded_failure_ends_waits_at_once_and_names_the_failed_rank() {
+        let health = Health::new();
+        let mut members =
+            SharedGroup::watched(vec![Rank(0), Rank(1)], Duration::from_secs(60), &health);
+        let _absent = members.pop();
+        let mut waiting = members.pop().expect("two members");
+        let started = Instant::now();
+        let failing = health.clone();
+        let failer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            failing.fail(PeerFailure { rank: 1, reason: "act of embedding failed".into() });
+        });
+        let input = Tensor::from_slice(&[1.0f32; 8], [8]).expect("tensor");
+        let error = waiting.all_reduce(&input, ReduceOp::Sum).expect_err("peer failed");
+        failer.join().expect("failer");
+        // Well inside the 60 s timeout: the failure, not the clock, ended the wait.
+        assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+        match &error {
+            Error::PeerFailed { peer, reason, .. } => {
+                assert_eq!(*peer, Rank(1));
+                assert!(reason.contains("embedding"), "{reason}");
+            }
+            other => panic!("expected PeerFailed, got {other}"),
+        }
+        // The group stays failed: a later call does not wait either.
+        let later = waiting.all_reduce(&input, ReduceOp::Sum).expect_err("still failed");
+        assert!(matches!(later, Error::PeerFailed { .. }), "{later}");
+    }
 
     #[test]
     fn streaming_stores_copy_every_byte_at_any_alignment() {
