@@ -12,14 +12,15 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use meshflow::bench::train::{Model, Strategy, TrainRunner};
+use meshflow::bench::train::{Model, TrainRunner};
+use meshflow::plan::strategies::SessionStrategy;
 
 fn train_step(c: &mut Criterion) {
     let mut group = c.benchmark_group("train_step_1dev_2thr");
     group.sample_size(10).warm_up_time(Duration::from_secs(1));
     for model in Model::ALL {
-        let mut runner =
-            TrainRunner::new(model, Strategy::single(2)).expect("the reference models compile");
+        let mut runner = TrainRunner::new(model, SessionStrategy::single(2), None)
+            .expect("the reference models compile");
         group.throughput(Throughput::Elements(model.step_flops() as u64));
         group.measurement_time(Duration::from_secs(match model {
             Model::Gpt => 8,

@@ -5,9 +5,10 @@ use meshflow::bench::arithmetic::{
     algorithm_bandwidth, bus_bandwidth, gpt_matmul_parameters, gpt_step_flops, median, mfu,
     mlp_parameters, mlp_step_flops, relative_change, Collective,
 };
-use meshflow::bench::parse_strategy;
-use meshflow::bench::train::{Model, Strategy, GPT_BATCH, GPT_REFERENCE, MLP_BATCH, MLP_SIZES};
+use meshflow::bench::parse_strategies;
+use meshflow::bench::train::{Model, GPT_BATCH, GPT_REFERENCE, MLP_BATCH, MLP_SIZES};
 use meshflow::nn::GptConfig;
+use meshflow::plan::strategies::SessionStrategy as Strategy;
 
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-12 * b.abs().max(1.0)
@@ -97,14 +98,43 @@ fn medians_and_changes() {
 
 #[test]
 fn strategies_parse_from_their_short_names() {
-    let parse = |text: &str| parse_strategy(text, 2).expect(text);
+    let parse = |text: &str| {
+        let parsed = parse_strategies(text, 2).expect(text);
+        assert_eq!(parsed.len(), 1, "{text}");
+        parsed[0]
+    };
     assert_eq!(parse("1"), Strategy::single(2));
-    assert_eq!(parse("dp2"), Strategy { dp: 2, tp: 1, threads: 1 });
-    assert_eq!(parse("tp2"), Strategy { dp: 1, tp: 2, threads: 1 });
-    assert_eq!(parse("dp2tp2"), Strategy { dp: 2, tp: 2, threads: 1 });
-    assert_eq!(parse("DP2×TP2"), Strategy { dp: 2, tp: 2, threads: 1 });
+    assert_eq!(parse("dp2"), Strategy::mesh(2, 1));
+    assert_eq!(parse("tp2"), Strategy::mesh(1, 2));
+    assert_eq!(parse("dp2tp2"), Strategy::mesh(2, 2));
+    assert_eq!(parse("DP2×TP2"), Strategy::mesh(2, 2));
+    assert_eq!(parse("pp2mb4"), Strategy::pipeline(1, 2, 4));
+    assert_eq!(parse("dp2pp2mb4"), Strategy::pipeline(2, 2, 4));
+    assert_eq!(parse("dp2zero"), Strategy { zero: true, ..Strategy::mesh(2, 1) });
+    assert_eq!(parse("dp2proc2"), Strategy { processes: 2, ..Strategy::mesh(2, 1) });
     assert_eq!(parse("dp2tp2").label(), "DP2×TP2");
     assert_eq!(parse("1").label(), "1dev×2thr");
-    assert!(parse_strategy("pp2", 2).is_err());
-    assert!(parse_strategy("dp0", 2).is_err());
+    assert_eq!(parse("pp2mb4").label(), "PP2×4mb");
+    assert_eq!(parse("dp2pp2mb4").label(), "DP2×PP2×4mb");
+    assert_eq!(parse("dp2zero").label(), "DP2+ZeRO");
+    assert_eq!(parse("dp2proc2").label(), "DP2/2proc");
+    assert!(parse_strategies("fsdp", 2).is_err());
+    assert!(parse_strategies("dp0", 2).is_err());
+}
+
+/// `bench train` runs the calibration's list (the one device with the bench's threads), and a
+/// launched strategy's text parses back to it.
+#[test]
+fn bench_train_runs_every_strategy_the_calibration_runs() {
+    use meshflow::bench::launched::strategy_text;
+    let all = parse_strategies("all", 3).unwrap();
+    let every = Strategy::every();
+    assert_eq!(all.len(), every.len());
+    for (bench, calibrated) in all.iter().zip(&every) {
+        let threads = if calibrated.devices() == 1 { 3 } else { 1 };
+        assert_eq!(*bench, Strategy { threads, ..*calibrated });
+        assert_eq!(parse_strategies(&strategy_text(bench), 1).unwrap()[0].dp, bench.dp);
+        let round_trip = parse_strategies(&strategy_text(calibrated), 1).unwrap()[0];
+        assert_eq!(round_trip, *calibrated);
+    }
 }

@@ -7,8 +7,9 @@ use meshflow::bench::report::{
     compare, CommFigure, Figure, Machine, Report, TorchFigure, TrainFigure,
 };
 use meshflow::bench::table::{goal, torch_ratio};
-use meshflow::bench::train::{Model, StepTimes, Strategy};
+use meshflow::bench::train::{Model, StepTimes};
 use meshflow::bench::{plot, torch};
+use meshflow::plan::strategies::SessionStrategy as Strategy;
 
 fn train(model: Model, strategy: Strategy, median: f64) -> TrainFigure {
     TrainFigure {
@@ -53,7 +54,7 @@ fn sample(gpt_ms: f64, busbw: f64, hop_us: f64) -> Report {
         peak_source: "test".into(),
         train: vec![
             train(Model::Gpt, Strategy::single(2), gpt_ms / 1e3),
-            train(Model::Gpt, Strategy { dp: 2, tp: 2, threads: 1 }, 0.5),
+            train(Model::Gpt, Strategy::mesh(2, 2), 0.5),
             train(Model::Mlp, Strategy::single(2), 0.03),
         ],
         torch: vec![TorchFigure {

@@ -107,20 +107,26 @@ fn one_all_reduce_takes_its_ring_alpha_beta_time() {
     }
 }
 
-#[test]
-fn data_parallel_step_is_its_kernels_then_the_gradient_all_reduce() {
-    let placement = Placement::line(DeviceType::Cpu, 2).unwrap();
+/// `devices`-way data parallelism of a product, gelu and sum, with the weight's gradient
+/// all-reduced.
+fn data_parallel(devices: usize) -> Program {
+    let placement = Placement::line(DeviceType::Cpu, devices).unwrap();
     let graph = Graph::new();
     let split = NdSbp(vec![Sbp::Split(0)]);
     let x = graph.input("x", [64, 32], DType::F32, &placement, Some(split)).unwrap();
     let w = meshflow::ops::Tensor::zeros([32, 32], DType::F32);
     let broadcast = NdSbp(vec![Sbp::Broadcast]);
     let w = graph.parameter("w", w, &placement, Some(broadcast.clone())).unwrap();
-    let loss = x.matmul(&w).unwrap().gelu(false).unwrap().sum(&[0, 1], false).unwrap();
+    let loss = x.matmul(&w).unwrap().gelu(false).unwrap().sum(&[0, 1], true).unwrap();
     let gradient = graph.gradients(&loss, &[&w]).unwrap()[0].clone().unwrap();
     let layout = Layout::new(placement.clone(), broadcast);
     let requests = [Request { value: gradient.value(), layout: Some(layout) }];
-    let program = compile(&graph.snapshot(), &requests, &CompileConfig::default()).unwrap();
+    compile(&graph.snapshot(), &requests, &CompileConfig::default()).unwrap()
+}
+
+#[test]
+fn data_parallel_step_is_its_kernels_then_the_gradient_all_reduce() {
+    let program = data_parallel(2);
     assert_eq!(program.count_boxing("all-reduce"), 1, "{program}");
     let (alpha, beta) = (10e-6, 2e9);
     let cluster = cluster(2, alpha, beta);
@@ -196,7 +202,8 @@ fn one_representative_rank_per_placement_predicts_the_full_step() {
 }
 
 /// With a kernel profile, each kernel takes its measured time (times the slowdown): a chain of
-/// `stages` identical kernels over one piece takes `stages` of them.
+/// `stages` identical kernels over one piece takes one cold call (the fed input) and
+/// `stages − 1` warm ones (each reads what its stream just received).
 #[test]
 fn profiled_kernels_take_their_measured_time() {
     use meshflow::plan::profile::KernelProfile;
@@ -215,7 +222,8 @@ fn profiled_kernels_take_their_measured_time() {
         .iter()
         .map(|s| meshflow::compile::actors::local_meta(&program, *s, 0).unwrap())
         .collect();
-    let measured = profile.seconds(&ops[0], &metas).unwrap();
+    let times = profile.times(&ops[0], &metas).unwrap();
+    let measured = times.cold;
     assert!(measured > 0.0 && measured < 0.01, "a 16-element kernel: {measured} s");
     let cluster = cluster(stages, 0.0, 1e30);
     let slowdown = 2.0;
@@ -227,7 +235,9 @@ fn profiled_kernels_take_their_measured_time() {
         false,
     )
     .unwrap();
-    let expected = stages as f64 * measured * slowdown;
+    // The first stage reads the fed input (cold); each later one the shard its stream just
+    // received (warm).
+    let expected = (times.cold + (stages - 1) as f64 * times.warm) * slowdown;
     assert!(
         (prediction.step_seconds - expected).abs() < 2e-9 * stages as f64,
         "{} s, expected {expected} s",
@@ -282,13 +292,20 @@ fn one_forward_one_backward_over_k_stages_and_n_pieces_takes_n_plus_k_minus_1_ro
         let lowered = lower_to_actors(&program, &config).unwrap();
         assert_eq!(lowered.order, PieceOrder::OneForwardOneBackward, "{stages} stages");
         let costs = kernels_take(&program, &lowered, 1000);
-        let prediction = simulate(&program, &lowered, costs, false).unwrap();
+        let prediction = simulate(&program, &lowered, costs.clone(), false).unwrap();
         let expected = (pieces as usize + stages - 1) as f64 * 2.0 * 1e-6;
         assert!(
             (prediction.step_seconds - expected).abs() < 1e-12,
             "{stages} stages, {pieces} pieces: {} s, expected {expected} s",
             prediction.step_seconds
         );
+        // A core per stage: the same step; one core: every kernel in turn.
+        let cores = meshflow::plan::cores::step_on_cores;
+        let (step, busy) = cores(&program, &lowered, &costs, stages);
+        assert!((step - expected).abs() < 1e-12, "{stages} stages on as many cores: {step} s");
+        let kernels = (2 * pieces as usize * stages) as f64 * 1e-6;
+        assert!((busy - kernels).abs() < 1e-12, "busy {busy} s, kernels {kernels} s");
+        assert!((cores(&program, &lowered, &costs, 1).0 - kernels).abs() < 1e-12);
     }
 }
 
@@ -297,11 +314,11 @@ fn one_forward_one_backward_over_k_stages_and_n_pieces_takes_n_plus_k_minus_1_ro
 /// processes; each kind once, and the default configuration runs them all.
 #[test]
 fn calibration_covers_every_strategy_that_runs_here() {
-    use meshflow::plan::calibrate::{CalibrationConfig, CalibrationStrategy, StrategyKind};
+    use meshflow::plan::calibrate::{CalibrationConfig, SessionStrategy, StrategyKind};
     use std::collections::BTreeSet;
 
-    let every = CalibrationStrategy::every();
-    let kinds: Vec<StrategyKind> = every.iter().map(CalibrationStrategy::kind).collect();
+    let every = SessionStrategy::every();
+    let kinds: Vec<StrategyKind> = every.iter().map(SessionStrategy::kind).collect();
     let distinct: BTreeSet<StrategyKind> = kinds.iter().copied().collect();
     assert_eq!(distinct.len(), kinds.len(), "each kind once: {kinds:?}");
     assert_eq!(distinct, StrategyKind::ALL.into_iter().collect::<BTreeSet<_>>());
@@ -316,9 +333,9 @@ fn calibration_covers_every_strategy_that_runs_here() {
     assert_eq!(names[8], "dp2 × tp1, 2 processes (QUIC)");
 }
 
-/// Device threads sharing cores: two ranks computing at once on one core are each slowed ×2,
-/// two pipeline stages that take turns are not slowed at all (the slowdown is the mean number
-/// of threads computing over the step per core, found by fixed-point iteration).
+/// Device threads sharing cores: two ranks computing at once on one core take turns (the step
+/// is both kernels, ×2 the step with a core each); two pipeline stages that take turns anyway
+/// are not slowed at all.
 #[test]
 fn device_threads_sharing_cores_are_slowed_by_the_mean_number_busy() {
     use meshflow::plan::calibrate::predict_sharing_cores;
@@ -335,12 +352,14 @@ fn device_threads_sharing_cores_are_slowed_by_the_mean_number_busy() {
         compile(&graph.snapshot(), &requests, &CompileConfig::default()).unwrap()
     };
     assert_eq!(parallel.count_boxing("all-reduce"), 0);
-    for (program, expected_slowdown, kernels_in_series) in
-        [(parallel, 2.0, 1.0), (pipeline(2), 1.0, 2.0)]
+    // Per case: the slowdown, and the kernels of the step as (cold, warm) calls: both
+    // data-parallel ranks read the fed input (cold); the second stage reads what it received.
+    for (program, expected_slowdown, calls) in
+        [(parallel, 2.0, (2.0, 0.0)), (pipeline(2), 1.0, (1.0, 1.0))]
     {
         let profile = KernelProfile::measure(&program, 1, Duration::from_millis(5)).unwrap();
         assert_eq!(profile.len(), 1, "one distinct kernel");
-        let kernel = program
+        let times = program
             .steps
             .iter()
             .find_map(|step| match step {
@@ -349,7 +368,7 @@ fn device_threads_sharing_cores_are_slowed_by_the_mean_number_busy() {
                         .iter()
                         .map(|s| meshflow::compile::actors::local_meta(&program, *s, 0).unwrap())
                         .collect();
-                    profile.seconds(&ops[0], &metas)
+                    profile.times(&ops[0], &metas)
                 }
                 _ => None,
             })
@@ -359,11 +378,61 @@ fn device_threads_sharing_cores_are_slowed_by_the_mean_number_busy() {
             predict_sharing_cores(&program, &ActorConfig::default(), &cluster, &profile, 1)
                 .unwrap();
         assert!((slowdown - expected_slowdown).abs() < 1e-3, "slowdown {slowdown}");
-        let expected = kernels_in_series * kernel * expected_slowdown;
+        let expected = calls.0 * times.cold + calls.1 * times.warm;
         assert!(
             (prediction.step_seconds - expected).abs() < 1e-3 * expected + 4e-9,
             "{} s, expected {expected} s",
             prediction.step_seconds
         );
     }
+}
+
+/// Device threads outnumbering cores take turns: with a core per thread the step is the
+/// simulator's; with one core every act runs in turn (the step is the sum of the acts); with 2
+/// cores for 4 data-parallel ranks, half of it (the ranks are symmetric).
+#[test]
+fn acts_on_fewer_cores_than_device_threads_take_turns() {
+    use meshflow::plan::cores::step_on_cores;
+
+    let program = data_parallel(4);
+    let config = ActorConfig::default();
+    let lowered = lower_to_actors(&program, &config).unwrap();
+    let costs = ActCosts::new(&program, &lowered, &cluster(4, 10e-6, 2e9));
+    let simulated = simulate(&program, &lowered, costs.clone(), false).unwrap().step_seconds;
+    let (step, busy) = step_on_cores(&program, &lowered, &costs, 4);
+    assert!((step - simulated).abs() < 3e-9, "{step} s on 4 cores, simulated {simulated} s");
+    assert!(busy > step, "4 ranks' acts add up to more than the step");
+    let (serial, same_busy) = step_on_cores(&program, &lowered, &costs, 1);
+    assert!((serial - busy).abs() < 3e-9 && same_busy == busy, "{serial} s on 1 core");
+    let (shared, _) = step_on_cores(&program, &lowered, &costs, 2);
+    assert!((shared - busy / 2.0).abs() < 1e-3 * busy, "{shared} s on 2 cores, busy {busy} s");
+}
+
+/// On the session's own DP2×PP2 program over 4 micro-batches (1F1B), the simulation of one
+/// representative rank per placement, the full simulation and the step with a core per device
+/// thread agree.
+#[test]
+fn session_data_pipeline_step_is_the_same_pruned_full_and_on_cores() {
+    use meshflow::compile::CompileConfig;
+    use meshflow::plan::cores::step_on_cores;
+    use meshflow::plan::strategies::{actor_config, char_gpt, SessionStrategy, StrategySession};
+    use meshflow::plan::{predict, symmetry};
+
+    let strategy = SessionStrategy::pipeline(2, 2, 4);
+    let build = |graph: &Graph, stages: &[meshflow::nn::Layouts]| char_gpt(graph, stages, 8);
+    let run =
+        StrategySession::new(&strategy, build, &CompileConfig::default(), None, false).unwrap();
+    let program = run.session.program();
+    let config = actor_config(&run.session);
+    let cluster = cluster(4, 1e-6, 1e10);
+    let full = lower_to_actors(program, &config).unwrap();
+    let costs = ActCosts::new(program, &full, &cluster);
+    let whole = simulate(program, &full, costs.clone(), false).unwrap().step_seconds;
+    let pruned = predict(program, &config, &cluster, false).unwrap().step_seconds;
+    let (on_cores, _) = step_on_cores(program, &full, &costs, 4);
+    let kept = symmetry::representatives(program).len();
+    assert!(
+        (whole - pruned).abs() < 1e-9 && (whole - on_cores).abs() < 1e-9,
+        "full {whole} s, pruned to {kept} ranks {pruned} s, on 4 cores {on_cores} s"
+    );
 }

@@ -21,6 +21,7 @@
 pub mod actors;
 pub mod arithmetic;
 pub mod comm;
+pub mod launched;
 pub mod ops;
 pub mod plot;
 pub mod report;
@@ -35,8 +36,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::plan::strategies::{SessionStrategy, StrategyKind};
 use report::{Machine, Report, TrainFigure};
-use train::{Model, Strategy, Timing, TrainRunner};
+use train::{Model, Timing, TrainRunner};
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -122,8 +124,10 @@ pub struct BenchArgs {
     /// Models to train (`gpt`, `mlp`).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ModelArg::Gpt, ModelArg::Mlp])]
     pub models: Vec<ModelArg>,
-    /// Meshes to train on: `1` (one device with `--threads`), `dp2`, `tp2`, `dp2tp2`, …
-    #[arg(long, value_delimiter = ',', default_value = "1,dp2,tp2,dp2tp2")]
+    /// Strategies to train on: `all` (every strategy `meshflow plan --calibrate` runs, the one
+    /// device with `--threads`), `1`, or sizes and options such as `dp2`, `tp2`, `dp2tp2`,
+    /// `pp2mb4`, `dp2zero`, `dp2mb2`, `dp2pp2mb4`, `dp2proc2` (processes under launch).
+    #[arg(long, value_delimiter = ',', default_value = "all")]
     pub strategies: Vec<String>,
     /// Skip the PyTorch reference.
     #[arg(long)]
@@ -201,8 +205,8 @@ fn bench(args: &BenchArgs) -> Result<(), BenchError> {
         bar.finish_and_clear();
         println!("{}", table::figures("actors: runtime against references", &report.actors));
     }
-    if sections(What::Train) {
-        train_section(args, timing, &mut report)?;
+    if sections(What::Train) && !train_section(args, timing, &mut report)? {
+        return Ok(());
     }
     finish(args, &report)
 }
@@ -224,12 +228,16 @@ fn comm_section(args: &BenchArgs, report: &mut Report) -> Result<bool, BenchErro
     Ok(true)
 }
 
-fn train_section(args: &BenchArgs, timing: Timing, report: &mut Report) -> Result<(), BenchError> {
-    let strategies = args
-        .strategies
-        .iter()
-        .map(|s| parse_strategy(s, args.threads))
-        .collect::<Result<Vec<_>, _>>()?;
+/// The train section; false on a rank of a launched job (its figure went to the launcher).
+fn train_section(
+    args: &BenchArgs,
+    timing: Timing,
+    report: &mut Report,
+) -> Result<bool, BenchError> {
+    let mut strategies = Vec::new();
+    for text in &args.strategies {
+        strategies.extend(parse_strategies(text, args.threads)?);
+    }
     let (peak, source) = match args.peak_gflops {
         Some(gflops) => (gflops * 1e9, "--peak-gflops".to_string()),
         None => {
@@ -240,19 +248,28 @@ fn train_section(args: &BenchArgs, timing: Timing, report: &mut Report) -> Resul
     };
     report.peak_flops = peak;
     report.peak_source = source;
+    if launched::is_launched_rank() {
+        // A rank of `train_figure`'s launched job: rank 0 prints the figure.
+        for model in args.models.iter().copied().map(Model::from) {
+            for strategy in &strategies {
+                launched::rank(model, *strategy, timing, peak)?;
+            }
+        }
+        return Ok(false);
+    }
     for model in args.models.iter().copied().map(Model::from) {
         for (index, strategy) in strategies.iter().enumerate() {
-            report.train.push(train_figure(model, *strategy, timing, peak)?);
+            report.train.push(train_figure(args, model, *strategy, peak)?);
             if index == 0 && !args.no_torch {
                 report.torch.extend(torch_figures(args, model, None)?);
             }
-            if strategy.dp > 1 && strategy.devices() == strategy.dp && !args.no_torch {
+            if strategy.kind() == StrategyKind::Data && !args.no_torch {
                 report.torch.extend(torch_figures(args, model, Some(*strategy))?);
             }
         }
     }
     println!("{}", table::train(report));
-    Ok(())
+    Ok(true)
 }
 
 /// PyTorch's figures for `model`: in one process with the bench's threads, or, for a
@@ -261,7 +278,7 @@ fn train_section(args: &BenchArgs, timing: Timing, report: &mut Report) -> Resul
 fn torch_figures(
     args: &BenchArgs,
     model: Model,
-    strategy: Option<Strategy>,
+    strategy: Option<SessionStrategy>,
 ) -> Result<Vec<report::TorchFigure>, BenchError> {
     let bar = progress(0, "PyTorch reference");
     let (script, threads, world) = match strategy {
@@ -278,21 +295,42 @@ fn torch_figures(
     Ok(figures.unwrap_or_default())
 }
 
-/// Times one model on one strategy.
+/// Times one model on one strategy (in this process, or over launched processes when the
+/// strategy has several).
 pub fn train_figure(
+    args: &BenchArgs,
     model: Model,
-    strategy: Strategy,
-    timing: Timing,
+    strategy: SessionStrategy,
     peak: f64,
 ) -> Result<TrainFigure, BenchError> {
     let bar = progress(0, "train");
-    tick(&bar, &format!("compiling {} on {}", model.name(), strategy.label()));
-    let mut runner = TrainRunner::new(model, strategy)?;
-    let mut loss = f32::NAN;
     let label = format!("{} on {}", model.name(), strategy.label());
+    if strategy.processes > 1 {
+        tick(&bar, &format!("{label} (launched processes)"));
+        let figure = launched::figure(args, model, strategy, peak);
+        bar.finish_and_clear();
+        return figure;
+    }
+    tick(&bar, &format!("compiling {label}"));
+    let mut runner = TrainRunner::new(model, strategy, None)?;
     tick(&bar, &label);
-    let times = train::time_steps(timing, || runner.step().map(|l| loss = l), || bar.inc(1))?;
+    let timing = Timing { warmup: 1, min_steps: args.min_steps, seconds: args.seconds };
+    let figure = figure_of(model, strategy, timing, peak, &mut runner, || bar.inc(1));
     bar.finish_and_clear();
+    figure
+}
+
+/// Times `runner` (`model` on `strategy`) under `timing`, calling `tick` after every step.
+pub fn figure_of(
+    model: Model,
+    strategy: SessionStrategy,
+    timing: Timing,
+    peak: f64,
+    runner: &mut TrainRunner,
+    tick: impl FnMut(),
+) -> Result<TrainFigure, BenchError> {
+    let mut loss = f32::NAN;
+    let times = train::time_steps(timing, || runner.step().map(|l| loss = l), tick)?;
     let flops = model.step_flops();
     Ok(TrainFigure {
         model,
@@ -305,25 +343,44 @@ pub fn train_figure(
     })
 }
 
-/// `1` (one device, `threads` threads), `dpN`, `tpN` or `dpNtpM` (one thread per device).
-pub fn parse_strategy(text: &str, threads: usize) -> Result<Strategy, BenchError> {
-    let lower = text.to_ascii_lowercase().replace(['×', 'x', '_', '-'], "");
+/// The strategies `text` names: `all` ([`SessionStrategy::every`]), `1` (one device with
+/// `threads` threads), or sizes and options in any order: `dpN`, `tpN`, `ppN`, `mbN`
+/// (micro-batches), `zero`, `procN` (processes), e.g. `dp2tp2`, `pp2mb4`, `dp2zero`,
+/// `dp2proc2` (one thread per device).
+pub fn parse_strategies(text: &str, threads: usize) -> Result<Vec<SessionStrategy>, BenchError> {
+    let lower = text.to_ascii_lowercase().replace(['×', 'x', '_', '-', ' ', ',', '+', '/'], "");
     let size = |prefix: &str| -> Option<usize> {
         let start = lower.find(prefix)? + prefix.len();
         let digits: String = lower[start..].chars().take_while(char::is_ascii_digit).collect();
         digits.parse().ok()
     };
-    let strategy = match (lower.as_str(), size("dp"), size("tp")) {
-        ("1", _, _) => Some(Strategy::single(threads)),
-        (_, None, None) => None,
-        (_, dp, tp) => Some(Strategy { dp: dp.unwrap_or(1), tp: tp.unwrap_or(1), threads: 1 }),
+    let single = |s: SessionStrategy| match s.devices() {
+        1 => SessionStrategy { threads, ..s },
+        _ => s,
     };
-    let valid = |s: &Strategy| s.dp > 0 && s.tp > 0;
-    strategy.filter(valid).ok_or_else(|| {
-        BenchError::Meshflow(crate::Error::Graph(format!(
-            "unknown strategy {text:?}: use 1, dpN, tpN or dpNtpM"
-        )))
-    })
+    let named = [size("dp"), size("tp"), size("pp"), size("mb"), size("proc")];
+    let strategy = match lower.as_str() {
+        "all" => return Ok(SessionStrategy::every().into_iter().map(single).collect()),
+        "1" => Some(SessionStrategy::single(threads)),
+        _ if named.iter().all(Option::is_none) && !lower.contains("zero") => None,
+        _ => Some(SessionStrategy {
+            pp: named[2].unwrap_or(1),
+            micro_batches: named[3].unwrap_or(1),
+            zero: lower.contains("zero"),
+            processes: named[4].unwrap_or(1),
+            ..SessionStrategy::mesh(named[0].unwrap_or(1), named[1].unwrap_or(1))
+        }),
+    };
+    let valid = |s: &SessionStrategy| {
+        [s.dp, s.tp, s.pp, s.micro_batches, s.processes].iter().all(|&n| n > 0)
+    };
+    match strategy.filter(valid) {
+        Some(strategy) => Ok(vec![single(strategy)]),
+        None => Err(BenchError::Meshflow(crate::Error::Graph(format!(
+            "unknown strategy {text:?}: use all, 1, or dpN, tpN, ppN, mbN, zero, procN together \
+             (dp2tp2, pp2mb4, dp2zero, dp2proc2)"
+        )))),
+    }
 }
 
 fn finish(args: &BenchArgs, report: &Report) -> Result<(), BenchError> {

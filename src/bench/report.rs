@@ -6,8 +6,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::arithmetic::{relative_change, Collective};
-use super::train::{Model, StepTimes, Strategy};
+use super::train::{Model, StepTimes};
 use super::BenchError;
+use crate::plan::strategies::SessionStrategy;
 
 /// Everything one run measured; sections that were not run are empty.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -47,7 +48,7 @@ pub struct TrainFigure {
     /// The model.
     pub model: Model,
     /// The mesh and threads.
-    pub strategy: Strategy,
+    pub strategy: SessionStrategy,
     /// Step times.
     pub times: StepTimes,
     /// Tokens (GPT) or samples (MLP) per second, from the median step.

@@ -4,6 +4,7 @@ use std::fmt::Write;
 
 use super::report::{CommFigure, Figure, Report};
 use super::train::Model;
+use crate::plan::strategies::StrategyKind;
 
 /// Goal of issue 7: meshflow's step time over PyTorch's, per model.
 pub fn goal(model: Model) -> f64 {
@@ -91,7 +92,7 @@ pub fn train(report: &Report) -> String {
     for t in report.torch.iter().filter(|t| t.processes > 1) {
         let ours = report.train.iter().find(|f| {
             f.model == t.model
-                && f.strategy.dp == t.processes
+                && f.strategy.kind() == StrategyKind::Data
                 && f.strategy.devices() == t.processes
         });
         if let Some(ours) = ours {

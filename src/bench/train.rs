@@ -4,20 +4,21 @@
 //! - MLP: 784-1024-1024-10, batch 256 ([`MLP_SIZES`], [`MLP_BATCH`]), `nn::Linear` layers
 //!   (PyTorch's `[out, in]` weights), ReLU, cross-entropy.
 //!
-//! Both train with AdamW. A [`TrainRunner`] compiles one model on one [`Strategy`] and runs steps
-//! on a fixed batch; the criterion bench `benches/train.rs` and the harness time the same runner.
+//! Both train with AdamW. A [`TrainRunner`] compiles one model on one [`SessionStrategy`] (the
+//! strategies `meshflow plan --calibrate` runs: [`SessionStrategy::every`]) and runs steps on a
+//! fixed batch; the criterion bench `benches/train.rs` and the harness time the same runner.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::compile::CompileConfig;
+use crate::dist::Job;
 use crate::nn::{Gpt, GptConfig, InitCounter, Layouts, Linear, Parallel, WeightInit};
-use crate::ops::ops::adamw::AdamW;
 use crate::ops::{DType, Tensor as HostTensor};
-use crate::placement::{DeviceType, Placement};
-use crate::schedule::Schedule;
-use crate::session::{Optimizer, Session, SessionConfig, Training};
-use crate::{Graph, Result, Tensor};
+use crate::plan::strategies::{SessionStrategy, StrategySession, TrainingGraph};
+use crate::{Graph, Result};
 
 use super::arithmetic::{gpt_step_flops, median, mlp_step_flops};
 
@@ -78,91 +79,27 @@ impl Model {
     }
 }
 
-/// A mesh of CPU devices `[dp, tp]`: data parallel on axis 0, tensor parallel on axis 1.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Strategy {
-    /// Data-parallel size.
-    pub dp: usize,
-    /// Tensor-parallel size (Megatron column/row splits).
-    pub tp: usize,
-    /// Kernel threads per device.
-    pub threads: usize,
-}
-
-impl Strategy {
-    /// One device with `threads` kernel threads.
-    pub fn single(threads: usize) -> Self {
-        Strategy { dp: 1, tp: 1, threads }
-    }
-
-    /// The strategies that run on this machine's CPU devices, one kernel thread per device
-    /// (the single device gets `threads`): 1 device, DP2, TP2, DP2×TP2.
-    pub fn defaults(threads: usize) -> Vec<Strategy> {
-        vec![
-            Strategy::single(threads),
-            Strategy { dp: 2, tp: 1, threads: 1 },
-            Strategy { dp: 1, tp: 2, threads: 1 },
-            Strategy { dp: 2, tp: 2, threads: 1 },
-        ]
-    }
-
-    /// Devices of the mesh.
-    pub fn devices(&self) -> usize {
-        self.dp * self.tp
-    }
-
-    /// A short label: `1dev×2thr`, `DP2`, `TP2`, `DP2×TP2`.
-    pub fn label(&self) -> String {
-        match (self.dp, self.tp) {
-            (1, 1) => format!("1dev×{}thr", self.threads),
-            (dp, 1) => format!("DP{dp}"),
-            (1, tp) => format!("TP{tp}"),
-            (dp, tp) => format!("DP{dp}×TP{tp}"),
-        }
-    }
-
-    fn layouts(&self) -> Result<Layouts> {
-        if self.devices() == 1 {
-            return Ok(Layouts::single(Placement::line(DeviceType::Cpu, 1)?));
-        }
-        let placement = Placement::grid(DeviceType::Cpu, &[self.dp, self.tp])?;
-        Ok(Layouts { placement, data_axis: Some(0), tensor_axis: Some(1) })
-    }
-}
-
 /// One model compiled on one strategy, with a fixed batch to step on.
 pub struct TrainRunner {
-    session: Session,
-    feeds: Vec<(Tensor, HostTensor)>,
+    session: StrategySession,
 }
 
 impl TrainRunner {
-    /// Builds and compiles `model` on `strategy` (AdamW, lr 1e-3, weight decay 0.01).
-    pub fn new(model: Model, strategy: Strategy) -> Result<Self> {
-        let layouts = strategy.layouts()?;
-        let graph = Graph::new();
-        let (loss, feeds) = match model {
-            Model::Gpt => gpt_loss(&graph, &layouts)?,
-            Model::Mlp => mlp_loss(&graph, &layouts)?,
+    /// Builds and compiles `model` on `strategy` ([`StrategySession`]: AdamW, lr 1e-3, weight
+    /// decay 0.01) in this process, or on `job`'s devices when given.
+    pub fn new(model: Model, strategy: SessionStrategy, job: Option<Arc<Job>>) -> Result<Self> {
+        let build = |graph: &Graph, stages: &[Layouts]| match model {
+            Model::Gpt => gpt_loss(graph, stages),
+            Model::Mlp => mlp_loss(graph, stages),
         };
-        let optimizer = Optimizer::AdamW(AdamW { weight_decay: 0.01, ..AdamW::new(1e-3) });
-        let training = Training::new(&loss, optimizer, Schedule::Constant);
-        let config = SessionConfig {
-            devices: strategy.devices(),
-            threads_per_device: strategy.threads,
-            ..SessionConfig::default()
-        };
-        let session = Session::new(&graph, &[&loss], Some(training), config)?;
-        Ok(TrainRunner { session, feeds })
+        let session =
+            StrategySession::new(&strategy, build, &CompileConfig::default(), job, false)?;
+        Ok(TrainRunner { session })
     }
 
     /// One training step; returns the loss.
     pub fn step(&mut self) -> Result<f32> {
-        let feeds: Vec<(&Tensor, HostTensor)> =
-            self.feeds.iter().map(|(t, v)| (t, v.clone())).collect();
-        let out = self.session.step(&feeds)?;
-        let loss = out.first().map(|t| t.to_vec::<f32>()).transpose()?;
-        Ok(loss.and_then(|v| v.first().copied()).unwrap_or(f32::NAN))
+        self.session.step()
     }
 }
 
@@ -210,45 +147,47 @@ pub fn time_steps<E>(
     Ok(StepTimes { median: median(&samples), mean, steps: samples.len() })
 }
 
-fn gpt_loss(graph: &Graph, layouts: &Layouts) -> Result<(Tensor, Vec<(Tensor, HostTensor)>)> {
+fn gpt_loss(graph: &Graph, stages: &[Layouts]) -> Result<TrainingGraph> {
     let (batch, ctx, vocab) = (GPT_BATCH, GPT_REFERENCE.ctx, GPT_REFERENCE.vocab);
-    let p = &layouts.placement;
-    let ids = graph.input("ids", [batch, ctx], DType::I64, p, Some(layouts.batch()))?;
-    let targets = graph.input("targets", [batch, ctx], DType::I64, p, Some(layouts.batch()))?;
-    let model = Gpt::new(graph, GPT_REFERENCE, layouts, WeightInit { std: 0.02, seed: 1 })?;
+    let (first, last) = (&stages[0], &stages[stages.len() - 1]);
+    let shape = [batch, ctx];
+    let ids = graph.input("ids", shape, DType::I64, &first.placement, Some(first.batch()))?;
+    let targets = graph.input("targets", shape, DType::I64, &last.placement, Some(last.batch()))?;
+    let model = Gpt::pipelined(graph, GPT_REFERENCE, stages, WeightInit { std: 0.02, seed: 1 })?;
     let loss = model.loss(&ids, &targets)?;
     let tokens: Vec<i64> =
         (0..batch * (ctx + 1)).map(|k| ((k * 7919 + k / 13) % vocab) as i64).collect();
     let (x, y) = crate::data::inputs_and_targets(&tokens, batch, ctx);
-    let feeds = vec![
-        (ids, HostTensor::from_vec(x, [batch, ctx])?),
-        (targets, HostTensor::from_vec(y, [batch, ctx])?),
-    ];
+    let feeds =
+        vec![(ids, HostTensor::from_vec(x, shape)?), (targets, HostTensor::from_vec(y, shape)?)];
     Ok((loss, feeds))
 }
 
 /// Megatron layouts on the tensor axis: the first layer column-parallel, the second
-/// row-parallel (one all-reduce), the classifier whole.
-fn mlp_loss(graph: &Graph, layouts: &Layouts) -> Result<(Tensor, Vec<(Tensor, HostTensor)>)> {
-    let p = &layouts.placement;
-    let x = graph.input("x", [MLP_BATCH, MLP_SIZES[0]], DType::F32, p, Some(layouts.batch()))?;
-    let y = graph.input("y", [MLP_BATCH], DType::I64, p, Some(layouts.batch()))?;
+/// row-parallel (one all-reduce), the classifier whole; layer `l` of `L` on stage `l·S/L` of
+/// `S` (activations cross stages with `to_placement`).
+fn mlp_loss(graph: &Graph, stages: &[Layouts]) -> Result<TrainingGraph> {
+    let (first, last) = (&stages[0], &stages[stages.len() - 1]);
+    let (fp, lp) = (&first.placement, &last.placement);
+    let x = graph.input("x", [MLP_BATCH, MLP_SIZES[0]], DType::F32, fp, Some(first.batch()))?;
+    let y = graph.input("y", [MLP_BATCH], DType::I64, lp, Some(last.batch()))?;
     let mut init = InitCounter::new(WeightInit { std: 0.02, seed: 2 });
     let parallel = [Parallel::Column, Parallel::Row, Parallel::None];
+    let layers = MLP_SIZES.len() - 1;
     let mut h = x.clone();
+    let mut on = 0;
     for (layer, pair) in MLP_SIZES.windows(2).enumerate() {
+        let stage = layer * stages.len() / layers;
+        let layouts = &stages[stage];
+        if stage != on {
+            h = h.to_placement(&layouts.placement, Some(layouts.batch()))?;
+            on = stage;
+        }
         let name = format!("fc{layer}");
-        let linear = Linear::new(
-            graph,
-            &name,
-            (pair[0], pair[1]),
-            true,
-            parallel[layer],
-            layouts,
-            &mut init,
-        )?;
+        let shape = (pair[0], pair[1]);
+        let linear = Linear::new(graph, &name, shape, true, parallel[layer], layouts, &mut init)?;
         h = linear.forward(&h)?;
-        if layer + 2 < MLP_SIZES.len() {
+        if layer + 1 < layers {
             h = h.relu()?;
         }
     }

@@ -9,8 +9,8 @@
 //! machine's figures, and with every distinct kernel of its program timed on this machine
 //! ([`KernelProfile`]: the kernels come from the program, whatever ops it holds). The second
 //! leaves the simulator only the schedule, the communication and the runtime between kernels to
-//! predict. Device threads that share cores compute slower by the mean number of them busy
-//! over the step per core ([`predict_sharing_cores`]: pipeline stages are not all busy at once).
+//! predict. Device threads that outnumber the cores take turns on them ([`predict_sharing_cores`]:
+//! every act holds a core while it runs; pipeline stages are not all busy at once).
 //!
 //! [`Session`]: crate::session::Session
 
@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::acts::MeasuredActs;
 use super::cluster::Cluster;
+use super::cores::step_on_cores;
 use super::cost::ActCosts;
 use super::profile::KernelProfile;
 use super::{predict_measured, processes, Prediction};
@@ -29,7 +31,7 @@ use crate::compile::{CompileConfig, Program};
 use crate::Result;
 
 pub use super::machine::{empty_step, measure, Measured};
-pub use super::strategies::{CalibrationStrategy, Steps, StrategyKind};
+pub use super::strategies::{SessionStrategy, Steps, StrategyKind};
 pub use super::table::scale_table;
 
 use super::strategies::{actor_config, run_session, Ran};
@@ -43,8 +45,8 @@ pub struct CalibrationConfig {
     pub warmup: usize,
     /// Sequences per step.
     pub batch: usize,
-    /// The strategies to run. Default: [`CalibrationStrategy::every`].
-    pub strategies: Vec<CalibrationStrategy>,
+    /// The strategies to run. Default: [`SessionStrategy::every`].
+    pub strategies: Vec<SessionStrategy>,
     /// The `meshflow` binary, which launches the workers of strategies across processes
     /// (`meshflow launch … meshflow plan --calibrate-worker …`). `None`: such strategies are
     /// an error.
@@ -57,7 +59,7 @@ impl Default for CalibrationConfig {
             steps: 5,
             warmup: 2,
             batch: 16,
-            strategies: CalibrationStrategy::every(),
+            strategies: SessionStrategy::every(),
             binary: None,
         }
     }
@@ -74,7 +76,7 @@ impl CalibrationConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CalibrationRow {
     /// The strategy.
-    pub strategy: CalibrationStrategy,
+    pub strategy: SessionStrategy,
     /// Simulated step (roofline kernels and boxing) plus the measured empty-step cost.
     pub predicted: f64,
     /// Simulated step with measured kernel times ([`KernelProfile`]) plus the empty-step cost.
@@ -94,6 +96,11 @@ pub struct CalibrationRow {
     /// Of the profiled prediction: seconds of kernels on the busiest rank (what the schedule
     /// adds to it is waiting: pipeline bubbles, collectives).
     pub busiest_compute: f64,
+    /// What the real session's busiest rank spent in kernels and in boxing, and the span of
+    /// its acts, in the measured steps (the driver's trace; rank 0's process only across
+    /// processes).
+    #[serde(default)]
+    pub acts: Option<MeasuredActs>,
 }
 
 impl CalibrationRow {
@@ -139,7 +146,7 @@ pub fn calibrate(config: &CalibrationConfig, compile: &CompileConfig) -> Result<
 /// Predicts the session that `ran` on `cluster` (roofline, and profiled kernels) and pairs the
 /// predictions, plus the empty-step cost `fixed`, with its measured step.
 pub fn predict_row(
-    strategy: &CalibrationStrategy,
+    strategy: &SessionStrategy,
     ran: &Ran,
     cluster: &Cluster,
     measured: &Measured,
@@ -148,7 +155,8 @@ pub fn predict_row(
     let program = ran.session.program();
     let actors = actor_config(&ran.session);
     let roofline = predict_measured(program, &actors, cluster, None, false)?;
-    let profile = KernelProfile::measure(program, 1, Duration::from_millis(20))?;
+    let profile =
+        KernelProfile::measure(program, strategy.threads.max(1), Duration::from_millis(20))?;
     let (profiled, slowdown) =
         predict_sharing_cores(program, &actors, cluster, &profile, measured.cores)?;
     Ok(CalibrationRow {
@@ -161,15 +169,16 @@ pub fn predict_row(
         link: (cluster.intra.latency, cluster.intra.bandwidth),
         slowdown,
         busiest_compute: profiled.breakdown.compute,
+        acts: ran.acts,
     })
 }
 
-/// The step of `program` with profiled kernels when its device threads share `cores` cores:
-/// each kernel is slowed by `max(busy / cores, 1)`, where `busy` is the mean number of device
-/// threads computing over the simulated step (the step's kernel seconds on every rank, slowed,
-/// over its length). Found by fixed-point iteration from `devices / cores`: a pipeline's stages
-/// are not all busy during its fill and drain, nor a rank while it waits in a collective.
-/// Returns the prediction and the slowdown it used.
+/// The step of `program` with profiled kernels when its device threads share `cores` cores.
+/// With no more device threads than cores, the simulated step; with more, the step of
+/// [`step_on_cores`]: every act that computes or copies holds a core, ready acts take free
+/// cores in turn (pipeline stages not busy at once leave cores free; a rank waiting for a
+/// collective partner that waits for a core waits too). Returns the prediction and its ratio to
+/// the step with a core per thread.
 pub fn predict_sharing_cores(
     program: &Program,
     actors: &ActorConfig,
@@ -177,30 +186,19 @@ pub fn predict_sharing_cores(
     profile: &KernelProfile,
     cores: usize,
 ) -> Result<(Prediction, f64)> {
-    let full = lower_to_actors(program, actors)?;
-    let unslowed = ActCosts::with_kernels(program, &full, cluster, Some((profile, 1.0)));
-    let work = unslowed.total_compute(program, &full);
-    let cores = cores.max(1) as f64;
-    let mut slowdown = (program.ranks.len() as f64 / cores).max(1.0);
-    let mut prediction =
-        predict_measured(program, actors, cluster, Some((profile, slowdown)), false)?;
-    for _ in 0..MAX_SHARING_ROUNDS {
-        let busy = work * slowdown / prediction.step_seconds.max(1e-12);
-        let next = (busy / cores).max(1.0);
-        if (next - slowdown).abs() <= 1e-3 * slowdown {
-            break;
-        }
-        slowdown = next;
-        prediction = predict_measured(program, actors, cluster, Some((profile, slowdown)), false)?;
+    let unshared = predict_measured(program, actors, cluster, Some((profile, 1.0)), false)?;
+    if program.ranks.len() <= cores.max(1) {
+        return Ok((unshared, 1.0));
     }
-    Ok((prediction, slowdown))
+    let full = lower_to_actors(program, actors)?;
+    let costs = ActCosts::with_kernels(program, &full, cluster, Some((profile, 1.0)));
+    let (step, _) = step_on_cores(program, &full, &costs, cores);
+    let slowdown = step / unshared.step_seconds.max(1e-12);
+    Ok((Prediction { step_seconds: step, ..unshared }, slowdown))
 }
 
 /// Bytes per MiB.
 const MIB: f64 = 1024.0 * 1024.0;
-
-/// Rounds of the fixed-point iteration of [`predict_sharing_cores`] at most.
-const MAX_SHARING_ROUNDS: usize = 8;
 
 impl fmt::Display for CalibrationTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -223,18 +221,19 @@ impl fmt::Display for CalibrationTable {
         writeln!(
             f,
             "| char GPT, batch {} (median of steps) | measured ms | roofline ms | error | \
-             profiled kernels ms | error | busiest rank's kernels ms | of which empty step ms | \
-             kernels profiled (failed) | cores shared, slowdown | link hop µs, GB/s |",
+             profiled kernels ms | error | busiest rank's kernels ms | measured: kernels, boxing ms | \
+             of which empty step ms | kernels profiled (failed) | cores shared, slowdown | \
+             link hop µs, GB/s |",
             self.batch
         )?;
         writeln!(
             f,
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         )?;
         for row in &self.rows {
             writeln!(
                 f,
-                "| {} | {:.2} | {:.2} | {:+.1}% | {:.2} | {:+.1}% | {:.2} | {:.2} | {} ({}) | \
+                "| {} | {:.2} | {:.2} | {:+.1}% | {:.2} | {:+.1}% | {:.2} | {} | {:.2} | {} ({}) | \
                  ×{:.2} | {:.1}, {:.2} |",
                 row.strategy,
                 row.measured * 1e3,
@@ -243,6 +242,11 @@ impl fmt::Display for CalibrationTable {
                 row.profiled * 1e3,
                 row.profiled_error() * 100.0,
                 row.busiest_compute * 1e3,
+                row.acts.map_or("-".into(), |acts| format!(
+                    "{:.2}, {:.2}",
+                    acts.compute * 1e3,
+                    acts.communication * 1e3
+                )),
                 row.fixed * 1e3,
                 row.kernels.0,
                 row.kernels.1,

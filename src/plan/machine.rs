@@ -125,12 +125,15 @@ impl Measured {
         Cluster { nodes: 1, per_node: devices, device, intra: link, inter: link }
     }
 
-    /// The cache one of `devices` device threads on this machine uses: a core's private cache
-    /// plus its share of the shared one ([`DEFAULT_CACHE_BYTES`] if neither was read).
-    pub fn cache_bytes(&self, devices: usize) -> f64 {
-        let bytes = self.private_cache + self.shared_cache / devices.max(1) as f64;
-        if bytes > 0.0 {
-            bytes
+    /// The cache one device thread on this machine can count on: its core's private cache
+    /// ([`DEFAULT_CACHE_BYTES`] if unread). Not a share of the shared level: on a virtual
+    /// machine sysfs reports the host's whole L3, shared with other tenants (480 MiB here),
+    /// and pricing with a share of it priced the kernels of the calibration's sessions 10–28 %
+    /// under what the sessions' traces measured them at, against 4–9 % with the private cache
+    /// alone (docs/plan.md, session 5). [`CACHE_VARIABLE`] replaces it.
+    pub fn cache_bytes(&self, _devices: usize) -> f64 {
+        if self.private_cache > 0.0 {
+            self.private_cache
         } else {
             DEFAULT_CACHE_BYTES
         }

@@ -11,9 +11,11 @@
 //!
 //! [`calibrate`] compares predictions with real [`crate::session::Session`] steps on this machine.
 
+pub mod acts;
 pub mod calibrate;
 pub mod cli;
 pub mod cluster;
+pub mod cores;
 pub mod cost;
 pub mod machine;
 pub mod memory;

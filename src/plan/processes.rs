@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::calibrate::{predict_row, CalibrationConfig, CalibrationRow};
 use super::machine::{empty_step, transport_link, Measured};
-use super::strategies::{run_session, CalibrationStrategy, Steps};
+use super::strategies::{run_session, SessionStrategy, Steps};
 use crate::compile::CompileConfig;
 use crate::dist::{self, JoinOptions};
 use crate::{Error, Result};
@@ -23,7 +23,7 @@ use crate::{Error, Result};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorkerRequest {
     /// The strategy (its `processes` workers, one device each).
-    pub strategy: CalibrationStrategy,
+    pub strategy: SessionStrategy,
     /// The session's steps.
     pub steps: Steps,
     /// The machine's figures, measured by the calibration that launched the workers.
@@ -37,7 +37,7 @@ const ROW_MARKER: &str = "CALIBRATION_ROW ";
 
 /// Launches the workers of `strategy` with `config.binary` and returns the row rank 0 printed.
 pub fn calibrate(
-    strategy: &CalibrationStrategy,
+    strategy: &SessionStrategy,
     config: &CalibrationConfig,
     compile: &CompileConfig,
     measured: &Measured,

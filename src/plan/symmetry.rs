@@ -29,7 +29,7 @@ pub fn representatives(program: &Program) -> BTreeSet<usize> {
 
 /// The plan restricted to actors on ranks in `keep` (a join is kept when its group's first rank
 /// is); edges keep only their kept consumers, and an edge from a dropped actor or left without
-/// consumers is dropped.
+/// consumers is dropped; the kept ranks' stream chains are kept.
 pub fn prune(lowered: &ActorProgram, keep: &BTreeSet<usize>) -> ActorProgram {
     let mut plan: Plan<ActorWork> = Plan::new();
     let renamed: Vec<Option<ActorId>> = lowered
@@ -49,6 +49,13 @@ pub fn prune(lowered: &ActorProgram, keep: &BTreeSet<usize>) -> ActorProgram {
             plan.add_edge(producer, &consumers, edge.registers);
         }
     }
+    // The kept ranks' stream chains, renamed (the cache-aware pricing walks them).
+    let chains = lowered
+        .chains
+        .iter()
+        .filter(|((rank, _), _)| keep.contains(rank))
+        .map(|(key, chain)| (*key, chain.iter().filter_map(kept).collect()))
+        .collect();
     ActorProgram {
         plan,
         streams: lowered.streams,
@@ -57,6 +64,6 @@ pub fn prune(lowered: &ActorProgram, keep: &BTreeSet<usize>) -> ActorProgram {
         accumulated: lowered.accumulated.clone(),
         order: lowered.order,
         forward_end: lowered.forward_end,
-        chains: Vec::new(),
+        chains,
     }
 }
