@@ -387,13 +387,16 @@ impl Gpt {
     }
 
     /// The `c_attn` projection of `x [B, T, d]` in block `index`: `[q, k, v]` (each `[B, T, d]`,
-    /// split by heads) on a stage with a tensor axis, else `[qkv]` (`[B, T, 3d]`, one product).
+    /// split by heads) on a stage with a tensor axis, where `x` is whole on the tensor axis
+    /// (Megatron's replicated input of a column-parallel product), else `[qkv]` (`[B, T, 3d]`,
+    /// one product).
     fn qkv(&self, index: usize, x: &Tensor) -> Result<Vec<Tensor>> {
         let c_attn = &self.blocks[index].c_attn;
         if self.stages[self.block_stage[index]].tensor_axis.is_none() {
             return Ok(vec![c_attn.forward_as(x, self.compute)?]);
         }
-        let project = |piece: &Linear| self.by_heads(index, &piece.forward_as(x, self.compute)?);
+        let x = x.to_sbp(self.stages[self.block_stage[index]].batch())?;
+        let project = |piece: &Linear| self.by_heads(index, &piece.forward_as(&x, self.compute)?);
         c_attn.split_outputs(3)?.iter().map(project).collect()
     }
 
