@@ -5,7 +5,7 @@ use meshflow_placement::{plan_boxing, DeviceType, Layout, NdSbp, Placement, Sbp,
 use proptest::prelude::*;
 
 fn meshes() -> Vec<Vec<usize>> {
-    vec![vec![1], vec![2], vec![3], vec![4], vec![2, 2]]
+    vec![vec![1], vec![2], vec![3], vec![4], vec![2, 2], vec![2, 1], vec![1, 2]]
 }
 
 /// A small deterministic generator (splitmix64) for partial-sum addends.
@@ -48,7 +48,7 @@ fn check_plan(shape: &[usize], source: &Layout, target: &Layout, seed: u64) -> R
         return Err(format!("sharding {source}: {problem}"));
     }
     let end = start.apply_plan(&plan).map_err(|e| e.to_string())?;
-    if end.layout != *target {
+    if !end.layout.equivalent(target) {
         return Err(format!("plan ends at {} not {target}", end.layout));
     }
     match end.mismatch(&logical, 1e-6) {
@@ -175,4 +175,24 @@ fn partial_sums_cross_stages_without_reduction() {
     assert_eq!(plan.steps[0].kind, StepKind::SendRecv);
     assert_eq!(plan.bytes_per_rank(), 4 * 3 * 4);
     assert_eq!(check_plan(&[4, 6], &source, &target, 11), Ok(()));
+}
+
+#[test]
+fn layouts_that_differ_only_on_mesh_axes_of_size_one_need_no_boxing() {
+    let grid = |hierarchy: &[usize]| Placement::grid(DeviceType::Cpu, hierarchy).unwrap();
+    let plan = |placement: &Placement, from: Vec<Sbp>, to: Vec<Sbp>| {
+        let source = Layout::new(placement.clone(), NdSbp(from));
+        let target = Layout::new(placement.clone(), NdSbp(to));
+        plan_boxing(&[4, 6], 4, &source, &target).unwrap()
+    };
+    let one = grid(&[1, 1]);
+    assert!(plan(&one, vec![Sbp::PartialSum, Sbp::Split(0)], vec![Sbp::Broadcast; 2]).is_identity());
+    let data = grid(&[2, 1]);
+    let same =
+        plan(&data, vec![Sbp::Split(0), Sbp::PartialSum], vec![Sbp::Split(0), Sbp::Split(1)]);
+    assert!(same.is_identity(), "{same}");
+    // The axis of size 2 still moves data: one all-reduce of the partial sums.
+    let reduce = plan(&data, vec![Sbp::PartialSum, Sbp::Split(1)], vec![Sbp::Broadcast; 2]);
+    assert_eq!(reduce.steps.len(), 1, "{reduce}");
+    assert_eq!(reduce.steps[0].kind, StepKind::AllReduce { mesh_axis: 0 }, "{reduce}");
 }

@@ -225,6 +225,11 @@ impl<'a> Lowering<'a> {
         let source = self.slots[from.0 as usize].layout.clone();
         let meta = &self.graph.value(value).meta;
         let plan = plan_boxing(meta.shape.dims(), meta.dtype.size(), &source, &layout)?;
+        if plan.is_identity() && source.placement == layout.placement {
+            // The layouts differ only on mesh axes of size 1: every rank already holds it.
+            self.by_layout.insert((value, layout), from);
+            return Ok(from);
+        }
         let to = self.slot(value, layout);
         self.steps.push(Step::Boxing { from, to, plan });
         Ok(to)

@@ -137,7 +137,8 @@ fn runs(shard: &Shard) -> Vec<(usize, usize, usize)> {
             }
         });
     }
-    runs.extend(inner);
+    // A scalar holds its one element, like any shape of ones.
+    runs.push(inner.unwrap_or((1, 0, 1)));
     runs.reverse();
     runs
 }
@@ -258,5 +259,20 @@ mod tests {
         assert_eq!(runs(&first), [(2, 0, 2), (6, 3, 3)]);
         let whole = Shard { offset: vec![0, 0], ..shard(&[4, 6], 0, 1, 0) };
         assert_eq!(runs(&whole), [(24, 0, 24)]);
+    }
+
+    #[test]
+    fn a_scalar_and_a_shape_of_ones_are_the_same_element() {
+        let scalar = Shard {
+            local: TensorMeta::new(Shape::new([0usize; 0]), DType::F32),
+            logical: Shape::new([0usize; 0]),
+            offset: vec![],
+        };
+        let ones = shard(&[1, 1], 0, 1, 0);
+        assert_eq!(runs(&scalar), runs(&ones));
+        // The broadcast scalar loss of a data-parallel program reshapes from [1, 1] to [].
+        let op = Reshape { shape: Shape::new([0usize; 0]) };
+        let broadcast = Signature::new([Sbp::Broadcast], [Sbp::Broadcast]);
+        assert!(op.localize(&broadcast, &[ones], &[scalar]).is_ok());
     }
 }

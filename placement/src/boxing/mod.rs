@@ -36,6 +36,15 @@ impl Layout {
     pub fn new(placement: Placement, nd_sbp: impl Into<NdSbp>) -> Self {
         Layout { placement, nd_sbp: nd_sbp.into() }
     }
+
+    /// True when both put the same elements on the same devices: the same placement, and the
+    /// same SBP on every mesh axis of more than one device (on an axis of size 1, a split, a
+    /// partial sum and a broadcast all hold the whole tensor).
+    pub fn equivalent(&self, other: &Layout) -> bool {
+        self.placement == other.placement
+            && trivial_axes_broadcast(&self.nd_sbp, &self.placement)
+                == trivial_axes_broadcast(&other.nd_sbp, &other.placement)
+    }
 }
 
 impl fmt::Display for Layout {
@@ -204,7 +213,11 @@ pub fn plan_boxing(
     crate::check_layout("boxing target", logical, &target.nd_sbp, &target.placement)?;
     let tensor = TensorInfo { logical, dtype_size };
     let steps = if source.placement == target.placement {
-        tensor.axis_steps(&source.placement, &source.nd_sbp, &target.nd_sbp)
+        let (from, to) = (
+            trivial_axes_broadcast(&source.nd_sbp, &source.placement),
+            trivial_axes_broadcast(&target.nd_sbp, &target.placement),
+        );
+        tensor.axis_steps(&source.placement, &from, &to)
     } else {
         tensor.cross_placement_steps(source, target)?
     };
@@ -215,6 +228,21 @@ pub fn plan_boxing(
         target: target.clone(),
         steps,
     })
+}
+
+/// `nd_sbp` with Broadcast on every mesh axis of size 1: on one device, a split holds the
+/// whole axis and a partial sum is the whole sum, so all three are the same layout there and
+/// converting between them moves nothing.
+fn trivial_axes_broadcast(nd_sbp: &NdSbp, placement: &Placement) -> NdSbp {
+    let hierarchy = placement.hierarchy();
+    NdSbp(
+        nd_sbp
+            .0
+            .iter()
+            .zip(hierarchy)
+            .map(|(&sbp, &size)| if size == 1 { Sbp::Broadcast } else { sbp })
+            .collect(),
+    )
 }
 
 /// The logical tensor being boxed.
