@@ -157,6 +157,11 @@ pub fn reduce_received(
     }
 }
 
+/// A buffer whose bytes cannot be viewed as its dtype's elements.
+fn misaligned(collective: &'static str) -> Error {
+    Error::InvalidArgument { collective, reason: "buffer is not aligned to its dtype".into() }
+}
+
 fn combine_received<T: bytemuck::Pod>(
     collective: &'static str,
     target: &mut [u8],
@@ -165,10 +170,7 @@ fn combine_received<T: bytemuck::Pod>(
     sum: impl Fn(T, T) -> T,
     max: impl Fn(T, T) -> T,
 ) -> Result<()> {
-    let misaligned = |_| Error::InvalidArgument {
-        collective,
-        reason: "buffer is not aligned to its dtype".into(),
-    };
+    let misaligned = |_| misaligned(collective);
     let target: &mut [T] = bytemuck::try_cast_slice_mut(target).map_err(misaligned)?;
     let mine: &[T] = bytemuck::try_cast_slice(mine).map_err(misaligned)?;
     let received =
@@ -189,10 +191,7 @@ fn combine<T: bytemuck::Pod>(
     sum: impl Fn(T, T) -> T,
     max: impl Fn(T, T) -> T,
 ) -> Result<()> {
-    let misaligned = |_| Error::InvalidArgument {
-        collective,
-        reason: "buffer is not aligned to its dtype".into(),
-    };
+    let misaligned = |_| misaligned(collective);
     let accumulator: &mut [T] = bytemuck::try_cast_slice_mut(accumulator).map_err(misaligned)?;
     let other: &[T] = bytemuck::try_cast_slice(other).map_err(misaligned)?;
     match operation {

@@ -12,7 +12,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use crossbeam::channel::{bounded, Receiver, Select, Sender};
+use crossbeam::channel::{bounded, Receiver, Select, SelectedOperation, Sender};
 
 use meshflow_ops::{Tensor, TensorMeta};
 
@@ -336,8 +336,23 @@ impl InProcessTransport {
         }
     }
 
-    fn timed_out(&self, peer: Rank, operation: &str) -> Error {
-        Error::Timeout { peer, operation: operation.to_string(), timeout: self.timeout() }
+    /// Waits up to the timeout for one of the operations registered in `select`, or for the
+    /// world's failure (registered here, last), which is then the error.
+    fn wait<'a>(
+        &'a self,
+        select: &mut Select<'a>,
+        peer: Rank,
+        operation: &str,
+    ) -> Result<SelectedOperation<'a>> {
+        let tripped = select.recv(&self.mailboxes.tripped);
+        let timed_out =
+            |_| Error::Timeout { peer, operation: operation.to_string(), timeout: self.timeout() };
+        let selected = select.select_timeout(self.timeout()).map_err(timed_out)?;
+        if selected.index() == tripped {
+            let _ = selected.recv(&self.mailboxes.tripped);
+            return Err(self.failed(peer, operation));
+        }
+        Ok(selected)
     }
 }
 
@@ -359,14 +374,8 @@ impl Transport for InProcessTransport {
         let (sender, _) = self.mailboxes.mailbox(self.rank, peer, channel);
         let operation = message.tag.kind.name();
         let mut select = Select::new();
-        let send = select.send(&sender);
-        select.recv(&self.mailboxes.tripped);
-        let selected =
-            select.select_timeout(self.timeout()).map_err(|_| self.timed_out(peer, operation))?;
-        if selected.index() != send {
-            let _ = selected.recv(&self.mailboxes.tripped);
-            return Err(self.failed(peer, operation));
-        }
+        select.send(&sender);
+        let selected = self.wait(&mut select, peer, operation)?;
         selected.send(&sender, message).map_err(|_| Error::PeerClosed {
             peer,
             operation: operation.to_string(),
@@ -378,14 +387,8 @@ impl Transport for InProcessTransport {
         self.check(peer)?;
         let (_, receiver) = self.mailboxes.mailbox(peer, self.rank, channel);
         let mut select = Select::new();
-        let message = select.recv(&receiver);
-        select.recv(&self.mailboxes.tripped);
-        let selected =
-            select.select_timeout(self.timeout()).map_err(|_| self.timed_out(peer, "recv"))?;
-        if selected.index() != message {
-            let _ = selected.recv(&self.mailboxes.tripped);
-            return Err(self.failed(peer, "recv"));
-        }
+        select.recv(&receiver);
+        let selected = self.wait(&mut select, peer, "recv")?;
         selected.recv(&receiver).map_err(|_| Error::PeerClosed {
             peer,
             operation: "recv".into(),
@@ -418,18 +421,11 @@ impl Transport for InProcessTransport {
                 if let Some((_, receiver)) = &incoming {
                     select.recv(receiver);
                 }
-                let tripped = select.recv(&self.mailboxes.tripped);
                 let peer = match (&outgoing, &incoming) {
                     (Some((peer, _)), _) | (None, Some((peer, _))) => *peer,
                     (None, None) => self.rank,
                 };
-                let operation = select
-                    .select_timeout(self.timeout())
-                    .map_err(|_| self.timed_out(peer, "stream exchange"))?;
-                if operation.index() == tripped {
-                    let _ = operation.recv(&self.mailboxes.tripped);
-                    return Err(self.failed(peer, "stream exchange"));
-                }
+                let operation = self.wait(&mut select, peer, "stream exchange")?;
                 match (&outgoing, &incoming) {
                     (Some((peer, sender)), _) if Some(operation.index()) == send => {
                         let closed = |_| Error::PeerClosed {
