@@ -139,3 +139,23 @@ fn a_value_moved_to_another_placement_computes_there_and_fed_non_inputs_are_refu
     let error = session.step(&[(&x, feed.clone()), (&y, feed)]).unwrap_err().to_string();
     assert!(error.contains("is not an input"), "{error}");
 }
+
+#[test]
+fn a_split_the_devices_do_not_divide_is_never_chosen_for_a_reshape() {
+    // x [6, 4] split by rows on 4 devices holds rows 2, 2, 1, 1; its reshape [3, 8] split by rows
+    // would hold rows 1, 1, 1, 0, which are other elements: selection must not pick S(0) -> S(0)
+    // for the reshape (lowering refused it before), and the values come out right.
+    let g = Graph::new();
+    let x = g.input("x", [6, 4], DType::F32, &mesh(4), Some(NdSbp(vec![Sbp::Split(0)]))).unwrap();
+    let y = x.reshape([3, 8]).unwrap().mul_scalar(2.0).unwrap();
+    let config = SessionConfig { devices: 4, ..SessionConfig::default() };
+    let mut session = Session::new(&g, &[&y], None, config).unwrap();
+    let chosen = &session.program().selection.ops;
+    let reshape = chosen.iter().find(|op| op.name.starts_with("reshape#")).unwrap();
+    assert_ne!(reshape.signature.inputs[0], NdSbp(vec![Sbp::Split(0)]), "{reshape:?}");
+    let values: Vec<f32> = (0..24).map(|v| v as f32).collect();
+    let feed = HostTensor::from_vec(values.clone(), [6, 4]).unwrap();
+    let out = session.step(&[(&x, feed)]).unwrap();
+    assert_eq!(out[0].dims(), [3, 8]);
+    assert_eq!(out[0].to_vec::<f32>().unwrap(), values.iter().map(|v| 2.0 * v).collect::<Vec<_>>());
+}

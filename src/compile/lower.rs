@@ -109,6 +109,7 @@ fn selection_graph(graph: &GraphData) -> Result<(SelectionGraph, OpsOf)> {
             &signatures,
             node.op.flops(&inputs),
         )?;
+        keep_localizable(graph, NodeId(index as u32), &mut op)?;
         for (o, value) in node.outputs.iter().enumerate() {
             if let Some(sbp) = &graph.value(*value).sbp {
                 op = op.fix_output(o, sbp.clone());
@@ -250,35 +251,83 @@ impl<'a> Lowering<'a> {
         Ok(())
     }
 
-    /// The op each rank of the node's placement runs: `Op::localize` once per mesh axis with
-    /// that axis' 1-D signature and the exact nd shards, each call on the op the previous one
-    /// returned.
+    /// The op each rank of the node's placement runs ([`localize_at`] on every device).
     fn localized(&self, id: NodeId, signature: &NdSignature) -> Result<Vec<OpRef>> {
-        let node = self.graph.node(id);
-        let placement = &node.placement;
+        let placement = &self.graph.node(id).placement;
         (0..placement.size())
             .map(|index| {
-                let coordinates = placement.coordinates_of_index(index);
-                let shards = |values: &[Value], sbps: &[NdSbp]| {
-                    values
-                        .iter()
-                        .zip(sbps)
-                        .map(|(v, sbp)| {
-                            shard(&self.graph.value(*v).meta, sbp, placement, &coordinates)
-                        })
-                        .collect::<Result<Vec<_>>>()
-                };
-                let inputs = shards(&node.inputs, &signature.inputs)?;
-                let outputs = shards(&node.outputs, &signature.outputs)?;
-                let mut op = Arc::clone(&node.op);
-                for axis in 0..placement.mesh_axes() {
-                    if let Some(local) = op.localize(&signature.axis(axis), &inputs, &outputs)? {
-                        op = local;
-                    }
-                }
-                Ok(op)
+                localize_at(self.graph, id, signature, &placement.coordinates_of_index(index))
             })
             .collect()
+    }
+}
+
+/// The op the device at `coordinates` runs for node `id` under `signature`: `Op::localize` once
+/// per mesh axis with that axis' 1-D signature and the exact nd shards, each call on the op the
+/// previous one returned. An error when the op cannot run on that device's shards (a reshape
+/// whose split the devices do not divide, say).
+fn localize_at(
+    graph: &GraphData,
+    id: NodeId,
+    signature: &NdSignature,
+    coordinates: &[usize],
+) -> Result<OpRef> {
+    let node = graph.node(id);
+    let placement = &node.placement;
+    let shards = |values: &[Value], sbps: &[NdSbp]| {
+        values
+            .iter()
+            .zip(sbps)
+            .map(|(v, sbp)| shard(&graph.value(*v).meta, sbp, placement, coordinates))
+            .collect::<Result<Vec<_>>>()
+    };
+    let inputs = shards(&node.inputs, &signature.inputs)?;
+    let outputs = shards(&node.outputs, &signature.outputs)?;
+    let mut op = Arc::clone(&node.op);
+    for axis in 0..placement.mesh_axes() {
+        if let Some(local) = op.localize(&signature.axis(axis), &inputs, &outputs)? {
+            op = local;
+        }
+    }
+    Ok(op)
+}
+
+/// Drops the candidates of node `id` that some device could not run (see [`localize_at`]), so
+/// selection never chooses a layout that lowering would refuse. Splits are where shards differ,
+/// so only candidates with a split are tried, on the corner devices of the mesh (first and last
+/// index of every axis), where uneven shards show first; lowering still checks every device.
+/// When no candidate is left, the first refusal is the error.
+fn keep_localizable(graph: &GraphData, id: NodeId, op: &mut OpNode) -> Result<()> {
+    let hierarchy = graph.node(id).placement.hierarchy().to_vec();
+    if hierarchy.iter().all(|&size| size == 1) {
+        return Ok(());
+    }
+    let corners: Vec<Vec<usize>> = (0..1usize << hierarchy.len())
+        .map(|bits| {
+            hierarchy
+                .iter()
+                .enumerate()
+                .map(|(a, &n)| if bits >> a & 1 == 1 { n - 1 } else { 0 })
+                .collect()
+        })
+        .collect();
+    let mut refusal = None;
+    op.candidates.retain(|candidate| {
+        let sbps = candidate.inputs.iter().chain(&candidate.outputs);
+        if !sbps.flat_map(|nd| &nd.0).any(|sbp| matches!(sbp, Sbp::Split(_))) {
+            return true;
+        }
+        match corners.iter().try_for_each(|c| localize_at(graph, id, candidate, c).map(drop)) {
+            Ok(()) => true,
+            Err(error) => {
+                refusal.get_or_insert(error);
+                false
+            }
+        }
+    });
+    match refusal {
+        Some(error) if op.candidates.is_empty() => Err(error),
+        _ => Ok(()),
     }
 }
 
