@@ -159,3 +159,22 @@ fn a_split_the_devices_do_not_divide_is_never_chosen_for_a_reshape() {
     assert_eq!(out[0].dims(), [3, 8]);
     assert_eq!(out[0].to_vec::<f32>().unwrap(), values.iter().map(|v| 2.0 * v).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_second_order_gradient_through_a_fused_gradient_op_is_an_error_naming_it() {
+    // The gradient of layer_norm is one fused op (layer_norm_grad), whose own gradient is not
+    // implemented: asking for it must be a build error naming that op, not a panic or zeros.
+    let g = Graph::new();
+    let placement = mesh(1);
+    let x = g.input("x", [2, 4], DType::F32, &placement, None).unwrap();
+    let weight = g.input("w", [4], DType::F32, &placement, None).unwrap();
+    let bias = g.input("b", [4], DType::F32, &placement, None).unwrap();
+    let loss = x.layer_norm(&weight, &bias, 1e-5).unwrap().tanh().unwrap().sum(&[], false).unwrap();
+    let grads = g.gradients(&loss, &[&x]).unwrap();
+    let dx = grads[0].clone().expect("the loss depends on x");
+    let second = dx.mul(&dx).unwrap().sum(&[], false).unwrap();
+    let error = g.gradients(&second, &[&x]).unwrap_err().to_string();
+    for part in ["layer_norm_grad", "second-order"] {
+        assert!(error.contains(part), "{part:?} missing from: {error}");
+    }
+}
