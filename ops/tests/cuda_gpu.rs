@@ -112,6 +112,7 @@ fn program(tape: &mut Tape, dtype: DType) -> Result<()> {
     terms.push(attention::causal_attention(tape, qkv, 0.5)?);
     let larger = larger_terms(tape, dtype)?;
     terms.extend(larger.terms);
+    terms.extend(reductions(tape, dtype)?);
     let table = input(tape, &[10, 8], 7, dtype)?;
     let ids = tape.leaf(Tensor::from_vec(vec![3i64, 0, 9, 3], [4]).expect("ids"));
     let embedded = embedding::embedding(tape, table, ids)?;
@@ -186,6 +187,28 @@ fn larger_terms(tape: &mut Tape, dtype: DType) -> Result<Larger> {
         terms.push(mul::mul(tape, term, weights)?);
     }
     Ok(Larger { terms, leaves: vec![sequence, rows32, logits32, table32] })
+}
+
+/// Reductions of every plan shape (`cuda::reduce`): column passes split into chunks (a bias
+/// gradient over 2·700 rows), row passes over long rows in chunks, scattered axes, a whole
+/// tensor, and size-one axes; each is also summed into the loss, so `sum` runs on them again.
+fn reductions(tape: &mut Tape, dtype: DType) -> Result<Vec<Value>> {
+    let tokens = input(tape, &[2, 700, 48], 41, dtype)?;
+    let long = input(tape, &[3, 30000], 42, dtype)?;
+    let scattered = input(tape, &[6, 50, 7], 43, dtype)?;
+    let ones = input(tape, &[5, 1, 3], 44, dtype)?;
+    Ok(vec![
+        sum::sum(tape, tokens, &[0, 1], false)?,
+        mean::mean(tape, tokens, &[0, 1], true)?,
+        max::max(tape, tokens, &[1], false)?,
+        sum::sum(tape, long, &[1], false)?,
+        mean::mean(tape, long, &[], false)?,
+        max::max(tape, long, &[0, 1], true)?,
+        mean::mean(tape, scattered, &[0, 2], false)?,
+        sum::sum(tape, scattered, &[0, 1], false)?,
+        sum::sum(tape, ones, &[1], false)?,
+        max::max(tape, ones, &[0, 1], false)?,
+    ])
 }
 
 /// Elements as f64, whatever the dtype.
@@ -266,6 +289,24 @@ fn replay(device: &CudaDevice, tape: &Tape) -> (BTreeSet<&'static str>, Vec<Stri
         }
     }
     (seen, failures)
+}
+
+/// The CPU half runs anywhere: the program builds in every dtype and reaches every op of the
+/// table, so the GPU run cannot fail on the program itself.
+#[test]
+fn the_cpu_program_reaches_every_op() {
+    let mut seen = BTreeSet::new();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let mut tape = Tape::new(Context::with_threads(2));
+        program(&mut tape, dtype).expect("the CPU program runs");
+        seen.extend(tape.nodes().iter().map(|node| node.op.name()));
+    }
+    let unseen: Vec<&str> = KERNELS
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !seen.contains(name) && !cuda::table::GRAPH_OPS.contains(name))
+        .collect();
+    assert!(unseen.is_empty(), "the program misses {unseen:?}");
 }
 
 #[test]

@@ -53,6 +53,9 @@ fn the_network_ops_have_kernels_in_every_float_dtype() {
         "route_max_grad",
         "update_sgd",
         "select_where",
+        "reduce_rows_whole_sum",
+        "reduce_rows_partial_max",
+        "reduce_columns_combine_mean",
     ] {
         for dtype in ["f32", "f64", "bf16", "f16"] {
             let wanted = format!("meshflow_{kind}_{dtype}");
@@ -76,19 +79,25 @@ fn every_generated_kernel_compiles_to_a_cubin() {
     }
     let sources = every_source();
     assert!(sources.len() > 300, "{} sources", sources.len());
+    let threads = std::thread::available_parallelism().map_or(4, |n| n.get()).min(16);
     for architecture in [(9, 0), (8, 0)] {
-        for source in &sources {
-            let cubin = backend::compile_cubin(source, architecture).unwrap_or_else(|e| {
-                panic!("{} for sm_{}{}: {e}", source.entry, architecture.0, architecture.1)
-            });
-            assert_eq!(
-                &cubin[..4],
-                b"\x7fELF",
-                "{}: a CUBIN is an ELF image, not PTX",
-                source.entry
-            );
-        }
+        // NVRTC compiles independent programs on several threads at once.
+        let shares: Vec<&[KernelSource]> =
+            sources.chunks(sources.len().div_ceil(threads)).collect();
+        std::thread::scope(|scope| {
+            for share in shares {
+                scope.spawn(move || share.iter().for_each(|source| compiles(source, architecture)));
+            }
+        });
     }
+}
+
+/// `source` compiles for `architecture` to a CUBIN (an ELF image, not PTX).
+fn compiles(source: &KernelSource, architecture: (i32, i32)) {
+    let cubin = backend::compile_cubin(source, architecture).unwrap_or_else(|e| {
+        panic!("{} for sm_{}{}: {e}", source.entry, architecture.0, architecture.1)
+    });
+    assert_eq!(&cubin[..4], b"\x7fELF", "{}: a CUBIN is an ELF image, not PTX", source.entry);
 }
 
 #[test]

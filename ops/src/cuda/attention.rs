@@ -18,7 +18,8 @@ use super::kernels::{output, pointer, scratch};
 use super::launch::{self, GemmShape, Operand, RowMajorProduct};
 use super::matmul::{gemm, Types};
 use super::nn::accumulation;
-use super::source_nn::{attention_rows_kernel, AttentionRows};
+use super::source_nn::AttentionRows;
+use super::spec::Spec;
 use super::{downcast, CudaDevice};
 use crate::ops::attention::{CausalAttention, CausalAttentionGrad};
 use crate::{DType, Error, Op, Result, Tensor, TensorMeta};
@@ -267,7 +268,7 @@ impl Issue for OnDevice<'_> {
     }
 
     fn rows(&mut self, dtype: DType, call: RowCall) -> Result<()> {
-        let function = self.0.function(&attention_rows_kernel(call.kind, dtype)?)?;
+        let function = self.0.function(Spec::AttentionRows(call.kind, dtype))?;
         let [rows, time, lse_stride, y_stride, y_row, head_dim] =
             [call.rows, call.time, call.lse_stride, call.y_stride, call.y_row, call.head_dim]
                 .map(|n| n as i64);

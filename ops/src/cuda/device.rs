@@ -17,6 +17,7 @@ use super::launch::Launch;
 use super::libraries;
 use super::pool::{size_class, CachingPool, PoolStats};
 use super::source::{AdamScalars, KernelSource, Layout, SgdScalars};
+use super::spec::Spec;
 use crate::tensor::CpuStorage;
 use crate::{Device, Error, Op, Result, Storage, Tensor, TensorMeta};
 
@@ -44,7 +45,7 @@ struct Inner {
     blas: CudaBlas,
     pool: Mutex<CachingPool<CudaSlice<u8>>>,
     staging: Mutex<Option<PinnedHostSlice<u8>>>,
-    functions: Mutex<HashMap<String, CudaFunction>>,
+    functions: Mutex<HashMap<Spec, CudaFunction>>,
     architecture: (i32, i32),
     multiprocessors: usize,
 }
@@ -232,23 +233,23 @@ impl CudaDevice {
         Ok(staging)
     }
 
-    /// The kernel `source`, compiled for this device on first use (NVRTC to CUBIN, cached per
-    /// process by source and architecture) and loaded once per device.
-    pub(super) fn function(&self, source: &KernelSource) -> Result<CudaFunction> {
+    /// The kernel `spec`, compiled for this device on first use (NVRTC to CUBIN, cached per
+    /// process by spec and architecture) and loaded once per device. A hit hashes the spec: no
+    /// source is generated.
+    pub(super) fn function(&self, spec: Spec) -> Result<CudaFunction> {
         let mut functions = lock(&self.inner.functions);
-        if let Some(function) = functions.get(&source.entry) {
+        if let Some(function) = functions.get(&spec) {
             return Ok(function.clone());
         }
-        let cubin = cached_cubin(source, self.inner.architecture)?;
+        let (entry, cubin) = cached_cubin(spec, self.inner.architecture)?;
         let module = self
             .inner
             .context
             .load_module(Ptx::from_binary(cubin.to_vec()))
             .map_err(|e| self.error("cuModuleLoadData", e))?;
-        let function = module
-            .load_function(&source.entry)
-            .map_err(|e| self.error("cuModuleGetFunction", e))?;
-        functions.insert(source.entry.clone(), function.clone());
+        let function =
+            module.load_function(&entry).map_err(|e| self.error("cuModuleGetFunction", e))?;
+        functions.insert(spec, function.clone());
         Ok(function)
     }
 
@@ -376,20 +377,22 @@ impl Drop for CudaStorage {
     }
 }
 
-/// Compiled kernels by (architecture, entry): compiling is a pure function of the source and
-/// the architecture, so the process keeps each CUBIN once for all devices of that architecture.
-type CubinCache = Mutex<HashMap<((i32, i32), String), Arc<Vec<u8>>>>;
+/// Compiled kernels by (architecture, spec), with their entry points: compiling is a pure
+/// function of the spec and the architecture, so the process keeps each CUBIN once for all
+/// devices of that architecture.
+type CubinCache = Mutex<HashMap<((i32, i32), Spec), (Arc<str>, Arc<Vec<u8>>)>>;
 
-fn cached_cubin(source: &KernelSource, architecture: (i32, i32)) -> Result<Arc<Vec<u8>>> {
+fn cached_cubin(spec: Spec, architecture: (i32, i32)) -> Result<(Arc<str>, Arc<Vec<u8>>)> {
     static CUBINS: OnceLock<CubinCache> = OnceLock::new();
     let cache = CUBINS.get_or_init(CubinCache::default);
-    let key = (architecture, source.entry.clone());
-    if let Some(cubin) = lock(cache).get(&key) {
-        return Ok(cubin.clone());
+    if let Some(found) = lock(cache).get(&(architecture, spec)) {
+        return Ok(found.clone());
     }
-    let cubin = Arc::new(compile_cubin(source, architecture)?);
-    lock(cache).insert(key, cubin.clone());
-    Ok(cubin)
+    let source = spec.source()?;
+    let compiled =
+        (Arc::from(source.entry.as_str()), Arc::new(compile_cubin(&source, architecture)?));
+    lock(cache).insert((architecture, spec), compiled.clone());
+    Ok(compiled)
 }
 
 /// Compiles `source` with NVRTC to a CUBIN for compute capability `architecture` (`sm_XY`: real

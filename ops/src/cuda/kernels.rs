@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use cudarc::driver::PushKernelArg;
 
-use super::launch;
-use super::source::{self, contiguous_strides, AdamScalars, Layout, SgdScalars};
+use super::source::{contiguous_strides, AdamScalars, Layout, SgdScalars};
+use super::spec::Spec;
 use super::table::{self, Kernel};
 use super::{downcast, CudaDevice};
+use super::{launch, reduce};
 use crate::ops::{
     adamw::AdamW, add_scalar::AddScalar, concat::Concat, dropout::Dropout, fill::Fill, gelu::Gelu,
     layer_norm::LayerNorm, masked_fill::MaskedFill, max::Max, mean::Mean, mul_scalar::MulScalar,
@@ -98,12 +99,12 @@ fn scalar(op: &dyn Op) -> f64 {
 }
 
 fn map(device: &CudaDevice, op: &dyn Op, x: &Tensor, meta: &TensorMeta) -> Result<Vec<Tensor>> {
-    let source = source::map_kernel(op.name(), meta.dtype)?;
+    let spec = Spec::Map(op.name(), meta.dtype);
     let y = output(device, meta)?;
     let (n, parameter) = (x.numel() as i64, scalar(op));
     let (xp, yp) = (pointer(x)?, pointer(&y)?);
     let shape = launch::elementwise(x.numel(), device.multiprocessors());
-    let function = device.function(&source)?;
+    let function = device.function(spec)?;
     let mut args = device.stream().launch_builder(&function);
     args.arg(&xp).arg(&yp).arg(&n).arg(&parameter);
     device.run(args, shape)?;
@@ -116,12 +117,12 @@ fn derivative(
     inputs: &[Tensor],
     meta: &TensorMeta,
 ) -> Result<Vec<Tensor>> {
-    let source = source::derivative_kernel(op.name(), meta.dtype)?;
+    let spec = Spec::Derivative(op.name(), meta.dtype);
     let dx = output(device, meta)?;
     let (n, parameter) = (dx.numel() as i64, scalar(op));
     let (xp, gp, dp) = (pointer(&inputs[0])?, pointer(&inputs[1])?, pointer(&dx)?);
     let shape = launch::elementwise(dx.numel(), device.multiprocessors());
-    let function = device.function(&source)?;
+    let function = device.function(spec)?;
     let mut args = device.stream().launch_builder(&function);
     args.arg(&xp).arg(&gp).arg(&dp).arg(&n).arg(&parameter);
     device.run(args, shape)?;
@@ -146,7 +147,7 @@ fn binary(
     inputs: &[Tensor],
     meta: &TensorMeta,
 ) -> Result<Vec<Tensor>> {
-    let source = source::binary_kernel(name, meta.dtype)?;
+    let spec = Spec::Binary(name, meta.dtype);
     let out = meta.shape.dims();
     let (a, b) = (&inputs[0], &inputs[1]);
     let (sa, sb) = (broadcast_strides(a.dims(), out), broadcast_strides(b.dims(), out));
@@ -155,7 +156,7 @@ fn binary(
     let n = y.numel() as i64;
     let (ap, bp, yp) = (pointer(a)?, pointer(b)?, pointer(&y)?);
     let shape = launch::elementwise(y.numel(), device.multiprocessors());
-    let function = device.function(&source)?;
+    let function = device.function(spec)?;
     let mut args = device.stream().launch_builder(&function);
     args.arg(&ap).arg(&bp).arg(&yp).arg(&n).arg(&layout);
     device.run(args, shape)?;
@@ -166,12 +167,12 @@ pub(super) fn cast(device: &CudaDevice, x: &Tensor, meta: &TensorMeta) -> Result
     if x.dtype() == meta.dtype {
         return Ok(vec![x.clone()]);
     }
-    let source = source::cast_kernel(x.dtype(), meta.dtype);
+    let spec = Spec::Cast(x.dtype(), meta.dtype);
     let y = output(device, meta)?;
     let n = y.numel() as i64;
     let (xp, yp) = (pointer(x)?, pointer(&y)?);
     let shape = launch::elementwise(y.numel(), device.multiprocessors());
-    let function = device.function(&source)?;
+    let function = device.function(spec)?;
     let mut args = device.stream().launch_builder(&function);
     args.arg(&xp).arg(&yp).arg(&n);
     device.run(args, shape)?;
@@ -185,10 +186,10 @@ fn fill(device: &CudaDevice, meta: &TensorMeta, value: f64) -> Result<Vec<Tensor
 }
 
 pub(super) fn fill_tensor(device: &CudaDevice, y: &Tensor, value: f64) -> Result<()> {
-    let source = source::fill_kernel(y.dtype());
+    let spec = Spec::Fill(y.dtype());
     let (yp, n) = (pointer(y)?, y.numel() as i64);
     let shape = launch::elementwise(y.numel(), device.multiprocessors());
-    let function = device.function(&source)?;
+    let function = device.function(spec)?;
     let mut args = device.stream().launch_builder(&function);
     args.arg(&yp).arg(&n).arg(&value);
     device.run(args, shape)
@@ -200,10 +201,10 @@ fn strided_copy(device: &CudaDevice, x: &Tensor, y: &Tensor, layout: Layout) -> 
     if count == 0 {
         return Ok(());
     }
-    let source = source::copy_kernel(x.dtype().size())?;
+    let spec = Spec::Copy(x.dtype().size());
     let (xp, yp, n) = (pointer(x)?, pointer(y)?, count as i64);
     let shape = launch::elementwise(count, device.multiprocessors());
-    let function = device.function(&source)?;
+    let function = device.function(spec)?;
     let mut args = device.stream().launch_builder(&function);
     args.arg(&xp).arg(&yp).arg(&n).arg(&layout);
     device.run(args, shape)
@@ -269,6 +270,8 @@ fn copy_op(
     Ok(vec![y])
 }
 
+/// `sum`, `mean` and `max` as block reductions ([`reduce::plan`]): one launch, or a partial
+/// launch into a scratch buffer of the accumulation type and a launch that combines its chunks.
 fn reduce(device: &CudaDevice, op: &dyn Op, x: &Tensor, meta: &TensorMeta) -> Result<Vec<Tensor>> {
     let name = op.name();
     let axes = if let Some(sum) = downcast::<Sum>(op) {
@@ -283,25 +286,32 @@ fn reduce(device: &CudaDevice, op: &dyn Op, x: &Tensor, meta: &TensorMeta) -> Re
     let dims = x.dims();
     let reduced: Vec<usize> =
         if axes.is_empty() { (0..dims.len()).collect() } else { x.shape().axes(name, axes)? };
-    let strides = contiguous_strides(dims);
-    let (kept_axes, reduced_axes): (Vec<usize>, Vec<usize>) =
-        (0..dims.len()).partition(|axis| !reduced.contains(axis));
-    let pick = |axes: &[usize], of: &[usize]| axes.iter().map(|&a| of[a]).collect::<Vec<_>>();
-    let kept_dims = pick(&kept_axes, dims);
-    let kept =
-        Layout::new(name, &kept_dims, &pick(&kept_axes, &strides), &vec![0; kept_dims.len()])?;
-    let reduced_dims = pick(&reduced_axes, dims);
-    let zeros = vec![0; reduced_dims.len()];
-    let over = Layout::new(name, &reduced_dims, &pick(&reduced_axes, &strides), &zeros)?;
-    let source = source::reduce_kernel(name, meta.dtype)?;
     let y = output(device, meta)?;
-    let (outputs, count) = (y.numel() as i64, over.count() as i64);
-    let (xp, yp) = (pointer(x)?, pointer(&y)?);
-    let shape = launch::elementwise(y.numel(), device.multiprocessors());
-    let function = device.function(&source)?;
-    let mut args = device.stream().launch_builder(&function);
-    args.arg(&xp).arg(&yp).arg(&outputs).arg(&kept).arg(&over).arg(&count);
-    device.run(args, shape)?;
+    if y.numel() == 0 {
+        return Ok(vec![y]);
+    }
+    let launches = reduce::plan(name, dims, &reduced, device.multiprocessors())?;
+    let partials = match launches.first() {
+        Some(first) if launches.len() > 1 => {
+            Some(scratch(device, first.partial_len(), super::nn::accumulation(meta.dtype))?)
+        }
+        _ => None,
+    };
+    let mut input = pointer(x)?;
+    for run in &launches {
+        let target = match (run.stage, &partials) {
+            (reduce::Stage::Partial, Some(partials)) => pointer(partials)?,
+            _ => pointer(&y)?,
+        };
+        let function = device.function(Spec::Reduce(name, meta.dtype, run.pass, run.stage))?;
+        let [outputs, count, chunks, divisor] =
+            [run.outputs, run.count, run.chunks, run.divisor].map(|n| n as i64);
+        let mut args = device.stream().launch_builder(&function);
+        args.arg(&input).arg(&target).arg(&outputs).arg(&run.kept).arg(&run.reduced);
+        args.arg(&count).arg(&chunks).arg(&divisor);
+        device.run(args, run.launch)?;
+        input = target;
+    }
     Ok(vec![y])
 }
 
@@ -312,7 +322,7 @@ fn rows(
     meta: &TensorMeta,
 ) -> Result<Vec<Tensor>> {
     let name = op.name();
-    let source = source::rows_kernel(name, meta.dtype)?;
+    let spec = Spec::Rows(name, meta.dtype);
     let eps = downcast::<LayerNorm>(op)
         .map(|n| n.eps)
         .or_else(|| downcast::<RmsNorm>(op).map(|n| n.eps))
@@ -329,7 +339,7 @@ fn rows(
     let wp = inputs.get(2).map_or(Ok(xp), pointer)?;
     let yp = pointer(&y)?;
     let (row_total, col_total) = (row_count as i64, cols as i64);
-    let function = device.function(&source)?;
+    let function = device.function(spec)?;
     let mut args = device.stream().launch_builder(&function);
     args.arg(&xp).arg(&up).arg(&wp).arg(&yp).arg(&row_total).arg(&col_total).arg(&eps);
     device.run(args, launch::rows(row_count, cols))?;
@@ -337,7 +347,7 @@ fn rows(
 }
 
 /// `masked_fill` (`x, mask` and the op's constant) and `where` (`cond, x, y`): a bool mask,
-/// broadcast, picks the first value or the second ([`source::select_kernel`]).
+/// broadcast, picks the first value or the second ([`super::source::select_kernel`]).
 fn select(
     device: &CudaDevice,
     op: &dyn Op,
@@ -360,7 +370,7 @@ fn select(
     }
     let (n, value) = (y.numel() as i64, constant.unwrap_or(0.0));
     let (mp, ap, bp, yp) = (pointer(mask)?, pointer(then)?, pointer(other)?, pointer(&y)?);
-    let function = device.function(&source::select_kernel(meta.dtype, constant.is_some()))?;
+    let function = device.function(Spec::Select(meta.dtype, constant.is_some()))?;
     let mut args = device.stream().launch_builder(&function);
     args.arg(&mp).arg(&ap).arg(&bp).arg(&yp).arg(&n).arg(&layout).arg(&then_layout).arg(&value);
     device.run(args, launch::elementwise(y.numel(), device.multiprocessors()))?;
@@ -391,7 +401,7 @@ fn route(device: &CudaDevice, inputs: &[Tensor], meta: &TensorMeta) -> Result<Ve
         Layout::new("max_grad", &reduced_sizes, &reduced_strides, &zeros(reduced_axes.len()))?;
     let (outputs, count) = (y.numel() as i64, over.count() as i64);
     let (xp, yp, gp, dp) = (pointer(x)?, pointer(y)?, pointer(g)?, pointer(&dx)?);
-    let function = device.function(&source::max_grad_kernel(meta.dtype)?)?;
+    let function = device.function(Spec::MaxGrad(meta.dtype))?;
     let mut args = device.stream().launch_builder(&function);
     args.arg(&xp).arg(&yp).arg(&gp).arg(&dp).arg(&outputs).arg(&kept).arg(&over).arg(&count);
     device.run(args, launch::elementwise(y.numel(), device.multiprocessors()))?;
@@ -426,11 +436,11 @@ fn dropout(
         return Ok(vec![y]);
     }
     let step = inputs.get(1).unwrap_or(x);
-    let source = source::dropout_kernel(meta.dtype, step.dtype())?;
+    let spec = Spec::Dropout(meta.dtype, step.dtype());
     let (n, seed, has_step) = (y.numel() as i64, config.seed, i32::from(inputs.len() > 1));
     let (p, scale) = (config.p as f32, if config.p < 1.0 { 1.0 / (1.0 - config.p) } else { 0.0 });
     let (xp, yp, sp) = (pointer(x)?, pointer(&y)?, pointer(step)?);
-    let function = device.function(&source)?;
+    let function = device.function(spec)?;
     let mut args = device.stream().launch_builder(&function);
     args.arg(&xp).arg(&yp).arg(&n).arg(&layout).arg(&seed).arg(&sp).arg(&has_step);
     args.arg(&p).arg(&scale);
@@ -452,11 +462,21 @@ fn update(
     }
     let pointers = inputs.iter().chain(&results).map(pointer).collect::<Result<Vec<u64>>>()?;
     if let Some(config) = downcast::<AdamW>(op) {
-        let source = source::adamw_kernel(dtype)?;
-        launch_update(device, &source, &pointers, results[0].numel(), AdamScalars::of(config))?;
+        launch_update(
+            device,
+            Spec::AdamW(dtype),
+            &pointers,
+            results[0].numel(),
+            AdamScalars::of(config),
+        )?;
     } else if let Some(config) = downcast::<Sgd>(op) {
-        let source = source::sgd_kernel(dtype)?;
-        launch_update(device, &source, &pointers, results[0].numel(), SgdScalars::of(config))?;
+        launch_update(
+            device,
+            Spec::Sgd(dtype),
+            &pointers,
+            results[0].numel(),
+            SgdScalars::of(config),
+        )?;
     } else {
         return Err(Error::argument(op.name(), "not an update the GPU backend knows"));
     }
@@ -467,12 +487,12 @@ fn update(
 /// scalars by value.
 fn launch_update<S: cudarc::driver::DeviceRepr>(
     device: &CudaDevice,
-    source: &source::KernelSource,
+    spec: Spec,
     pointers: &[u64],
     n: usize,
     scalars: S,
 ) -> Result<()> {
-    let function = device.function(source)?;
+    let function = device.function(spec)?;
     let mut args = device.stream().launch_builder(&function);
     for address in pointers {
         args.arg(address);

@@ -38,8 +38,10 @@
 
 pub mod launch;
 pub mod pool;
+pub mod reduce;
 pub mod source;
 pub mod source_nn;
+pub mod spec;
 pub mod table;
 
 #[cfg(feature = "cuda")]

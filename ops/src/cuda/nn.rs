@@ -4,7 +4,7 @@
 use cudarc::driver::PushKernelArg;
 
 use super::kernels::{output, pointer, scratch};
-use super::source_nn as source;
+use super::spec::Spec;
 use super::{downcast, launch, CudaDevice};
 use crate::ops::cross_entropy::{CrossEntropy, CrossEntropyGrad};
 use crate::ops::embedding::{Embedding, EmbeddingGrad, VocabShard};
@@ -55,7 +55,7 @@ fn gather(
     }
     let (positions, width) = (ids.numel() as i64, table.dims()[1] as i64);
     let (tp, ip, yp) = (pointer(table)?, pointer(ids)?, pointer(&y)?);
-    let function = device.function(&source::embedding_kernel(meta.dtype)?)?;
+    let function = device.function(Spec::Embedding(meta.dtype))?;
     let mut args = device.stream().launch_builder(&function);
     args.arg(&tp).arg(&ip).arg(&yp).arg(&positions).arg(&width);
     args.arg(&rows).arg(&offset).arg(&vocab);
@@ -78,7 +78,7 @@ fn scatter_add(
     if ids.numel() > 0 && meta.shape.numel() > 0 {
         let (positions, width) = (ids.numel() as i64, meta.shape.dim(1) as i64);
         let (ip, dp, sp) = (pointer(ids)?, pointer(dy)?, pointer(&sums)?);
-        let function = device.function(&source::embedding_grad_kernel(meta.dtype)?)?;
+        let function = device.function(Spec::EmbeddingGrad(meta.dtype))?;
         let mut args = device.stream().launch_builder(&function);
         args.arg(&ip).arg(&dp).arg(&sp).arg(&positions).arg(&width);
         args.arg(&rows).arg(&offset).arg(&vocab);
@@ -121,7 +121,7 @@ pub(super) fn cross_entropy(
             return Ok(vec![y]);
         }
         let dp = pointer(&inputs[2])?;
-        let function = device.function(&source::cross_entropy_grad_kernel(meta.dtype)?)?;
+        let function = device.function(Spec::CrossEntropyGrad(meta.dtype))?;
         let mut args = device.stream().launch_builder(&function);
         args.arg(&lp).arg(&tp).arg(&dp).arg(&yp).arg(&row_total).arg(&classes).arg(&scale);
         device.run(args, shape)?;
@@ -130,12 +130,12 @@ pub(super) fn cross_entropy(
     let losses = scratch(device, rows.max(1), accumulation(meta.dtype))?;
     let sp = pointer(&losses)?;
     if rows > 0 {
-        let function = device.function(&source::cross_entropy_rows_kernel(meta.dtype)?)?;
+        let function = device.function(Spec::CrossEntropyRows(meta.dtype))?;
         let mut args = device.stream().launch_builder(&function);
         args.arg(&lp).arg(&tp).arg(&sp).arg(&row_total).arg(&classes);
         device.run(args, shape)?;
     }
-    let function = device.function(&source::block_total_kernel(meta.dtype)?)?;
+    let function = device.function(Spec::BlockTotal(meta.dtype))?;
     let mut args = device.stream().launch_builder(&function);
     args.arg(&sp).arg(&yp).arg(&row_total).arg(&scale);
     let one_block = launch::Launch { grid: 1, block: launch::MAX_BLOCK, shared_bytes: 0 };
@@ -172,7 +172,7 @@ pub(super) fn norm_grad(
     let stats = scratch(device, 2 * rows, accumulation(dtype))?;
     let (xp, wp, dp, sp) = (pointer(x)?, pointer(w)?, pointer(dy)?, pointer(&stats)?);
     let (row_total, col_total) = (rows as i64, cols as i64);
-    let function = device.function(&source::norm_grad_rows_kernel(dtype, centred)?)?;
+    let function = device.function(Spec::NormGradRows(dtype, centred))?;
     let mut args = device.stream().launch_builder(&function);
     let dxp = pointer(&results[0])?;
     args.arg(&xp).arg(&wp).arg(&dp).arg(&dxp).arg(&sp).arg(&row_total).arg(&col_total).arg(&eps);
@@ -180,14 +180,14 @@ pub(super) fn norm_grad(
     let (shape, chunks) = launch::norm_columns(rows, cols, device.multiprocessors());
     let partial = scratch(device, chunks * 2 * cols, accumulation(dtype))?;
     let (pp, chunk_total) = (pointer(&partial)?, chunks as i64);
-    let function = device.function(&source::norm_columns_kernel(dtype)?)?;
+    let function = device.function(Spec::NormColumns(dtype))?;
     let mut args = device.stream().launch_builder(&function);
     args.arg(&xp).arg(&dp).arg(&sp).arg(&pp).arg(&row_total).arg(&col_total).arg(&chunk_total);
     device.run(args, shape)?;
     let outputs = (results.len() - 1) * cols;
     let dwp = pointer(&results[1])?;
     let dbp = results.get(2).map_or(Ok(dwp), pointer)?;
-    let function = device.function(&source::norm_finish_kernel(dtype)?)?;
+    let function = device.function(Spec::NormFinish(dtype))?;
     let mut args = device.stream().launch_builder(&function);
     let output_total = outputs as i64;
     args.arg(&pp).arg(&dwp).arg(&dbp).arg(&col_total).arg(&chunk_total).arg(&output_total);

@@ -330,28 +330,6 @@ pub fn copy_kernel(element_bytes: usize) -> Result<KernelSource> {
     Ok(KernelSource { entry, code })
 }
 
-/// A reduction (`sum`, `mean` or `max`), one thread per output element: `kept` iterates over
-/// the output with input strides in `first`, `reduced` over the reduced axes:
-/// `(const T* x, T* y, long long outputs, Layout kept, Layout reduced, long long count)`.
-pub fn reduce_kernel(op: &'static str, dtype: DType) -> Result<KernelSource> {
-    float_only(op, dtype)?;
-    let (start, step, finish) = match op {
-        "sum" => ("(A)0", "acc += v;", "acc"),
-        "mean" => ("(A)0", "acc += v;", "acc / (A)(count > 0 ? count : 1)"),
-        "max" => ("neg_inf()", "acc = fmax(acc, v);", "acc"),
-        _ => return Err(no_expression(op)),
-    };
-    let entry = entry("reduce", op, dtype);
-    let code = format!(
-        "{}\nextern \"C\" __global__ void {entry}(const T* __restrict__ x, T* __restrict__ y, long long outputs, Layout kept, Layout reduced, long long count) {{\n\
-         GRID_LOOP(i, outputs) {{\n  long long base, unused; offsets(kept, i, &base, &unused);\n  A acc = {start};\n\
-           for (long long j = 0; j < count; ++j) {{ long long at, other; offsets(reduced, j, &at, &other); const A v = load(x[base + at]); {step} }}\n\
-           y[i] = store({finish});\n}}\n}}\n",
-        prelude(dtype)
-    );
-    Ok(KernelSource { entry, code })
-}
-
 /// The body of a row kernel: one block per row of `cols` elements; `x` is the first input's row,
 /// `u` and `w` the second's and third's (rows, or the norms' weight and bias vectors), `y` the
 /// output row, `eps` the op's epsilon.
@@ -447,9 +425,10 @@ pub fn select_kernel(dtype: DType, constant: bool) -> KernelSource {
 }
 
 /// The gradient of a max: `dx[at] = g[o]` at the first position (row-major) of each group `o`
-/// where `x == y[o]` (`dx` is zero-filled first); one thread per group, `kept` and `reduced` as
-/// in [`reduce_kernel`]: `(const T* x, const T* y, const T* g, T* dx, long long outputs,
-/// Layout kept, Layout reduced, long long count)`.
+/// where `x == y[o]` (`dx` is zero-filled first); one thread per group, `kept` iterating the
+/// groups' first elements and `reduced` a group's elements (input strides in `first`):
+/// `(const T* x, const T* y, const T* g, T* dx, long long outputs, Layout kept, Layout reduced,
+/// long long count)`.
 pub fn max_grad_kernel(dtype: DType) -> Result<KernelSource> {
     float_only("max_grad", dtype)?;
     let entry = entry("route", "max_grad", dtype);
@@ -638,7 +617,6 @@ mod tests {
                     Kernel::Map => map_kernel(op, dtype),
                     Kernel::MapGrad => derivative_kernel(op, dtype),
                     Kernel::Binary => binary_kernel(op, dtype),
-                    Kernel::Reduce => reduce_kernel(op, dtype),
                     Kernel::Rows => rows_kernel(op, dtype),
                     _ => continue,
                 };

@@ -254,7 +254,7 @@ fn norm_names(centred: bool) -> (&'static str, &'static str) {
 /// - `Recompute`: `p = exp(s − lse)` from the forward's `lse` (the backward);
 /// - `ScoreGrad`: `p ← p ⊙ (dp − Σ_d dy ⊙ y)` in place, `dp` in the accumulation type, `y` and
 ///   `dy` rows of `head_dim`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AttentionRows {
     /// Softmax of the scores with the log-sum-exp saved.
     Probabilities,

@@ -5,8 +5,10 @@
 //! fallback); [`sources`] lists the generated kernels of each op, so the compile test covers
 //! them all.
 
-use super::source::{self, KernelSource};
-use super::source_nn;
+use super::reduce::{Pass, Stage};
+use super::source::KernelSource;
+use super::source_nn::AttentionRows;
+use super::spec::Spec;
 use crate::{DType, Result};
 
 /// How an op runs on the GPU.
@@ -120,57 +122,56 @@ pub fn kernel(name: &str) -> Option<Kernel> {
     KERNELS.iter().find(|(op, _)| *op == name).map(|&(_, kernel)| kernel)
 }
 
-/// Every kernel source the op named `name` launches for tensors of `dtype` (for `dropout`, with
-/// a step of every dtype; for `where` and `masked_fill`, values of `dtype`). An op that refuses the
-/// dtype on the GPU (integers for float ops) gives [`crate::Error::DType`]; views and cuBLAS
-/// products generate nothing.
-pub fn sources(name: &'static str, dtype: DType) -> Result<Vec<KernelSource>> {
+/// Every kernel the op named `name` launches for tensors of `dtype` (for `dropout`, with a step
+/// of every dtype; for `where` and `masked_fill`, values of `dtype`; for reductions, every pass
+/// and stage). Views and cuBLAS products generate nothing.
+pub fn specs(name: &'static str, dtype: DType) -> Result<Vec<Spec>> {
     let Some(family) = kernel(name) else {
         return Err(crate::Error::argument(name, "no entry in the GPU kernel table"));
     };
     let accumulate = crate::ops::attention::lse_dtype(dtype);
     Ok(match family {
         Kernel::View | Kernel::Product => Vec::new(),
-        Kernel::Map => vec![source::map_kernel(name, dtype)?],
-        Kernel::MapGrad => vec![source::derivative_kernel(name, dtype)?],
-        Kernel::Binary => vec![source::binary_kernel(name, dtype)?],
-        Kernel::Cast => {
-            crate::DType::ALL.iter().map(|&to| source::cast_kernel(dtype, to)).collect()
+        Kernel::Map => vec![Spec::Map(name, dtype)],
+        Kernel::MapGrad => vec![Spec::Derivative(name, dtype)],
+        Kernel::Binary => vec![Spec::Binary(name, dtype)],
+        Kernel::Cast => DType::ALL.iter().map(|&to| Spec::Cast(dtype, to)).collect(),
+        Kernel::Fill => vec![Spec::Fill(dtype)],
+        Kernel::Copy => vec![Spec::Copy(dtype.size()), Spec::Fill(dtype)],
+        Kernel::Reduce => [Pass::Rows, Pass::Columns]
+            .into_iter()
+            .flat_map(|pass| Stage::ALL.map(|stage| Spec::Reduce(name, dtype, pass, stage)))
+            .collect(),
+        Kernel::Rows => vec![Spec::Rows(name, dtype)],
+        Kernel::Update if name == "sgd" => vec![Spec::Sgd(dtype)],
+        Kernel::Update => vec![Spec::AdamW(dtype)],
+        Kernel::Select => vec![Spec::Select(dtype, name == "masked_fill")],
+        Kernel::Route => vec![Spec::MaxGrad(dtype), Spec::Fill(dtype)],
+        Kernel::Dropout => DType::ALL.iter().map(|&step| Spec::Dropout(dtype, step)).collect(),
+        Kernel::Embedding if name == "embedding" => vec![Spec::Embedding(dtype)],
+        Kernel::Embedding => {
+            vec![Spec::EmbeddingGrad(dtype), Spec::Fill(accumulate), Spec::Cast(accumulate, dtype)]
         }
-        Kernel::Fill => vec![source::fill_kernel(dtype)],
-        Kernel::Copy => vec![source::copy_kernel(dtype.size())?, source::fill_kernel(dtype)],
-        Kernel::Reduce => vec![source::reduce_kernel(name, dtype)?],
-        Kernel::Rows => vec![source::rows_kernel(name, dtype)?],
-        Kernel::Update if name == "sgd" => vec![source::sgd_kernel(dtype)?],
-        Kernel::Update => vec![source::adamw_kernel(dtype)?],
-        Kernel::Select => vec![source::select_kernel(dtype, name == "masked_fill")],
-        Kernel::Route => vec![source::max_grad_kernel(dtype)?, source::fill_kernel(dtype)],
-        Kernel::Dropout => crate::DType::ALL
-            .iter()
-            .map(|&step| source::dropout_kernel(dtype, step))
-            .collect::<Result<_>>()?,
-        Kernel::Embedding if name == "embedding" => vec![source_nn::embedding_kernel(dtype)?],
-        Kernel::Embedding => vec![
-            source_nn::embedding_grad_kernel(dtype)?,
-            source::fill_kernel(accumulate),
-            source::cast_kernel(accumulate, dtype),
-        ],
-        Kernel::CrossEntropy if name == "cross_entropy" => vec![
-            source_nn::cross_entropy_rows_kernel(dtype)?,
-            source_nn::block_total_kernel(dtype)?,
-        ],
-        Kernel::CrossEntropy => vec![source_nn::cross_entropy_grad_kernel(dtype)?],
+        Kernel::CrossEntropy if name == "cross_entropy" => {
+            vec![Spec::CrossEntropyRows(dtype), Spec::BlockTotal(dtype)]
+        }
+        Kernel::CrossEntropy => vec![Spec::CrossEntropyGrad(dtype)],
         Kernel::NormGrad => vec![
-            source_nn::norm_grad_rows_kernel(dtype, name == "layer_norm_grad")?,
-            source_nn::norm_columns_kernel(dtype)?,
-            source_nn::norm_finish_kernel(dtype)?,
-            source::fill_kernel(dtype),
+            Spec::NormGradRows(dtype, name == "layer_norm_grad"),
+            Spec::NormColumns(dtype),
+            Spec::NormFinish(dtype),
+            Spec::Fill(dtype),
         ],
-        Kernel::Attention => source_nn::AttentionRows::ALL
-            .iter()
-            .map(|&kind| source_nn::attention_rows_kernel(kind, dtype))
-            .collect::<Result<_>>()?,
+        Kernel::Attention => {
+            AttentionRows::ALL.iter().map(|&kind| Spec::AttentionRows(kind, dtype)).collect()
+        }
     })
+}
+
+/// The sources of [`specs`]: an op that refuses the dtype on the GPU (integers for float ops)
+/// gives [`crate::Error::DType`].
+pub fn sources(name: &'static str, dtype: DType) -> Result<Vec<KernelSource>> {
+    specs(name, dtype)?.into_iter().map(Spec::source).collect()
 }
 
 #[cfg(test)]
