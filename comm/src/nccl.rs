@@ -7,13 +7,18 @@
 //! rendezvous between processes). Communicators are created non-blocking (`ncclCommInitRankConfig` with
 //! `blocking = 0`) and every call is followed by polling `ncclCommGetAsyncError` and the stream,
 //! with the deadline of [`NcclConfig`]: a dead peer ends in `ncclCommAbort` and an error, not a
-//! hang. Without the feature, or without `libnccl` at run time, every constructor returns
-//! [`Error::NcclUnavailable`].
+//! hang. A communicator also ends its waits when the job fails: its [`NcclAbort`] handle, set
+//! from another thread (e.g. by [`Health::on_failure`] through [`NcclAbort::watch`]), is seen at
+//! the next poll, and the owner calls `ncclCommAbort`, which ends the NCCL kernels its stream
+//! waits on; the wait returns [`Error::Nccl`] naming the failure. Without the feature, or without
+//! `libnccl` at run time, every constructor returns [`Error::NcclUnavailable`].
 
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use meshflow_ops::{DType, Tensor};
 
+use crate::cluster::Health;
 use crate::{Error, Rank, ReduceOp, Result};
 
 /// Deadlines of the NCCL wrapper.
@@ -70,6 +75,73 @@ fn not_reducible(collective: &'static str, dtype: DType, operation: ReduceOp) ->
     Error::UnsupportedDType { collective, operation: operation.name(), dtype }
 }
 
+/// A request, from any thread, that a communicator abort: its owner sees it at the next poll of
+/// a wait (every [`NcclConfig::poll_interval`]) or at the next collective, calls
+/// `ncclCommAbort`, and the call returns [`Error::Nccl`] with the reason. Clones share the
+/// request; the first reason wins.
+#[derive(Clone, Debug, Default)]
+pub struct NcclAbort {
+    reason: Arc<OnceLock<String>>,
+}
+
+impl NcclAbort {
+    /// Asks for the abort (once; later reasons are dropped).
+    pub fn request(&self, reason: impl Into<String>) {
+        let _ = self.reason.set(reason.into());
+    }
+
+    /// The reason, once an abort is requested.
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.get().map(String::as_str)
+    }
+
+    /// Requests the abort when `health` records a failure (at once if it already has), naming
+    /// the failed rank: a failed device thread or peer process then ends this communicator's
+    /// waits instead of leaving them to their timeout.
+    pub fn watch(&self, health: &Health) {
+        let abort = self.clone();
+        health.on_failure(move |failure| {
+            abort.request(format!("rank {} failed: {}", failure.rank, failure.reason))
+        });
+    }
+}
+
+/// How a wait of the wrapper ended.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Debug, PartialEq, Eq)]
+enum Waited {
+    /// The condition held.
+    Done,
+    /// An abort was requested, for this reason.
+    Aborted(String),
+    /// The limit passed first.
+    TimedOut,
+}
+
+/// Polls `done` every `interval` until it holds, `abort` is requested or `limit` passes; an
+/// error of `done` ends the wait at once.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn wait_for(
+    limit: Duration,
+    interval: Duration,
+    abort: &NcclAbort,
+    mut done: impl FnMut() -> Result<bool>,
+) -> Result<Waited> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(reason) = abort.reason() {
+            return Ok(Waited::Aborted(reason.to_string()));
+        }
+        if done()? {
+            return Ok(Waited::Done);
+        }
+        if Instant::now() > deadline {
+            return Ok(Waited::TimedOut);
+        }
+        std::thread::sleep(interval);
+    }
+}
+
 pub use imp::NcclCommunicator;
 
 #[cfg(not(feature = "cuda"))]
@@ -108,6 +180,24 @@ mod imp {
             Err(Error::NcclUnavailable { reason: REASON.into() })
         }
 
+        /// [`NcclCommunicator::init`] with an abort handle made beforehand (e.g. already
+        /// watching the job's health), so that the wait for the other ranks ends on a failure.
+        pub fn init_with_abort(
+            _device: usize,
+            _id: &NcclId,
+            _rank: Rank,
+            _world_size: usize,
+            _config: NcclConfig,
+            _abort: NcclAbort,
+        ) -> Result<Self> {
+            Err(Error::NcclUnavailable { reason: REASON.into() })
+        }
+
+        /// The handle that asks this communicator to abort.
+        pub fn abort_handle(&self) -> NcclAbort {
+            NcclAbort::default()
+        }
+
         /// All-reduce of a host tensor through the GPU (copy in, reduce, copy out).
         pub fn all_reduce_host(&self, tensor: &Tensor, operation: ReduceOp) -> Result<Tensor> {
             Err(not_reducible("all_reduce", tensor.dtype(), operation))
@@ -128,8 +218,6 @@ mod imp {
 #[cfg(feature = "cuda")]
 mod imp {
     use std::cell::Cell;
-    use std::sync::Arc;
-    use std::time::Instant;
 
     use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
     use cudarc::nccl::result::{self as nccl, NcclError, NcclStatus};
@@ -188,6 +276,7 @@ mod imp {
         world_size: usize,
         config: NcclConfig,
         aborted: Cell<bool>,
+        abort_request: NcclAbort,
     }
 
     // SAFETY: NCCL lets a communicator be used from any thread as long as calls on it do not
@@ -197,7 +286,10 @@ mod imp {
 
     impl Drop for NcclCommunicator {
         fn drop(&mut self) {
-            if !self.aborted.get() {
+            if self.abort_request.reason().is_some() {
+                // A failed job: destroying would wait for peers that may be gone.
+                self.abort();
+            } else if !self.aborted.get() {
                 // SAFETY: `comm` came from a successful init and is destroyed once.
                 let _ = unsafe { nccl::comm_destroy(self.comm) };
             }
@@ -213,6 +305,19 @@ mod imp {
             rank: Rank,
             world_size: usize,
             config: NcclConfig,
+        ) -> Result<Self> {
+            Self::init_with_abort(device, id, rank, world_size, config, NcclAbort::default())
+        }
+
+        /// [`NcclCommunicator::init`] with an abort handle made beforehand (e.g. already
+        /// watching the job's health), so that the wait for the other ranks ends on a failure.
+        pub fn init_with_abort(
+            device: usize,
+            id: &NcclId,
+            rank: Rank,
+            world_size: usize,
+            config: NcclConfig,
+            abort: NcclAbort,
         ) -> Result<Self> {
             available()?;
             let driver = |error: cudarc::driver::DriverError| Error::Nccl {
@@ -240,6 +345,7 @@ mod imp {
                 world_size,
                 config,
                 aborted: Cell::new(false),
+                abort_request: abort,
             };
             communicator.settle("comm_init_rank_config", communicator.config.init_timeout)?;
             Ok(communicator)
@@ -258,6 +364,11 @@ mod imp {
         /// The stream the collectives run on.
         pub fn stream(&self) -> &Arc<CudaStream> {
             &self.stream
+        }
+
+        /// The handle that asks this communicator to abort (from any thread).
+        pub fn abort_handle(&self) -> NcclAbort {
+            self.abort_request.clone()
         }
 
         /// The communicator's asynchronous error, if any (aborts it on error).
@@ -346,20 +457,30 @@ mod imp {
 
         /// Waits until the async state leaves `ncclInProgress` (after init or group end).
         fn settle(&self, operation: &'static str, limit: Duration) -> Result<()> {
-            let deadline = Instant::now() + limit;
-            while self.poll_async_error(operation)? == NcclStatus::InProgress {
-                if Instant::now() > deadline {
-                    self.abort();
-                    return Err(
-                        self.failure(operation, format!("still in progress after {limit:?}"))
-                    );
-                }
-                std::thread::sleep(self.config.poll_interval);
-            }
-            Ok(())
+            let interval = self.config.poll_interval;
+            let waited = wait_for(limit, interval, &self.abort_request, || {
+                Ok(self.poll_async_error(operation)? != NcclStatus::InProgress)
+            })?;
+            self.conclude(operation, waited, || format!("still in progress after {limit:?}"))
         }
 
-        /// Waits for the enqueued work on the stream, polling the async error; aborts at the deadline.
+        /// The result of a wait: on an abort request or at the deadline, aborts the
+        /// communicator (ending the NCCL kernels its stream waits on) and names why.
+        fn conclude(
+            &self,
+            operation: &'static str,
+            waited: Waited,
+            timed_out: impl FnOnce() -> String,
+        ) -> Result<()> {
+            let reason = match waited {
+                Waited::Done => return Ok(()),
+                Waited::Aborted(reason) => format!("aborted because the job failed ({reason})"),
+                Waited::TimedOut => timed_out(),
+            };
+            self.abort();
+            Err(self.failure(operation, reason))
+        }
+
         /// Enqueues an all-reduce of `count` elements from `source` into `target` (they may be
         /// the same) on this communicator's stream.
         ///
@@ -373,6 +494,11 @@ mod imp {
             count: usize,
             (dtype, op): (sys::ncclDataType_t, sys::ncclRedOp_t),
         ) -> Result<()> {
+            if let Some(reason) = self.abort_request.reason() {
+                let reason = format!("aborted because the job failed ({reason})");
+                self.abort();
+                return Err(self.failure("all_reduce", reason));
+            }
             // SAFETY: the caller's contract.
             unsafe {
                 nccl::all_reduce(
@@ -389,6 +515,8 @@ mod imp {
             Ok(())
         }
 
+        /// Waits for the enqueued work on the stream, polling the async error and the abort
+        /// request; aborts at the deadline.
         fn complete(&self, operation: &'static str) -> Result<()> {
             let limit = self.config.operation_timeout;
             self.settle(operation, limit)?;
@@ -396,24 +524,16 @@ mod imp {
                 .stream
                 .record_event(None)
                 .map_err(|error| self.failure(operation, format!("{error:?}")))?;
-            let deadline = Instant::now() + limit;
-            loop {
+            let interval = self.config.poll_interval;
+            let waited = wait_for(limit, interval, &self.abort_request, || {
                 self.poll_async_error(operation)?;
-                if event
+                event
                     .try_is_complete()
-                    .map_err(|error| self.failure(operation, format!("{error:?}")))?
-                {
-                    return Ok(());
-                }
-                if Instant::now() > deadline {
-                    self.abort();
-                    return Err(self.failure(
-                        operation,
-                        format!("not complete after {limit:?}: a peer is dead or stuck"),
-                    ));
-                }
-                std::thread::sleep(self.config.poll_interval);
-            }
+                    .map_err(|error| self.failure(operation, format!("{error:?}")))
+            })?;
+            self.conclude(operation, waited, || {
+                format!("not complete after {limit:?}: a peer is dead or stuck")
+            })
         }
 
         fn failure(&self, operation: &'static str, reason: String) -> Error {
@@ -499,6 +619,79 @@ mod tests {
         let seconds = started.elapsed().as_secs_f64();
         assert_eq!(to_host(&reduced).expect("download").to_vec::<f32>().expect("f32"), values);
         println!("GPU-CHECK nccl all_reduce 1 rank 4 MiB f32: ok in {:.3} ms", seconds * 1e3);
+    }
+
+    /// On a machine with a GPU and NCCL: a failure recorded in the health aborts a one-rank
+    /// communicator; its next collective returns the typed error naming the failure.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn a_failed_job_aborts_the_communicator() {
+        use crate::cluster::PeerFailure;
+        use meshflow_ops::cuda::CudaDevice;
+        let device = match (nccl_available(), CudaDevice::new(0)) {
+            (Ok(()), Ok(device)) => device,
+            (nccl, device) => {
+                eprintln!("skipped: {:?} / {:?}", nccl.err(), device.err());
+                return;
+            }
+        };
+        let (health, abort) = (Health::new(), NcclAbort::default());
+        abort.watch(&health);
+        let id = NcclId::generate().expect("an id");
+        let config = NcclConfig::default();
+        let communicator =
+            NcclCommunicator::init_with_abort(0, &id, Rank(0), 1, config, abort).expect("init");
+        let tensor = device.to_device(&Tensor::from_vec(vec![1.0f32; 1024], [1024]).expect("x"));
+        let tensor = tensor.expect("upload");
+        health.fail(PeerFailure { rank: 1, reason: "act failed".into() });
+        let started = Instant::now();
+        let error = communicator.all_reduce_device(&device, &tensor, ReduceOp::Sum).err();
+        let text = format!("{error:?}");
+        assert!(matches!(error, Some(Error::Nccl { .. })), "{text}");
+        assert!(text.contains("rank 1 failed: act failed"), "{text}");
+        println!("GPU-CHECK nccl abort on a failed job: typed error in {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn an_abort_request_ends_a_wait_with_its_reason() {
+        let abort = NcclAbort::default();
+        let requester = abort.clone();
+        let thread = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            requester.request("rank 2 failed");
+            requester.request("a later reason");
+        });
+        let interval = Duration::from_micros(100);
+        let mut polls = 0;
+        let waited = wait_for(Duration::from_secs(60), interval, &abort, || {
+            polls += 1;
+            Ok(false)
+        });
+        thread.join().expect("the requester");
+        assert_eq!(waited.expect("no poll error"), Waited::Aborted("rank 2 failed".into()));
+        assert!(polls > 1, "it polled until the request");
+        let idle = NcclAbort::default();
+        let short = Duration::from_millis(5);
+        assert_eq!(wait_for(short, interval, &idle, || Ok(false)).ok(), Some(Waited::TimedOut));
+        assert_eq!(wait_for(short, interval, &idle, || Ok(true)).ok(), Some(Waited::Done));
+        let failing = wait_for(short, interval, &idle, || {
+            Err(Error::Nccl { operation: "all_reduce", rank: Rank(0), reason: "broken".into() })
+        });
+        assert!(matches!(failing, Err(Error::Nccl { .. })));
+        assert_eq!(abort.reason(), Some("rank 2 failed"), "the first reason wins");
+    }
+
+    #[test]
+    fn a_failed_health_requests_the_abort_of_watching_communicators() {
+        use crate::cluster::PeerFailure;
+        let health = Health::new();
+        let (early, late) = (NcclAbort::default(), NcclAbort::default());
+        early.watch(&health);
+        assert_eq!(early.reason(), None, "nothing failed yet");
+        health.fail(PeerFailure { rank: 3, reason: "device rank 3: kernel failed".into() });
+        assert_eq!(early.reason(), Some("rank 3 failed: device rank 3: kernel failed"));
+        late.watch(&health);
+        assert_eq!(late.reason(), early.reason(), "watching a failed job requests at once");
     }
 
     #[test]

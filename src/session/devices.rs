@@ -351,10 +351,10 @@ impl Devices {
         if group.len() < 2 || nccl_available().is_err() {
             return Ok(());
         }
-        let id = NcclId::generate()?;
+        let (id, health) = (NcclId::generate()?, self.health.clone());
         let joined = self.each(move |w| {
             let rank = w.rank();
-            w.backend_mut().join_nccl(rank, &group, &id)
+            w.backend_mut().join_nccl(rank, &group, &id, &health)
         })?;
         joined.into_iter().collect()
     }

@@ -21,7 +21,8 @@
 
 use std::collections::HashMap;
 
-use meshflow_comm::nccl::{NcclCommunicator, NcclConfig, NcclId};
+use meshflow_comm::cluster::Health;
+use meshflow_comm::nccl::{NcclAbort, NcclCommunicator, NcclConfig, NcclId};
 use meshflow_comm::{Rank, ReduceOp};
 use meshflow_ops::cuda::{self, CudaDevice};
 use meshflow_ops::{Context, DType, Device, Op, Tensor};
@@ -151,8 +152,16 @@ impl Backend {
     }
 
     /// Joins the NCCL communicator `id` of the GPU ranks `group`, when this rank is one of them
-    /// (a CPU rank never is: groups get NCCL only when all their members are GPUs).
-    pub fn join_nccl(&mut self, rank: usize, group: &[usize], id: &NcclId) -> Result<()> {
+    /// (a CPU rank never is: groups get NCCL only when all their members are GPUs). A failure
+    /// recorded in `health` (a device thread's failed act, a lost peer) aborts the communicator
+    /// (`ncclCommAbort`), so its waits, the join included, end with an error at once.
+    pub fn join_nccl(
+        &mut self,
+        rank: usize,
+        group: &[usize],
+        id: &NcclId,
+        health: &Health,
+    ) -> Result<()> {
         let (Backend::Cuda(gpu), Some(index)) = (self, group.iter().position(|&r| r == rank))
         else {
             return Ok(());
@@ -160,8 +169,11 @@ impl Backend {
         let Device::Cuda(ordinal) = gpu.device.device() else {
             return Err(Error::Runtime(format!("rank {rank}: a GPU backend on the host")));
         };
-        let config = NcclConfig::default();
-        let communicator = NcclCommunicator::init(ordinal, id, Rank(index), group.len(), config)?;
+        let (config, abort) = (NcclConfig::default(), NcclAbort::default());
+        abort.watch(health);
+        let (member, size) = (Rank(index), group.len());
+        let communicator =
+            NcclCommunicator::init_with_abort(ordinal, id, member, size, config, abort)?;
         gpu.nccl.insert(group.to_vec(), communicator);
         Ok(())
     }
