@@ -111,6 +111,18 @@ fn the_torch_ratio_is_against_the_single_device_row() {
 }
 
 #[test]
+fn the_train_table_compares_with_one_device_only_where_one_ran() {
+    let mut report = sample(300.0, 5.0, 12.0);
+    let text = meshflow::bench::table::train(&report);
+    let mesh = text.lines().find(|line| line.contains("DP2×TP2")).expect("the mesh row");
+    assert!(mesh.contains("0.60x"), "300 ms on one device, 500 ms on the mesh: {mesh}");
+    report.train.retain(|f| f.strategy.devices() > 1);
+    let text = meshflow::bench::table::train(&report);
+    let mesh = text.lines().find(|line| line.contains("DP2×TP2")).expect("the mesh row");
+    assert!(!mesh.contains("NaN") && mesh.contains(" - "), "no one-device row: {mesh}");
+}
+
+#[test]
 fn torch_script_output_parses() {
     let stdout = concat!(
         "noise\n",

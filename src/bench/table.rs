@@ -49,10 +49,10 @@ pub fn train(report: &Report) -> String {
             .train
             .iter()
             .find(|g| g.model == f.model && g.strategy.devices() == 1)
-            .map_or(f64::NAN, |g| g.times.median / f.times.median);
+            .map_or("-".to_string(), |g| format!("{:.2}x", g.times.median / f.times.median));
         let _ = writeln!(
             out,
-            "{:<5} {:<11} {:>4} {:>10.1} {:>10.1} {:>6} {:>8.0} {:<5} {:>9.2} {:>5.1}% {:>7.2}x {:>8.4}",
+            "{:<5} {:<11} {:>4} {:>10.1} {:>10.1} {:>6} {:>8.0} {:<5} {:>9.2} {:>5.1}% {:>8} {:>8.4}",
             f.model.name(),
             f.strategy.label(),
             f.strategy.devices(),
