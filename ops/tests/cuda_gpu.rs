@@ -390,6 +390,7 @@ fn matmul_throughput() {
             });
             let tflops = 2.0 * (n as f64).powi(3) / seconds / 1e12;
             println!("GPU-CHECK matmul meshflow {} {n} {tflops:.1} TFLOP/s", dtype.name());
+            println!("GPU-CHECK matmul paths so far: {:?}", device.product_paths());
         }
     }
 }

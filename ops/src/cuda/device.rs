@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::cublas::CudaBlas;
@@ -15,6 +16,7 @@ use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys, Ptx};
 
 use super::launch::Launch;
 use super::libraries;
+use super::lt::{self, Lt};
 use super::pool::{size_class, CachingPool, PoolStats};
 use super::source::{AdamScalars, KernelSource, Layout, SgdScalars};
 use super::spec::Spec;
@@ -46,6 +48,10 @@ struct Inner {
     pool: Mutex<CachingPool<CudaSlice<u8>>>,
     staging: Mutex<Option<PinnedHostSlice<u8>>>,
     functions: Mutex<HashMap<Spec, CudaFunction>>,
+    /// cuBLASLt, when its handle and workspace could be made.
+    lt: Option<Lt>,
+    /// Products issued through cuBLASLt and through the classic cuBLAS call.
+    paths: [AtomicU64; 2],
     architecture: (i32, i32),
     multiprocessors: usize,
 }
@@ -85,6 +91,7 @@ impl CudaDevice {
         let multiprocessors = context
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(failed("cuDeviceGetAttribute"))?;
+        let lt = Lt::new(stream.clone(), lt::workspace_bytes(architecture.0));
         let inner = Inner {
             ordinal,
             context,
@@ -93,6 +100,8 @@ impl CudaDevice {
             pool: Mutex::new(CachingPool::new(POOL_LIMIT_BYTES)),
             staging: Mutex::new(None),
             functions: Mutex::new(HashMap::new()),
+            lt,
+            paths: [AtomicU64::new(0), AtomicU64::new(0)],
             architecture,
             multiprocessors: multiprocessors.max(1) as usize,
         };
@@ -288,6 +297,21 @@ impl CudaDevice {
         &self.inner.blas
     }
 
+    pub(super) fn lt(&self) -> Option<&Lt> {
+        self.inner.lt.as_ref()
+    }
+
+    /// Counts a product issued through cuBLASLt (`true`) or the classic cuBLAS call.
+    pub(super) fn count_product(&self, through_lt: bool) {
+        self.inner.paths[usize::from(!through_lt)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many products this device issued through each path.
+    pub fn product_paths(&self) -> ProductPaths {
+        let [lt, classic] = &self.inner.paths;
+        ProductPaths { lt: lt.load(Ordering::Relaxed), classic: classic.load(Ordering::Relaxed) }
+    }
+
     pub(super) fn cu_stream(&self) -> cudarc::driver::sys::CUstream {
         self.inner.stream.cu_stream()
     }
@@ -295,6 +319,15 @@ impl CudaDevice {
     pub(super) fn error(&self, call: &str, error: DriverError) -> Error {
         libraries::driver_error(self.device(), call, error.0)
     }
+}
+
+/// Products a device issued through each cuBLAS path ([`CudaDevice::product_paths`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProductPaths {
+    /// Through cuBLASLt with a cached plan.
+    pub lt: u64,
+    /// Through `cublasGemmStridedBatchedEx` (f64, or no cuBLASLt algorithm for the shape).
+    pub classic: u64,
 }
 
 /// An event recorded on a device's stream ([`CudaDevice::record`]).

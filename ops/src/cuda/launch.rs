@@ -36,7 +36,7 @@ pub fn rows(rows: usize, cols: usize) -> Launch {
 }
 
 /// The cuBLAS call of one (batched) row-major product, in cuBLAS's column-major terms.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmShape {
     /// cuBLAS `m` (our `n`).
     pub m: i32,
@@ -66,6 +66,11 @@ pub fn gemm_shape(a: &[usize], b: &[usize], transpose: (bool, bool)) -> crate::R
     let n = if transpose.1 { b[rb - 2] } else { b[rb - 1] };
     let a_batches: usize = a[..ra - 2].iter().product();
     let b_batches: usize = b[..rb - 2].iter().product();
+    if ra > 2 && rb == 2 && !transpose.0 {
+        // A batched `a` against a shared `b`: the batches' rows are one `[batches·m, k]` matrix,
+        // so the product is one matrix product (a linear layer over every token at once).
+        return gemm_shape(&[a_batches * m, k], b, transpose);
+    }
     let batches = if ra > 2 { a_batches } else { b_batches };
     let product = RowMajorProduct {
         sizes: (m, n, k),
@@ -129,6 +134,31 @@ impl RowMajorProduct {
     }
 }
 
+/// `Σ_b a_bᵀ · b_b` over contiguous batches of equal count is one product contracting over
+/// `batches · k`: the weight gradient of a batched linear layer, `xᵀ · dy` over every token,
+/// as one product instead of one per batch.
+pub fn folded_sum_batch(
+    a: &[usize],
+    b: &[usize],
+    transpose: (bool, bool),
+    sum_batch: bool,
+) -> Option<RowMajorProduct> {
+    let (ra, rb) = (a.len(), b.len());
+    if !sum_batch || transpose != (true, false) || ra < 3 || a[..ra - 2] != b[..rb.max(2) - 2] {
+        return None;
+    }
+    let batches: usize = a[..ra - 2].iter().product();
+    let (k, m, n) = (a[ra - 2], a[ra - 1], b[rb - 1]);
+    Some(RowMajorProduct {
+        sizes: (m, n, batches * k),
+        transpose,
+        a: Operand { row: m, batch: 0 },
+        b: Operand { row: n, batch: 0 },
+        y: Operand { row: n, batch: 0 },
+        batches: 1,
+    })
+}
+
 /// The column pass of the norms' gradient over `rows × cols`: blocks of
 /// `COLUMN_TILE × ROW_LANES` threads, one per (column tile, chunk of rows), enough chunks for
 /// about [`BLOCKS_PER_MULTIPROCESSOR`] blocks per multiprocessor, each chunk at least
@@ -164,12 +194,16 @@ mod tests {
         assert_eq!((shape.transpose_first, shape.transpose_second), (false, false));
         assert_eq!(shape.leading, (5, 3, 5));
         assert_eq!((shape.strides, shape.batches), ((0, 0, 10), 1));
-        // Batched a[4,2,3] against a shared bᵀ stored [5,3].
+        // Batched a[4,2,3] against a shared bᵀ stored [5,3]: one product of a[8,3].
         let shape = gemm_shape(&[4, 2, 3], &[5, 3], (false, true)).expect("valid");
-        assert_eq!((shape.m, shape.n, shape.k), (5, 2, 3));
+        assert_eq!((shape.m, shape.n, shape.k), (5, 8, 3));
         assert!(shape.transpose_first && !shape.transpose_second);
         assert_eq!(shape.leading, (3, 3, 5));
-        assert_eq!((shape.strides, shape.batches), ((0, 6, 10), 4));
+        assert_eq!((shape.strides, shape.batches), ((0, 0, 40), 1));
+        // A shared a[2,3] against a batched b[4,3,5] stays batched.
+        let shape = gemm_shape(&[2, 3], &[4, 3, 5], (false, false)).expect("valid");
+        assert_eq!((shape.m, shape.n, shape.k, shape.batches), (5, 2, 3, 4));
+        assert_eq!(shape.strides, (15, 0, 10));
         // aᵀ stored [3,2], both batched.
         let shape = gemm_shape(&[4, 3, 2], &[4, 3, 5], (true, false)).expect("valid");
         assert_eq!(shape.leading, (5, 2, 5));
@@ -195,6 +229,41 @@ mod tests {
         assert_eq!((shape.strides, shape.batches), ((4, 4, 100), 4));
         let huge = RowMajorProduct { sizes: (1 << 31, 1, 1), ..scores };
         assert!(huge.shape("causal_attention").is_err());
+    }
+
+    /// `y = op(a) · op(b)` of a row-major product on the host (one batch).
+    fn host_product(product: &RowMajorProduct, a: &[f64], b: &[f64]) -> Vec<f64> {
+        let (m, n, k) = product.sizes;
+        let at = |i: usize, l: usize| match product.transpose.0 {
+            true => a[l * product.a.row + i],
+            false => a[i * product.a.row + l],
+        };
+        let bt = |l: usize, j: usize| match product.transpose.1 {
+            true => b[j * product.b.row + l],
+            false => b[l * product.b.row + j],
+        };
+        (0..m * n).map(|ij| (0..k).map(|l| at(ij / n, l) * bt(l, ij % n)).sum()).collect()
+    }
+
+    #[test]
+    fn a_weight_gradient_over_batches_is_one_product() {
+        // dW = Σ_b x_bᵀ · dy_b, x [3, 4, 5], dy [3, 4, 2]: one product of [5, 12] · [12, 2].
+        let x: Vec<f64> = (0..60).map(|i| (i * 7 % 11) as f64 - 5.0).collect();
+        let dy: Vec<f64> = (0..24).map(|i| (i * 5 % 7) as f64 - 3.0).collect();
+        let folded = folded_sum_batch(&[3, 4, 5], &[3, 4, 2], (true, false), true).expect("folds");
+        assert_eq!((folded.sizes, folded.batches), ((5, 2, 12), 1));
+        let one = RowMajorProduct { sizes: (5, 2, 4), ..folded };
+        let mut expected = vec![0.0; 10];
+        for batch in 0..3 {
+            let part = host_product(&one, &x[batch * 20..], &dy[batch * 8..]);
+            expected.iter_mut().zip(part).for_each(|(e, p)| *e += p);
+        }
+        assert_eq!(host_product(&folded, &x, &dy), expected);
+        let shape = folded.shape("matmul_sum_batch").expect("fits");
+        assert_eq!((shape.m, shape.n, shape.k, shape.leading), (2, 5, 12, (2, 5, 2)));
+        assert!(folded_sum_batch(&[3, 4, 5], &[3, 4, 2], (false, false), true).is_none());
+        assert!(folded_sum_batch(&[3, 4, 5], &[2, 4, 2], (true, false), true).is_none());
+        assert!(folded_sum_batch(&[3, 4, 5], &[3, 4, 2], (true, false), false).is_none());
     }
 
     #[test]

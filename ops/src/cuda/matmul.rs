@@ -14,7 +14,7 @@ use cudarc::cublas::sys::{
 };
 
 use super::kernels::{output, pointer};
-use super::launch::{gemm_shape, GemmShape};
+use super::launch::{folded_sum_batch, gemm_shape, GemmShape};
 use super::{downcast, CudaDevice};
 use crate::ops::matmul::{MatMul, MatMulSumBatch};
 use crate::{DType, Error, Op, Result, Tensor, TensorMeta};
@@ -40,6 +40,16 @@ pub(super) fn product(
         return Ok(vec![y]);
     }
     let pointers = (pointer(b)?, pointer(a)?, pointer(&y)?);
+    if let Some(folded) = folded_sum_batch(a.dims(), b.dims(), transpose, sum_batch) {
+        return gemm(
+            device,
+            Types::same(meta.dtype),
+            folded.shape("matmul_sum_batch")?,
+            pointers,
+            (1.0, 0.0),
+        )
+        .map(|()| vec![y]);
+    }
     if sum_batch {
         // Σ_b: one product per batch, accumulating into y (beta = 1 after the first).
         let size = meta.dtype.size() as u64;
@@ -94,8 +104,35 @@ impl Types {
 }
 
 /// One strided batched product `C = alpha·A·B + beta·C` on the device's stream, computed in
-/// f64 for f64 operands and in f32 (on tensor cores for 16-bit operands) otherwise.
+/// f64 for f64 operands and in f32 (on tensor cores for 16-bit operands) otherwise: through
+/// cuBLASLt ([`super::lt`]) where it has an algorithm for the shape, else through
+/// `cublasGemmStridedBatchedEx`.
 pub(super) fn gemm(
+    device: &CudaDevice,
+    types: Types,
+    shape: GemmShape,
+    pointers: (u64, u64, u64),
+    (alpha, beta): (f64, f64),
+) -> Result<()> {
+    if let (Some(lt), false) = (device.lt(), types.inputs == DType::F64) {
+        let issued =
+            lt.product(types, shape, pointers, (alpha as f32, beta as f32)).map_err(|e| {
+                Error::Device {
+                    device: device.device().to_string(),
+                    reason: format!("cublasLtMatmul: {e:?}"),
+                }
+            })?;
+        if issued {
+            device.count_product(true);
+            return Ok(());
+        }
+    }
+    device.count_product(false);
+    classic_gemm(device, types, shape, pointers, (alpha, beta))
+}
+
+/// [`gemm`] through `cublasGemmStridedBatchedEx`.
+fn classic_gemm(
     device: &CudaDevice,
     types: Types,
     shape: GemmShape,

@@ -53,6 +53,8 @@ mod kernels;
 #[cfg(feature = "cuda")]
 mod libraries;
 #[cfg(feature = "cuda")]
+mod lt;
+#[cfg(feature = "cuda")]
 mod matmul;
 #[cfg(feature = "cuda")]
 mod nn;
@@ -60,11 +62,11 @@ mod nn;
 mod stub;
 
 #[cfg(feature = "cuda")]
-pub use device::{compile_cubin, CudaDevice, CudaStorage, DeviceEvent};
+pub use device::{compile_cubin, CudaDevice, CudaStorage, DeviceEvent, ProductPaths};
 #[cfg(feature = "cuda")]
 pub use libraries::{check_libraries, device_count};
 #[cfg(not(feature = "cuda"))]
-pub use stub::{check_libraries, device_count, CudaDevice, CudaStorage, DeviceEvent};
+pub use stub::{check_libraries, device_count, CudaDevice, CudaStorage, DeviceEvent, ProductPaths};
 
 #[cfg(any(feature = "cuda", test))]
 use std::any::{Any, TypeId};

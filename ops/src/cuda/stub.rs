@@ -77,6 +77,20 @@ impl CudaDevice {
     pub fn pool_stats(&self) -> PoolStats {
         match self.never {}
     }
+
+    /// Products issued through each cuBLAS path.
+    pub fn product_paths(&self) -> ProductPaths {
+        match self.never {}
+    }
+}
+
+/// Products a device issued through each cuBLAS path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProductPaths {
+    /// Through cuBLASLt.
+    pub lt: u64,
+    /// Through the classic cuBLAS call.
+    pub classic: u64,
 }
 
 impl DeviceEvent {
