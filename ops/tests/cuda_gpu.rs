@@ -346,6 +346,8 @@ fn every_op_on_the_gpu_matches_the_cpu() {
         .collect();
     println!("GPU-CHECK ops not exercised: {unseen:?}");
     println!("GPU-CHECK ops native on the GPU: all {} (no host fallback exists)", KERNELS.len());
+    let refusal = device.product_refusal();
+    println!("GPU-CHECK ops products: {:?} {refusal:?}", device.product_paths());
     assert!(unseen.is_empty(), "the program misses {unseen:?}");
 }
 
@@ -390,7 +392,8 @@ fn matmul_throughput() {
             });
             let tflops = 2.0 * (n as f64).powi(3) / seconds / 1e12;
             println!("GPU-CHECK matmul meshflow {} {n} {tflops:.1} TFLOP/s", dtype.name());
-            println!("GPU-CHECK matmul paths so far: {:?}", device.product_paths());
+            let refusal = device.product_refusal();
+            println!("GPU-CHECK matmul paths so far: {:?} {refusal:?}", device.product_paths());
         }
     }
 }

@@ -7,6 +7,10 @@
 #   scripts/gpu-check/pack.sh [release|dev]     # default release; packs into .gpu/
 #   .gpu/run.sh                                 # on the GPU machine (see run.sh)
 #
+# Through the device tool (.gpu is git-ignored, so it travels only when carried; the pack and
+# the tracked tree together stay under the tool's 64 MiB): run with command ".gpu/run.sh",
+# carry [".gpu"], timeout_s 480. run.sh keeps to its 420 s budget and writes its 4 logs to $OUT.
+#
 # Where libnvrtc is loadable here (e.g. NVRTC_LIB_DIR=<the nvidia-cuda-nvrtc wheel's lib folder>),
 # it first compiles every generated kernel to a CUBIN for sm_90 and sm_80 (no GPU needed).
 set -euo pipefail

@@ -50,8 +50,9 @@ struct Inner {
     functions: Mutex<HashMap<Spec, CudaFunction>>,
     /// cuBLASLt, when its handle and workspace could be made.
     lt: Option<Lt>,
-    /// Products issued through cuBLASLt and through the classic cuBLAS call.
-    paths: [AtomicU64; 2],
+    /// Products issued through cuBLASLt, classically for want of a plan, classically after
+    /// cuBLASLt refused the call.
+    paths: [AtomicU64; 3],
     architecture: (i32, i32),
     multiprocessors: usize,
 }
@@ -101,7 +102,7 @@ impl CudaDevice {
             staging: Mutex::new(None),
             functions: Mutex::new(HashMap::new()),
             lt,
-            paths: [AtomicU64::new(0), AtomicU64::new(0)],
+            paths: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
             architecture,
             multiprocessors: multiprocessors.max(1) as usize,
         };
@@ -301,15 +302,25 @@ impl CudaDevice {
         self.inner.lt.as_ref()
     }
 
-    /// Counts a product issued through cuBLASLt (`true`) or the classic cuBLAS call.
-    pub(super) fn count_product(&self, through_lt: bool) {
-        self.inner.paths[usize::from(!through_lt)].fetch_add(1, Ordering::Relaxed);
+    /// Counts a product by how cuBLASLt took it.
+    pub(super) fn count_product(&self, issued: &lt::Issued) {
+        let path = match issued {
+            lt::Issued::Lt => 0,
+            lt::Issued::NoPlan => 1,
+            lt::Issued::Refused => 2,
+        };
+        self.inner.paths[path].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The first product cuBLASLt refused on this device (its status and shape), if any.
+    pub fn product_refusal(&self) -> Option<String> {
+        self.lt().and_then(Lt::refusal).map(str::to_string)
     }
 
     /// How many products this device issued through each path.
     pub fn product_paths(&self) -> ProductPaths {
-        let [lt, classic] = &self.inner.paths;
-        ProductPaths { lt: lt.load(Ordering::Relaxed), classic: classic.load(Ordering::Relaxed) }
+        let [lt, classic, refused] = self.inner.paths.each_ref().map(|n| n.load(Ordering::Relaxed));
+        ProductPaths { lt, classic: classic + refused, refused }
     }
 
     pub(super) fn cu_stream(&self) -> cudarc::driver::sys::CUstream {
@@ -326,8 +337,11 @@ impl CudaDevice {
 pub struct ProductPaths {
     /// Through cuBLASLt with a cached plan.
     pub lt: u64,
-    /// Through `cublasGemmStridedBatchedEx` (f64, or no cuBLASLt algorithm for the shape).
+    /// Through `cublasGemmStridedBatchedEx` (f64, no cuBLASLt algorithm for the shape, or
+    /// refused by cuBLASLt).
     pub classic: u64,
+    /// Of `classic`, those cuBLASLt refused at launch (their shapes stay classic afterwards).
+    pub refused: u64,
 }
 
 /// An event recorded on a device's stream ([`CudaDevice::record`]).

@@ -41,6 +41,16 @@ pub(super) fn alignment(offsets: &[u64]) -> u32 {
     })
 }
 
+/// How [`Lt::product`] went.
+pub(super) enum Issued {
+    /// Enqueued through cuBLASLt.
+    Lt,
+    /// cuBLASLt has no algorithm for the product.
+    NoPlan,
+    /// cuBLASLt refused the call (nothing was enqueued; [`Lt::refusal`] keeps the first reason).
+    Refused,
+}
+
 /// What a plan depends on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct PlanKey {
@@ -59,6 +69,8 @@ pub(super) struct Lt {
     stream: Arc<CudaStream>,
     /// `None` for a key the heuristic had no algorithm for.
     plans: Mutex<HashMap<PlanKey, Option<Arc<Plan>>>>,
+    /// The first call cuBLASLt refused, and why.
+    refusal: std::sync::OnceLock<String>,
 }
 
 // SAFETY: a cuBLASLt handle may be used from any thread; every call through this one is issued
@@ -82,24 +94,49 @@ impl Lt {
         let workspace = unsafe { stream.alloc::<u8>(workspace_bytes) }.ok()?;
         let handle = lt::create_handle().ok()?;
         let plans = Mutex::new(HashMap::new());
-        Some(Lt { handle, workspace, workspace_bytes, stream, plans })
+        let refusal = std::sync::OnceLock::new();
+        Some(Lt { handle, workspace, workspace_bytes, stream, plans, refusal })
     }
 
-    /// Issues `C = alpha·op(A)·op(B) + beta·C` (the classic call's arguments) on the stream.
-    /// `Ok(false)`: no cuBLASLt algorithm serves this product, the caller takes another path.
+    /// Issues `C = alpha·op(A)·op(B) + beta·C` (the classic call's arguments) on the stream, or
+    /// says why it did not: no algorithm for the shape, or cuBLASLt refused the call (nothing was
+    /// enqueued; the key then goes to the classic path from now on).
     pub(super) fn product(
         &self,
         types: Types,
         shape: GemmShape,
+        pointers: (u64, u64, u64),
+        scalars: (f32, f32),
+    ) -> Issued {
+        let key = self.key(types, shape, pointers);
+        let Some(plan) = self.plan(key) else { return Issued::NoPlan };
+        match self.launch(&plan, pointers, scalars) {
+            Ok(()) => Issued::Lt,
+            Err(error) => {
+                self.lock_plans().insert(key, None);
+                let _ = self.refusal.set(format!("{error:?} for {key:?}"));
+                Issued::Refused
+            }
+        }
+    }
+
+    /// The first call cuBLASLt refused (its status and the product's key), if any.
+    pub(super) fn refusal(&self) -> Option<&str> {
+        self.refusal.get().map(String::as_str)
+    }
+
+    fn key(
+        &self,
+        types: Types,
+        shape: GemmShape,
         (first, second, result): (u64, u64, u64),
-        (alpha, beta): (f32, f32),
-    ) -> Result<bool, CublasError> {
+    ) -> PlanKey {
         // Batch strides move the operands only when there are several batches.
         let batched = u64::from(shape.batches > 1);
         let bytes = |pointer: u64, stride: i64, dtype: DType| {
             [pointer, batched * stride.unsigned_abs() * dtype.size() as u64]
         };
-        let key = PlanKey {
+        PlanKey {
             shape,
             inputs: types.inputs,
             output: types.output,
@@ -108,8 +145,15 @@ impl Lt {
                 alignment(&bytes(second, shape.strides.1, types.inputs)),
                 alignment(&bytes(result, shape.strides.2, types.output)),
             ],
-        };
-        let Some(plan) = self.plan(key) else { return Ok(false) };
+        }
+    }
+
+    fn launch(
+        &self,
+        plan: &Plan,
+        (first, second, result): (u64, u64, u64),
+        (alpha, beta): (f32, f32),
+    ) -> Result<(), CublasError> {
         let (workspace, _record) = self.workspace.device_ptr(&self.stream);
         // SAFETY: the pointers address live device buffers holding the operands and the result
         // in the layouts of the plan (the caller's shapes); alpha and beta are host scalars read
@@ -133,12 +177,15 @@ impl Lt {
                 self.workspace_bytes,
                 self.stream.cu_stream() as _,
             )
-        }?;
-        Ok(true)
+        }
+    }
+
+    fn lock_plans(&self) -> std::sync::MutexGuard<'_, HashMap<PlanKey, Option<Arc<Plan>>>> {
+        self.plans.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn plan(&self, key: PlanKey) -> Option<Arc<Plan>> {
-        let mut plans = self.plans.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut plans = self.lock_plans();
         if let Some(plan) = plans.get(&key) {
             return plan.clone();
         }

@@ -15,6 +15,7 @@ use cudarc::cublas::sys::{
 
 use super::kernels::{output, pointer};
 use super::launch::{folded_sum_batch, gemm_shape, GemmShape};
+use super::lt::Issued;
 use super::{downcast, CudaDevice};
 use crate::ops::matmul::{MatMul, MatMulSumBatch};
 use crate::{DType, Error, Op, Result, Tensor, TensorMeta};
@@ -105,8 +106,8 @@ impl Types {
 
 /// One strided batched product `C = alpha·A·B + beta·C` on the device's stream, computed in
 /// f64 for f64 operands and in f32 (on tensor cores for 16-bit operands) otherwise: through
-/// cuBLASLt ([`super::lt`]) where it has an algorithm for the shape, else through
-/// `cublasGemmStridedBatchedEx`.
+/// cuBLASLt ([`super::lt`]) where it has an algorithm for the shape and takes the call, else
+/// through `cublasGemmStridedBatchedEx`.
 pub(super) fn gemm(
     device: &CudaDevice,
     types: Types,
@@ -114,20 +115,16 @@ pub(super) fn gemm(
     pointers: (u64, u64, u64),
     (alpha, beta): (f64, f64),
 ) -> Result<()> {
-    if let (Some(lt), false) = (device.lt(), types.inputs == DType::F64) {
-        let issued =
-            lt.product(types, shape, pointers, (alpha as f32, beta as f32)).map_err(|e| {
-                Error::Device {
-                    device: device.device().to_string(),
-                    reason: format!("cublasLtMatmul: {e:?}"),
-                }
-            })?;
-        if issued {
-            device.count_product(true);
-            return Ok(());
+    let issued = match (device.lt(), types.inputs) {
+        (Some(lt), inputs) if inputs != DType::F64 => {
+            lt.product(types, shape, pointers, (alpha as f32, beta as f32))
         }
+        _ => Issued::NoPlan,
+    };
+    device.count_product(&issued);
+    if matches!(issued, Issued::Lt) {
+        return Ok(());
     }
-    device.count_product(false);
     classic_gemm(device, types, shape, pointers, (alpha, beta))
 }
 

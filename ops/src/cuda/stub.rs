@@ -82,6 +82,11 @@ impl CudaDevice {
     pub fn product_paths(&self) -> ProductPaths {
         match self.never {}
     }
+
+    /// The first product cuBLASLt refused.
+    pub fn product_refusal(&self) -> Option<String> {
+        match self.never {}
+    }
 }
 
 /// Products a device issued through each cuBLAS path.
@@ -91,6 +96,8 @@ pub struct ProductPaths {
     pub lt: u64,
     /// Through the classic cuBLAS call.
     pub classic: u64,
+    /// Of `classic`, those cuBLASLt refused.
+    pub refused: u64,
 }
 
 impl DeviceEvent {
