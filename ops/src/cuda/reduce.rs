@@ -428,6 +428,9 @@ mod tests {
         assert_eq!((runs[0].pass, runs[0].outputs, runs[0].count), (Pass::Rows, 50, 42));
         let runs = check("sum", &[6, 50, 7], &[0, 1], 132);
         assert_eq!((runs[0].pass, runs[0].outputs, runs[0].reduced.rank), (Pass::Columns, 7, 1));
+        // The middle axis of three: outputs in two kept axes, 32 columns per tile across them.
+        let runs = check("max", &[2, 70, 48], &[1], 132);
+        assert_eq!((runs[0].pass, runs[0].kept.rank, runs[0].outputs), (Pass::Columns, 2, 96));
         let runs = check("max", &[1, 5, 1, 4], &[0, 3], 8);
         assert_eq!((runs[0].outputs, runs[0].count, runs[0].kept.rank), (5, 4, 1));
         // Size-one reduced axes: each output is one element.
