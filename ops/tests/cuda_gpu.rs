@@ -394,6 +394,16 @@ fn matmul_throughput() {
             println!("GPU-CHECK matmul meshflow {} {n} {tflops:.1} TFLOP/s", dtype.name());
             let refusal = device.product_refusal();
             println!("GPU-CHECK matmul paths so far: {:?} {refusal:?}", device.product_paths());
+            if dtype == DType::BF16 && n == 8192 {
+                // The classic cuBLAS call on the same operands, for comparison with cuBLASLt.
+                device.set_cublaslt(false);
+                let seconds = seconds_per_call(&device, || {
+                    drop(device.forward(&product, &inputs).expect("matmul"));
+                });
+                device.set_cublaslt(true);
+                let tflops = 2.0 * (n as f64).powi(3) / seconds / 1e12;
+                println!("GPU-CHECK matmul meshflow-classic bf16 {n} {tflops:.1} TFLOP/s");
+            }
         }
     }
 }

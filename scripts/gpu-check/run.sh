@@ -80,8 +80,8 @@ echo "== summary after $SECONDS s" | tee -a "$log"
 grep -h '^GPU-CHECK' "$log" | grep -v '^GPU-CHECK part ' | sort -u | tee -a "$summary"
 # Ratios: "GPU-CHECK matmul <who> <dtype> <n> <tflops> TFLOP/s".
 awk '$2 == "matmul" && $7 == "TFLOP/s" { t[$3 " " $4 " " $5] = $6 }
-     END { for (k in t) { split(k, p, " "); if (p[1] == "meshflow" && (("torch " p[2] " " p[3]) in t))
-             printf "GPU-CHECK ratio matmul %s %s: meshflow/torch = %.3f (goal bf16 >= 0.9)\n", p[2], p[3], t[k] / t["torch " p[2] " " p[3]] } }' \
+     END { for (k in t) { split(k, p, " "); if (p[1] ~ /^meshflow/ && (("torch " p[2] " " p[3]) in t))
+             printf "GPU-CHECK ratio matmul %s %s: %s/torch = %.3f (goal bf16 >= 0.9)\n", p[2], p[3], p[1], t[k] / t["torch " p[2] " " p[3]] } }' \
   "$log" | sort | tee -a "$log" "$summary"
 # Ratios: "GPU-CHECK gpt step <who> <dtype> <ms> ms"; the step time is the goal (<= 0.8x eager).
 awk '$2 == "gpt" && $3 == "step" { t[$4 " " $5] = $6 }

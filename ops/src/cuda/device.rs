@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::cublas::CudaBlas;
@@ -50,6 +50,8 @@ struct Inner {
     functions: Mutex<HashMap<Spec, CudaFunction>>,
     /// cuBLASLt, when its handle and workspace could be made.
     lt: Option<Lt>,
+    /// Whether products may use `lt` ([`CudaDevice::set_cublaslt`]).
+    lt_enabled: AtomicBool,
     /// Products issued through cuBLASLt, classically for want of a plan, classically after
     /// cuBLASLt refused the call.
     paths: [AtomicU64; 3],
@@ -102,6 +104,7 @@ impl CudaDevice {
             staging: Mutex::new(None),
             functions: Mutex::new(HashMap::new()),
             lt,
+            lt_enabled: AtomicBool::new(true),
             paths: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
             architecture,
             multiprocessors: multiprocessors.max(1) as usize,
@@ -298,8 +301,15 @@ impl CudaDevice {
         &self.inner.blas
     }
 
+    /// cuBLASLt, when it exists and is enabled.
     pub(super) fn lt(&self) -> Option<&Lt> {
-        self.inner.lt.as_ref()
+        self.inner.lt.as_ref().filter(|_| self.inner.lt_enabled.load(Ordering::Relaxed))
+    }
+
+    /// Whether products may go through cuBLASLt (the default) or all through
+    /// `cublasGemmStridedBatchedEx`: for comparing the two paths on one device.
+    pub fn set_cublaslt(&self, enabled: bool) {
+        self.inner.lt_enabled.store(enabled, Ordering::Relaxed);
     }
 
     /// Counts a product by how cuBLASLt took it.

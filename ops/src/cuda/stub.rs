@@ -83,6 +83,11 @@ impl CudaDevice {
         match self.never {}
     }
 
+    /// Whether products may go through cuBLASLt.
+    pub fn set_cublaslt(&self, _enabled: bool) {
+        match self.never {}
+    }
+
     /// The first product cuBLASLt refused.
     pub fn product_refusal(&self) -> Option<String> {
         match self.never {}
