@@ -54,6 +54,20 @@ pub struct QuicConfig {
     /// Bytes of freed receive buffers the transport keeps for reuse (a received tensor's
     /// storage returns to it when the tensor is dropped). Default 256 MiB.
     pub receive_pool_bytes: usize,
+    /// How long a thread outside the runtime that waits for a transport operation (a device
+    /// thread in a collective) polls before it sleeps: a sleeping thread's wake-up costs about
+    /// as much as a small message's whole path on loopback. Default 100 µs, or
+    /// [`WAIT_SPIN_VARIABLE`] (microseconds; 0 sleeps at once, as tokio's `block_on`).
+    pub wait_spin: Duration,
+}
+
+/// The environment variable that replaces [`QuicConfig::wait_spin`]'s default (microseconds).
+pub const WAIT_SPIN_VARIABLE: &str = "MESHFLOW_QUIC_WAIT_SPIN_US";
+
+/// The default spin of a waiting thread: [`WAIT_SPIN_VARIABLE`] where set, else 100 µs.
+fn default_wait_spin() -> Duration {
+    let micros = std::env::var(WAIT_SPIN_VARIABLE).ok().and_then(|text| text.trim().parse().ok());
+    Duration::from_micros(micros.unwrap_or(100))
 }
 
 impl Default for QuicConfig {
@@ -73,6 +87,7 @@ impl Default for QuicConfig {
             max_frame_bytes: 2 << 30,
             worker_threads: 2,
             receive_pool_bytes: 256 << 20,
+            wait_spin: default_wait_spin(),
         }
     }
 }

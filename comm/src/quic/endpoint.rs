@@ -117,10 +117,11 @@ impl QuicEndpoint {
         }
     }
 
-    /// Runs a future on the endpoint's runtime from a thread outside it (a device thread).
+    /// Runs a future on the endpoint's runtime from a thread outside it (a device thread),
+    /// polling for up to [`QuicConfig::wait_spin`] after each pending poll before it sleeps.
     /// Must not be called from inside an async task.
     pub fn block_on<F: Future>(&self, future: F) -> F::Output {
-        self.runtime().block_on(future)
+        super::wait::wait(&self.runtime(), self.inner.config.wait_spin, future)
     }
 
     /// Dials `address` and authenticates; the peer's rank is what it proved.

@@ -28,10 +28,13 @@ pub mod auth;
 mod config;
 mod endpoint;
 mod secret;
+mod timings;
 mod tls;
 mod transport;
+mod wait;
 
-pub use config::QuicConfig;
+pub use config::{QuicConfig, WAIT_SPIN_VARIABLE};
 pub use endpoint::{AuthenticatedConnection, QuicEndpoint};
 pub use secret::{JobSecret, MIN_SECRET_BYTES};
+pub use timings::TIMES_VARIABLE;
 pub use transport::QuicTransport;

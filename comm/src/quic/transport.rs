@@ -19,6 +19,7 @@ use meshflow_ops::{CpuStorage, Storage, Tensor, TensorMeta};
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::Notify;
 
+use super::timings::OperationLog;
 use super::{AuthenticatedConnection, QuicEndpoint};
 use crate::transport::{Arrived, Delivery};
 use crate::{frame, Channel, Error, Message, Piece, Rank, Result, Transport};
@@ -33,6 +34,8 @@ pub struct QuicTransport {
     /// Storage of received payloads: a message dropped by its reader gives its buffer back for
     /// the next one, so a receive neither zero-fills nor page-faults fresh memory.
     buffers: Arc<BufferPool>,
+    /// Timestamps of the blocking operations, when [`super::TIMES_VARIABLE`] is set.
+    log: Option<OperationLog>,
 }
 
 struct PeerLink {
@@ -103,7 +106,8 @@ impl QuicTransport {
             *slot = Some(link);
         }
         let buffers = Arc::new(BufferPool::new(endpoint.config().receive_pool_bytes));
-        Ok(QuicTransport { endpoint, world_size, links, buffers })
+        let log = OperationLog::from_environment(endpoint.rank());
+        Ok(QuicTransport { endpoint, world_size, links, buffers, log })
     }
 
     /// The endpoint underneath.
@@ -171,6 +175,9 @@ impl Drop for QuicTransport {
     /// until the peers acknowledged the data, so the last messages are not lost when the process
     /// exits right after sending them. Inside an async context it cannot wait and only finishes.
     fn drop(&mut self) {
+        if let Some(log) = &self.log {
+            log.write();
+        }
         let slots: Vec<_> = self
             .links
             .iter()
@@ -211,11 +218,15 @@ impl Transport for QuicTransport {
     }
 
     fn send(&self, peer: Rank, channel: Channel, message: Message) -> Result<()> {
-        self.endpoint.block_on(self.transmit(channel, whole(peer, message)))
+        OperationLog::timed(self.log.as_ref(), "send", || {
+            self.endpoint.block_on(self.transmit(channel, whole(peer, message)))
+        })
     }
 
     fn recv(&self, peer: Rank, channel: Channel) -> Result<Message> {
-        self.endpoint.block_on(self.receive(peer, channel))
+        OperationLog::timed(self.log.as_ref(), "recv", || {
+            self.endpoint.block_on(self.receive(peer, channel))
+        })
     }
 
     fn exchange(
@@ -230,9 +241,11 @@ impl Transport for QuicTransport {
             .collect();
         let receives: Vec<BoxedFuture<'_, Message>> =
             receives.iter().map(|&peer| self.receive(peer, channel)).collect();
-        self.endpoint.block_on(async {
-            let (_, messages) = tokio::try_join!(join_all(sends), join_all(receives))?;
-            Ok(messages)
+        OperationLog::timed(self.log.as_ref(), "exchange", || {
+            self.endpoint.block_on(async {
+                let (_, messages) = tokio::try_join!(join_all(sends), join_all(receives))?;
+                Ok(messages)
+            })
         })
     }
 
@@ -259,7 +272,9 @@ impl Transport for QuicTransport {
             }
             Ok(())
         };
-        self.endpoint.block_on(async { tokio::try_join!(sending, receiving).map(|_| ()) })
+        OperationLog::timed(self.log.as_ref(), "stream", || {
+            self.endpoint.block_on(async { tokio::try_join!(sending, receiving).map(|_| ()) })
+        })
     }
 }
 
