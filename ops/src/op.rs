@@ -31,6 +31,13 @@ pub trait Op: std::any::Any + fmt::Debug + Send + Sync {
     /// Computes the outputs from concrete inputs on their device.
     fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>>;
 
+    /// [`Op::forward`] on inputs the caller gives up: an op may write an output into the
+    /// storage of an input it holds the only reference to ([`Tensor::is_unique`]), updating it
+    /// in place. The default borrows them.
+    fn forward_owned(&self, ctx: &Context, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        self.forward(ctx, &inputs)
+    }
+
     /// The 1-D SBP signatures under which running the op on every shard is exact.
     /// The all-Broadcast signature is always among them.
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature>;

@@ -260,6 +260,27 @@ impl Tensor {
         Ok(host_unique(&mut self.storage)?.bytes_mut())
     }
 
+    /// True when this tensor holds the only reference to its host storage: writing it through
+    /// [`Tensor::as_mut_slice`] then updates it in place, with no copy. (Nothing else can take
+    /// a reference meanwhile: that needs this tensor.)
+    pub fn is_unique(&self) -> bool {
+        Arc::strong_count(&self.storage) == 1
+            && Arc::weak_count(&self.storage) == 0
+            && matches!(*self.storage, Storage::Cpu(_))
+    }
+
+    /// Storage for an output of `meta` that a kernel overwrites element by element: this
+    /// tensor's own when it holds the only reference to host storage of `meta.bytes()` bytes
+    /// (`true`: it keeps its values until overwritten, so the kernel may read each element
+    /// before writing it), else fresh storage from `ctx`'s pool as [`Tensor::for_overwrite`]
+    /// gives (`false`: the kernel reads its input elsewhere).
+    pub fn into_unique_or_overwrite(self, ctx: &Context, meta: TensorMeta) -> (Tensor, bool) {
+        if self.is_unique() && self.storage.len() == meta.bytes() {
+            return (Tensor { meta, storage: self.storage }, true);
+        }
+        (Tensor::for_overwrite(ctx, meta.shape, meta.dtype), false)
+    }
+
     /// The same storage under another shape with the same number of elements.
     pub fn reshaped(&self, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();
@@ -291,5 +312,41 @@ fn host_unique(storage: &mut Arc<Storage>) -> Result<&mut CpuStorage> {
     match Arc::get_mut(storage).expect("storage was just made unique") {
         Storage::Cpu(cpu) => Ok(cpu),
         Storage::Cuda(gpu) => Err(gpu.not_on_host()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn address(t: &Tensor) -> usize {
+        t.bytes().expect("host").as_ptr() as usize
+    }
+
+    #[test]
+    fn a_unique_tensor_lends_its_storage_to_an_output_of_its_size() {
+        let ctx = Context::single_thread();
+        let t = Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0], [2, 2]).expect("tensor");
+        assert!(t.is_unique());
+        let at = address(&t);
+        let (out, reused) = t.into_unique_or_overwrite(&ctx, TensorMeta::new([4], DType::I32));
+        assert!(reused);
+        assert_eq!((address(&out), out.dims(), out.dtype()), (at, &[4][..], DType::I32));
+        assert_eq!(out.to_vec::<i32>().expect("i32")[1], 2.0f32.to_bits() as i32);
+    }
+
+    #[test]
+    fn a_shared_or_resized_tensor_gets_fresh_storage() {
+        let ctx = Context::single_thread();
+        let t = Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0], [4]).expect("tensor");
+        let view = t.reshaped([2, 2]).expect("view");
+        assert!(!t.is_unique() && !view.is_unique());
+        let (out, reused) = view.into_unique_or_overwrite(&ctx, TensorMeta::new([4], DType::F32));
+        assert!(!reused);
+        assert_ne!(address(&out), address(&t));
+        assert_eq!(t.to_vec::<f32>().expect("f32"), [1.0, 2.0, 3.0, 4.0]);
+        let (out, reused) = t.into_unique_or_overwrite(&ctx, TensorMeta::new([2], DType::F32));
+        assert!(!reused);
+        assert_eq!(out.dims(), &[2]);
     }
 }

@@ -20,6 +20,7 @@ use super::gpu_events::{crossing_actors, EventWatcher};
 use super::worker::{RunRequest, Worker};
 use crate::compile::actors::{layout_ranks, ActorProgram, ActorWork, Phase, Work};
 use crate::compile::{Program, Slot, Step};
+use crate::graph::Source;
 use crate::{Error, Result};
 
 /// Where a shard of the step in flight lives: its slot and piece.
@@ -46,6 +47,9 @@ pub struct Compiled {
     frees: Vec<Vec<Key>>,
     /// Per actor, true when a consumer of its outputs runs on another device thread.
     crossing: Vec<bool>,
+    /// Variables a step may take out of a worker's keeping (see [`Compiled::moves`]): by
+    /// name, the slot of its leaf and the slot it is assigned from.
+    movable: HashMap<String, (Slot, Slot)>,
 }
 
 impl Compiled {
@@ -63,7 +67,9 @@ impl Compiled {
             }
         }
         let crossing = crossing_actors(&lowered.plan);
+        let movable = movable_variables(&program, &assign);
         let mut compiled = Compiled {
+            movable,
             crossing,
             program,
             lowered,
@@ -121,6 +127,17 @@ impl Compiled {
         self.frees.get(actor.index()).map_or(&[], Vec::as_slice)
     }
 
+    /// Whether the step may take `rank`'s shard of variable `name` out of the worker's keeping
+    /// for its leaf (so that its last reader, the update, holds the only reference and writes it
+    /// in place): the variable has one leaf and `rank` gets its new shard at the end of the
+    /// step. Then the key of the leaf's shard (where a step that failed before the update left
+    /// it intact), else `None`.
+    pub fn moves(&self, name: &str, rank: usize) -> Option<Key> {
+        let (leaf, assigned) = self.movable.get(name)?;
+        let gets_new = layout_ranks(&self.program.slot(*assigned).layout).contains(&rank);
+        gets_new.then(|| self.key(*leaf, Phase::Before, 0))
+    }
+
     /// The keys the act of `work` reads.
     fn reads(&self, work: &ActorWork) -> Vec<Key> {
         let Work::Step { step } = work.work else { return Vec::new() };
@@ -169,6 +186,30 @@ impl Compiled {
         self.read = read;
         self.frees = frees;
     }
+}
+
+/// Per variable with exactly one leaf step that the step assigns, the slots of its leaf and of
+/// its new value.
+fn movable_variables(
+    program: &Program,
+    assign: &[(String, Slot)],
+) -> HashMap<String, (Slot, Slot)> {
+    let mut leaves: HashMap<String, Vec<Slot>> = HashMap::new();
+    for step in &program.steps {
+        let Step::Leaf { value, slot } = step else { continue };
+        let info = program.graph.value(*value);
+        if matches!(info.source, Source::Parameter { .. }) {
+            let name = info.name.clone().unwrap_or_else(|| program.graph.label(*value));
+            leaves.entry(name).or_default().push(*slot);
+        }
+    }
+    assign
+        .iter()
+        .filter_map(|(name, assigned)| match leaves.get(name).map(Vec::as_slice) {
+            Some(&[leaf]) => Some((name.clone(), (leaf, *assigned))),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The request of the step in flight, set by the session before it runs the step.

@@ -3,7 +3,7 @@
 //! rank on the device's thread ([`super::executor`]); each act runs one step of the program for
 //! one piece here ([`Worker::act`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use meshflow_actor::{ActorId, Enclosure};
 use meshflow_ops::ops::add::Add;
@@ -35,6 +35,13 @@ pub struct Worker {
     /// Where this rank keeps its tensors and runs its kernels (host or a GPU).
     backend: Backend,
     variables: HashMap<String, Tensor>,
+    /// Variables whose shard the step in flight took out of `variables` (on a CPU rank, so
+    /// that their update writes them in place: [`Compiled::moves`]); they come back at the
+    /// end of the step with their new shards.
+    lent: HashSet<String>,
+    /// Variables whose values a failed step lost while updating them in place: this rank then
+    /// answers no variable until they are set again ([`Worker::set_variable`]).
+    lost: BTreeSet<String>,
     /// The shards of the step in flight, by slot and piece ([`SUM`] for sums over pieces).
     store: HashMap<Key, Tensor>,
 }
@@ -50,7 +57,16 @@ impl Worker {
         } else {
             ctx
         };
-        Worker { rank, ctx, comms, backend, variables: HashMap::new(), store: HashMap::new() }
+        Worker {
+            rank,
+            ctx,
+            comms,
+            backend,
+            variables: HashMap::new(),
+            lent: HashSet::new(),
+            lost: BTreeSet::new(),
+            store: HashMap::new(),
+        }
     }
 
     /// Where this rank keeps its tensors and runs its kernels.
@@ -82,14 +98,48 @@ impl Worker {
         self.comms.groups.insert(ranks, communicator);
     }
 
-    /// A host copy of this rank's shard of variable `name`, if it holds one.
+    /// A host copy of this rank's shard of variable `name`, if it holds one. An error when a
+    /// failed step lost variables of this rank (the others may be half updated).
     pub fn variable(&self, name: &str) -> Result<Option<Tensor>> {
+        self.check_intact()?;
         self.variables.get(name).map(|shard| self.backend.download(shard)).transpose()
     }
 
     /// Replaces this rank's shard of variable `name`.
     pub fn set_variable(&mut self, name: &str, shard: Tensor) {
+        self.lost.remove(name);
         self.variables.insert(name.to_string(), shard);
+    }
+
+    /// An error naming the variables a failed step lost on this rank, if any.
+    fn check_intact(&self) -> Result<()> {
+        if self.lost.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = self.lost.iter().map(String::as_str).collect();
+        Err(Error::Runtime(format!(
+            "rank {}: a failed step lost the values of {} while updating them in place (the \
+             other variables may hold this step's values or the last one's); load a checkpoint \
+             into a new session",
+            self.rank,
+            names.join(", ")
+        )))
+    }
+
+    /// True when kernels may take their inputs' storage (host tensors, CPU kernels): a GPU
+    /// rank keeps every shard until its act ends, as the stream's kernels expect.
+    fn in_place(&self) -> bool {
+        matches!(self.backend, Backend::Cpu)
+    }
+
+    /// Runs `op` on `args`; on a CPU rank the kernel owns them ([`meshflow_ops::Op::forward_owned`])
+    /// and may write its outputs into inputs nothing else references.
+    fn run_kernel(&self, op: &dyn meshflow_ops::Op, args: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        if self.in_place() {
+            let ctx = &self.ctx;
+            return Ok(ctx.install(|| op.forward_owned(ctx, args))?);
+        }
+        self.backend.forward(&self.ctx, op, &args)
     }
 
     /// Runs `program.steps[step]` for `piece` as the act of `actor`, then drops the shards whose
@@ -114,7 +164,12 @@ impl Worker {
             }
             Step::Boxing { from, to, plan } => {
                 let dtype = program.graph.value(program.slot(*from).value).meta.dtype;
-                let shard = self.store.get(&compiled.key(*from, phase, piece)).cloned();
+                let key = compiled.key(*from, phase, piece);
+                let shard = if self.in_place() && compiled.frees(actor).contains(&key) {
+                    self.store.remove(&key)
+                } else {
+                    self.store.get(&key).cloned()
+                };
                 if let Some(out) = self.backend.apply_plan(plan, dtype, shard, &mut self.comms)? {
                     self.write(compiled, *to, phase, piece, out)?;
                 }
@@ -126,11 +181,9 @@ impl Worker {
                     let op = request.overrides.get(node).unwrap_or(&ops[index]);
                     let pieces = compiled.lowered.pieces;
                     let op = &crate::graph::for_piece(op, &program.graph, *node, piece, pieces)?;
-                    let args = inputs
-                        .iter()
-                        .map(|slot| self.read(compiled, *slot, phase, piece, op.name()))
-                        .collect::<Result<Vec<_>>>()?;
-                    let results = self.backend.forward(&self.ctx, &**op, &args).map_err(|e| {
+                    let args =
+                        self.arguments(compiled, actor, inputs, (phase, piece), op.name())?;
+                    let results = self.run_kernel(&**op, args).map_err(|e| {
                         Error::Runtime(format!("rank {}: {}: {e}", self.rank, op.name()))
                     })?;
                     for (slot, tensor) in outputs.iter().zip(results) {
@@ -147,10 +200,21 @@ impl Worker {
 
     /// Ends a step: the variables take their new shards, and this rank's shards of the fetched
     /// slots come back (`None` where it holds none); everything else of the step is dropped.
+    /// A variable the step took and did not update (it failed) gets its shard back from the
+    /// step's leaf when no kernel wrote it in place yet, else is lost ([`Worker::variable`]).
     pub(super) fn finish_step(&mut self, compiled: &Compiled) -> Result<Vec<Option<Tensor>>> {
         for (name, slot) in &compiled.assign {
             if let Some(shard) = self.store.get(&compiled.final_key(*slot)) {
                 self.variables.insert(name.clone(), shard.clone());
+                self.lent.remove(name);
+            }
+        }
+        for name in std::mem::take(&mut self.lent) {
+            let leaf = compiled.moves(&name, self.rank).and_then(|key| self.store.remove(&key));
+            if let Some(shard) = leaf {
+                self.variables.insert(name, shard);
+            } else {
+                self.lost.insert(name);
             }
         }
         let fetched = compiled.fetch.iter().map(|slot| {
@@ -162,22 +226,39 @@ impl Worker {
         fetched
     }
 
-    fn read(
-        &self,
+    /// The arguments of a kernel act: its inputs' shards, those it reads last on a CPU rank
+    /// taken out of the store (so the kernel may hold their only reference), the others shared.
+    fn arguments(
+        &mut self,
         compiled: &Compiled,
-        slot: Slot,
-        phase: Phase,
-        piece: u32,
+        actor: ActorId,
+        inputs: &[Slot],
+        (phase, piece): (Phase, u32),
         op: &str,
-    ) -> Result<Tensor> {
+    ) -> Result<Vec<Tensor>> {
+        let keys: Vec<Key> = inputs.iter().map(|slot| compiled.key(*slot, phase, piece)).collect();
+        let frees = compiled.frees(actor);
+        let mut args = Vec::with_capacity(inputs.len());
+        for (index, (slot, key)) in inputs.iter().zip(&keys).enumerate() {
+            // An input read twice by the act is taken at its last position only.
+            let last = frees.contains(key) && !keys[index + 1..].contains(key);
+            let shard = match self.in_place() && last {
+                true => self.store.remove(key),
+                false => self.store.get(key).cloned(),
+            };
+            args.push(shard.ok_or_else(|| self.missing(compiled, *slot, piece, op))?);
+        }
+        Ok(args)
+    }
+
+    /// The error of an act that finds no shard of `slot`.
+    fn missing(&self, compiled: &Compiled, slot: Slot, piece: u32, op: &str) -> Error {
         let program = &compiled.program;
-        self.store.get(&compiled.key(slot, phase, piece)).cloned().ok_or_else(|| {
-            Error::Runtime(format!(
-                "rank {}: {op} (piece {piece}) has no shard of {}",
-                self.rank,
-                program.graph.label(program.slot(slot).value)
-            ))
-        })
+        Error::Runtime(format!(
+            "rank {}: {op} (piece {piece}) has no shard of {}",
+            self.rank,
+            program.graph.label(program.slot(slot).value)
+        ))
     }
 
     /// Keeps a shard the step wrote where a later act (or the end of the step) reads it; a
@@ -194,7 +275,7 @@ impl Worker {
             let sum = match self.store.remove(&(slot, SUM)) {
                 None => shard.clone(),
                 Some(sum) => {
-                    let added = self.backend.forward(&self.ctx, &Add, &[sum, shard.clone()]);
+                    let added = self.run_kernel(&Add, vec![sum, shard.clone()]);
                     added?.pop().ok_or_else(|| Error::Runtime("add returned nothing".into()))?
                 }
             };
@@ -223,13 +304,23 @@ impl Worker {
                 Error::Runtime(format!("input {} (piece {piece}) was not fed", graph.label(value)))
             })?,
             Source::Parameter { init } => {
+                self.check_intact()?;
                 let name = info.name.clone().unwrap_or_else(|| graph.label(value));
-                let shard = match self.variables.get(&name) {
-                    Some(shard) => shard.clone(),
+                let taken = self.in_place() && compiled.moves(&name, self.rank).is_some();
+                let kept = match taken {
+                    true => self.variables.remove(&name),
+                    false => self.variables.get(&name).cloned(),
+                };
+                let shard = match kept {
+                    Some(shard) => shard,
                     None => init_shard(init, &info.meta, layout, self.rank)?,
                 };
                 let shard = self.backend.upload(shard)?;
-                self.variables.insert(name, shard.clone());
+                if taken {
+                    self.lent.insert(name);
+                } else {
+                    self.variables.insert(name, shard.clone());
+                }
                 return Ok(shard);
             }
             Source::Constant { value } => value,
@@ -258,4 +349,96 @@ fn region_of(dims: &[usize], layout: &Layout, rank: usize) -> Result<Region> {
         .coordinates(rank)
         .ok_or_else(|| Error::Runtime(format!("rank {rank} is not in {placement}")))?;
     Ok(local_region(dims, &layout.nd_sbp, placement.hierarchy(), &coordinates)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use meshflow_ops::ops::adamw::AdamW;
+    use meshflow_ops::{DType, OpRef, Tensor as HostTensor};
+    use meshflow_placement::{DeviceType, Placement};
+
+    use super::RunRequest;
+    use crate::schedule::Schedule;
+    use crate::session::{Optimizer, Session, SessionConfig, Training};
+    use crate::Graph;
+
+    const FEATURES: usize = 6;
+
+    /// A one-device linear regression trained with AdamW, and its input `x`.
+    fn session() -> (Session, crate::Tensor) {
+        let placement = Placement::grid(DeviceType::Cpu, &[1]).expect("placement");
+        let g = Graph::new();
+        let x = g.input("x", [4, FEATURES], DType::F32, &placement, None).expect("x");
+        let init = HostTensor::randn(vec![FEATURES, 3], 0.0, 0.5, DType::F32, 1).expect("randn");
+        let w = g.parameter("w", init, &placement, None).expect("w");
+        let y = x.matmul(&w).expect("matmul");
+        let loss = y.mul(&y).and_then(|y| y.mean(&[0, 1], false)).expect("loss");
+        let training = Training::new(&loss, Optimizer::AdamW(AdamW::new(0.1)), Schedule::Constant);
+        let config = SessionConfig { devices: 1, ..SessionConfig::default() };
+        (Session::new(&g, &[&loss], Some(training), config).expect("session"), x)
+    }
+
+    fn batch() -> HostTensor {
+        HostTensor::randn(vec![4, FEATURES], 0.0, 1.0, DType::F32, 9).expect("batch")
+    }
+
+    /// Where rank 0 keeps its shard of `name`.
+    fn address(session: &Session, name: &'static str) -> Option<usize> {
+        let held = session.devices.each(move |w| {
+            w.variables.get(name).map(|t| t.bytes().expect("host").as_ptr() as usize)
+        });
+        held.expect("devices")[0]
+    }
+
+    /// The value of variable `name` in `variables`.
+    fn value(variables: &[(String, HostTensor)], name: &str) -> Vec<f32> {
+        let found = variables.iter().find(|(n, _)| n == name).expect("variable");
+        found.1.to_vec().expect("f32")
+    }
+
+    #[test]
+    fn a_step_updates_variables_in_place_and_spares_tensors_held_elsewhere() {
+        let (mut session, x) = session();
+        session.step(&[(&x, batch())]).expect("step 1");
+        let first = address(&session, "w").expect("w is held after a step");
+        session.step(&[(&x, batch())]).expect("step 2");
+        assert_eq!(address(&session, "w"), Some(first), "the update wrote w in place");
+        // A value taken out of the session shares the storage: the next update copies instead.
+        let held = session.variables().expect("variables");
+        let copies: Vec<Vec<f32>> = held.iter().map(|(_, t)| t.to_vec().expect("f32")).collect();
+        session.step(&[(&x, batch())]).expect("step 3");
+        for ((name, t), copy) in held.iter().zip(&copies) {
+            assert_eq!(&t.to_vec::<f32>().expect("f32"), copy, "{name} kept its value");
+        }
+        let now = session.variables().expect("variables");
+        assert_ne!(value(&now, "w"), value(&held, "w"), "w moved on");
+    }
+
+    #[test]
+    fn a_step_that_fails_in_the_update_refuses_variables_and_checkpoints() {
+        let (mut session, x) = session();
+        session.step(&[(&x, batch())]).expect("step 1");
+        let good = session.variables().expect("variables");
+        // Step 2 whose updates fail (step 0 is refused by the kernel after it took its inputs).
+        let fed = [(x.value(), batch())].into_iter().collect();
+        let feeds = session.slice_feeds(fed).expect("feeds");
+        let updates = &session.training.as_ref().expect("training").1;
+        let failing: OpRef = Arc::new(AdamW { step: 0, ..AdamW::new(0.1) });
+        let overrides = updates.iter().map(|&node| (node, failing.clone())).collect();
+        let error = session.devices.run(RunRequest { feeds, overrides }).expect_err("fails");
+        assert!(error.to_string().contains("adamw"), "{error}");
+        let error = session.variables().expect_err("w was lost");
+        assert!(error.to_string().contains("lost the values of w"), "{error}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("checkpoint");
+        let error = crate::checkpoint::save(&session, &target).expect_err("no checkpoint");
+        assert!(error.to_string().contains("lost the values"), "{error}");
+        assert!(!target.exists(), "nothing was published");
+        // Setting the lost variables again makes the rank answer.
+        session.load_variables(&good).expect("load");
+        let again = session.variables().expect("variables");
+        assert_eq!(value(&again, "w"), value(&good, "w"));
+    }
 }
