@@ -178,3 +178,34 @@ fn a_second_order_gradient_through_a_fused_gradient_op_is_an_error_naming_it() {
         assert!(error.contains(part), "{part:?} missing from: {error}");
     }
 }
+
+#[test]
+fn a_step_failing_on_bad_data_keeps_the_weights_it_did_not_update() {
+    use meshflow::ops::ops::adamw::AdamW;
+    use meshflow::schedule::Schedule;
+    use meshflow::session::{Optimizer, Training};
+    // Parameters are updated in place when the step owns them; a step that fails before its
+    // update (an id outside the table) must leave them readable and unchanged, so the user can
+    // still save what the previous steps trained.
+    let g = Graph::new();
+    let ids = g.input("ids", [4], DType::I64, &mesh(1), None).unwrap();
+    let table = HostTensor::from_vec((0..6).map(|v| v as f32).collect::<Vec<_>>(), [3, 2]).unwrap();
+    let table = g.parameter("table", table, &mesh(1), None).unwrap();
+    let rows = table.embedding(&ids).unwrap();
+    let loss = rows.mul(&rows).unwrap().mean(&[], false).unwrap();
+    let training = Training::new(&loss, Optimizer::AdamW(AdamW::new(0.1)), Schedule::Constant);
+    let mut session = Session::new(&g, &[&loss], Some(training), SessionConfig::default()).unwrap();
+    let good = HostTensor::from_vec(vec![0i64, 1, 2, 1], [4]).unwrap();
+    session.step(&[(&ids, good)]).unwrap();
+    let trained = session.variables().unwrap();
+    let table_of = |variables: &[(String, HostTensor)]| {
+        let (_, value) = variables.iter().find(|(name, _)| name == "table").expect("table");
+        value.to_vec::<f32>().unwrap()
+    };
+    assert_ne!(table_of(&trained), [0.0, 1.0, 2.0, 3.0, 4.0, 5.0], "the first step trained");
+    let bad = HostTensor::from_vec(vec![0i64, 1, 9, 1], [4]).unwrap();
+    let error = session.step(&[(&ids, bad)]).unwrap_err().to_string();
+    assert!(error.contains("embedding"), "{error}");
+    let after = session.variables().expect("weights the failed step never updated stay readable");
+    assert_eq!(table_of(&after), table_of(&trained));
+}
