@@ -1,29 +1,48 @@
 //! Runs kernel code compiled for the vector instructions the CPU has, detected at run time.
 //!
 //! The crate is built for the baseline x86-64 target (SSE2), where the autovectorised loops of
-//! the kernels use 128-bit registers and no FMA. Two ways up to AVX2 + FMA (x86-64-v3):
+//! the kernels use 128-bit registers and no FMA. Two ways up to AVX2 + FMA (x86-64-v3) and
+//! AVX-512 (x86-64-v4, 16 f32 lanes):
 //!
-//! - [`multiversion!`](crate::cpu::simd::multiversion) stamps out a function twice from one
-//!   body, once for the baseline and once with `#[target_feature]` for x86-64-v3, and
-//!   dispatches between them once per call. The code sits literally inside the feature
+//! - [`multiversion!`](crate::cpu::simd::multiversion) stamps out a function three times from
+//!   one body, for the baseline, with `#[target_feature]` for x86-64-v3 and for x86-64-v4,
+//!   and dispatches between them once per call. The code sits literally inside the feature
 //!   boundary, and what it calls directly (`#[inline(always)]` helpers, by name, not through
-//!   `impl Fn`) is inlined into it, so its loops are vectorised 8 lanes wide. Row kernels
-//!   use it on their row-loop function: one dispatch per parallel task.
-//! - [`vectorized`] calls a closure through a function compiled for x86-64-v3. The closure is
-//!   only vectorised for AVX2 when LLVM chooses to inline it there, which it does for small
+//!   `impl Fn`) is inlined into it, so its loops are vectorised 8 or 16 lanes wide. Row
+//!   kernels use it on their row-loop function: one dispatch per parallel task.
+//! - [`vectorized`] calls a closure through a function compiled for x86-64-v4 or v3. The
+//!   closure is only vectorised there when LLVM chooses to inline it, which it does for small
 //!   closures and not reliably for a large loop or a kernel handed down as `impl Fn` (that one
 //!   stayed 4-wide SSE, found with `perf annotate`); prefer `multiversion!` for hot kernels.
 
-/// Runs `f`, compiled for AVX2 + FMA when the CPU has them and LLVM inlines `f` (see the
-/// module doc).
+/// Runs `f`, compiled for AVX-512 or AVX2 + FMA when the CPU has them and LLVM inlines `f`
+/// (see the module doc).
 #[inline(always)]
 pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if has_x86_v4() {
+        // SAFETY: the CPU has every feature `x86_v4` is compiled for (checked just above).
+        return unsafe { x86_v4(f) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_x86_v3() {
         // SAFETY: the CPU has every feature `x86_v3` is compiled for (checked just above).
         return unsafe { x86_v3(f) };
     }
     f()
+}
+
+/// True when the CPU has the AVX-512 subsets of x86-64-v4 (F, BW, CD, DQ, VL) besides
+/// x86-64-v3 (what the x86-64-v4 versions are compiled for).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub fn has_x86_v4() -> bool {
+    has_x86_v3()
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512cd")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512vl")
 }
 
 /// True when the CPU has AVX2, FMA and BMI2 (what the x86-64-v3 versions are compiled for).
@@ -43,10 +62,20 @@ unsafe fn x86_v3<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Defines a function whose body is compiled twice, for the baseline target and for
-/// x86-64-v3 (AVX2 + FMA + BMI2), and that runs the best one the CPU has, checked once per call.
+/// # Safety
+/// The CPU must have AVX2, FMA, BMI2 and the AVX-512 subsets of [`has_x86_v4`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+#[target_feature(enable = "avx512f,avx512bw,avx512cd,avx512dq,avx512vl")]
+unsafe fn x86_v4<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// Defines a function whose body is compiled three times, for the baseline target, for
+/// x86-64-v3 (AVX2 + FMA + BMI2) and for x86-64-v4 (AVX-512), and that runs the best one the
+/// CPU has, checked once per call.
 ///
-/// The body is copied into both versions; in each, the constant `FUSED` says whether
+/// The body is copied into every version; in each, the constant `FUSED` says whether
 /// `mul_add` is a single FMA instruction there, for helpers with a `const FUSED: bool`
 /// parameter (a fused multiply-add outside FMA code would be a slow libm call).
 ///
@@ -91,6 +120,24 @@ macro_rules! multiversion {
                 $body
             }
 
+            /// # Safety
+            /// The CPU must have AVX2, FMA, BMI2 and AVX-512 F, BW, CD, DQ, VL.
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512cd,avx512dq,avx512vl")]
+            unsafe fn x86_v4 $(<$($generic: $bound),+>)? ($($argument: $type),*)
+                $(-> $output)? {
+                /// `mul_add` is one FMA instruction here.
+                #[allow(dead_code)]
+                const FUSED: bool = true;
+                $body
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            if $crate::cpu::simd::has_x86_v4() {
+                // SAFETY: the CPU has every feature `x86_v4` is compiled for (checked above).
+                return unsafe { x86_v4 $(::<$($generic),+>)? ($($argument),*) };
+            }
             #[cfg(target_arch = "x86_64")]
             if $crate::cpu::simd::has_x86_v3() {
                 // SAFETY: the CPU has every feature `x86_v3` is compiled for (checked above).
