@@ -163,12 +163,12 @@ impl<T> Shared<T> {
     }
 }
 
-/// `task` split into one single-threaded product per thread along its longer output axis
-/// (rows or columns of `y`, in multiples of 16). Each thread packs its own part of the operand
-/// along that axis and all of the other one, and the threads meet once, at the end; `gemm`'s
-/// own threading splits the work again for every block of the contraction, packing in
-/// parallel first, and so made the threads meet twice per block (MLP step, A/B in one binary:
-/// 16.3 -> 13.1 ms and 13.7 -> 12.3 ms).
+/// `task` split into one single-threaded product per thread along an output axis (rows or
+/// columns of `y`, in multiples of 16), the one that leaves each thread less to pack
+/// ([`split_by_columns`]). The threads meet once, at the end; `gemm`'s own threading splits
+/// the work again for every block of the contraction, packing in parallel first, and so made
+/// the threads meet twice per block (MLP step, A/B in one binary: 16.3 -> 13.1 ms and
+/// 13.7 -> 12.3 ms).
 fn split_call<T: Copy + One + Send + Sync + 'static>(
     threads: usize,
     task: Task,
@@ -176,7 +176,7 @@ fn split_call<T: Copy + One + Send + Sync + 'static>(
     b: &[T],
     y: &mut [T],
 ) {
-    let by_columns = task.n >= task.m;
+    let by_columns = split_by_columns(&task);
     let len = if by_columns { task.n } else { task.m };
     let chunk = len.div_ceil(threads).next_multiple_of(16);
     let parts = len.div_ceil(chunk);
@@ -194,6 +194,19 @@ fn split_call<T: Copy + One + Send + Sync + 'static>(
         unsafe { gemm_call(piece, &a[a_offset..], &b[b_offset..], y.at(y_offset)) }
     };
     (0..parts).into_par_iter().for_each(one);
+}
+
+/// True when `task` is better split by columns of `y` than by rows: the split whose threads
+/// each pack less. `gemm` computes a row-major `y` as `yᵀ = bᵀ·aᵀ` and packs all of the part
+/// of `b` a thread gets, but reads `a` in place unless its rows are strided (`a` transposed,
+/// as in a weight gradient `gᵀ·x`). Split by rows, each thread packs all of `b` and half of
+/// a strided `a`; by columns, half of `b` and all of a strided `a`. So columns, unless `a` is
+/// packed and taller than `b` is wide. (The forward `x·Wᵀ` of a GPT's `[1024, 256]` tokens
+/// against `c_attn`'s `[768, 256]` weight was split by rows, and both threads packed all of
+/// `W`, transposed: GPT step, packing 0.167-0.194 -> 0.143-0.161 of the microkernel's time.)
+fn split_by_columns(task: &Task) -> bool {
+    let a_packed = task.a.1 != 1;
+    !a_packed || task.n >= task.m
 }
 
 /// # Safety
@@ -262,9 +275,27 @@ mod tests {
     }
 
     #[test]
+    fn products_split_so_that_each_thread_packs_less() {
+        let task = |m, n, a_column_stride| Task {
+            m,
+            n,
+            k: 256,
+            a: (256, a_column_stride),
+            b: (1, 256),
+            y_rs: n,
+            accumulate: false,
+        };
+        // x·Wᵀ and g·W read a in place: halve the packed b whatever the shape.
+        assert!(split_by_columns(&task(1024, 256, 1)));
+        // gᵀ·x packs a strided a: split along the longer side of y.
+        assert!(!split_by_columns(&task(768, 256, 768)));
+        assert!(split_by_columns(&task(256, 1024, 256)));
+    }
+
+    #[test]
     fn products_split_between_threads_equal_one_thread_products() {
         // Above gemm's threading threshold, with sizes that are not multiples of 16, split by
-        // columns (n >= m) and by rows, in every transpose layout.
+        // columns and (a transposed `a` with n < m) by rows, in every transpose layout.
         let (m, k) = (134, 90);
         for n in [300, 80] {
             for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
