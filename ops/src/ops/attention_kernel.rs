@@ -371,8 +371,13 @@ unsafe fn backward_head<T: Real>(
     let dy = View { pointer: dy.wrapping_add(head.y_offset), ..y };
     // SAFETY: row `task` of `lse [B·H, T]`, and rows of `D` elements of `y`, `dy` in bounds.
     let lse = unsafe { std::slice::from_raw_parts(lse.add(task * g.time), g.time) };
-    scratch.dots =
-        (0..g.time).map(|t| unsafe { row_dot(y.rows_from(t), dy.rows_from(t), d) }).collect();
+    let span = if g.time == 0 { 0 } else { (g.time - 1) * width + d };
+    // SAFETY: this head's rows of `y` and `dy` lie in `span` elements from its first one.
+    let (y_rows, dy_rows) = unsafe {
+        (std::slice::from_raw_parts(y.pointer, span), std::slice::from_raw_parts(dy.pointer, span))
+    };
+    scratch.dots.resize(g.time, T::zero());
+    row_dots(y_rows, dy_rows, width, &mut scratch.dots);
     let out = |offset: usize| (dqkv.0.wrapping_add(head.qkv_offset + offset), 3 * width);
     let (dq, dk, dv) = (out(0), out(width), out(2 * width));
     for (start, end) in g.blocks().rev() {
@@ -404,16 +409,16 @@ unsafe fn backward_head<T: Real>(
     }
 }
 
-/// `Σ_j a_j b_j` over `len` contiguous elements of two rows.
-///
-/// # Safety
-/// Both rows hold `len` elements.
-unsafe fn row_dot<T: Real>(a: View<T>, b: View<T>, len: usize) -> T {
-    // SAFETY: forwarded from the caller.
-    let (a, b) = unsafe {
-        (std::slice::from_raw_parts(a.pointer, len), std::slice::from_raw_parts(b.pointer, len))
-    };
-    sum_map2(a, b, |x, y| x * y)
+multiversion! {
+    /// `dots[t] = Σ_j a[t, j] · b[t, j]` over rows `width` apart, each `D` long (`a` holds
+    /// `(dots.len() − 1) · width + D` elements; `b` likewise).
+    fn row_dots<T: Real>(a: &[T], b: &[T], width: usize, dots: &mut [T]) {
+        let len = a.len() + width - dots.len() * width;
+        for (t, dot) in dots.iter_mut().enumerate() {
+            let row = t * width..t * width + len;
+            *dot = sum_map2(&a[row.clone()], &b[row], |x, y| x * y);
+        }
+    }
 }
 
 multiversion! {

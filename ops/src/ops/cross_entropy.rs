@@ -15,6 +15,7 @@ use num_traits::{Float, ToPrimitive, Zero};
 use super::nn_rows::{
     first_order_only, for_each_range, max, sum_map, sum_over_rows, Accumulate, RowFloat, SharedRows,
 };
+use crate::cpu::simd::multiversion;
 use crate::{
     emit1, Context, DType, Emit, Error, Op, OpRef, Result, Shard, Tensor, TensorMeta, Value,
 };
@@ -241,10 +242,8 @@ fn loss_sum<T: RowFloat>(
     let classes = logits.dims()[logits.dims().len() - 1];
     let rows = logits.as_slice::<T>()?;
     let partial = |range: std::ops::Range<usize>| {
-        range
-            .map(|i| row_loss(&rows[i * classes..(i + 1) * classes], targets[i] as usize))
-            .map(|l| l.to_f64().unwrap_or(f64::NAN))
-            .sum::<f64>()
+        let span = range.start * classes..range.end * classes;
+        loss_rows(&rows[span], &targets[range], classes)
     };
     let total = sum_over_rows(ctx, targets.len(), classes, partial, |a, b| a + b).unwrap_or(0.0);
     let loss = T::narrow(T::Acc::constant(total * scale));
@@ -265,15 +264,45 @@ fn grad<T: RowFloat>(
     let rows = logits.as_slice::<T>()?;
     let target = SharedRows::new(out.as_mut_slice::<T>()?);
     let task = |range: std::ops::Range<usize>| {
-        for i in range {
-            let span = i * classes..(i + 1) * classes;
-            // SAFETY: tasks cover disjoint row ranges, so each output row has one writer.
-            let dst = unsafe { target.row(span.clone()) };
-            grad_row(&rows[span], targets[i] as usize, factor, dst);
-        }
+        let span = range.start * classes..range.end * classes;
+        // SAFETY: tasks cover disjoint row ranges, so each output row has one writer.
+        let dst = unsafe { target.row(span.clone()) };
+        grad_rows(&rows[span], &targets[range], classes, factor, dst);
     };
     for_each_range(ctx, targets.len(), classes, task);
     Ok(out)
+}
+
+multiversion! {
+    /// `Σ_i row_loss(row_i, target_i)` over rows of `classes`, in f64 (vectorised: the rows'
+    /// `exp` runs 16 or 8 lanes wide instead of 4).
+    fn loss_rows<T: RowFloat>(rows: &[T], targets: &[i64], classes: usize) -> f64 {
+        if classes == 0 {
+            return f64::NAN; // no class to predict: the log of an empty sum
+        }
+        let rows = rows.chunks_exact(classes).zip(targets);
+        rows.map(|(row, &target)| row_loss(row, target as usize).to_f64().unwrap_or(f64::NAN))
+            .sum()
+    }
+}
+
+multiversion! {
+    /// [`grad_row`] of each row of `classes` elements of `rows` into `dst`.
+    fn grad_rows<T: RowFloat>(
+        rows: &[T],
+        targets: &[i64],
+        classes: usize,
+        factor: T::Acc,
+        dst: &mut [T],
+    ) {
+        if classes == 0 {
+            return;
+        }
+        let pairs = rows.chunks_exact(classes).zip(dst.chunks_exact_mut(classes));
+        for ((row, dst), &target) in pairs.zip(targets) {
+            grad_row(row, target as usize, factor, dst);
+        }
+    }
 }
 
 /// `dst = (softmax(row) − onehot(target)) · factor`.
