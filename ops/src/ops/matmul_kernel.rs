@@ -176,7 +176,7 @@ fn split_call<T: Copy + One + Send + Sync + 'static>(
     b: &[T],
     y: &mut [T],
 ) {
-    let by_columns = split_by_columns(&task);
+    let by_columns = split_by_columns(&task, threads);
     let len = if by_columns { task.n } else { task.m };
     let chunk = len.div_ceil(threads).next_multiple_of(16);
     let parts = len.div_ceil(chunk);
@@ -204,9 +204,14 @@ fn split_call<T: Copy + One + Send + Sync + 'static>(
 /// packed and taller than `b` is wide. (The forward `x·Wᵀ` of a GPT's `[1024, 256]` tokens
 /// against `c_attn`'s `[768, 256]` weight was split by rows, and both threads packed all of
 /// `W`, transposed: GPT step, packing 0.167-0.194 -> 0.143-0.161 of the microkernel's time.)
-fn split_by_columns(task: &Task) -> bool {
+/// An axis too short to give each of the `threads` 16 lines, when the other is longer, would
+/// leave threads idle (an MLP's 10 logits): then the other axis.
+fn split_by_columns(task: &Task, threads: usize) -> bool {
     let a_packed = task.a.1 != 1;
-    !a_packed || task.n >= task.m
+    let columns_first = !a_packed || task.n >= task.m;
+    let (first, second) = if columns_first { (task.n, task.m) } else { (task.m, task.n) };
+    let keep_first = first >= 16 * threads || first >= second;
+    columns_first == keep_first
 }
 
 /// # Safety
@@ -285,11 +290,15 @@ mod tests {
             y_rs: n,
             accumulate: false,
         };
-        // x·Wᵀ and g·W read a in place: halve the packed b whatever the shape.
-        assert!(split_by_columns(&task(1024, 256, 1)));
+        // x·Wᵀ and g·W read a in place: halve the packed b whatever the shape...
+        assert!(split_by_columns(&task(1024, 256, 1), 2));
+        // ... unless y is too narrow to give each thread 16 columns.
+        assert!(!split_by_columns(&task(256, 10, 1), 2));
+        assert!(split_by_columns(&task(256, 48, 1), 2));
+        assert!(!split_by_columns(&task(256, 48, 1), 4));
         // gᵀ·x packs a strided a: split along the longer side of y.
-        assert!(!split_by_columns(&task(768, 256, 768)));
-        assert!(split_by_columns(&task(256, 1024, 256)));
+        assert!(!split_by_columns(&task(768, 256, 768), 2));
+        assert!(split_by_columns(&task(256, 1024, 256), 2));
     }
 
     #[test]
