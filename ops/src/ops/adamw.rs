@@ -16,6 +16,7 @@ use meshflow_placement::{Sbp, Signature};
 use num_traits::Float;
 
 use super::nn_rows::{for_each_range, Accumulate, RowFloat, SharedRows};
+use crate::cpu::simd::multiversion;
 use crate::{Context, Emit, Error, Result, Tensor, TensorMeta, Value};
 
 /// AdamW hyper-parameters and the step count of this update.
@@ -119,7 +120,7 @@ impl Update for AdamW {
             };
             let r = range;
             let old = [&p[r.clone()], &g[r.clone()], &m[r.clone()], &v[r]];
-            update_elements_fast(&s, old, new);
+            update_elements(&s, old, new);
         });
         Ok(outputs.into())
     }
@@ -144,100 +145,36 @@ impl Update for AdamW {
             let state = unsafe {
                 [p_all.row(range.clone()), m_all.row(range.clone()), v_all.row(range.clone())]
             };
-            update_in_place_fast(&s, &grad[range], state);
+            update_in_place(&s, &grad[range], state);
         });
         Ok(vec![p, m, v])
     }
 }
 
-/// [`update_elements`] compiled for the widest vectors the CPU has (AVX-512, else AVX2 + FMA).
-/// The feature boundary sits on the element loop itself: handed down as a closure, the loop
-/// ran 4-wide SSE (`perf annotate`); with 16 lanes it is bound by memory, not by sqrt/div.
-#[inline(always)]
-fn update_elements_fast<T: RowFloat>(s: &Scalars<T::Acc>, old: [&[T]; 4], new: [&mut [T]; 3]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked just above).
-            return unsafe { update_elements_v4(s, old, new) };
-        }
-        if crate::cpu::simd::has_x86_v3() {
-            // SAFETY: the CPU has the features `update_elements_v3` is compiled for.
-            return unsafe { update_elements_v3(s, old, new) };
+multiversion! {
+    /// The update of equal-length slices: `old = [param, grad, m, v]`, `new = [param, m, v]`,
+    /// compiled for the widest vectors the CPU has (with 16 lanes it is bound by memory, not
+    /// by sqrt/div).
+    fn update_elements<T: RowFloat>(s: &Scalars<T::Acc>, old: [&[T]; 4], new: [&mut [T]; 3]) {
+        let [p, g, m, v] = old;
+        let [p_new, m_new, v_new] = new;
+        let old = p.iter().zip(g).zip(m.iter().zip(v));
+        let new = p_new.iter_mut().zip(m_new.iter_mut().zip(v_new.iter_mut()));
+        for ((p_new, (m_new, v_new)), ((&pi, &gi), (&mi, &vi))) in new.zip(old) {
+            (*p_new, *m_new, *v_new) = update_element(s, [pi, gi, mi, vi]);
         }
     }
-    update_elements(s, old, new)
 }
 
-/// # Safety
-/// The CPU must have AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx,avx2,fma")]
-unsafe fn update_elements_v4<T: RowFloat>(s: &Scalars<T::Acc>, old: [&[T]; 4], new: [&mut [T]; 3]) {
-    update_elements(s, old, new)
-}
-
-/// # Safety
-/// The CPU must have AVX2, FMA and BMI2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
-unsafe fn update_elements_v3<T: RowFloat>(s: &Scalars<T::Acc>, old: [&[T]; 4], new: [&mut [T]; 3]) {
-    update_elements(s, old, new)
-}
-
-/// [`update_in_place`] compiled for the widest vectors the CPU has, as
-/// [`update_elements_fast`].
-#[inline(always)]
-fn update_in_place_fast<T: RowFloat>(s: &Scalars<T::Acc>, grad: &[T], state: [&mut [T]; 3]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked just above).
-            return unsafe { update_in_place_v4(s, grad, state) };
+multiversion! {
+    /// The update of `state = [param, m, v]` in place from `grad` (equal lengths), compiled
+    /// like [`update_elements`].
+    fn update_in_place<T: RowFloat>(s: &Scalars<T::Acc>, grad: &[T], state: [&mut [T]; 3]) {
+        let [p, m, v] = state;
+        let state = p.iter_mut().zip(m.iter_mut().zip(v.iter_mut()));
+        for ((p, (m, v)), &g) in state.zip(grad) {
+            (*p, *m, *v) = update_element(s, [*p, g, *m, *v]);
         }
-        if crate::cpu::simd::has_x86_v3() {
-            // SAFETY: the CPU has the features `update_in_place_v3` is compiled for.
-            return unsafe { update_in_place_v3(s, grad, state) };
-        }
-    }
-    update_in_place(s, grad, state)
-}
-
-/// # Safety
-/// The CPU must have AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx,avx2,fma")]
-unsafe fn update_in_place_v4<T: RowFloat>(s: &Scalars<T::Acc>, grad: &[T], state: [&mut [T]; 3]) {
-    update_in_place(s, grad, state)
-}
-
-/// # Safety
-/// The CPU must have AVX2, FMA and BMI2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
-unsafe fn update_in_place_v3<T: RowFloat>(s: &Scalars<T::Acc>, grad: &[T], state: [&mut [T]; 3]) {
-    update_in_place(s, grad, state)
-}
-
-/// The update of equal-length slices: `old = [param, grad, m, v]`, `new = [param, m, v]`.
-#[inline(always)]
-fn update_elements<T: RowFloat>(s: &Scalars<T::Acc>, old: [&[T]; 4], new: [&mut [T]; 3]) {
-    let [p, g, m, v] = old;
-    let [p_new, m_new, v_new] = new;
-    let old = p.iter().zip(g).zip(m.iter().zip(v));
-    let new = p_new.iter_mut().zip(m_new.iter_mut().zip(v_new.iter_mut()));
-    for ((p_new, (m_new, v_new)), ((&pi, &gi), (&mi, &vi))) in new.zip(old) {
-        (*p_new, *m_new, *v_new) = update_element(s, [pi, gi, mi, vi]);
-    }
-}
-
-/// The update of `state = [param, m, v]` in place from `grad` (equal lengths).
-#[inline(always)]
-fn update_in_place<T: RowFloat>(s: &Scalars<T::Acc>, grad: &[T], state: [&mut [T]; 3]) {
-    let [p, m, v] = state;
-    let state = p.iter_mut().zip(m.iter_mut().zip(v.iter_mut()));
-    for ((p, (m, v)), &g) in state.zip(grad) {
-        (*p, *m, *v) = update_element(s, [*p, g, *m, *v]);
     }
 }
 
