@@ -3,12 +3,14 @@
 //! priced wrong (the measured busiest rank's kernels against the profiled ones) or the time
 //! between and around them (the measured step against the measured kernels).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use meshflow_actor::Trace;
 use serde::{Deserialize, Serialize};
 
-use crate::compile::actors::{ActorProgram, Work};
+use super::cost::{cold_fractions, ActCosts};
+use super::profile::KernelProfile;
+use crate::compile::actors::{local_meta, ActorProgram, Work};
 use crate::compile::{Program, Step};
 
 /// The medians, over the measured steps, of what the busiest rank's acts took.
@@ -68,6 +70,133 @@ pub fn measured_acts(
     })
 }
 
+/// Per actor of the traced plan, the median seconds of its act over the steps from `first` on
+/// (of `steps` run); `None` for actors that did not act. Each actor acts once per step (pieces
+/// are actors of their own).
+pub fn actor_medians(trace: &Trace, actors: usize, steps: usize, first: usize) -> Vec<Option<f64>> {
+    let mut by_actor: Vec<Vec<(u64, u64)>> = vec![Vec::new(); actors];
+    for event in &trace.events {
+        if let Some(acts) = by_actor.get_mut(event.actor.index()) {
+            acts.push((event.sequence, event.end.saturating_sub(event.start)));
+        }
+    }
+    by_actor
+        .into_iter()
+        .map(|mut acts| {
+            acts.sort_unstable();
+            let per = (acts.len() / steps.max(1)).max(1);
+            let chunks = acts.chunks(per).skip(first);
+            let mut took: Vec<u64> =
+                chunks.map(|chunk| chunk.iter().map(|(_, ns)| ns).sum()).collect();
+            took.sort_unstable();
+            took.get(took.len() / 2).map(|&ns| ns as f64 / 1e9)
+        })
+        .collect()
+}
+
+/// One line of [`kernel_table`]: sums over the acts of one op in one phase.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KernelSums {
+    /// Acts.
+    pub acts: usize,
+    /// Seconds they took in the real step (median per act).
+    pub measured: f64,
+    /// Seconds the cost model priced them at.
+    pub priced: f64,
+    /// Seconds of their profiled warm and cold calls.
+    pub warm: f64,
+    /// See `warm`.
+    pub cold: f64,
+    /// Sum of their cold fractions ([`cold_fractions`]).
+    pub cold_fraction: f64,
+}
+
+/// The busiest rank's compute acts (most measured seconds) of a session's plan `lowered`,
+/// summed per op name and phase: measured (`seconds`, per actor, from [`actor_medians`]),
+/// priced (`costs`), and the profile's warm and cold times. Where a prediction's kernels are
+/// wrong, this says which. Returns the rank and its lines.
+pub fn kernel_table(
+    program: &Program,
+    lowered: &ActorProgram,
+    costs: &ActCosts,
+    profile: &KernelProfile,
+    cache_bytes: f64,
+    seconds: &[Option<f64>],
+) -> (usize, BTreeMap<String, KernelSums>) {
+    let computes = |work: Work| match work {
+        Work::Step { step } => matches!(program.steps[step], Step::Kernel { .. }),
+        Work::Accumulate { .. } => true,
+        Work::Join { .. } | Work::End => false,
+    };
+    let mut per_rank: BTreeMap<usize, f64> = BTreeMap::new();
+    for (spec, took) in lowered.plan.actors.iter().zip(seconds) {
+        if computes(spec.payload.work) {
+            *per_rank.entry(spec.payload.rank).or_default() += took.unwrap_or(0.0);
+        }
+    }
+    let busiest = per_rank.iter().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(rank, _)| *rank);
+    let cold = cold_fractions(program, lowered, cache_bytes);
+    let mut lines: BTreeMap<String, KernelSums> = BTreeMap::new();
+    for (id, spec) in lowered.plan.actors.iter().enumerate() {
+        if spec.payload.rank != busiest || !computes(spec.payload.work) {
+            continue;
+        }
+        let (name, times) = match spec.payload.work {
+            Work::Step { step } => match &program.steps[step] {
+                Step::Kernel { node, inputs, ops, .. } => {
+                    let placement = &program.graph.node(*node).placement;
+                    let Some(index) = placement.ranks().iter().position(|&r| r == busiest) else {
+                        continue;
+                    };
+                    let metas: Vec<_> =
+                        inputs.iter().filter_map(|s| local_meta(program, *s, busiest)).collect();
+                    let name = format!("{} {:?}", ops[index].name(), lowered.phases[step]);
+                    (name, profile.times(&ops[index], &metas))
+                }
+                _ => continue,
+            },
+            _ => ("accumulate".to_string(), None),
+        };
+        let line = lines.entry(name).or_default();
+        line.acts += 1;
+        line.measured += seconds.get(id).copied().flatten().unwrap_or(0.0);
+        line.priced += costs.durations.get(id).copied().unwrap_or(0) as f64 / 1e9;
+        line.warm += times.map_or(0.0, |t| t.warm);
+        line.cold += times.map_or(0.0, |t| t.cold);
+        line.cold_fraction += cold.get(id).copied().unwrap_or(1.0);
+    }
+    (busiest, lines)
+}
+
+/// [`kernel_table`] as text, with a total line.
+pub fn format_kernel_table(rank: usize, lines: &BTreeMap<String, KernelSums>) -> String {
+    let line = |name: &str, sums: &KernelSums| {
+        format!(
+            "{name} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2}\n",
+            sums.acts,
+            sums.measured * 1e3,
+            sums.priced * 1e3,
+            sums.warm * 1e3,
+            sums.cold * 1e3,
+            sums.cold_fraction / sums.acts.max(1) as f64
+        )
+    };
+    let mut text = format!(
+        "rank {rank}: op phase | acts | measured ms | priced ms | warm ms | cold ms | mean cold\n"
+    );
+    let mut total = KernelSums::default();
+    for (name, sums) in lines {
+        text += &line(name, sums);
+        total.acts += sums.acts;
+        total.measured += sums.measured;
+        total.priced += sums.priced;
+        total.warm += sums.warm;
+        total.cold += sums.cold;
+        total.cold_fraction += sums.cold_fraction;
+    }
+    text + &line("total", &total)
+}
+
 /// What an act is, for the sums.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -119,5 +248,30 @@ impl StepActs {
             communication: most(|sums| sums.1),
             span: self.last.saturating_sub(first) as f64 / 1e9,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use meshflow_actor::{ActorId, DeviceId, TraceEvent};
+
+    use super::*;
+
+    fn act(actor: u32, sequence: u64, start: u64, end: u64) -> TraceEvent {
+        TraceEvent { actor: ActorId(actor), device: DeviceId(0), sequence, start, end }
+    }
+
+    #[test]
+    fn actor_medians_take_the_median_step_after_the_warm_ups() {
+        // Actor 0 acts once per step for 4 steps (the first a warm-up): 100, 10, 30, 20 ns.
+        // Actor 1 acts twice per step (ends of two pieces in one actor): 5 + 5 in each step.
+        let mut events = vec![act(0, 0, 0, 100), act(0, 1, 0, 10), act(0, 2, 0, 30)];
+        events.push(act(0, 3, 0, 20));
+        events.extend((0..8).map(|sequence| act(1, sequence, 0, 5)));
+        let trace = Trace { events };
+        let medians = actor_medians(&trace, 3, 4, 1);
+        assert_eq!(medians[0], Some(20e-9), "median of 10, 30, 20");
+        assert_eq!(medians[1], Some(10e-9), "two acts per step summed");
+        assert_eq!(medians[2], None, "an actor that never acted");
     }
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::acts::MeasuredActs;
+use super::acts::{format_kernel_table, kernel_table, MeasuredActs};
 use super::cluster::Cluster;
 use super::cores::step_on_cores;
 use super::cost::ActCosts;
@@ -159,6 +159,14 @@ pub fn predict_row(
         KernelProfile::measure(program, strategy.threads.max(1), Duration::from_millis(20))?;
     let (profiled, slowdown) =
         predict_sharing_cores(program, &actors, cluster, &profile, measured.cores)?;
+    if std::env::var_os(KERNELS_VARIABLE).is_some() {
+        let lowered = ran.session.actors();
+        let costs = ActCosts::with_kernels(program, lowered, cluster, Some((&profile, 1.0)));
+        let cache = cluster.device.cache_bytes;
+        let (rank, lines) =
+            kernel_table(program, lowered, &costs, &profile, cache, &ran.actor_seconds);
+        eprintln!("{strategy}\n{}", format_kernel_table(rank, &lines));
+    }
     Ok(CalibrationRow {
         strategy: *strategy,
         predicted: roofline.step_seconds + fixed,
@@ -196,6 +204,11 @@ pub fn predict_sharing_cores(
     let slowdown = step / unshared.step_seconds.max(1e-12);
     Ok((Prediction { step_seconds: step, ..unshared }, slowdown))
 }
+
+/// The environment variable that, when set, makes the calibration print each one-process
+/// strategy's busiest rank's kernels per op, measured against priced ([`kernel_table`]), to
+/// standard error.
+pub const KERNELS_VARIABLE: &str = "MESHFLOW_CALIB_KERNELS";
 
 /// Bytes per MiB.
 const MIB: f64 = 1024.0 * 1024.0;

@@ -13,7 +13,7 @@ use meshflow_ops::ops::adamw::AdamW;
 use meshflow_ops::{DType, Tensor as HostTensor};
 use meshflow_placement::{DeviceType, Placement};
 
-use super::acts::{measured_acts, MeasuredActs};
+use super::acts::{actor_medians, measured_acts, MeasuredActs};
 use super::model::ModelSpec;
 use crate::compile::actors::{step_slots, ActorConfig};
 use crate::compile::CompileConfig;
@@ -275,9 +275,20 @@ impl StrategySession {
     /// took in the steps from `first` on, of `steps` run ([`measured_acts`]; `None` without a
     /// trace).
     pub fn acts(&mut self, steps: usize, first: usize) -> Result<Option<MeasuredActs>> {
+        Ok(self.traced(steps, first)?.0)
+    }
+
+    /// Like [`StrategySession::acts`], with each actor's median act ([`actor_medians`]).
+    pub fn traced(
+        &mut self,
+        steps: usize,
+        first: usize,
+    ) -> Result<(Option<MeasuredActs>, Vec<Option<f64>>)> {
         let report = self.session.stop()?;
-        let program = self.session.program();
-        Ok(measured_acts(&report.trace, program, self.session.actors(), steps, first))
+        let (program, lowered) = (self.session.program(), self.session.actors());
+        let acts = measured_acts(&report.trace, program, lowered, steps, first);
+        let medians = actor_medians(&report.trace, lowered.plan.actors.len(), steps, first);
+        Ok((acts, medians))
     }
 }
 
@@ -306,6 +317,8 @@ pub struct Ran {
     /// What the busiest rank's acts of this process took in the measured steps (from the
     /// driver's trace); `None` when nothing was traced.
     pub acts: Option<MeasuredActs>,
+    /// Per actor of the session's plan, its median act in the measured steps (seconds).
+    pub actor_seconds: Vec<Option<f64>>,
 }
 
 /// How long a calibration session runs.
@@ -339,8 +352,8 @@ pub fn run_session(
         times.push(started.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
-    let acts = run.acts(steps.warmup + times.len(), steps.warmup)?;
-    Ok(Ran { session: run.session, step: times[times.len() / 2], acts })
+    let (acts, actor_seconds) = run.traced(steps.warmup + times.len(), steps.warmup)?;
+    Ok(Ran { session: run.session, step: times[times.len() / 2], acts, actor_seconds })
 }
 
 /// The actor configuration the planner simulates a session with: the session's own pieces,
