@@ -66,9 +66,7 @@ impl DeviceTransport {
             sent.and(received)
         })
     }
-}
 
-impl DeviceTransport {
     /// An exchange whose peers are all in other processes, as one stream exchange on the
     /// process transport (for QUIC: sends and receives on the calling thread), its messages
     /// rebuilt from the deliveries. The thread that [`DeviceTransport::overlapped`] starts per

@@ -64,10 +64,23 @@ pub struct QuicConfig {
 /// The environment variable that replaces [`QuicConfig::wait_spin`]'s default (microseconds).
 pub const WAIT_SPIN_VARIABLE: &str = "MESHFLOW_QUIC_WAIT_SPIN_US";
 
-/// The default spin of a waiting thread: [`WAIT_SPIN_VARIABLE`] where set, else 100 µs.
+/// The default spin of a waiting thread: [`WAIT_SPIN_VARIABLE`] where set, else 100 µs. A value
+/// that is not a whole number of microseconds is reported (a warning naming the variable and
+/// the text) and the default is kept, so a typo does not pass for a setting.
 fn default_wait_spin() -> Duration {
-    let micros = std::env::var(WAIT_SPIN_VARIABLE).ok().and_then(|text| text.trim().parse().ok());
-    Duration::from_micros(micros.unwrap_or(100))
+    const DEFAULT_MICROS: u64 = 100;
+    let Ok(text) = std::env::var(WAIT_SPIN_VARIABLE) else {
+        return Duration::from_micros(DEFAULT_MICROS);
+    };
+    let micros = text.trim().parse().unwrap_or_else(|_| {
+        tracing::warn!(
+            variable = WAIT_SPIN_VARIABLE,
+            value = %text,
+            "not a whole number of microseconds; the QUIC wait spins the default {DEFAULT_MICROS} µs"
+        );
+        DEFAULT_MICROS
+    });
+    Duration::from_micros(micros)
 }
 
 impl Default for QuicConfig {
