@@ -119,9 +119,9 @@ fn fill_masked<T: FloatElement>(
     let mut rows: Vec<&mut [T]> = out.as_mut_slice::<T>()?.chunks_mut(row).collect();
     for_chunks(ctx, &mut rows, row, |first, chunk| {
         let starts = plan.row_starts(first, chunk.len());
-        for (dst, start) in chunk.iter_mut().zip(starts) {
+        for (dst, &start) in chunk.iter_mut().zip(&starts) {
             for (j, d) in dst.iter_mut().enumerate() {
-                if m[start[0] + j * step] != 0 {
+                if m[start + j * step] != 0 {
                     *d = fill;
                 }
             }

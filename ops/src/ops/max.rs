@@ -143,9 +143,9 @@ fn route<T: FloatElement>(x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor> 
     let plan = BroadcastPlan::new(&[y.shape()], x.shape());
     let (row, step) = (plan.row_len(), plan.row_step(0));
     let mut taken = vec![false; ys.len()];
-    for (r, start) in plan.row_starts(0, plan.rows()).into_iter().enumerate() {
+    for (r, &start) in plan.row_starts(0, plan.rows()).iter().enumerate() {
         for k in 0..row {
-            let (o, i) = (start[0] + k * step, r * row + k);
+            let (o, i) = (start + k * step, r * row + k);
             if !taken[o] && xs[i] == ys[o] {
                 dx[i] = gs[o];
                 taken[o] = true;

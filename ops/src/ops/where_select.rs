@@ -112,7 +112,7 @@ fn select<T: Element>(
     let mut rows: Vec<&mut [T]> = out.as_mut_slice::<T>()?.chunks_mut(row).collect();
     for_chunks(ctx, &mut rows, row, |first, chunk| {
         let starts = plan.row_starts(first, chunk.len());
-        for (dst, start) in chunk.iter_mut().zip(starts) {
+        for (dst, start) in chunk.iter_mut().zip(starts.chunks_exact(3)) {
             for (j, d) in dst.iter_mut().enumerate() {
                 let pick = c[start[0] + j * steps[0]] != 0;
                 *d = if pick { xs[start[1] + j * steps[1]] } else { ys[start[2] + j * steps[2]] };
