@@ -8,6 +8,7 @@
 
 pub mod broadcast;
 pub mod convert;
+pub mod in_place;
 pub mod layout;
 pub mod reduce;
 pub mod simd;
@@ -18,6 +19,7 @@ use rayon::prelude::*;
 use crate::{Context, Element, Result, Tensor};
 
 pub use broadcast::{binary, broadcast_copy, BroadcastPlan};
+pub use in_place::{binary_owned, unary_owned, Flip};
 pub use reduce::{reduce_axes, Reduction};
 pub use simd::vectorized;
 
@@ -214,6 +216,50 @@ multiversion! {
                 *l = f.call(*l, r);
             }
             T::store(&left[..n], d);
+        }
+    }
+}
+
+multiversion! {
+    /// `xs[i] = f(xs[i])` computed in `T::Acc`, as [`map_slice`].
+    pub fn map_slice_in_place<T: FloatElement, F: Map1<T::Acc>>(f: &F, xs: &mut [T]) {
+        if T::NATIVE {
+            for x in xs.iter_mut() {
+                *x = T::from_acc(f.call(x.to_acc()));
+            }
+            return;
+        }
+        let mut buffer = [T::Acc::default(); BLOCK];
+        for block in xs.chunks_mut(BLOCK) {
+            let buffer = &mut buffer[..block.len()];
+            T::load(block, buffer);
+            for v in buffer.iter_mut() {
+                *v = f.call(*v);
+            }
+            T::store(buffer, block);
+        }
+    }
+}
+
+multiversion! {
+    /// `xs[i] = f(xs[i], ys[i])` computed in `T::Acc`, as [`map2_slice`].
+    pub fn map2_slice_in_place<T: FloatElement, F: Map2<T::Acc>>(f: &F, xs: &mut [T], ys: &[T]) {
+        if T::NATIVE {
+            for (x, &y) in xs.iter_mut().zip(ys) {
+                *x = T::from_acc(f.call(x.to_acc(), y.to_acc()));
+            }
+            return;
+        }
+        let mut left = [T::Acc::default(); BLOCK];
+        let mut right = [T::Acc::default(); BLOCK];
+        for (block, ys) in xs.chunks_mut(BLOCK).zip(ys.chunks(BLOCK)) {
+            let n = block.len();
+            T::load(block, &mut left[..n]);
+            T::load(ys, &mut right[..n]);
+            for (l, &r) in left[..n].iter_mut().zip(&right[..n]) {
+                *l = f.call(*l, r);
+            }
+            T::store(&left[..n], block);
         }
     }
 }

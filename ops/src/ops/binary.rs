@@ -47,12 +47,16 @@ pub fn signatures(inputs: &[TensorMeta], extra: &[[Sbp; 3]]) -> Vec<Signature> {
     signatures
 }
 
-/// Runs a binary op's kernel `$f(x, y)` on the two inputs with broadcasting.
+/// Runs a binary op's kernel `$f(x, y)` on the two inputs (a `Vec<Tensor>` the op owns) with
+/// broadcasting, writing into an input of the output's shape that nothing else holds
+/// ([`crate::cpu::binary_owned`]). `Op::forward` hands it clones (never written).
 #[macro_export]
 macro_rules! binary_forward {
     ($op:expr, $ctx:expr, $inputs:expr, |$x:ident, $y:ident| $f:expr) => {{
-        let [a, b] = $inputs else {
-            return Err($crate::Error::Arity { op: $op, expected: 2, got: $inputs.len() });
+        let inputs: Vec<$crate::Tensor> = $inputs;
+        let got = inputs.len();
+        let Ok([a, b]) = <[$crate::Tensor; 2]>::try_from(inputs) else {
+            return Err($crate::Error::Arity { op: $op, expected: 2, got });
         };
         let shape = $crate::Shape::broadcast($op, a.shape(), b.shape())?;
         if a.dtype() != b.dtype() {
@@ -60,7 +64,7 @@ macro_rules! binary_forward {
         }
         let out = $crate::dispatch_float!($op, a.dtype(), T => {
             type Acc = <T as $crate::cpu::FloatElement>::Acc;
-            $crate::cpu::binary::<T, _>($ctx, a, b, &shape, &|$x: Acc, $y: Acc| $f)
+            $crate::cpu::binary_owned::<T, _>($ctx, a, b, &shape, &|$x: Acc, $y: Acc| $f)
         })?;
         Ok(vec![out])
     }};

@@ -30,6 +30,10 @@ impl Op for Div {
     }
 
     fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        self.forward_owned(ctx, inputs.to_vec())
+    }
+
+    fn forward_owned(&self, ctx: &Context, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
         crate::binary_forward!(self.name(), ctx, inputs, |x, y| x / y)
     }
 

@@ -78,11 +78,17 @@ impl<P: Pointwise> Op for Unary<P> {
     }
 
     fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        let [x] = inputs else {
-            return Err(Error::Arity { op: P::NAME, expected: 1, got: inputs.len() });
+        self.forward_owned(ctx, inputs.to_vec())
+    }
+
+    /// In `x`'s storage when nothing else holds it.
+    fn forward_owned(&self, ctx: &Context, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        let got = inputs.len();
+        let Ok([x]) = <[Tensor; 1]>::try_from(inputs) else {
+            return Err(Error::Arity { op: P::NAME, expected: 1, got });
         };
         let out = crate::dispatch_float!(P::NAME, x.dtype(), T => {
-            crate::cpu::unary::<T, _>(ctx, x, &Apply(&self.0))
+            crate::cpu::unary_owned::<T, _>(ctx, x, &Apply(&self.0))
         })?;
         Ok(vec![out])
     }
@@ -162,11 +168,21 @@ impl<P: Differentiable> Op for GradOf<P> {
     }
 
     fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        self.forward_owned(ctx, inputs.to_vec())
+    }
+
+    /// In the storage of `x` (or else `g`) when nothing else holds it.
+    fn forward_owned(&self, ctx: &Context, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let metas: Vec<TensorMeta> = inputs.iter().map(|t| t.meta().clone()).collect();
         self.infer(&metas)?;
-        let (x, g) = (&inputs[0], &inputs[1]);
+        let shape = metas[0].shape.clone();
+        let [x, g] = <[Tensor; 2]>::try_from(inputs).map_err(|inputs| Error::Arity {
+            op: P::GRAD_NAME,
+            expected: 2,
+            got: inputs.len(),
+        })?;
         let out = crate::dispatch_float!(P::GRAD_NAME, x.dtype(), T => {
-            crate::cpu::zip::<T, _>(ctx, x, g, &Derivative(&self.0))
+            crate::cpu::binary_owned::<T, _>(ctx, x, g, &shape, &Derivative(&self.0))
         })?;
         Ok(vec![out])
     }
