@@ -4,6 +4,10 @@
 //! (`send`, `recv`, `exchange`, `stream`: start and end in nanoseconds since the Unix epoch).
 //! The processes of a job share the clock, so the lines of two ranks give each collective's
 //! arrival skew and the time from the later rank's arrival to each rank's return.
+//!
+//! A log keeps the first [`MAX_RECORDS`] operations (about 8 MiB) and counts the rest, so a
+//! long job with the variable left set does not grow without bound; the file then ends with a
+//! `# dropped N` line.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -14,10 +18,21 @@ use crate::Rank;
 /// The environment variable naming the directory the timestamps are written to.
 pub const TIMES_VARIABLE: &str = "MESHFLOW_QUIC_TIMES";
 
-/// One transport's operations: (name, start, end).
+/// The most operations one log keeps.
+pub const MAX_RECORDS: usize = 200_000;
+
+/// One transport's operations: (name, start, end), the first `limit` of them.
 pub(crate) struct OperationLog {
     path: PathBuf,
-    records: Mutex<Vec<(&'static str, u128, u128)>>,
+    limit: usize,
+    records: Mutex<Records>,
+}
+
+/// What a log holds.
+#[derive(Default)]
+struct Records {
+    kept: Vec<(&'static str, u128, u128)>,
+    dropped: u64,
 }
 
 impl OperationLog {
@@ -25,7 +40,11 @@ impl OperationLog {
     pub(crate) fn from_environment(rank: Rank) -> Option<Self> {
         let directory = std::env::var_os(TIMES_VARIABLE)?;
         let name = format!("quic-times-{}-{}.txt", rank.0, std::process::id());
-        Some(OperationLog { path: PathBuf::from(directory).join(name), records: Mutex::default() })
+        Some(OperationLog::new(PathBuf::from(directory).join(name), MAX_RECORDS))
+    }
+
+    fn new(path: PathBuf, limit: usize) -> Self {
+        OperationLog { path, limit, records: Mutex::default() }
     }
 
     /// Runs `call`, recording its start and end under `name` when there is a log.
@@ -34,15 +53,26 @@ impl OperationLog {
         let start = now();
         let output = call();
         let end = now();
-        log.records.lock().unwrap_or_else(|poison| poison.into_inner()).push((name, start, end));
+        let mut records = log.records.lock().unwrap_or_else(|poison| poison.into_inner());
+        if records.kept.len() < log.limit {
+            records.kept.push((name, start, end));
+        } else {
+            records.dropped += 1;
+        }
         output
     }
 
     /// Writes the lines (a failure to write is reported on the log, not to the caller).
     pub(crate) fn write(&self) {
         let records = self.records.lock().unwrap_or_else(|poison| poison.into_inner());
-        let text: String =
-            records.iter().map(|(name, start, end)| format!("{name} {start} {end}\n")).collect();
+        let mut text: String = records
+            .kept
+            .iter()
+            .map(|(name, start, end)| format!("{name} {start} {end}\n"))
+            .collect();
+        if records.dropped > 0 {
+            text.push_str(&format!("# dropped {}\n", records.dropped));
+        }
         if let Err(error) = std::fs::write(&self.path, text) {
             tracing::warn!(path = %self.path.display(), %error, "QUIC operation times not written");
         }
@@ -60,7 +90,7 @@ mod tests {
     #[test]
     fn operations_are_written_one_line_each_in_order() {
         let path = std::env::temp_dir().join(format!("quic-times-test-{}.txt", std::process::id()));
-        let log = OperationLog { path: path.clone(), records: Mutex::default() };
+        let log = OperationLog::new(path.clone(), MAX_RECORDS);
         let value = OperationLog::timed(Some(&log), "recv", || 7);
         OperationLog::timed(Some(&log), "send", || ());
         assert_eq!(value, 7);
@@ -74,5 +104,21 @@ mod tests {
         let times: Vec<u128> =
             lines.iter().flat_map(|l| [l[1], l[2]]).map(|t| t.parse().expect("ns")).collect();
         assert!(times.windows(2).all(|pair| pair[0] <= pair[1]), "{times:?}");
+    }
+
+    #[test]
+    fn a_full_log_counts_what_it_drops() {
+        let path = std::env::temp_dir().join(format!("quic-times-cap-{}.txt", std::process::id()));
+        let log = OperationLog::new(path.clone(), 2);
+        for _ in 0..5 {
+            OperationLog::timed(Some(&log), "send", || ());
+        }
+        log.write();
+        let text = std::fs::read_to_string(&path).expect("written");
+        let _ = std::fs::remove_file(&path);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[..2].iter().all(|line| line.starts_with("send ")));
+        assert_eq!(lines[2], "# dropped 3");
     }
 }
