@@ -654,22 +654,28 @@ mod tests {
 
     #[test]
     fn an_abort_request_ends_a_wait_with_its_reason() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
         let abort = NcclAbort::default();
         let requester = abort.clone();
+        // The request comes after the second poll (not after a sleep, which a loaded machine
+        // can outlast before the wait even starts).
+        let polls = Arc::new(AtomicUsize::new(0));
+        let seen = polls.clone();
         let thread = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(20));
+            while seen.load(Ordering::SeqCst) < 2 {
+                std::thread::yield_now();
+            }
             requester.request("rank 2 failed");
             requester.request("a later reason");
         });
         let interval = Duration::from_micros(100);
-        let mut polls = 0;
         let waited = wait_for(Duration::from_secs(60), interval, &abort, || {
-            polls += 1;
+            polls.fetch_add(1, Ordering::SeqCst);
             Ok(false)
         });
         thread.join().expect("the requester");
         assert_eq!(waited.expect("no poll error"), Waited::Aborted("rank 2 failed".into()));
-        assert!(polls > 1, "it polled until the request");
+        assert!(polls.load(Ordering::SeqCst) >= 2, "it polled until the request");
         let idle = NcclAbort::default();
         let short = Duration::from_millis(5);
         assert_eq!(wait_for(short, interval, &idle, || Ok(false)).ok(), Some(Waited::TimedOut));

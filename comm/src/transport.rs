@@ -300,13 +300,10 @@ impl InProcessTransport {
     /// [`Error::PeerFailed`] once `health` records a failure, instead of at the timeout: a
     /// device thread that failed never sends what its peers wait for.
     pub fn watch(&self, health: &Health) {
-        let mailboxes = Arc::downgrade(&self.mailboxes);
-        health.on_failure(move |failure| {
-            if let Some(mailboxes) = mailboxes.upgrade() {
-                let _ = mailboxes.failure.set(failure.clone());
-                let mut trip = mailboxes.trip.lock().unwrap_or_else(|poison| poison.into_inner());
-                drop(trip.take());
-            }
+        health.on_failure_of(&self.mailboxes, |mailboxes, failure| {
+            let _ = mailboxes.failure.set(failure.clone());
+            let mut trip = mailboxes.trip.lock().unwrap_or_else(|poison| poison.into_inner());
+            drop(trip.take());
         });
     }
 

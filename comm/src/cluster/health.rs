@@ -35,8 +35,12 @@ impl PeerFailure {
     }
 }
 
-/// Runs once, on the thread that records the failure.
-type Wake = Box<dyn FnOnce(&PeerFailure) + Send>;
+/// A callback that runs once, on the thread that records the failure, and whether it still
+/// has anything to wake (a callback for a dropped target is pruned at the next registration).
+struct Wake {
+    alive: Box<dyn Fn() -> bool + Send>,
+    call: Box<dyn FnOnce(&PeerFailure) + Send>,
+}
 
 /// The shared failure state of one process's view of the job.
 #[derive(Clone)]
@@ -79,7 +83,7 @@ impl Health {
         });
         if recorded {
             let wakes = self.lock_wakes().take().unwrap_or_default();
-            wakes.into_iter().for_each(|wake| wake(&failure));
+            wakes.into_iter().for_each(|wake| (wake.call)(&failure));
         }
         recorded
     }
@@ -88,13 +92,39 @@ impl Health {
     /// otherwise on the thread that records it. For waits outside an async runtime (condition
     /// variables, channels) that must end when the job fails.
     pub fn on_failure(&self, wake: impl FnOnce(&PeerFailure) + Send + 'static) {
+        self.register(Wake { alive: Box::new(|| true), call: Box::new(wake) });
+    }
+
+    /// [`Health::on_failure`] for a callback about `target`, which it holds weakly: it runs only
+    /// if `target` still lives, and is forgotten once `target` is dropped, so objects that come
+    /// and go (a session's transports and groups) leave nothing behind in a long-lived `Health`.
+    pub fn on_failure_of<T: Send + Sync + 'static>(
+        &self,
+        target: &Arc<T>,
+        wake: impl FnOnce(&T, &PeerFailure) + Send + 'static,
+    ) {
+        let (probe, weak) = (Arc::downgrade(target), Arc::downgrade(target));
+        self.register(Wake {
+            alive: Box::new(move || probe.strong_count() > 0),
+            call: Box::new(move |failure| {
+                if let Some(target) = weak.upgrade() {
+                    wake(&target, failure);
+                }
+            }),
+        });
+    }
+
+    fn register(&self, wake: Wake) {
         let mut wakes = self.lock_wakes();
         match wakes.as_mut() {
-            Some(wakes) => wakes.push(Box::new(wake)),
+            Some(wakes) => {
+                wakes.retain(|wake| (wake.alive)());
+                wakes.push(wake);
+            }
             None => {
                 drop(wakes);
                 if let Some(failure) = self.failure() {
-                    wake(&failure);
+                    (wake.call)(&failure);
                 }
             }
         }
@@ -171,5 +201,23 @@ mod tests {
         health.on_failure(move |failure| sender.send(("late", failure.rank)).unwrap());
         let seen: Vec<_> = seen.try_iter().collect();
         assert_eq!(seen, [("early", 2), ("late", 2)]);
+    }
+
+    #[test]
+    fn callbacks_about_dropped_targets_are_forgotten_and_live_ones_still_run() {
+        let health = Health::new();
+        let (sender, seen) = std::sync::mpsc::channel();
+        let kept = Arc::new(7usize);
+        health.on_failure_of(&kept, move |value, failure| {
+            sender.send((*value, failure.rank)).unwrap()
+        });
+        for session in 0..100usize {
+            let target = Arc::new(session);
+            health.on_failure_of(&target, |_, _| panic!("a dropped target is never woken"));
+        }
+        let registered = health.lock_wakes().as_ref().map_or(0, Vec::len);
+        assert_eq!(registered, 2, "the live callback and the last one registered");
+        health.fail(PeerFailure { rank: 4, reason: "gone".to_string() });
+        assert_eq!(seen.try_iter().collect::<Vec<_>>(), [(7, 4)]);
     }
 }

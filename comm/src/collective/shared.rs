@@ -60,12 +60,7 @@ impl SharedGroup {
         let points = InProcessTransport::world(size, 4, timeout);
         if let (Some(health), Some(point)) = (health, points.first()) {
             point.watch(health);
-            let group = Arc::downgrade(&shared);
-            health.on_failure(move |failure| {
-                if let Some(group) = group.upgrade() {
-                    group.barrier.fail(failure);
-                }
-            });
+            health.on_failure_of(&shared, |group, failure| group.barrier.fail(failure));
         }
         points
             .into_iter()
