@@ -339,8 +339,11 @@ fn calibration_covers_every_strategy_that_runs_here() {
 #[test]
 fn device_threads_sharing_cores_are_slowed_by_the_mean_number_busy() {
     use meshflow::plan::calibrate::predict_sharing_cores;
+    use meshflow::plan::cores::BarrierWait;
     use meshflow::plan::profile::KernelProfile;
     use std::time::Duration;
+
+    let wait = BarrierWait { spin: 50e-6, wake: 30e-6 };
 
     let parallel = {
         let placement = Placement::line(DeviceType::Cpu, 2).unwrap();
@@ -375,7 +378,7 @@ fn device_threads_sharing_cores_are_slowed_by_the_mean_number_busy() {
             .unwrap();
         let cluster = cluster(2, 0.0, 1e30);
         let (prediction, slowdown) =
-            predict_sharing_cores(&program, &ActorConfig::default(), &cluster, &profile, 1)
+            predict_sharing_cores(&program, &ActorConfig::default(), &cluster, &profile, (1, wait))
                 .unwrap();
         assert!((slowdown - expected_slowdown).abs() < 1e-3, "slowdown {slowdown}");
         let expected = calls.0 * times.cold + calls.1 * times.warm;
@@ -406,6 +409,75 @@ fn acts_on_fewer_cores_than_device_threads_take_turns() {
     assert!((serial - busy).abs() < 3e-9 && same_busy == busy, "{serial} s on 1 core");
     let (shared, _) = step_on_cores(&program, &lowered, &costs, 2);
     assert!((shared - busy / 2.0).abs() < 1e-3 * busy, "{shared} s on 2 cores, busy {busy} s");
+}
+
+/// A collective's members meet at a barrier: on one core, 4 data-parallel ranks reach their
+/// gradient all-reduce together (its join), the first three each poll the core away for the
+/// barrier's spin and sleep, the fourth runs; the sleepers then run once woken. With a wake-up
+/// shorter than the all-reduce the core never idles: the step is the acts plus three spins;
+/// with a longer one it idles for the difference once. With a core per rank nobody polls.
+#[test]
+fn collective_members_poll_then_sleep_at_the_barrier() {
+    use meshflow::plan::cores::{step_on_cores, step_on_cores_waiting, BarrierWait};
+
+    let program = data_parallel(4);
+    let lowered = lower_to_actors(&program, &ActorConfig::default()).unwrap();
+    let costs = ActCosts::new(&program, &lowered, &cluster(4, 10e-6, 2e9));
+    let all_reduce = lowered
+        .plan
+        .actors
+        .iter()
+        .zip(&costs.durations)
+        .find(|(spec, _)| {
+            let Work::Step { step } = spec.payload.work else { return false };
+            matches!(&program.steps[step], Step::Boxing { plan, .. } if plan.steps.iter().any(|s| !s.kind.is_local()))
+        })
+        .map(|(_, &ns)| ns as f64 / 1e9)
+        .unwrap();
+    let (_, busy) = step_on_cores(&program, &lowered, &costs, 1);
+    let spin = 50e-6;
+    for wake in [0.5 * all_reduce, 3.0 * all_reduce] {
+        let barrier = BarrierWait { spin, wake };
+        let (step, same_busy) = step_on_cores_waiting(&program, &lowered, &costs, 1, barrier);
+        let expected = busy + 3.0 * spin + (wake - all_reduce).max(0.0);
+        assert!((step - expected).abs() < 3e-9, "wake {wake} s: {step} s, expected {expected} s");
+        assert_eq!(same_busy, busy, "polling is not work");
+        let (spread, _) = step_on_cores_waiting(&program, &lowered, &costs, 4, barrier);
+        let (unshared, _) = step_on_cores(&program, &lowered, &costs, 4);
+        assert!((spread - unshared).abs() < 3e-9, "a core each: {spread} s against {unshared} s");
+    }
+}
+
+/// Gradient accumulation is priced as the runtime pays it: each later piece's shard is added
+/// to the sum as its kernel writes it, in cache, so with measured kernels a summed slot costs
+/// `pieces − 1` warm additions of its shard's shape (the profile's), not a pass over memory.
+#[test]
+fn accumulated_gradients_cost_warm_additions_per_later_piece() {
+    use meshflow::compile::actors::local_meta;
+    use meshflow::plan::profile::KernelProfile;
+    use meshflow::plan::strategies::{actor_config, char_gpt, SessionStrategy, StrategySession};
+    use std::time::Duration;
+
+    let strategy = SessionStrategy { micro_batches: 2, ..SessionStrategy::mesh(2, 1) };
+    let build = |graph: &Graph, stages: &[meshflow::nn::Layouts]| char_gpt(graph, stages, 4);
+    let run =
+        StrategySession::new(&strategy, build, &CompileConfig::default(), None, false).unwrap();
+    let program = run.session.program();
+    let lowered = lower_to_actors(program, &actor_config(&run.session)).unwrap();
+    let mut profile = KernelProfile::default();
+    let accumulated = &run.session.actors().accumulated;
+    profile.measure_sums(program, accumulated, 1, Duration::from_millis(1));
+    let cluster = cluster(2, 1e-6, 1e10);
+    let costs = ActCosts::with_kernels(program, &lowered, &cluster, Some((&profile, 1.0)));
+    let mut sums = 0;
+    for (spec, &ns) in lowered.plan.actors.iter().zip(&costs.durations) {
+        let Work::Accumulate { slot } = spec.payload.work else { continue };
+        let meta = local_meta(program, slot, spec.payload.rank).unwrap();
+        let warm = profile.sum_times(&meta).unwrap().warm;
+        assert_eq!(ns, (warm * 1e9).round() as u64, "one addition of {meta:?}");
+        sums += 1;
+    }
+    assert!(sums >= 2 * 50, "every parameter's gradient on both ranks: {sums}");
 }
 
 /// On the session's own DP2×PP2 program over 4 micro-batches (1F1B), the simulation of one

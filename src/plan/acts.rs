@@ -23,6 +23,12 @@ pub struct MeasuredActs {
     pub communication: f64,
     /// Seconds from the step's first act to its last.
     pub span: f64,
+    /// Of `communication`, the seconds its boxing acts took beyond the shortest act of the same
+    /// boxing step (over every rank that ran it) in the same step: the waiting for the group's
+    /// later members (arrival skew, a partner waiting for a core), an upper bound where a step
+    /// has several groups.
+    #[serde(default)]
+    pub waiting: f64,
 }
 
 /// Cuts `trace` (of a session that ran `steps` steps of `actors`, lowered from `program`) into
@@ -42,15 +48,34 @@ pub fn measured_acts(
         acts.push((event.sequence, event.start, event.end));
     }
     let steps = steps.max(1);
+    // Per (boxing step, its act's index in the actor's acts), the shortest act over the ranks.
+    let mut shortest: HashMap<(usize, usize), u64> = HashMap::new();
+    for (&actor, acts) in by_actor.iter_mut() {
+        acts.sort_unstable();
+        let Some(spec) = actors.plan.actors.get(actor) else { continue };
+        if let Work::Step { step } = spec.payload.work {
+            if act_kind(program, spec.payload.work) == Kind::Communication {
+                for (index, (_, start, end)) in acts.iter().enumerate() {
+                    let took = end.saturating_sub(*start);
+                    let least = shortest.entry((step, index)).or_insert(took);
+                    *least = (*least).min(took);
+                }
+            }
+        }
+    }
     let mut per_step = vec![StepActs::default(); steps];
-    for (actor, mut acts) in by_actor {
+    for (actor, acts) in by_actor {
         let Some(spec) = actors.plan.actors.get(actor) else { continue };
         let kind = act_kind(program, spec.payload.work);
-        acts.sort_unstable();
         let per = (acts.len() / steps).max(1);
         for (index, (_, start, end)) in acts.into_iter().enumerate() {
             let Some(step) = per_step.get_mut(index / per) else { break };
-            step.add(spec.payload.rank, kind, start, end);
+            let least = match spec.payload.work {
+                Work::Step { step } => shortest.get(&(step, index)).copied(),
+                _ => None,
+            };
+            let waited = least.map_or(0, |least| end.saturating_sub(start).saturating_sub(least));
+            step.add(spec.payload.rank, kind, (start, end), waited);
         }
     }
     let measured: Vec<MeasuredActs> =
@@ -67,6 +92,7 @@ pub fn measured_acts(
         compute: median(|m| m.compute),
         communication: median(|m| m.communication),
         span: median(|m| m.span),
+        waiting: median(|m| m.waiting),
     })
 }
 
@@ -112,7 +138,7 @@ pub struct KernelSums {
 }
 
 /// The busiest rank's compute acts (most measured seconds) of a session's plan `lowered`,
-/// summed per op name and phase: measured (`seconds`, per actor, from [`actor_medians`]),
+/// summed per op name and phase, and its boxing acts per kind (their waiting included): measured (`seconds`, per actor, from [`actor_medians`]),
 /// priced (`costs`), and the profile's warm and cold times. Where a prediction's kernels are
 /// wrong, this says which. Returns the rank and its lines.
 pub fn kernel_table(
@@ -138,10 +164,17 @@ pub fn kernel_table(
     let cold = cold_fractions(program, lowered, cache_bytes);
     let mut lines: BTreeMap<String, KernelSums> = BTreeMap::new();
     for (id, spec) in lowered.plan.actors.iter().enumerate() {
-        if spec.payload.rank != busiest || !computes(spec.payload.work) {
+        if spec.payload.rank != busiest {
             continue;
         }
         let (name, times) = match spec.payload.work {
+            Work::Step { step } if !computes(spec.payload.work) => match &program.steps[step] {
+                Step::Boxing { plan, .. } => {
+                    let kinds: Vec<_> = plan.steps.iter().map(|s| s.kind.name()).collect();
+                    (format!("boxing {}", kinds.join("+")), None)
+                }
+                _ => continue,
+            },
             Work::Step { step } => match &program.steps[step] {
                 Step::Kernel { node, inputs, ops, .. } => {
                     let placement = &program.graph.node(*node).placement;
@@ -155,7 +188,8 @@ pub fn kernel_table(
                 }
                 _ => continue,
             },
-            _ => ("accumulate".to_string(), None),
+            Work::Accumulate { .. } => ("accumulate".to_string(), None),
+            Work::Join { .. } | Work::End => continue,
         };
         let line = lines.entry(name).or_default();
         line.acts += 1;
@@ -168,7 +202,7 @@ pub fn kernel_table(
     (busiest, lines)
 }
 
-/// [`kernel_table`] as text, with a total line.
+/// [`kernel_table`] as text, with a total line for the compute acts and one for the boxing.
 pub fn format_kernel_table(rank: usize, lines: &BTreeMap<String, KernelSums>) -> String {
     let line = |name: &str, sums: &KernelSums| {
         format!(
@@ -184,17 +218,18 @@ pub fn format_kernel_table(rank: usize, lines: &BTreeMap<String, KernelSums>) ->
     let mut text = format!(
         "rank {rank}: op phase | acts | measured ms | priced ms | warm ms | cold ms | mean cold\n"
     );
-    let mut total = KernelSums::default();
+    let (mut total, mut boxing) = (KernelSums::default(), KernelSums::default());
     for (name, sums) in lines {
         text += &line(name, sums);
-        total.acts += sums.acts;
-        total.measured += sums.measured;
-        total.priced += sums.priced;
-        total.warm += sums.warm;
-        total.cold += sums.cold;
-        total.cold_fraction += sums.cold_fraction;
+        let sum = if name.starts_with("boxing") { &mut boxing } else { &mut total };
+        sum.acts += sums.acts;
+        sum.measured += sums.measured;
+        sum.priced += sums.priced;
+        sum.warm += sums.warm;
+        sum.cold += sums.cold;
+        sum.cold_fraction += sums.cold_fraction;
     }
-    text + &line("total", &total)
+    text + &line("total", &total) + &line("boxing total", &boxing)
 }
 
 /// What an act is, for the sums.
@@ -217,21 +252,25 @@ fn act_kind(program: &Program, work: Work) -> Kind {
     }
 }
 
-/// One step's sums per rank (nanoseconds) and its first start and last end.
+/// One step's sums per rank (nanoseconds: compute, communication, of which waiting) and its
+/// first start and last end.
 #[derive(Clone, Default)]
 struct StepActs {
-    per_rank: HashMap<usize, (u64, u64)>,
+    per_rank: HashMap<usize, (u64, u64, u64)>,
     first: Option<u64>,
     last: u64,
 }
 
 impl StepActs {
-    fn add(&mut self, rank: usize, kind: Kind, start: u64, end: u64) {
+    fn add(&mut self, rank: usize, kind: Kind, (start, end): (u64, u64), waited: u64) {
         let took = end.saturating_sub(start);
         let sums = self.per_rank.entry(rank).or_default();
         match kind {
             Kind::Compute => sums.0 += took,
-            Kind::Communication => sums.1 += took,
+            Kind::Communication => {
+                sums.1 += took;
+                sums.2 += waited;
+            }
             Kind::Other => {}
         }
         self.first = Some(self.first.map_or(start, |first| first.min(start)));
@@ -240,13 +279,16 @@ impl StepActs {
 
     fn summary(&self) -> Option<MeasuredActs> {
         let first = self.first?;
-        let most = |pick: fn(&(u64, u64)) -> u64| {
+        let most = |pick: fn(&(u64, u64, u64)) -> u64| {
             self.per_rank.values().map(pick).max().unwrap_or(0) as f64 / 1e9
         };
+        // The waiting of the rank that spent longest in boxing acts.
+        let talker = self.per_rank.values().max_by_key(|sums| sums.1);
         Some(MeasuredActs {
             compute: most(|sums| sums.0),
             communication: most(|sums| sums.1),
             span: self.last.saturating_sub(first) as f64 / 1e9,
+            waiting: talker.map_or(0.0, |sums| sums.2 as f64 / 1e9),
         })
     }
 }

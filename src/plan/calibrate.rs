@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::acts::{format_kernel_table, kernel_table, MeasuredActs};
 use super::cluster::Cluster;
-use super::cores::step_on_cores;
+use super::cores::{step_on_cores_waiting, BarrierWait, BARRIER_SPIN};
 use super::cost::ActCosts;
 use super::profile::KernelProfile;
 use super::{predict_measured, processes, Prediction};
@@ -155,10 +155,14 @@ pub fn predict_row(
     let program = ran.session.program();
     let actors = actor_config(&ran.session);
     let roofline = predict_measured(program, &actors, cluster, None, false)?;
-    let profile =
-        KernelProfile::measure(program, strategy.threads.max(1), Duration::from_millis(20))?;
+    let (threads, budget) = (strategy.threads.max(1), Duration::from_millis(20));
+    // The strategy's other device threads busy on the machine's other cores.
+    let others = strategy.devices().min(measured.cores).saturating_sub(1);
+    let mut profile = KernelProfile::measure_alongside(program, threads, budget, others)?;
+    profile.measure_sums(program, &ran.session.actors().accumulated, threads, budget);
+    let barrier = BarrierWait { spin: BARRIER_SPIN, wake: measured.wake_latency };
     let (profiled, slowdown) =
-        predict_sharing_cores(program, &actors, cluster, &profile, measured.cores)?;
+        predict_sharing_cores(program, &actors, cluster, &profile, (measured.cores, barrier))?;
     if std::env::var_os(KERNELS_VARIABLE).is_some() {
         let lowered = ran.session.actors();
         let costs = ActCosts::with_kernels(program, lowered, cluster, Some((&profile, 1.0)));
@@ -181,18 +185,19 @@ pub fn predict_row(
     })
 }
 
-/// The step of `program` with profiled kernels when its device threads share `cores` cores.
-/// With no more device threads than cores, the simulated step; with more, the step of
-/// [`step_on_cores`]: every act that computes or copies holds a core, ready acts take free
-/// cores in turn (pipeline stages not busy at once leave cores free; a rank waiting for a
-/// collective partner that waits for a core waits too). Returns the prediction and its ratio to
-/// the step with a core per thread.
+/// The step of `program` with profiled kernels when its device threads share `cores` cores,
+/// their collectives meeting as `barrier` says. With no more device threads than cores, the
+/// simulated step; with more, the step of [`step_on_cores_waiting`]: every act that computes
+/// or copies holds a core, ready acts take free cores in turn (pipeline stages not busy at once
+/// leave cores free; a rank waiting for a collective partner that waits for a core waits too,
+/// polling a core away for the barrier's spin, then sleeping). Returns the prediction and its
+/// ratio to the step with a core per thread.
 pub fn predict_sharing_cores(
     program: &Program,
     actors: &ActorConfig,
     cluster: &Cluster,
     profile: &KernelProfile,
-    cores: usize,
+    (cores, barrier): (usize, BarrierWait),
 ) -> Result<(Prediction, f64)> {
     let unshared = predict_measured(program, actors, cluster, Some((profile, 1.0)), false)?;
     if program.ranks.len() <= cores.max(1) {
@@ -200,7 +205,7 @@ pub fn predict_sharing_cores(
     }
     let full = lower_to_actors(program, actors)?;
     let costs = ActCosts::with_kernels(program, &full, cluster, Some((profile, 1.0)));
-    let (step, _) = step_on_cores(program, &full, &costs, cores);
+    let (step, _) = step_on_cores_waiting(program, &full, &costs, cores, barrier);
     let slowdown = step / unshared.step_seconds.max(1e-12);
     Ok((Prediction { step_seconds: step, ..unshared }, slowdown))
 }
@@ -219,8 +224,8 @@ impl fmt::Display for CalibrationTable {
         writeln!(
             f,
             "this machine ({} cores): GEMM {:.1} GFLOP/s, element-wise {:.2} GFLOP/s, copy {:.1} GB/s, \
-             kernel {:.2} µs, all-reduce hop {:.1} µs, {:.2} GB/s, cache {:.1} MiB per core + \
-             {:.1} MiB shared",
+             kernel {:.2} µs, all-reduce hop {:.1} µs, {:.2} GB/s, wake-up at a barrier {:.1} µs, \
+             cache {:.1} MiB per core + {:.1} MiB shared",
             m.cores,
             m.gemm_flops / 1e9,
             m.vector_flops / 1e9,
@@ -228,13 +233,14 @@ impl fmt::Display for CalibrationTable {
             m.kernel_overhead * 1e6,
             m.hop_latency * 1e6,
             m.link_bandwidth / 1e9,
+            m.wake_latency * 1e6,
             m.private_cache / MIB,
             m.shared_cache / MIB
         )?;
         writeln!(
             f,
             "| char GPT, batch {} (median of steps) | measured ms | roofline ms | error | \
-             profiled kernels ms | error | busiest rank's kernels ms | measured: kernels, boxing ms | \
+             profiled kernels ms | error | busiest rank's kernels ms | measured: kernels, boxing (waiting) ms | \
              of which empty step ms | kernels profiled (failed) | cores shared, slowdown | \
              link hop µs, GB/s |",
             self.batch
@@ -256,9 +262,10 @@ impl fmt::Display for CalibrationTable {
                 row.profiled_error() * 100.0,
                 row.busiest_compute * 1e3,
                 row.acts.map_or("-".into(), |acts| format!(
-                    "{:.2}, {:.2}",
+                    "{:.2}, {:.2} ({:.2})",
                     acts.compute * 1e3,
-                    acts.communication * 1e3
+                    acts.communication * 1e3,
+                    acts.waiting * 1e3
                 )),
                 row.fixed * 1e3,
                 row.kernels.0,

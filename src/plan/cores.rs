@@ -7,9 +7,14 @@
 //! the plan of one step is a graph of dependencies: an act waits for the producers of its input
 //! edges (a variable's update edge belongs to the next step) and for its stream's previous act.
 //!
-//! With at least as many cores as device threads this is the actor simulator's step; with fewer,
-//! a thread whose partner in a collective waits for a core waits too, which a uniform slowdown
-//! of every kernel does not capture.
+//! A collective (all-reduce, reduce-scatter, all-gather, all-to-all: the members of one join)
+//! meets at a barrier ([`BarrierWait`]): a member that gets a core before the others arrived
+//! keeps it, polling, for `spin`, then releases it and sleeps; when the last member arrives the
+//! members still polling go on at once, the sleeping ones are woken and take a core again
+//! `wake` later. With at least as many cores as device threads and no barrier waits this is the
+//! actor simulator's step; with fewer, a thread whose partner in a collective waits for a core
+//! waits too, and polls a core away from the others, which a uniform slowdown of every kernel
+//! does not capture.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
@@ -20,14 +25,62 @@ use super::cost::ActCosts;
 use crate::compile::actors::{ActorProgram, Work};
 use crate::compile::{Program, Step};
 
+/// How the members of an in-process collective wait for each other at its barrier.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BarrierWait {
+    /// Seconds a member that arrived before the others keeps its core, polling, before it
+    /// sleeps (the in-process barrier's spin, `meshflow_comm`'s shared group: 50 µs).
+    pub spin: f64,
+    /// Seconds from the last member's arrival until a sleeping member can run again (its
+    /// wake-up; measured, [`super::machine::Measured::wake_latency`]).
+    pub wake: f64,
+}
+
+/// The in-process barrier's spin before a waiting member sleeps (`SPIN` in
+/// `meshflow_comm::collective::shared`).
+pub const BARRIER_SPIN: f64 = 50e-6;
+
 /// The step's length in seconds when `actors` (lowered from `program`, every rank kept) act
-/// with `costs` on `cores` cores (see the module doc), and the seconds of core time its acts
-/// took.
+/// with `costs` on `cores` cores with collectives whose members meet at once (no barrier
+/// waits), and the seconds of core time its acts took. See [`step_on_cores_waiting`].
 pub fn step_on_cores(
     program: &Program,
     actors: &ActorProgram,
     costs: &ActCosts,
     cores: usize,
+) -> (f64, f64) {
+    step_on_cores_waiting(program, actors, costs, cores, BarrierWait::default())
+}
+
+/// What happens at an event's time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    /// An act ends (or an act that needs no core becomes done).
+    End,
+    /// A woken member of a collective wants a core.
+    Wake,
+    /// A polling member's spin runs out.
+    Spin,
+}
+
+/// Where a member of a collective is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Member {
+    Away,
+    Polling,
+    Sleeping,
+    Going,
+}
+
+/// The step's length in seconds when `actors` act with `costs` on `cores` cores and the
+/// members of a collective wait for each other as `barrier` says (see the module doc), and the
+/// seconds of core time its acts took (polling not counted).
+pub fn step_on_cores_waiting(
+    program: &Program,
+    actors: &ActorProgram,
+    costs: &ActCosts,
+    cores: usize,
+    barrier: BarrierWait,
 ) -> (f64, f64) {
     let plan = &actors.plan;
     let count = plan.actors.len();
@@ -47,44 +100,134 @@ pub fn step_on_cores(
         Work::Accumulate { .. } => true,
         Work::Join { .. } | Work::End => false,
     };
-    // Acts waiting for a core by (ready time, actor); started acts by (end time, actor). An
-    // act that needs no core ends when it becomes ready.
-    let mut ready = Ready::new();
-    let mut running = Running::new();
-    let become_ready = |actor: usize, at: u64, queues: (&mut Ready, &mut Running)| {
-        if holds_core(actor) {
-            queues.0.insert((at, actor));
-        } else {
-            queues.1.push(Reverse((at, actor)));
-        }
-    };
+    let gangs = Gangs::new(program, actors, &consumers);
+    let mut member = vec![Member::Away; count];
+    let mut arrived = vec![0usize; gangs.members.len()];
+    let ns = |seconds: f64| (seconds.max(0.0) * 1e9).round() as u64;
+    let (spin, wake) = (ns(barrier.spin), ns(barrier.wake));
+    // Acts waiting for a core by (ready time, actor); timed events by (time, event, actor).
+    let mut ready: BTreeSet<(u64, usize)> = BTreeSet::new();
+    let mut events: BinaryHeap<Reverse<(u64, Event, usize)>> = BinaryHeap::new();
+    let become_ready =
+        |actor: usize, at: u64, ready: &mut BTreeSet<_>, events: &mut BinaryHeap<_>| {
+            if holds_core(actor) {
+                ready.insert((at, actor));
+            } else {
+                events.push(Reverse((at, Event::End, actor)));
+            }
+        };
     for actor in (0..count).filter(|&actor| waiting[actor] == 0) {
-        become_ready(actor, 0, (&mut ready, &mut running));
+        become_ready(actor, 0, &mut ready, &mut events);
     }
     let (mut free, mut now, mut busy) = (cores.max(1), 0u64, 0u64);
+    let duration = |actor: usize| costs.durations.get(actor).copied().unwrap_or(0);
     loop {
         while free > 0 {
             let Some((_, actor)) = ready.pop_first() else { break };
-            let took = costs.durations.get(actor).copied().unwrap_or(0);
             free -= 1;
-            busy += took;
-            running.push(Reverse((now + took, actor)));
+            let gang = gangs.of[actor];
+            let go = match gang {
+                Some(gang) if member[actor] == Member::Away => {
+                    arrived[gang] += 1;
+                    if arrived[gang] < gangs.members[gang].len() {
+                        if spin == 0 {
+                            member[actor] = Member::Sleeping;
+                            free += 1;
+                        } else {
+                            member[actor] = Member::Polling;
+                            events.push(Reverse((now + spin, Event::Spin, actor)));
+                        }
+                        false
+                    } else {
+                        for &other in &gangs.members[gang] {
+                            match member[other] {
+                                Member::Polling => {
+                                    member[other] = Member::Going;
+                                    busy += duration(other);
+                                    events.push(Reverse((
+                                        now + duration(other),
+                                        Event::End,
+                                        other,
+                                    )));
+                                }
+                                Member::Sleeping => {
+                                    member[other] = Member::Going;
+                                    events.push(Reverse((now + wake, Event::Wake, other)));
+                                }
+                                Member::Away | Member::Going => {}
+                            }
+                        }
+                        true
+                    }
+                }
+                _ => true,
+            };
+            if go {
+                member[actor] = Member::Going;
+                busy += duration(actor);
+                events.push(Reverse((now + duration(actor), Event::End, actor)));
+            }
         }
-        let Some(Reverse((end, actor))) = running.pop() else { break };
-        now = end;
-        free += usize::from(holds_core(actor));
-        for &next in &consumers[actor] {
-            waiting[next] -= 1;
-            if waiting[next] == 0 {
-                become_ready(next, now, (&mut ready, &mut running));
+        let Some(Reverse((at, event, actor))) = events.pop() else { break };
+        now = at;
+        match event {
+            Event::Wake => {
+                ready.insert((now, actor));
+            }
+            Event::Spin => {
+                if member[actor] == Member::Polling {
+                    member[actor] = Member::Sleeping;
+                    free += 1;
+                }
+            }
+            Event::End => {
+                free += usize::from(holds_core(actor));
+                for &next in &consumers[actor] {
+                    waiting[next] -= 1;
+                    if waiting[next] == 0 {
+                        become_ready(next, now, &mut ready, &mut events);
+                    }
+                }
             }
         }
     }
     (now as f64 / 1e9, busy as f64 / 1e9)
 }
 
-/// Acts waiting for a core, by (ready time, actor).
-type Ready = BTreeSet<(u64, usize)>;
+/// The collectives of a plan: per join of a step that meets at a barrier, its members (the
+/// boxing acts it feeds).
+struct Gangs {
+    /// Per gang, its member actors.
+    members: Vec<Vec<usize>>,
+    /// Per actor, its gang.
+    of: Vec<Option<usize>>,
+}
 
-/// Started acts, by (end time, actor), earliest first.
-type Running = BinaryHeap<Reverse<(u64, usize)>>;
+impl Gangs {
+    fn new(program: &Program, actors: &ActorProgram, consumers: &[Vec<usize>]) -> Self {
+        let plan = &actors.plan;
+        let mut gangs = Gangs { members: Vec::new(), of: vec![None; plan.actors.len()] };
+        for (join, spec) in plan.actors.iter().enumerate() {
+            let Work::Join { step } = spec.payload.work else { continue };
+            let Step::Boxing { plan: boxing, .. } = &program.steps[step] else { continue };
+            let meets = boxing.steps.iter().any(|s| {
+                use meshflow_placement::StepKind::*;
+                matches!(
+                    s.kind,
+                    AllReduce { .. } | ReduceScatter { .. } | AllGather { .. } | AllToAll { .. }
+                )
+            });
+            let mut members: Vec<usize> = consumers[join].clone();
+            members.sort_unstable();
+            members.dedup();
+            if !meets || members.len() < 2 {
+                continue;
+            }
+            for &member in &members {
+                gangs.of[member] = Some(gangs.members.len());
+            }
+            gangs.members.push(members);
+        }
+        gangs
+    }
+}

@@ -9,7 +9,9 @@
 //!   with `2(p−1)` hops for an all-reduce, `p−1` for a reduce-scatter, all-gather or
 //!   all-to-all and one for a send/recv or slice copy; local steps (slices, zero fills) cost a
 //!   memory pass.
-//! - A gradient accumulation: `pieces − 1` element-wise additions.
+//! - A gradient accumulation: `pieces − 1` element-wise additions; with measured kernels, the
+//!   profiled addition of the shard's shape, warm: the runtime adds each piece's shard to the
+//!   sum as its kernel writes it ([`KernelProfile::measure_sums`]).
 //! - Leaves, joins and ends take no time; messages take none either (latency is in the acts).
 //!
 //! A kernel with measured times ([`KernelProfile`]: warm and cold) is priced between the two by
@@ -198,7 +200,13 @@ fn act_seconds(
         Work::Accumulate { slot } => {
             let bytes = slot_bytes(program, &[slot], rank);
             let additions = u64::from(actors.pieces.saturating_sub(1));
-            cluster.device.kernel_seconds(bytes / 4 * additions, 3 * bytes * additions, false)
+            let profiled = measured.and_then(|(profile, slowdown)| {
+                let times = profile.sum_times(&local_meta(program, slot, rank)?)?;
+                Some(additions as f64 * times.warm * slowdown)
+            });
+            profiled.unwrap_or_else(|| {
+                cluster.device.kernel_seconds(bytes / 4 * additions, 3 * bytes * additions, false)
+            })
         }
         Work::Join { .. } | Work::End => 0.0,
     }

@@ -30,8 +30,10 @@ pub struct Measured {
     pub vector_flops: f64,
     /// Bytes per second read plus written by a copy.
     pub memory_bandwidth: f64,
-    /// Seconds one kernel costs beyond its roofline: the larger of a tiny op's call and a
-    /// session's per-kernel cost (a chain of 200 tiny kernels less a chain of 1, per kernel).
+    /// Seconds one kernel costs beyond its roofline: the largest of a tiny op's call, a
+    /// session's per-kernel cost (a chain of 200 tiny kernels less a chain of 1, per kernel)
+    /// and the runtime's time between two acts of a chain whose kernels evict its data from
+    /// the core's cache, as a step's kernels do ([`act_gap`]).
     pub kernel_overhead: f64,
     /// Seconds per hop of the in-process all-reduce.
     pub hop_latency: f64,
@@ -45,6 +47,11 @@ pub struct Measured {
     /// Bytes of the cache its cores share (L3; 0 if none).
     #[serde(default)]
     pub shared_cache: f64,
+    /// Seconds a member of an in-process collective that slept at its barrier (it arrived more
+    /// than the barrier's spin before the last member) takes to go on: the last member's
+    /// all-reduce of one element then, less the same all-reduce with both members polling.
+    #[serde(default)]
+    pub wake_latency: f64,
 }
 
 /// The cache one device is priced with where the machine's cannot be read: a 1 MiB L2 and
@@ -130,13 +137,13 @@ impl Measured {
     /// machine sysfs reports the host's whole L3, shared with other tenants (480 MiB here),
     /// and pricing with a share of it priced the kernels of the calibration's sessions 10–28 %
     /// under what the sessions' traces measured them at, against 4–9 % with the private cache
-    /// alone (docs/plan.md, session 5). [`CACHE_VARIABLE`] replaces it.
-    pub fn cache_bytes(&self, _devices: usize) -> f64 {
-        if self.private_cache > 0.0 {
-            self.private_cache
-        } else {
-            DEFAULT_CACHE_BYTES
-        }
+    /// alone (docs/plan.md, session 5). [`CACHE_VARIABLE`] replaces it. When `devices` threads
+    /// outnumber the cores, the threads that take turns on a core share its cache: each gets
+    /// `cores / devices` of it (each turn evicts what the other thread left there).
+    pub fn cache_bytes(&self, devices: usize) -> f64 {
+        let private =
+            if self.private_cache > 0.0 { self.private_cache } else { DEFAULT_CACHE_BYTES };
+        private * self.share(devices)
     }
 
     /// The fraction of a core each of `devices` busy device threads gets.
@@ -169,23 +176,27 @@ pub fn measure() -> Result<Measured> {
     let vector_flops = (f1 + f2 + f3) as f64 / (s1 + s2 + s3);
     let one = HostTensor::randn([1], 0.0, 1.0, DType::F32, 6)?;
     let (_, kernel_overhead) = op_rate(&Add, &ctx, &[one.clone(), one])?;
-    let link = in_process_link()?;
-    let chain = 200;
     let (private_cache, shared_cache) = cache_override()
         .map(|bytes| (bytes, 0.0))
         .or_else(cache_sizes)
         .unwrap_or((DEFAULT_CACHE_BYTES / 2.0, DEFAULT_CACHE_BYTES / 2.0));
+    let evict = (2.0 * private_cache) as usize;
+    let link = in_process_link(evict)?;
+    let wake_latency = in_process_wake()?;
+    let chain = 200;
     let session_kernel = (empty_step(1, chain)? - empty_step(1, 1)?) / (chain - 1) as f64;
+    let gap = act_gap(50, evict)?;
     Ok(Measured {
         gemm_flops,
         vector_flops,
         memory_bandwidth: copy_bandwidth(),
-        kernel_overhead: kernel_overhead.max(session_kernel),
+        kernel_overhead: kernel_overhead.max(session_kernel).max(gap),
         hop_latency: link.latency,
         link_bandwidth: link.bandwidth,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         private_cache,
         shared_cache,
+        wake_latency,
     })
 }
 
@@ -231,20 +242,45 @@ pub fn link_from_all_reduces(small: f64, large: f64) -> Link {
     Link { latency: small / 2.0, bandwidth: bytes / (large - small).max(1e-9) }
 }
 
-/// The in-process all-reduce's figures over 2 device threads (shared memory).
-fn in_process_link() -> Result<Link> {
-    let small = in_process_all_reduce(1, 200)?;
-    let large = in_process_all_reduce(LARGE_ALL_REDUCE, 10)?;
+/// The in-process all-reduce's figures over 2 device threads (shared memory), as a step meets
+/// them: before each all-reduce every member writes `evict` bytes of other data (a kernel's
+/// worth, out of its core's cache) and then its tensor (a gradient just computed), and the
+/// times are the mean over the rounds (a step pays their sum). Back to back, with the
+/// members' caches holding the group's state, a 1-element all-reduce took 2.6–3.3 µs; after
+/// 4 MiB of writes, 5.4 µs on average, a 64 K-element one 15 → 25 µs (docs/plan.md, session 7).
+fn in_process_link(evict: usize) -> Result<Link> {
+    let small = in_process_mean_all_reduce(1, 200, evict)?;
+    let large = in_process_mean_all_reduce(LARGE_ALL_REDUCE, 10, evict)?;
     Ok(link_from_all_reduces(small, large))
 }
 
 fn in_process_all_reduce(elements: usize, rounds: u32) -> Result<f64> {
+    Ok(in_process_all_reduces(elements, rounds, Duration::ZERO)?.0)
+}
+
+/// The mean seconds of `rounds` all-reduces of `elements` over 2 device threads, each member
+/// writing `evict` bytes and then its tensor before each (the slower member's mean).
+fn in_process_mean_all_reduce(elements: usize, rounds: u32, evict: usize) -> Result<f64> {
     let members = SharedGroup::members(vec![Rank(0), Rank(1)], Duration::from_secs(30));
     let results: Vec<Result<f64>> = std::thread::scope(|scope| {
         let handles: Vec<_> = members
             .into_iter()
             .map(|mut member| {
-                scope.spawn(move || all_reduce_seconds(&mut member, elements, rounds))
+                scope.spawn(move || -> Result<f64> {
+                    let mut tensor = HostTensor::zeros([elements], DType::F32);
+                    let mut other = vec![0u8; evict];
+                    member.all_reduce(&tensor, ReduceOp::Sum)?;
+                    let mut seconds = 0.0;
+                    for round in 0..rounds.max(1) {
+                        other.iter_mut().for_each(|byte| *byte = byte.wrapping_add(1));
+                        std::hint::black_box(&other);
+                        tensor.as_mut_slice::<f32>()?.fill(round as f32);
+                        let started = Instant::now();
+                        member.all_reduce(&tensor, ReduceOp::Sum)?;
+                        seconds += started.elapsed().as_secs_f64();
+                    }
+                    Ok(seconds / f64::from(rounds.max(1)))
+                })
             })
             .collect();
         handles
@@ -257,6 +293,68 @@ fn in_process_all_reduce(elements: usize, rounds: u32) -> Result<f64> {
     });
     let times = results.into_iter().collect::<Result<Vec<f64>>>()?;
     Ok(times.iter().copied().fold(0.0, f64::max))
+}
+
+/// The wake-up of a member that slept at the barrier ([`Measured::wake_latency`]): the second
+/// member arrives 4 barrier spins after the first at each of 100 one-element all-reduces; its
+/// median all-reduce less the median one of two members that arrive together.
+fn in_process_wake() -> Result<f64> {
+    let late = Duration::from_secs_f64(4.0 * super::cores::BARRIER_SPIN);
+    let after_sleep = in_process_all_reduces(1, 100, late)?.1;
+    let together = in_process_all_reduce(1, 100)?;
+    Ok((after_sleep - together).max(0.0))
+}
+
+/// The median seconds of `rounds` all-reduces of `elements` over 2 device threads, the slower
+/// member's and the second member's, that member arriving `late` after the first each time.
+fn in_process_all_reduces(elements: usize, rounds: u32, late: Duration) -> Result<(f64, f64)> {
+    let members = SharedGroup::members(vec![Rank(0), Rank(1)], Duration::from_secs(30));
+    let results: Vec<Result<f64>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = members
+            .into_iter()
+            .enumerate()
+            .map(|(index, mut member)| {
+                let delay = if index == 1 { late } else { Duration::ZERO };
+                scope
+                    .spawn(move || delayed_all_reduce_seconds(&mut member, elements, rounds, delay))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Runtime("all-reduce thread panicked".into())))
+            })
+            .collect()
+    });
+    let times = results.into_iter().collect::<Result<Vec<f64>>>()?;
+    Ok((times.iter().copied().fold(0.0, f64::max), times[1]))
+}
+
+/// Like [`all_reduce_seconds`], each all-reduce called after polling for `delay`.
+fn delayed_all_reduce_seconds(
+    member: &mut dyn Communicator,
+    elements: usize,
+    rounds: u32,
+    delay: Duration,
+) -> Result<f64> {
+    if delay.is_zero() {
+        return all_reduce_seconds(member, elements, rounds);
+    }
+    let tensor = HostTensor::zeros([elements], DType::F32);
+    member.all_reduce(&tensor, ReduceOp::Sum)?;
+    let mut times = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let arrive = Instant::now() + delay;
+        while Instant::now() < arrive {
+            std::hint::spin_loop();
+        }
+        let started = Instant::now();
+        member.all_reduce(&tensor, ReduceOp::Sum)?;
+        times.push(started.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
 /// The QUIC link between the processes of a job: the all-reduce figures of `communicator`
@@ -299,6 +397,61 @@ fn all_reduce_times(
     Ok(times)
 }
 
+/// The runtime's seconds between two acts of a one-device session's chain of `kernels`
+/// kernels, each reading and writing `bytes` (out of the core's cache when `bytes` is twice
+/// it): the step's span less its acts, per gap, from the session's trace (median of 8 steps
+/// after a warm-up). A chain of tiny kernels keeps the runtime's own data in cache; a step's
+/// kernels evict it.
+pub fn act_gap(kernels: usize, bytes: usize) -> Result<f64> {
+    let placement = Placement::line(DeviceType::Cpu, 1)?;
+    let graph = Graph::new();
+    let elements = (bytes / 4).max(1);
+    let x = graph.input("x", [elements], DType::F32, &placement, None)?;
+    let mut y = x.mul_scalar(2.0)?;
+    for _ in 1..kernels.max(2) {
+        y = y.mul_scalar(1.0)?;
+    }
+    let config = SessionConfig { devices: 1, trace: true, ..SessionConfig::default() };
+    let mut session = Session::new(&graph, &[&y], None, config)?;
+    let feed = HostTensor::zeros([elements], DType::F32);
+    let steps = 9;
+    for _ in 0..steps {
+        session.step(&[(&x, feed.clone())])?;
+    }
+    let trace = session.stop()?.trace;
+    let mut per_actor: std::collections::HashMap<usize, Vec<(u64, u64, u64)>> =
+        std::collections::HashMap::new();
+    for event in &trace.events {
+        per_actor.entry(event.actor.index()).or_default().push((
+            event.sequence,
+            event.start,
+            event.end,
+        ));
+    }
+    let mut per_step: Vec<Vec<(u64, u64)>> = vec![Vec::new(); steps];
+    for mut acts in per_actor.into_values() {
+        acts.sort_unstable();
+        let per = (acts.len() / steps).max(1);
+        for (index, (_, start, end)) in acts.into_iter().enumerate() {
+            if let Some(step) = per_step.get_mut(index / per) {
+                step.push((start, end));
+            }
+        }
+    }
+    let mut gaps: Vec<f64> = per_step
+        .into_iter()
+        .skip(1)
+        .filter(|acts| acts.len() > 1)
+        .map(|mut acts| {
+            acts.sort_unstable();
+            let idle: u64 = acts.windows(2).map(|w| w[1].0.saturating_sub(w[0].1)).sum();
+            idle as f64 / 1e9 / (acts.len() - 1) as f64
+        })
+        .collect();
+    gaps.sort_by(f64::total_cmp);
+    Ok(gaps.get(gaps.len() / 2).copied().unwrap_or(0.0))
+}
+
 /// The fastest session step of a chain of `kernels` tiny kernels on `devices` devices.
 pub fn empty_step(devices: usize, kernels: usize) -> Result<f64> {
     let placement = Placement::line(DeviceType::Cpu, devices)?;
@@ -319,4 +472,35 @@ pub fn empty_step(devices: usize, kernels: usize) -> Result<f64> {
         fastest = fastest.min(started.elapsed().as_secs_f64());
     }
     Ok(fastest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(cores: usize, private_cache: f64) -> Measured {
+        Measured {
+            gemm_flops: 1e11,
+            vector_flops: 1e9,
+            memory_bandwidth: 1e10,
+            kernel_overhead: 1e-6,
+            hop_latency: 1e-6,
+            link_bandwidth: 1e10,
+            cores,
+            private_cache,
+            shared_cache: 0.0,
+            wake_latency: 0.0,
+        }
+    }
+
+    #[test]
+    fn device_threads_taking_turns_on_a_core_share_its_cache() {
+        let mib = 1024.0 * 1024.0;
+        let two_cores = machine(2, 2.0 * mib);
+        assert_eq!(two_cores.cache_bytes(1), 2.0 * mib, "a core to itself");
+        assert_eq!(two_cores.cache_bytes(2), 2.0 * mib, "a core each");
+        assert_eq!(two_cores.cache_bytes(4), mib, "two threads per core");
+        assert_eq!(two_cores.cluster(8).device.cache_bytes, 0.5 * mib, "four per core");
+        assert_eq!(machine(2, 0.0).cache_bytes(4), DEFAULT_CACHE_BYTES / 2.0, "unread: default");
+    }
 }

@@ -4,7 +4,7 @@
 //! figures. On a device we can run, each distinct kernel of the program (op, attributes and local
 //! shapes) can instead be timed: [`KernelProfile::measure`] runs every one on inputs of its
 //! shapes with the device's thread budget, twice: warm (its inputs in cache from the call
-//! before) and cold (each call after the caches were filled with other data), the median call
+//! before) and cold (each call on a copy of its inputs last touched [`FLUSH_BYTES`] ago), the median call
 //! of each. The cost model prices an act between the two by how much of its input is still
 //! cached in the step ([`super::cost`]). The simulator then schedules measured kernels and α–β
 //! communication, so what it still has to predict is the overlap, the waiting and the runtime
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use meshflow_ops::{Context, OpRef, Tensor as HostTensor, TensorMeta};
 
 use crate::compile::actors::local_meta;
-use crate::compile::{Program, Step};
+use crate::compile::{Program, Slot, Step};
 use crate::Result;
 
 /// One kernel's measured seconds with its inputs in cache and out of it.
@@ -24,7 +24,7 @@ use crate::Result;
 pub struct KernelTimes {
     /// Median call right after an identical call (inputs in cache).
     pub warm: f64,
-    /// Median call after the caches were filled with [`FLUSH_BYTES`] of other data.
+    /// Median call on inputs last touched [`FLUSH_BYTES`] of other data ago.
     pub cold: f64,
 }
 
@@ -76,10 +76,23 @@ impl KernelProfile {
 
     /// Times every distinct kernel of `program` (every rank's) with `threads` threads: the
     /// median call within `budget` per kernel and cache state (at least 3 calls, after one
-    /// warm-up call), warm (calls back to back) and cold (each call after the caches were
-    /// filled with other data). The median, not the fastest: a step is a sum of kernels, each
-    /// at its typical time.
+    /// warm-up call), warm (calls back to back) and cold (each call on its own copy of the
+    /// inputs, last touched [`FLUSH_BYTES`] of other copies ago). The median, not the
+    /// fastest: a step is a sum of kernels, each at its typical time.
     pub fn measure(program: &Program, threads: usize, budget: Duration) -> Result<Self> {
+        Self::measure_alongside(program, threads, budget, 0)
+    }
+
+    /// Like [`KernelProfile::measure`], each kernel timed while `others` threads run it too,
+    /// each on inputs of its own: the device threads of a step on the machine's other cores
+    /// share its memory bandwidth and shared cache with the one timed (a data-parallel rank's
+    /// partner runs the same kernels at the same time).
+    pub fn measure_alongside(
+        program: &Program,
+        threads: usize,
+        budget: Duration,
+        others: usize,
+    ) -> Result<Self> {
         let ctx = Context::with_threads(threads);
         let mut profile = KernelProfile::default();
         let mut tried = std::collections::HashSet::new();
@@ -93,8 +106,10 @@ impl KernelProfile {
                 if !tried.insert(key.clone()) {
                     continue;
                 }
-                let warm = time_kernel(op, &ctx, &metas, budget, false);
-                let cold = time_kernel(op, &ctx, &metas, budget, true);
+                let (warm, cold) = alongside(op, &metas, others, || {
+                    let warm = time_kernel(op, &ctx, &metas, budget, false);
+                    (warm, time_kernel(op, &ctx, &metas, budget, true))
+                });
                 match warm.zip(cold) {
                     Some((warm, cold)) => {
                         // Noise can put the warm median above the cold one: never price a
@@ -108,10 +123,82 @@ impl KernelProfile {
         }
         Ok(profile)
     }
+
+    /// Also times, warm, the addition that sums each piece's shard of an `accumulated` slot
+    /// (per slot of `program`, from [`crate::compile::actors::ActorProgram::accumulated`]) into
+    /// its sum ([`KernelProfile::sum_times`]): the runtime adds a piece's shard as its kernel
+    /// writes it, in cache.
+    pub fn measure_sums(
+        &mut self,
+        program: &Program,
+        accumulated: &[bool],
+        threads: usize,
+        budget: Duration,
+    ) {
+        let ctx = Context::with_threads(threads);
+        let slots = accumulated.iter().enumerate().filter(|(_, summed)| **summed);
+        for (index, _) in slots {
+            let slot = Slot(index as u32);
+            for &rank in program.slot(slot).layout.placement.ranks() {
+                let Some(meta) = local_meta(program, slot, rank) else { continue };
+                let metas = [meta.clone(), meta];
+                if self.sum_times(&metas[0]).is_some() {
+                    continue;
+                }
+                match time_kernel(&sum_op(), &ctx, &metas, budget, false) {
+                    Some(warm) => self.insert(&sum_op(), &metas, KernelTimes { warm, cold: warm }),
+                    None => self.failed += 1,
+                }
+            }
+        }
+    }
+
+    /// The measured times of adding a shard of `meta` to a sum of the same meta, if profiled
+    /// ([`KernelProfile::measure_sums`]).
+    pub fn sum_times(&self, meta: &TensorMeta) -> Option<KernelTimes> {
+        self.times(&sum_op(), &[meta.clone(), meta.clone()])
+    }
 }
 
-/// Bytes written between cold timed calls to evict the kernel's data from the caches.
+/// Runs `timed` while `others` threads call `op` on inputs of `metas` of their own, back to
+/// back, until it returns.
+fn alongside<T>(op: &OpRef, metas: &[TensorMeta], others: usize, timed: impl FnOnce() -> T) -> T {
+    if others == 0 {
+        return timed();
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for _ in 0..others {
+            scope.spawn(|| {
+                let ctx = Context::single_thread();
+                let Some(inputs) = made_up_inputs(metas) else { return };
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if op.forward(&ctx, &inputs).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let result = timed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        result
+    })
+}
+
+/// The op the runtime sums pieces' shards with.
+fn sum_op() -> OpRef {
+    std::sync::Arc::new(meshflow_ops::ops::add::Add)
+}
+
+/// Bytes of input copies a cold call cycles through: each cold call reads a copy of its
+/// inputs last touched this many bytes of other copies ago (out of a core's cache; on this
+/// machine's shared cache too, the effect the whole-batch steps see).
 pub const FLUSH_BYTES: usize = 32 << 20;
+
+/// A copy of `tensor` in storage of its own.
+fn copy(tensor: &HostTensor) -> Option<HostTensor> {
+    HostTensor::from_bytes(tensor.bytes().ok()?, tensor.shape().clone(), tensor.dtype()).ok()
+}
 
 /// Inputs of the given metas: standard normal values for floats, zeros (valid indices) else.
 fn made_up_inputs(metas: &[TensorMeta]) -> Option<Vec<HostTensor>> {
@@ -128,7 +215,13 @@ fn made_up_inputs(metas: &[TensorMeta]) -> Option<Vec<HostTensor>> {
         .collect()
 }
 
-/// The median seconds of `op`'s calls within `budget`; `cold`: each after a cache flush.
+/// The median seconds of `op`'s calls within `budget`; `cold`: each on a copy of the inputs
+/// last touched [`FLUSH_BYTES`] of other copies ago. The copies, not a flush of the caches
+/// before each call: in a step a kernel is called among other kernels with its code, stack and
+/// allocator hot, and only its inputs were written long before; a flush also evicts those and
+/// priced every call of a small kernel with a fixed cost a step does not pay (micro-batched
+/// steps measured 0.1–0.25 of the way from warm to the flushed cold time, whole-batch ones
+/// 0.35–0.5; docs/plan.md, session 7).
 fn time_kernel(
     op: &OpRef,
     ctx: &Context,
@@ -137,18 +230,29 @@ fn time_kernel(
     cold: bool,
 ) -> Option<f64> {
     let inputs = made_up_inputs(metas)?;
-    op.forward(ctx, &inputs).ok()?;
+    let outputs = op.forward(ctx, &inputs).ok()?;
+    let tensors = inputs.iter().chain(&outputs);
+    let bytes: usize = tensors.map(|t| t.numel() * t.dtype().size()).sum();
+    let copies = if cold { FLUSH_BYTES.div_ceil(bytes.max(1)).max(2) } else { 1 };
+    let pool: Vec<Vec<HostTensor>> = (0..copies)
+        .map(|_| inputs.iter().map(copy).collect::<Option<Vec<_>>>())
+        .collect::<Option<_>>()?;
+    // Cold: the outputs of the last `copies` calls stay alive, so each call writes into memory
+    // freed long before (as a step's kernels do), not into the buffer the previous call freed.
+    let mut kept = std::collections::VecDeque::with_capacity(copies);
     let started = Instant::now();
     let mut times = Vec::new();
-    let mut flush = vec![0u8; if cold { FLUSH_BYTES } else { 0 }];
     while times.len() < 3 || started.elapsed() < budget {
-        // Cold: start each timed call with caches holding something else, as a kernel whose
-        // inputs were written long before does in a step.
-        flush.iter_mut().for_each(|byte| *byte = byte.wrapping_add(1));
-        std::hint::black_box(&flush);
+        let inputs = &pool[times.len() % copies];
+        if kept.len() >= copies {
+            drop(kept.pop_front());
+        }
         let call = Instant::now();
-        std::hint::black_box(op.forward(ctx, &inputs).ok()?);
+        let outputs = std::hint::black_box(op.forward(ctx, inputs).ok()?);
         times.push(call.elapsed().as_secs_f64());
+        if cold {
+            kept.push_back(outputs);
+        }
     }
     times.sort_by(f64::total_cmp);
     Some(times[times.len() / 2])
