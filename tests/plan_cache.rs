@@ -109,3 +109,43 @@ fn sysfs_cache_sizes_parse() {
     assert_eq!(parse_cache_size("512"), Some(512.0));
     assert_eq!(parse_cache_size("2X"), None);
 }
+
+/// A kernel right after a collective reads an output the other members wrote part of: a
+/// reduce-scatter's part is reduced by its own member (warm right after), a 2-member
+/// all-reduce's output is half the partner's, a transfer's all the sender's, however large the
+/// cache.
+#[test]
+fn a_collective_output_written_by_other_members_is_cold_to_this_core() {
+    use meshflow::placement::{NdSbp, Sbp};
+    use meshflow::plan::cost::written_elsewhere;
+
+    let line = Placement::line(DeviceType::Cpu, 2).unwrap();
+    let graph = Graph::new();
+    let columns = NdSbp(vec![Sbp::Split(1)]);
+    let x = graph.input("x", [8, 16], DType::F32, &line, Some(columns)).unwrap();
+    let w = meshflow::ops::Tensor::zeros([16, 16], DType::F32);
+    let rows = NdSbp(vec![Sbp::Split(0)]);
+    let w = graph.parameter("w", w, &line, Some(rows)).unwrap();
+    let y = x.matmul(&w).unwrap().gelu(false).unwrap();
+    let requests = [Request { value: y.value(), layout: None }];
+    let program = compile(&graph.snapshot(), &requests, &CompileConfig::default()).unwrap();
+    assert_eq!(program.count_boxing("reduce-scatter"), 1, "{program}");
+    let actors = lower_to_actors(&program, &ActorConfig::default()).unwrap();
+    let cold = cold_fractions(&program, &actors, 1e12);
+    let gelu = writer(&program, &actors, y.value());
+    assert_eq!(cold[gelu], 0.0, "its own part of the reduction, just written");
+    let plan = program
+        .steps
+        .iter()
+        .find_map(|step| match step {
+            Step::Boxing { plan, .. } => Some(plan.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let mut all_reduce = plan.clone();
+    all_reduce.steps[0].kind = meshflow::placement::StepKind::AllReduce { mesh_axis: 0 };
+    assert_eq!(written_elsewhere(&all_reduce), 0.5, "half reduced by the partner");
+    let mut transfer = plan;
+    transfer.steps[0].kind = meshflow::placement::StepKind::SendRecv;
+    assert_eq!(written_elsewhere(&transfer), 1.0, "all written by the sender");
+}

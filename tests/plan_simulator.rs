@@ -202,8 +202,8 @@ fn one_representative_rank_per_placement_predicts_the_full_step() {
 }
 
 /// With a kernel profile, each kernel takes its measured time (times the slowdown): a chain of
-/// `stages` identical kernels over one piece takes one cold call (the fed input) and
-/// `stages − 1` warm ones (each reads what its stream just received).
+/// `stages` identical kernels over one piece takes `stages` cold calls (the fed input, then
+/// what each stage received from the previous stage's device).
 #[test]
 fn profiled_kernels_take_their_measured_time() {
     use meshflow::plan::profile::KernelProfile;
@@ -235,9 +235,9 @@ fn profiled_kernels_take_their_measured_time() {
         false,
     )
     .unwrap();
-    // The first stage reads the fed input (cold); each later one the shard its stream just
-    // received (warm).
-    let expected = (times.cold + (stages - 1) as f64 * times.warm) * slowdown;
+    // The first stage reads the fed input; each later one the shard its stream just received,
+    // which the previous stage's core wrote: all cold.
+    let expected = stages as f64 * times.cold * slowdown;
     assert!(
         (prediction.step_seconds - expected).abs() < 2e-9 * stages as f64,
         "{} s, expected {expected} s",
@@ -356,9 +356,10 @@ fn device_threads_sharing_cores_are_slowed_by_the_mean_number_busy() {
     };
     assert_eq!(parallel.count_boxing("all-reduce"), 0);
     // Per case: the slowdown, and the kernels of the step as (cold, warm) calls: both
-    // data-parallel ranks read the fed input (cold); the second stage reads what it received.
+    // data-parallel ranks read the fed input (cold); the second stage reads what it received,
+    // which the first stage's core wrote (cold too).
     for (program, expected_slowdown, calls) in
-        [(parallel, 2.0, (2.0, 0.0)), (pipeline(2), 1.0, (1.0, 1.0))]
+        [(parallel, 2.0, (2.0, 0.0)), (pipeline(2), 1.0, (2.0, 0.0))]
     {
         let profile = KernelProfile::measure(&program, 1, Duration::from_millis(5)).unwrap();
         assert_eq!(profile.len(), 1, "one distinct kernel");

@@ -21,7 +21,9 @@
 //! reuse distance `d`, and `min(d / cache, 1)` of its bytes count as cold, with `cache` the
 //! device's [`DeviceSpec::cache_bytes`](super::cluster::DeviceSpec::cache_bytes). An input the
 //! chain has not touched before (a variable or fed input, a shard another stream received) is
-//! cold: parameters read once per step were written long before. The distance sums bytes,
+//! cold: parameters read once per step were written long before. A boxing act's output that
+//! other devices wrote in part ([`written_elsewhere`]: `(p − 1)/p` of a `p`-member collective's,
+//! all of a transfer's) is that much cold to the chain's next reader. The distance sums bytes,
 //! repeated ones too (an upper bound of the distinct bytes an LRU cache would hold), and counts
 //! the static chain order, not the interleaving of micro-batches at run time.
 
@@ -127,11 +129,14 @@ impl ActCosts {
 pub fn cold_fractions(program: &Program, actors: &ActorProgram, cache_bytes: f64) -> Vec<f64> {
     let mut cold = vec![1.0; actors.plan.actors.len()];
     for ((rank, _), chain) in &actors.chains {
-        // Per slot, the chain's bytes touched when it was last touched.
+        // Per slot, the chain's bytes touched when it was last touched, and the fraction of
+        // its bytes other devices wrote (a collective's output) since this chain touched it.
         let mut last: HashMap<Slot, f64> = HashMap::new();
+        let mut foreign: HashMap<Slot, f64> = HashMap::new();
         let mut touched = 0.0;
         for id in chain {
-            let (reads, writes) = match actors.plan.actors[id.index()].payload.work {
+            let work = actors.plan.actors[id.index()].payload.work;
+            let (reads, writes) = match work {
                 Work::Step { step } if matches!(program.steps[step], Step::Leaf { .. }) => continue,
                 Work::Step { step } => step_slots(&program.steps[step]),
                 Work::Accumulate { slot } => (vec![slot], vec![slot]),
@@ -141,19 +146,50 @@ pub fn cold_fractions(program: &Program, actors: &ActorProgram, cache_bytes: f64
             let (mut read, mut evicted) = (0.0, 0.0);
             for slot in &reads {
                 let distance = last.get(slot).map_or(f64::INFINITY, |at| touched - at);
+                let away = (distance / cache_bytes.max(1.0)).min(1.0);
                 read += bytes(slot);
-                evicted += bytes(slot) * (distance / cache_bytes.max(1.0)).min(1.0);
+                evicted += bytes(slot) * away.max(foreign.get(slot).copied().unwrap_or(0.0));
             }
             if read > 0.0 {
                 cold[id.index()] = evicted / read;
             }
             touched += reads.iter().chain(&writes).map(bytes).sum::<f64>();
-            for slot in reads.into_iter().chain(writes) {
-                last.insert(slot, touched);
+            for slot in reads.iter().chain(&writes) {
+                last.insert(*slot, touched);
+                foreign.remove(slot);
+            }
+            if let Work::Step { step } = work {
+                if let Step::Boxing { plan, .. } = &program.steps[step] {
+                    for slot in writes {
+                        foreign.insert(slot, written_elsewhere(plan));
+                    }
+                }
             }
         }
     }
     cold
+}
+
+/// The fraction of a boxing plan's output on one rank that other devices wrote: a collective
+/// of `p` members assembles its output from every member's part (an in-process all-reduce
+/// has each member reduce `1/p` of it into the shared result, an all-gather copies each part),
+/// so `(p − 1)/p` of it is in the other members' caches, not this core's; a transfer from
+/// another device, all of it; a reduce-scatter (each member reduces its own part), local
+/// slices and fills, none. The largest over the plan's steps.
+pub fn written_elsewhere(plan: &BoxingPlan) -> f64 {
+    plan.steps
+        .iter()
+        .map(|step| match step.kind {
+            StepKind::LocalSlice { .. } | StepKind::ZeroFill { .. } => 0.0,
+            // Each member reduces its own part from the others' inputs: written here.
+            StepKind::ReduceScatter { .. } => 0.0,
+            StepKind::SendRecv | StepKind::SliceCopy => 1.0,
+            StepKind::AllReduce { .. } | StepKind::AllGather { .. } | StepKind::AllToAll { .. } => {
+                let p = step.group_size.max(1) as f64;
+                (p - 1.0) / p
+            }
+        })
+        .fold(0.0, f64::max)
 }
 
 /// One act to price: what, on which rank, and the fraction of its input out of cache.

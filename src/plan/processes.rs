@@ -91,7 +91,8 @@ pub fn worker(request: &str) -> Result<()> {
     let options = JoinOptions { devices: 1, ..JoinOptions::default() };
     let job = Arc::new(world.join(&options).map_err(dist)?);
     let ranks: Vec<usize> = (0..world.world_size).collect();
-    let link = transport_link(job.communicator(&ranks).map_err(dist)?.as_mut())?;
+    let evict = (2.0 * request.measured.cache_bytes(1)) as usize;
+    let link = transport_link(job.communicator(&ranks).map_err(dist)?.as_mut(), evict)?;
     let strategy = match request.greedy {
         true => meshflow_placement::select::Strategy::Greedy,
         false => meshflow_placement::select::Strategy::Search,
