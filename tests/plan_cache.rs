@@ -73,7 +73,8 @@ fn reuse_distance_against_the_cache_gives_the_cold_fraction() {
     let cold = cold_fractions(&tiny.program, &actors, mib);
     let of = |value| cold[writer(&tiny.program, &actors, value)];
     assert_eq!(of(tiny.small), 1.0, "reads the variable x: cold");
-    assert_eq!(of(tiny.right_after), 0.0, "reads small right after its producer: warm");
+    let kib = 1024.0;
+    assert_eq!(of(tiny.right_after), kib / mib, "reads small (1 KiB) right after its producer");
     assert_eq!(of(tiny.long_after), 1.0, "reads small after 4 × 2 MiB of other work: cold");
     let huge = cold_fractions(&tiny.program, &actors, 1e12);
     let long_after = huge[writer(&tiny.program, &actors, tiny.long_after)];
@@ -97,7 +98,8 @@ fn measured_kernels_are_priced_between_warm_and_cold() {
     cluster.device.cache_bytes = 1024.0 * 1024.0;
     let costs = ActCosts::with_kernels(program, &actors, &cluster, Some((&profile, 2.0)));
     let ns = |value| costs.durations[writer(program, &actors, value)];
-    assert_eq!(ns(tiny.right_after), 2000, "warm 1 µs, slowed ×2");
+    // 1 KiB of 1 MiB out of cache: 1 µs + 2 µs / 1024, slowed ×2.
+    assert_eq!(ns(tiny.right_after), 2004, "warm 1 µs, slowed ×2");
     assert_eq!(ns(tiny.long_after), 6000, "cold 3 µs, slowed ×2");
     assert_eq!(ns(tiny.small), 6000, "reads a variable: cold");
 }
@@ -133,7 +135,7 @@ fn a_collective_output_written_by_other_members_is_cold_to_this_core() {
     let actors = lower_to_actors(&program, &ActorConfig::default()).unwrap();
     let cold = cold_fractions(&program, &actors, 1e12);
     let gelu = writer(&program, &actors, y.value());
-    assert_eq!(cold[gelu], 0.0, "its own part of the reduction, just written");
+    assert!(cold[gelu] < 1e-9, "its own part of the reduction, just written: {}", cold[gelu]);
     let plan = program
         .steps
         .iter()

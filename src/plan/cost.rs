@@ -17,8 +17,10 @@
 //! A kernel with measured times ([`KernelProfile`]: warm and cold) is priced between the two by
 //! the fraction of its input bytes that are out of cache when it acts ([`cold_fractions`]):
 //! walking each (rank, stream) chain of actors in the order it runs, the bytes the chain touched
-//! (inputs plus outputs of its acts) since an input was last touched (written or read) are its
-//! reuse distance `d`, and `min(d / cache, 1)` of its bytes count as cold, with `cache` the
+//! (inputs plus outputs of its acts) since an input was last touched (written or read), plus
+//! the input's own bytes (a tensor re-read from its start: each byte saw the rest of the tensor
+//! touched after it), are its reuse distance `d`, and `min(d / cache, 1)` of its bytes count as
+//! cold, with `cache` the
 //! device's [`DeviceSpec::cache_bytes`](super::cluster::DeviceSpec::cache_bytes). An input the
 //! chain has not touched before (a variable or fed input, a shard another stream received) is
 //! cold: parameters read once per step were written long before. A boxing act's output that
@@ -145,8 +147,10 @@ pub fn cold_fractions(program: &Program, actors: &ActorProgram, cache_bytes: f64
             let bytes = |slot: &Slot| slot_bytes(program, &[*slot], *rank) as f64;
             let (mut read, mut evicted) = (0.0, 0.0);
             for slot in &reads {
+                // A tensor read from its start after it was last touched whole: each byte's
+                // reuse distance is the bytes touched since plus the tensor's own.
                 let distance = last.get(slot).map_or(f64::INFINITY, |at| touched - at);
-                let away = (distance / cache_bytes.max(1.0)).min(1.0);
+                let away = ((distance + bytes(slot)) / cache_bytes.max(1.0)).min(1.0);
                 read += bytes(slot);
                 evicted += bytes(slot) * away.max(foreign.get(slot).copied().unwrap_or(0.0));
             }
