@@ -169,7 +169,13 @@ pub fn predict_row(
         let cache = cluster.device.cache_bytes;
         let (rank, lines) =
             kernel_table(program, lowered, &costs, &profile, cache, &ran.actor_seconds);
-        eprintln!("{strategy}\n{}", format_kernel_table(rank, &lines));
+        let span = ran.acts.map_or(0.0, |acts| acts.span);
+        eprintln!(
+            "{strategy}: step {:.3} ms, span of its acts {:.3} ms\n{}",
+            ran.step * 1e3,
+            span * 1e3,
+            format_kernel_table(rank, &lines)
+        );
     }
     Ok(CalibrationRow {
         strategy: *strategy,
