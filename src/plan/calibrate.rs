@@ -156,9 +156,9 @@ pub fn predict_row(
     let actors = actor_config(&ran.session);
     let roofline = predict_measured(program, &actors, cluster, None, false)?;
     let (threads, budget) = (strategy.threads.max(1), Duration::from_millis(20));
-    // The strategy's other device threads busy on the machine's other cores.
-    let others = strategy.devices().min(measured.cores).saturating_sub(1);
-    let mut profile = KernelProfile::measure_alongside(program, threads, budget, others)?;
+    // Alone on one core: with every core busy at real-time priority (`chrt`), the kernel's
+    // real-time throttling stops them for 50 ms of every second, a whole kernel's timing.
+    let mut profile = KernelProfile::measure(program, threads, budget)?;
     profile.measure_sums(program, &ran.session.actors().accumulated, threads, budget);
     let barrier = BarrierWait { spin: BARRIER_SPIN, wake: measured.wake_latency };
     let (profiled, slowdown) =

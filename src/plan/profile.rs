@@ -80,19 +80,6 @@ impl KernelProfile {
     /// inputs, last touched [`FLUSH_BYTES`] of other copies ago). The median, not the
     /// fastest: a step is a sum of kernels, each at its typical time.
     pub fn measure(program: &Program, threads: usize, budget: Duration) -> Result<Self> {
-        Self::measure_alongside(program, threads, budget, 0)
-    }
-
-    /// Like [`KernelProfile::measure`], each kernel timed while `others` threads run it too,
-    /// each on inputs of its own: the device threads of a step on the machine's other cores
-    /// share its memory bandwidth and shared cache with the one timed (a data-parallel rank's
-    /// partner runs the same kernels at the same time).
-    pub fn measure_alongside(
-        program: &Program,
-        threads: usize,
-        budget: Duration,
-        others: usize,
-    ) -> Result<Self> {
         let ctx = Context::with_threads(threads);
         let mut profile = KernelProfile::default();
         let mut tried = std::collections::HashSet::new();
@@ -106,10 +93,8 @@ impl KernelProfile {
                 if !tried.insert(key.clone()) {
                     continue;
                 }
-                let (warm, cold) = alongside(op, &metas, others, || {
-                    let warm = time_kernel(op, &ctx, &metas, budget, false);
-                    (warm, time_kernel(op, &ctx, &metas, budget, true))
-                });
+                let warm = time_kernel(op, &ctx, &metas, budget, false);
+                let cold = time_kernel(op, &ctx, &metas, budget, true);
                 match warm.zip(cold) {
                     Some((warm, cold)) => {
                         // Noise can put the warm median above the cold one: never price a
@@ -158,31 +143,6 @@ impl KernelProfile {
     pub fn sum_times(&self, meta: &TensorMeta) -> Option<KernelTimes> {
         self.times(&sum_op(), &[meta.clone(), meta.clone()])
     }
-}
-
-/// Runs `timed` while `others` threads call `op` on inputs of `metas` of their own, back to
-/// back, until it returns.
-fn alongside<T>(op: &OpRef, metas: &[TensorMeta], others: usize, timed: impl FnOnce() -> T) -> T {
-    if others == 0 {
-        return timed();
-    }
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|scope| {
-        for _ in 0..others {
-            scope.spawn(|| {
-                let ctx = Context::single_thread();
-                let Some(inputs) = made_up_inputs(metas) else { return };
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if op.forward(&ctx, &inputs).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        let result = timed();
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        result
-    })
 }
 
 /// The op the runtime sums pieces' shards with.
