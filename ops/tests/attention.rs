@@ -72,10 +72,14 @@ fn check(dims: [usize; 4], dtype: DType, tolerance: Tolerance, seed: u64) {
     let [b, t, h, d] = dims;
     let qkv = random(&[b, t, 3, h, d], seed, dtype);
     let cotangent = random(&[b, t, h, d], seed + 1, dtype);
-    let (y, dqkv) = run(&qkv, &cotangent, true, 2);
     let (y_ref, dqkv_ref) = run(&qkv, &cotangent, false, 1);
-    assert_close(&y, &y_ref, tolerance, &format!("y of {dims:?} {dtype:?}"));
-    assert_close(&dqkv, &dqkv_ref, tolerance, &format!("dqkv of {dims:?} {dtype:?}"));
+    // One thread runs every head on one scratch; two threads share them out.
+    for threads in [1, 2] {
+        let (y, dqkv) = run(&qkv, &cotangent, true, threads);
+        let what = format!("{dims:?} {dtype:?} on {threads} threads");
+        assert_close(&y, &y_ref, tolerance, &format!("y of {what}"));
+        assert_close(&dqkv, &dqkv_ref, tolerance, &format!("dqkv of {what}"));
+    }
 }
 
 #[test]
