@@ -261,13 +261,23 @@ fn in_process_all_reduce(elements: usize, rounds: u32) -> Result<f64> {
 /// The mean seconds of `rounds` all-reduces of `elements` over 2 device threads, each member
 /// writing `evict` bytes and then its tensor before each (the slower member's mean).
 fn in_process_mean_all_reduce(elements: usize, rounds: u32, evict: usize) -> Result<f64> {
+    let times =
+        on_two_members(|_, member| mean_evicted_all_reduce(member, elements, rounds, evict))?;
+    Ok(times.iter().copied().fold(0.0, f64::max))
+}
+
+/// Runs `measure(index, member)` on each of 2 in-process group members, each on its own
+/// thread, and returns their figures in member order.
+fn on_two_members(
+    measure: impl Fn(usize, &mut dyn Communicator) -> Result<f64> + Sync,
+) -> Result<Vec<f64>> {
     let members = SharedGroup::members(vec![Rank(0), Rank(1)], Duration::from_secs(30));
+    let measure = &measure;
     let results: Vec<Result<f64>> = std::thread::scope(|scope| {
         let handles: Vec<_> = members
             .into_iter()
-            .map(|mut member| {
-                scope.spawn(move || mean_evicted_all_reduce(&mut member, elements, rounds, evict))
-            })
+            .enumerate()
+            .map(|(index, mut member)| scope.spawn(move || measure(index, &mut member)))
             .collect();
         handles
             .into_iter()
@@ -277,8 +287,7 @@ fn in_process_mean_all_reduce(elements: usize, rounds: u32, evict: usize) -> Res
             })
             .collect()
     });
-    let times = results.into_iter().collect::<Result<Vec<f64>>>()?;
-    Ok(times.iter().copied().fold(0.0, f64::max))
+    results.into_iter().collect()
 }
 
 /// The wake-up of a member that slept at the barrier ([`Measured::wake_latency`]): the second
@@ -294,26 +303,10 @@ fn in_process_wake() -> Result<f64> {
 /// The median seconds of `rounds` all-reduces of `elements` over 2 device threads, the slower
 /// member's and the second member's, that member arriving `late` after the first each time.
 fn in_process_all_reduces(elements: usize, rounds: u32, late: Duration) -> Result<(f64, f64)> {
-    let members = SharedGroup::members(vec![Rank(0), Rank(1)], Duration::from_secs(30));
-    let results: Vec<Result<f64>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = members
-            .into_iter()
-            .enumerate()
-            .map(|(index, mut member)| {
-                let delay = if index == 1 { late } else { Duration::ZERO };
-                scope
-                    .spawn(move || delayed_all_reduce_seconds(&mut member, elements, rounds, delay))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::Runtime("all-reduce thread panicked".into())))
-            })
-            .collect()
-    });
-    let times = results.into_iter().collect::<Result<Vec<f64>>>()?;
+    let times = on_two_members(|index, member| {
+        let delay = if index == 1 { late } else { Duration::ZERO };
+        delayed_all_reduce_seconds(member, elements, rounds, delay)
+    })?;
     Ok((times.iter().copied().fold(0.0, f64::max), times[1]))
 }
 
