@@ -85,6 +85,28 @@ impl BroadcastPlan {
         self.strides.len()
     }
 
+    /// Runs `f(row, starts)` for every row of `out` (the output, `self.row_len()` elements a
+    /// row), `starts[i]` being where operand `i`'s elements for that row begin; rows go in
+    /// chunks over `ctx`'s threads ([`for_chunks`]).
+    pub fn for_each_row<T: Send>(
+        &self,
+        ctx: &Context,
+        out: &mut [T],
+        f: impl Fn(&mut [T], &[usize]) + Sync + Send,
+    ) {
+        if out.is_empty() {
+            return;
+        }
+        let (row, inputs) = (self.row_len(), self.inputs());
+        let mut rows: Vec<&mut [T]> = out.chunks_mut(row).collect();
+        for_chunks(ctx, &mut rows, row, |first, chunk| {
+            let starts = self.row_starts(first, chunk.len());
+            for (dst, start) in chunk.iter_mut().zip(starts.chunks_exact(inputs)) {
+                f(dst, start);
+            }
+        });
+    }
+
     /// Start offsets of each operand for rows `first..first + count`, flat: operand `i` of the
     /// `r`-th row is at `r * self.inputs() + i` (walk it with `chunks_exact(self.inputs())`).
     /// One buffer for all rows: a vector per row made a bias add over 1024 rows cost 1024
@@ -145,17 +167,13 @@ pub fn binary<T: FloatElement, F: Map2<T::Acc>>(
     if out.numel() == 0 {
         return Ok(out);
     }
-    let mut rows: Vec<&mut [T]> = out.as_mut_slice::<T>()?.chunks_mut(row).collect();
-    for_chunks(ctx, &mut rows, row, |first, chunk| {
-        let starts = plan.row_starts(first, chunk.len());
-        for (dst, start) in chunk.iter_mut().zip(starts.chunks_exact(2)) {
-            let (left, right) = (&xa[start[0]..], &xb[start[1]..]);
-            match (step_a, step_b) {
-                (0, 0) => dst.fill(T::from_acc(f.call(left[0].to_acc(), right[0].to_acc()))),
-                (0, _) => map_slice(&FixLeft(f, left[0].to_acc()), &right[..row], dst),
-                (_, 0) => map_slice(&FixRight(f, right[0].to_acc()), &left[..row], dst),
-                _ => map2_slice(f, &left[..row], &right[..row], dst),
-            }
+    plan.for_each_row(ctx, out.as_mut_slice::<T>()?, |dst, start| {
+        let (left, right) = (&xa[start[0]..], &xb[start[1]..]);
+        match (step_a, step_b) {
+            (0, 0) => dst.fill(T::from_acc(f.call(left[0].to_acc(), right[0].to_acc()))),
+            (0, _) => map_slice(&FixLeft(f, left[0].to_acc()), &right[..row], dst),
+            (_, 0) => map_slice(&FixRight(f, right[0].to_acc()), &left[..row], dst),
+            _ => map2_slice(f, &left[..row], &right[..row], dst),
         }
     });
     Ok(out)
@@ -165,21 +183,14 @@ pub fn binary<T: FloatElement, F: Map2<T::Acc>>(
 pub fn broadcast_copy<T: Element>(ctx: &Context, x: &Tensor, out_shape: &Shape) -> Result<Tensor> {
     let src = x.as_slice::<T>()?;
     let plan = BroadcastPlan::new(&[x.shape()], out_shape);
-    let row = plan.row_len();
     let step = plan.row_step(0);
     let mut out = Tensor::for_overwrite(ctx, out_shape.clone(), x.dtype());
-    if out.numel() == 0 {
-        return Ok(out);
-    }
-    let mut rows: Vec<&mut [T]> = out.as_mut_slice::<T>()?.chunks_mut(row).collect();
-    for_chunks(ctx, &mut rows, row, |first, chunk| {
-        let starts = plan.row_starts(first, chunk.len());
-        for (dst, &start) in chunk.iter_mut().zip(&starts) {
-            if step == 0 {
-                dst.fill(src[start]);
-            } else {
-                dst.copy_from_slice(&src[start..start + dst.len()]);
-            }
+    plan.for_each_row(ctx, out.as_mut_slice::<T>()?, |dst, start| {
+        let start = start[0];
+        if step == 0 {
+            dst.fill(src[start]);
+        } else {
+            dst.copy_from_slice(&src[start..start + dst.len()]);
         }
     });
     Ok(out)

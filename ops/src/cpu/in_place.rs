@@ -74,21 +74,14 @@ fn write_into<T: FloatElement, F: Map2<T::Acc>>(
         });
         return Ok(dst);
     }
-    if dst.numel() == 0 {
-        return Ok(dst);
-    }
-    let plan = BroadcastPlan::new(&[dst.shape(), other.shape()], &dst.shape().clone());
+    let plan = BroadcastPlan::new(&[dst.shape(), other.shape()], dst.shape());
     let (row, step) = (plan.row_len(), plan.row_step(1));
-    let mut rows: Vec<&mut [T]> = dst.as_mut_slice::<T>()?.chunks_mut(row).collect();
-    for_chunks(ctx, &mut rows, row, |first, chunk| {
-        let starts = plan.row_starts(first, chunk.len());
-        for (row_values, start) in chunk.iter_mut().zip(starts.chunks_exact(2)) {
-            let ys = &ys[start[1]..];
-            if step == 0 {
-                map_slice_in_place(&FixRight(f, ys[0].to_acc()), row_values);
-            } else {
-                map2_slice_in_place(f, row_values, &ys[..row]);
-            }
+    plan.for_each_row(ctx, dst.as_mut_slice::<T>()?, |row_values, start| {
+        let ys = &ys[start[1]..];
+        if step == 0 {
+            map_slice_in_place(&FixRight(f, ys[0].to_acc()), row_values);
+        } else {
+            map2_slice_in_place(f, row_values, &ys[..row]);
         }
     });
     Ok(dst)

@@ -2,7 +2,7 @@
 
 use meshflow_placement::{Sbp, Signature};
 
-use crate::cpu::{for_chunks, BroadcastPlan, FloatElement};
+use crate::cpu::{BroadcastPlan, FloatElement};
 use crate::ops::where_select::split_of;
 use crate::{emit1, Context, DType, Emit, Error, Op, Result, Shape, Tensor, TensorMeta, Value};
 
@@ -115,15 +115,11 @@ fn fill_masked<T: FloatElement>(
     let fill = T::from_acc(T::acc_from_f64(value));
     let shape: Shape = x.shape().clone();
     let plan = BroadcastPlan::new(&[mask.shape()], &shape);
-    let (row, step) = (plan.row_len(), plan.row_step(0));
-    let mut rows: Vec<&mut [T]> = out.as_mut_slice::<T>()?.chunks_mut(row).collect();
-    for_chunks(ctx, &mut rows, row, |first, chunk| {
-        let starts = plan.row_starts(first, chunk.len());
-        for (dst, &start) in chunk.iter_mut().zip(&starts) {
-            for (j, d) in dst.iter_mut().enumerate() {
-                if m[start + j * step] != 0 {
-                    *d = fill;
-                }
+    let step = plan.row_step(0);
+    plan.for_each_row(ctx, out.as_mut_slice::<T>()?, |dst, start| {
+        for (j, d) in dst.iter_mut().enumerate() {
+            if m[start[0] + j * step] != 0 {
+                *d = fill;
             }
         }
     });

@@ -2,7 +2,7 @@
 
 use meshflow_placement::{Sbp, Signature};
 
-use crate::cpu::{for_chunks, BroadcastPlan};
+use crate::cpu::BroadcastPlan;
 use crate::ops::{fill::fill, sum::sum_to};
 use crate::{
     emit1, Context, DType, Element, Emit, Error, Op, Result, Shape, Tensor, TensorMeta, Value,
@@ -107,16 +107,11 @@ fn select<T: Element>(
     }
     let (c, xs, ys) = (cond.as_slice::<u8>()?, x.as_slice::<T>()?, y.as_slice::<T>()?);
     let plan = BroadcastPlan::new(&[cond.shape(), x.shape(), y.shape()], shape);
-    let row = plan.row_len();
     let steps = [plan.row_step(0), plan.row_step(1), plan.row_step(2)];
-    let mut rows: Vec<&mut [T]> = out.as_mut_slice::<T>()?.chunks_mut(row).collect();
-    for_chunks(ctx, &mut rows, row, |first, chunk| {
-        let starts = plan.row_starts(first, chunk.len());
-        for (dst, start) in chunk.iter_mut().zip(starts.chunks_exact(3)) {
-            for (j, d) in dst.iter_mut().enumerate() {
-                let pick = c[start[0] + j * steps[0]] != 0;
-                *d = if pick { xs[start[1] + j * steps[1]] } else { ys[start[2] + j * steps[2]] };
-            }
+    plan.for_each_row(ctx, out.as_mut_slice::<T>()?, |dst, start| {
+        for (j, d) in dst.iter_mut().enumerate() {
+            let pick = c[start[0] + j * steps[0]] != 0;
+            *d = if pick { xs[start[1] + j * steps[1]] } else { ys[start[2] + j * steps[2]] };
         }
     });
     Ok(out)
