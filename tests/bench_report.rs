@@ -15,7 +15,7 @@ fn train(model: Model, strategy: Strategy, median: f64) -> TrainFigure {
     TrainFigure {
         model,
         strategy,
-        times: StepTimes { median, mean: median * 1.1, steps: 5 },
+        times: StepTimes { median, mean: median * 1.1, steps: 5, rounds: vec![] },
         items_per_second: model.items_per_step() as f64 / median,
         flops_per_second: model.step_flops() / median,
         mfu: 0.25,
@@ -61,7 +61,7 @@ fn sample(gpt_ms: f64, busbw: f64, hop_us: f64) -> Report {
             model: Model::Gpt,
             threads: 2,
             version: "2.x".into(),
-            times: StepTimes { median: 0.4, mean: 0.41, steps: 7 },
+            times: StepTimes { median: 0.4, mean: 0.41, steps: 7, rounds: vec![] },
             fused_attention: false,
             processes: 1,
         }],
@@ -111,6 +111,33 @@ fn the_torch_ratio_is_against_the_single_device_row() {
 }
 
 #[test]
+fn rounds_merge_into_the_median_of_medians_and_pair_with_the_reference() {
+    let round =
+        |median: f64, steps: usize| StepTimes { median, mean: median, steps, rounds: vec![] };
+    // Three rounds; the host was slow in the second one, for both sides.
+    let ours = StepTimes::merged(&[round(0.10, 10), round(0.20, 10), round(0.11, 20)]).unwrap();
+    assert_eq!(ours.rounds, vec![0.10, 0.20, 0.11]);
+    assert_eq!((ours.median, ours.steps), (0.11, 40));
+    assert!((ours.mean - (1.0 + 2.0 + 2.2) / 40.0).abs() < 1e-12);
+    let theirs = StepTimes::merged(&[round(0.15, 5), round(0.30, 5), round(0.14, 5)]).unwrap();
+    // Paired: each round's ratio, then their median (0.667, 0.667, 0.786); unpaired medians
+    // would give 0.11 / 0.15 = 0.733.
+    let paired = meshflow::bench::table::paired_ratio(&ours, &theirs);
+    assert!((paired - 0.2 / 0.3).abs() < 1e-12, "{paired}");
+    let single = StepTimes::merged(&[round(0.1, 3)]).unwrap();
+    assert!(single.rounds.is_empty());
+    assert!((meshflow::bench::table::paired_ratio(&single, &theirs) - 0.1 / 0.15).abs() < 1e-12);
+    assert!(StepTimes::merged(&[]).is_none());
+    // The table shows every round's ratio next to the goal's verdict.
+    let mut report = sample(300.0, 5.0, 12.0);
+    report.train[0].times = ours;
+    report.torch[0].times = theirs;
+    let text = meshflow::bench::table::train(&report);
+    let line = text.lines().find(|l| l.contains("goal <=")).expect("the goal line");
+    assert!(line.contains("= 0.67") && line.contains("(rounds 0.67 0.67 0.79)"), "{line}");
+}
+
+#[test]
 fn the_train_table_compares_with_one_device_only_where_one_ran() {
     let mut report = sample(300.0, 5.0, 12.0);
     let text = meshflow::bench::table::train(&report);
@@ -133,7 +160,7 @@ fn torch_script_output_parses() {
     let figures = torch::parse(stdout).expect("parses");
     assert_eq!(figures.len(), 2);
     assert_eq!(figures[0].model, Model::Gpt);
-    assert_eq!(figures[0].times, StepTimes { median: 0.27, mean: 0.28, steps: 9 });
+    assert_eq!(figures[0].times, StepTimes { median: 0.27, mean: 0.28, steps: 9, rounds: vec![] });
     assert_eq!((figures[1].model, figures[1].threads), (Model::Mlp, 2));
     assert!((figures[1].times.median - 0.038).abs() < 1e-12);
     assert!(torch::parse("not json").is_err());

@@ -38,7 +38,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::plan::strategies::{SessionStrategy, StrategyKind};
 use report::{Machine, Report, TrainFigure};
-use train::{Model, Timing, TrainRunner};
+use train::{Model, StepTimes, Timing, TrainRunner};
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +132,11 @@ pub struct BenchArgs {
     /// Skip the PyTorch reference.
     #[arg(long)]
     pub no_torch: bool,
+    /// Rounds in which a strategy with a PyTorch counterpart (the first strategy, data
+    /// parallel ones) and PyTorch take turns, `--seconds` each: a slow spell of a shared host
+    /// then slows both sides of a round, and the ratio to PyTorch is the median of the rounds'.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// The PyTorch reference script.
     #[arg(long, default_value = "scripts/torch_train.py")]
     pub torch_script: PathBuf,
@@ -259,63 +264,132 @@ fn train_section(
     }
     for model in args.models.iter().copied().map(Model::from) {
         for (index, strategy) in strategies.iter().enumerate() {
-            report.train.push(train_figure(args, model, *strategy, peak)?);
+            // PyTorch's counterparts: one process for the first strategy, DDP for data parallel.
+            let mut references = Vec::new();
             if index == 0 && !args.no_torch {
-                report.torch.extend(torch_figures(args, model, None)?);
+                references.push(None);
             }
             if strategy.kind() == StrategyKind::Data && !args.no_torch {
-                report.torch.extend(torch_figures(args, model, Some(*strategy))?);
+                references.push(Some(*strategy));
             }
+            let (ours, theirs) = paired_figures(args, model, *strategy, &references, peak)?;
+            report.train.push(ours);
+            report.torch.extend(theirs);
         }
     }
     println!("{}", table::train(report));
     Ok(true)
 }
 
+/// `model` on `strategy` and PyTorch's figures for each of `references` (`None`: one process,
+/// `Some`: DDP of that strategy), timed in `args.rounds` rounds that take turns (one round
+/// without references), each figure merged over its rounds ([`StepTimes::merged`]).
+fn paired_figures(
+    args: &BenchArgs,
+    model: Model,
+    strategy: SessionStrategy,
+    references: &[Option<SessionStrategy>],
+    peak: f64,
+) -> Result<(TrainFigure, Vec<report::TorchFigure>), BenchError> {
+    let rounds = if references.is_empty() { 1 } else { args.rounds.max(1) };
+    let mut runner = None;
+    let mut ours = Vec::new();
+    // Per reference, the figures of each round (a script reports one or more figures per run).
+    let mut theirs: Vec<Vec<Vec<report::TorchFigure>>> = vec![Vec::new(); references.len()];
+    for round in 0..rounds {
+        let label =
+            if rounds > 1 { format!(" (round {} of {rounds})", round + 1) } else { "".into() };
+        ours.push(train_figure(args, model, strategy, peak, &mut runner, &label)?);
+        for (reference, figures) in references.iter().zip(theirs.iter_mut()) {
+            match torch_figures(args, model, *reference, &label)? {
+                Some(round_figures) => figures.push(round_figures),
+                None => return Ok((merge_train(ours, peak), Vec::new())),
+            }
+        }
+    }
+    let torch = theirs.into_iter().flat_map(merge_torch).collect();
+    Ok((merge_train(ours, peak), torch))
+}
+
+/// One figure of a strategy's rounds (the last round's loss).
+fn merge_train(rounds: Vec<TrainFigure>, peak: f64) -> TrainFigure {
+    let times: Vec<StepTimes> = rounds.iter().map(|f| f.times.clone()).collect();
+    let mut rounds = rounds;
+    let last = rounds.pop().expect("paired_figures times at least one round");
+    match StepTimes::merged(&times) {
+        Some(times) if times.steps > last.times.steps => {
+            train_figure_of(last.model, last.strategy, times, peak, last.loss)
+        }
+        _ => last,
+    }
+}
+
+/// One figure per figure of the script, merged over the rounds (each round's script run reports
+/// the same figures in the same order).
+fn merge_torch(rounds: Vec<Vec<report::TorchFigure>>) -> Vec<report::TorchFigure> {
+    let Some(first) = rounds.first() else { return Vec::new() };
+    (0..first.len())
+        .map(|index| {
+            let same: Vec<StepTimes> =
+                rounds.iter().filter_map(|r| r.get(index)).map(|f| f.times.clone()).collect();
+            let figure = first[index].clone();
+            let times = StepTimes::merged(&same).unwrap_or_else(|| figure.times.clone());
+            report::TorchFigure { times, ..figure }
+        })
+        .collect()
+}
+
 /// PyTorch's figures for `model`: in one process with the bench's threads, or, for a
 /// data-parallel `strategy`, DDP over gloo with one process per device
-/// (`scripts/torch_ddp.py` next to the one-process script).
+/// (`scripts/torch_ddp.py` next to the one-process script); `None` when python3 cannot import
+/// torch.
 fn torch_figures(
     args: &BenchArgs,
     model: Model,
     strategy: Option<SessionStrategy>,
-) -> Result<Vec<report::TorchFigure>, BenchError> {
+    round: &str,
+) -> Result<Option<Vec<report::TorchFigure>>, BenchError> {
     let bar = progress(0, "PyTorch reference");
     let (script, threads, world) = match strategy {
         None => (args.torch_script.clone(), args.threads, None),
         Some(s) => (args.torch_script.with_file_name("torch_ddp.py"), s.threads, Some(s.dp)),
     };
     let processes = world.map_or(String::new(), |n| format!(" DDP {n} processes"));
-    tick(&bar, &format!("PyTorch {}{processes} ×{threads}thr", model.name()));
+    tick(&bar, &format!("PyTorch {}{processes} ×{threads}thr{round}", model.name()));
     let figures = torch::measure(&script, &[model], threads, args.seconds, world)?;
     bar.finish_and_clear();
     if figures.is_none() {
         eprintln!("meshflow bench: PyTorch reference skipped (python3 cannot import torch)");
     }
-    Ok(figures.unwrap_or_default())
+    Ok(figures)
 }
 
-/// Times one model on one strategy (in this process, or over launched processes when the
-/// strategy has several).
+/// Times one model on one strategy (in this process, with the session kept in `runner` from
+/// round to round, or over launched processes when the strategy has several).
 pub fn train_figure(
     args: &BenchArgs,
     model: Model,
     strategy: SessionStrategy,
     peak: f64,
+    runner: &mut Option<TrainRunner>,
+    round: &str,
 ) -> Result<TrainFigure, BenchError> {
     let bar = progress(0, "train");
-    let label = format!("{} on {}", model.name(), strategy.label());
+    let label = format!("{} on {}{round}", model.name(), strategy.label());
     if strategy.processes > 1 {
         tick(&bar, &format!("{label} (launched processes)"));
         let figure = launched::figure(args, model, strategy, peak);
         bar.finish_and_clear();
         return figure;
     }
-    tick(&bar, &format!("compiling {label}"));
-    let mut runner = TrainRunner::new(model, strategy, None)?;
+    if runner.is_none() {
+        tick(&bar, &format!("compiling {label}"));
+        *runner = Some(TrainRunner::new(model, strategy, None)?);
+    }
+    let runner = runner.as_mut().expect("built above");
     tick(&bar, &label);
     let timing = Timing { warmup: 1, min_steps: args.min_steps, seconds: args.seconds };
-    let figure = figure_of(model, strategy, timing, peak, &mut runner, || bar.inc(1));
+    let figure = figure_of(model, strategy, timing, peak, runner, || bar.inc(1));
     bar.finish_and_clear();
     figure
 }
@@ -331,16 +405,27 @@ pub fn figure_of(
 ) -> Result<TrainFigure, BenchError> {
     let mut loss = f32::NAN;
     let times = train::time_steps(timing, || runner.step().map(|l| loss = l), tick)?;
+    Ok(train_figure_of(model, strategy, times, peak, loss))
+}
+
+/// The figure of `model` on `strategy` from its step times: rates from the median step.
+fn train_figure_of(
+    model: Model,
+    strategy: SessionStrategy,
+    times: StepTimes,
+    peak: f64,
+    loss: f32,
+) -> TrainFigure {
     let flops = model.step_flops();
-    Ok(TrainFigure {
+    TrainFigure {
         model,
         strategy,
-        times,
         items_per_second: model.items_per_step() as f64 / times.median,
         flops_per_second: flops / times.median,
         mfu: arithmetic::mfu(flops, times.median, peak),
+        times,
         loss,
-    })
+    }
 }
 
 /// The strategies `text` names: `all` ([`SessionStrategy::every`]), `1` (one device with

@@ -2,8 +2,9 @@
 
 use std::fmt::Write;
 
-use super::report::{CommFigure, Figure, Report};
-use super::train::Model;
+use super::arithmetic::median;
+use super::report::{CommFigure, Figure, Report, TorchFigure, TrainFigure};
+use super::train::{Model, StepTimes};
 use crate::plan::strategies::StrategyKind;
 
 /// Goal of issue 7: meshflow's step time over PyTorch's, per model.
@@ -15,11 +16,38 @@ pub fn goal(model: Model) -> f64 {
 }
 
 /// meshflow's median step time over PyTorch's for `model` (1-device row against torch), if both
-/// were measured.
+/// were measured: [`paired_ratio`].
 pub fn torch_ratio(report: &Report, model: Model) -> Option<f64> {
+    let (ours, theirs) = goal_pair(report, model)?;
+    Some(paired_ratio(&ours.times, &theirs.times))
+}
+
+/// The 1-device figure of `model` and PyTorch's goal reference, if both were measured.
+fn goal_pair(report: &Report, model: Model) -> Option<(&TrainFigure, &TorchFigure)> {
     let ours = report.train.iter().find(|f| f.model == model && f.strategy.devices() == 1)?;
     let theirs = report.torch.iter().find(|f| f.model == model && f.is_goal_reference())?;
-    Some(ours.times.median / theirs.times.median)
+    Some((ours, theirs))
+}
+
+/// `ours` over `theirs`: the median of the rounds' ratios when both were timed in the same
+/// alternating rounds (each round's two figures met the same spell of the host), else the
+/// ratio of the medians.
+pub fn paired_ratio(ours: &StepTimes, theirs: &StepTimes) -> f64 {
+    if ours.rounds.len() > 1 && ours.rounds.len() == theirs.rounds.len() {
+        let ratios: Vec<f64> = ours.rounds.iter().zip(&theirs.rounds).map(|(a, b)| a / b).collect();
+        return median(&ratios);
+    }
+    ours.median / theirs.median
+}
+
+/// `" (rounds 0.70 0.72 0.69)"`: each round's ratio, when there were several.
+fn round_ratios(ours: &StepTimes, theirs: &StepTimes) -> String {
+    if ours.rounds.len() < 2 || ours.rounds.len() != theirs.rounds.len() {
+        return String::new();
+    }
+    let ratios: Vec<String> =
+        ours.rounds.iter().zip(&theirs.rounds).map(|(a, b)| format!("{:.2}", a / b)).collect();
+    format!(" (rounds {})", ratios.join(" "))
 }
 
 /// The train table: one row per model and strategy, then PyTorch and the ratios to it.
@@ -98,22 +126,25 @@ pub fn train(report: &Report) -> String {
         if let Some(ours) = ours {
             let _ = writeln!(
                 out,
-                "# {} {}: meshflow / PyTorch DDP (gloo, {} processes) step time = {:.2}",
+                "# {} {}: meshflow / PyTorch DDP (gloo, {} processes) step time = {:.2}{}",
                 t.model.name(),
                 ours.strategy.label(),
                 t.processes,
-                ours.times.median / t.times.median
+                paired_ratio(&ours.times, &t.times),
+                round_ratios(&ours.times, &t.times)
             );
         }
     }
     for model in Model::ALL {
-        if let Some(ratio) = torch_ratio(report, model) {
+        if let Some((ours, theirs)) = goal_pair(report, model) {
+            let ratio = paired_ratio(&ours.times, &theirs.times);
             let verdict = if ratio <= goal(model) { "met" } else { "not met" };
             let _ = writeln!(
                 out,
-                "# {}: meshflow / PyTorch step time = {ratio:.2} (goal <= {:.2}: {verdict})",
+                "# {}: meshflow / PyTorch step time = {ratio:.2} (goal <= {:.2}: {verdict}){}",
                 model.name(),
-                goal(model)
+                goal(model),
+                round_ratios(&ours.times, &theirs.times)
             );
         }
     }

@@ -81,7 +81,12 @@ pub fn parse(stdout: &str) -> Result<Vec<TorchFigure>, BenchError> {
             model,
             threads: output.threads,
             version: output.torch.clone(),
-            times: StepTimes { median: t.median_ms / 1e3, mean: t.mean_ms / 1e3, steps: t.steps },
+            times: StepTimes {
+                median: t.median_ms / 1e3,
+                mean: t.mean_ms / 1e3,
+                steps: t.steps,
+                rounds: Vec::new(),
+            },
             fused_attention,
             processes: output.world.unwrap_or(1),
         })

@@ -115,14 +115,41 @@ pub struct Timing {
 }
 
 /// Median and mean step time of `step` in seconds, and the steps timed.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepTimes {
-    /// Median seconds per step.
+    /// Median seconds per step (of several rounds: the median of the rounds' medians).
     pub median: f64,
     /// Mean seconds per step.
     pub mean: f64,
     /// Timed steps.
     pub steps: usize,
+    /// The median of each round, in order, when the figure was timed in rounds that alternate
+    /// with its reference's (`meshflow bench --rounds`); empty for one round.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rounds: Vec<f64>,
+}
+
+impl StepTimes {
+    /// One figure of several rounds' figures: the median of their medians, the mean of all
+    /// their steps, and each round's median (empty for a single round, which is returned as it
+    /// is; `None` for none).
+    pub fn merged(rounds: &[StepTimes]) -> Option<StepTimes> {
+        match rounds {
+            [] => None,
+            [one] => Some(one.clone()),
+            _ => {
+                let medians: Vec<f64> = rounds.iter().map(|r| r.median).collect();
+                let steps = rounds.iter().map(|r| r.steps).sum::<usize>();
+                let total = rounds.iter().map(|r| r.mean * r.steps as f64).sum::<f64>();
+                Some(StepTimes {
+                    median: median(&medians),
+                    mean: total / steps.max(1) as f64,
+                    steps,
+                    rounds: medians,
+                })
+            }
+        }
+    }
 }
 
 /// Times `step` under `timing`, calling `tick` after every timed step.
@@ -144,7 +171,7 @@ pub fn time_steps<E>(
         tick();
     }
     let mean = samples.iter().sum::<f64>() / samples.len() as f64;
-    Ok(StepTimes { median: median(&samples), mean, steps: samples.len() })
+    Ok(StepTimes { median: median(&samples), mean, steps: samples.len(), rounds: Vec::new() })
 }
 
 fn gpt_loss(graph: &Graph, stages: &[Layouts]) -> Result<TrainingGraph> {
