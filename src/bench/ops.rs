@@ -21,6 +21,7 @@ use gemm::Parallelism;
 
 use crate::ops::ops::adamw::AdamW;
 use crate::ops::ops::add::Add;
+use crate::ops::ops::attention::{CausalAttention, CausalAttentionGrad};
 use crate::ops::ops::cross_entropy::{CrossEntropy, CrossEntropyGrad};
 use crate::ops::ops::embedding::EmbeddingGrad;
 use crate::ops::ops::gelu::Gelu;
@@ -181,6 +182,17 @@ fn gpt_kernels() -> Result<Vec<Kernel>, BenchError> {
     let state = |seed| tensor(&[params], seed);
     let scalar = Tensor::from_vec(vec![1.0f32], Vec::<usize>::new())?;
     let gelu = Gelu { tanh: false };
+    // The fused attention of the GPT's 4 heads of 64: its forward's outputs are the backward's
+    // inputs, as in the step.
+    let qkv = tensor(&[8, 128, 3, 4, 64], 45)?;
+    let attention = CausalAttention { scale: 0.125 };
+    let mut attended = attention.forward(&Context::default(), std::slice::from_ref(&qkv))?;
+    let (Some(lse), Some(y)) = (attended.pop(), attended.pop()) else {
+        let missing = "causal_attention: expected the outputs y and lse".to_string();
+        return Err(BenchError::Meshflow(crate::Error::Graph(missing)));
+    };
+    let attention_grad = CausalAttentionGrad { scale: 0.125 };
+    let dy = tensor(&[8, 128, 4, 64], 46)?;
     Ok(vec![
         Kernel::new(
             "gpt/matmul_qkv",
@@ -198,6 +210,8 @@ fn gpt_kernels() -> Result<Vec<Kernel>, BenchError> {
             product(false, true),
             vec![tensor(&[32, 128, 64], 37)?, tensor(&[32, 128, 64], 38)?],
         ),
+        Kernel::new("gpt/causal_attention", attention, vec![qkv.clone()]),
+        Kernel::new("gpt/causal_attention_grad", attention_grad, vec![qkv, y, lse, dy]),
         Kernel::new("gpt/gelu", Unary(gelu.clone()), vec![hidden.clone()]),
         Kernel::new("gpt/gelu_grad", GradOf(gelu), vec![hidden.clone(), hidden]),
         Kernel::new("gpt/softmax", Softmax, vec![scores.clone()]),
