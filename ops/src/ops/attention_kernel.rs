@@ -257,13 +257,60 @@ struct Scratch<T> {
     first: Vec<T>,
     second: Vec<T>,
     dots: Vec<T>,
+    /// The head's keys, transposed ([`transpose_head`]).
+    keys: Vec<T>,
+    /// The head's values, transposed (backward only).
+    values: Vec<T>,
 }
 
 impl<T: Real> Scratch<T> {
     fn new(g: &Geometry) -> Self {
         let block = ROW_BLOCK.min(g.time) * g.time;
-        Scratch { first: vec![T::zero(); block], second: vec![T::zero(); block], dots: Vec::new() }
+        let head = g.time * g.head_dim;
+        Scratch {
+            first: vec![T::zero(); block],
+            second: vec![T::zero(); block],
+            dots: Vec::new(),
+            keys: vec![T::zero(); head],
+            values: vec![T::zero(); head],
+        }
     }
+}
+
+/// `out[j·T + t] = m[t, j]` for one head's `T × D` keys or values `m` (rows `3·H·D` apart in
+/// `qkv`), and the view of `mᵀ [D, T]` it makes. A product against `mᵀ` reads it as a
+/// column-major left operand (`gemm` computes the row-major scores transposed), which `gemm`
+/// uses in place; read through the strides of `qkv` it was packed again, element by element,
+/// for every row block (a fifth of the fused attention's time: `perf`, GPT reference heads).
+///
+/// # Safety
+/// `m` must reach `T × D` elements.
+unsafe fn transpose_head<T: Copy>(
+    m: View<T>,
+    (time, dim): (usize, usize),
+    out: &mut [T],
+) -> View<T> {
+    // SAFETY: row `t < T` of `m` holds `D` elements (the caller's contract).
+    let row = |t: usize| unsafe { std::slice::from_raw_parts(m.pointer.add(t * m.row), dim) };
+    // Sixteen rows at a time, so that each store writes sixteen neighbours (one vector) instead
+    // of one element of a column.
+    const ROWS: usize = 16;
+    let whole = time - time % ROWS;
+    for start in (0..whole).step_by(ROWS) {
+        let rows: [&[T]; ROWS] = std::array::from_fn(|i| row(start + i));
+        for j in 0..dim {
+            let column = &mut out[j * time + start..][..ROWS];
+            for (value, source) in column.iter_mut().zip(&rows) {
+                *value = source[j];
+            }
+        }
+    }
+    for t in whole..time {
+        for (j, &value) in row(t).iter().enumerate() {
+            out[j * time + t] = value;
+        }
+    }
+    View { pointer: out.as_ptr(), row: time, column: 1 }
 }
 
 /// A strided matrix: element `(i, j)` at `pointer + i·row + j·column`.
@@ -334,6 +381,8 @@ unsafe fn forward_head<T: Real>(
     let (d, width, scale) = (g.head_dim, g.width(), T::constant(g.scale));
     // SAFETY: row `task` of `lse [B·H, T]` belongs to this task.
     let lse = unsafe { std::slice::from_raw_parts_mut(lse.0.add(task * g.time), g.time) };
+    // SAFETY: the head's keys lie inside `qkv`.
+    let keys = unsafe { transpose_head(head.k, (g.time, d), &mut scratch.keys) };
     for (start, end) in g.blocks() {
         let size = (end - start) * end;
         let (scores, probabilities) = (&mut scratch.first[..size], &mut scratch.second[..size]);
@@ -342,14 +391,7 @@ unsafe fn forward_head<T: Real>(
         // `rows × end`.
         unsafe {
             let out = (scores.as_mut_ptr(), end);
-            product(
-                out,
-                (rows, end, d),
-                head.q.rows_from(start),
-                head.k.transposed(),
-                scale,
-                false,
-            );
+            product(out, (rows, end, d), head.q.rows_from(start), keys, scale, false);
         }
         softmax_block(scores, probabilities, &mut lse[start..end], start, end);
         let out = (y.0.wrapping_add(head.y_offset + start * width), width);
@@ -386,6 +428,13 @@ unsafe fn backward_head<T: Real>(
     row_dots(y_rows, dy_rows, width, &mut scratch.dots);
     let out = |offset: usize| (dqkv.0.wrapping_add(head.qkv_offset + offset), 3 * width);
     let (dq, dk, dv) = (out(0), out(width), out(2 * width));
+    // SAFETY: the head's keys and values lie inside `qkv`.
+    let (keys, values) = unsafe {
+        (
+            transpose_head(head.k, (g.time, d), &mut scratch.keys),
+            transpose_head(head.v, (g.time, d), &mut scratch.values),
+        )
+    };
     for (start, end) in g.blocks().rev() {
         let (rows, size) = (end - start, (end - start) * end);
         let (p, ds) = (&mut scratch.first[..size], &mut scratch.second[..size]);
@@ -394,16 +443,9 @@ unsafe fn backward_head<T: Real>(
         // `rows × end`; rows `0..end` of this head's `dq`, `dk`, `dv` belong to this task.
         unsafe {
             let q = head.q.rows_from(start);
-            product((p.as_mut_ptr(), end), (rows, end, d), q, head.k.transposed(), scale, false);
+            product((p.as_mut_ptr(), end), (rows, end, d), q, keys, scale, false);
             let dy_rows = dy.rows_from(start);
-            product(
-                (ds.as_mut_ptr(), end),
-                (rows, end, d),
-                dy_rows,
-                head.v.transposed(),
-                one,
-                false,
-            );
+            product((ds.as_mut_ptr(), end), (rows, end, d), dy_rows, values, one, false);
             let dots = &scratch.dots[start..end];
             gradient_block(p, ds, &lse[start..end], dots, start, end);
             let (p, ds) = (View::dense(p, end), View::dense(ds, end));
