@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use super::attention::lse_dtype;
 use super::nn_rows::{map_sum, max, sum_map2, Accumulate, RowFloat};
 use super::softmax::nonpositive_shift;
+use crate::cpu::layout::transpose_rows;
 use crate::cpu::simd::multiversion;
 use crate::{Context, DType, Element, Error, Result, Tensor, TensorMeta};
 
@@ -290,26 +291,8 @@ unsafe fn transpose_head<T: Copy>(
     (time, dim): (usize, usize),
     out: &mut [T],
 ) -> View<T> {
-    // SAFETY: row `t < T` of `m` holds `D` elements (the caller's contract).
-    let row = |t: usize| unsafe { std::slice::from_raw_parts(m.pointer.add(t * m.row), dim) };
-    // Sixteen rows at a time, so that each store writes sixteen neighbours (one vector) instead
-    // of one element of a column.
-    const ROWS: usize = 16;
-    let whole = time - time % ROWS;
-    for start in (0..whole).step_by(ROWS) {
-        let rows: [&[T]; ROWS] = std::array::from_fn(|i| row(start + i));
-        for j in 0..dim {
-            let column = &mut out[j * time + start..][..ROWS];
-            for (value, source) in column.iter_mut().zip(&rows) {
-                *value = source[j];
-            }
-        }
-    }
-    for t in whole..time {
-        for (j, &value) in row(t).iter().enumerate() {
-            out[j * time + t] = value;
-        }
-    }
+    // SAFETY: forwarded from the caller (`T` rows of `D` elements, `m.row` apart).
+    unsafe { transpose_rows(m.pointer, m.row, (time, dim), out) };
     View { pointer: out.as_ptr(), row: time, column: 1 }
 }
 
