@@ -34,13 +34,19 @@ pub use super::machine::{empty_step, measure, Measured};
 pub use super::strategies::{SessionStrategy, Steps, StrategyKind};
 pub use super::table::scale_table;
 
-use super::strategies::{actor_config, run_session, Ran};
+use super::strategies::{actor_config, Ran, RunningSession};
 
 /// How to calibrate.
 #[derive(Clone, Debug)]
 pub struct CalibrationConfig {
-    /// Measured steps per strategy.
+    /// Measured steps per strategy and round.
     pub steps: usize,
+    /// Rounds: each runs `steps` steps of every one-process strategy in turn, and a strategy's
+    /// measured step is the median of its rounds' medians, so a slow spell of a shared host
+    /// that falls in one round moves no row (one round in a run of 7 steps once measured TP2
+    /// at 47.5 ms against 33–35 in the runs around it). The strategy across processes runs
+    /// its steps in one round, after the others.
+    pub rounds: usize,
     /// Unmeasured steps first.
     pub warmup: usize,
     /// Sequences per step.
@@ -57,6 +63,7 @@ impl Default for CalibrationConfig {
     fn default() -> Self {
         CalibrationConfig {
             steps: 5,
+            rounds: 3,
             warmup: 2,
             batch: 16,
             strategies: SessionStrategy::every(),
@@ -126,20 +133,34 @@ pub struct CalibrationTable {
     pub rows: Vec<CalibrationRow>,
 }
 
-/// Measures this machine, then predicts and runs the char GPT with every strategy of `config`.
+/// Measures this machine, then predicts and runs the char GPT with every strategy of `config`
+/// (the one-process ones in alternating rounds, [`CalibrationConfig::rounds`]).
 pub fn calibrate(config: &CalibrationConfig, compile: &CompileConfig) -> Result<CalibrationTable> {
     let measured = measure()?;
-    let mut rows = Vec::new();
-    for strategy in &config.strategies {
-        let row = if strategy.processes > 1 {
-            processes::calibrate(strategy, config, compile, &measured)?
-        } else {
-            let ran = run_session(strategy, config.session_steps(), compile, None)?;
-            let fixed = empty_step(strategy.devices(), 1)?;
-            predict_row(strategy, &ran, &measured.cluster(strategy.devices()), &measured, fixed)?
-        };
-        rows.push(row);
+    let (launched, in_process): (Vec<_>, Vec<_>) =
+        config.strategies.iter().copied().partition(|strategy| strategy.processes > 1);
+    let mut running = Vec::new();
+    for strategy in &in_process {
+        running.push(RunningSession::start(strategy, config.session_steps(), compile, None)?);
     }
+    for _ in 0..config.rounds.max(1) {
+        for session in &mut running {
+            session.round()?;
+        }
+    }
+    let mut rows = Vec::new();
+    for (strategy, session) in in_process.into_iter().zip(running) {
+        let ran = session.finish()?;
+        let fixed = empty_step(strategy.devices(), 1)?;
+        let cluster = measured.cluster(strategy.devices());
+        rows.push(predict_row(&strategy, &ran, &cluster, &measured, fixed)?);
+    }
+    for strategy in launched {
+        rows.push(processes::calibrate(&strategy, config, compile, &measured)?);
+    }
+    // The table keeps the order of the strategies asked for.
+    let position = |row: &CalibrationRow| config.strategies.iter().position(|s| *s == row.strategy);
+    rows.sort_by_key(position);
     Ok(CalibrationTable { measured, batch: config.batch, rows })
 }
 
@@ -245,7 +266,7 @@ impl fmt::Display for CalibrationTable {
         )?;
         writeln!(
             f,
-            "| char GPT, batch {} (median of steps) | measured ms | roofline ms | error | \
+            "| char GPT, batch {} (median of rounds' step medians) | measured ms | roofline ms | error | \
              profiled kernels ms | error | busiest rank's kernels ms | measured: kernels, boxing (waiting) ms | \
              of which empty step ms | kernels profiled (failed) | cores shared, slowdown | \
              link hop µs, GB/s |",

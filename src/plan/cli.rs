@@ -75,9 +75,13 @@ pub struct PlanArgs {
     /// with real steps of the session.
     #[arg(long)]
     pub calibrate: bool,
-    /// Measured steps per strategy when calibrating.
+    /// Measured steps per strategy and round when calibrating.
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// Calibration rounds: the one-process strategies take turns, `--steps` steps each, and
+    /// each row measures the median of its rounds' medians.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Calibrate only the strategies whose name contains this text (e.g. `pp2`, `ZeRO`,
     /// `processes`).
     #[arg(long, value_name = "TEXT")]
@@ -110,6 +114,7 @@ fn execute(args: &PlanArgs) -> Result<()> {
     if args.calibrate {
         let mut config = CalibrationConfig {
             steps: args.steps,
+            rounds: args.rounds,
             binary: std::env::current_exe().ok(),
             ..CalibrationConfig::default()
         };

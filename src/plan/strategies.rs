@@ -340,20 +340,63 @@ pub fn run_session(
     compile: &CompileConfig,
     job: Option<Arc<Job>>,
 ) -> Result<Ran> {
-    let build = |graph: &Graph, stages: &[Layouts]| char_gpt(graph, stages, steps.batch);
-    let mut run = StrategySession::new(strategy, build, compile, job, true)?;
-    for _ in 0..steps.warmup {
-        run.step()?;
+    let mut running = RunningSession::start(strategy, steps, compile, job)?;
+    running.round()?;
+    running.finish()
+}
+
+/// A calibration session between its start and its [`Ran`]: it can run several rounds of
+/// measured steps, taking turns with other sessions (`meshflow plan --calibrate`'s rounds).
+pub struct RunningSession {
+    run: StrategySession,
+    steps: Steps,
+    /// The median step of each round so far.
+    rounds: Vec<f64>,
+}
+
+impl RunningSession {
+    /// Compiles the char GPT on `strategy` (on `job`'s devices when given) and runs its
+    /// unmeasured steps.
+    pub fn start(
+        strategy: &SessionStrategy,
+        steps: Steps,
+        compile: &CompileConfig,
+        job: Option<Arc<Job>>,
+    ) -> Result<Self> {
+        let build = |graph: &Graph, stages: &[Layouts]| char_gpt(graph, stages, steps.batch);
+        let mut run = StrategySession::new(strategy, build, compile, job, true)?;
+        for _ in 0..steps.warmup {
+            run.step()?;
+        }
+        Ok(RunningSession { run, steps, rounds: Vec::new() })
     }
-    let mut times = Vec::new();
-    for _ in 0..steps.measured.max(1) {
-        let started = Instant::now();
-        run.step()?;
-        times.push(started.elapsed().as_secs_f64());
+
+    /// One round of `steps.measured` timed steps; returns their median.
+    pub fn round(&mut self) -> Result<f64> {
+        let mut times = Vec::new();
+        for _ in 0..self.steps.measured.max(1) {
+            let started = Instant::now();
+            self.run.step()?;
+            times.push(started.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        self.rounds.push(median);
+        Ok(median)
     }
-    times.sort_by(f64::total_cmp);
-    let (acts, actor_seconds) = run.traced(steps.warmup + times.len(), steps.warmup)?;
-    Ok(Ran { session: run.session, step: times[times.len() / 2], acts, actor_seconds })
+
+    /// Stops the session: its step is the median of its rounds' medians (a spell of a shared
+    /// host that slowed one round is outvoted by the others), its acts those of every measured
+    /// step.
+    pub fn finish(mut self) -> Result<Ran> {
+        let mut rounds = self.rounds.clone();
+        rounds.sort_by(f64::total_cmp);
+        let step = rounds.get(rounds.len() / 2).copied().unwrap_or(f64::NAN);
+        let measured = self.rounds.len() * self.steps.measured.max(1);
+        let warmup = self.steps.warmup;
+        let (acts, actor_seconds) = self.run.traced(warmup + measured, warmup)?;
+        Ok(Ran { session: self.run.session, step, acts, actor_seconds })
+    }
 }
 
 /// The actor configuration the planner simulates a session with: the session's own pieces,
