@@ -317,7 +317,8 @@ fn merge_train(rounds: Vec<TrainFigure>, peak: f64) -> TrainFigure {
     let mut rounds = rounds;
     let last = rounds.pop().expect("paired_figures times at least one round");
     match StepTimes::merged(&times) {
-        Some(times) if times.steps > last.times.steps => {
+        // Several rounds: the figure of their merged times (one round is `last` as it is).
+        Some(times) if !times.rounds.is_empty() => {
             train_figure_of(last.model, last.strategy, times, peak, last.loss)
         }
         _ => last,

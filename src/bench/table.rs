@@ -33,20 +33,22 @@ fn goal_pair(report: &Report, model: Model) -> Option<(&TrainFigure, &TorchFigur
 /// alternating rounds (each round's two figures met the same spell of the host), else the
 /// ratio of the medians.
 pub fn paired_ratio(ours: &StepTimes, theirs: &StepTimes) -> f64 {
-    if ours.rounds.len() > 1 && ours.rounds.len() == theirs.rounds.len() {
-        let ratios: Vec<f64> = ours.rounds.iter().zip(&theirs.rounds).map(|(a, b)| a / b).collect();
-        return median(&ratios);
+    match round_ratios(ours, theirs) {
+        Some(ratios) => median(&ratios),
+        None => ours.median / theirs.median,
     }
-    ours.median / theirs.median
 }
 
-/// `" (rounds 0.70 0.72 0.69)"`: each round's ratio, when there were several.
-fn round_ratios(ours: &StepTimes, theirs: &StepTimes) -> String {
-    if ours.rounds.len() < 2 || ours.rounds.len() != theirs.rounds.len() {
-        return String::new();
-    }
-    let ratios: Vec<String> =
-        ours.rounds.iter().zip(&theirs.rounds).map(|(a, b)| format!("{:.2}", a / b)).collect();
+/// Each round's `ours / theirs`, when both were timed in the same rounds, several of them.
+fn round_ratios(ours: &StepTimes, theirs: &StepTimes) -> Option<Vec<f64>> {
+    let paired = ours.rounds.len() > 1 && ours.rounds.len() == theirs.rounds.len();
+    paired.then(|| ours.rounds.iter().zip(&theirs.rounds).map(|(a, b)| a / b).collect())
+}
+
+/// `" (rounds 0.70 0.72 0.69)"`: each round's ratio ([`round_ratios`]), or nothing.
+fn rounds_text(ours: &StepTimes, theirs: &StepTimes) -> String {
+    let Some(ratios) = round_ratios(ours, theirs) else { return String::new() };
+    let ratios: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
     format!(" (rounds {})", ratios.join(" "))
 }
 
@@ -131,7 +133,7 @@ pub fn train(report: &Report) -> String {
                 ours.strategy.label(),
                 t.processes,
                 paired_ratio(&ours.times, &t.times),
-                round_ratios(&ours.times, &t.times)
+                rounds_text(&ours.times, &t.times)
             );
         }
     }
@@ -144,7 +146,7 @@ pub fn train(report: &Report) -> String {
                 "# {}: meshflow / PyTorch step time = {ratio:.2} (goal <= {:.2}: {verdict}){}",
                 model.name(),
                 goal(model),
-                round_ratios(&ours.times, &theirs.times)
+                rounds_text(&ours.times, &theirs.times)
             );
         }
     }

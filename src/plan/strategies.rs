@@ -21,7 +21,7 @@ use crate::dist::Job;
 use crate::nn::{Gpt, Layouts, WeightInit};
 use crate::schedule::Schedule;
 use crate::session::{Optimizer, Session, SessionConfig, Training};
-use crate::{Graph, Result, Tensor};
+use crate::{Error, Graph, Result, Tensor};
 
 /// What kind of parallelism a calibrated strategy stands for (the list of strategies
 /// that run here; [`StrategyKind::ALL`]).
@@ -379,8 +379,7 @@ impl RunningSession {
             self.run.step()?;
             times.push(started.elapsed().as_secs_f64());
         }
-        times.sort_by(f64::total_cmp);
-        let median = times[times.len() / 2];
+        let median = upper_median(&times);
         self.rounds.push(median);
         Ok(median)
     }
@@ -389,14 +388,25 @@ impl RunningSession {
     /// host that slowed one round is outvoted by the others), its acts those of every measured
     /// step.
     pub fn finish(mut self) -> Result<Ran> {
-        let mut rounds = self.rounds.clone();
-        rounds.sort_by(f64::total_cmp);
-        let step = rounds.get(rounds.len() / 2).copied().unwrap_or(f64::NAN);
+        if self.rounds.is_empty() {
+            return Err(Error::Runtime(
+                "calibration session stopped before any measured round".into(),
+            ));
+        }
+        let step = upper_median(&self.rounds);
         let measured = self.rounds.len() * self.steps.measured.max(1);
         let warmup = self.steps.warmup;
         let (acts, actor_seconds) = self.run.traced(warmup + measured, warmup)?;
         Ok(Ran { session: self.run.session, step, acts, actor_seconds })
     }
+}
+
+/// The middle of `values` (the upper one of an even count), which the calibration's step
+/// figures have always used; `values` is not empty.
+fn upper_median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
 }
 
 /// The actor configuration the planner simulates a session with: the session's own pieces,

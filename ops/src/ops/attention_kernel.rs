@@ -260,7 +260,7 @@ struct Scratch<T> {
     dots: Vec<T>,
     /// The head's keys, transposed ([`transpose_head`]).
     keys: Vec<T>,
-    /// The head's values, transposed (backward only).
+    /// The head's values, transposed (backward only: sized there, like `dots`).
     values: Vec<T>,
 }
 
@@ -273,7 +273,7 @@ impl<T: Real> Scratch<T> {
             second: vec![T::zero(); block],
             dots: Vec::new(),
             keys: vec![T::zero(); head],
-            values: vec![T::zero(); head],
+            values: Vec::new(),
         }
     }
 }
@@ -411,6 +411,7 @@ unsafe fn backward_head<T: Real>(
     row_dots(y_rows, dy_rows, width, &mut scratch.dots);
     let out = |offset: usize| (dqkv.0.wrapping_add(head.qkv_offset + offset), 3 * width);
     let (dq, dk, dv) = (out(0), out(width), out(2 * width));
+    scratch.values.resize(g.time * d, T::zero());
     // SAFETY: the head's keys and values lie inside `qkv`.
     let (keys, values) = unsafe {
         (
