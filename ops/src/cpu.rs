@@ -131,26 +131,27 @@ impl Special for f64 {
 /// inlined and vectorised (a large kernel handed down as a closure stayed a scalar call per
 /// element: `perf annotate`). Closures implement it too, for small kernels.
 pub trait Map1<A>: Sync {
-    /// `f(x)`.
-    fn call(&self, x: A) -> A;
+    /// `f(x)`; `FUSED`: called from code where `mul_add` is one FMA instruction (the `FUSED`
+    /// of [`multiversion!`]), for functions that evaluate polynomials.
+    fn call<const FUSED: bool>(&self, x: A) -> A;
 }
 
 /// An element-wise function of two values in the compute type `A` (see [`Map1`]).
 pub trait Map2<A>: Sync {
-    /// `f(x, y)`.
-    fn call(&self, x: A, y: A) -> A;
+    /// `f(x, y)`; `FUSED` as in [`Map1::call`].
+    fn call<const FUSED: bool>(&self, x: A, y: A) -> A;
 }
 
 impl<A, F: Fn(A) -> A + Sync> Map1<A> for F {
     #[inline(always)]
-    fn call(&self, x: A) -> A {
+    fn call<const FUSED: bool>(&self, x: A) -> A {
         self(x)
     }
 }
 
 impl<A, F: Fn(A, A) -> A + Sync> Map2<A> for F {
     #[inline(always)]
-    fn call(&self, x: A, y: A) -> A {
+    fn call<const FUSED: bool>(&self, x: A, y: A) -> A {
         self(x, y)
     }
 }
@@ -160,8 +161,8 @@ pub struct FixLeft<'a, F, A>(pub &'a F, pub A);
 
 impl<F: Map2<A>, A: Copy + Sync> Map1<A> for FixLeft<'_, F, A> {
     #[inline(always)]
-    fn call(&self, y: A) -> A {
-        self.0.call(self.1, y)
+    fn call<const FUSED: bool>(&self, y: A) -> A {
+        self.0.call::<FUSED>(self.1, y)
     }
 }
 
@@ -170,8 +171,8 @@ pub struct FixRight<'a, F, A>(pub &'a F, pub A);
 
 impl<F: Map2<A>, A: Copy + Sync> Map1<A> for FixRight<'_, F, A> {
     #[inline(always)]
-    fn call(&self, x: A) -> A {
-        self.0.call(x, self.1)
+    fn call<const FUSED: bool>(&self, x: A) -> A {
+        self.0.call::<FUSED>(x, self.1)
     }
 }
 
@@ -181,7 +182,7 @@ multiversion! {
     pub fn map_slice<T: FloatElement, F: Map1<T::Acc>>(f: &F, src: &[T], dst: &mut [T]) {
         if T::NATIVE {
             for (d, &s) in dst.iter_mut().zip(src) {
-                *d = T::from_acc(f.call(s.to_acc()));
+                *d = T::from_acc(f.call::<FUSED>(s.to_acc()));
             }
             return;
         }
@@ -190,7 +191,7 @@ multiversion! {
             let buffer = &mut buffer[..s.len()];
             T::load(s, buffer);
             for v in buffer.iter_mut() {
-                *v = f.call(*v);
+                *v = f.call::<FUSED>(*v);
             }
             T::store(buffer, d);
         }
@@ -202,7 +203,7 @@ multiversion! {
     pub fn map2_slice<T: FloatElement, F: Map2<T::Acc>>(f: &F, a: &[T], b: &[T], dst: &mut [T]) {
         if T::NATIVE {
             for (d, (&x, &y)) in dst.iter_mut().zip(a.iter().zip(b)) {
-                *d = T::from_acc(f.call(x.to_acc(), y.to_acc()));
+                *d = T::from_acc(f.call::<FUSED>(x.to_acc(), y.to_acc()));
             }
             return;
         }
@@ -213,7 +214,7 @@ multiversion! {
             T::load(a, &mut left[..n]);
             T::load(b, &mut right[..n]);
             for (l, &r) in left[..n].iter_mut().zip(&right[..n]) {
-                *l = f.call(*l, r);
+                *l = f.call::<FUSED>(*l, r);
             }
             T::store(&left[..n], d);
         }
@@ -225,7 +226,7 @@ multiversion! {
     pub fn map_slice_in_place<T: FloatElement, F: Map1<T::Acc>>(f: &F, xs: &mut [T]) {
         if T::NATIVE {
             for x in xs.iter_mut() {
-                *x = T::from_acc(f.call(x.to_acc()));
+                *x = T::from_acc(f.call::<FUSED>(x.to_acc()));
             }
             return;
         }
@@ -234,7 +235,7 @@ multiversion! {
             let buffer = &mut buffer[..block.len()];
             T::load(block, buffer);
             for v in buffer.iter_mut() {
-                *v = f.call(*v);
+                *v = f.call::<FUSED>(*v);
             }
             T::store(buffer, block);
         }
@@ -246,7 +247,7 @@ multiversion! {
     pub fn map2_slice_in_place<T: FloatElement, F: Map2<T::Acc>>(f: &F, xs: &mut [T], ys: &[T]) {
         if T::NATIVE {
             for (x, &y) in xs.iter_mut().zip(ys) {
-                *x = T::from_acc(f.call(x.to_acc(), y.to_acc()));
+                *x = T::from_acc(f.call::<FUSED>(x.to_acc(), y.to_acc()));
             }
             return;
         }
@@ -257,7 +258,7 @@ multiversion! {
             T::load(block, &mut left[..n]);
             T::load(ys, &mut right[..n]);
             for (l, &r) in left[..n].iter_mut().zip(&right[..n]) {
-                *l = f.call(*l, r);
+                *l = f.call::<FUSED>(*l, r);
             }
             T::store(&left[..n], block);
         }
@@ -422,7 +423,7 @@ mod tests {
 
     impl Map1<f32> for Wide {
         #[inline(always)]
-        fn call(&self, x: f32) -> f32 {
+        fn call<const FUSED: bool>(&self, x: f32) -> f32 {
             (x * x + 1.0).sqrt() / (x.abs() + 2.0) - x * 0.25
         }
     }

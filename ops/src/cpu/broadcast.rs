@@ -170,7 +170,7 @@ pub fn binary<T: FloatElement, F: Map2<T::Acc>>(
     plan.for_each_row(ctx, out.as_mut_slice::<T>()?, |dst, start| {
         let (left, right) = (&xa[start[0]..], &xb[start[1]..]);
         match (step_a, step_b) {
-            (0, 0) => dst.fill(T::from_acc(f.call(left[0].to_acc(), right[0].to_acc()))),
+            (0, 0) => dst.fill(T::from_acc(f.call::<false>(left[0].to_acc(), right[0].to_acc()))),
             (0, _) => map_slice(&FixLeft(f, left[0].to_acc()), &right[..row], dst),
             (_, 0) => map_slice(&FixRight(f, right[0].to_acc()), &left[..row], dst),
             _ => map2_slice(f, &left[..row], &right[..row], dst),

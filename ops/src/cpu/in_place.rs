@@ -17,8 +17,8 @@ pub struct Flip<'a, F>(pub &'a F);
 
 impl<F: Map2<A>, A> Map2<A> for Flip<'_, F> {
     #[inline(always)]
-    fn call(&self, x: A, y: A) -> A {
-        self.0.call(y, x)
+    fn call<const FUSED: bool>(&self, x: A, y: A) -> A {
+        self.0.call::<FUSED>(y, x)
     }
 }
 

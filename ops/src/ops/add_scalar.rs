@@ -23,7 +23,7 @@ impl Pointwise for AddScalar {
     const NAME: &'static str = "add_scalar";
 
     #[inline(always)]
-    fn apply<A: Special>(&self, x: A) -> A {
+    fn apply<A: Special, const FUSED: bool>(&self, x: A) -> A {
         x + A::constant(self.value)
     }
 

@@ -20,7 +20,7 @@ impl Pointwise for Exp {
     const NAME: &'static str = "exp";
 
     #[inline(always)]
-    fn apply<A: Special>(&self, x: A) -> A {
+    fn apply<A: Special, const FUSED: bool>(&self, x: A) -> A {
         x.exp()
     }
 

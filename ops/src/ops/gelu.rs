@@ -3,7 +3,7 @@
 use std::any::TypeId;
 
 use crate::cpu::Special;
-use crate::ops::nn_rows::exp_f32;
+use crate::ops::nn_rows::{exp_f32, multiply_add};
 use crate::ops::unary::{apply, grad_of, Differentiable, Pointwise};
 use crate::{Emit, Result, Value};
 
@@ -35,12 +35,12 @@ impl Pointwise for Gelu {
     const NAME: &'static str = "gelu";
 
     #[inline(always)]
-    fn apply<A: Special>(&self, x: A) -> A {
+    fn apply<A: Special, const FUSED: bool>(&self, x: A) -> A {
         if self.tanh {
             // 0.5·(1 + tanh(u)) = σ(2u): one exp and a division, no cancellation near −1.
-            x * sigmoid(inner(x) + inner(x))
+            x * sigmoid::<A, FUSED>(inner(x) + inner(x))
         } else {
-            A::constant(0.5) * x * (A::one() + erf(x * A::FRAC_1_SQRT_2()))
+            A::constant(0.5) * x * (A::one() + erf::<A, FUSED>(x * A::FRAC_1_SQRT_2()))
         }
     }
 
@@ -53,17 +53,18 @@ impl Differentiable for Gelu {
     const GRAD_NAME: &'static str = "gelu_grad";
 
     #[inline(always)]
-    fn derivative<A: Special>(&self, x: A) -> A {
+    fn derivative<A: Special, const FUSED: bool>(&self, x: A) -> A {
         if self.tanh {
             // d/dx x·σ(2u) = σ + 2x·σ·(1 − σ)·u'.
-            let s = sigmoid(inner(x) + inner(x));
+            let s = sigmoid::<A, FUSED>(inner(x) + inner(x));
             let slope = A::constant((2.0 / std::f64::consts::PI).sqrt())
                 * (A::one() + A::constant(3.0 * CUBIC) * x * x);
             s + (x + x) * s * (A::one() - s) * slope
         } else {
             let half = A::constant(0.5);
-            let cdf = half * (A::one() + erf(x * A::FRAC_1_SQRT_2()));
-            let pdf = exp(-half * x * x) * A::constant(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+            let cdf = half * (A::one() + erf::<A, FUSED>(x * A::FRAC_1_SQRT_2()));
+            let pdf = exp::<A, FUSED>(-half * x * x)
+                * A::constant(1.0 / (2.0 * std::f64::consts::PI).sqrt());
             cdf + x * pdf
         }
     }
@@ -71,26 +72,26 @@ impl Differentiable for Gelu {
 
 /// `1 / (1 + e^(−x))`.
 #[inline(always)]
-fn sigmoid<A: Special>(x: A) -> A {
-    A::one() / (A::one() + exp(-x))
+fn sigmoid<A: Special, const FUSED: bool>(x: A) -> A {
+    A::one() / (A::one() + exp::<A, FUSED>(-x))
 }
 
 /// `e^x`: the branch-free polynomial [`exp_f32`] for f32 (so the loop vectorises), libm's for
-/// f64.
+/// f64; `FUSED` as in [`Pointwise::apply`].
 #[inline(always)]
-fn exp<A: Special>(x: A) -> A {
+fn exp<A: Special, const FUSED: bool>(x: A) -> A {
     match as_f32(x) {
-        Some(v) => from_f32(exp_f32(v)),
+        Some(v) => from_f32(exp_f32::<FUSED>(v)),
         None => x.exp(),
     }
 }
 
 /// `erf(x)`: the branch-free rational [`erf_f32`] for f32, libm's for f64 (the rational one is
-/// only f32-accurate).
+/// only f32-accurate); `FUSED` as in [`Pointwise::apply`].
 #[inline(always)]
-fn erf<A: Special>(x: A) -> A {
+fn erf<A: Special, const FUSED: bool>(x: A) -> A {
     match as_f32(x) {
-        Some(v) => from_f32(erf_f32(v)),
+        Some(v) => from_f32(erf_f32::<FUSED>(v)),
         None => x.erf(),
     }
 }
@@ -112,9 +113,11 @@ fn from_f32<A: Special>(v: f32) -> A {
 }
 
 /// Branch-free `erf` for f32: Eigen's rational approximation `x·P(x²)/Q(x²)` on `[−4, 4]`
-/// (within an ulp of ±1 outside), relative error below 5e-7 (4 ulp); NaN stays NaN.
+/// (within an ulp of ±1 outside), relative error below 5e-7 (4 ulp); NaN stays NaN. `FUSED`:
+/// the polynomials' multiply-adds as FMA instructions (a third fewer vector instructions:
+/// `gelu` over `[4096, 1024]`, 2 threads, 1.28 -> 0.94 ms).
 #[inline(always)]
-pub(crate) fn erf_f32(x: f32) -> f32 {
+pub(crate) fn erf_f32<const FUSED: bool>(x: f32) -> f32 {
     const NUMERATOR: [f32; 7] = [
         -2.726_142_3e-10,
         2.770_681_4e-8,
@@ -128,8 +131,9 @@ pub(crate) fn erf_f32(x: f32) -> f32 {
         [-1.456_607_2e-5, -2.133_740_6e-4, -1.682_827e-3, -7.373_329_2e-3, -1.426_474e-2];
     let x = x.clamp(-4.0, 4.0); // NaN stays NaN
     let square = x * x;
-    let numerator = NUMERATOR.iter().fold(0.0, |p, &c| p * square + c);
-    let denominator = DENOMINATOR.iter().fold(0.0, |q, &c| q * square + c);
+    let fma = multiply_add::<FUSED>;
+    let numerator = NUMERATOR.iter().fold(0.0, |p, &c| fma(p, square, c));
+    let denominator = DENOMINATOR.iter().fold(0.0, |q, &c| fma(q, square, c));
     x * numerator / denominator
 }
 
@@ -137,30 +141,45 @@ pub(crate) fn erf_f32(x: f32) -> f32 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn erf_f32_matches_libm_within_five_ulp() {
+    /// Both roundings of the polynomials: multiply then add, and one FMA.
+    fn erf_f32_matches_libm_within_five_ulp_with<const FUSED: bool>() {
         let mut worst = 0.0f64;
         for i in -60_000..=60_000 {
             let x = i as f32 * 1e-4;
             let expected = Special::erf(f64::from(x));
-            let relative = (f64::from(erf_f32(x)) - expected).abs() / expected.abs().max(1e-30);
+            let got = f64::from(erf_f32::<FUSED>(x));
+            let relative = (got - expected).abs() / expected.abs().max(1e-30);
             worst = worst.max(relative);
         }
-        assert!(worst < 6e-7, "worst relative error {worst}");
-        assert!((erf_f32(10.0) - 1.0).abs() <= f32::EPSILON);
-        assert!((erf_f32(-10.0) + 1.0).abs() <= f32::EPSILON);
-        assert!(erf_f32(f32::NAN).is_nan());
+        assert!(worst < 6e-7, "worst relative error {worst}, fused {FUSED}");
+        assert!((erf_f32::<FUSED>(10.0) - 1.0).abs() <= f32::EPSILON);
+        assert!((erf_f32::<FUSED>(-10.0) + 1.0).abs() <= f32::EPSILON);
+        assert!(erf_f32::<FUSED>(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn erf_f32_matches_libm_within_five_ulp() {
+        erf_f32_matches_libm_within_five_ulp_with::<false>();
+        erf_f32_matches_libm_within_five_ulp_with::<true>();
+    }
+
+    fn f32_gelu_and_its_derivative_track_f64_with<const FUSED: bool>() {
+        for (tanh, i) in [false, true].into_iter().flat_map(|t| (-800..=800).map(move |i| (t, i))) {
+            let gelu = Gelu { tanh };
+            let x = i as f32 * 0.01;
+            let value = gelu.apply::<f32, FUSED>(x);
+            let slope = gelu.derivative::<f32, FUSED>(x);
+            let want = gelu.apply::<f64, false>(f64::from(x));
+            let want_slope = gelu.derivative::<f64, false>(f64::from(x));
+            assert!((f64::from(value) - want).abs() < 2e-6 * (1.0 + want.abs()), "gelu({x})");
+            let message = format!("gelu'({x}), tanh {tanh}, fused {FUSED}");
+            assert!((f64::from(slope) - want_slope).abs() < 2e-6, "{message}");
+        }
     }
 
     #[test]
     fn f32_gelu_and_its_derivative_track_f64() {
-        for (tanh, i) in [false, true].into_iter().flat_map(|t| (-800..=800).map(move |i| (t, i))) {
-            let gelu = Gelu { tanh };
-            let x = i as f32 * 0.01;
-            let (value, slope) = (gelu.apply(x), gelu.derivative(x));
-            let (want, want_slope) = (gelu.apply(f64::from(x)), gelu.derivative(f64::from(x)));
-            assert!((f64::from(value) - want).abs() < 2e-6 * (1.0 + want.abs()), "gelu({x})");
-            assert!((f64::from(slope) - want_slope).abs() < 2e-6, "gelu'({x}), tanh {tanh}");
-        }
+        f32_gelu_and_its_derivative_track_f64_with::<false>();
+        f32_gelu_and_its_derivative_track_f64_with::<true>();
     }
 }

@@ -10,8 +10,8 @@ use meshflow_placement::{Sbp, Signature};
 use num_traits::{Float, Zero};
 
 use super::nn_rows::{
-    first_order_only, for_each_row, prefetch, row, sum_map, sum_map2, sum_map3, sum_over_rows,
-    Accumulate, RowFloat, SharedRows,
+    first_order_only, fold_lanes, for_each_row, prefetch, row, sum_map, sum_over_rows, Accumulate,
+    RowFloat, SharedRows, LANES,
 };
 use super::softmax::{checked_signatures, last_axis_input, row_signatures};
 use crate::cpu::simd::multiversion;
@@ -390,20 +390,40 @@ struct NormRow<'a, T: RowFloat> {
 }
 
 impl<T: RowFloat> NormRow<'_, T> {
-    /// Writes `dx` and adds `dy ⊙ x̂` to `sums[..D]` and `dy` to `sums[D..]`.
+    /// Writes `dx` and adds `dy ⊙ x̂` to `sums[..D]` and `dy` to `sums[D..]`. One pass gathers
+    /// those and the row's `Σ dy ⊙ w` and `Σ dy ⊙ w ⊙ x̂` (in lanes), a second writes `dx`: three
+    /// passes over the row were two here (`layer_norm_grad` of the GPT, `[1024, 256]`, 2 threads:
+    /// 166 -> 144 µs).
     #[inline(always)]
     fn backward(&self, dx: &mut [T], sums: &mut [T::Acc], centred: bool) {
         let (mean, rstd) = (self.mean, self.rstd);
-        let width = T::Acc::constant(self.x.len() as f64);
-        let (dw, db) = sums.split_at_mut(self.x.len());
-        let inputs = self.x.iter().zip(self.dy);
-        for ((dw, db), (&x, &d)) in dw.iter_mut().zip(db.iter_mut()).zip(inputs) {
-            let d = d.widen();
-            *dw += d * ((x.widen() - mean) * rstd);
+        let len = self.x.len();
+        let width = T::Acc::constant(len as f64);
+        let (dw, db) = sums.split_at_mut(len);
+        let zero = T::Acc::zero();
+        let (mut g_lanes, mut gx_lanes) = ([zero; LANES], [zero; LANES]);
+        let mut one = |lane: usize, (x, d, w): (T, T, T), (dw, db): (&mut T::Acc, &mut T::Acc)| {
+            let (d, xhat) = (d.widen(), (x.widen() - mean) * rstd);
+            *dw += d * xhat;
             *db += d;
+            let gw = d * w.widen();
+            g_lanes[lane] += gw;
+            gx_lanes[lane] += gw * xhat;
+        };
+        let whole = len - len % LANES;
+        let inputs = self.x.chunks_exact(LANES).zip(self.dy.chunks_exact(LANES));
+        let inputs = inputs.zip(self.weight.chunks_exact(LANES));
+        let outputs = dw.chunks_exact_mut(LANES).zip(db.chunks_exact_mut(LANES));
+        for (((x, dy), w), (dw, db)) in inputs.zip(outputs) {
+            for lane in 0..LANES {
+                one(lane, (x[lane], dy[lane], w[lane]), (&mut dw[lane], &mut db[lane]));
+            }
         }
-        let g_sum = sum_map2(self.dy, self.weight, |d, w| d * w);
-        let gx_sum = sum_map3(self.x, self.dy, self.weight, |x, d, w| d * w * ((x - mean) * rstd));
+        for j in whole..len {
+            one(0, (self.x[j], self.dy[j], self.weight[j]), (&mut dw[j], &mut db[j]));
+        }
+        let g_sum = fold_lanes(g_lanes, |a, b| a + b);
+        let gx_sum = fold_lanes(gx_lanes, |a, b| a + b);
         let g_mean = if centred { g_sum / width } else { T::Acc::zero() };
         let gx_mean = gx_sum / width;
         let inputs = self.x.iter().zip(self.dy).zip(self.weight);

@@ -24,7 +24,7 @@ impl Pointwise for MulScalar {
     const LINEAR: bool = true;
 
     #[inline(always)]
-    fn apply<A: Special>(&self, x: A) -> A {
+    fn apply<A: Special, const FUSED: bool>(&self, x: A) -> A {
         x * A::constant(self.value)
     }
 

@@ -19,7 +19,7 @@ const MIN_TASK_ELEMENTS: usize = 16 * 1024;
 
 /// Lanes of the chunked reductions: a multiple of every SIMD width we meet (4, 8 or 16 f32s),
 /// and two AVX2 registers of f32, so that two accumulations are in flight at once.
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 /// The type kernels compute in: `f32` for f32, bf16 and f16; `f64` for f64.
 pub(crate) trait Accumulate:
@@ -41,7 +41,7 @@ pub(crate) trait Accumulate:
 impl Accumulate for f32 {
     #[inline(always)]
     fn exp_fast(self) -> f32 {
-        exp_f32(self)
+        exp_f32::<false>(self)
     }
 
     #[inline(always)]
@@ -111,10 +111,10 @@ row_float_half!(bf16);
 row_float_half!(f16);
 
 /// Branch-free `e^x` for `f32` (Cephes polynomial, relative error below 2 ulp on the normal
-/// range; 0 below −87.33, ∞ above 88.72; NaN stays NaN).
+/// range; 0 below −87.33, ∞ above 88.72; NaN stays NaN); `FUSED`: with FMA instructions.
 #[inline(always)]
-pub(crate) fn exp_f32(x: f32) -> f32 {
-    let value = exp_reduced::<false>(x.clamp(-87.33, 88.72));
+pub(crate) fn exp_f32<const FUSED: bool>(x: f32) -> f32 {
+    let value = exp_reduced::<FUSED>(x.clamp(-87.33, 88.72));
     // Selects (blends, not branches): underflow to 0, overflow to ∞. NaN fails both
     // comparisons and stays NaN through the clamp and the polynomial.
     let value = if x < -87.33 { 0.0 } else { value };
@@ -164,7 +164,7 @@ fn exp_reduced<const FUSED: bool>(x: f32) -> f32 {
 /// `a·b + c`: one rounding with an FMA instruction when `FUSED` (only in code compiled for
 /// FMA, where `mul_add` is that instruction; elsewhere it is a libm call), else two.
 #[inline(always)]
-fn multiply_add<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
+pub(crate) fn multiply_add<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FUSED {
         a.mul_add(b, c)
     } else {
@@ -176,7 +176,7 @@ fn multiply_add<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// one after another: a left fold is a chain of 15 dependent scalar additions, ~60 cycles per
 /// row, which the short rows of a causal attention block paid on every row.
 #[inline(always)]
-fn fold_lanes<A: Copy>(mut lanes: [A; LANES], combine: impl Fn(A, A) -> A) -> A {
+pub(crate) fn fold_lanes<A: Copy>(mut lanes: [A; LANES], combine: impl Fn(A, A) -> A) -> A {
     let mut width = LANES;
     while width > 1 {
         width /= 2;
@@ -248,30 +248,6 @@ pub(crate) fn sum_map2<T: RowFloat>(
     let mut total = fold_lanes(lanes, |a, b| a + b);
     for (&x, &y) in x_tail.iter().zip(y_tail) {
         total += f(x.widen(), y.widen());
-    }
-    total
-}
-
-/// `Σ f(x_i, y_i, z_i)` over three equally long slices, lane-chunked.
-#[inline(always)]
-pub(crate) fn sum_map3<T: RowFloat>(
-    xs: &[T],
-    ys: &[T],
-    zs: &[T],
-    f: impl Fn(T::Acc, T::Acc, T::Acc) -> T::Acc,
-) -> T::Acc {
-    let mut lanes = [T::Acc::zero(); LANES];
-    let chunks = xs.chunks_exact(LANES).zip(ys.chunks_exact(LANES)).zip(zs.chunks_exact(LANES));
-    for ((x_chunk, y_chunk), z_chunk) in chunks {
-        for (lane, ((&x, &y), &z)) in lanes.iter_mut().zip(x_chunk.iter().zip(y_chunk).zip(z_chunk))
-        {
-            *lane += f(x.widen(), y.widen(), z.widen());
-        }
-    }
-    let mut total = fold_lanes(lanes, |a, b| a + b);
-    let done = xs.len() - xs.len() % LANES;
-    for ((&x, &y), &z) in xs[done..].iter().zip(&ys[done..]).zip(&zs[done..]) {
-        total += f(x.widen(), y.widen(), z.widen());
     }
     total
 }
@@ -469,21 +445,21 @@ mod tests {
         let mut x = -87.0f32;
         while x < 88.0 {
             let expected = x.exp();
-            let relative = ((exp_f32(x) - expected) / expected).abs();
+            let relative = ((exp_f32::<false>(x) - expected) / expected).abs();
             worst = worst.max(relative);
             x += 0.0137;
         }
         assert!(worst < 2.5e-7, "worst relative error {worst}");
-        assert_eq!(exp_f32(-200.0), 0.0);
-        assert_eq!(exp_f32(200.0), f32::INFINITY);
+        assert_eq!(exp_f32::<false>(-200.0), 0.0);
+        assert_eq!(exp_f32::<false>(200.0), f32::INFINITY);
         for x in [-200.0f32, -87.0, -3.5, -1e-3, 0.0] {
-            assert_eq!(exp_f32_nonpositive::<false>(x), exp_f32(x));
+            assert_eq!(exp_f32_nonpositive::<false>(x), exp_f32::<false>(x));
             let fused = exp_f32_nonpositive::<true>(x);
-            assert!((fused - exp_f32(x)).abs() <= 2.5e-7 * exp_f32(x), "{x}");
+            assert!((fused - exp_f32::<false>(x)).abs() <= 2.5e-7 * exp_f32::<false>(x), "{x}");
         }
         assert!(exp_f32_nonpositive::<false>(f32::NAN).is_nan());
-        assert_eq!(exp_f32(0.0), 1.0);
-        assert!(exp_f32(f32::NAN).is_nan());
+        assert_eq!(exp_f32::<false>(0.0), 1.0);
+        assert!(exp_f32::<false>(f32::NAN).is_nan());
     }
 
     #[test]

@@ -23,7 +23,7 @@ impl Pointwise for PowScalar {
     const NAME: &'static str = "pow_scalar";
 
     #[inline(always)]
-    fn apply<A: Special>(&self, x: A) -> A {
+    fn apply<A: Special, const FUSED: bool>(&self, x: A) -> A {
         if self.exponent == 2.0 {
             x * x
         } else {

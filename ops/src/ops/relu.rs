@@ -20,7 +20,7 @@ impl Pointwise for Relu {
     const NAME: &'static str = "relu";
 
     #[inline(always)]
-    fn apply<A: Special>(&self, x: A) -> A {
+    fn apply<A: Special, const FUSED: bool>(&self, x: A) -> A {
         if x > A::zero() {
             x
         } else {
@@ -38,7 +38,7 @@ impl Differentiable for Relu {
     const SECOND_DERIVATIVE_ZERO: bool = true;
 
     #[inline(always)]
-    fn derivative<A: Special>(&self, x: A) -> A {
+    fn derivative<A: Special, const FUSED: bool>(&self, x: A) -> A {
         if x > A::zero() {
             A::one()
         } else {

@@ -20,7 +20,7 @@ impl Pointwise for Rsqrt {
     const NAME: &'static str = "rsqrt";
 
     #[inline(always)]
-    fn apply<A: Special>(&self, x: A) -> A {
+    fn apply<A: Special, const FUSED: bool>(&self, x: A) -> A {
         x.sqrt().recip()
     }
 

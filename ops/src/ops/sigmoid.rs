@@ -20,7 +20,7 @@ impl Pointwise for Sigmoid {
     const NAME: &'static str = "sigmoid";
 
     #[inline(always)]
-    fn apply<A: Special>(&self, x: A) -> A {
+    fn apply<A: Special, const FUSED: bool>(&self, x: A) -> A {
         (A::one() + (-x).exp()).recip()
     }
 

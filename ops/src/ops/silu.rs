@@ -24,7 +24,7 @@ impl Pointwise for Silu {
     const NAME: &'static str = "silu";
 
     #[inline(always)]
-    fn apply<A: Special>(&self, x: A) -> A {
+    fn apply<A: Special, const FUSED: bool>(&self, x: A) -> A {
         x * sigmoid(x)
     }
 
@@ -37,7 +37,7 @@ impl Differentiable for Silu {
     const GRAD_NAME: &'static str = "silu_grad";
 
     #[inline(always)]
-    fn derivative<A: Special>(&self, x: A) -> A {
+    fn derivative<A: Special, const FUSED: bool>(&self, x: A) -> A {
         let s = sigmoid(x);
         s * (A::one() + x * (A::one() - s))
     }

@@ -20,7 +20,7 @@ impl Pointwise for Sqrt {
     const NAME: &'static str = "sqrt";
 
     #[inline(always)]
-    fn apply<A: Special>(&self, x: A) -> A {
+    fn apply<A: Special, const FUSED: bool>(&self, x: A) -> A {
         x.sqrt()
     }
 

@@ -20,7 +20,7 @@ impl Pointwise for Tanh {
     const NAME: &'static str = "tanh";
 
     #[inline(always)]
-    fn apply<A: Special>(&self, x: A) -> A {
+    fn apply<A: Special, const FUSED: bool>(&self, x: A) -> A {
         x.tanh()
     }
 

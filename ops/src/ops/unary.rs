@@ -16,8 +16,9 @@ pub trait Pointwise: Clone + fmt::Debug + Send + Sync + 'static {
     /// True when `f` is linear (`f(a + b) = f(a) + f(b)`): then `P -> P` is a signature.
     const LINEAR: bool = false;
 
-    /// `f(x)`, computed in f32 (for f32, bf16, f16) or f64.
-    fn apply<A: Special>(&self, x: A) -> A;
+    /// `f(x)`, computed in f32 (for f32, bf16, f16) or f64; `FUSED` as in
+    /// [`crate::cpu::Map1::call`].
+    fn apply<A: Special, const FUSED: bool>(&self, x: A) -> A;
 
     /// The gradient of `x` given the output gradient `g`, built with other ops.
     fn gradient(&self, e: &mut dyn Emit, x: Value, y: Value, g: Value) -> Result<Value>;
@@ -30,8 +31,8 @@ pub trait Differentiable: Pointwise {
     /// True when `f'' = 0` almost everywhere (relu), so `GradOf` is differentiable.
     const SECOND_DERIVATIVE_ZERO: bool = false;
 
-    /// `f'(x)`.
-    fn derivative<A: Special>(&self, x: A) -> A;
+    /// `f'(x)`; `FUSED` as in [`Pointwise::apply`].
+    fn derivative<A: Special, const FUSED: bool>(&self, x: A) -> A;
 }
 
 /// The op computing a [`Pointwise`] function element-wise.
@@ -118,8 +119,8 @@ struct Apply<'a, P>(&'a P);
 
 impl<P: Pointwise, A: Special> Map1<A> for Apply<'_, P> {
     #[inline(always)]
-    fn call(&self, x: A) -> A {
-        self.0.apply(x)
+    fn call<const FUSED: bool>(&self, x: A) -> A {
+        self.0.apply::<A, FUSED>(x)
     }
 }
 
@@ -128,8 +129,8 @@ struct Derivative<'a, P>(&'a P);
 
 impl<P: Differentiable, A: Special> Map2<A> for Derivative<'_, P> {
     #[inline(always)]
-    fn call(&self, x: A, g: A) -> A {
-        g * self.0.derivative(x)
+    fn call<const FUSED: bool>(&self, x: A, g: A) -> A {
+        g * self.0.derivative::<A, FUSED>(x)
     }
 }
 
