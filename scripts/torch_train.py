@@ -1,5 +1,6 @@
 """PyTorch reference for `meshflow bench train`: the same two models, the same sizes, AdamW, on the
-CPU with a fixed number of threads; prints one JSON object on stdout.
+CPU with a fixed number of threads (or eager on GPU 0 with --device cuda); prints one JSON object
+on stdout.
 
 - GPT (nanoGPT layout of shared/formats/gpt-weights.md): pre-norm LayerNorm (eps 1e-5), causal
   self-attention with a fused c_attn and explicit softmax (as meshflow computes it), MLP with exact
@@ -11,10 +12,14 @@ CPU with a fixed number of threads; prints one JSON object on stdout.
 Each model is timed over training steps (forward, backward, AdamW step, zero_grad) after warm-up
 steps; the JSON gives the median and mean step time in milliseconds:
 
-    {"torch": "2.x", "threads": 2, "gpt": {"median_ms": ..., "mean_ms": ..., "steps": ...},
-     "gpt_sdpa": {...}, "mlp": {...}}
+    {"torch": "2.x", "threads": 2, "device": "cpu",
+     "gpt": {"median_ms": ..., "mean_ms": ..., "steps": ...}, "gpt_sdpa": {...}, "mlp": {...}}
 
-Run:  python3 scripts/torch_train.py [--threads 2] [--seconds 3] [--only gpt|mlp]
+On the GPU (--device cuda) the models and batches live on GPU 0, f32 without TF32 (as meshflow's
+cuBLAS f32 products), and each timed step ends with torch.cuda.synchronize() (the clock starts
+after one too), so a step's time is the GPU's work, not the launch queue's.
+
+Run:  python3 scripts/torch_train.py [--threads 2] [--seconds 3] [--only gpt|mlp] [--device cuda]
 """
 import argparse
 import json
@@ -91,8 +96,9 @@ class Mlp(nn.Module):
         return F.cross_entropy(x, y)
 
 
-def training_step(model, batch):
-    """One step of the benchmark's training (forward, backward, AdamW, zero_grad), as a function."""
+def training_step(model, batch, synchronize=lambda: None):
+    """One step of the benchmark's training (forward, backward, AdamW, zero_grad), as a function;
+    `synchronize` runs at its end (torch.cuda.synchronize on the GPU)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
 
     def step():
@@ -100,16 +106,28 @@ def training_step(model, batch):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize()
         return loss
 
     return step
 
 
-def time_steps(model, batch, seconds, warmup, min_steps):
-    step = training_step(model, batch)
+def synchronizer(device):
+    """What ends a timed step on `device`: waiting for the GPU's queue, or nothing on the CPU."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def time_steps(model, batch, seconds, warmup, min_steps, device=torch.device("cpu")):
+    synchronize = synchronizer(device)
+    model = model.to(device)
+    batch = tuple(tensor.to(device) for tensor in batch)
+    step = training_step(model, batch, synchronize)
 
     for _ in range(warmup):
         step()
+    synchronize()
     times = []
     started = time.perf_counter()
     while len(times) < min_steps or time.perf_counter() - started < seconds:
@@ -130,22 +148,32 @@ def main():
     parser.add_argument("--gpt", default="512,128,4,4,256,8",
                         help="vocab,ctx,layers,heads,d_model,batch")
     parser.add_argument("--mlp", default="784,1024,1024,10,256", help="sizes...,batch")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: eager on GPU 0, f32 without TF32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    device = torch.device("cuda:0" if args.device == "cuda" else "cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("torch_train.py: --device cuda, but torch sees no GPU")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+              "device": device.type}
     if args.only in (None, "gpt"):
         vocab, ctx, layers, heads, d, batch = map(int, args.gpt.split(","))
         ids = torch.randint(vocab, (batch, ctx + 1))
         for key, sdpa in (("gpt", False), ("gpt_sdpa", True)):
             model = Gpt(vocab, ctx, layers, heads, d, sdpa)
             result[key] = time_steps(model, (ids[:, :-1], ids[:, 1:]), args.seconds, args.warmup,
-                                     args.min_steps)
+                                     args.min_steps, device)
     if args.only in (None, "mlp"):
         *sizes, batch = map(int, args.mlp.split(","))
         x = torch.randn(batch, sizes[0])
         y = torch.randint(sizes[-1], (batch,))
-        result["mlp"] = time_steps(Mlp(sizes), (x, y), args.seconds, args.warmup, args.min_steps)
+        result["mlp"] = time_steps(Mlp(sizes), (x, y), args.seconds, args.warmup, args.min_steps,
+                                   device)
     json.dump(result, sys.stdout)
     print()
 

@@ -6,8 +6,8 @@ use meshflow::bench::comm::{elements, in_process};
 use meshflow::bench::report::{
     compare, CommFigure, Figure, Machine, Report, TorchFigure, TrainFigure,
 };
-use meshflow::bench::table::{goal, torch_ratio};
-use meshflow::bench::train::{Model, StepTimes};
+use meshflow::bench::table::{goal, goal_on, torch_ratio};
+use meshflow::bench::train::{Model, StepTimes, TrainDevice};
 use meshflow::bench::{plot, torch};
 use meshflow::plan::strategies::SessionStrategy as Strategy;
 
@@ -20,6 +20,7 @@ fn train(model: Model, strategy: Strategy, median: f64) -> TrainFigure {
         flops_per_second: model.step_flops() / median,
         mfu: 0.25,
         loss: 6.2,
+        device: TrainDevice::Cpu,
     }
 }
 
@@ -64,6 +65,7 @@ fn sample(gpt_ms: f64, busbw: f64, hop_us: f64) -> Report {
             times: StepTimes { median: 0.4, mean: 0.41, steps: 7, rounds: vec![] },
             fused_attention: false,
             processes: 1,
+            device: TrainDevice::Cpu,
         }],
         ops: vec![figure("matmul 1024³ ×2thr", 100.0, true)],
         comm: vec![row(Collective::AllReduce, 1 << 20, busbw), row(Collective::AllGather, 8, 0.1)],
@@ -135,6 +137,38 @@ fn rounds_merge_into_the_median_of_medians_and_pair_with_the_reference() {
     let text = meshflow::bench::table::train(&report);
     let line = text.lines().find(|l| l.contains("goal <=")).expect("the goal line");
     assert!(line.contains("= 0.67") && line.contains("(rounds 0.67 0.67 0.79)"), "{line}");
+}
+
+/// A `--device cuda` run: labelled `1gpu` and `torch@cuda`, keyed apart from CPU runs, paired
+/// only with PyTorch on the same device, judged by issue 8's goal; CPU reports keep their JSON.
+#[test]
+fn a_gpu_run_is_labelled_keyed_and_judged_as_one() {
+    let mut report = sample(300.0, 5.0, 12.0);
+    report.train.truncate(1);
+    let cpu_json = serde_json::to_string(&report).expect("json");
+    assert!(!cpu_json.contains("\"device\""), "CPU reports are unchanged: {cpu_json}");
+    report.train[0].device = TrainDevice::Cuda;
+    report.train[0].times.median = 0.003;
+    // Only a CPU PyTorch figure: no ratio against the GPU row.
+    assert!(torch_ratio(&report, Model::Gpt).is_none());
+    report.torch[0].device = TrainDevice::Cuda;
+    report.torch[0].times.median = 0.004;
+    let ratio = torch_ratio(&report, Model::Gpt).expect("both on the GPU");
+    assert!((ratio - 0.75).abs() < 1e-12, "{ratio}");
+    let text = meshflow::bench::table::train(&report);
+    assert!(text.lines().any(|l| l.starts_with("gpt") && l.contains("1gpu")), "{text}");
+    assert!(text.contains("torch@cuda"), "{text}");
+    let line = text.lines().find(|l| l.contains("gpt on cuda")).expect("the goal line");
+    assert!(line.contains("= 0.75") && line.contains("goal <= 0.80: met"), "{line}");
+    let keys: Vec<String> = report.metrics().into_iter().map(|m| m.key).collect();
+    assert!(keys.contains(&"train/gpt/1gpu".to_string()), "{keys:?}");
+    assert!(keys.contains(&"torch/gpt/torch@cuda".to_string()), "{keys:?}");
+    let json = serde_json::to_string(&report).expect("json");
+    let back: Report = serde_json::from_str(&json).expect("parse");
+    assert_eq!(back, report);
+    assert_eq!(goal_on(Model::Gpt, TrainDevice::Cuda), Some(0.8));
+    assert_eq!(goal_on(Model::Mlp, TrainDevice::Cuda), None);
+    assert_eq!(goal_on(Model::Mlp, TrainDevice::Cpu), Some(goal(Model::Mlp)));
 }
 
 #[test]

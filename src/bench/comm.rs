@@ -1,8 +1,9 @@
 //! `meshflow bench comm`: every collective, nccl-tests style (size, time, algbw, busbw, #wrong),
 //! over device threads of this process ([`SharedGroup`]) and, under `meshflow launch`, over the
-//! launched processes (QUIC, [`TransportCommunicator`]). Each call's output is checked against
-//! its closed form; busbw uses nccl-tests' factors ([`Collective::bus_factor`]). The memcpy
-//! bandwidth of the same run is the reference.
+//! launched processes (QUIC, [`TransportCommunicator`]), and over this machine's GPUs with NCCL
+//! ([`super::nccl`]). Each call's output is checked against its closed form; busbw uses
+//! nccl-tests' factors ([`Collective::bus_factor`]). The memcpy bandwidth of the same run is the
+//! reference.
 //!
 //! Sizes follow nccl-tests: the full tensor of all-reduce, broadcast, reduce, reduce-scatter's
 //! input, all-gather's output, all-to-all's per-rank input.
@@ -50,13 +51,20 @@ pub fn run_collective(
     Ok((timing.seconds, wrong(collective, i, n, count, output.as_ref())?))
 }
 
-/// Member `i`'s input: all-to-all chunk `j` holds `i·n + j`, broadcast's root holds 7, every
-/// other collective takes `[i + 1; …]` (all-gather: `count / n` of them).
-fn input(collective: Collective, i: usize, n: usize, count: usize) -> Result<Tensor, BenchError> {
+/// Member `i`'s input: all-to-all chunk `j` holds `i·n + j`, broadcast's root holds 7 (the
+/// others zeros: NCCL's broadcast takes a buffer on every member, and a broadcast that moved
+/// nothing leaves them wrong), every other collective takes `[i + 1; …]` (all-gather: `count / n`
+/// of them).
+pub(super) fn input(
+    collective: Collective,
+    i: usize,
+    n: usize,
+    count: usize,
+) -> Result<Tensor, BenchError> {
     let values: Vec<f32> = match collective {
         Collective::AllGather => vec![i as f32 + 1.0; count / n],
         Collective::AllToAll => (0..count).map(|k| (i * n + k / (count / n)) as f32).collect(),
-        Collective::Broadcast => vec![7.0; count],
+        Collective::Broadcast => vec![if i == 0 { 7.0 } else { 0.0 }; count],
         _ => vec![i as f32 + 1.0; count],
     };
     let len = values.len();
@@ -83,7 +91,7 @@ fn call(
 
 /// Elements of member `i`'s output that differ from the closed form (a missing or mis-sized
 /// output counts every expected element).
-fn wrong(
+pub(super) fn wrong(
     collective: Collective,
     i: usize,
     n: usize,
@@ -132,7 +140,9 @@ pub fn in_process(
     Ok(figure("in-process", collective, ranks, count * 4, &results))
 }
 
-fn figure(
+/// The row of `collective` over `ranks` members from each member's (seconds, #wrong): the
+/// slowest member's time, #wrong summed.
+pub(super) fn figure(
     transport: &str,
     collective: Collective,
     ranks: usize,

@@ -3,10 +3,12 @@
 //!
 //! - `train`: GPT and MLP reference configs per strategy (step time, tokens or samples per
 //!   second, model FLOP/s, MFU), PyTorch (`scripts/torch_train.py`) when torch is importable;
+//!   `--device cuda` runs them on GPUs against PyTorch eager on GPU 0;
 //! - `ops`: matmul against the `gemm` crate, row kernels against memcpy on as many threads (the
 //!   kernels live in [`ops`], which the criterion bench `benches/ops.rs` times too);
 //! - `comm`: every collective nccl-tests style over device threads, or over the processes of
-//!   `meshflow launch --nproc-per-node N -- meshflow bench comm`;
+//!   `meshflow launch --nproc-per-node N -- meshflow bench comm`, and over this machine's GPUs
+//!   with NCCL when it has them (built with `--features cuda`; otherwise one line says why not);
 //! - `actors`: acts/s, hop latency and the empty training step against their references;
 //! - `all`: every section.
 //!
@@ -15,13 +17,16 @@
 //!
 //! ```text
 //! meshflow bench train --seconds 3 --json train.json --svg train.svg
+//! meshflow bench train --device cuda --strategies 1 --json train-cuda.json
 //! meshflow bench all --compare old.json
 //! ```
 
 pub mod actors;
 pub mod arithmetic;
 pub mod comm;
+pub mod gpu;
 pub mod launched;
+pub mod nccl;
 pub mod ops;
 pub mod plot;
 pub mod report;
@@ -38,7 +43,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::plan::strategies::{SessionStrategy, StrategyKind};
 use report::{Machine, Report, TrainFigure};
-use train::{Model, StepTimes, Timing, TrainRunner};
+use train::{Model, StepTimes, Timing, TrainDevice, TrainRunner};
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +134,11 @@ pub struct BenchArgs {
     /// `pp2mb4`, `dp2zero`, `dp2mb2`, `dp2pp2mb4`, `dp2proc2` (processes under launch).
     #[arg(long, value_delimiter = ',', default_value = "all")]
     pub strategies: Vec<String>,
+    /// Where `train` runs: `cpu`, or `cuda` (device rank i on GPU i, products in f32, MFU
+    /// against the f32 matmul rate of GPU 0 measured in the run, PyTorch eager on GPU 0 as the
+    /// reference). Without a driver or a GPU, `cuda` fails with the device's error.
+    #[arg(long, value_enum, default_value_t = TrainDevice::Cpu)]
+    pub device: TrainDevice,
     /// Skip the PyTorch reference.
     #[arg(long)]
     pub no_torch: bool,
@@ -219,17 +229,27 @@ fn bench(args: &BenchArgs) -> Result<(), BenchError> {
 /// The comm section; false on a launched rank other than 0.
 fn comm_section(args: &BenchArgs, report: &mut Report) -> Result<bool, BenchError> {
     let bar = progress(0, "comm");
+    // The GPU rows run in a process of its own (not under `meshflow launch`).
+    let mut gpus = None;
     match comm::measure_processes(args.max_bytes, |name| tick(&bar, name))? {
         Some(rows) if rows.is_empty() => return Ok(false),
         Some(rows) => report.comm = rows,
         None => {
             report.comm =
-                comm::measure_in_process(args.ranks, args.max_bytes, |name| tick(&bar, name))?
+                comm::measure_in_process(args.ranks, args.max_bytes, |name| tick(&bar, name))?;
+            gpus = Some(nccl::measure(args.max_bytes, |name| tick(&bar, name))?);
         }
     }
     bar.finish_and_clear();
+    let note = gpus.as_ref().and_then(nccl::summary_line);
+    if let Some(nccl::GpuRows::Measured { rows, .. }) = gpus {
+        report.comm.extend(rows);
+    }
     let memcpy = ops::memcpy_bandwidth(Timing { warmup: 1, min_steps: 5, seconds: 0.2 });
     println!("{}", table::comm(&report.comm, memcpy));
+    if let Some(note) = note {
+        println!("{note}");
+    }
     Ok(true)
 }
 
@@ -243,14 +263,7 @@ fn train_section(
     for text in &args.strategies {
         strategies.extend(parse_strategies(text, args.threads)?);
     }
-    let (peak, source) = match args.peak_gflops {
-        Some(gflops) => (gflops * 1e9, "--peak-gflops".to_string()),
-        None => {
-            let short = Timing { warmup: 1, min_steps: 3, seconds: 0.5 };
-            let peak = ops::gemm_peak(args.threads, short);
-            (peak, format!("gemm crate 1024³ ×{}thr, measured in this run", args.threads))
-        }
-    };
+    let (peak, source) = peak(args, &strategies)?;
     report.peak_flops = peak;
     report.peak_source = source;
     if launched::is_launched_rank() {
@@ -264,12 +277,14 @@ fn train_section(
     }
     for model in args.models.iter().copied().map(Model::from) {
         for (index, strategy) in strategies.iter().enumerate() {
-            // PyTorch's counterparts: one process for the first strategy, DDP for data parallel.
+            // PyTorch's counterparts: one process for the first strategy, DDP for data parallel
+            // (over gloo: on the CPU only).
             let mut references = Vec::new();
             if index == 0 && !args.no_torch {
                 references.push(None);
             }
-            if strategy.kind() == StrategyKind::Data && !args.no_torch {
+            let cpu = args.device.is_cpu();
+            if strategy.kind() == StrategyKind::Data && !args.no_torch && cpu {
                 references.push(Some(*strategy));
             }
             let (ours, theirs) = paired_figures(args, model, *strategy, &references, peak)?;
@@ -279,6 +294,29 @@ fn train_section(
     }
     println!("{}", table::train(report));
     Ok(true)
+}
+
+/// The FLOP/s MFU divides by, and where it comes from: `--peak-gflops`, else measured in this
+/// run on the device `train` runs on. On GPUs every device the strategies need is opened first
+/// ([`gpu::open`]), so no driver, no GPU or too few GPUs is the device's typed error before
+/// anything is timed; the sessions then open their own.
+fn peak(args: &BenchArgs, strategies: &[SessionStrategy]) -> Result<(f64, String), BenchError> {
+    let gpu = match args.device {
+        TrainDevice::Cuda => Some(gpu::open(strategies)?),
+        TrainDevice::Cpu => None,
+    };
+    Ok(match (args.peak_gflops, gpu) {
+        (Some(gflops), _) => (gflops * 1e9, "--peak-gflops".to_string()),
+        (None, Some(gpu)) => {
+            let short = Timing { warmup: 2, min_steps: 10, seconds: 0.5 };
+            (gpu::matmul_peak(&gpu, short)?, gpu::peak_source(&gpu))
+        }
+        (None, None) => {
+            let short = Timing { warmup: 1, min_steps: 3, seconds: 0.5 };
+            let peak = ops::gemm_peak(args.threads, short);
+            (peak, format!("gemm crate 1024³ ×{}thr, measured in this run", args.threads))
+        }
+    })
 }
 
 /// `model` on `strategy` and PyTorch's figures for each of `references` (`None`: one process,
@@ -319,7 +357,7 @@ fn merge_train(rounds: Vec<TrainFigure>, peak: f64) -> TrainFigure {
     match StepTimes::merged(&times) {
         // Several rounds: the figure of their merged times (one round is `last` as it is).
         Some(times) if !times.rounds.is_empty() => {
-            train_figure_of(last.model, last.strategy, times, peak, last.loss)
+            train_figure_of(last.model, (last.strategy, last.device), times, peak, last.loss)
         }
         _ => last,
     }
@@ -356,11 +394,19 @@ fn torch_figures(
         Some(s) => (args.torch_script.with_file_name("torch_ddp.py"), s.threads, Some(s.dp)),
     };
     let processes = world.map_or(String::new(), |n| format!(" DDP {n} processes"));
-    tick(&bar, &format!("PyTorch {}{processes} ×{threads}thr{round}", model.name()));
-    let figures = torch::measure(&script, &[model], threads, args.seconds, world)?;
+    let on = match args.device {
+        TrainDevice::Cpu => format!(" ×{threads}thr"),
+        device => format!(" on {}", device.name()),
+    };
+    tick(&bar, &format!("PyTorch {}{processes}{on}{round}", model.name()));
+    let figures = torch::measure(&script, &[model], threads, args.seconds, world, args.device)?;
     bar.finish_and_clear();
     if figures.is_none() {
-        eprintln!("meshflow bench: PyTorch reference skipped (python3 cannot import torch)");
+        let why = match args.device {
+            TrainDevice::Cpu => "python3 cannot import torch",
+            TrainDevice::Cuda => "python3 cannot import torch, or torch sees no GPU",
+        };
+        eprintln!("meshflow bench: PyTorch reference skipped ({why})");
     }
     Ok(figures)
 }
@@ -385,7 +431,7 @@ pub fn train_figure(
     }
     if runner.is_none() {
         tick(&bar, &format!("compiling {label}"));
-        *runner = Some(TrainRunner::new(model, strategy, None)?);
+        *runner = Some(TrainRunner::on_device(model, strategy, args.device)?);
     }
     let runner = runner.as_mut().expect("built above");
     tick(&bar, &label);
@@ -406,13 +452,15 @@ pub fn figure_of(
 ) -> Result<TrainFigure, BenchError> {
     let mut loss = f32::NAN;
     let times = train::time_steps(timing, || runner.step().map(|l| loss = l), tick)?;
-    Ok(train_figure_of(model, strategy, times, peak, loss))
+    let device = runner.device();
+    Ok(train_figure_of(model, (strategy, device), times, peak, loss))
 }
 
-/// The figure of `model` on `strategy` from its step times: rates from the median step.
+/// The figure of `model` on `strategy` and a device from its step times: rates from the median
+/// step.
 fn train_figure_of(
     model: Model,
-    strategy: SessionStrategy,
+    (strategy, device): (SessionStrategy, TrainDevice),
     times: StepTimes,
     peak: f64,
     loss: f32,
@@ -426,6 +474,7 @@ fn train_figure_of(
         mfu: arithmetic::mfu(flops, times.median, peak),
         times,
         loss,
+        device,
     }
 }
 

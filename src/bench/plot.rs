@@ -40,7 +40,7 @@ pub fn draw(report: &Report, path: &Path) -> Result<(), BenchError> {
 pub fn strategy_labels(report: &Report) -> Vec<String> {
     let mut labels: Vec<String> = Vec::new();
     for f in &report.train {
-        let label = f.strategy.label();
+        let label = f.label();
         if !labels.contains(&label) {
             labels.push(label);
         }
@@ -84,7 +84,7 @@ fn scaling(report: &Report, area: &Area<'_>) -> Result<(), BenchError> {
             .iter()
             .filter(|f| f.model == model)
             .filter_map(|f| {
-                let x = labels.iter().position(|l| *l == f.strategy.label())?;
+                let x = labels.iter().position(|l| *l == f.label())?;
                 Some((x as f64, f.times.median * 1e3))
             })
             .collect();

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::arithmetic::{relative_change, Collective};
-use super::train::{Model, StepTimes};
+use super::train::{Model, StepTimes, TrainDevice};
 use super::BenchError;
 use crate::plan::strategies::SessionStrategy;
 
@@ -59,6 +59,21 @@ pub struct TrainFigure {
     pub mfu: f64,
     /// The loss of the last step (a sanity check that training ran).
     pub loss: f32,
+    /// Where it ran (absent in reports of CPU runs).
+    #[serde(default, skip_serializing_if = "TrainDevice::is_cpu")]
+    pub device: TrainDevice,
+}
+
+impl TrainFigure {
+    /// The strategy's label on the CPU (`1dev×2thr`, `DP2×TP2`); on a GPU `1gpu` for one
+    /// device (threads do not apply) and `DP2@cuda` for several.
+    pub fn label(&self) -> String {
+        match (self.device, self.strategy.devices()) {
+            (TrainDevice::Cpu, _) => self.strategy.label(),
+            (TrainDevice::Cuda, 1) => "1gpu".into(),
+            (TrainDevice::Cuda, _) => format!("{}@cuda", self.strategy.label()),
+        }
+    }
 }
 
 /// One training figure of PyTorch.
@@ -80,6 +95,9 @@ pub struct TorchFigure {
     /// its share of the batch (1: one process, the goal's reference).
     #[serde(default = "one_process")]
     pub processes: usize,
+    /// Where it ran: the CPU, or eager on GPU 0 (absent in reports of CPU runs).
+    #[serde(default, skip_serializing_if = "TrainDevice::is_cpu")]
+    pub device: TrainDevice,
 }
 
 fn one_process() -> usize {
@@ -93,14 +111,17 @@ impl TorchFigure {
         !self.fused_attention && self.processes == 1
     }
 
-    /// `torch×2thr`, `sdpa×2thr` or `ddp2×1thr`.
+    /// `torch×2thr`, `sdpa×2thr` or `ddp2×1thr`; on a GPU `torch@cuda` or `sdpa@cuda`.
     pub fn label(&self) -> String {
         let kind = match (self.fused_attention, self.processes) {
             (true, _) => "sdpa".to_string(),
             (false, 1) => "torch".to_string(),
             (false, n) => format!("ddp{n}"),
         };
-        format!("{kind}×{}thr", self.threads)
+        match self.device {
+            TrainDevice::Cpu => format!("{kind}×{}thr", self.threads),
+            TrainDevice::Cuda => format!("{kind}@cuda"),
+        }
     }
 }
 
@@ -134,7 +155,8 @@ impl Figure {
 /// One row of an nccl-tests-style table.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CommFigure {
-    /// `in-process` (device threads) or `processes` (QUIC between launched processes).
+    /// `in-process` (device threads), `processes` (QUIC between launched processes) or `nccl`
+    /// (this machine's GPUs).
     pub transport: String,
     /// The collective.
     pub collective: Collective,
@@ -209,7 +231,7 @@ impl Report {
         };
         let mut out = Vec::new();
         for f in &self.train {
-            let key = format!("train/{}/{}", f.model.name(), f.strategy.label());
+            let key = format!("train/{}/{}", f.model.name(), f.label());
             out.push(metric(key, f.times.median * 1e3, "ms/step", false));
         }
         for f in &self.torch {

@@ -10,7 +10,7 @@ use std::process::Command;
 use serde::Deserialize;
 
 use super::report::TorchFigure;
-use super::train::{Model, StepTimes};
+use super::train::{Model, StepTimes, TrainDevice};
 use super::BenchError;
 
 /// The script's JSON.
@@ -21,6 +21,9 @@ struct Output {
     /// Processes of a DDP run (absent: one).
     #[serde(default)]
     world: Option<usize>,
+    /// `cpu` or `cuda` (absent: the CPU).
+    #[serde(default)]
+    device: TrainDevice,
     gpt: Option<Times>,
     /// The GPT with torch's fused attention (`F.scaled_dot_product_attention`).
     #[serde(default)]
@@ -36,16 +39,18 @@ struct Times {
 }
 
 /// Runs the script for `models` with `threads` and `seconds` of timing per model (and
-/// `--world N` when `world` is given: the DDP script). `Ok(None)` when python3 or torch is
-/// missing (the reference is then skipped).
+/// `--world N` when `world` is given: the DDP script; `--device cuda` on a GPU). `Ok(None)`
+/// when python3 or torch is missing, or, for `cuda`, torch sees no GPU (the reference is then
+/// skipped).
 pub fn measure(
     script: &Path,
     models: &[Model],
     threads: usize,
     seconds: f64,
     world: Option<usize>,
+    device: TrainDevice,
 ) -> Result<Option<Vec<TorchFigure>>, BenchError> {
-    let probe = Command::new("python3").args(["-c", "import torch"]).output();
+    let probe = Command::new("python3").args(["-c", probe(device)]).output();
     if !probe.map(|o| o.status.success()).unwrap_or(false) {
         return Ok(None);
     }
@@ -54,6 +59,9 @@ pub fn measure(
     command.arg("--seconds").arg(seconds.to_string());
     if let Some(world) = world {
         command.arg("--world").arg(world.to_string());
+    }
+    if !device.is_cpu() {
+        command.arg("--device").arg(device.name());
     }
     if let [only] = models {
         command.arg("--only").arg(only.name());
@@ -69,6 +77,14 @@ pub fn measure(
         )));
     }
     parse(&String::from_utf8_lossy(&output.stdout)).map(Some)
+}
+
+/// The Python that succeeds when the reference can run on `device`.
+pub fn probe(device: TrainDevice) -> &'static str {
+    match device {
+        TrainDevice::Cpu => "import torch",
+        TrainDevice::Cuda => "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)",
+    }
 }
 
 /// The figures of the script's JSON output (its last line).
@@ -89,6 +105,7 @@ pub fn parse(stdout: &str) -> Result<Vec<TorchFigure>, BenchError> {
             },
             fused_attention,
             processes: output.world.unwrap_or(1),
+            device: output.device,
         })
     };
     Ok([
@@ -132,5 +149,21 @@ mod tests {
         let old =
             r#"{"torch": "2.x", "threads": 2, "gpt": {"median_ms": 1, "mean_ms": 1, "steps": 1}}"#;
         assert_eq!(parse(old).expect("parse").len(), 1);
+        assert_eq!(parse(old).expect("parse")[0].device, TrainDevice::Cpu, "absent: the CPU");
+    }
+
+    #[test]
+    fn a_gpu_run_is_labelled_cuda() {
+        let times = r#"{"median_ms": 4.5, "mean_ms": 4.6, "steps": 40}"#;
+        let line = format!(
+            r#"{{"torch": "2.x", "threads": 1, "device": "cuda", "gpt": {times}, "gpt_sdpa": {times}}}"#
+        );
+        let figures = parse(&line).expect("parse");
+        let labels: Vec<String> = figures.iter().map(TorchFigure::label).collect();
+        assert_eq!(labels, ["torch@cuda", "sdpa@cuda"]);
+        assert!(figures.iter().all(|f| f.device == TrainDevice::Cuda));
+        assert!(figures[0].is_goal_reference());
+        assert!(probe(TrainDevice::Cuda).contains("torch.cuda.is_available()"));
+        assert_eq!(probe(TrainDevice::Cpu), "import torch");
     }
 }

@@ -18,6 +18,7 @@ use crate::dist::Job;
 use crate::nn::{Gpt, GptConfig, InitCounter, Layouts, Linear, Parallel, WeightInit};
 use crate::ops::{DType, Tensor as HostTensor};
 use crate::plan::strategies::{SessionStrategy, StrategySession, TrainingGraph};
+use crate::session::{DeviceKind, SessionConfig};
 use crate::{Graph, Result};
 
 use super::arithmetic::{gpt_step_flops, median, mlp_step_flops};
@@ -79,27 +80,90 @@ impl Model {
     }
 }
 
+/// Where `bench train` runs its sessions (`--device`).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainDevice {
+    /// CPU devices: threads with their kernel budget. The default.
+    #[default]
+    Cpu,
+    /// GPUs: device rank `i` of the strategy on GPU `i` ([`DeviceKind::Cuda`]), PyTorch eager
+    /// on GPU 0 as the reference.
+    Cuda,
+}
+
+impl TrainDevice {
+    /// `cpu` or `cuda`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainDevice::Cpu => "cpu",
+            TrainDevice::Cuda => "cuda",
+        }
+    }
+
+    /// Whether this is the default, [`TrainDevice::Cpu`] (reports leave it out).
+    pub fn is_cpu(&self) -> bool {
+        *self == TrainDevice::Cpu
+    }
+
+    /// The session's setting for this device.
+    pub fn kind(self) -> DeviceKind {
+        match self {
+            TrainDevice::Cpu => DeviceKind::Cpu,
+            TrainDevice::Cuda => DeviceKind::Cuda,
+        }
+    }
+}
+
 /// One model compiled on one strategy, with a fixed batch to step on.
 pub struct TrainRunner {
     session: StrategySession,
+    device: TrainDevice,
 }
 
 impl TrainRunner {
     /// Builds and compiles `model` on `strategy` ([`StrategySession`]: AdamW, lr 1e-3, weight
     /// decay 0.01) in this process, or on `job`'s devices when given.
     pub fn new(model: Model, strategy: SessionStrategy, job: Option<Arc<Job>>) -> Result<Self> {
+        let config = strategy.session_config(&CompileConfig::default(), job);
+        Self::with_config(model, strategy, config, TrainDevice::Cpu)
+    }
+
+    /// [`TrainRunner::new`] in this process on `device`: on [`TrainDevice::Cuda`] device rank
+    /// `i` runs on GPU `i`, and a missing driver or GPU is the session's typed
+    /// [`crate::ops::Error::Device`] naming it.
+    pub fn on_device(model: Model, strategy: SessionStrategy, device: TrainDevice) -> Result<Self> {
+        let config = SessionConfig {
+            device: device.kind(),
+            ..strategy.session_config(&CompileConfig::default(), None)
+        };
+        Self::with_config(model, strategy, config, device)
+    }
+
+    fn with_config(
+        model: Model,
+        strategy: SessionStrategy,
+        config: SessionConfig,
+        device: TrainDevice,
+    ) -> Result<Self> {
         let build = |graph: &Graph, stages: &[Layouts]| match model {
             Model::Gpt => gpt_loss(graph, stages),
             Model::Mlp => mlp_loss(graph, stages),
         };
-        let session =
-            StrategySession::new(&strategy, build, &CompileConfig::default(), job, false)?;
-        Ok(TrainRunner { session })
+        let session = StrategySession::with_config(&strategy, build, config)?;
+        Ok(TrainRunner { session, device })
     }
 
     /// One training step; returns the loss.
     pub fn step(&mut self) -> Result<f32> {
         self.session.step()
+    }
+
+    /// Where the session runs.
+    pub fn device(&self) -> TrainDevice {
+        self.device
     }
 }
 

@@ -253,11 +253,21 @@ impl StrategySession {
         job: Option<Arc<Job>>,
         trace: bool,
     ) -> Result<Self> {
+        let config = SessionConfig { trace, ..strategy.session_config(compile, job) };
+        Self::with_config(strategy, build, config)
+    }
+
+    /// [`StrategySession::new`] with the session configuration given whole, e.g. on GPUs:
+    /// `SessionConfig { device: DeviceKind::Cuda, ..strategy.session_config(..) }`.
+    pub fn with_config(
+        strategy: &SessionStrategy,
+        build: impl FnOnce(&Graph, &[Layouts]) -> Result<TrainingGraph>,
+        config: SessionConfig,
+    ) -> Result<Self> {
         let graph = Graph::new();
         let (loss, feeds) = build(&graph, &strategy.stages()?)?;
         let optimizer = Optimizer::AdamW(AdamW { weight_decay: 0.01, ..AdamW::new(1e-3) });
         let training = Training::new(&loss, optimizer, Schedule::Constant);
-        let config = SessionConfig { trace, ..strategy.session_config(compile, job) };
         let session = Session::new(&graph, &[&loss], Some(training), config)?;
         Ok(StrategySession { session, feeds })
     }
