@@ -14,13 +14,19 @@
 #   ops        every op on the GPU against the CPU backend in f32, bf16 and f16, and the caching
 #              allocator in steady state;
 #   session    GPT sessions trained 20 steps on the GPU and on the CPU, losses compared;
-#   nccl       NCCL with the one rank one GPU allows, and the abort of a failed job;
+#   nccl       NCCL with the one rank one GPU allows (every collective, host and device
+#              tensors), and the abort of a failed job;
+#   bench-comm `meshflow bench comm`: every collective nccl-tests style over the GPUs with NCCL
+#              (and over 2 device threads), #wrong must be 0 (bench.sh comm);
 #   example    the GPT example 20 steps with --device cuda and on the CPU (1e-3);
+#   bench-train `meshflow bench train --device cuda --strategies 1`: the GPT and MLP reference
+#              configs on GPU 0 against PyTorch eager on the GPU (bench.sh train);
 #   nvrtc      every generated kernel compiled by this machine's NVRTC for sm_90 and sm_80.
 # Usage: .gpu/run.sh [LOG_DIR]   (default $OUT, else /tmp). Exit status 0 only when every part
-# passed. Writes 4 files (the device tool brings back at most 8): LOG_DIR/gpu-check.log
+# passed. Writes 6 files (the device tool brings back at most 8): LOG_DIR/gpu-check.log
 # (everything, written as it runs), gpu-check.log.summary (the GPU-CHECK lines and the part
-# statuses), and the example's gpt-cuda.log and gpt-cpu.log.
+# statuses), the example's gpt-cuda.log and gpt-cpu.log, and the benches' bench-comm.json and
+# bench-train-cuda.json.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 log_dir=${1:-${OUT:-/tmp}}
@@ -73,7 +79,9 @@ part torch-gpt 90 python3 "$here/gpt_torch.py"
 part ops 120 "$here/bin/cuda_gpu" --nocapture --test-threads=1
 part session 120 "$here/bin/cuda_session" --nocapture --test-threads=1
 part nccl 60 "$here/bin/comm_lib" nccl:: --nocapture --test-threads=1
+part bench-comm 60 "$here/bench.sh" comm "$log_dir" "$threads"
 part example 120 "$here/gpt_example.sh" "$log_dir" "$threads"
+part bench-train 150 "$here/bench.sh" train "$log_dir" "$threads"
 part nvrtc 90 "$here/bin/cuda_kernels"
 
 echo "== summary after $SECONDS s" | tee -a "$log"
