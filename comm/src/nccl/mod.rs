@@ -246,19 +246,26 @@ pub use imp::NcclCommunicator;
 mod tests {
     use super::*;
 
+    /// GPU 0 when this machine has one and NCCL loads; otherwise `None`, after saying why (the
+    /// GPU tests then pass without running: CI has no GPU).
+    #[cfg(feature = "cuda")]
+    fn gpu_or_skip() -> Option<meshflow_ops::cuda::CudaDevice> {
+        match (nccl_available(), meshflow_ops::cuda::CudaDevice::new(0)) {
+            (Ok(()), Ok(device)) => Some(device),
+            (nccl, device) => {
+                eprintln!("skipped: {:?} / {:?}", nccl.err(), device.err());
+                None
+            }
+        }
+    }
+
     /// On a machine with a GPU and NCCL: one rank (all that one GPU allows) reduces host and
     /// device tensors; the sum over one rank is the tensor itself.
     #[cfg(feature = "cuda")]
     #[test]
     fn one_rank_all_reduce_on_a_gpu() {
-        use meshflow_ops::cuda::{to_host, CudaDevice};
-        let device = match (nccl_available(), CudaDevice::new(0)) {
-            (Ok(()), Ok(device)) => device,
-            (nccl, device) => {
-                eprintln!("skipped: {:?} / {:?}", nccl.err(), device.err());
-                return;
-            }
-        };
+        use meshflow_ops::cuda::to_host;
+        let Some(device) = gpu_or_skip() else { return };
         let id = NcclId::generate().expect("an id");
         let communicator =
             NcclCommunicator::init(0, &id, Rank(0), 1, NcclConfig::default()).expect("init");
@@ -280,14 +287,7 @@ mod tests {
     #[test]
     fn a_failed_job_aborts_the_communicator() {
         use crate::cluster::PeerFailure;
-        use meshflow_ops::cuda::CudaDevice;
-        let device = match (nccl_available(), CudaDevice::new(0)) {
-            (Ok(()), Ok(device)) => device,
-            (nccl, device) => {
-                eprintln!("skipped: {:?} / {:?}", nccl.err(), device.err());
-                return;
-            }
-        };
+        let Some(device) = gpu_or_skip() else { return };
         let (health, abort) = (Health::new(), NcclAbort::default());
         abort.watch(&health);
         let id = NcclId::generate().expect("an id");
@@ -311,14 +311,8 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn one_rank_runs_every_collective_on_a_gpu() {
-        use meshflow_ops::cuda::{to_host, CudaDevice};
-        let device = match (nccl_available(), CudaDevice::new(0)) {
-            (Ok(()), Ok(device)) => device,
-            (nccl, device) => {
-                eprintln!("skipped: {:?} / {:?}", nccl.err(), device.err());
-                return;
-            }
-        };
+        use meshflow_ops::cuda::to_host;
+        let Some(device) = gpu_or_skip() else { return };
         let id = NcclId::generate().expect("an id");
         let communicator =
             NcclCommunicator::init(0, &id, Rank(0), 1, NcclConfig::default()).expect("init");
