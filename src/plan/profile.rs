@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use meshflow_ops::{Context, OpRef, Tensor as HostTensor, TensorMeta};
 
+use super::strategies::upper_median;
 use crate::compile::actors::local_meta;
 use crate::compile::{Program, Slot, Step};
 use crate::Result;
@@ -214,6 +215,5 @@ fn time_kernel(
             kept.push_back(outputs);
         }
     }
-    times.sort_by(f64::total_cmp);
-    Some(times[times.len() / 2])
+    Some(upper_median(&times))
 }

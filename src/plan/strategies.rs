@@ -413,7 +413,7 @@ impl RunningSession {
 
 /// The middle of `values` (the upper one of an even count), which the calibration's step
 /// figures have always used; `values` is not empty.
-fn upper_median(values: &[f64]) -> f64 {
+pub(crate) fn upper_median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted[sorted.len() / 2]
