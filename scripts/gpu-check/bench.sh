@@ -12,7 +12,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 what=$1
 log_dir=$2
 threads=$3
-# pack.sh ships the binary gzipped: unpack it once per machine (an unpacked bin/meshflow wins).
+# pack.sh ships the binaries gzipped and run.sh unpacks them; run alone, bench.sh unpacks
+# meshflow once per machine itself (an unpacked bin/meshflow wins).
 meshflow=$here/bin/meshflow
 if [ ! -x "$meshflow" ]; then
   meshflow=${TMPDIR:-/tmp}/meshflow-gpu-check/meshflow

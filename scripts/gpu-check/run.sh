@@ -43,6 +43,12 @@ failed=()
 
 say() { echo "$*" | tee -a "$log" "$summary"; }
 
+# pack.sh ships the binaries gzipped (the pack must stay under 64 MiB): unpack them in place.
+for packed in "$here"/bin/*.gz; do
+  [ -e "$packed" ] || continue
+  gunzip -f "$packed" && chmod +x "${packed%.gz}" || say "GPU-CHECK unpack: cannot unpack $packed"
+done
+
 # part NAME LIMIT COMMAND...: runs COMMAND for at most LIMIT seconds (less if the budget is
 # nearly spent; skipped when under 10 s are left), its output appended to the log as it comes.
 part() {
