@@ -263,11 +263,12 @@ fn in_process_link(evict: usize) -> Result<Link> {
 }
 
 /// Batches of all-reduces whose least mean [`in_process_link`] takes. One batch's mean carries
-/// any preemption of a member during it, and on the shared 2-core host that was most batches:
-/// the means of five batches of 200 one-element all-reduces ranged 4.3–170 µs within one run,
-/// and one batch per run (as before) measured 2.6 to 52.6 µs per hop in six calibrations in a
-/// row; the runs at 39.8 and 52.6 µs priced DP2×TP2's collectives into a +26.6% and a +44.3%
-/// error (session 9). The least of five was 4.3–6.7 µs in six runs.
+/// any preemption of a member during it, and on the shared 2-core host that was many batches:
+/// of five batches of 200 one-element all-reduces in each of six runs, 13 of the 30 means were
+/// above 10 µs (4.8–170.5 µs within one run), and one batch per run (as before) measured 2.6 to
+/// 52.6 µs per hop in six calibrations in a row; the runs at 39.8 and 52.6 µs priced DP2×TP2's
+/// collectives into a +26.6% and a +44.3% error (session 9). The least of five was 4.3–6.7 µs
+/// in those six runs.
 const LINK_BATCHES: usize = 5;
 
 fn in_process_all_reduce(elements: usize, rounds: u32) -> Result<f64> {
