@@ -164,8 +164,7 @@ impl<T> Shared<T> {
 }
 
 /// `task` split into one single-threaded product per thread along an output axis (rows or
-/// columns of `y`, in multiples of 16), the one that leaves each thread less to pack
-/// ([`split_by_columns`]). The threads meet once, at the end; `gemm`'s own threading splits
+/// columns of `y`, in multiples of 16), chosen by [`split_by_columns`]. The threads meet once, at the end; `gemm`'s own threading splits
 /// the work again for every block of the contraction, packing in parallel first, and so made
 /// the threads meet twice per block (MLP step, A/B in one binary: 16.3 -> 13.1 ms and
 /// 13.7 -> 12.3 ms).
@@ -196,23 +195,32 @@ fn split_call<T: Copy + One + Send + Sync + 'static>(
     (0..parts).into_par_iter().for_each(one);
 }
 
-/// True when `task` is better split by columns of `y` than by rows: the split whose threads
-/// each pack less. `gemm` computes a row-major `y` as `yᵀ = bᵀ·aᵀ` and packs all of the part
-/// of `b` a thread gets, but reads `a` in place unless its rows are strided (`a` transposed,
-/// as in a weight gradient `gᵀ·x`). Split by rows, each thread packs all of `b` and half of
-/// a strided `a`; by columns, half of `b` and all of a strided `a`. So columns, unless `a` is
-/// packed and taller than `b` is wide. (The forward `x·Wᵀ` of a GPT's `[1024, 256]` tokens
-/// against `c_attn`'s `[768, 256]` weight was split by rows, and both threads packed all of
-/// `W`, transposed: GPT step, packing 0.167-0.194 -> 0.143-0.161 of the microkernel's time.)
+/// True when `task` is better split by columns of `y` than by rows. `gemm` computes a row-major
+/// `y` as `yᵀ = bᵀ·aᵀ`: it packs the part of `b` a thread gets into panels of 64 columns of `y`
+/// and reads each thread's rows of `a` in place, once per panel, unless `a`'s rows are strided
+/// (`a` transposed, as in a weight gradient `gᵀ·x`): then it packs all of the part of `a` it
+/// gets, too.
+/// - `a` read in place: by columns only when each thread still gets [`WIDE_PIECE`] columns. A
+///   narrower piece reads its rows of `a` for too few panels: the GPT's `[1024, 256]` outputs
+///   (`g·W` of c_fc, x·Wᵀ of c_proj) took 0.5-0.7 ms more per 4 calls split by columns than by
+///   rows, and the `[1024, 1024]` ones were level either way (step, per shape, two runs each).
+/// - `a` packed: along the longer side of `y`. Split by columns each thread packs all of the
+///   strided `a`, by rows half of it (c_fc's `gᵀ·x`, `y [1024, 256]`: 11.7 ms per 4 calls by
+///   columns, 8.9 by rows).
+///
 /// An axis too short to give each of the `threads` 16 lines, when the other is longer, would
 /// leave threads idle (an MLP's 10 logits): then the other axis.
 fn split_by_columns(task: &Task, threads: usize) -> bool {
     let a_packed = task.a.1 != 1;
-    let columns_first = !a_packed || task.n >= task.m;
+    let columns_first = if a_packed { task.n >= task.m } else { task.n >= WIDE_PIECE * threads };
     let (first, second) = if columns_first { (task.n, task.m) } else { (task.m, task.n) };
     let keep_first = first >= 16 * threads || first >= second;
     columns_first == keep_first
 }
+
+/// The fewest columns of `y` a thread's piece keeps when products with `a` read in place are
+/// split by columns ([`split_by_columns`]).
+const WIDE_PIECE: usize = 384;
 
 /// # Safety
 /// `a`, `b` and `y` must hold every element the strides of `task` reach.
@@ -280,7 +288,7 @@ mod tests {
     }
 
     #[test]
-    fn products_split_so_that_each_thread_packs_less() {
+    fn products_split_along_the_axis_measured_faster() {
         let task = |m, n, a_column_stride| Task {
             m,
             n,
@@ -290,13 +298,17 @@ mod tests {
             y_rs: n,
             accumulate: false,
         };
-        // x·Wᵀ and g·W read a in place: halve the packed b whatever the shape...
-        assert!(split_by_columns(&task(1024, 256, 1), 2));
-        // ... unless y is too narrow to give each thread 16 columns.
+        // x·Wᵀ and g·W read a in place: split by columns while each thread keeps 384...
+        assert!(split_by_columns(&task(1024, 768, 1), 2));
+        assert!(!split_by_columns(&task(1024, 512, 1), 2));
+        assert!(!split_by_columns(&task(1024, 256, 1), 2));
+        assert!(split_by_columns(&task(1024, 1536, 1), 4));
+        // ... and by columns when the rows are too few for 16 per thread.
+        assert!(split_by_columns(&task(20, 256, 1), 2));
+        // Too few columns for 16 per thread: by rows.
         assert!(!split_by_columns(&task(256, 10, 1), 2));
-        assert!(split_by_columns(&task(256, 48, 1), 2));
         assert!(!split_by_columns(&task(256, 48, 1), 4));
-        // gᵀ·x packs a strided a: split along the longer side of y.
+        // gᵀ·x packs a strided a: along the longer side of y.
         assert!(!split_by_columns(&task(768, 256, 768), 2));
         assert!(split_by_columns(&task(256, 1024, 256), 2));
     }
