@@ -6,7 +6,7 @@ use meshflow::bench::comm::{elements, in_process};
 use meshflow::bench::report::{
     compare, CommFigure, Figure, Machine, Report, TorchFigure, TrainFigure,
 };
-use meshflow::bench::table::{goal, goal_on, torch_ratio};
+use meshflow::bench::table::{self, goal, goal_on, torch_ratio};
 use meshflow::bench::train::{Model, StepTimes, TrainDevice};
 use meshflow::bench::{plot, torch};
 use meshflow::plan::strategies::SessionStrategy as Strategy;
@@ -34,6 +34,7 @@ fn row(collective: Collective, bytes: usize, busbw: f64) -> CommFigure {
         algbw: busbw / collective.bus_factor(4),
         busbw,
         wrong: 0,
+        shared: false,
     }
 }
 
@@ -226,5 +227,25 @@ fn every_collective_passes_its_closed_form_check_on_device_threads() {
         assert!(
             row.seconds > 0.0 && (row.busbw - row.algbw * collective.bus_factor(4)).abs() < 1e-9
         );
+        // Only the broadcast hands every member the root's own buffer; the others produce
+        // buffers of their own and report a bandwidth.
+        let shares = collective == Collective::Broadcast;
+        assert_eq!(row.shared, shares, "{collective:?}");
+        assert_eq!(row.busbw > 0.0, !shares, "{collective:?}: {}", row.busbw);
     }
+}
+
+#[test]
+fn a_collective_that_moved_nothing_has_no_bandwidth_in_the_table_or_the_metrics() {
+    let moved = row(Collective::AllReduce, 1 << 10, 2.0);
+    let shared = row(Collective::Broadcast, 1 << 10, 45_601.0).moving_nothing();
+    assert_eq!((shared.algbw, shared.busbw, shared.shared), (0.0, 0.0, true));
+    let text = table::comm(&[moved.clone(), shared.clone()], 10.0);
+    let broadcast = text.lines().skip_while(|l| !l.contains("broadcast")).nth(2).expect("a row");
+    assert_eq!(broadcast.split_whitespace().filter(|w| *w == "shared").count(), 2, "{broadcast}");
+    assert!(text.contains("no bytes moved"), "{text}");
+    let report = Report { comm: vec![moved, shared], ..sample(100.0, 2.0, 3.0) };
+    let keys: Vec<String> = report.metrics().into_iter().map(|m| m.key).collect();
+    assert!(keys.iter().any(|k| k.contains("all_reduce")), "{keys:?}");
+    assert!(!keys.iter().any(|k| k.contains("broadcast")), "{keys:?}");
 }

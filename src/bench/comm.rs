@@ -30,15 +30,27 @@ pub fn elements(bytes: usize, ranks: usize) -> usize {
     ((bytes / 4) / ranks * ranks).max(ranks)
 }
 
+/// What one member measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MemberRun {
+    /// Mean seconds per call.
+    pub seconds: f64,
+    /// Output elements that differ from the closed form.
+    pub wrong: usize,
+    /// The addresses of its input's and its output's buffers (`None`: no output), which tell a
+    /// collective that moved no bytes ([`moved_nothing`]).
+    pub buffers: (usize, Option<usize>),
+}
+
 /// Runs `collective` on `count` f32 elements `iterations` times after the warm-ups of
-/// [`crate::comm::table::time`]; returns the mean seconds per call and the output elements that
-/// differ from the closed form.
+/// [`crate::comm::table::time`]; returns the mean seconds per call, the output elements that
+/// differ from the closed form and where the buffers were.
 pub fn run_collective(
     member: &mut dyn Communicator,
     collective: Collective,
     count: usize,
     iterations: usize,
-) -> Result<(f64, usize), BenchError> {
+) -> Result<MemberRun, BenchError> {
     let (i, n) = (member.group_index(), member.group_size());
     let input = input(collective, i, n, count)?;
     let mut output = Ok(None);
@@ -48,7 +60,20 @@ pub fn run_collective(
         }
     });
     let output = output?;
-    Ok((timing.seconds, wrong(collective, i, n, count, output.as_ref())?))
+    let address = |tensor: &Tensor| Arc::as_ptr(tensor.storage()) as usize;
+    Ok(MemberRun {
+        seconds: timing.seconds,
+        wrong: wrong(collective, i, n, count, output.as_ref())?,
+        buffers: (address(&input), output.as_ref().map(address)),
+    })
+}
+
+/// True when every member's output is member 0's input buffer: in one process a broadcast
+/// hands the root's tensor to every member (tensors are immutable, so sharing it is a correct
+/// broadcast), and such a call moves no bytes, so it has no bandwidth to report.
+pub fn moved_nothing(runs: &[MemberRun]) -> bool {
+    let Some(root) = runs.first().map(|run| run.buffers.0) else { return false };
+    runs.len() > 1 && runs.iter().all(|run| run.buffers.1 == Some(root))
 }
 
 /// Member `i`'s input: all-to-all chunk `j` holds `i·n + j`, broadcast's root holds 7 (the
@@ -132,12 +157,14 @@ pub fn in_process(
             thread::spawn(move || run_collective(&mut member, collective, count, calls))
         })
         .collect();
-    let mut results = Vec::new();
+    let mut runs = Vec::new();
     for handle in handles {
-        let result = handle.join().map_err(|_| BenchError::Panic("a device thread".into()))?;
-        results.push(result?);
+        let run = handle.join().map_err(|_| BenchError::Panic("a device thread".into()))?;
+        runs.push(run?);
     }
-    Ok(figure("in-process", collective, ranks, count * 4, &results))
+    let results: Vec<(f64, usize)> = runs.iter().map(|run| (run.seconds, run.wrong)).collect();
+    let row = figure("in-process", collective, ranks, count * 4, &results);
+    Ok(if moved_nothing(&runs) { row.moving_nothing() } else { row })
 }
 
 /// The row of `collective` over `ranks` members from each member's (seconds, #wrong): the
@@ -159,6 +186,7 @@ pub(super) fn figure(
         algbw: algorithm_bandwidth(bytes, seconds),
         busbw: bus_bandwidth(collective, ranks, bytes, seconds),
         wrong: results.iter().map(|r| r.1).sum(),
+        shared: false,
     }
 }
 
@@ -200,7 +228,7 @@ pub fn measure_processes(
             tick(&format!("{} {bytes} B over {ranks} processes", collective.name()));
             let count = elements(bytes, ranks);
             let key = format!("bench/{}/{bytes}", collective.name());
-            let (seconds, wrong) =
+            let MemberRun { seconds, wrong, .. } =
                 run_collective(&mut group, collective, count, iterations(bytes))?;
             job.set(&format!("{key}/{rank}"), format!("{seconds} {wrong}").as_bytes())?;
             if rank == 0 {

@@ -112,14 +112,16 @@ fn scaling(report: &Report, area: &Area<'_>) -> Result<(), BenchError> {
 }
 
 fn busbw(report: &Report, area: &Area<'_>) -> Result<(), BenchError> {
-    if report.comm.is_empty() {
+    // Rows that moved no bytes (a broadcast sharing the root's buffer) have no bandwidth.
+    let rows: Vec<_> = report.comm.iter().filter(|r| !r.shared).collect();
+    if rows.is_empty() {
         return empty(area, "comm: not measured");
     }
-    let sizes: Vec<f64> = report.comm.iter().map(|r| (r.bytes.max(1) as f64).log2()).collect();
+    let sizes: Vec<f64> = rows.iter().map(|r| (r.bytes.max(1) as f64).log2()).collect();
     let (low, high) = sizes.iter().fold((f64::INFINITY, 0.0f64), |(l, h), &s| (l.min(s), h.max(s)));
-    let top = report.comm.iter().map(|r| r.busbw).fold(0.0, f64::max) * 1.1;
-    let transport = &report.comm[0].transport;
-    let ranks = report.comm[0].ranks;
+    let top = rows.iter().map(|r| r.busbw).fold(0.0, f64::max) * 1.1;
+    let transport = &rows[0].transport;
+    let ranks = rows[0].ranks;
     let mut chart = ChartBuilder::on(area)
         .caption(format!("busbw, {ranks} ranks ({transport})"), ("sans-serif", 18))
         .margin(12)
@@ -135,12 +137,11 @@ fn busbw(report: &Report, area: &Area<'_>) -> Result<(), BenchError> {
         .y_desc("busbw (GB/s)")
         .draw()
         .map_err(plot_error)?;
-    let mut collectives: Vec<_> = report.comm.iter().map(|r| r.collective).collect();
+    let mut collectives: Vec<_> = rows.iter().map(|r| r.collective).collect();
     collectives.dedup();
     for (index, collective) in collectives.into_iter().enumerate() {
         let color = PALETTE[index % PALETTE.len()];
-        let points: Vec<(f64, f64)> = report
-            .comm
+        let points: Vec<(f64, f64)> = rows
             .iter()
             .filter(|r| r.collective == collective)
             .map(|r| ((r.bytes.max(1) as f64).log2(), r.busbw))

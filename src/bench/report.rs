@@ -172,6 +172,17 @@ pub struct CommFigure {
     pub busbw: f64,
     /// Output elements that differ from the closed form, summed over members.
     pub wrong: usize,
+    /// Every member's output was the root's input buffer ([`super::comm::moved_nothing`]): no
+    /// bytes moved, `algbw` and `busbw` are 0 and the row has no bandwidth to compare or plot.
+    #[serde(default)]
+    pub shared: bool,
+}
+
+impl CommFigure {
+    /// The row as one that moved no bytes ([`CommFigure::shared`]).
+    pub fn moving_nothing(self) -> Self {
+        CommFigure { algbw: 0.0, busbw: 0.0, shared: true, ..self }
+    }
 }
 
 /// One comparable number of a run.
@@ -244,7 +255,7 @@ impl Report {
                 out.push(metric(key, f.value, &f.unit, f.higher_is_better));
             }
         }
-        for f in &self.comm {
+        for f in self.comm.iter().filter(|f| !f.shared) {
             let key = format!(
                 "comm/{}/{}/{}ranks/{}B",
                 f.transport,

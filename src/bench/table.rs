@@ -226,17 +226,28 @@ pub fn comm(rows: &[CommFigure], memcpy: f64) -> String {
             );
             previous = Some(block);
         }
+        let bandwidth = |value: f64| match r.shared {
+            true => "shared".to_string(),
+            false => format!("{value:.3}"),
+        };
         let _ = writeln!(
             out,
-            " {:>12} {:>12} {:>6} {:>6} {:>12.1} {:>12.3} {:>12.3} {:>7}",
+            " {:>12} {:>12} {:>6} {:>6} {:>12.1} {:>12} {:>12} {:>7}",
             r.bytes,
             r.bytes / 4,
             "float",
             "sum",
             r.seconds * 1e6,
-            r.algbw,
-            r.busbw,
+            bandwidth(r.algbw),
+            bandwidth(r.busbw),
             r.wrong
+        );
+    }
+    if rows.iter().any(|r| r.shared) {
+        let _ = writeln!(
+            out,
+            "# shared: every member got the root's buffer itself (one process, immutable tensors): \
+             no bytes moved, no bandwidth"
         );
     }
     let _ = writeln!(out, "# reference: memcpy {memcpy:.3} GB/s (read + write, one thread)");
