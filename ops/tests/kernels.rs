@@ -26,6 +26,8 @@ fn parallel_kernels_equal_serial_kernels() {
     let big = |seed| Tensor::randn([96, 1024], 0.0, 1.0, DType::F32, seed).unwrap();
     let (x, y) = (big(1), big(2));
     let row = Tensor::randn([1024], 0.0, 1.0, DType::F32, 3).unwrap();
+    // Rows wider than a column reduction folds by row blocks: it goes by column ranges.
+    let wide = Tensor::randn([3, 20_000], 0.0, 1.0, DType::F32, 5).unwrap();
     let mask =
         Tensor::randn([96, 1], 0.0, 1.0, DType::F32, 4).unwrap().to_dtype(DType::Bool).unwrap();
     let cases: Vec<(OpRef, Vec<Tensor>)> = vec![
@@ -34,6 +36,8 @@ fn parallel_kernels_equal_serial_kernels() {
         (Arc::new(Unary(Gelu { tanh: false })), vec![x.clone()]),
         (Arc::new(Sum { axes: vec![1], keepdim: false }), vec![x.clone()]),
         (Arc::new(Sum { axes: vec![0], keepdim: true }), vec![x.clone()]),
+        (Arc::new(Sum { axes: vec![0], keepdim: false }), vec![wide]),
+        (Arc::new(Max { axes: vec![0], keepdim: false }), vec![x.clone()]),
         (Arc::new(Mean { axes: vec![], keepdim: false }), vec![x.clone()]),
         (Arc::new(Max { axes: vec![1], keepdim: false }), vec![x.clone()]),
         (Arc::new(Permute { perm: vec![1, 0] }), vec![x.clone()]),

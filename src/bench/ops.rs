@@ -213,6 +213,8 @@ fn gpt_kernels() -> Result<Vec<Kernel>, BenchError> {
         Kernel::new("gpt/causal_attention", attention, vec![qkv.clone()]),
         Kernel::new("gpt/causal_attention_grad", attention_grad, vec![qkv, y, lse, dy]),
         Kernel::new("gpt/gelu", Unary(gelu.clone()), vec![hidden.clone()]),
+        // c_fc's bias gradient: the gradient of its 1024 tokens summed over them.
+        Kernel::new("gpt/sum_rows", Sum { axes: vec![0], keepdim: false }, vec![hidden.clone()]),
         Kernel::new("gpt/gelu_grad", GradOf(gelu), vec![hidden.clone(), hidden]),
         Kernel::new("gpt/softmax", Softmax, vec![scores.clone()]),
         Kernel::new("gpt/softmax_grad", RowGrad(Softmax), vec![scores.clone(), scores]),
