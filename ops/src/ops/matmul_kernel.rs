@@ -201,9 +201,10 @@ fn split_call<T: Copy + One + Send + Sync + 'static>(
 /// (`a` transposed, as in a weight gradient `gᵀ·x`): then it packs all of the part of `a` it
 /// gets, too.
 /// - `a` read in place: by columns only when each thread still gets [`WIDE_PIECE`] columns. A
-///   narrower piece reads its rows of `a` for too few panels: the GPT's `[1024, 256]` outputs
-///   (`g·W` of c_fc, x·Wᵀ of c_proj) took 0.5-0.7 ms more per 4 calls split by columns than by
-///   rows, and the `[1024, 1024]` ones were level either way (step, per shape, two runs each).
+///   narrower piece reads its rows of `a` for too few panels: in the GPT step (per shape, two
+///   runs each), `g·W` of c_fc and of c_attn (`y [1024, 256]`) took 0.5-0.7 ms more per 4 calls
+///   split by columns than by rows, the attention projection's `[1024, 256]` products 0.45 ms
+///   more per 8; the `[1024, 1024]` outputs and c_proj's `x·Wᵀ` were level either way.
 /// - `a` packed: along the longer side of `y`. Split by columns each thread packs all of the
 ///   strided `a`, by rows half of it (c_fc's `gᵀ·x`, `y [1024, 256]`: 11.7 ms per 4 calls by
 ///   columns, 8.9 by rows).
