@@ -226,10 +226,8 @@ pub fn comm(rows: &[CommFigure], memcpy: f64) -> String {
             );
             previous = Some(block);
         }
-        let bandwidth = |value: f64| match r.shared {
-            true => "shared".to_string(),
-            false => format!("{value:.3}"),
-        };
+        let bandwidth =
+            |value: f64| if r.shared { "shared".to_string() } else { format!("{value:.3}") };
         let _ = writeln!(
             out,
             " {:>12} {:>12} {:>6} {:>6} {:>12.1} {:>12} {:>12} {:>7}",

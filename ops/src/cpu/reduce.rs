@@ -99,6 +99,8 @@ fn reduce_one<I: Copy + Sync, A: Float + Send + Sync>(
         });
         return out;
     }
+    // Fewer outer groups than row blocks: too few to spread over the threads by group. The
+    // threshold is a constant, not the thread count, so that the order of the sums is too.
     if outer < ROW_BLOCKS {
         return reduce_columns(ctx, src, (outer, size, inner), widen, start, combine);
     }

@@ -164,10 +164,10 @@ impl<T> Shared<T> {
 }
 
 /// `task` split into one single-threaded product per thread along an output axis (rows or
-/// columns of `y`, in multiples of 16), chosen by [`split_by_columns`]. The threads meet once, at the end; `gemm`'s own threading splits
-/// the work again for every block of the contraction, packing in parallel first, and so made
-/// the threads meet twice per block (MLP step, A/B in one binary: 16.3 -> 13.1 ms and
-/// 13.7 -> 12.3 ms).
+/// columns of `y`, in multiples of 16), chosen by [`split_by_columns`]. The threads meet once,
+/// at the end; `gemm`'s own threading splits the work again for every block of the
+/// contraction, packing in parallel first, and so made the threads meet twice per block (MLP
+/// step, A/B in one binary: 16.3 -> 13.1 ms and 13.7 -> 12.3 ms).
 fn split_call<T: Copy + One + Send + Sync + 'static>(
     threads: usize,
     task: Task,
