@@ -509,3 +509,41 @@ fn session_data_pipeline_step_is_the_same_pruned_full_and_on_cores() {
         "full {whole} s, pruned to {kept} ranks {pruned} s, on 4 cores {on_cores} s"
     );
 }
+
+/// The roofline on one device: a product's FLOPs at the matrix roof, an element-wise op's at
+/// the vector roof (or its bytes at the memory roof), and a reshape, a view of its input's
+/// buffer, at the per-kernel overhead alone.
+#[test]
+fn roofline_prices_products_element_wise_ops_and_views_apart() {
+    let one = Placement::line(DeviceType::Cpu, 1).unwrap();
+    let graph = Graph::new();
+    let x = graph.input("x", [64, 32], DType::F32, &one, None).unwrap();
+    let w = graph.input("w", [32, 16], DType::F32, &one, None).unwrap();
+    let y = x.reshape([32, 64]).unwrap().reshape([64, 32]).unwrap().matmul(&w).unwrap();
+    let z = y.mul_scalar(2.0).unwrap();
+    let requests = [Request { value: z.value(), layout: None }];
+    let program = compile(&graph.snapshot(), &requests, &CompileConfig::default()).unwrap();
+    let lowered = lower_to_actors(&program, &ActorConfig::default()).unwrap();
+    let mut cluster = cluster(1, 0.0, 1e30);
+    cluster.device.kernel_overhead = 1e-6;
+    (cluster.device.peak_flops, cluster.device.matmul_efficiency) = (1e9, 0.5);
+    (cluster.device.vector_flops, cluster.device.memory_bandwidth) = (1e6, 1e12);
+    let costs = ActCosts::new(&program, &lowered, &cluster);
+    let mut priced: Vec<(&str, u64)> = Vec::new();
+    for (spec, &ns) in lowered.plan.actors.iter().zip(&costs.durations) {
+        if let Work::Step { step } = spec.payload.work {
+            if let Step::Kernel { ops, .. } = &program.steps[step] {
+                priced.push((ops[0].name(), ns));
+            }
+        }
+    }
+    let product = 2 * 64 * 32 * 16; // FLOPs, at 0.5 GFLOP/s
+    let scale = 64 * 16; // one FLOP per element, at 1 MFLOP/s
+    let expected = vec![
+        ("reshape", 1_000),
+        ("reshape", 1_000),
+        ("matmul", 1_000 + product * 2),
+        ("mul_scalar", 1_000 + scale * 1_000),
+    ];
+    assert_eq!(priced, expected);
+}

@@ -82,6 +82,20 @@ pub trait Op: std::any::Any + fmt::Debug + Send + Sync {
         0
     }
 
+    /// Of [`Op::flops`], those of matrix products: the work a GEMM unit (tensor cores, a CPU's
+    /// blocked FMA kernels) does at its own roof, which the cost model prices at the matrix
+    /// roof and the rest at the vector roof. The default, 0, is right for element-wise ops and
+    /// reductions; a product is all matrix work, a fused attention mostly.
+    fn matrix_flops(&self, _inputs: &[TensorMeta]) -> u64 {
+        0
+    }
+
+    /// True when the output is a new view of the input's buffer (a reshape): running the op
+    /// moves no bytes, and the cost model prices it at the per-kernel overhead alone.
+    fn is_view(&self) -> bool {
+        false
+    }
+
     /// The placement the outputs live on when the op moves values between placements
     /// (`to_placement`); `None`, the default: on the inputs' (common) placement.
     fn output_placement(&self) -> Option<&Placement> {

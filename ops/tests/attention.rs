@@ -274,6 +274,16 @@ fn flops_count_the_causal_blocks() {
     assert_eq!(flops, 2 * 4 * (4 * 16 * 3072 + 5 * 2080));
     let full = 2 * 4 * 2 * (2 * 16 * 64 * 64);
     assert!(flops < full, "causal work {flops} below the full products {full}");
+    // Of which the two products run at the matrix roof, the softmax at the vector roof.
+    let matrix = CausalAttention { scale: 0.25 }.matrix_flops(std::slice::from_ref(&meta));
+    assert_eq!(matrix, 2 * 4 * 4 * 16 * 3072);
+    // The gradient: five products, then p, ds and one dot product per row on the vector roof.
+    let y = TensorMeta::new([2, 64, 4, 16], DType::F32);
+    let lse = TensorMeta::new([2, 4, 64], DType::F32);
+    let grad_inputs = [meta, y.clone(), lse, y];
+    let grad = CausalAttentionGrad { scale: 0.25 };
+    assert_eq!(grad.matrix_flops(&grad_inputs), 2 * 4 * 10 * 16 * 3072);
+    assert_eq!(grad.flops(&grad_inputs), 2 * 4 * (10 * 16 * 3072 + 5 * 2080 + 64 * 2 * 16));
 }
 
 proptest! {

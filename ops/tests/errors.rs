@@ -159,6 +159,7 @@ fn no_op_panics_on_missing_inputs() {
     ];
     for op in ops {
         assert_eq!(op.flops(&[]), 0, "{}", op.name());
+        assert_eq!(op.matrix_flops(&[]), 0, "{}", op.name());
         let signatures = op.signatures(&[]);
         assert!(signatures.iter().all(|s| s.inputs.is_empty() || s.outputs.len() == 1));
         let result = op.forward(&Context::single_thread(), &[]);

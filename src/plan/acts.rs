@@ -129,6 +129,8 @@ pub struct KernelSums {
     pub measured: f64,
     /// Seconds the cost model priced them at.
     pub priced: f64,
+    /// Seconds the roofline (no profile) priced them at.
+    pub roofline: f64,
     /// Seconds of their profiled warm and cold calls.
     pub warm: f64,
     /// See `warm`.
@@ -138,13 +140,14 @@ pub struct KernelSums {
 }
 
 /// The busiest rank's compute acts (most measured seconds) of a session's plan `lowered`,
-/// summed per op name and phase, and its boxing acts per kind (their waiting included): measured (`seconds`, per actor, from [`actor_medians`]),
-/// priced (`costs`), and the profile's warm and cold times. Where a prediction's kernels are
-/// wrong, this says which. Returns the rank and its lines.
+/// summed per op name and phase, and its boxing acts per kind (their waiting included):
+/// measured (`seconds`, per actor, from [`actor_medians`]), priced (`costs`: profiled, and
+/// `roofline`), and the profile's warm and cold times. Where a prediction's kernels are wrong,
+/// this says which. Returns the rank and its lines.
 pub fn kernel_table(
     program: &Program,
     lowered: &ActorProgram,
-    costs: &ActCosts,
+    (costs, roofline): (&ActCosts, &ActCosts),
     profile: &KernelProfile,
     cache_bytes: f64,
     seconds: &[Option<f64>],
@@ -195,6 +198,7 @@ pub fn kernel_table(
         line.acts += 1;
         line.measured += seconds.get(id).copied().flatten().unwrap_or(0.0);
         line.priced += costs.durations.get(id).copied().unwrap_or(0) as f64 / 1e9;
+        line.roofline += roofline.durations.get(id).copied().unwrap_or(0) as f64 / 1e9;
         line.warm += times.map_or(0.0, |t| t.warm);
         line.cold += times.map_or(0.0, |t| t.cold);
         line.cold_fraction += cold.get(id).copied().unwrap_or(1.0);
@@ -206,17 +210,19 @@ pub fn kernel_table(
 pub fn format_kernel_table(rank: usize, lines: &BTreeMap<String, KernelSums>) -> String {
     let line = |name: &str, sums: &KernelSums| {
         format!(
-            "{name} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2}\n",
+            "{name} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2}\n",
             sums.acts,
             sums.measured * 1e3,
             sums.priced * 1e3,
+            sums.roofline * 1e3,
             sums.warm * 1e3,
             sums.cold * 1e3,
             sums.cold_fraction / sums.acts.max(1) as f64
         )
     };
     let mut text = format!(
-        "rank {rank}: op phase | acts | measured ms | priced ms | warm ms | cold ms | mean cold\n"
+        "rank {rank}: op phase | acts | measured ms | priced ms | roofline ms | warm ms | cold ms \
+         | mean cold\n"
     );
     let (mut total, mut boxing) = (KernelSums::default(), KernelSums::default());
     for (name, sums) in lines {
@@ -225,6 +231,7 @@ pub fn format_kernel_table(rank: usize, lines: &BTreeMap<String, KernelSums>) ->
         sum.acts += sums.acts;
         sum.measured += sums.measured;
         sum.priced += sums.priced;
+        sum.roofline += sums.roofline;
         sum.warm += sums.warm;
         sum.cold += sums.cold;
         sum.cold_fraction += sums.cold_fraction;

@@ -187,9 +187,16 @@ pub fn predict_row(
     if std::env::var_os(KERNELS_VARIABLE).is_some() {
         let lowered = ran.session.actors();
         let costs = ActCosts::with_kernels(program, lowered, cluster, Some((&profile, 1.0)));
+        let roofline = ActCosts::new(program, lowered, cluster);
         let cache = cluster.device.cache_bytes;
-        let (rank, lines) =
-            kernel_table(program, lowered, &costs, &profile, cache, &ran.actor_seconds);
+        let (rank, lines) = kernel_table(
+            program,
+            lowered,
+            (&costs, &roofline),
+            &profile,
+            cache,
+            &ran.actor_seconds,
+        );
         let span = ran.acts.map_or(0.0, |acts| acts.span);
         eprintln!(
             "{strategy}: step {:.3} ms, span of its acts {:.3} ms\n{}",

@@ -119,12 +119,14 @@ impl DeviceSpec {
         }
     }
 
-    /// Seconds of an act that does `flops` and moves `bytes` (f32 counts): the roofline.
-    pub fn kernel_seconds(&self, flops: u64, bytes: u64, matmul: bool) -> f64 {
+    /// Seconds of an act that does `flops` of which `matrix` are matrix products
+    /// ([`meshflow_ops::Op::matrix_flops`]) and moves `bytes` (f32 counts): the roofline, with
+    /// the products at the matrix roof and the rest at the vector roof.
+    pub fn kernel_seconds(&self, flops: u64, matrix: u64, bytes: u64) -> f64 {
         let scale = self.element_bytes / 4.0;
-        let roof =
-            if matmul { self.peak_flops * self.matmul_efficiency } else { self.vector_flops };
-        let compute = flops as f64 / roof;
+        let matrix = matrix.min(flops);
+        let compute = matrix as f64 / (self.peak_flops * self.matmul_efficiency)
+            + (flops - matrix) as f64 / self.vector_flops;
         let memory = bytes as f64 * scale / self.memory_bandwidth;
         self.kernel_overhead + compute.max(memory)
     }
@@ -293,6 +295,29 @@ mod tests {
         assert_eq!(cluster.inter.bandwidth, 50e9);
         assert_eq!(cluster.link(&[0, 7]), cluster.intra);
         assert_eq!(cluster.link(&[7, 8]), cluster.inter);
+    }
+
+    #[test]
+    fn roofline_prices_products_at_the_matrix_roof_and_the_rest_at_the_vector_roof() {
+        let device = DeviceSpec {
+            peak_flops: 100.0,
+            matmul_efficiency: 0.5,
+            vector_flops: 10.0,
+            memory_bandwidth: 4.0,
+            kernel_overhead: 1.0,
+            element_bytes: 4.0,
+            ..DeviceSpec::cpu()
+        };
+        // 100 matrix FLOPs at 50/s, 20 others at 10/s: 4 s of compute against 2 s of bytes.
+        assert_eq!(device.kernel_seconds(120, 100, 8), 1.0 + 2.0 + 2.0);
+        // An element-wise op: all at the vector roof, or the memory roof when that is slower.
+        assert_eq!(device.kernel_seconds(20, 0, 8), 1.0 + 2.0);
+        assert_eq!(device.kernel_seconds(20, 0, 40), 1.0 + 10.0);
+        // Matrix FLOPs beyond the op's FLOPs are a broken op, not negative vector work.
+        assert_eq!(device.kernel_seconds(100, 500, 0), 1.0 + 2.0);
+        // 16-bit elements move half the bytes of the f32 counts.
+        let half = DeviceSpec { element_bytes: 2.0, ..device };
+        assert_eq!(half.kernel_seconds(0, 0, 40), 1.0 + 5.0);
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! The cost model: how long each actor of a lowered program acts on a described cluster.
 //!
-//! - A kernel: the roofline of its per-rank op, `overhead + max(flops / roof, bytes / memory
-//!   bandwidth)`, with the matrix roof for matrix products and the vector roof otherwise; FLOPs
-//!   are `Op::flops` of the localized op on the rank's local shapes, bytes its local inputs and
-//!   outputs.
+//! - A kernel: the roofline of its per-rank op, `overhead + max(compute, bytes / memory
+//!   bandwidth)`, where compute prices the op's matrix-product FLOPs (`Op::matrix_flops`: all
+//!   of a product's, most of a fused attention's) at the matrix roof and the rest of
+//!   `Op::flops` at the vector roof, both of the localized op on the rank's local shapes; bytes
+//!   are its local inputs and outputs. A view (`Op::is_view`: a reshape) costs the overhead
+//!   alone.
 //! - A boxing step: per communicating step of its plan, the α–β time of the ring algorithm over
 //!   the link its group uses (inside a node or across nodes): `hops · α + bytes_per_rank / β`,
 //!   with `2(p−1)` hops for an all-reduce, `p−1` for a reduce-scatter, all-gather or
@@ -228,10 +230,13 @@ fn act_seconds(
                 if let Some(seconds) = measured {
                     return cluster.device.kernel_overhead + seconds;
                 }
-                let flops = ops[index].flops(&metas);
+                let op = &ops[index];
+                if op.is_view() {
+                    return cluster.device.kernel_overhead;
+                }
+                let (flops, matrix) = (op.flops(&metas), op.matrix_flops(&metas));
                 let bytes = slot_bytes(program, inputs, rank) + slot_bytes(program, outputs, rank);
-                let matmul = ops[index].name().starts_with("matmul");
-                cluster.device.kernel_seconds(flops, bytes, matmul)
+                cluster.device.kernel_seconds(flops, matrix, bytes)
             }
             Step::Boxing { from, to, plan } => {
                 boxing_seconds(program, cluster, *from, *to, plan, rank)
@@ -245,7 +250,7 @@ fn act_seconds(
                 Some(additions as f64 * times.warm * slowdown)
             });
             profiled.unwrap_or_else(|| {
-                cluster.device.kernel_seconds(bytes / 4 * additions, 3 * bytes * additions, false)
+                cluster.device.kernel_seconds(bytes / 4 * additions, 0, 3 * bytes * additions)
             })
         }
         Work::Join { .. } | Work::End => 0.0,

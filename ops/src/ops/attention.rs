@@ -106,13 +106,12 @@ impl Op for CausalAttention {
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        let Some(geometry) = inputs.first().and_then(|x| Geometry::of(NAME, x, 1.0).ok()) else {
-            return 0;
-        };
-        // Two products over the score elements the blocks compute, and the softmax (max,
-        // subtract, exp, sum, scale) on the causal ones.
-        let (computed, causal) = geometry.score_elements();
-        geometry.heads_total() * (4 * geometry.head_dim as u64 * computed + 5 * causal)
+        let (matrix, vector) = forward_flops(inputs);
+        matrix + vector
+    }
+
+    fn matrix_flops(&self, inputs: &[TensorMeta]) -> u64 {
+        forward_flops(inputs).0
     }
 }
 
@@ -182,16 +181,38 @@ impl Op for CausalAttentionGrad {
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
-        let Some(geometry) = inputs.first().and_then(|x| Geometry::of(GRAD_NAME, x, 1.0).ok())
-        else {
-            return 0;
-        };
-        // Five products over the computed score elements (scores again, dp, dq, dk, dv), the
-        // probabilities and ds on the causal ones, and one dot product per row.
-        let (computed, causal) = geometry.score_elements();
-        let rows = geometry.time as u64 * 2 * geometry.head_dim as u64;
-        geometry.heads_total() * (10 * geometry.head_dim as u64 * computed + 5 * causal + rows)
+        let (matrix, vector) = backward_flops(inputs);
+        matrix + vector
     }
+
+    fn matrix_flops(&self, inputs: &[TensorMeta]) -> u64 {
+        backward_flops(inputs).0
+    }
+}
+
+/// The forward's FLOPs on `inputs = [qkv]`, of products and of the rest: two products over the
+/// score elements the blocks compute, and the softmax (max, subtract, exp, sum, scale) on the
+/// causal ones. Zeros for inputs that are not a `qkv`.
+fn forward_flops(inputs: &[TensorMeta]) -> (u64, u64) {
+    let Some(geometry) = inputs.first().and_then(|x| Geometry::of(NAME, x, 1.0).ok()) else {
+        return (0, 0);
+    };
+    let (computed, causal) = geometry.score_elements();
+    let heads = geometry.heads_total();
+    (heads * 4 * geometry.head_dim as u64 * computed, heads * 5 * causal)
+}
+
+/// The gradient's FLOPs on `inputs = [qkv, y, lse, dy]`, of products and of the rest: five
+/// products over the computed score elements (scores again, dp, dq, dk, dv), the
+/// probabilities and ds on the causal ones, and one dot product per row.
+fn backward_flops(inputs: &[TensorMeta]) -> (u64, u64) {
+    let Some(geometry) = inputs.first().and_then(|x| Geometry::of(GRAD_NAME, x, 1.0).ok()) else {
+        return (0, 0);
+    };
+    let (computed, causal) = geometry.score_elements();
+    let heads = geometry.heads_total();
+    let rows = geometry.time as u64 * 2 * geometry.head_dim as u64;
+    (heads * 10 * geometry.head_dim as u64 * computed, heads * (5 * causal + rows))
 }
 
 /// The dtype of the `lse` output for inputs of `dtype`: the accumulate type.

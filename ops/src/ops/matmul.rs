@@ -96,6 +96,10 @@ impl Op for MatMul {
         Plan::new(self.name(), inputs, (self.transpose_a, self.transpose_b))
             .map_or(0, |plan| plan.flops())
     }
+
+    fn matrix_flops(&self, inputs: &[TensorMeta]) -> u64 {
+        self.flops(inputs)
+    }
 }
 
 /// `y = Σ_b op(a_b) · op(b_b)`: a batched product summed over the (equal) batch axes of both
@@ -163,6 +167,10 @@ impl Op for MatMulSumBatch {
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
         Plan::new(self.name(), inputs, (self.transpose_a, self.transpose_b))
             .map_or(0, |plan| plan.flops())
+    }
+
+    fn matrix_flops(&self, inputs: &[TensorMeta]) -> u64 {
+        self.flops(inputs)
     }
 }
 

@@ -33,6 +33,10 @@ impl Op for Reshape {
         "reshape"
     }
 
+    fn is_view(&self) -> bool {
+        true
+    }
+
     fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
         let same_count = |x: &Shape| x.numel() == self.shape.numel();
         infer_to_shape(self.name(), inputs, &self.shape, same_count, "element counts differ")
