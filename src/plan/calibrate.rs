@@ -6,8 +6,9 @@
 //!
 //! Each strategy is predicted from the session's own program and actor configuration (pieces,
 //! piece order, end of the forward, accumulated gradients), twice: with the roofline of the
-//! machine's figures, and with every distinct kernel of its program timed on this machine
-//! ([`KernelProfile`]: the kernels come from the program, whatever ops it holds). The second
+//! machine's figures, and with every distinct kernel of its program timed on this machine after
+//! each of its rounds ([`KernelProfile`]: the kernels come from the program, whatever ops it
+//! holds; the median of the rounds' predictions, [`predict_row`]). The second
 //! leaves the simulator only the schedule, the communication and the runtime between kernels to
 //! predict. Device threads that outnumber the cores take turns on them ([`predict_sharing_cores`]:
 //! every act holds a core while it runs; pipeline stages are not all busy at once).
@@ -28,6 +29,7 @@ use super::profile::KernelProfile;
 use super::{predict_measured, processes, Prediction};
 use crate::compile::actors::{lower_to_actors, ActorConfig};
 use crate::compile::{CompileConfig, Program};
+use crate::session::Session;
 use crate::Result;
 
 pub use super::machine::{empty_step, measure, Measured};
@@ -141,19 +143,21 @@ pub fn calibrate(config: &CalibrationConfig, compile: &CompileConfig) -> Result<
         config.strategies.iter().copied().partition(|strategy| strategy.processes > 1);
     let mut running = Vec::new();
     for strategy in &in_process {
-        running.push(RunningSession::start(strategy, config.session_steps(), compile, None)?);
+        let session = RunningSession::start(strategy, config.session_steps(), compile, None)?;
+        running.push((session, Vec::new()));
     }
     for _ in 0..config.rounds.max(1) {
-        for session in &mut running {
+        for ((session, profiles), strategy) in running.iter_mut().zip(&in_process) {
             session.round()?;
+            profiles.push(profile_kernels(session.session(), strategy.threads)?);
         }
     }
     let mut rows = Vec::new();
-    for (strategy, session) in in_process.into_iter().zip(running) {
+    for (strategy, (session, profiles)) in in_process.into_iter().zip(running) {
         let ran = session.finish()?;
         let fixed = empty_step(strategy.devices(), 1)?;
         let cluster = measured.cluster(strategy.devices());
-        rows.push(predict_row(&strategy, &ran, &cluster, &measured, fixed)?);
+        rows.push(predict_row(&strategy, &ran, &cluster, &measured, fixed, profiles)?);
     }
     for strategy in launched {
         rows.push(processes::calibrate(&strategy, config, compile, &measured)?);
@@ -164,39 +168,55 @@ pub fn calibrate(config: &CalibrationConfig, compile: &CompileConfig) -> Result<
     Ok(CalibrationTable { measured, batch: config.batch, rows })
 }
 
+/// Times every distinct kernel of `session`'s program, and the additions of its accumulated
+/// gradients, on this machine now, with `threads` threads per kernel (20 ms per kernel and
+/// cache state). Alone on one core: with every core busy at real-time priority (`chrt`), the
+/// kernel's real-time throttling stopped them for 50 ms of every second, a whole kernel's
+/// timing.
+pub fn profile_kernels(session: &Session, threads: usize) -> Result<KernelProfile> {
+    let (threads, budget) = (threads.max(1), Duration::from_millis(20));
+    let program = session.program();
+    let mut profile = KernelProfile::measure(program, threads, budget)?;
+    profile.measure_sums(program, &session.actors().accumulated, threads, budget);
+    Ok(profile)
+}
+
 /// Predicts the session that `ran` on `cluster` (roofline, and profiled kernels) and pairs the
-/// predictions, plus the empty-step cost `fixed`, with its measured step.
+/// predictions, plus the empty-step cost `fixed`, with its measured step. `profiles`: the
+/// session's kernels timed after each of its rounds ([`profile_kernels`]; one is timed now
+/// when there are none); the profiled prediction is the median of one per profile, so the
+/// kernels are timed next to the steps they predict, and a slow spell of a shared host that
+/// slows a round's steps slows the kernels timed after it too (a profile timed once, after
+/// every round, priced DP2 at 28.7 ms against 37.7 measured in rounds that ran slow).
 pub fn predict_row(
     strategy: &SessionStrategy,
     ran: &Ran,
     cluster: &Cluster,
     measured: &Measured,
     fixed: f64,
+    mut profiles: Vec<KernelProfile>,
 ) -> Result<CalibrationRow> {
     let program = ran.session.program();
     let actors = actor_config(&ran.session);
     let roofline = predict_measured(program, &actors, cluster, None, false)?;
-    let (threads, budget) = (strategy.threads.max(1), Duration::from_millis(20));
-    // Alone on one core: with every core busy at real-time priority (`chrt`), the kernel's
-    // real-time throttling stops them for 50 ms of every second, a whole kernel's timing.
-    let mut profile = KernelProfile::measure(program, threads, budget)?;
-    profile.measure_sums(program, &ran.session.actors().accumulated, threads, budget);
+    if profiles.is_empty() {
+        profiles.push(profile_kernels(&ran.session, strategy.threads)?);
+    }
     let barrier = BarrierWait { spin: BARRIER_SPIN, wake: measured.wake_latency };
-    let (profiled, slowdown) =
-        predict_sharing_cores(program, &actors, cluster, &profile, (measured.cores, barrier))?;
+    let mut predictions = Vec::new();
+    for profile in &profiles {
+        let sharing = (measured.cores, barrier);
+        predictions.push(predict_sharing_cores(program, &actors, cluster, profile, sharing)?);
+    }
+    let middle = median_index(&predictions, |(prediction, _)| prediction.step_seconds);
+    let (profile, (profiled, slowdown)) = (&profiles[middle], predictions.swap_remove(middle));
     if std::env::var_os(KERNELS_VARIABLE).is_some() {
         let lowered = ran.session.actors();
-        let costs = ActCosts::with_kernels(program, lowered, cluster, Some((&profile, 1.0)));
+        let costs = ActCosts::with_kernels(program, lowered, cluster, Some((profile, 1.0)));
         let roofline = ActCosts::new(program, lowered, cluster);
         let cache = cluster.device.cache_bytes;
-        let (rank, lines) = kernel_table(
-            program,
-            lowered,
-            (&costs, &roofline),
-            &profile,
-            cache,
-            &ran.actor_seconds,
-        );
+        let (rank, lines) =
+            kernel_table(program, lowered, (&costs, &roofline), profile, cache, &ran.actor_seconds);
         let span = ran.acts.map_or(0.0, |acts| acts.span);
         eprintln!(
             "{strategy}: step {:.3} ms, span of its acts {:.3} ms\n{}",
@@ -217,6 +237,14 @@ pub fn predict_row(
         busiest_compute: profiled.breakdown.compute,
         acts: ran.acts,
     })
+}
+
+/// The index of the middle of `items` by `key` (the upper one of an even count, as
+/// [`upper_median`](super::strategies::upper_median)); `items` is not empty.
+fn median_index<T>(items: &[T], key: impl Fn(&T) -> f64) -> usize {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|&a, &b| key(&items[a]).total_cmp(&key(&items[b])));
+    order[order.len() / 2]
 }
 
 /// The step of `program` with profiled kernels when its device threads share `cores` cores,

@@ -103,7 +103,8 @@ pub fn worker(request: &str) -> Result<()> {
         let devices = request.strategy.devices();
         let cluster = request.measured.cluster_with_link(devices, link);
         let fixed = empty_step(1, 1)?;
-        let row = predict_row(&request.strategy, &ran, &cluster, &request.measured, fixed)?;
+        let row =
+            predict_row(&request.strategy, &ran, &cluster, &request.measured, fixed, Vec::new())?;
         let row = serde_json::to_string(&row)
             .map_err(|e| Error::Runtime(format!("calibration row: {e}")))?;
         println!("{ROW_MARKER}{row}");

@@ -381,6 +381,11 @@ impl RunningSession {
         Ok(RunningSession { run, steps, rounds: Vec::new() })
     }
 
+    /// The running session (its program and actor plan).
+    pub fn session(&self) -> &Session {
+        &self.run.session
+    }
+
     /// One round of `steps.measured` timed steps; returns their median.
     pub fn round(&mut self) -> Result<f64> {
         let mut times = Vec::new();
