@@ -340,3 +340,18 @@ impl fmt::Display for CalibrationTable {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::median_index;
+
+    #[test]
+    fn the_median_round_is_the_middle_prediction_not_the_last() {
+        let rounds = [(0, 31.0), (1, 27.5), (2, 29.0)];
+        assert_eq!(median_index(&rounds, |r| r.1), 2);
+        // An even count takes the upper middle, as the measured side's median does.
+        let four = [40.0, 10.0, 30.0, 20.0];
+        assert_eq!(four[median_index(&four, |x| *x)], 30.0);
+        assert_eq!(median_index(&[5.0], |x| *x), 0);
+    }
+}
