@@ -21,6 +21,7 @@ fn train(model: Model, strategy: Strategy, median: f64) -> TrainFigure {
         mfu: 0.25,
         loss: 6.2,
         device: TrainDevice::Cpu,
+        ops: None,
     }
 }
 
@@ -248,4 +249,52 @@ fn a_collective_that_moved_nothing_has_no_bandwidth_in_the_table_or_the_metrics(
     let keys: Vec<String> = report.metrics().into_iter().map(|m| m.key).collect();
     assert!(keys.iter().any(|k| k.contains("all_reduce")), "{keys:?}");
     assert!(!keys.iter().any(|k| k.contains("broadcast")), "{keys:?}");
+}
+
+/// `--ops`: a traced session of the MLP on one device says where its step goes, per op, with
+/// the FLOPs of the products it ran.
+#[test]
+fn the_ops_profile_of_a_traced_step_names_its_ops_and_their_flops() {
+    use meshflow::bench::train::ops_profile;
+
+    let profile = ops_profile(Model::Mlp, Strategy::single(1), TrainDevice::Cpu, 2).unwrap();
+    assert_eq!((profile.rank, profile.steps), (0, 2));
+    let op = |name: &str| profile.ops.iter().find(|o| o.op == name).cloned().unwrap();
+    // Three linear layers: three forward products, three weight gradients and two input
+    // gradients (the first layer's input takes none): 6·N·B less the first layer's dX.
+    let matmul = op("matmul");
+    assert_eq!(matmul.acts, 8);
+    let first_dx = 2 * 256 * 784 * 1024;
+    assert_eq!(matmul.flops, 6 * 256 * (784 * 1024 + 1024 * 1024 + 1024 * 10) - first_dx);
+    assert!(matmul.seconds > 0.0 && matmul.flops_per_second() > 0.0);
+    // AdamW on three weights and three biases; no collectives on one device.
+    assert_eq!(op("adamw").acts, 6);
+    assert!(profile.ops.iter().all(|o| !o.op.starts_with("boxing")));
+    let seconds: Vec<f64> = profile.ops.iter().map(|o| o.seconds).collect();
+    assert!(seconds.windows(2).all(|w| w[0] >= w[1]), "most seconds first: {seconds:?}");
+}
+
+#[test]
+fn the_train_table_shows_each_traced_figure_per_op() {
+    use meshflow::bench::report::OpsProfile;
+    use meshflow::plan::acts::OpTime;
+
+    let time = |op: &str, acts, seconds, flops| OpTime { op: op.into(), acts, seconds, flops };
+    let mut figure = train(Model::Mlp, Strategy::single(2), 0.01);
+    let ops = vec![time("matmul", 8, 0.006, 1_200_000_000), time("adamw", 6, 0.002, 0)];
+    figure.ops = Some(OpsProfile { rank: 0, steps: 10, ops });
+    let report = Report { train: vec![figure], ..Report::default() };
+    let text = table::train(&report);
+    assert!(text.contains("# ops: mlp 1dev×2thr, rank 0: median acts of 10 traced steps, 8.0 ms"));
+    let line = |op: &str| text.lines().find(|l| l.starts_with(op)).unwrap().to_string();
+    let matmul = line("matmul");
+    let fields: Vec<&str> = matmul.split_whitespace().collect();
+    assert_eq!(fields, ["matmul", "8", "6.000", "75.0%", "200.0"]);
+    let adamw = line("adamw");
+    assert!(adamw.ends_with(" -"), "no FLOPs, no rate: {adamw}");
+    // The profile survives the JSON report.
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let path = directory.path().join("ops.json");
+    report.save(&path).expect("save");
+    assert_eq!(Report::load(&path).expect("load").train[0].ops, report.train[0].ops);
 }

@@ -159,6 +159,10 @@ pub struct BenchArgs {
     /// Largest collective size in bytes.
     #[arg(long, default_value_t = 16 << 20)]
     pub max_bytes: usize,
+    /// After each figure of a strategy in this process, run a traced session of it and print
+    /// where its busiest rank spends the step, per op (acts, ms per step, share, GFLOP/s).
+    #[arg(long)]
+    pub ops: bool,
     /// Write the report as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -287,7 +291,13 @@ fn train_section(
             if strategy.kind() == StrategyKind::Data && !args.no_torch && cpu {
                 references.push(Some(*strategy));
             }
-            let (ours, theirs) = paired_figures(args, model, *strategy, &references, peak)?;
+            let (mut ours, theirs) = paired_figures(args, model, *strategy, &references, peak)?;
+            if args.ops && strategy.processes == 1 {
+                let bar = progress(0, "ops");
+                tick(&bar, &format!("tracing {} on {}", model.name(), strategy.label()));
+                ours.ops = Some(train::ops_profile(model, *strategy, args.device, OPS_STEPS)?);
+                bar.finish_and_clear();
+            }
             report.train.push(ours);
             report.torch.extend(theirs);
         }
@@ -295,6 +305,9 @@ fn train_section(
     println!("{}", table::train(report));
     Ok(true)
 }
+
+/// Traced steps of `--ops` (after [`train::OPS_WARMUP`] untraced ones).
+const OPS_STEPS: usize = 10;
 
 /// The FLOP/s MFU divides by, and where it comes from: `--peak-gflops`, else measured in this
 /// run on the device `train` runs on. On GPUs every device the strategies need is opened first
@@ -475,6 +488,7 @@ fn train_figure_of(
         times,
         loss,
         device,
+        ops: None,
     }
 }
 

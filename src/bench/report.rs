@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::arithmetic::{relative_change, Collective};
 use super::train::{Model, StepTimes, TrainDevice};
 use super::BenchError;
+use crate::plan::acts::OpTime;
 use crate::plan::strategies::SessionStrategy;
 
 /// Everything one run measured; sections that were not run are empty.
@@ -62,6 +63,21 @@ pub struct TrainFigure {
     /// Where it ran (absent in reports of CPU runs).
     #[serde(default, skip_serializing_if = "TrainDevice::is_cpu")]
     pub device: TrainDevice,
+    /// Where a traced session of the same model and strategy spent its step, per op
+    /// (`--ops`; absent without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<OpsProfile>,
+}
+
+/// A training step's time per op ([`crate::plan::acts::op_profile`]) on its busiest rank.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OpsProfile {
+    /// The rank (of the strategy's devices) whose kernels took longest.
+    pub rank: usize,
+    /// Traced steps the medians are of (after warm-up steps).
+    pub steps: usize,
+    /// Per op, most seconds first.
+    pub ops: Vec<OpTime>,
 }
 
 impl TrainFigure {

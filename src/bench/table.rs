@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use super::arithmetic::median;
-use super::report::{CommFigure, Figure, Report, TorchFigure, TrainFigure};
+use super::report::{CommFigure, Figure, OpsProfile, Report, TorchFigure, TrainFigure};
 use super::train::{Model, StepTimes, TrainDevice};
 use crate::plan::strategies::StrategyKind;
 
@@ -132,6 +132,11 @@ pub fn train(report: &Report) -> String {
              fused attention (the goal compares with the explicit-softmax torch row)"
         );
     }
+    for f in &report.train {
+        if let Some(profile) = &f.ops {
+            out += &ops_table(f, profile);
+        }
+    }
     for t in report.torch.iter().filter(|t| t.processes > 1) {
         let ours = report.train.iter().find(|f| {
             f.model == t.model
@@ -249,5 +254,40 @@ pub fn comm(rows: &[CommFigure], memcpy: f64) -> String {
         );
     }
     let _ = writeln!(out, "# reference: memcpy {memcpy:.3} GB/s (read + write, one thread)");
+    out
+}
+
+/// Where a figure's traced step went, per op ([`crate::bench::train::ops_profile`]).
+pub fn ops_table(figure: &TrainFigure, profile: &OpsProfile) -> String {
+    let total: f64 = profile.ops.iter().map(|op| op.seconds).sum();
+    let mut out = format!(
+        "\n# ops: {} {}, rank {}: median acts of {} traced steps, {:.1} ms of acts per step\n",
+        figure.model.name(),
+        figure.label(),
+        profile.rank,
+        profile.steps,
+        total * 1e3
+    );
+    let _ = writeln!(
+        out,
+        "{:<28} {:>5} {:>9} {:>6} {:>9}",
+        "op", "acts", "ms/step", "share", "GFLOP/s"
+    );
+    for op in &profile.ops {
+        let share = if total > 0.0 { op.seconds / total * 100.0 } else { 0.0 };
+        let rate = match op.flops {
+            0 => "-".to_string(),
+            _ => format!("{:.1}", op.flops_per_second() / 1e9),
+        };
+        let _ = writeln!(
+            out,
+            "{:<28} {:>5} {:>9.3} {:>5.1}% {:>9}",
+            op.op,
+            op.acts,
+            op.seconds * 1e3,
+            share,
+            rate
+        );
+    }
     out
 }

@@ -17,11 +17,13 @@ use crate::compile::CompileConfig;
 use crate::dist::Job;
 use crate::nn::{Gpt, GptConfig, InitCounter, Layouts, Linear, Parallel, WeightInit};
 use crate::ops::{DType, Tensor as HostTensor};
+use crate::plan::acts::op_profile;
 use crate::plan::strategies::{SessionStrategy, StrategySession, TrainingGraph};
 use crate::session::{DeviceKind, SessionConfig};
 use crate::{Graph, Result};
 
 use super::arithmetic::{gpt_step_flops, median, mlp_step_flops};
+use super::report::OpsProfile;
 
 /// The GPT reference configuration (issue 7).
 pub const GPT_REFERENCE: GptConfig =
@@ -165,6 +167,36 @@ impl TrainRunner {
     pub fn device(&self) -> TrainDevice {
         self.device
     }
+}
+
+/// Steps a traced session of [`ops_profile`] runs before the ones it measures.
+pub const OPS_WARMUP: usize = 3;
+
+/// Where `model` on `strategy` (in this process, on `device`) spends a training step, per op:
+/// a traced session runs [`OPS_WARMUP`] steps, then `steps` measured ones, and its busiest
+/// rank's acts are summed per op ([`op_profile`]: medians over the measured steps). Tracing
+/// records every act's start and end, so the session is a separate one from the timed figure.
+pub fn ops_profile(
+    model: Model,
+    strategy: SessionStrategy,
+    device: TrainDevice,
+    steps: usize,
+) -> Result<OpsProfile> {
+    let config = SessionConfig {
+        device: device.kind(),
+        trace: true,
+        ..strategy.session_config(&CompileConfig::default(), None)
+    };
+    let mut runner = TrainRunner::with_config(model, strategy, config, device)?;
+    let steps = steps.max(1);
+    for _ in 0..OPS_WARMUP + steps {
+        runner.step()?;
+    }
+    let session = &mut runner.session;
+    let (_, medians) = session.traced(OPS_WARMUP + steps, OPS_WARMUP)?;
+    let (program, lowered) = (session.session.program(), session.session.actors());
+    let (rank, ops) = op_profile(program, lowered, &medians);
+    Ok(OpsProfile { rank, steps, ops })
 }
 
 /// How long to time one figure.

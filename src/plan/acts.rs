@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::cost::{cold_fractions, ActCosts};
 use super::profile::KernelProfile;
-use crate::compile::actors::{local_meta, ActorProgram, Work};
+use meshflow_ops::{OpRef, TensorMeta};
+
+use crate::compile::actors::{local_meta, ActorProgram, ActorWork, Work};
 use crate::compile::{Program, Step};
 
 /// The medians, over the measured steps, of what the busiest rank's acts took.
@@ -139,6 +141,70 @@ pub struct KernelSums {
     pub cold_fraction: f64,
 }
 
+/// What one actor of a lowered plan does on its rank, for the per-op tables.
+enum RankAct<'a> {
+    /// A kernel: the rank's op and its local input metas.
+    Kernel { op: &'a OpRef, metas: Vec<TensorMeta>, step: usize },
+    /// A boxing step: its kinds joined (`all-reduce`, `send-recv+slice-copy`).
+    Boxing(String),
+    /// The addition of a piece's gradient to the sum.
+    Accumulate,
+}
+
+impl RankAct<'_> {
+    /// Kernels and accumulations compute; boxing communicates.
+    fn computes(&self) -> bool {
+        !matches!(self, RankAct::Boxing(_))
+    }
+
+    /// The op's name, `boxing KINDS` or `accumulate`.
+    fn name(&self) -> String {
+        match self {
+            RankAct::Kernel { op, .. } => op.name().to_string(),
+            RankAct::Boxing(kinds) => format!("boxing {kinds}"),
+            RankAct::Accumulate => "accumulate".to_string(),
+        }
+    }
+}
+
+/// What the actor `spec` does on its rank; `None` for leaves, joins and ends (and a kernel its
+/// rank does not run).
+fn rank_act<'a>(
+    program: &'a Program,
+    spec: &meshflow_actor::ActorSpec<ActorWork>,
+) -> Option<RankAct<'a>> {
+    let rank = spec.payload.rank;
+    match spec.payload.work {
+        Work::Step { step } => match &program.steps[step] {
+            Step::Boxing { plan, .. } => {
+                let kinds: Vec<_> = plan.steps.iter().map(|s| s.kind.name()).collect();
+                Some(RankAct::Boxing(kinds.join("+")))
+            }
+            Step::Kernel { node, inputs, ops, .. } => {
+                let placement = &program.graph.node(*node).placement;
+                let index = placement.ranks().iter().position(|&r| r == rank)?;
+                let metas = inputs.iter().filter_map(|s| local_meta(program, *s, rank)).collect();
+                Some(RankAct::Kernel { op: &ops[index], metas, step })
+            }
+            Step::Leaf { .. } => None,
+        },
+        Work::Accumulate { .. } => Some(RankAct::Accumulate),
+        Work::Join { .. } | Work::End => None,
+    }
+}
+
+/// The rank whose compute acts (kernels, accumulations) took the most of `seconds` (per actor
+/// of `lowered`, from [`actor_medians`]).
+fn busiest_rank(program: &Program, lowered: &ActorProgram, seconds: &[Option<f64>]) -> usize {
+    let mut per_rank: BTreeMap<usize, f64> = BTreeMap::new();
+    for (spec, took) in lowered.plan.actors.iter().zip(seconds) {
+        if rank_act(program, spec).is_some_and(|act| act.computes()) {
+            *per_rank.entry(spec.payload.rank).or_default() += took.unwrap_or(0.0);
+        }
+    }
+    per_rank.iter().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(rank, _)| *rank)
+}
+
 /// The busiest rank's compute acts (most measured seconds) of a session's plan `lowered`,
 /// summed per op name and phase, and its boxing acts per kind (their waiting included):
 /// measured (`seconds`, per actor, from [`actor_medians`]), priced (`costs`: profiled, and
@@ -152,47 +218,19 @@ pub fn kernel_table(
     cache_bytes: f64,
     seconds: &[Option<f64>],
 ) -> (usize, BTreeMap<String, KernelSums>) {
-    let computes = |work: Work| match work {
-        Work::Step { step } => matches!(program.steps[step], Step::Kernel { .. }),
-        Work::Accumulate { .. } => true,
-        Work::Join { .. } | Work::End => false,
-    };
-    let mut per_rank: BTreeMap<usize, f64> = BTreeMap::new();
-    for (spec, took) in lowered.plan.actors.iter().zip(seconds) {
-        if computes(spec.payload.work) {
-            *per_rank.entry(spec.payload.rank).or_default() += took.unwrap_or(0.0);
-        }
-    }
-    let busiest = per_rank.iter().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(rank, _)| *rank);
+    let busiest = busiest_rank(program, lowered, seconds);
     let cold = cold_fractions(program, lowered, cache_bytes);
     let mut lines: BTreeMap<String, KernelSums> = BTreeMap::new();
     for (id, spec) in lowered.plan.actors.iter().enumerate() {
         if spec.payload.rank != busiest {
             continue;
         }
-        let (name, times) = match spec.payload.work {
-            Work::Step { step } if !computes(spec.payload.work) => match &program.steps[step] {
-                Step::Boxing { plan, .. } => {
-                    let kinds: Vec<_> = plan.steps.iter().map(|s| s.kind.name()).collect();
-                    (format!("boxing {}", kinds.join("+")), None)
-                }
-                _ => continue,
-            },
-            Work::Step { step } => match &program.steps[step] {
-                Step::Kernel { node, inputs, ops, .. } => {
-                    let placement = &program.graph.node(*node).placement;
-                    let Some(index) = placement.ranks().iter().position(|&r| r == busiest) else {
-                        continue;
-                    };
-                    let metas: Vec<_> =
-                        inputs.iter().filter_map(|s| local_meta(program, *s, busiest)).collect();
-                    let name = format!("{} {:?}", ops[index].name(), lowered.phases[step]);
-                    (name, profile.times(&ops[index], &metas))
-                }
-                _ => continue,
-            },
-            Work::Accumulate { .. } => ("accumulate".to_string(), None),
-            Work::Join { .. } | Work::End => continue,
+        let Some(act) = rank_act(program, spec) else { continue };
+        let (name, times) = match &act {
+            RankAct::Kernel { op, metas, step } => {
+                (format!("{} {:?}", act.name(), lowered.phases[*step]), profile.times(op, metas))
+            }
+            _ => (act.name(), None),
         };
         let line = lines.entry(name).or_default();
         line.acts += 1;
@@ -204,6 +242,62 @@ pub fn kernel_table(
         line.cold_fraction += cold.get(id).copied().unwrap_or(1.0);
     }
     (busiest, lines)
+}
+
+/// One op of a measured step's profile ([`op_profile`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OpTime {
+    /// The op's name (`matmul`, `layer_norm_grad`), `boxing KINDS` (`boxing all-reduce`) or
+    /// `accumulate`.
+    pub op: String,
+    /// Its acts in one step on the rank.
+    pub acts: usize,
+    /// Seconds per step: the sum of its acts' medians over the measured steps.
+    pub seconds: f64,
+    /// FLOPs per step of its acts (`Op::flops` on the rank's local shapes; 0 for boxing and
+    /// accumulation).
+    pub flops: u64,
+}
+
+impl OpTime {
+    /// FLOP/s over its seconds (0 when it took none).
+    pub fn flops_per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.flops as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Where the busiest rank of a measured session spends its step, per op: its acts of each op
+/// (or boxing kind), their median seconds per step (`seconds`, per actor of `lowered`, from
+/// [`actor_medians`]) summed, and their FLOPs, most seconds first. Returns the rank and the
+/// ops. What PyTorch's profiler's table of key averages says, from the actor trace.
+pub fn op_profile(
+    program: &Program,
+    lowered: &ActorProgram,
+    seconds: &[Option<f64>],
+) -> (usize, Vec<OpTime>) {
+    let busiest = busiest_rank(program, lowered, seconds);
+    let mut ops: BTreeMap<String, OpTime> = BTreeMap::new();
+    for (id, spec) in lowered.plan.actors.iter().enumerate() {
+        if spec.payload.rank != busiest {
+            continue;
+        }
+        let Some(act) = rank_act(program, spec) else { continue };
+        let name = act.name();
+        let line =
+            ops.entry(name.clone()).or_insert(OpTime { op: name, acts: 0, seconds: 0.0, flops: 0 });
+        line.acts += 1;
+        line.seconds += seconds.get(id).copied().flatten().unwrap_or(0.0);
+        if let RankAct::Kernel { op, metas, .. } = &act {
+            line.flops += op.flops(metas);
+        }
+    }
+    let mut ops: Vec<OpTime> = ops.into_values().collect();
+    ops.sort_by(|a, b| b.seconds.total_cmp(&a.seconds).then_with(|| a.op.cmp(&b.op)));
+    (busiest, ops)
 }
 
 /// [`kernel_table`] as text, with a total line for the compute acts and one for the boxing.
