@@ -205,6 +205,19 @@ fn busiest_rank(program: &Program, lowered: &ActorProgram, seconds: &[Option<f64
     per_rank.iter().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(rank, _)| *rank)
 }
 
+/// The busiest rank ([`busiest_rank`]) and its acts that do something, by actor index.
+fn busiest_acts<'a>(
+    program: &'a Program,
+    lowered: &'a ActorProgram,
+    seconds: &[Option<f64>],
+) -> (usize, impl Iterator<Item = (usize, RankAct<'a>)> + 'a) {
+    let busiest = busiest_rank(program, lowered, seconds);
+    let acts = lowered.plan.actors.iter().enumerate().filter_map(move |(id, spec)| {
+        (spec.payload.rank == busiest).then(|| rank_act(program, spec)).flatten().map(|a| (id, a))
+    });
+    (busiest, acts)
+}
+
 /// The busiest rank's compute acts (most measured seconds) of a session's plan `lowered`,
 /// summed per op name and phase, and its boxing acts per kind (their waiting included):
 /// measured (`seconds`, per actor, from [`actor_medians`]), priced (`costs`: profiled, and
@@ -218,14 +231,10 @@ pub fn kernel_table(
     cache_bytes: f64,
     seconds: &[Option<f64>],
 ) -> (usize, BTreeMap<String, KernelSums>) {
-    let busiest = busiest_rank(program, lowered, seconds);
+    let (busiest, acts) = busiest_acts(program, lowered, seconds);
     let cold = cold_fractions(program, lowered, cache_bytes);
     let mut lines: BTreeMap<String, KernelSums> = BTreeMap::new();
-    for (id, spec) in lowered.plan.actors.iter().enumerate() {
-        if spec.payload.rank != busiest {
-            continue;
-        }
-        let Some(act) = rank_act(program, spec) else { continue };
+    for (id, act) in acts {
         let (name, times) = match &act {
             RankAct::Kernel { op, metas, step } => {
                 (format!("{} {:?}", act.name(), lowered.phases[*step]), profile.times(op, metas))
@@ -279,13 +288,9 @@ pub fn op_profile(
     lowered: &ActorProgram,
     seconds: &[Option<f64>],
 ) -> (usize, Vec<OpTime>) {
-    let busiest = busiest_rank(program, lowered, seconds);
+    let (busiest, acts) = busiest_acts(program, lowered, seconds);
     let mut ops: BTreeMap<String, OpTime> = BTreeMap::new();
-    for (id, spec) in lowered.plan.actors.iter().enumerate() {
-        if spec.payload.rank != busiest {
-            continue;
-        }
-        let Some(act) = rank_act(program, spec) else { continue };
+    for (id, act) in acts {
         let name = act.name();
         let line =
             ops.entry(name.clone()).or_insert(OpTime { op: name, acts: 0, seconds: 0.0, flops: 0 });
