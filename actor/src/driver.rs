@@ -56,11 +56,21 @@ pub struct DriverConfig {
     pub trace: bool,
     /// How long a step (or the stop) may take before the driver aborts it. Default none.
     pub step_timeout: Option<Duration>,
+    /// Cores to bind the device threads to, round-robin by device id
+    /// ([`crate::affinity::core_for`]); empty (the default): threads go where the operating
+    /// system puts them. A thread that cannot be bound runs unbound.
+    pub cores: Vec<usize>,
 }
 
 impl Default for DriverConfig {
     fn default() -> Self {
-        Self { spin: Duration::from_micros(20), batch: true, trace: false, step_timeout: None }
+        Self {
+            spin: Duration::from_micros(20),
+            batch: true,
+            trace: false,
+            step_timeout: None,
+            cores: Vec::new(),
+        }
     }
 }
 
@@ -178,9 +188,15 @@ impl<P: Send + Sync + 'static> Driver<P> {
             let context =
                 (Arc::clone(&plan), Arc::clone(&shared), Arc::clone(&abort), report_sender.clone());
             let device = devices[thread];
-            let handle = std::thread::Builder::new()
-                .name(format!("meshflow-{device}"))
-                .spawn(move || Worker::run(thread, device, actors, inbox, context))?;
+            let core = crate::affinity::core_for(device.0, &shared.config.cores);
+            let handle = std::thread::Builder::new().name(format!("meshflow-{device}")).spawn(
+                move || {
+                    if let Some(core) = core {
+                        crate::affinity::bind_current_thread(core);
+                    }
+                    Worker::run(thread, device, actors, inbox, context)
+                },
+            )?;
             threads.push(handle);
         }
         let inbound = Inbound { route: shared.route.clone(), mailboxes: mailboxes.clone() };

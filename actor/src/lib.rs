@@ -36,6 +36,7 @@
 //! ```
 
 mod actor;
+pub mod affinity;
 mod driver;
 mod error;
 mod executor;

@@ -2,7 +2,9 @@
 //! act that computes or copies (a kernel, a gradient sum, a boxing step) holds one of `cores`
 //! cores for its duration, and ready acts take free cores in the order they became ready (as
 //! the operating system hands a core to runnable threads in turn; an act here is short against
-//! a scheduler's time slice, so it runs to its end once it has a core). Leaves, joins and ends
+//! a scheduler's time slice, so it runs to its end once it has a core). Either any free core
+//! ([`step_on_cores_waiting`]) or, with the threads bound to cores as a session binds them, its
+//! own thread's core ([`step_on_bound_cores`]). Leaves, joins and ends
 //! take no time and no core. Each actor acts once per step (pieces are actors of their own), so
 //! the plan of one step is a graph of dependencies: an act waits for the producers of its input
 //! edges (a variable's update edge belongs to the next step) and for its stream's previous act.
@@ -82,6 +84,32 @@ pub fn step_on_cores_waiting(
     cores: usize,
     barrier: BarrierWait,
 ) -> (f64, f64) {
+    schedule(program, actors, costs, (cores, false), barrier)
+}
+
+/// Like [`step_on_cores_waiting`] with every device thread bound to one core, round-robin by
+/// device id (thread `d` on core `d mod cores`), as a session binds them when they outnumber
+/// the cores (`meshflow_actor::affinity`): a ready act waits for its own thread's core, not for
+/// any free one, so two busy threads bound to one core take turns while another core may idle.
+pub fn step_on_bound_cores(
+    program: &Program,
+    actors: &ActorProgram,
+    costs: &ActCosts,
+    cores: usize,
+    barrier: BarrierWait,
+) -> (f64, f64) {
+    schedule(program, actors, costs, (cores, true), barrier)
+}
+
+/// The schedule of [`step_on_cores_waiting`] (`bound` false: one queue for every core) and of
+/// [`step_on_bound_cores`] (`bound` true: a queue per core).
+fn schedule(
+    program: &Program,
+    actors: &ActorProgram,
+    costs: &ActCosts,
+    (cores, bound): (usize, bool),
+    barrier: BarrierWait,
+) -> (f64, f64) {
     let plan = &actors.plan;
     let count = plan.actors.len();
     let mut waiting = vec![0usize; count];
@@ -101,17 +129,21 @@ pub fn step_on_cores_waiting(
         Work::Join { .. } | Work::End => false,
     };
     let gangs = Gangs::new(program, actors, &consumers);
+    // Per core queue: its capacity, and the queue of each actor.
+    let cores = cores.max(1);
+    let (queues, capacity) = if bound { (cores, 1) } else { (1, cores) };
+    let queue_of = |actor: usize| plan.actors[actor].device.0 as usize % queues;
     let mut member = vec![Member::Away; count];
     let mut arrived = vec![0usize; gangs.members.len()];
     let ns = |seconds: f64| (seconds.max(0.0) * 1e9).round() as u64;
     let (spin, wake) = (ns(barrier.spin), ns(barrier.wake));
     // Acts waiting for a core by (ready time, actor); timed events by (time, event, actor).
-    let mut ready: BTreeSet<(u64, usize)> = BTreeSet::new();
+    let mut ready: Vec<BTreeSet<(u64, usize)>> = vec![BTreeSet::new(); queues];
     let mut events: BinaryHeap<Reverse<(u64, Event, usize)>> = BinaryHeap::new();
     let become_ready =
-        |actor: usize, at: u64, ready: &mut BTreeSet<_>, events: &mut BinaryHeap<_>| {
+        |actor: usize, at: u64, ready: &mut Vec<BTreeSet<_>>, events: &mut BinaryHeap<_>| {
             if holds_core(actor) {
-                ready.insert((at, actor));
+                ready[queue_of(actor)].insert((at, actor));
             } else {
                 events.push(Reverse((at, Event::End, actor)));
             }
@@ -119,12 +151,12 @@ pub fn step_on_cores_waiting(
     for actor in (0..count).filter(|&actor| waiting[actor] == 0) {
         become_ready(actor, 0, &mut ready, &mut events);
     }
-    let (mut free, mut now, mut busy) = (cores.max(1), 0u64, 0u64);
+    let (mut free, mut now, mut busy) = (vec![capacity; queues], 0u64, 0u64);
     let duration = |actor: usize| costs.durations.get(actor).copied().unwrap_or(0);
     loop {
-        while free > 0 {
-            let Some((_, actor)) = ready.pop_first() else { break };
-            free -= 1;
+        while let Some(queue) = (0..queues).find(|&q| free[q] > 0 && !ready[q].is_empty()) {
+            let Some((_, actor)) = ready[queue].pop_first() else { break };
+            free[queue] -= 1;
             let gang = gangs.of[actor];
             let go = match gang {
                 Some(gang) if member[actor] == Member::Away => {
@@ -132,7 +164,7 @@ pub fn step_on_cores_waiting(
                     if arrived[gang] < gangs.members[gang].len() {
                         if spin == 0 {
                             member[actor] = Member::Sleeping;
-                            free += 1;
+                            free[queue] += 1;
                         } else {
                             member[actor] = Member::Polling;
                             events.push(Reverse((now + spin, Event::Spin, actor)));
@@ -172,16 +204,16 @@ pub fn step_on_cores_waiting(
         now = at;
         match event {
             Event::Wake => {
-                ready.insert((now, actor));
+                ready[queue_of(actor)].insert((now, actor));
             }
             Event::Spin => {
                 if member[actor] == Member::Polling {
                     member[actor] = Member::Sleeping;
-                    free += 1;
+                    free[queue_of(actor)] += 1;
                 }
             }
             Event::End => {
-                free += usize::from(holds_core(actor));
+                free[queue_of(actor)] += usize::from(holds_core(actor));
                 for &next in &consumers[actor] {
                     waiting[next] -= 1;
                     if waiting[next] == 0 {

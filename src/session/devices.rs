@@ -231,9 +231,14 @@ impl Devices {
     /// Starts the actor driver on `compiled`: one thread per device of this process, each
     /// running its rank's acts (parking when idle: a device thread that spun would take a core
     /// from the kernels of the others). `trace` records every act (see [`Devices::stop`]).
-    pub fn start(&mut self, compiled: Arc<Compiled>, trace: bool) -> Result<()> {
+    /// `bind`: when the device threads outnumber the cores this process may use, each is bound
+    /// to one of them, round-robin by device id ([`meshflow_actor::affinity`]).
+    pub fn start(&mut self, compiled: Arc<Compiled>, trace: bool, bind: bool) -> Result<()> {
         self.prepare(&compiled.program)?;
-        let config = DriverConfig { spin: Duration::ZERO, trace, ..DriverConfig::default() };
+        let allowed = meshflow_actor::affinity::allowed_cores();
+        let oversubscribed = self.ranks.len() > allowed.len();
+        let cores = if bind && oversubscribed { allowed } else { Vec::new() };
+        let config = DriverConfig { spin: Duration::ZERO, trace, cores, ..DriverConfig::default() };
         let workers: HashMap<u32, Arc<Mutex<Worker>>> = self
             .ranks
             .iter()

@@ -115,6 +115,11 @@ pub struct SessionConfig {
     /// i-th rank of this process on GPU i; variables and activations stay in device memory).
     /// Default [`DeviceKind::Cpu`].
     pub device: DeviceKind,
+    /// Bind the device threads to this process's cores, round-robin by rank
+    /// ([`meshflow_actor::affinity`]), when there are more of them than cores; otherwise, or
+    /// when off, the operating system places them. Default on: four device threads on two
+    /// cores stepped in 31–40 ms unbound, 31–34 bound (DP2×PP2, docs/plan.md session 11).
+    pub bind_threads: bool,
 }
 
 impl Default for SessionConfig {
@@ -130,6 +135,7 @@ impl Default for SessionConfig {
             piece_order: PieceOrder::default(),
             trace: false,
             device: DeviceKind::Cpu,
+            bind_threads: true,
         }
     }
 }
@@ -212,7 +218,7 @@ impl Session {
                 graph.data().label(fetch.value())
             )));
         }
-        devices.start(Arc::clone(&compiled), config.trace)?;
+        devices.start(Arc::clone(&compiled), config.trace, config.bind_threads)?;
         Ok(Session {
             graph: graph.clone(),
             program,
