@@ -547,3 +547,43 @@ fn roofline_prices_products_element_wise_ops_and_views_apart() {
     ];
     assert_eq!(priced, expected);
 }
+
+/// Device threads bound to cores round-robin (thread `d` on core `d mod cores`, as a session
+/// binds them): when only ranks 0 and 2 of 4 data-parallel ranks compute, on 2 cores they share
+/// core 0 and take turns, twice as long as on any free core, where they run side by side.
+#[test]
+fn bound_threads_wait_for_their_own_core() {
+    use meshflow::plan::cores::{step_on_bound_cores, step_on_cores, BarrierWait};
+
+    let program = data_parallel(4);
+    let lowered = lower_to_actors(&program, &ActorConfig::default()).unwrap();
+    let mut kernels = 0;
+    let durations = lowered
+        .plan
+        .actors
+        .iter()
+        .map(|spec| match spec.payload.work {
+            Work::Step { step } if matches!(program.steps[step], Step::Kernel { .. }) => {
+                let computes = spec.payload.rank % 2 == 0;
+                kernels += usize::from(spec.payload.rank == 0);
+                if computes {
+                    1_000
+                } else {
+                    0
+                }
+            }
+            _ => 0,
+        })
+        .collect();
+    let costs = ActCosts { durations };
+    assert!(kernels > 0);
+    let one_rank = kernels as f64 * 1e-6;
+    let (shared, _) = step_on_cores(&program, &lowered, &costs, 2);
+    let (bound, busy) = step_on_bound_cores(&program, &lowered, &costs, 2, BarrierWait::default());
+    assert!((shared - one_rank).abs() < 1e-12, "side by side: {shared} s, one rank {one_rank} s");
+    assert!((bound - 2.0 * one_rank).abs() < 1e-12, "in turn on core 0: {bound} s");
+    assert!((busy - 2.0 * one_rank).abs() < 1e-12, "the same work either way: {busy} s");
+    // With a core per thread, binding changes nothing.
+    let (own, _) = step_on_bound_cores(&program, &lowered, &costs, 4, BarrierWait::default());
+    assert!((own - one_rank).abs() < 1e-12, "{own} s on 4 bound cores");
+}
