@@ -11,7 +11,8 @@
 //! holds; the median of the rounds' predictions, [`predict_row`]). The second
 //! leaves the simulator only the schedule, the communication and the runtime between kernels to
 //! predict. Device threads that outnumber the cores take turns on them ([`predict_sharing_cores`]:
-//! every act holds a core while it runs; pipeline stages are not all busy at once).
+//! each thread bound to a core as the session binds it, every act holds that core while it
+//! runs; pipeline stages are not all busy at once).
 //!
 //! [`Session`]: crate::session::Session
 
