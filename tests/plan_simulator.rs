@@ -553,7 +553,7 @@ fn roofline_prices_products_element_wise_ops_and_views_apart() {
 /// core 0 and take turns, twice as long as on any free core, where they run side by side.
 #[test]
 fn bound_threads_wait_for_their_own_core() {
-    use meshflow::plan::cores::{step_on_bound_cores, step_on_cores, BarrierWait};
+    use meshflow::plan::cores::{step_on_cores, step_on_cores_waiting, BarrierWait, Cores};
 
     let program = data_parallel(4);
     let lowered = lower_to_actors(&program, &ActorConfig::default()).unwrap();
@@ -579,11 +579,12 @@ fn bound_threads_wait_for_their_own_core() {
     assert!(kernels > 0);
     let one_rank = kernels as f64 * 1e-6;
     let (shared, _) = step_on_cores(&program, &lowered, &costs, 2);
-    let (bound, busy) = step_on_bound_cores(&program, &lowered, &costs, 2, BarrierWait::default());
+    let barrier = BarrierWait::default();
+    let (bound, busy) = step_on_cores_waiting(&program, &lowered, &costs, Cores::bound(2), barrier);
     assert!((shared - one_rank).abs() < 1e-12, "side by side: {shared} s, one rank {one_rank} s");
     assert!((bound - 2.0 * one_rank).abs() < 1e-12, "in turn on core 0: {bound} s");
     assert!((busy - 2.0 * one_rank).abs() < 1e-12, "the same work either way: {busy} s");
     // With a core per thread, binding changes nothing.
-    let (own, _) = step_on_bound_cores(&program, &lowered, &costs, 4, BarrierWait::default());
+    let (own, _) = step_on_cores_waiting(&program, &lowered, &costs, Cores::bound(4), barrier);
     assert!((own - one_rank).abs() < 1e-12, "{own} s on 4 bound cores");
 }

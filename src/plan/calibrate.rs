@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::acts::{format_kernel_table, kernel_table, MeasuredActs};
 use super::cluster::Cluster;
-use super::cores::{step_on_bound_cores, BarrierWait, BARRIER_SPIN};
+use super::cores::{step_on_cores_waiting, BarrierWait, Cores, BARRIER_SPIN};
 use super::cost::ActCosts;
 use super::profile::KernelProfile;
 use super::{predict_measured, processes, Prediction};
@@ -250,12 +250,13 @@ fn median_index<T>(items: &[T], key: impl Fn(&T) -> f64) -> usize {
 
 /// The step of `program` with profiled kernels when its device threads share `cores` cores,
 /// their collectives meeting as `barrier` says. With no more device threads than cores, the
-/// simulated step; with more, the step of [`step_on_bound_cores`]: each device thread bound to
-/// a core round-robin, as the session binds them ([`crate::session::SessionConfig`]'s
-/// `bind_threads`); every act that computes or copies holds its thread's core, and the ready
-/// acts of one core take it in turn (a rank waiting for a collective partner that waits for a
-/// core waits too, polling a core away for the barrier's spin, then sleeping). Returns the
-/// prediction and its ratio to the step with a core per thread.
+/// simulated step; with more, the step of [`step_on_cores_waiting`] on [`Cores::bound`]: each
+/// device thread bound to a core round-robin, as the session binds them
+/// ([`crate::session::SessionConfig`]'s `bind_threads`); every act that computes or copies
+/// holds its thread's core, and the ready acts of one core take it in turn (a rank waiting for
+/// a collective partner that waits for a core waits too, polling a core away for the barrier's
+/// spin, then sleeping). Returns the prediction and its ratio to the step with a core per
+/// thread.
 pub fn predict_sharing_cores(
     program: &Program,
     actors: &ActorConfig,
@@ -269,7 +270,7 @@ pub fn predict_sharing_cores(
     }
     let full = lower_to_actors(program, actors)?;
     let costs = ActCosts::with_kernels(program, &full, cluster, Some((profile, 1.0)));
-    let (step, _) = step_on_bound_cores(program, &full, &costs, cores, barrier);
+    let (step, _) = step_on_cores_waiting(program, &full, &costs, Cores::bound(cores), barrier);
     let slowdown = step / unshared.step_seconds.max(1e-12);
     Ok((Prediction { step_seconds: step, ..unshared }, slowdown))
 }

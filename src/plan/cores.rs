@@ -2,9 +2,8 @@
 //! act that computes or copies (a kernel, a gradient sum, a boxing step) holds one of `cores`
 //! cores for its duration, and ready acts take free cores in the order they became ready (as
 //! the operating system hands a core to runnable threads in turn; an act here is short against
-//! a scheduler's time slice, so it runs to its end once it has a core). Either any free core
-//! ([`step_on_cores_waiting`]) or, with the threads bound to cores as a session binds them, its
-//! own thread's core ([`step_on_bound_cores`]). Leaves, joins and ends
+//! a scheduler's time slice, so it runs to its end once it has a core): any free core, or with
+//! the threads bound to cores as a session binds them, its own thread's core ([`Cores`]). Leaves, joins and ends
 //! take no time and no core. Each actor acts once per step (pieces are actors of their own), so
 //! the plan of one step is a graph of dependencies: an act waits for the producers of its input
 //! edges (a variable's update edge belongs to the next step) and for its stream's previous act.
@@ -74,42 +73,42 @@ enum Member {
     Going,
 }
 
-/// The step's length in seconds when `actors` act with `costs` on `cores` cores and the
-/// members of a collective wait for each other as `barrier` says (see the module doc), and the
-/// seconds of core time its acts took (polling not counted).
+/// The cores device threads run on: how many, and whether each thread is bound to one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cores {
+    /// How many.
+    pub count: usize,
+    /// Each device thread bound to core `device id mod count`, as a session binds them when
+    /// they outnumber the cores (`meshflow_actor::affinity`): a ready act waits for its own
+    /// thread's core, not for any free one, so two busy threads bound to one core take turns
+    /// while another core may idle. Unbound (`From<usize>`): any free core.
+    pub bound: bool,
+}
+
+impl Cores {
+    /// `count` cores with the device threads bound round-robin.
+    pub fn bound(count: usize) -> Self {
+        Cores { count, bound: true }
+    }
+}
+
+impl From<usize> for Cores {
+    fn from(count: usize) -> Self {
+        Cores { count, bound: false }
+    }
+}
+
+/// The step's length in seconds when `actors` act with `costs` on `cores` and the members of
+/// a collective wait for each other as `barrier` says (see the module doc), and the seconds of
+/// core time its acts took (polling not counted).
 pub fn step_on_cores_waiting(
     program: &Program,
     actors: &ActorProgram,
     costs: &ActCosts,
-    cores: usize,
+    cores: impl Into<Cores>,
     barrier: BarrierWait,
 ) -> (f64, f64) {
-    schedule(program, actors, costs, (cores, false), barrier)
-}
-
-/// Like [`step_on_cores_waiting`] with every device thread bound to one core, round-robin by
-/// device id (thread `d` on core `d mod cores`), as a session binds them when they outnumber
-/// the cores (`meshflow_actor::affinity`): a ready act waits for its own thread's core, not for
-/// any free one, so two busy threads bound to one core take turns while another core may idle.
-pub fn step_on_bound_cores(
-    program: &Program,
-    actors: &ActorProgram,
-    costs: &ActCosts,
-    cores: usize,
-    barrier: BarrierWait,
-) -> (f64, f64) {
-    schedule(program, actors, costs, (cores, true), barrier)
-}
-
-/// The schedule of [`step_on_cores_waiting`] (`bound` false: one queue for every core) and of
-/// [`step_on_bound_cores`] (`bound` true: a queue per core).
-fn schedule(
-    program: &Program,
-    actors: &ActorProgram,
-    costs: &ActCosts,
-    (cores, bound): (usize, bool),
-    barrier: BarrierWait,
-) -> (f64, f64) {
+    let Cores { count: cores, bound } = cores.into();
     let plan = &actors.plan;
     let count = plan.actors.len();
     let mut waiting = vec![0usize; count];
