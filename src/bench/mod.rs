@@ -160,7 +160,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 16 << 20)]
     pub max_bytes: usize,
     /// After each figure of a strategy in this process, run a traced session of it and print
-    /// where its busiest rank spends the step, per op (acts, ms per step, share, GFLOP/s).
+    /// where its busiest rank spends the step, per op (acts, ms per step, share, GFLOP/s);
+    /// strategies across processes are not traced (the run says so).
     #[arg(long)]
     pub ops: bool,
     /// Write the report as JSON.
@@ -297,6 +298,14 @@ fn train_section(
                 tick(&bar, &format!("tracing {} on {}", model.name(), strategy.label()));
                 ours.ops = Some(train::ops_profile(model, *strategy, args.device, OPS_STEPS)?);
                 bar.finish_and_clear();
+            } else if args.ops {
+                eprintln!(
+                    "meshflow bench: --ops traces sessions in this process; {} on {} runs across \
+                     {} processes and has no per-op table",
+                    model.name(),
+                    strategy.label(),
+                    strategy.processes
+                );
             }
             report.train.push(ours);
             report.torch.extend(theirs);
