@@ -66,3 +66,25 @@ fn half_precision_kernels_compute_in_f32() {
         assert_eq!(total[0], vec![4096.0], "{dtype}: accumulated in f32, not in {dtype}");
     }
 }
+
+/// A column reduction over a middle axis with several outer groups (`[3, 96, 64]` over axis 1:
+/// each group folds its row blocks into partial rows that the next group reuses) gives every
+/// group its own sums, on 1 and 3 threads.
+#[test]
+fn column_sums_of_several_groups_are_each_their_own() {
+    let (outer, rows, columns) = (3, 96, 64);
+    let data: Vec<f32> = (0..outer * rows * columns).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+    let x = Tensor::from_vec(data.clone(), [outer, rows, columns]).unwrap();
+    let mut expected = vec![0.0f64; outer * columns];
+    for o in 0..outer {
+        for r in 0..rows {
+            for c in 0..columns {
+                expected[o * columns + c] += f64::from(data[(o * rows + r) * columns + c]);
+            }
+        }
+    }
+    let op: OpRef = Arc::new(Sum { axes: vec![1], keepdim: false });
+    for ctx in [Context::single_thread(), Context::with_threads(3)] {
+        assert_eq!(run(ctx, &op, std::slice::from_ref(&x)), vec![expected.clone()]);
+    }
+}

@@ -161,7 +161,7 @@ pub struct BenchArgs {
     pub max_bytes: usize,
     /// After each figure of a strategy in this process, run a traced session of it and print
     /// where its busiest rank spends the step, per op (acts, ms per step, share, GFLOP/s);
-    /// strategies across processes are not traced (the run says so).
+    /// strategies across processes and GPU runs are not traced (the run says so).
     #[arg(long)]
     pub ops: bool,
     /// Write the report as JSON.
@@ -293,18 +293,25 @@ fn train_section(
                 references.push(Some(*strategy));
             }
             let (mut ours, theirs) = paired_figures(args, model, *strategy, &references, peak)?;
-            if args.ops && strategy.processes == 1 {
+            let traceable = strategy.processes == 1 && cpu;
+            if args.ops && traceable {
                 let bar = progress(0, "ops");
                 tick(&bar, &format!("tracing {} on {}", model.name(), strategy.label()));
                 ours.ops = Some(train::ops_profile(model, *strategy, args.device, OPS_STEPS)?);
                 bar.finish_and_clear();
             } else if args.ops {
+                // Across processes only rank 0's process could be traced; on a GPU an act's
+                // trace is its kernels' enqueueing, not their run.
+                let why = if cpu {
+                    format!("runs across {} processes", strategy.processes)
+                } else {
+                    format!("runs on {}, where acts only enqueue", args.device.name())
+                };
                 eprintln!(
-                    "meshflow bench: --ops traces sessions in this process; {} on {} runs across \
-                     {} processes and has no per-op table",
+                    "meshflow bench: --ops traces CPU sessions in this process; {} on {} {why} \
+                     and has no per-op table",
                     model.name(),
                     strategy.label(),
-                    strategy.processes
                 );
             }
             report.train.push(ours);

@@ -3,8 +3,8 @@
 //! cores for its duration, and ready acts take free cores in the order they became ready (as
 //! the operating system hands a core to runnable threads in turn; an act here is short against
 //! a scheduler's time slice, so it runs to its end once it has a core): any free core, or with
-//! the threads bound to cores as a session binds them, its own thread's core ([`Cores`]). Leaves, joins and ends
-//! take no time and no core. Each actor acts once per step (pieces are actors of their own), so
+//! the threads bound to cores as a session binds them, its own thread's core ([`Cores`]).
+//! Leaves, joins and ends take no time and no core. Each actor acts once per step (pieces are actors of their own), so
 //! the plan of one step is a graph of dependencies: an act waits for the producers of its input
 //! edges (a variable's update edge belongs to the next step) and for its stream's previous act.
 //!
@@ -153,8 +153,12 @@ pub fn step_on_cores_waiting(
     let (mut free, mut now, mut busy) = (vec![capacity; queues], 0u64, 0u64);
     let duration = |actor: usize| costs.durations.get(actor).copied().unwrap_or(0);
     loop {
-        while let Some(queue) = (0..queues).find(|&q| free[q] > 0 && !ready[q].is_empty()) {
-            let Some((_, actor)) = ready[queue].pop_first() else { break };
+        // The earliest-ready act of a queue with a free core.
+        let next = |free: &[usize], ready: &mut [BTreeSet<(u64, usize)>]| {
+            let queue = (0..queues).find(|&q| free[q] > 0 && !ready[q].is_empty())?;
+            ready[queue].pop_first().map(|(_, actor)| (queue, actor))
+        };
+        while let Some((queue, actor)) = next(&free, &mut ready) {
             free[queue] -= 1;
             let gang = gangs.of[actor];
             let go = match gang {

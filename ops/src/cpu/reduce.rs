@@ -138,6 +138,13 @@ fn reduce_columns<I: Copy + Sync, A: Float + Send + Sync>(
 ) -> Vec<A> {
     let mut out = vec![start; outer * inner];
     let block_rows = size.div_ceil(ROW_BLOCKS).max(1);
+    // One set of partial rows for every outer group (refilled per group), not one allocation
+    // each.
+    let mut partials = if inner > PARTIAL_COLUMNS {
+        Vec::new()
+    } else {
+        vec![start; size.div_ceil(block_rows) * inner]
+    };
     for (o, acc) in out.chunks_mut(inner).enumerate() {
         let base = o * size * inner;
         if inner > PARTIAL_COLUMNS {
@@ -150,7 +157,7 @@ fn reduce_columns<I: Copy + Sync, A: Float + Send + Sync>(
             });
             continue;
         }
-        let mut partials = vec![start; size.div_ceil(block_rows) * inner];
+        partials.fill(start);
         let mut rows: Vec<&mut [A]> = partials.chunks_mut(inner).collect();
         for_chunks(ctx, &mut rows, block_rows * inner, |first, chunk| {
             for (b, partial) in chunk.iter_mut().enumerate() {
