@@ -45,6 +45,8 @@ for line in sys.stdin:
   executables -p meshflow-comm --lib | sed 's/^meshflow_comm /comm_lib /'
   # (building an integration test also builds the meshflow binary; only the test is packed)
   executables -p meshflow --test cuda_session | grep '^cuda_session '
+  # (the root crate's unit tests: boxing's even collectives on device memory)
+  executables -p meshflow --lib | sed 's/^meshflow /meshflow_lib /'
 } | while read -r name path; do
   cp "$path" "$pack/bin/$name"
   strip --strip-debug "$pack/bin/$name" 2>/dev/null || true

@@ -16,6 +16,9 @@
 #   session    GPT sessions trained 20 steps on the GPU and on the CPU, losses compared;
 #   nccl       NCCL with the one rank one GPU allows (every collective, host and device
 #              tensors), and the abort of a failed job;
+#   boxing     every collective boxing step of every plan over a few meshes as the GPU runs it
+#              (device permutes around one even collective, simulated over the ranks) against
+#              the reference executor (src/exec/even.rs);
 #   bench-comm `meshflow bench comm`: every collective nccl-tests style over the GPUs with NCCL
 #              (and over 2 device threads), #wrong must be 0 (bench.sh comm);
 #   example    the GPT example 20 steps with --device cuda and on the CPU (1e-3);
@@ -85,6 +88,7 @@ part torch-gpt 90 python3 "$here/gpt_torch.py"
 part ops 120 "$here/bin/cuda_gpu" --nocapture --test-threads=1
 part session 120 "$here/bin/cuda_session" --nocapture --test-threads=1
 part nccl 60 "$here/bin/comm_lib" nccl:: --nocapture --test-threads=1
+part boxing 60 "$here/bin/meshflow_lib" exec::even --nocapture --test-threads=1
 part bench-comm 60 "$here/bench.sh" comm "$log_dir" "$threads"
 part example 120 "$here/gpt_example.sh" "$log_dir" "$threads"
 part bench-train 150 "$here/bench.sh" train "$log_dir" "$threads"

@@ -48,12 +48,35 @@ pub fn apply_plan(
     let mut current = local;
     for step in &plan.steps {
         current = apply_step(&plan.logical, dtype, step, current, comms)
-            .map_err(|e| Error::Boxing { step: step.to_string(), source: Box::new(e) })?;
+            .map_err(|e| step_error(step, e))?;
     }
     Ok(current)
 }
 
-fn apply_step(
+/// `error` of a plan's `step`, naming the step.
+pub fn step_error(step: &BoxingStep, error: Error) -> Error {
+    Error::Boxing { step: step.to_string(), source: Box::new(error) }
+}
+
+/// The box a `LocalSlice` step keeps of `rank`'s shard: its offsets in the shard and its
+/// shape (`None` when `rank` is not in the step's placement or the step is not a slice).
+pub fn local_slice(
+    logical: &[usize],
+    step: &BoxingStep,
+    rank: usize,
+) -> Result<Option<(Vec<usize>, Vec<usize>)>> {
+    let StepKind::LocalSlice { .. } = step.kind else { return Ok(None) };
+    let placement = &step.before.placement;
+    let Some(coordinates) = placement.coordinates(rank) else { return Ok(None) };
+    let region = |layout: &Layout| {
+        local_region(logical, &layout.nd_sbp, placement.hierarchy(), &coordinates)
+    };
+    let (before, after) = (region(&step.before)?, region(&step.after)?);
+    Ok(Some((relative(&after, &before), after.shape)))
+}
+
+/// Applies one step of a plan to this rank's shard on the host (see [`apply_plan`]).
+pub fn apply_step(
     logical: &[usize],
     dtype: DType,
     step: &BoxingStep,
@@ -108,8 +131,9 @@ fn apply_step(
             concat(&parts, from_axis)?
         }
         StepKind::LocalSlice { .. } => {
-            let (before, after) = (region(&step.before)?, region(&step.after)?);
-            take_box(&local, &relative(&after, &before), &after.shape)?
+            let (offsets, shape) = local_slice(logical, step, comms.rank)?
+                .ok_or_else(|| Error::Runtime(format!("{step}: not a slice of this rank")))?;
+            take_box(&local, &offsets, &shape)?
         }
         StepKind::ZeroFill { mesh_axis, from } => {
             let keep = coordinates[mesh_axis] == 0;

@@ -2,4 +2,5 @@
 //! executor.
 
 pub mod boxing;
+pub mod even;
 pub mod layout;

@@ -13,11 +13,16 @@
 //! once; the executor reports an act complete as soon as its kernels are enqueued
 //! ([`super::events`] holds the rule for consumers on other streams).
 //!
-//! Boxing: a sum over a group of GPU ranks of this process (`P -> B`, the data-parallel gradient)
-//! runs as an NCCL all-reduce on device memory, on the communicator's own stream, ordered after
-//! the device stream and before the device's next kernels, in the chain order every rank shares.
-//! Every other boxing step, and every copy between a GPU and a CPU placement, goes through host
-//! copies and the rank's host communicators (download, the CPU boxing, upload).
+//! Boxing, step by step of a plan: a collective step over a group of GPU ranks of this process
+//! (all-reduce `P -> B`, the data-parallel gradient; reduce-scatter `P -> S`; all-gather
+//! `S -> B`; all-to-all `S(i) -> S(j)`) runs as one NCCL collective on device memory whenever
+//! the members' pieces have one size ([`EvenStep`]: the step's tensor axis is moved to the
+//! front and back by permute kernels on the device stream, none when it is axis 0), on the
+//! communicator's own stream, ordered after the device stream and before the device's next
+//! kernels, in the chain order every rank shares. A local slice (`B -> S`) is a narrow on the
+//! device. Collectives over uneven pieces, zero fills, and copies between placements (a GPU and
+//! a CPU placement, pipeline stages) go through host copies and the rank's host communicators
+//! (download, the CPU step, upload).
 
 use std::collections::HashMap;
 
@@ -25,10 +30,13 @@ use meshflow_comm::cluster::Health;
 use meshflow_comm::nccl::{NcclAbort, NcclCommunicator, NcclConfig, NcclId};
 use meshflow_comm::{Rank, ReduceOp};
 use meshflow_ops::cuda::{self, CudaDevice};
+use meshflow_ops::ops::narrow::Narrow;
+use meshflow_ops::ops::permute::Permute;
 use meshflow_ops::{Context, DType, Device, Op, Tensor};
-use meshflow_placement::{BoxingPlan, BoxingStep, StepKind};
+use meshflow_placement::{BoxingPlan, BoxingStep};
 
-use crate::exec::boxing::{apply_plan, Comms};
+use crate::exec::boxing::{self, apply_plan, local_slice, step_error, Comms};
+use crate::exec::even::{EvenCollective, EvenStep};
 use crate::{Error, Result};
 
 /// Where the device ranks of this process run.
@@ -141,14 +149,13 @@ impl Backend {
         let Backend::Cuda(gpu) = self else {
             return apply_plan(plan, dtype, local, comms);
         };
-        if let (Some(local), [step]) = (&local, plan.steps.as_slice()) {
-            if let Some(reduced) = gpu.nccl_all_reduce(step, local, comms.rank)? {
-                return Ok(Some(reduced));
-            }
+        let mut current = local;
+        for step in &plan.steps {
+            current = gpu
+                .apply_step(&plan.logical, dtype, step, current, comms)
+                .map_err(|e| step_error(step, e))?;
         }
-        let host = local.as_ref().map(cuda::to_host).transpose()?;
-        let out = apply_plan(plan, dtype, host, comms)?;
-        Ok(out.map(|t| gpu.device.to_device(&t)).transpose()?)
+        Ok(current)
     }
 
     /// Joins the NCCL communicator `id` of the GPU ranks `group`, when this rank is one of them
@@ -180,30 +187,68 @@ impl Backend {
 }
 
 impl Gpu {
-    /// The all-reduce of `step` on device memory through NCCL, when `step` is an all-reduce over
-    /// a group that has a communicator here; `None` otherwise (the host path runs it).
-    fn nccl_all_reduce(
+    /// One step of a boxing plan on this GPU rank's shard (the module doc says which path).
+    fn apply_step(
         &self,
+        logical: &[usize],
+        dtype: DType,
         step: &BoxingStep,
-        local: &Tensor,
-        rank: usize,
+        local: Option<Tensor>,
+        comms: &mut Comms,
     ) -> Result<Option<Tensor>> {
-        let StepKind::AllReduce { mesh_axis } = step.kind else { return Ok(None) };
-        let Some(group) = group_of(step, mesh_axis, rank) else { return Ok(None) };
-        let Some(communicator) = self.nccl.get(&group) else { return Ok(None) };
-        let reduced = communicator
-            .all_reduce_device(&self.device, local, ReduceOp::Sum)
-            .map_err(|e| Error::Boxing { step: step.to_string(), source: Box::new(e.into()) })?;
-        Ok(Some(reduced))
+        if let Some(local) = &local {
+            let local = self.device.to_device(local)?;
+            if let Some(even) = EvenStep::of(logical, step, comms.rank, local.dims())? {
+                if let Some(communicator) = self.nccl.get(&even.group) {
+                    return self.even_collective(&even, &local, communicator).map(Some);
+                }
+            }
+            if let Some((offsets, shape)) = local_slice(logical, step, comms.rank)? {
+                return self.slice(local, &offsets, &shape).map(Some);
+            }
+        }
+        let host = local.as_ref().map(cuda::to_host).transpose()?;
+        let out = boxing::apply_step(logical, dtype, step, host, comms)?;
+        Ok(out.map(|t| self.device.to_device(&t)).transpose()?)
     }
-}
 
-/// The ranks of `rank`'s group on `mesh_axis` of the step's source placement, in group order.
-fn group_of(step: &BoxingStep, mesh_axis: usize, rank: usize) -> Option<Vec<usize>> {
-    let placement = &step.before.placement;
-    let index = placement.index_of_coordinates(&placement.coordinates(rank)?);
-    let ranks = placement.ranks();
-    Some(placement.group_of_index(index, mesh_axis).into_iter().map(|i| ranks[i]).collect())
+    /// `even`'s collective through NCCL on device memory, its reorders as permute kernels.
+    fn even_collective(
+        &self,
+        even: &EvenStep,
+        local: &Tensor,
+        communicator: &NcclCommunicator,
+    ) -> Result<Tensor> {
+        let mut permute = |t: &Tensor, perm: &[usize]| -> Result<Tensor> {
+            let op = Permute { perm: perm.to_vec() };
+            Ok(self.device.forward(&op, std::slice::from_ref(t))?.remove(0))
+        };
+        let sent = even.prepare(local, &mut permute)?;
+        let device = &self.device;
+        let received = match even.collective {
+            EvenCollective::AllReduce => {
+                communicator.all_reduce_device(device, &sent, ReduceOp::Sum)
+            }
+            EvenCollective::AllGather => communicator.all_gather_device(device, &sent),
+            EvenCollective::ReduceScatter => {
+                communicator.reduce_scatter_device(device, &sent, ReduceOp::Sum)
+            }
+            EvenCollective::AllToAll => communicator.all_to_all_device(device, &sent),
+        }?;
+        even.finish(&received, &mut permute)
+    }
+
+    /// The box of `local` at `offsets` of `shape`, one narrow kernel per axis it cuts.
+    fn slice(&self, local: Tensor, offsets: &[usize], shape: &[usize]) -> Result<Tensor> {
+        let mut out = local;
+        for (axis, (&start, &len)) in offsets.iter().zip(shape).enumerate() {
+            if out.dims()[axis] != len {
+                let op = Narrow { axis: axis as isize, start, len };
+                out = self.device.forward(&op, &[out])?.remove(0);
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
