@@ -10,8 +10,11 @@
 //! to where the step's tensor axis concatenates them. A permutation that keeps every axis in
 //! place is skipped, so a split on axis 0 moves no bytes besides the collective's.
 //!
-//! Every member of a group decides from the step and the logical shape alone (never from its own
-//! shard), so all members take the same path: one NCCL call, or the host path for all of them.
+//! Every member of a group decides from what the members share: the step, the group's extent of
+//! the target layout, and the shard's length on an axis the group does not split (the reduced
+//! axis of a reduce-scatter, the `to` axis of an all-to-all), never from the length of its own
+//! piece of a split axis. So all members take the same path: one NCCL call, or the host path
+//! for all of them.
 
 use meshflow_ops::Tensor;
 use meshflow_placement::{local_region, BoxingStep, Region, StepKind};
