@@ -197,14 +197,15 @@ impl Gpu {
         comms: &mut Comms,
     ) -> Result<Option<Tensor>> {
         if let Some(local) = &local {
-            let local = self.device.to_device(local)?;
+            // (A host shard, e.g. a variable just loaded from a checkpoint, is uploaded first.)
             if let Some(even) = EvenStep::of(logical, step, comms.rank, local.dims())? {
                 if let Some(communicator) = self.nccl.get(&even.group) {
+                    let local = self.device.to_device(local)?;
                     return self.even_collective(&even, &local, communicator).map(Some);
                 }
             }
             if let Some((offsets, shape)) = local_slice(logical, step, comms.rank)? {
-                return self.slice(local, &offsets, &shape).map(Some);
+                return self.slice(self.device.to_device(local)?, &offsets, &shape).map(Some);
             }
         }
         let host = local.as_ref().map(cuda::to_host).transpose()?;
