@@ -73,9 +73,9 @@ fi
 gzip -9 "$pack"/bin/*
 
 here=scripts/gpu-check
-cp "$here/run.sh" "$here/gpt_example.sh" "$here/gpt2_body.sh" "$here/bench.sh" "$here/matmul_torch.py" "$here/gpt_torch.py" "$here/device-env.sh" "$pack/"
+cp "$here/run.sh" "$here/gpt_example.sh" "$here/gpt2_body.sh" "$here/profile_gpt2_body.sh" "$here/bench.sh" "$here/matmul_torch.py" "$here/gpt_torch.py" "$here/device-env.sh" "$pack/"
 cp scripts/torch_train.py "$pack/"
-chmod +x "$pack/run.sh" "$pack/gpt_example.sh" "$pack/gpt2_body.sh" "$pack/bench.sh" "$pack"/bin/*
+chmod +x "$pack/run.sh" "$pack/gpt_example.sh" "$pack/gpt2_body.sh" "$pack/profile_gpt2_body.sh" "$pack/bench.sh" "$pack"/bin/*
 size=$(du -sb "$pack" | cut -f1)
 echo "packed $pack: $(ls "$pack/bin" | tr '\n' ' ')($((size / 1024 / 1024)) MiB)"
 if [ "$size" -gt $((64 * 1024 * 1024)) ]; then
