@@ -1,25 +1,33 @@
 //! Collective boxing steps as NCCL runs them: one collective on dim 0 whose members all send
-//! pieces of one size, between two axis reorders of the rank's own tensors.
+//! buffers of one size, between reorders of the rank's own tensors.
 //!
 //! The host executor ([`super::boxing`]) moves a step's tensor axis to the front with host
-//! copies and lets the communicator cut dim 0 into (possibly uneven) chunks. On a GPU the same
-//! step runs on device memory when every member's pieces have one size ([`EvenStep::of`]
-//! says when): [`EvenStep::prepare`] views the shard with the group's axis split out and
-//! permutes it to the front ([`Reorder`]), the collective runs on that flat buffer, and
-//! [`EvenStep::finish`] views what arrived as `[members, ...]` and permutes the members' axis
-//! to where the step's tensor axis concatenates them. A permutation that keeps every axis in
-//! place is skipped, so a split on axis 0 moves no bytes besides the collective's.
+//! copies and lets the communicator cut dim 0 into balanced chunks, which differ by one when the
+//! axis does not divide by the group. On a GPU the same step runs on device memory as one NCCL
+//! collective ([`EvenStep`]): [`EvenStep::prepare`] turns the shard into the buffer it sends
+//! (a piece of a split axis padded with zeros to the longest member's, an axis to be scattered
+//! cut into one padded block per member, the members' axis permuted to the front), and
+//! [`EvenStep::finish`] turns the buffer it receives into its shard (the members' axis
+//! permuted to where the step concatenates, the padding cut off). When the axis divides by
+//! the group there is no padding, and on axis 0 no permutation either: the collective's bytes
+//! are the only ones moved.
 //!
 //! Every member of a group decides from what the members share: the step, the group's extent of
 //! the target layout, and the shard's length on an axis the group does not split (the reduced
-//! axis of a reduce-scatter, the `to` axis of an all-to-all), never from the length of its own
-//! piece of a split axis. So all members take the same path: one NCCL call, or the host path
-//! for all of them.
+//! axis of a reduce-scatter, the `to` axis of an all-to-all). So all members take the same
+//! path: one NCCL call, or the host path for all of them (only for an axis shorter than the
+//! group, where some members hold nothing).
 
-use meshflow_ops::Tensor;
+use meshflow_ops::ops::concat::Concat;
+use meshflow_ops::ops::narrow::{Narrow, Pad};
+use meshflow_ops::ops::permute::Permute;
+use meshflow_ops::{Op, Tensor};
 use meshflow_placement::{local_region, BoxingStep, Region, StepKind};
 
 use crate::{Error, Result};
+
+/// Runs one op where the rank keeps its tensors (the host's kernels, or a GPU's).
+pub type Run<'a> = dyn FnMut(&dyn Op, &[Tensor]) -> Result<Tensor> + 'a;
 
 /// The collective of an [`EvenStep`]: NCCL's, on dim 0 of a buffer every member sends in the
 /// same size.
@@ -35,50 +43,58 @@ pub enum EvenCollective {
     AllToAll,
 }
 
-/// A view of a tensor under other dims, then a permutation of its axes (output axis `k` is
-/// axis `perm[k]` of the view).
+/// An axis of `len` cut into balanced chunks over `n` members (the first `len % n` chunks one
+/// longer), as the layouts and the communicators cut it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunks {
+    /// The axis's length.
+    pub len: usize,
+    /// Members.
+    pub n: usize,
+}
+
+impl Chunks {
+    /// The longest chunk, which every member's is padded to.
+    pub fn padded(self) -> usize {
+        self.len.div_ceil(self.n)
+    }
+
+    /// Member `i`'s chunk length.
+    pub fn size(self, i: usize) -> usize {
+        self.len / self.n + usize::from(i < self.len % self.n)
+    }
+
+    /// True when every chunk has the same length (no padding).
+    pub fn is_even(self) -> bool {
+        self.len % self.n == 0
+    }
+}
+
+/// What a collective step does to the shard's axes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reorder {
-    /// The dims the tensor is viewed with (same element count).
-    pub view: Vec<usize>,
-    /// The permutation of the view's axes.
-    pub perm: Vec<usize>,
+enum Axes {
+    /// Nothing: a sum of equal shards.
+    Same,
+    /// The members' pieces of `axis` concatenated.
+    Gather { axis: usize, chunks: Chunks },
+    /// `axis` summed and cut into the members' chunks.
+    Scatter { axis: usize, chunks: Chunks },
+    /// `to` cut into the members' chunks, the members' pieces of `from` concatenated.
+    Exchange { from: usize, from_chunks: Chunks, to: usize, to_chunks: Chunks },
 }
 
-impl Reorder {
-    /// True when the permutation keeps every axis in place (the reorder is a view).
-    pub fn is_view(&self) -> bool {
-        self.perm.iter().enumerate().all(|(k, &axis)| k == axis)
-    }
-
-    /// `tensor` reordered; `permute` runs a permutation where the tensor lives.
-    fn apply(
-        &self,
-        tensor: &Tensor,
-        permute: &mut dyn FnMut(&Tensor, &[usize]) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        let viewed = tensor.reshaped(self.view.clone())?;
-        if self.is_view() {
-            Ok(viewed)
-        } else {
-            permute(&viewed, &self.perm)
-        }
-    }
-}
-
-/// One collective boxing step of one rank as an even collective.
+/// One collective boxing step of one rank as one NCCL collective.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EvenStep {
     /// The ranks of the rank's group, in group order.
     pub group: Vec<usize>,
+    /// The rank's index in `group`.
+    pub member: usize,
     /// The collective over `group`.
     pub collective: EvenCollective,
-    /// From the rank's shard to the buffer it sends.
-    pub before: Reorder,
-    /// From the buffer it receives to ...
-    pub after: Reorder,
-    /// ... its shard of the step's target layout, these dims.
-    pub out: Vec<usize>,
+    /// The rank's shard's dims before the step.
+    dims: Vec<usize>,
+    axes: Axes,
 }
 
 /// `axes` with axis 0 moved to position `to` (the others keep their order).
@@ -99,11 +115,86 @@ fn split_axis(dims: &[usize], axis: usize, parts: usize) -> Vec<usize> {
     view
 }
 
+/// `dims` with axes `axis` and `axis + 1` merged.
+fn merge_axes(dims: &[usize], axis: usize) -> Vec<usize> {
+    let mut out = dims[..axis].to_vec();
+    out.push(dims[axis] * dims[axis + 1]);
+    out.extend_from_slice(&dims[axis + 2..]);
+    out
+}
+
+/// `dims` with `dims[axis] = len`.
+fn with(dims: &[usize], axis: usize, len: usize) -> Vec<usize> {
+    let mut out = dims.to_vec();
+    out[axis] = len;
+    out
+}
+
+fn is_identity(perm: &[usize]) -> bool {
+    perm.iter().enumerate().all(|(k, &axis)| k == axis)
+}
+
+fn permute(run: &mut Run, t: Tensor, perm: &[usize]) -> Result<Tensor> {
+    if is_identity(perm) {
+        return Ok(t);
+    }
+    run(&Permute { perm: perm.to_vec() }, &[t])
+}
+
+fn narrow(run: &mut Run, t: Tensor, axis: usize, start: usize, len: usize) -> Result<Tensor> {
+    if start == 0 && t.dims()[axis] == len {
+        return Ok(t);
+    }
+    run(&Narrow { axis: axis as isize, start, len }, &[t])
+}
+
+/// `t` padded with zeros after its end on `axis` to `total`.
+fn pad(run: &mut Run, t: Tensor, axis: usize, total: usize) -> Result<Tensor> {
+    if t.dims()[axis] == total {
+        return Ok(t);
+    }
+    run(&Pad { axis: axis as isize, start: 0, total }, &[t])
+}
+
+/// `t`'s `axis` (of `chunks.len`) as two axes `[n, padded]`: member `i`'s chunk in block `i`,
+/// zeros after it.
+fn blocks(run: &mut Run, t: Tensor, axis: usize, chunks: Chunks) -> Result<Tensor> {
+    let (n, c) = (chunks.n, chunks.padded());
+    let dims = t.dims().to_vec();
+    if chunks.is_even() {
+        return Ok(t.reshaped(split_axis(&dims, axis, n))?);
+    }
+    let long = chunks.len % n;
+    let head = narrow(run, t.clone(), axis, 0, long * c)?;
+    let head = head.reshaped(split_axis(&with(&dims, axis, long * c), axis, long))?;
+    let tail = narrow(run, t, axis, long * c, (n - long) * (c - 1))?;
+    let tail =
+        tail.reshaped(split_axis(&with(&dims, axis, (n - long) * (c - 1)), axis, n - long))?;
+    let tail = pad(run, tail, axis + 1, c)?;
+    run(&Concat { axis: axis as isize }, &[head, tail])
+}
+
+/// The inverse of [`blocks`]: axes `[axis, axis + 1] = [n, padded]` back into one axis of
+/// `chunks.len`, each block's padding cut off.
+fn unblocks(run: &mut Run, t: Tensor, axis: usize, chunks: Chunks) -> Result<Tensor> {
+    let (n, c) = (chunks.n, chunks.padded());
+    if chunks.is_even() {
+        let merged = merge_axes(t.dims(), axis);
+        return Ok(t.reshaped(merged)?);
+    }
+    let long = chunks.len % n;
+    let head = narrow(run, t.clone(), axis, 0, long)?;
+    let head = head.reshaped(merge_axes(head.dims(), axis))?;
+    let tail = narrow(run, t, axis, long, n - long)?;
+    let tail = narrow(run, tail, axis + 1, 0, c - 1)?;
+    let tail = tail.reshaped(merge_axes(tail.dims(), axis))?;
+    run(&Concat { axis: axis as isize }, &[head, tail])
+}
+
 impl EvenStep {
-    /// `step` for `rank`, whose shard has `dims`, as an even collective: `None` when the step
-    /// is not a collective, when `rank` is not in its placement, or when some member's piece
-    /// would differ in size (an axis that does not divide by the group: the host path cuts
-    /// uneven chunks).
+    /// `step` for `rank`, whose shard has `dims`, as one NCCL collective: `None` when the step
+    /// is not a collective, when `rank` is not in its placement, or when a split axis is
+    /// shorter than the group (some members hold nothing: the host path runs it).
     pub fn of(
         logical: &[usize],
         step: &BoxingStep,
@@ -112,11 +203,11 @@ impl EvenStep {
     ) -> Result<Option<EvenStep>> {
         let placement = &step.before.placement;
         let Some(coordinates) = placement.coordinates(rank) else { return Ok(None) };
-        let mesh_axis = match step.kind {
-            StepKind::AllReduce { mesh_axis }
-            | StepKind::ReduceScatter { mesh_axis, .. }
-            | StepKind::AllGather { mesh_axis, .. }
-            | StepKind::AllToAll { mesh_axis, .. } => mesh_axis,
+        let (mesh_axis, collective) = match step.kind {
+            StepKind::AllReduce { mesh_axis } => (mesh_axis, EvenCollective::AllReduce),
+            StepKind::ReduceScatter { mesh_axis, .. } => (mesh_axis, EvenCollective::ReduceScatter),
+            StepKind::AllGather { mesh_axis, .. } => (mesh_axis, EvenCollective::AllGather),
+            StepKind::AllToAll { mesh_axis, .. } => (mesh_axis, EvenCollective::AllToAll),
             _ => return Ok(None),
         };
         let index = placement.index_of_coordinates(&coordinates);
@@ -124,6 +215,7 @@ impl EvenStep {
         let group: Vec<usize> =
             placement.group_of_index(index, mesh_axis).into_iter().map(|i| ranks[i]).collect();
         let n = group.len();
+        let member = coordinates[mesh_axis];
         // The group's extent of the target layout, the same for every member.
         let after: Region = local_region(
             logical,
@@ -131,111 +223,122 @@ impl EvenStep {
             step.after.placement.hierarchy(),
             &coordinates,
         )?;
-        let rank_of = dims.len();
-        let same =
-            |view: &[usize]| Reorder { view: view.to_vec(), perm: (0..view.len()).collect() };
         let check = |axis: usize| {
-            if axis < rank_of {
+            if axis < dims.len() {
                 Ok(())
             } else {
+                let rank_of = dims.len();
                 Err(Error::Runtime(format!(
                     "boxing step {step}: tensor axis {axis} of a rank-{rank_of} shard"
                 )))
             }
         };
-        let even = match step.kind {
-            StepKind::AllReduce { .. } => Some(EvenStep {
-                group,
-                collective: EvenCollective::AllReduce,
-                before: same(dims),
-                after: same(dims),
-                out: dims.to_vec(),
-            }),
+        let chunks = |len: usize| Chunks { len, n };
+        let axes = match step.kind {
             StepKind::AllGather { tensor_axis: k, .. } => {
                 check(k)?;
-                (after.shape[k] % n == 0).then(|| {
-                    let mut view = vec![n];
-                    view.extend_from_slice(dims);
-                    let mut out = dims.to_vec();
-                    out[k] *= n;
-                    EvenStep {
-                        group,
-                        collective: EvenCollective::AllGather,
-                        before: same(dims),
-                        after: Reorder { perm: front_to(rank_of + 1, k), view },
-                        out,
-                    }
-                })
+                Axes::Gather { axis: k, chunks: chunks(after.shape[k]) }
             }
             StepKind::ReduceScatter { tensor_axis: k, .. } => {
                 check(k)?;
-                (dims[k] % n == 0).then(|| {
-                    let mut out = dims.to_vec();
-                    out[k] /= n;
-                    EvenStep {
-                        group,
-                        collective: EvenCollective::ReduceScatter,
-                        before: Reorder {
-                            view: split_axis(dims, k, n),
-                            perm: to_front(rank_of + 1, k),
-                        },
-                        after: same(&out),
-                        out,
-                    }
-                })
+                Axes::Scatter { axis: k, chunks: chunks(dims[k]) }
             }
             StepKind::AllToAll { from_axis: f, to_axis: t, .. } => {
                 check(f)?;
                 check(t)?;
-                (f != t && dims[t] % n == 0 && after.shape[f] % n == 0).then(|| {
-                    // What member i sends member j: its shard's chunk j of the `to` axis.
-                    let mut piece = dims.to_vec();
-                    piece[t] /= n;
-                    let mut view = vec![n];
-                    view.extend_from_slice(&piece);
-                    let mut out = piece;
-                    out[f] *= n;
-                    EvenStep {
-                        group,
-                        collective: EvenCollective::AllToAll,
-                        before: Reorder {
-                            view: split_axis(dims, t, n),
-                            perm: to_front(rank_of + 1, t),
-                        },
-                        after: Reorder { perm: front_to(rank_of + 1, f), view },
-                        out,
-                    }
-                })
+                if f == t {
+                    return Ok(None);
+                }
+                Axes::Exchange {
+                    from: f,
+                    from_chunks: chunks(after.shape[f]),
+                    to: t,
+                    to_chunks: chunks(dims[t]),
+                }
             }
-            _ => None,
+            _ => Axes::Same,
         };
-        Ok(even)
+        let some_hold_nothing = |c: Chunks| c.len < c.n;
+        let hollow = match axes {
+            Axes::Same => false,
+            Axes::Gather { chunks, .. } | Axes::Scatter { chunks, .. } => some_hold_nothing(chunks),
+            Axes::Exchange { from_chunks, to_chunks, .. } => {
+                some_hold_nothing(from_chunks) || some_hold_nothing(to_chunks)
+            }
+        };
+        if hollow {
+            return Ok(None);
+        }
+        Ok(Some(EvenStep { group, member, collective, dims: dims.to_vec(), axes }))
     }
 
-    /// The buffer this rank sends: its shard reordered (`permute` runs where it lives).
-    pub fn prepare(
-        &self,
-        local: &Tensor,
-        permute: &mut dyn FnMut(&Tensor, &[usize]) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        self.before.apply(local, permute)
+    /// True when no member's piece is padded.
+    pub fn is_even(&self) -> bool {
+        match self.axes {
+            Axes::Same => true,
+            Axes::Gather { chunks, .. } | Axes::Scatter { chunks, .. } => chunks.is_even(),
+            Axes::Exchange { from_chunks, to_chunks, .. } => {
+                from_chunks.is_even() && to_chunks.is_even()
+            }
+        }
+    }
+
+    /// The buffer this rank sends, from its shard (`run` runs the reorders where it lives).
+    pub fn prepare(&self, local: &Tensor, run: &mut Run) -> Result<Tensor> {
+        let rank = self.dims.len();
+        let local = local.reshaped(self.dims.clone())?;
+        match self.axes {
+            Axes::Same => Ok(local),
+            Axes::Gather { axis, chunks } => pad(run, local, axis, chunks.padded()),
+            Axes::Scatter { axis, chunks } => {
+                let blocked = blocks(run, local, axis, chunks)?;
+                permute(run, blocked, &to_front(rank + 1, axis))
+            }
+            Axes::Exchange { from, from_chunks, to, to_chunks } => {
+                let padded = pad(run, local, from, from_chunks.padded())?;
+                let blocked = blocks(run, padded, to, to_chunks)?;
+                permute(run, blocked, &to_front(rank + 1, to))
+            }
+        }
     }
 
     /// This rank's shard of the target layout from the buffer the collective gave it.
-    pub fn finish(
-        &self,
-        received: &Tensor,
-        permute: &mut dyn FnMut(&Tensor, &[usize]) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        self.after.apply(received, permute)?.reshaped(self.out.clone()).map_err(Into::into)
+    pub fn finish(&self, received: &Tensor, run: &mut Run) -> Result<Tensor> {
+        let rank = self.dims.len();
+        let members = |piece: &[usize]| {
+            let mut dims = vec![self.group.len()];
+            dims.extend_from_slice(piece);
+            dims
+        };
+        match self.axes {
+            Axes::Same => Ok(received.reshaped(self.dims.clone())?),
+            Axes::Gather { axis, chunks } => {
+                let piece = with(&self.dims, axis, chunks.padded());
+                let gathered = received.reshaped(members(&piece))?;
+                let gathered = permute(run, gathered, &front_to(rank + 1, axis))?;
+                unblocks(run, gathered, axis, chunks)
+            }
+            Axes::Scatter { axis, chunks } => {
+                let piece = with(&self.dims, axis, chunks.padded());
+                let mine = received.reshaped(piece)?;
+                narrow(run, mine, axis, 0, chunks.size(self.member))
+            }
+            Axes::Exchange { from, from_chunks, to, to_chunks } => {
+                let piece =
+                    with(&with(&self.dims, from, from_chunks.padded()), to, to_chunks.padded());
+                let exchanged = received.reshaped(members(&piece))?;
+                let exchanged = narrow(run, exchanged, to + 1, 0, to_chunks.size(self.member))?;
+                let exchanged = permute(run, exchanged, &front_to(rank + 1, from))?;
+                unblocks(run, exchanged, from, from_chunks)
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshflow_ops::ops::permute::Permute;
-    use meshflow_ops::{Context, Op};
+    use meshflow_ops::Context;
     use meshflow_placement::reference::{DenseTensor, Sharded};
     use meshflow_placement::{plan_boxing, DeviceType, Layout, NdSbp, Placement, Sbp};
 
@@ -244,10 +347,9 @@ mod tests {
         Tensor::from_vec(data, dense.shape.clone()).expect("a tensor")
     }
 
-    fn cpu_permute(tensor: &Tensor, perm: &[usize]) -> Result<Tensor> {
-        assert_eq!(tensor.device(), meshflow_ops::Device::Cpu);
-        let op = Permute { perm: perm.to_vec() };
-        Ok(op.forward(&Context::default(), std::slice::from_ref(tensor))?.remove(0))
+    fn cpu_run(op: &dyn Op, inputs: &[Tensor]) -> Result<Tensor> {
+        assert!(inputs.iter().all(|t| t.device() == meshflow_ops::Device::Cpu), "{op:?}");
+        Ok(op.forward(&Context::default(), inputs)?.remove(0))
     }
 
     /// What each member of a group receives from `sent` (one buffer per member, in group
@@ -268,21 +370,29 @@ mod tests {
             .collect()
     }
 
-    /// Where the test keeps its tensors: `place` moves a host tensor there, `permute` permutes
-    /// one there.
-    struct Where<'a> {
+    /// Where the test keeps its tensors: `place` moves a host tensor there, `run` runs an op
+    /// there.
+    struct Where<'a, 'b> {
         place: &'a dyn Fn(Tensor) -> Tensor,
-        permute: &'a mut dyn FnMut(&Tensor, &[usize]) -> Result<Tensor>,
+        run: &'a mut Run<'b>,
     }
 
-    /// Runs `step` on every rank of `before` through [`EvenStep`] with simulated collectives;
-    /// `None` when the step is not even.
+    /// What a step did on one rank.
+    enum Ran {
+        /// One collective, with (`true`) or without padded pieces: the rank's shard.
+        Nccl(Tensor, bool),
+        /// The host path (its group's axis is shorter than the group).
+        Host,
+    }
+
+    /// Runs `step` on every rank of `before` through [`EvenStep`] with simulated collectives,
+    /// group by group; the members of a group must agree on the path.
     fn run_even(
         logical: &[usize],
         step: &BoxingStep,
         before: &Sharded,
         at: &mut Where,
-    ) -> Option<Vec<Tensor>> {
+    ) -> Vec<Ran> {
         let placement = &step.before.placement;
         let ranks = placement.ranks();
         let steps: Vec<Option<EvenStep>> = (0..ranks.len())
@@ -290,38 +400,43 @@ mod tests {
                 EvenStep::of(logical, step, ranks[i], &before.locals[i].shape).expect("a plan")
             })
             .collect();
-        // (The shapes below divide alike in every group, so the whole mesh decides alike.)
-        let decided = steps.iter().filter(|s| s.is_some()).count();
-        assert!(decided == 0 || decided == ranks.len(), "{step}: members disagree on the path");
-        let steps: Vec<EvenStep> = steps.into_iter().collect::<Option<_>>()?;
-        let sent: Vec<Tensor> = steps
-            .iter()
-            .zip(&before.locals)
-            .map(|(s, local)| {
-                let local = (at.place)(to_tensor(local));
-                s.prepare(&local, &mut *at.permute).expect("prepare")
-            })
-            .collect();
-        let mut out = vec![None; ranks.len()];
-        for (i, s) in steps.iter().enumerate() {
+        let index_of = |rank: &usize| ranks.iter().position(|x| x == rank).expect("a member");
+        let host = |t: &Tensor| meshflow_ops::cuda::to_host(t).expect("on the host");
+        let mut out: Vec<Option<Ran>> = (0..ranks.len()).map(|_| None).collect();
+        for i in 0..ranks.len() {
             if out[i].is_some() {
                 continue;
             }
-            let members: Vec<usize> = s
-                .group
+            let Some(first) = &steps[i] else {
+                out[i] = Some(Ran::Host);
+                continue;
+            };
+            let members: Vec<usize> = first.group.iter().map(index_of).collect();
+            let group: Vec<&EvenStep> = members
                 .iter()
-                .map(|r| ranks.iter().position(|x| x == r).expect("a member"))
+                .map(|&m| {
+                    let disagree = || panic!("{step}: the members of a group disagree on the path");
+                    steps[m].as_ref().unwrap_or_else(disagree)
+                })
                 .collect();
-            let host = |t: &Tensor| meshflow_ops::cuda::to_host(t).expect("on the host");
-            let buffers: Vec<Vec<f32>> =
-                members.iter().map(|&m| host(&sent[m]).to_vec::<f32>().expect("f32")).collect();
-            for (&m, got) in members.iter().zip(simulate(s.collective, &buffers)) {
+            let buffers: Vec<Vec<f32>> = members
+                .iter()
+                .zip(&group)
+                .map(|(&m, s)| {
+                    let local = (at.place)(to_tensor(&before.locals[m]));
+                    let sent = s.prepare(&local, &mut *at.run).expect("prepare");
+                    host(&sent).to_vec::<f32>().expect("f32")
+                })
+                .collect();
+            for ((&m, s), got) in
+                members.iter().zip(&group).zip(simulate(first.collective, &buffers))
+            {
                 let received = (at.place)(Tensor::from_vec(got.clone(), [got.len()]).expect("in"));
-                let shard = steps[m].finish(&received, &mut *at.permute).expect("finish");
-                out[m] = Some(host(&shard));
+                let shard = s.finish(&received, &mut *at.run).expect("finish");
+                out[m] = Some(Ran::Nccl(host(&shard), !s.is_even()));
             }
         }
-        Some(out.into_iter().map(|t| t.expect("every rank")).collect())
+        out.into_iter().map(|r| r.expect("every rank")).collect()
     }
 
     fn layouts(mesh: &[usize], rank: usize) -> Vec<Layout> {
@@ -348,18 +463,19 @@ mod tests {
 
     /// Every collective step of every plan between two layouts of a few meshes, run as an even
     /// collective (tensors and permutations per `at`, collectives simulated), gives every rank
-    /// exactly the shard the reference executor gives it; steps over axes that do not divide
-    /// stay on the host path. Returns (even, host) steps per step kind.
-    fn check_every_plan(
-        at: &mut Where,
-    ) -> std::collections::BTreeMap<&'static str, (usize, usize)> {
-        let mut kinds = std::collections::BTreeMap::<&str, (usize, usize)>::new();
+    /// exactly the shard the reference executor gives it, padded pieces too; steps over an axis
+    /// shorter than the group stay on the host path. Returns, per step kind, the ranks' steps
+    /// run unpadded, padded and on the host.
+    fn check_every_plan(at: &mut Where) -> std::collections::BTreeMap<&'static str, [usize; 3]> {
+        let mut kinds = std::collections::BTreeMap::<&str, [usize; 3]>::new();
         for (mesh, logical) in [
             (vec![2], vec![4, 6, 8]),
             (vec![4], vec![4, 8, 12]),
             (vec![2, 2], vec![4, 8, 4]),
             (vec![2], vec![3, 5, 4]),
             (vec![3], vec![6, 5, 3]),
+            (vec![4], vec![3, 6, 2]),
+            (vec![2, 3], vec![5, 7, 3]),
         ] {
             let numel = logical.iter().product::<usize>();
             let dense = DenseTensor::new(logical.clone(), (0..numel).map(|i| i as f64).collect());
@@ -376,45 +492,46 @@ mod tests {
                     for step in &plan.steps {
                         let expected = state.clone().apply(step).expect("reference");
                         let tally = kinds.entry(step.kind.name()).or_default();
-                        if let Some(got) = run_even(&logical, step, &state, at) {
-                            tally.0 += 1;
-                            for (i, (got, want)) in got.iter().zip(&expected.locals).enumerate() {
-                                assert_eq!(got.dims(), want.shape, "{step} on device {i}");
-                                let got = got.to_vec::<f32>().expect("f32");
-                                for (g, w) in got.iter().zip(&want.data) {
-                                    assert!(
-                                        (*g as f64 - w).abs() < 1e-3,
-                                        "{source} -> {target}, {step} on device {i}: {g} != {w}"
-                                    );
-                                }
+                        let ran = run_even(&logical, step, &state, at);
+                        for (i, (ran, want)) in ran.iter().zip(&expected.locals).enumerate() {
+                            let Ran::Nccl(got, padded) = ran else {
+                                tally[2] += 1;
+                                continue;
+                            };
+                            tally[usize::from(*padded)] += 1;
+                            assert_eq!(got.dims(), want.shape, "{step} on device {i}");
+                            let got = got.to_vec::<f32>().expect("f32");
+                            for (g, w) in got.iter().zip(&want.data) {
+                                assert!(
+                                    (*g as f64 - w).abs() < 1e-3,
+                                    "{source} -> {target}, {step} on device {i}: {g} != {w}"
+                                );
                             }
-                        } else {
-                            tally.1 += 1;
                         }
                         state = expected;
                     }
                 }
             }
         }
-        // Each collective ran evenly somewhere, and uneven ones stayed on the host path.
-        for name in ["all-reduce", "all-gather", "reduce-scatter", "all-to-all"] {
-            let (even, _) = kinds.get(name).copied().unwrap_or_default();
-            assert!(even > 0, "no {name} step ran as an even collective: {kinds:?}");
-        }
+        // Each collective ran without padding and with it, and the steps over an axis shorter
+        // than the group stayed on the host path.
         for name in ["all-gather", "reduce-scatter", "all-to-all"] {
-            let (_, host) = kinds.get(name).copied().unwrap_or_default();
-            assert!(host > 0, "no uneven {name} step stayed on the host path: {kinds:?}");
+            let [even, padded, host] = kinds.get(name).copied().unwrap_or_default();
+            assert!(even > 0, "no {name} step ran unpadded: {kinds:?}");
+            assert!(padded > 0, "no {name} step ran padded: {kinds:?}");
+            assert!(host > 0, "no {name} step over a short axis stayed on the host: {kinds:?}");
         }
+        assert!(kinds.get("all-reduce").is_some_and(|t| t[0] > 0 && t[1] + t[2] == 0));
         kinds
     }
 
     #[test]
     fn even_steps_give_every_rank_the_reference_shard() {
-        check_every_plan(&mut Where { place: &|t| t, permute: &mut cpu_permute });
+        check_every_plan(&mut Where { place: &|t| t, run: &mut cpu_run });
     }
 
-    /// The same on a GPU's memory with its permute kernels (run by the GPU check; skipped
-    /// without a usable GPU).
+    /// The same on a GPU's memory with its kernels (run by the GPU check; skipped without a
+    /// usable GPU).
     #[cfg(feature = "cuda")]
     #[test]
     fn even_steps_on_a_gpu_give_every_rank_the_reference_shard() {
@@ -423,13 +540,12 @@ mod tests {
             Err(error) => return eprintln!("skipped, no usable GPU: {error}"),
         };
         let place = |t: Tensor| device.to_device(&t).expect("uploaded");
-        let mut permute = |t: &Tensor, perm: &[usize]| -> Result<Tensor> {
-            assert!(t.device() != meshflow_ops::Device::Cpu, "a host tensor");
-            let op = Permute { perm: perm.to_vec() };
-            Ok(device.forward(&op, std::slice::from_ref(t))?.remove(0))
+        let mut run = |op: &dyn Op, inputs: &[Tensor]| -> Result<Tensor> {
+            assert!(inputs.iter().all(|t| t.device() != meshflow_ops::Device::Cpu), "{op:?}");
+            Ok(device.forward(op, inputs)?.remove(0))
         };
-        let kinds = check_every_plan(&mut Where { place: &place, permute: &mut permute });
-        println!("GPU-CHECK boxing even steps on the GPU (even, host): {kinds:?}");
+        let kinds = check_every_plan(&mut Where { place: &place, run: &mut run });
+        println!("GPU-CHECK boxing collective steps on the GPU (even, padded, host): {kinds:?}");
     }
 
     #[test]
@@ -438,7 +554,35 @@ mod tests {
         assert_eq!(front_to(3, 0), vec![0, 1, 2]);
         assert_eq!(to_front(4, 2), vec![2, 0, 1, 3]);
         assert_eq!(split_axis(&[4, 6, 8], 1, 3), vec![4, 3, 2, 8]);
-        assert!(Reorder { view: vec![2, 3], perm: vec![0, 1] }.is_view());
-        assert!(!Reorder { view: vec![2, 3], perm: vec![1, 0] }.is_view());
+        assert_eq!(merge_axes(&[4, 3, 2, 8], 1), vec![4, 6, 8]);
+        assert!(is_identity(&[0, 1, 2]) && !is_identity(&[1, 0, 2]));
+    }
+
+    #[test]
+    fn chunks_are_the_communicators_balanced_ones() {
+        for (len, n) in [(10, 4), (7, 3), (8, 4), (5, 2), (3, 3)] {
+            let chunks = Chunks { len, n };
+            for i in 0..n {
+                assert_eq!(chunks.size(i), meshflow_comm::reduce::chunk(len, n, i).len());
+                assert!(chunks.size(i) <= chunks.padded());
+            }
+            assert_eq!(chunks.is_even(), (0..n).all(|i| chunks.size(i) == chunks.padded()));
+        }
+    }
+
+    /// Blocks put each member's chunk first in its padded block, zeros after, and unblocking
+    /// gives the axis back.
+    #[test]
+    fn blocks_pad_each_chunk_and_unblock_back() {
+        let x =
+            Tensor::from_vec((1..=14).map(|v| v as f32).collect::<Vec<_>>(), [2, 7]).expect("x");
+        let chunks = Chunks { len: 7, n: 3 };
+        let blocked = blocks(&mut cpu_run, x.clone(), 1, chunks).expect("blocks");
+        assert_eq!(blocked.dims(), &[2, 3, 3]);
+        let row0: Vec<f32> = blocked.to_vec::<f32>().expect("f32")[..9].to_vec();
+        assert_eq!(row0, vec![1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 6.0, 7.0, 0.0]);
+        let back = unblocks(&mut cpu_run, blocked, 1, chunks).expect("unblocks");
+        assert_eq!(back.dims(), x.dims());
+        assert_eq!(back.to_vec::<f32>().expect("f32"), x.to_vec::<f32>().expect("f32"));
     }
 }

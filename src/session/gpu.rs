@@ -15,14 +15,15 @@
 //!
 //! Boxing, step by step of a plan: a collective step over a group of GPU ranks of this process
 //! (all-reduce `P -> B`, the data-parallel gradient; reduce-scatter `P -> S`; all-gather
-//! `S -> B`; all-to-all `S(i) -> S(j)`) runs as one NCCL collective on device memory whenever
-//! the members' pieces have one size ([`EvenStep`]: the step's tensor axis is moved to the
-//! front and back by permute kernels on the device stream, none when it is axis 0), on the
-//! communicator's own stream, ordered after the device stream and before the device's next
-//! kernels, in the chain order every rank shares. A local slice (`B -> S`) is a narrow on the
-//! device. Collectives over uneven pieces, zero fills, and copies between placements (a GPU and
-//! a CPU placement, pipeline stages) go through host copies and the rank's host communicators
-//! (download, the CPU step, upload).
+//! `S -> B`; all-to-all `S(i) -> S(j)`) runs as one NCCL collective on device memory
+//! ([`EvenStep`]: the step's tensor axis is moved to the front and back by permute kernels on
+//! the device stream, none when it is axis 0, and pieces of an axis that does not divide by the
+//! group are padded to one size and cut back after), on the communicator's own stream, ordered
+//! after the device stream and before the device's next kernels, in the chain order every rank
+//! shares. A local slice (`B -> S`) is a narrow on the device. Collectives over an axis shorter
+//! than the group, zero fills, and copies between placements (a GPU and a CPU placement,
+//! pipeline stages) go through host copies and the rank's host communicators (download, the
+//! CPU step, upload).
 
 use std::collections::HashMap;
 
@@ -31,7 +32,6 @@ use meshflow_comm::nccl::{NcclAbort, NcclCommunicator, NcclConfig, NcclId};
 use meshflow_comm::{Rank, ReduceOp};
 use meshflow_ops::cuda::{self, CudaDevice};
 use meshflow_ops::ops::narrow::Narrow;
-use meshflow_ops::ops::permute::Permute;
 use meshflow_ops::{Context, DType, Device, Op, Tensor};
 use meshflow_placement::{BoxingPlan, BoxingStep};
 
@@ -213,18 +213,17 @@ impl Gpu {
         Ok(out.map(|t| self.device.to_device(&t)).transpose()?)
     }
 
-    /// `even`'s collective through NCCL on device memory, its reorders as permute kernels.
+    /// `even`'s collective through NCCL on device memory, its reorders as device kernels.
     fn even_collective(
         &self,
         even: &EvenStep,
         local: &Tensor,
         communicator: &NcclCommunicator,
     ) -> Result<Tensor> {
-        let mut permute = |t: &Tensor, perm: &[usize]| -> Result<Tensor> {
-            let op = Permute { perm: perm.to_vec() };
-            Ok(self.device.forward(&op, std::slice::from_ref(t))?.remove(0))
+        let mut run = |op: &dyn Op, inputs: &[Tensor]| -> Result<Tensor> {
+            Ok(self.device.forward(op, inputs)?.remove(0))
         };
-        let sent = even.prepare(local, &mut permute)?;
+        let sent = even.prepare(local, &mut run)?;
         let device = &self.device;
         let received = match even.collective {
             EvenCollective::AllReduce => {
@@ -236,7 +235,7 @@ impl Gpu {
             }
             EvenCollective::AllToAll => communicator.all_to_all_device(device, &sent),
         }?;
-        even.finish(&received, &mut permute)
+        even.finish(&received, &mut run)
     }
 
     /// The box of `local` at `offsets` of `shape`, one narrow kernel per axis it cuts.
