@@ -17,8 +17,9 @@
 #   nccl       NCCL with the one rank one GPU allows (every collective, host and device
 #              tensors), and the abort of a failed job;
 #   boxing     every collective boxing step of every plan over a few meshes as the GPU runs it
-#              (device permutes around one even collective, simulated over the ranks) against
-#              the reference executor (src/exec/even.rs);
+#              (device kernels around one collective of equal pieces, padded where an axis does
+#              not divide; the collective simulated over the ranks) against the reference
+#              executor (src/exec/even.rs);
 #   bench-comm `meshflow bench comm`: every collective nccl-tests style over the GPUs with NCCL
 #              (and over 2 device threads), #wrong must be 0 (bench.sh comm);
 #   example    the GPT example 20 steps with --device cuda and on the CPU (1e-3);
