@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use meshflow_comm::{Communicator, ReduceOp};
 use meshflow_ops::{DType, Tensor};
 use meshflow_placement::{
-    local_region, transfer_pieces, BoxingPlan, BoxingStep, Layout, Region, Sbp, StepKind,
+    local_region, transfer_pieces, BoxingPlan, BoxingStep, Layout, Placement, Region, Sbp, StepKind,
 };
 
 use super::layout::{axis_from_front, axis_to_front, concat, put_box, take_box};
@@ -51,6 +51,14 @@ pub fn apply_plan(
             .map_err(|e| step_error(step, e))?;
     }
     Ok(current)
+}
+
+/// The ranks of the group on `mesh_axis` of the device at `coordinates` of `placement`, in
+/// group order (a member's index is its coordinate on `mesh_axis`).
+pub fn group_ranks(placement: &Placement, coordinates: &[usize], mesh_axis: usize) -> Vec<usize> {
+    let index = placement.index_of_coordinates(coordinates);
+    let ranks = placement.ranks();
+    placement.group_of_index(index, mesh_axis).into_iter().map(|i| ranks[i]).collect()
 }
 
 /// `error` of a plan's `step`, naming the step.
@@ -96,11 +104,7 @@ pub fn apply_step(
     let region = |layout: &Layout| {
         local_region(logical, &layout.nd_sbp, placement.hierarchy(), &coordinates)
     };
-    let group = |axis: usize| {
-        let index = placement.index_of_coordinates(&coordinates);
-        let ranks = placement.ranks();
-        placement.group_of_index(index, axis).into_iter().map(|i| ranks[i]).collect::<Vec<_>>()
-    };
+    let group = |axis: usize| group_ranks(placement, &coordinates, axis);
     let out = match step.kind {
         StepKind::AllReduce { mesh_axis } => {
             comms.group(&group(mesh_axis))?.all_reduce(&local, ReduceOp::Sum)?

@@ -18,12 +18,14 @@
 //! path: one NCCL call, or the host path for all of them (only for an axis shorter than the
 //! group, where some members hold nothing).
 
+use meshflow_comm::reduce::chunk;
 use meshflow_ops::ops::concat::Concat;
 use meshflow_ops::ops::narrow::{Narrow, Pad};
 use meshflow_ops::ops::permute::Permute;
 use meshflow_ops::{Op, Tensor};
 use meshflow_placement::{local_region, BoxingStep, Region, StepKind};
 
+use super::boxing::group_ranks;
 use crate::{Error, Result};
 
 /// Runs one op where the rank keeps its tensors (the host's kernels, or a GPU's).
@@ -61,7 +63,12 @@ impl Chunks {
 
     /// Member `i`'s chunk length.
     pub fn size(self, i: usize) -> usize {
-        self.len / self.n + usize::from(i < self.len % self.n)
+        chunk(self.len, self.n, i).len()
+    }
+
+    /// True when some member's chunk is empty (an axis shorter than the group).
+    fn leaves_some_empty(self) -> bool {
+        self.len < self.n
     }
 
     /// True when every chunk has the same length (no padding).
@@ -81,6 +88,17 @@ enum Axes {
     Scatter { axis: usize, chunks: Chunks },
     /// `to` cut into the members' chunks, the members' pieces of `from` concatenated.
     Exchange { from: usize, from_chunks: Chunks, to: usize, to_chunks: Chunks },
+}
+
+impl Axes {
+    /// The chunkings of the axes the step cuts or concatenates.
+    fn chunks(&self) -> Vec<Chunks> {
+        match *self {
+            Axes::Same => vec![],
+            Axes::Gather { chunks, .. } | Axes::Scatter { chunks, .. } => vec![chunks],
+            Axes::Exchange { from_chunks, to_chunks, .. } => vec![from_chunks, to_chunks],
+        }
+    }
 }
 
 /// One collective boxing step of one rank as one NCCL collective.
@@ -210,10 +228,7 @@ impl EvenStep {
             StepKind::AllToAll { mesh_axis, .. } => (mesh_axis, EvenCollective::AllToAll),
             _ => return Ok(None),
         };
-        let index = placement.index_of_coordinates(&coordinates);
-        let ranks = placement.ranks();
-        let group: Vec<usize> =
-            placement.group_of_index(index, mesh_axis).into_iter().map(|i| ranks[i]).collect();
+        let group = group_ranks(placement, &coordinates, mesh_axis);
         let n = group.len();
         let member = coordinates[mesh_axis];
         // The group's extent of the target layout, the same for every member.
@@ -258,15 +273,7 @@ impl EvenStep {
             }
             _ => Axes::Same,
         };
-        let some_hold_nothing = |c: Chunks| c.len < c.n;
-        let hollow = match axes {
-            Axes::Same => false,
-            Axes::Gather { chunks, .. } | Axes::Scatter { chunks, .. } => some_hold_nothing(chunks),
-            Axes::Exchange { from_chunks, to_chunks, .. } => {
-                some_hold_nothing(from_chunks) || some_hold_nothing(to_chunks)
-            }
-        };
-        if hollow {
+        if axes.chunks().into_iter().any(Chunks::leaves_some_empty) {
             return Ok(None);
         }
         Ok(Some(EvenStep { group, member, collective, dims: dims.to_vec(), axes }))
@@ -274,13 +281,7 @@ impl EvenStep {
 
     /// True when no member's piece is padded.
     pub fn is_even(&self) -> bool {
-        match self.axes {
-            Axes::Same => true,
-            Axes::Gather { chunks, .. } | Axes::Scatter { chunks, .. } => chunks.is_even(),
-            Axes::Exchange { from_chunks, to_chunks, .. } => {
-                from_chunks.is_even() && to_chunks.is_even()
-            }
-        }
+        self.axes.chunks().into_iter().all(Chunks::is_even)
     }
 
     /// The buffer this rank sends, from its shard (`run` runs the reorders where it lives).
@@ -559,14 +560,14 @@ mod tests {
     }
 
     #[test]
-    fn chunks_are_the_communicators_balanced_ones() {
-        for (len, n) in [(10, 4), (7, 3), (8, 4), (5, 2), (3, 3)] {
+    fn chunks_pad_to_the_longest_and_cover_the_axis() {
+        for (len, n) in [(10, 4), (7, 3), (8, 4), (5, 2), (3, 3), (2, 3)] {
             let chunks = Chunks { len, n };
-            for i in 0..n {
-                assert_eq!(chunks.size(i), meshflow_comm::reduce::chunk(len, n, i).len());
-                assert!(chunks.size(i) <= chunks.padded());
-            }
-            assert_eq!(chunks.is_even(), (0..n).all(|i| chunks.size(i) == chunks.padded()));
+            let sizes: Vec<usize> = (0..n).map(|i| chunks.size(i)).collect();
+            assert_eq!(sizes.iter().sum::<usize>(), len);
+            assert_eq!(sizes.iter().max().copied(), Some(chunks.padded()));
+            assert_eq!(chunks.is_even(), sizes.iter().all(|&s| s == chunks.padded()));
+            assert_eq!(chunks.leaves_some_empty(), sizes.contains(&0));
         }
     }
 
