@@ -317,7 +317,7 @@ fn resume(session: &mut Session, dir: Option<&Path>) -> Result<usize> {
 /// Saves a checkpoint after `done` steps when one is due (every --save-every, and at the end).
 fn save_due(session: &Session, args: &Args, done: usize, steps: usize) -> Result<()> {
     let Some(dir) = &args.checkpoint_dir else { return Ok(()) };
-    if done == steps || (args.save_every > 0 && done % args.save_every == 0) {
+    if done == steps || (args.save_every > 0 && done.is_multiple_of(args.save_every)) {
         checkpoint::save(session, dir).map_err(|e| Error::Data(e.to_string()))?;
     }
     Ok(())

@@ -73,7 +73,7 @@ impl Chunks {
 
     /// True when every chunk has the same length (no padding).
     pub fn is_even(self) -> bool {
-        self.len % self.n == 0
+        self.len.is_multiple_of(self.n)
     }
 }
 

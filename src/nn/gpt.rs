@@ -42,7 +42,7 @@ impl GptConfig {
     }
 
     fn check(&self) -> Result<()> {
-        if self.n_head == 0 || self.d_model % self.n_head != 0 {
+        if self.n_head == 0 || !self.d_model.is_multiple_of(self.n_head) {
             return Err(Error::Graph(format!(
                 "gpt: d_model {} is not a multiple of n_head {}",
                 self.d_model, self.n_head

@@ -164,7 +164,7 @@ impl Linear {
     /// gradients add up into them), and each piece can be column-parallel on its own.
     pub fn split_outputs(&self, parts: usize) -> Result<Vec<Linear>> {
         let outputs = self.weight.dims()[0];
-        if parts == 0 || outputs % parts != 0 {
+        if parts == 0 || !outputs.is_multiple_of(parts) {
             return Err(crate::Error::Graph(format!(
                 "linear {}: {outputs} output features do not split into {parts} equal parts",
                 self.weight.graph().data().label(self.weight.value())

@@ -147,7 +147,7 @@ pub struct Built {
 /// Builds and compiles the training program of `workload` (see [`Built`]).
 pub fn build(workload: &Workload, config: &CompileConfig) -> Result<Built> {
     let pieces = workload.pieces.max(1) as usize;
-    if workload.batch % pieces != 0 {
+    if !workload.batch.is_multiple_of(pieces) {
         return Err(Error::Graph(format!(
             "batch {} is not a multiple of {pieces} micro-batches",
             workload.batch

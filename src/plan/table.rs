@@ -21,7 +21,8 @@ const PP_STAGES: usize = 4;
 /// no tensor-parallel rows.
 fn strategies(devices: usize, per_node: usize, heads: usize) -> Vec<(&'static str, Strategy)> {
     let node = per_node.min(devices);
-    let tp = (1..=node).rev().find(|&t| node % t == 0 && heads % t == 0).unwrap_or(1);
+    let tp =
+        (1..=node).rev().find(|&t| node.is_multiple_of(t) && heads.is_multiple_of(t)).unwrap_or(1);
     let mut rows = vec![("DP", Strategy::Mesh { dp: devices, tp: 1, pp: 1 })];
     if tp > 1 && devices <= per_node {
         rows.push(("TP", Strategy::Mesh { dp: devices / tp, tp, pp: 1 }));

@@ -46,7 +46,7 @@ impl JobSecret {
     pub fn from_hex(text: &str) -> Result<Self> {
         let text = text.trim();
         let invalid = || Error::Setup { reason: "job secret is not valid hexadecimal".into() };
-        if text.len() % 2 != 0 {
+        if !text.len().is_multiple_of(2) {
             return Err(invalid());
         }
         let bytes = (0..text.len())

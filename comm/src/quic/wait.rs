@@ -61,7 +61,7 @@ impl Signal {
                 return;
             }
             polls = polls.wrapping_add(1);
-            if polls % POLLS_PER_YIELD == 0 {
+            if polls.is_multiple_of(POLLS_PER_YIELD) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
