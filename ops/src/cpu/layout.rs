@@ -25,9 +25,10 @@ pub(crate) unsafe fn transpose_rows<T: Copy>(
 ) {
     assert!(out.len() >= rows * columns, "transpose_rows: the output is too short");
     #[cfg(target_arch = "x86_64")]
-    if size_of::<T>() == 4 && crate::cpu::simd::has_x86_v4() {
-        // SAFETY: the CPU has AVX-512 (checked); 4-byte elements move as `f32` bit patterns
-        // (loads, shuffles and stores copy bits); the extent is the caller's contract.
+    if size_of::<T>() == 4 && align_of::<T>() == 4 && crate::cpu::simd::has_x86_v4() {
+        // SAFETY: the CPU has AVX-512 (checked); 4-byte elements aligned as `f32` move as `f32`
+        // bit patterns (loads, shuffles and stores copy bits); the extent is the caller's
+        // contract.
         let done = unsafe {
             transpose_tiles_x86_v4(source.cast(), stride, (rows, columns), out.as_mut_ptr().cast())
         };

@@ -175,6 +175,12 @@ pub(crate) fn multiply_add<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// The lanes combined pairwise, halves onto halves (four vector steps for 16 lanes), instead of
 /// one after another: a left fold is a chain of 15 dependent scalar additions, ~60 cycles per
 /// row, which the short rows of a causal attention block paid on every row.
+///
+/// The tree starts from an opaque copy of the lanes (`black_box`, here a code-generation
+/// barrier only: the values are unchanged). Folded straight from the caller's accumulators,
+/// the tree made LLVM's SLP vectoriser pair the 16 lanes of the caller's loop two floats wide:
+/// layer norm's variance ran in 8 `xmm` accumulators (`perf annotate`; forward `[1024, 256]` on
+/// one thread 118 -> 83 µs with the barrier).
 #[inline(always)]
 pub(crate) fn fold_lanes<A: Copy>(lanes: [A; LANES], combine: impl Fn(A, A) -> A) -> A {
     let mut lanes = std::hint::black_box(lanes);
@@ -188,11 +194,9 @@ pub(crate) fn fold_lanes<A: Copy>(lanes: [A; LANES], combine: impl Fn(A, A) -> A
     lanes[0]
 }
 
-/// `Σ f(x_i)` in the accumulate type, with independent lanes so that it vectorises. The
-/// chunks are arrays (`as_chunks`), so that the lane loop has a length known at compile time:
-/// over `chunks_exact` slices LLVM kept the lanes in memory or vectorised them two floats wide
-/// (`perf annotate` of the layer norm gradient: a stack store and reload of the accumulators on
-/// every chunk, a sixth of its time).
+/// `Σ f(x_i)` in the accumulate type, with independent lanes so that it vectorises (see
+/// [`fold_lanes`]). The chunks are arrays (`as_chunks`), so that the lane loop's length is a
+/// constant the loop is unrolled to, not the zip of a slice whose length LLVM must check.
 #[inline(always)]
 pub(crate) fn sum_map<T: RowFloat>(xs: &[T], f: impl Fn(T::Acc) -> T::Acc) -> T::Acc {
     let mut lanes = [T::Acc::zero(); LANES];
