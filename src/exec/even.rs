@@ -166,6 +166,16 @@ fn narrow(run: &mut Run, t: Tensor, axis: usize, start: usize, len: usize) -> Re
     run(&Narrow { axis: axis as isize, start, len }, &[t])
 }
 
+/// The box of `t` at `offsets` of `shape` (a local slice, `B -> S`): one narrow per axis it
+/// cuts, run by `run` where `t` lives.
+pub fn narrow_box(run: &mut Run, t: Tensor, offsets: &[usize], shape: &[usize]) -> Result<Tensor> {
+    let mut out = t;
+    for (axis, (&start, &len)) in offsets.iter().zip(shape).enumerate() {
+        out = narrow(run, out, axis, start, len)?;
+    }
+    Ok(out)
+}
+
 /// `t` padded with zeros after its end on `axis` to `total`.
 fn pad(run: &mut Run, t: Tensor, axis: usize, total: usize) -> Result<Tensor> {
     if t.dims()[axis] == total {
@@ -380,7 +390,8 @@ mod tests {
 
     /// What a step did on one rank.
     enum Ran {
-        /// One collective, with (`true`) or without padded pieces: the rank's shard.
+        /// The device path (one collective, with (`true`) or without padded pieces, or a
+        /// local slice as narrows): the rank's shard.
         Nccl(Tensor, bool),
         /// The host path (its group's axis is shorter than the group).
         Host,
@@ -409,7 +420,17 @@ mod tests {
                 continue;
             }
             let Some(first) = &steps[i] else {
-                out[i] = Some(Ran::Host);
+                // A local slice runs as narrows where the shard lives (`narrow_box`), as a GPU
+                // rank runs it; the rest takes the host path.
+                let slice = crate::exec::boxing::local_slice(logical, step, ranks[i]);
+                out[i] = Some(match slice.expect("a slice") {
+                    Some((offsets, shape)) => {
+                        let local = (at.place)(to_tensor(&before.locals[i]));
+                        let sliced = narrow_box(&mut *at.run, local, &offsets, &shape);
+                        Ran::Nccl(host(&sliced.expect("narrows")), false)
+                    }
+                    None => Ran::Host,
+                });
                 continue;
             };
             let members: Vec<usize> = first.group.iter().map(index_of).collect();
@@ -523,6 +544,7 @@ mod tests {
             assert!(host > 0, "no {name} step over a short axis stayed on the host: {kinds:?}");
         }
         assert!(kinds.get("all-reduce").is_some_and(|t| t[0] > 0 && t[1] + t[2] == 0));
+        assert!(kinds.get("local-slice").is_some_and(|t| t[0] > 0 && t[1] + t[2] == 0));
         kinds
     }
 

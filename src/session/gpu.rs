@@ -31,12 +31,11 @@ use meshflow_comm::cluster::Health;
 use meshflow_comm::nccl::{NcclAbort, NcclCommunicator, NcclConfig, NcclId};
 use meshflow_comm::{Rank, ReduceOp};
 use meshflow_ops::cuda::{self, CudaDevice};
-use meshflow_ops::ops::narrow::Narrow;
 use meshflow_ops::{Context, DType, Device, Op, Tensor};
 use meshflow_placement::{BoxingPlan, BoxingStep};
 
 use crate::exec::boxing::{self, apply_plan, local_slice, step_error, Comms};
-use crate::exec::even::{EvenCollective, EvenStep};
+use crate::exec::even::{narrow_box, EvenCollective, EvenStep};
 use crate::{Error, Result};
 
 /// Where the device ranks of this process run.
@@ -220,9 +219,7 @@ impl Gpu {
         local: &Tensor,
         communicator: &NcclCommunicator,
     ) -> Result<Tensor> {
-        let mut run = |op: &dyn Op, inputs: &[Tensor]| -> Result<Tensor> {
-            Ok(self.device.forward(op, inputs)?.remove(0))
-        };
+        let mut run = |op: &dyn Op, inputs: &[Tensor]| self.run(op, inputs);
         let sent = even.prepare(local, &mut run)?;
         let device = &self.device;
         let received = match even.collective {
@@ -240,14 +237,13 @@ impl Gpu {
 
     /// The box of `local` at `offsets` of `shape`, one narrow kernel per axis it cuts.
     fn slice(&self, local: Tensor, offsets: &[usize], shape: &[usize]) -> Result<Tensor> {
-        let mut out = local;
-        for (axis, (&start, &len)) in offsets.iter().zip(shape).enumerate() {
-            if out.dims()[axis] != len {
-                let op = Narrow { axis: axis as isize, start, len };
-                out = self.device.forward(&op, &[out])?.remove(0);
-            }
-        }
-        Ok(out)
+        let mut run = |op: &dyn Op, inputs: &[Tensor]| self.run(op, inputs);
+        narrow_box(&mut run, local, offsets, shape)
+    }
+
+    /// `op`'s single output on this GPU (the reorders and slices of boxing).
+    fn run(&self, op: &dyn Op, inputs: &[Tensor]) -> Result<Tensor> {
+        Ok(self.device.forward(op, inputs)?.remove(0))
     }
 }
 
