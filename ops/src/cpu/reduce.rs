@@ -2,7 +2,7 @@
 
 use num_traits::Float;
 
-use crate::cpu::simd::multiversion;
+use crate::cpu::simd::{fold_lanes, multiversion, LANES};
 use crate::cpu::{for_chunks, FloatElement};
 use crate::{Context, Result, Shape, Tensor};
 
@@ -16,9 +16,6 @@ pub enum Reduction {
     /// The largest element.
     Max,
 }
-
-/// Lanes of independent accumulators, so that contiguous reductions vectorise.
-const LANES: usize = 8;
 
 /// Columns one task of a column-parallel reduction owns: contiguous reads of 256 bytes (four
 /// cache lines) per row, and a 256-wide bias gradient still splits over 4 tasks.
@@ -91,11 +88,11 @@ fn reduce_one<I: Copy + Sync, A: Float + Send + Sync>(
         return out;
     }
     if inner == 1 {
+        if size == 0 {
+            return out; // every row is empty: the starting value is the answer
+        }
         for_chunks(ctx, &mut out, size, |first, chunk| {
-            for (i, o) in chunk.iter_mut().enumerate() {
-                let row = &src[(first + i) * size..(first + i + 1) * size];
-                *o = fold_row(row, &widen, start, combine);
-            }
+            fold_rows(chunk, &src[first * size..], size, &widen, start, &combine);
         });
         return out;
     }
@@ -204,23 +201,67 @@ multiversion! {
     }
 }
 
-/// Folds one contiguous row with [`LANES`] independent accumulators.
-fn fold_row<I: Copy, A: Float>(
-    row: &[I],
-    widen: &impl Fn(I) -> A,
-    start: A,
-    combine: impl Fn(A, A) -> A,
-) -> A {
-    let mut lanes = [start; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            *lane = combine(*lane, widen(v));
+multiversion! {
+    /// `out[i]` = row `i` of `src` (rows of `size`) folded from `start`, with [`LANES`]
+    /// independent accumulators combined by [`fold_lanes`], compiled for the widest vectors
+    /// the CPU has. Before, each row folded in 8 lanes in the baseline build (SSE2); f32 on 1
+    /// thread, best of 20: `max` over the last axis of `[4096, 1024]` 1,424 -> 700 µs, of
+    /// `[1024, 256]` 87 -> 32 µs; `sum` of `[1024, 256]` 19.1 -> 14.5 µs, of `[8192, 50]`
+    /// 52.7 -> 36.9 µs; `sum` of `[4096, 1024]` level (27 GB/s, memory).
+    fn fold_rows<I: Copy, A: Float, W: Fn(I) -> A, C: Fn(A, A) -> A>(
+        out: &mut [A],
+        src: &[I],
+        size: usize,
+        widen: &W,
+        start: A,
+        combine: &C,
+    ) {
+        for (o, row) in out.iter_mut().zip(src.chunks_exact(size)) {
+            let mut lanes = [start; LANES];
+            let (chunks, tail) = row.as_chunks::<LANES>();
+            for chunk in chunks {
+                for lane in 0..LANES {
+                    lanes[lane] = combine(lanes[lane], widen(chunk[lane]));
+                }
+            }
+            let mut total = fold_lanes(lanes, combine);
+            for &v in tail {
+                total = combine(total, widen(v));
+            }
+            *o = total;
         }
     }
-    let mut total = start;
-    for &v in chunks.remainder() {
-        total = combine(total, widen(v));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_fold_every_element_in_lanes_and_tail() {
+        // Rows shorter than the lanes, a whole number of lanes, and lanes with a tail, on one
+        // thread and two (the rows split between tasks).
+        for size in [1, 5, 16, 17, 47, 100] {
+            let rows = 37;
+            let values: Vec<f32> =
+                (0..rows * size).map(|v| ((v * 29 % 41) as f32 - 20.0) / 8.0).collect();
+            let x = Tensor::from_vec(values.clone(), Shape::new(vec![rows, size])).expect("x");
+            for ctx in [Context::single_thread(), Context::with_threads(2)] {
+                let sums = reduce_axes::<f32>(&ctx, &x, &[1], Reduction::Sum).expect("sum");
+                let maxima = reduce_axes::<f32>(&ctx, &x, &[1], Reduction::Max).expect("max");
+                let (sums, maxima) =
+                    (sums.as_slice::<f32>().unwrap(), maxima.as_slice::<f32>().unwrap());
+                for (r, row) in values.chunks(size).enumerate() {
+                    let sum: f64 = row.iter().map(|&v| f64::from(v)).sum();
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    assert!(
+                        (f64::from(sums[r]) - sum).abs() < 1e-4,
+                        "row {r} of {size}: sum {} != {sum}",
+                        sums[r]
+                    );
+                    assert_eq!(maxima[r], max, "row {r} of {size}");
+                }
+            }
+        }
     }
-    lanes.iter().fold(total, |acc, &lane| combine(acc, lane))
 }

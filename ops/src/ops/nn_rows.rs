@@ -11,15 +11,12 @@ use half::{bf16, f16};
 use num_traits::{Float, FromPrimitive, ToPrimitive, Zero};
 use rayon::prelude::*;
 
+pub(crate) use crate::cpu::simd::{fold_lanes, LANES};
 use crate::cpu::vectorized;
 use crate::{Context, Element};
 
 /// Elements a parallel task should at least cover, so that task overhead stays negligible.
 const MIN_TASK_ELEMENTS: usize = 16 * 1024;
-
-/// Lanes of the chunked reductions: a multiple of every SIMD width we meet (4, 8 or 16 f32s),
-/// and two AVX2 registers of f32, so that two accumulations are in flight at once.
-pub(crate) const LANES: usize = 16;
 
 /// The type kernels compute in: `f32` for f32, bf16 and f16; `f64` for f64.
 pub(crate) trait Accumulate:
@@ -170,28 +167,6 @@ pub(crate) fn multiply_add<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
     } else {
         a * b + c
     }
-}
-
-/// The lanes combined pairwise, halves onto halves (four vector steps for 16 lanes), instead of
-/// one after another: a left fold is a chain of 15 dependent scalar additions, ~60 cycles per
-/// row, which the short rows of a causal attention block paid on every row.
-///
-/// The tree starts from an opaque copy of the lanes (`black_box`, here a code-generation
-/// barrier only: the values are unchanged). Folded straight from the caller's accumulators,
-/// the tree made LLVM's SLP vectoriser pair the 16 lanes of the caller's loop two floats wide:
-/// layer norm's variance ran in 8 `xmm` accumulators (`perf annotate`; forward `[1024, 256]` on
-/// one thread 118 -> 83 µs with the barrier).
-#[inline(always)]
-pub(crate) fn fold_lanes<A: Copy>(lanes: [A; LANES], combine: impl Fn(A, A) -> A) -> A {
-    let mut lanes = std::hint::black_box(lanes);
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for i in 0..width {
-            lanes[i] = combine(lanes[i], lanes[i + width]);
-        }
-    }
-    lanes[0]
 }
 
 /// `Σ f(x_i)` in the accumulate type, with independent lanes so that it vectorises (see
