@@ -239,8 +239,8 @@ mod tests {
 
     #[test]
     fn rows_fold_every_element_in_lanes_and_tail() {
-        // Rows shorter than the lanes, a whole number of lanes, and lanes with a tail, on one
-        // thread and two (the rows split between tasks).
+        // Rows shorter than the lanes, a whole number of lanes, and lanes with a tail, through
+        // a one-thread context and a two-thread one.
         for size in [1, 5, 16, 17, 47, 100] {
             let rows = 37;
             let values: Vec<f32> =
