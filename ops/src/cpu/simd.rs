@@ -41,6 +41,31 @@ pub(crate) fn fold_lanes<A: Copy>(lanes: [A; LANES], combine: impl Fn(A, A) -> A
     lanes[0]
 }
 
+/// `combine` over `widen(x)` for every `x` of `xs`, from `start`: [`LANES`] independent
+/// accumulators over the whole chunks (arrays, so that the lane loop has a constant length LLVM
+/// unrolls and vectorises), folded by [`fold_lanes`], then the tail in order. The one lane
+/// pattern of the row kernels' sums and maxima and of the row reductions.
+#[inline(always)]
+pub(crate) fn fold_chunked<I: Copy, A: Copy>(
+    xs: &[I],
+    start: A,
+    widen: impl Fn(I) -> A,
+    combine: impl Fn(A, A) -> A,
+) -> A {
+    let mut lanes = [start; LANES];
+    let (chunks, tail) = xs.as_chunks::<LANES>();
+    for chunk in chunks {
+        for lane in 0..LANES {
+            lanes[lane] = combine(lanes[lane], widen(chunk[lane]));
+        }
+    }
+    let mut total = fold_lanes(lanes, &combine);
+    for &x in tail {
+        total = combine(total, widen(x));
+    }
+    total
+}
+
 /// Runs `f`, compiled for AVX-512 or AVX2 + FMA when the CPU has them and LLVM inlines `f`
 /// (see the module doc).
 #[inline(always)]

@@ -11,6 +11,7 @@ use half::{bf16, f16};
 use num_traits::{Float, FromPrimitive, ToPrimitive, Zero};
 use rayon::prelude::*;
 
+use crate::cpu::simd::fold_chunked;
 pub(crate) use crate::cpu::simd::{fold_lanes, LANES};
 use crate::cpu::vectorized;
 use crate::{Context, Element};
@@ -169,23 +170,11 @@ pub(crate) fn multiply_add<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// `Σ f(x_i)` in the accumulate type, with independent lanes so that it vectorises (see
-/// [`fold_lanes`]). The chunks are arrays (`as_chunks`), so that the lane loop's length is a
-/// constant the loop is unrolled to, not the zip of a slice whose length LLVM must check.
+/// `Σ f(x_i)` in the accumulate type, with independent lanes so that it vectorises
+/// ([`fold_chunked`]).
 #[inline(always)]
 pub(crate) fn sum_map<T: RowFloat>(xs: &[T], f: impl Fn(T::Acc) -> T::Acc) -> T::Acc {
-    let mut lanes = [T::Acc::zero(); LANES];
-    let (chunks, tail) = xs.as_chunks::<LANES>();
-    for chunk in chunks {
-        for lane in 0..LANES {
-            lanes[lane] += f(chunk[lane].widen());
-        }
-    }
-    let mut total = fold_lanes(lanes, |a, b| a + b);
-    for &x in tail {
-        total += f(x.widen());
-    }
-    total
+    fold_chunked(xs, T::Acc::zero(), |x: T| f(x.widen()), |a, b| a + b)
 }
 
 /// Writes `y_i = f(x_i)` and returns `Σ y_i` (summed in the accumulate type before narrowing),
@@ -240,19 +229,8 @@ pub(crate) fn sum_map2<T: RowFloat>(
 /// element through `exp` afterwards, where a NaN poisons the row anyway.
 #[inline(always)]
 pub(crate) fn max<T: RowFloat>(xs: &[T]) -> T::Acc {
-    let mut lanes = [T::Acc::neg_infinity(); LANES];
-    let (chunks, tail) = xs.as_chunks::<LANES>();
     let pick = |a: T::Acc, b: T::Acc| if a > b { a } else { b };
-    for chunk in chunks {
-        for lane in 0..LANES {
-            lanes[lane] = pick(lanes[lane], chunk[lane].widen());
-        }
-    }
-    let mut best = fold_lanes(lanes, pick);
-    for &x in tail {
-        best = pick(best, x.widen());
-    }
-    best
+    fold_chunked(xs, T::Acc::neg_infinity(), |x: T| x.widen(), pick)
 }
 
 /// Asks the CPU to start loading `values` into its L2 cache, one hint per 64-byte line: row
