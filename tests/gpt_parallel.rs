@@ -42,6 +42,10 @@ struct Run {
     fused: bool,
     /// Dropout probability (0: none).
     dropout: f64,
+    /// Kernel threads per device.
+    threads: usize,
+    /// With several threads: kernels as a task graph (`SessionConfig::inter_op`).
+    inter_op: bool,
 }
 
 const fn mesh(hierarchy: &'static [usize], data: Option<usize>, tensor: Option<usize>) -> Stage {
@@ -66,6 +70,8 @@ impl Run {
             sgd: false,
             fused: true,
             dropout: 0.0,
+            threads: 1,
+            inter_op: true,
         }
     }
 }
@@ -109,6 +115,8 @@ fn session(run: Run) -> (Session, Tensor, Tensor) {
         devices: next_rank,
         micro_batches: run.micro_batches,
         zero_axis: run.zero_axis,
+        threads_per_device: run.threads,
+        inter_op: run.inter_op,
         ..SessionConfig::default()
     };
     (Session::new(&g, &[&loss], Some(training), config).unwrap(), ids, targets)
@@ -133,7 +141,15 @@ fn assert_close(a: &[f32], b: &[f32], what: &str) {
 fn gpt_strategies_agree_for_twenty_steps() {
     let one = losses(Run::on(ONE), STEPS);
     assert!(one[STEPS - 1] < one[0] - 0.3, "loss did not fall: {one:?}");
-    let runs: [(&str, Run); 8] = [
+    let two = |run: Run| Run { threads: 2, ..run };
+    let runs: [(&str, Run); 12] = [
+        ("one device, 2 threads, kernels in flight", two(Run::on(ONE))),
+        (
+            "one device, 2 threads, one kernel at a time",
+            Run { inter_op: false, ..two(Run::on(ONE)) },
+        ),
+        ("dp2 x tp2, 2 threads each, kernels in flight", two(Run::on(DP2_TP2))),
+        ("pp2, 4 micro-batches, 2 threads each", Run { micro_batches: 4, ..two(Run::on(PP2)) }),
         ("dp4", Run::on(DP4)),
         ("tp4", Run::on(TP4)),
         ("dp2 x tp2", Run::on(DP2_TP2)),

@@ -1,6 +1,6 @@
 //! The execution context a kernel runs in: the device's thread budget.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,9 @@ pub struct Context {
     pool: Option<Arc<rayon::ThreadPool>>,
     buffers: Arc<BufferPool>,
     warm: Option<Arc<Warmth>>,
+    /// Matrix products running now on the pool's threads ([`Context::enter_product`]), shared
+    /// by the clones of this context.
+    products: Arc<AtomicUsize>,
 }
 
 impl Context {
@@ -33,6 +36,7 @@ impl Context {
             pool: None,
             buffers: Arc::new(BufferPool::new(DEFAULT_POOL_BYTES)),
             warm: None,
+            products: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -70,6 +74,18 @@ impl Context {
         self.threads
     }
 
+    /// Counts the calling matrix product among those running on this context's threads until
+    /// the returned [`ProductSlot`] drops; the slot says over how many threads the product may
+    /// split. Products of a device whose kernels run as a task graph (a session's CPU rank, by
+    /// default) may run at once, one per thread: a product that splits then packs its shared
+    /// operand once per part on one thread, which costs more than running whole, and waits for
+    /// its parts while the other product holds the other thread.
+    pub fn enter_product(&self) -> ProductSlot {
+        let others = self.products.fetch_add(1, Ordering::AcqRel);
+        let threads = if others == 0 { self.threads } else { 1 };
+        ProductSlot { products: Arc::clone(&self.products), threads }
+    }
+
     /// The pool kernels take their output buffers from (shared by the clones of this context).
     pub fn buffers(&self) -> &Arc<BufferPool> {
         &self.buffers
@@ -86,6 +102,37 @@ impl Context {
             }
             None => f(),
         }
+    }
+
+    /// Runs `f` on this context's pool without waiting for it (on the calling thread, before
+    /// returning, when there is no pool). From a thread of the pool the task goes on that
+    /// thread's own queue, where the pool's other threads steal it.
+    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) {
+        match &self.pool {
+            Some(pool) => pool.spawn(f),
+            None => f(),
+        }
+    }
+}
+
+/// A matrix product counted as running ([`Context::enter_product`]) until it drops.
+#[derive(Debug)]
+pub struct ProductSlot {
+    products: Arc<AtomicUsize>,
+    threads: usize,
+}
+
+impl ProductSlot {
+    /// The threads the product may split over: the context's, or 1 when another product was
+    /// running on them as it entered.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
+
+impl Drop for ProductSlot {
+    fn drop(&mut self) {
+        self.products.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -24,7 +24,7 @@ pub mod random;
 pub mod shape;
 pub mod tensor;
 
-pub use context::{Context, DEFAULT_KEEP_WARM};
+pub use context::{Context, ProductSlot, DEFAULT_KEEP_WARM};
 pub use device::Device;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

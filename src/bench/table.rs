@@ -261,7 +261,8 @@ pub fn comm(rows: &[CommFigure], memcpy: f64) -> String {
 pub fn ops_table(figure: &TrainFigure, profile: &OpsProfile) -> String {
     let total: f64 = profile.ops.iter().map(|op| op.seconds).sum();
     let mut out = format!(
-        "\n# ops: {} {}, rank {}: median acts of {} traced steps, {:.1} ms of acts per step\n",
+        "\n# ops: {} {}, rank {}: median acts of {} traced steps, {:.1} ms of acts per step \
+         (one kernel at a time)\n",
         figure.model.name(),
         figure.label(),
         profile.rank,

@@ -175,16 +175,21 @@ pub const OPS_WARMUP: usize = 3;
 /// Where `model` on `strategy` (in this process, on `device`) spends a training step, per op:
 /// a traced session runs [`OPS_WARMUP`] steps, then `steps` measured ones, and its busiest
 /// rank's acts are summed per op ([`op_profile`]: medians over the measured steps). Tracing
-/// records every act's start and end, so the session is a separate one from the timed figure.
+/// records every act's start and end, so the session is a separate one from the timed figure;
+/// its kernels run one after another, each split between the threads (no inter-op
+/// parallelism), so the per-op times add up to more than the timed figure's step.
 pub fn ops_profile(
     model: Model,
     strategy: SessionStrategy,
     device: TrainDevice,
     steps: usize,
 ) -> Result<OpsProfile> {
+    // Each act runs its kernel to the end, so that a traced act times its kernel, not the
+    // kernel's submission to the task graph ([`SessionConfig::inter_op`]).
     let config = SessionConfig {
         device: device.kind(),
         trace: true,
+        inter_op: false,
         ..strategy.session_config(&CompileConfig::default(), None)
     };
     let mut runner = TrainRunner::with_config(model, strategy, config, device)?;

@@ -21,6 +21,7 @@ use super::gpu::{Backend, DeviceKind};
 use super::gpu_events::EventWatcher;
 use super::transport::DeviceTransport;
 use super::worker::{RunRequest, Worker};
+use super::SessionConfig;
 use crate::compile::actors::ActorWork;
 use crate::compile::{Program, Step};
 use crate::dist::Job;
@@ -230,11 +231,17 @@ impl Devices {
 
     /// Starts the actor driver on `compiled`: one thread per device of this process, each
     /// running its rank's acts (parking when idle: a device thread that spun would take a core
-    /// from the kernels of the others). `trace` records every act (see [`Devices::stop`]).
-    /// `bind`: when the device threads outnumber the cores this process may use, each is bound
-    /// to one of them, round-robin by device id ([`meshflow_actor::affinity`]).
-    pub fn start(&mut self, compiled: Arc<Compiled>, trace: bool, bind: bool) -> Result<()> {
+    /// from the kernels of the others). From `config`: `trace` records every act (see
+    /// [`Devices::stop`]); `bind_threads`: when the device threads outnumber the cores this
+    /// process may use, each is bound to one of them, round-robin by device id
+    /// ([`meshflow_actor::affinity`]); `inter_op`: CPU ranks with several threads run their
+    /// kernels as a task graph ([`Worker::set_inter_op`]).
+    pub fn start(&mut self, compiled: Arc<Compiled>, config: &SessionConfig) -> Result<()> {
+        let (trace, bind) = (config.trace, config.bind_threads);
         self.prepare(&compiled.program)?;
+        for worker in &self.workers {
+            lock(worker).set_inter_op(config.inter_op);
+        }
         let allowed = meshflow_actor::affinity::allowed_cores();
         let oversubscribed = self.ranks.len() > allowed.len();
         let cores = if bind && oversubscribed { allowed } else { Vec::new() };

@@ -43,6 +43,8 @@ pub struct Compiled {
     slot_phase: Vec<Phase>,
     /// Per rank, the keys something reads there (acts, or the end of the step).
     read: HashMap<usize, HashSet<Key>>,
+    /// Per rank, the keys acts read there.
+    acts_read: HashMap<usize, HashSet<Key>>,
     /// Per actor, the keys it reads last on its rank.
     frees: Vec<Vec<Key>>,
     /// Per actor, true when a consumer of its outputs runs on another device thread.
@@ -77,6 +79,7 @@ impl Compiled {
             assign,
             slot_phase,
             read: HashMap::new(),
+            acts_read: HashMap::new(),
             frees: Vec::new(),
         };
         compiled.index_reads();
@@ -110,6 +113,11 @@ impl Compiled {
     /// True when something reads `key` on `rank` after it is written.
     pub fn is_read(&self, rank: usize, key: Key) -> bool {
         self.read.get(&rank).is_some_and(|keys| keys.contains(&key))
+    }
+
+    /// True when an act reads `key` on `rank` (not only the end of the step).
+    pub fn is_read_by_acts(&self, rank: usize, key: Key) -> bool {
+        self.acts_read.get(&rank).is_some_and(|keys| keys.contains(&key))
     }
 
     /// True when a consumer of `actor`'s outputs runs on another device thread (stream).
@@ -167,6 +175,7 @@ impl Compiled {
             .collect();
         let mut frees = vec![Vec::new(); self.lowered.plan.actors.len()];
         let mut read: HashMap<usize, HashSet<Key>> = HashMap::new();
+        let mut acts_read: HashMap<usize, HashSet<Key>> = HashMap::new();
         for ((rank, _), chain) in &self.lowered.chains {
             let mut last: HashMap<Key, ActorId> = HashMap::new();
             for &actor in chain {
@@ -174,6 +183,7 @@ impl Compiled {
                     last.insert(key, actor);
                 }
             }
+            acts_read.entry(*rank).or_default().extend(last.keys().copied());
             let keys = read.entry(*rank).or_default();
             keys.extend(kept.iter().copied());
             for (key, actor) in last {
@@ -184,6 +194,7 @@ impl Compiled {
             }
         }
         self.read = read;
+        self.acts_read = acts_read;
         self.frees = frees;
     }
 }

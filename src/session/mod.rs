@@ -12,6 +12,7 @@
 mod assemble;
 mod devices;
 mod executor;
+mod flight;
 mod gpu;
 mod gpu_events;
 pub mod shards;
@@ -120,6 +121,12 @@ pub struct SessionConfig {
     /// when off, the operating system places them. Default on: four device threads on two
     /// cores stepped in 31–40 ms unbound, 31–34 bound (DP2×PP2, docs/plan.md session 11).
     pub bind_threads: bool,
+    /// Run the kernels of a CPU device with several kernel threads as a task graph on its
+    /// threads, so that kernels that do not depend on each other run at once (the backward's
+    /// weight and input gradients, the optimizer's updates); each act then submits its kernel
+    /// and a traced act ([`SessionConfig::trace`]) times the submission, not the kernel. Off:
+    /// each act runs its kernel to the end, its threads splitting it. Default on.
+    pub inter_op: bool,
 }
 
 impl Default for SessionConfig {
@@ -136,6 +143,7 @@ impl Default for SessionConfig {
             trace: false,
             device: DeviceKind::Cpu,
             bind_threads: true,
+            inter_op: true,
         }
     }
 }
@@ -218,7 +226,7 @@ impl Session {
                 graph.data().label(fetch.value())
             )));
         }
-        devices.start(Arc::clone(&compiled), config.trace, config.bind_threads)?;
+        devices.start(Arc::clone(&compiled), &config)?;
         Ok(Session {
             graph: graph.clone(),
             program,

@@ -11,6 +11,7 @@ use meshflow_ops::{Context, Device, OpRef, Tensor, TensorMeta, Value, DEFAULT_KE
 use meshflow_placement::{local_region, Layout, Region};
 
 use super::executor::{Compiled, Key, SUM};
+use super::flight::{Flight, Shard};
 use super::gpu::Backend;
 use crate::compile::actors::Phase;
 use crate::compile::{Slot, Step};
@@ -43,7 +44,11 @@ pub struct Worker {
     /// answers no variable until they are set again ([`Worker::set_variable`]).
     lost: BTreeSet<String>,
     /// The shards of the step in flight, by slot and piece ([`SUM`] for sums over pieces).
-    store: HashMap<Key, Tensor>,
+    store: HashMap<Key, Shard>,
+    /// Where the kernels run when they run as a task graph ([`super::flight`]): a CPU rank with
+    /// several kernel threads, unless the session turned it off. `None`: each act runs its
+    /// kernel to the end.
+    flight: Option<std::sync::Arc<Flight>>,
 }
 
 impl Worker {
@@ -58,6 +63,7 @@ impl Worker {
             ctx
         };
         Worker {
+            flight: None,
             rank,
             ctx,
             comms,
@@ -77,11 +83,21 @@ impl Worker {
     /// Where the device thread serves its acts: inside this device's thread pool on a CPU rank
     /// with several threads (entered once, not once per kernel), nothing else.
     pub fn enclosure(&self) -> Option<Enclosure> {
-        if self.backend.device() != Device::Cpu || self.ctx.threads() < 2 {
+        // Kernels in flight run on the pool's threads, all of them: the device thread only
+        // submits them and stays outside.
+        if self.backend.device() != Device::Cpu || self.ctx.threads() < 2 || self.flight.is_some() {
             return None;
         }
         let ctx = self.ctx.clone();
         Some(std::sync::Arc::new(move |serve: &mut (dyn FnMut() + Send)| ctx.install(serve)))
+    }
+
+    /// Runs this rank's kernels as a task graph on its pool ([`super::flight`]) when `on`, the
+    /// rank is a CPU rank and it has several kernel threads; otherwise each act runs its kernel
+    /// to the end (the only way on a GPU rank, whose stream orders its kernels).
+    pub fn set_inter_op(&mut self, on: bool) {
+        let able = self.backend.device() == Device::Cpu && self.ctx.threads() > 1;
+        self.flight = (on && able).then(|| Flight::new(self.ctx.clone()));
     }
 
     /// This device's rank.
@@ -142,6 +158,25 @@ impl Worker {
         self.backend.forward(&self.ctx, op, &args)
     }
 
+    /// Runs `op` on `args` (or, in flight, submits it, `last` as [`Flight::submit`] says): its
+    /// first `outputs` outputs.
+    fn kernel(
+        &self,
+        op: &OpRef,
+        args: Vec<Shard>,
+        outputs: usize,
+        last: bool,
+    ) -> Result<Vec<Shard>> {
+        let label = format!("rank {}: {}", self.rank, op.name());
+        if let Some(flight) = &self.flight {
+            return Ok(flight.submit(op.clone(), args, outputs, (label, last)));
+        }
+        let args = args.into_iter().map(Shard::into_tensor).collect::<Result<Vec<_>>>()?;
+        let results =
+            self.run_kernel(&**op, args).map_err(|e| Error::Runtime(format!("{label}: {e}")))?;
+        Ok(results.into_iter().map(Shard::Ready).collect())
+    }
+
     /// Runs `program.steps[step]` for `piece` as the act of `actor`, then drops the shards whose
     /// last reader it was.
     pub(super) fn act(
@@ -159,7 +194,7 @@ impl Worker {
                 let layout = &program.slot(*slot).layout;
                 if layout.placement.coordinates(self.rank).is_some() {
                     let shard = self.leaf(compiled, request, *value, layout, piece)?;
-                    self.write(compiled, *slot, phase, piece, shard)?;
+                    self.write(compiled, *slot, phase, piece, Shard::Ready(shard))?;
                 }
             }
             Step::Boxing { from, to, plan } => {
@@ -170,8 +205,9 @@ impl Worker {
                 } else {
                     self.store.get(&key).cloned()
                 };
+                let shard = shard.map(Shard::into_tensor).transpose()?;
                 if let Some(out) = self.backend.apply_plan(plan, dtype, shard, &mut self.comms)? {
-                    self.write(compiled, *to, phase, piece, out)?;
+                    self.write(compiled, *to, phase, piece, Shard::Ready(out))?;
                 }
             }
             Step::Kernel { node, inputs, outputs, ops } => {
@@ -183,11 +219,15 @@ impl Worker {
                     let op = &crate::graph::for_piece(op, &program.graph, *node, piece, pieces)?;
                     let args =
                         self.arguments(compiled, actor, inputs, (phase, piece), op.name())?;
-                    let results = self.run_kernel(&**op, args).map_err(|e| {
-                        Error::Runtime(format!("rank {}: {}: {e}", self.rank, op.name()))
-                    })?;
-                    for (slot, tensor) in outputs.iter().zip(results) {
-                        self.write(compiled, *slot, phase, piece, tensor)?;
+                    let key = |slot: &Slot| (*slot, if phase == Phase::Piece { piece } else { 0 });
+                    // No act reads its outputs (nor sums them over pieces): an update, the loss.
+                    let last = outputs.iter().all(|slot| {
+                        !compiled.lowered.accumulated[slot.0 as usize]
+                            && !compiled.is_read_by_acts(self.rank, key(slot))
+                    });
+                    let results = self.kernel(op, args, outputs.len(), last)?;
+                    for (slot, shard) in outputs.iter().zip(results) {
+                        self.write(compiled, *slot, phase, piece, shard)?;
                     }
                 }
             }
@@ -203,27 +243,35 @@ impl Worker {
     /// A variable the step took and did not update (it failed) gets its shard back from the
     /// step's leaf when no kernel wrote it in place yet, else is lost ([`Worker::variable`]).
     pub(super) fn finish_step(&mut self, compiled: &Compiled) -> Result<Vec<Option<Tensor>>> {
+        let failure = self.flight.as_ref().and_then(|flight| flight.settle());
         for (name, slot) in &compiled.assign {
-            if let Some(shard) = self.store.get(&compiled.final_key(*slot)) {
-                self.variables.insert(name.clone(), shard.clone());
+            let shard = self.store.get(&compiled.final_key(*slot)).map(Shard::get);
+            if let Some(Ok(shard)) = shard {
+                self.variables.insert(name.clone(), shard);
                 self.lent.remove(name);
             }
         }
         for name in std::mem::take(&mut self.lent) {
             let leaf = compiled.moves(&name, self.rank).and_then(|key| self.store.remove(&key));
-            if let Some(shard) = leaf {
-                self.variables.insert(name, shard);
-            } else {
-                self.lost.insert(name);
+            match leaf.map(Shard::into_tensor) {
+                Some(Ok(shard)) => {
+                    self.variables.insert(name, shard);
+                }
+                _ => {
+                    self.lost.insert(name);
+                }
             }
         }
         let fetched = compiled.fetch.iter().map(|slot| {
-            let shard = self.store.get(&compiled.final_key(*slot));
-            shard.map(|shard| self.backend.download(shard)).transpose()
+            let shard = self.store.get(&compiled.final_key(*slot)).map(Shard::get).transpose()?;
+            shard.map(|shard| self.backend.download(&shard)).transpose()
         });
         let fetched = fetched.collect();
         self.store.clear();
-        fetched
+        match failure {
+            Some(failure) => Err(Error::Runtime(failure)),
+            None => fetched,
+        }
     }
 
     /// The arguments of a kernel act: its inputs' shards, those it reads last on a CPU rank
@@ -235,7 +283,7 @@ impl Worker {
         inputs: &[Slot],
         (phase, piece): (Phase, u32),
         op: &str,
-    ) -> Result<Vec<Tensor>> {
+    ) -> Result<Vec<Shard>> {
         let keys: Vec<Key> = inputs.iter().map(|slot| compiled.key(*slot, phase, piece)).collect();
         let frees = compiled.frees(actor);
         let mut args = Vec::with_capacity(inputs.len());
@@ -269,14 +317,18 @@ impl Worker {
         slot: Slot,
         phase: Phase,
         piece: u32,
-        shard: Tensor,
+        shard: Shard,
     ) -> Result<()> {
         if phase == Phase::Piece && compiled.lowered.accumulated[slot.0 as usize] {
             let sum = match self.store.remove(&(slot, SUM)) {
                 None => shard.clone(),
                 Some(sum) => {
-                    let added = self.run_kernel(&Add, vec![sum, shard.clone()]);
-                    added?.pop().ok_or_else(|| Error::Runtime("add returned nothing".into()))?
+                    let add: OpRef = std::sync::Arc::new(Add);
+                    let added = self.kernel(&add, vec![sum, shard.clone()], 1, false)?;
+                    added
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| Error::Runtime("add returned nothing".into()))?
                 }
             };
             self.store.insert((slot, SUM), sum);
@@ -366,8 +418,9 @@ mod tests {
 
     const FEATURES: usize = 6;
 
-    /// A one-device linear regression trained with AdamW, and its input `x`.
-    fn session() -> (Session, crate::Tensor) {
+    /// A one-device linear regression trained with AdamW, and its input `x`: one kernel thread,
+    /// or two with the kernels in flight ([`super::super::flight`]).
+    fn session_with(threads: usize) -> (Session, crate::Tensor) {
         let placement = Placement::grid(DeviceType::Cpu, &[1]).expect("placement");
         let g = Graph::new();
         let x = g.input("x", [4, FEATURES], DType::F32, &placement, None).expect("x");
@@ -376,9 +429,16 @@ mod tests {
         let y = x.matmul(&w).expect("matmul");
         let loss = y.mul(&y).and_then(|y| y.mean(&[0, 1], false)).expect("loss");
         let training = Training::new(&loss, Optimizer::AdamW(AdamW::new(0.1)), Schedule::Constant);
-        let config = SessionConfig { devices: 1, ..SessionConfig::default() };
-        (Session::new(&g, &[&loss], Some(training), config).expect("session"), x)
+        let config =
+            SessionConfig { devices: 1, threads_per_device: threads, ..Default::default() };
+        let session = Session::new(&g, &[&loss], Some(training), config).expect("session");
+        let in_flight = session.devices.each(|w| w.flight.is_some()).expect("devices");
+        assert_eq!(in_flight, [threads > 1], "kernels in flight with several threads");
+        (session, x)
     }
+
+    /// The settings the tests run under: one thread; two, kernels in flight.
+    const THREADS: [usize; 2] = [1, 2];
 
     fn batch() -> HostTensor {
         HostTensor::randn(vec![4, FEATURES], 0.0, 1.0, DType::F32, 9).expect("batch")
@@ -400,7 +460,13 @@ mod tests {
 
     #[test]
     fn a_step_updates_variables_in_place_and_spares_tensors_held_elsewhere() {
-        let (mut session, x) = session();
+        for threads in THREADS {
+            updates_in_place(threads);
+        }
+    }
+
+    fn updates_in_place(threads: usize) {
+        let (mut session, x) = session_with(threads);
         session.step(&[(&x, batch())]).expect("step 1");
         let first = address(&session, "w").expect("w is held after a step");
         session.step(&[(&x, batch())]).expect("step 2");
@@ -418,7 +484,13 @@ mod tests {
 
     #[test]
     fn a_step_that_fails_in_the_update_refuses_variables_and_checkpoints() {
-        let (mut session, x) = session();
+        for threads in THREADS {
+            fails_in_the_update(threads);
+        }
+    }
+
+    fn fails_in_the_update(threads: usize) {
+        let (mut session, x) = session_with(threads);
         session.step(&[(&x, batch())]).expect("step 1");
         let good = session.variables().expect("variables");
         // Step 2 whose updates fail (step 0 is refused by the kernel after it took its inputs).

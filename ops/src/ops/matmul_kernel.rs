@@ -84,7 +84,8 @@ fn gemm_strided<T: Copy + One + Send + Sync + 'static>(
         return; // an empty result, or an empty sum: the zeros are the answer
     }
     assert_fits(p, a.len(), b.len(), y.len());
-    let threads = ctx.threads();
+    let slot = ctx.enter_product();
+    let threads = slot.threads();
     let call = |task: Task, a: &[T], b: &[T], y: &mut [T]| {
         if threads > 1 && task.m * task.n * task.k >= gemm::get_threading_threshold() {
             return split_call(threads, task, a, b, y);
@@ -111,7 +112,7 @@ fn gemm_strided<T: Copy + One + Send + Sync + 'static>(
         } else if p.sum_batch && a_bs == p.k * a_cs && b_bs == p.k * b_rs {
             // Summed batches that lie along the contraction: one long product.
             call(Task { k: p.k * p.batches, ..base }, a, b, y);
-        } else if !p.sum_batch && ctx.threads() > 1 && p.batches >= ctx.threads() {
+        } else if !p.sum_batch && threads > 1 && p.batches >= threads {
             // Many independent products (attention heads): one thread each, not each one split
             // between the threads.
             let one = |(batch, y): (usize, &mut [T])| {
