@@ -237,6 +237,22 @@ mod tests {
     }
 
     #[test]
+    fn a_product_splits_only_while_no_other_product_runs() {
+        let ctx = Context::with_threads(2);
+        let first = ctx.enter_product();
+        assert_eq!(first.threads(), 2, "alone: every thread");
+        let clone = ctx.clone();
+        let second = clone.enter_product();
+        assert_eq!(second.threads(), 1, "next to another (counted across clones): its own");
+        drop(first);
+        drop(second);
+        assert_eq!(ctx.enter_product().threads(), 2, "the slots were given back");
+        let other = Context::with_threads(2);
+        let _held = other.enter_product();
+        assert_eq!(ctx.enter_product().threads(), 2, "another context's products do not count");
+    }
+
+    #[test]
     fn keep_warm_needs_a_pool_and_a_span() {
         assert!(Context::single_thread().with_keep_warm(DEFAULT_KEEP_WARM).warm.is_none());
         assert!(Context::with_threads(2).with_keep_warm(Duration::ZERO).warm.is_none());

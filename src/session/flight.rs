@@ -6,9 +6,10 @@
 //! data between its kernels is a graph: in a backward, the weight gradient `gᵀ·x` of a layer and
 //! the input gradient `g·W` read the same `g` and nothing of each other, and the optimizer's
 //! update of a layer needs that layer's gradients only. Run one after the other, each kernel
-//! splits itself over the pool's threads, and a product split in two packs its shared operand
-//! twice; run as tasks, the two products take a thread each and the split happens only where a
-//! thread has nothing else to do (the pool steals the halves of a split kernel as before).
+//! splits itself over the pool's threads, and a product split by rows packs its shared operand
+//! once per part; run as tasks, the two products take a thread each, whole
+//! ([`meshflow_ops::Context::enter_product`]), and a kernel running alone still splits (the pool
+//! steals its parts as before). Which ready kernel starts when: [`Flight`], [`FILL_ABOVE`].
 //!
 //! A kernel's act submits a task and writes [`Shard::Pending`] outputs; the task runs once every
 //! kernel it reads from has run (a count of unsettled inputs, as a GPU stream's event waits, but

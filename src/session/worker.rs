@@ -54,8 +54,9 @@ pub struct Worker {
 impl Worker {
     /// A device with its communicators, thread budget and backend. A CPU device with several
     /// threads keeps its pool warm between the kernels of a step
-    /// ([`Context::with_keep_warm`], [`DEFAULT_KEEP_WARM`]): its acts run on a pool thread
-    /// ([`Worker::enclosure`]), and a parked pool thread woke late for each parallel kernel.
+    /// ([`Context::with_keep_warm`], [`DEFAULT_KEEP_WARM`]): its kernels run on pool threads
+    /// (submitted in flight, [`Worker::set_inter_op`], or its acts served inside the pool,
+    /// [`Worker::enclosure`]), and a parked pool thread woke late for each parallel kernel.
     pub fn new(rank: usize, ctx: Context, comms: Comms, backend: Backend) -> Self {
         let ctx = if backend.device() == Device::Cpu && ctx.threads() > 1 {
             ctx.with_keep_warm(DEFAULT_KEEP_WARM)
@@ -81,7 +82,8 @@ impl Worker {
     }
 
     /// Where the device thread serves its acts: inside this device's thread pool on a CPU rank
-    /// with several threads (entered once, not once per kernel), nothing else.
+    /// with several threads whose kernels are not in flight (entered once, not once per
+    /// kernel), nothing else.
     pub fn enclosure(&self) -> Option<Enclosure> {
         // Kernels in flight run on the pool's threads, all of them: the device thread only
         // submits them and stays outside.
@@ -92,9 +94,10 @@ impl Worker {
         Some(std::sync::Arc::new(move |serve: &mut (dyn FnMut() + Send)| ctx.install(serve)))
     }
 
-    /// Runs this rank's kernels as a task graph on its pool ([`super::flight`]) when `on`, the
-    /// rank is a CPU rank and it has several kernel threads; otherwise each act runs its kernel
-    /// to the end (the only way on a GPU rank, whose stream orders its kernels).
+    /// Runs this rank's kernels as a task graph on its pool
+    /// ([`super::SessionConfig::inter_op`]) when `on`, the rank is a CPU rank and it has
+    /// several kernel threads; otherwise each act runs its kernel to the end (the only way on a
+    /// GPU rank, whose stream orders its kernels).
     pub fn set_inter_op(&mut self, on: bool) {
         let able = self.backend.device() == Device::Cpu && self.ctx.threads() > 1;
         self.flight = (on && able).then(|| Flight::new(self.ctx.clone()));
@@ -242,6 +245,9 @@ impl Worker {
     /// slots come back (`None` where it holds none); everything else of the step is dropped.
     /// A variable the step took and did not update (it failed) gets its shard back from the
     /// step's leaf when no kernel wrote it in place yet, else is lost ([`Worker::variable`]).
+    /// With kernels in flight every act of the step has run by then, so a failed kernel loses
+    /// every variable whose update had taken its leaf, whether it ran or not. Waits for the
+    /// kernels in flight first; the first of them that failed is the step's error.
     pub(super) fn finish_step(&mut self, compiled: &Compiled) -> Result<Vec<Option<Tensor>>> {
         let failure = self.flight.as_ref().and_then(|flight| flight.settle());
         for (name, slot) in &compiled.assign {
