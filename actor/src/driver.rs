@@ -469,11 +469,7 @@ where
             Ok(Ok(())) => return,
             Ok(Err(error)) => error,
             Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|text| text.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
+                let message = panic_message(&*panic);
                 Error::Stopped { reason: format!("the thread of {device} panicked: {message}") }
             }
         };
@@ -703,5 +699,14 @@ where
             Some(_) => self.shared.epoch.elapsed().as_nanos() as u64,
             None => 0,
         }
+    }
+}
+
+/// The message a panic carried (its `&str` or `String` payload; empty for any other).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(text), _) => (*text).to_string(),
+        (None, Some(text)) => text.clone(),
+        (None, None) => String::new(),
     }
 }

@@ -48,7 +48,9 @@ mod trace;
 pub mod workload;
 
 pub use actor::{Actor, RegisterUsage};
-pub use driver::{CompletionHandle, Driver, DriverConfig, Inbound, RunReport, Transport};
+pub use driver::{
+    panic_message, CompletionHandle, Driver, DriverConfig, Inbound, RunReport, Transport,
+};
 pub use error::{Blocked, DeadlockReport, Error, Wait};
 pub use executor::{Act, Completion, Enclosure, Executor};
 pub use ids::{ActorId, DeviceId, EdgeId, RegisterId};

@@ -168,8 +168,6 @@ struct Job {
     op: OpRef,
     inputs: Vec<Shard>,
     outputs: Vec<Arc<Cell>>,
-    /// What an error names: the rank and the op.
-    label: String,
 }
 
 /// A last kernel ([`Flight::submit`]) may start while more than this many other kernels have
@@ -190,6 +188,8 @@ const FILL_ABOVE: usize = 16;
 /// earliest ready kernel it may start ([`FILL_ABOVE`]), runs it, and ends when there is none,
 /// leaving its thread to the pool, where it helps split the kernels still running.
 pub struct Flight {
+    /// The rank, named in errors.
+    rank: usize,
     ctx: Context,
     tally: Mutex<Tally>,
     idle: Condvar,
@@ -210,13 +210,13 @@ struct Tally {
 }
 
 impl Flight {
-    /// Kernels run on `ctx`'s pool.
-    pub fn new(ctx: Context) -> Arc<Self> {
-        Arc::new(Flight { ctx, tally: Mutex::new(Tally::default()), idle: Condvar::new() })
+    /// The kernels of `rank`, run on `ctx`'s pool.
+    pub fn new(rank: usize, ctx: Context) -> Arc<Self> {
+        let (tally, idle) = (Mutex::new(Tally::default()), Condvar::new());
+        Arc::new(Flight { rank, ctx, tally, idle })
     }
 
-    /// Submits `op` on `inputs`; its `outputs` outputs, pending. `label` names the kernel in
-    /// errors (the rank and the op). The kernel owns its inputs when it runs, and a tensor only
+    /// Submits `op` on `inputs`; its `outputs` outputs, pending. The kernel owns its inputs when it runs, and a tensor only
     /// it references it may overwrite ([`meshflow_ops::Op::forward_owned`]). A `last` kernel,
     /// one whose outputs no other kernel of the step reads (an optimizer's update, the loss),
     /// starts only when no other kernel is ready, and then only while more than
@@ -229,7 +229,7 @@ impl Flight {
         op: OpRef,
         inputs: Vec<Shard>,
         outputs: usize,
-        (label, last): (String, bool),
+        last: bool,
     ) -> Vec<Shard> {
         // A reader of a last kernel's output cannot start before it: it is a last one, too (a
         // kernel that waited for it to start would wait for ever).
@@ -243,7 +243,7 @@ impl Flight {
                 Shard::Ready(_) => None,
             })
             .collect();
-        let job = Job { op, inputs, outputs: cells, label };
+        let job = Job { op, inputs, outputs: cells };
         let order = {
             let mut tally = lock(&self.tally);
             tally.unfinished += 1;
@@ -303,9 +303,10 @@ impl Flight {
     }
 
     fn run(self: &Arc<Self>, task: &Task) {
-        let Some(Job { op, inputs, outputs, label }) = lock(&task.job).take() else {
+        let Some(Job { op, inputs, outputs }) = lock(&task.job).take() else {
             return;
         };
+        let label = || format!("rank {}: {}", self.rank, op.name());
         let last = task.last;
         let computed = inputs
             .into_iter()
@@ -320,14 +321,17 @@ impl Flight {
                 match catch_unwind(AssertUnwindSafe(|| op.forward_owned(ctx, args))) {
                     Ok(Ok(results)) if results.len() >= outputs.len() => Ok(results),
                     Ok(Ok(results)) => Err(format!(
-                        "{label}: returned {} tensors for {} outputs",
+                        "{}: returned {} tensors for {} outputs",
+                        label(),
                         results.len(),
                         outputs.len()
                     )),
-                    Ok(Err(error)) => Err(format!("{label}: {error}")),
-                    Err(panic) => {
-                        Err(format!("{label}: the kernel panicked: {}", message(&*panic)))
-                    }
+                    Ok(Err(error)) => Err(format!("{}: {error}", label())),
+                    Err(panic) => Err(format!(
+                        "{}: the kernel panicked: {}",
+                        label(),
+                        meshflow_actor::panic_message(&*panic)
+                    )),
                 }
             });
         drop(op);
@@ -368,15 +372,6 @@ impl Flight {
     }
 }
 
-/// The message of a panic's payload.
-fn message(panic: &(dyn std::any::Any + Send)) -> String {
-    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
-        (Some(text), _) => (*text).to_string(),
-        (None, Some(text)) => text.clone(),
-        (None, None) => "(no message)".into(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use meshflow_ops::ops::add::Add;
@@ -403,7 +398,7 @@ mod tests {
     #[test]
     fn kernels_run_after_their_inputs_and_equal_a_sequential_run() {
         let ctx = Context::with_threads(2);
-        let flight = Flight::new(ctx.clone());
+        let flight = Flight::new(3, ctx.clone());
         let ops: [OpRef; 2] = [Arc::new(Add), Arc::new(Mul)];
         let first = vec![vector(&[1.0, 0.5, -0.25]), vector(&[0.5, 1.0, 2.0])];
         let mut sequential = first.clone();
@@ -423,15 +418,9 @@ mod tests {
             .expect("tensor");
             sequential.push(want);
             let inputs = vec![pending[a].clone(), pending[b].clone()];
-            let out =
-                flight.submit(op.clone(), inputs, 1, (format!("kernel {index}"), false)).remove(0);
+            let out = flight.submit(op.clone(), inputs, 1, false).remove(0);
             let clamp = ClampOp;
-            let out = flight.submit(
-                Arc::new(clamp),
-                vec![out],
-                1,
-                (format!("clamp {index}"), index % 3 == 0),
-            );
+            let out = flight.submit(Arc::new(clamp), vec![out], 1, index % 3 == 0);
             pending.push(out.into_iter().next().expect("one output"));
         }
         assert_eq!(flight.settle(), None, "nothing failed");
@@ -504,19 +493,18 @@ mod tests {
     #[test]
     fn a_last_kernel_waits_near_the_end_and_fills_gaps_far_from_it() {
         for chained in [0, FILL_ABOVE + 4] {
-            let flight = Flight::new(Context::with_threads(2));
+            let flight = Flight::new(3, Context::with_threads(2));
             let log = Arc::new(Mutex::new(Vec::new()));
             let timed = |name, milliseconds| -> OpRef {
                 let sleep = std::time::Duration::from_millis(milliseconds);
                 Arc::new(Timed { name, sleep, log: Arc::clone(&log) })
             };
             let x = Shard::Ready(vector(&[1.0]));
-            let mut slow =
-                flight.submit(timed("slow", 200), vec![x.clone()], 1, ("a".into(), false));
+            let mut slow = flight.submit(timed("slow", 200), vec![x.clone()], 1, false);
             for _ in 0..chained {
-                slow = flight.submit(timed("next", 0), slow, 1, ("b".into(), false));
+                slow = flight.submit(timed("next", 0), slow, 1, false);
             }
-            flight.submit(timed("last", 0), vec![x], 1, ("c".into(), true));
+            flight.submit(timed("last", 0), vec![x], 1, true);
             assert_eq!(flight.settle(), None);
             let log = lock(&log).clone();
             let at = |event| log.iter().position(|e| *e == event).expect("logged");
@@ -545,17 +533,13 @@ mod tests {
     #[test]
     fn a_failing_kernel_fails_its_readers_and_the_step_but_not_the_others() {
         for panic in [false, true] {
-            let flight = Flight::new(Context::with_threads(2));
+            let flight = Flight::new(3, Context::with_threads(2));
             let x = Shard::Ready(vector(&[1.0, 2.0]));
             let broken: OpRef = Arc::new(Broken { panic });
-            let bad = flight
-                .submit(broken, vec![x.clone()], 1, ("rank 3: broken".into(), false))
-                .remove(0);
+            let bad = flight.submit(broken, vec![x.clone()], 1, false).remove(0);
             let add: OpRef = Arc::new(Add);
-            let reader =
-                flight.submit(add.clone(), vec![bad.clone(), x.clone()], 1, ("r".into(), true));
-            let fine =
-                flight.submit(add, vec![x.clone(), x], 1, ("rank 3: add".into(), false)).remove(0);
+            let reader = flight.submit(add.clone(), vec![bad.clone(), x.clone()], 1, true);
+            let fine = flight.submit(add, vec![x.clone(), x], 1, false).remove(0);
             let failure = flight.settle().expect("the step failed");
             let cause =
                 if panic { "panicked: the broken kernel's panic" } else { "kernel's error" };
@@ -574,7 +558,7 @@ mod tests {
     /// of a kernel no one else reads any more) may write its output there.
     #[test]
     fn the_last_reader_of_a_value_owns_it() {
-        let flight = Flight::new(Context::with_threads(2));
+        let flight = Flight::new(3, Context::with_threads(2));
         let x = vector(&[1.0, 2.0, 3.0]);
         let storage = address(&x);
         let add: OpRef = Arc::new(Add);
@@ -582,11 +566,10 @@ mod tests {
             add.clone(),
             vec![Shard::Ready(x), Shard::Ready(vector(&[1.0; 3]))],
             1,
-            ("a".into(), false),
+            false,
         );
         let once = once.into_iter().next().expect("output");
-        let twice =
-            flight.submit(add, vec![once, Shard::Ready(vector(&[1.0; 3]))], 1, ("b".into(), true));
+        let twice = flight.submit(add, vec![once, Shard::Ready(vector(&[1.0; 3]))], 1, true);
         assert_eq!(flight.settle(), None);
         let twice = twice.into_iter().next().expect("output").into_tensor().expect("value");
         assert_eq!(twice.to_vec::<f32>().expect("f32"), [3.0, 4.0, 5.0]);

@@ -100,7 +100,7 @@ impl Worker {
     /// GPU rank, whose stream orders its kernels).
     pub fn set_inter_op(&mut self, on: bool) {
         let able = self.backend.device() == Device::Cpu && self.ctx.threads() > 1;
-        self.flight = (on && able).then(|| Flight::new(self.ctx.clone()));
+        self.flight = (on && able).then(|| Flight::new(self.rank, self.ctx.clone()));
     }
 
     /// This device's rank.
@@ -170,13 +170,13 @@ impl Worker {
         outputs: usize,
         last: bool,
     ) -> Result<Vec<Shard>> {
-        let label = format!("rank {}: {}", self.rank, op.name());
         if let Some(flight) = &self.flight {
-            return Ok(flight.submit(op.clone(), args, outputs, (label, last)));
+            return Ok(flight.submit(op.clone(), args, outputs, last));
         }
         let args = args.into_iter().map(Shard::into_tensor).collect::<Result<Vec<_>>>()?;
-        let results =
-            self.run_kernel(&**op, args).map_err(|e| Error::Runtime(format!("{label}: {e}")))?;
+        let results = self
+            .run_kernel(&**op, args)
+            .map_err(|e| Error::Runtime(format!("rank {}: {}: {e}", self.rank, op.name())))?;
         Ok(results.into_iter().map(Shard::Ready).collect())
     }
 
