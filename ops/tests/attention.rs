@@ -85,7 +85,8 @@ fn check(dims: [usize; 4], dtype: DType, tolerance: Tolerance, seed: u64) {
 #[test]
 fn fused_attention_matches_the_composite_attention() {
     // Time 1, below one row block, at it, past it by one and past several blocks by a bit.
-    let shapes = [[1, 1, 1, 4], [2, 5, 3, 8], [1, 32, 2, 16], [2, 33, 4, 8], [1, 70, 3, 5]];
+    let shapes =
+        [[1, 1, 1, 4], [2, 5, 3, 8], [1, 32, 2, 16], [2, 33, 4, 8], [1, 70, 3, 5], [1, 100, 2, 64]];
     for (seed, dims) in shapes.into_iter().enumerate() {
         check(dims, DType::F64, F64, seed as u64 * 10);
         check(dims, DType::F32, F32, seed as u64 * 10 + 5);

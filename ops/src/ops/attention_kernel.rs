@@ -3,10 +3,11 @@
 //! One task per (batch, head), spread over the context's threads; each task runs alone on its
 //! thread. Inside a task the query rows go in blocks of [`ROW_BLOCK`]: a block of rows
 //! `[r0, r1)` only meets keys `[0, r1)` (the rest of the upper triangle is masked), so each
-//! product is `rows × r1` with single-threaded `gemm` calls reading the packed `qkv` through its
-//! strides (no gather, no permutation copies). The block's scores (at most `ROW_BLOCK × T`) stay
-//! in cache between the products and the softmax. f32 and f64 run natively; bf16 and f16 are
-//! widened to f32 and the results rounded back.
+//! product is `rows × r1`, read from the packed `qkv` through its strides (no gather, no
+//! permutation copies): in f32 on AVX-512 CPUs straight on the `gemm-f32` microkernels
+//! ([`tiles`]), otherwise through single-threaded `gemm` calls. The block's scores (at most
+//! `ROW_BLOCK × T`) stay in cache between the products and the softmax. f32 and f64 run
+//! natively; bf16 and f16 are widened to f32 and the results rounded back.
 
 use gemm::Parallelism;
 use half::slice::HalfFloatSliceExt;
@@ -189,9 +190,38 @@ where
 
 /// A float the kernel computes in natively (f32, f64): its own accumulate type, and a `gemm`
 /// element.
-pub(crate) trait Real: RowFloat<Acc = Self> + Accumulate {}
+pub(crate) trait Real: RowFloat<Acc = Self> + Accumulate {
+    /// Runs [`product`] through [`tiles`] where this type has them: false when it does not, or
+    /// when the operands do not fit them.
+    ///
+    /// # Safety
+    /// As [`product`].
+    unsafe fn tile_product(
+        _out: (*mut Self, usize),
+        _sizes: (usize, usize, usize),
+        _lhs: View<Self>,
+        _rhs: View<Self>,
+        _beta: Self,
+        _accumulate: bool,
+    ) -> bool {
+        false
+    }
+}
 
-impl Real for f32 {}
+impl Real for f32 {
+    unsafe fn tile_product(
+        out: (*mut f32, usize),
+        sizes: (usize, usize, usize),
+        lhs: View<f32>,
+        rhs: View<f32>,
+        beta: f32,
+        accumulate: bool,
+    ) -> bool {
+        // SAFETY: forwarded from the caller.
+        unsafe { tiles::product(out, sizes, lhs, rhs, beta, accumulate) }
+    }
+}
+
 impl Real for f64 {}
 
 /// A raw pointer that tasks share; each writes elements no other task touches.
@@ -279,10 +309,10 @@ impl<T: Real> Scratch<T> {
 }
 
 /// `out[j·T + t] = m[t, j]` for one head's `T × D` keys or values `m` (rows `3·H·D` apart in
-/// `qkv`), and the view of `mᵀ [D, T]` it makes. A product against `mᵀ` reads it as a
-/// column-major left operand (`gemm` computes the row-major scores transposed), which `gemm`
-/// uses in place; read through the strides of `qkv` it was packed again, element by element,
-/// for every row block (a fifth of the fused attention's time: `perf`, GPT reference heads).
+/// `qkv`), and the view of `mᵀ [D, T]` it makes. A product against `mᵀ` reads its rows as
+/// vectors in place (the microkernels, and `gemm`, compute the row-major scores transposed);
+/// read through the strides of `qkv` it was packed again, element by element, for every row
+/// block (a fifth of the fused attention's time: `perf`, GPT reference heads).
 ///
 /// # Safety
 /// `m` must reach `T × D` elements.
@@ -298,7 +328,7 @@ unsafe fn transpose_head<T: Copy>(
 
 /// A strided matrix: element `(i, j)` at `pointer + i·row + j·column`.
 #[derive(Clone, Copy)]
-struct View<T> {
+pub(crate) struct View<T> {
     pointer: *const T,
     row: usize,
     column: usize,
@@ -538,6 +568,10 @@ unsafe fn product<T: Real>(
     if m == 0 || n == 0 || k == 0 {
         return;
     }
+    // SAFETY: forwarded from the caller.
+    if unsafe { T::tile_product((out, out_row), (m, n, k), lhs, rhs, beta, accumulate) } {
+        return;
+    }
     let stride = |s: usize| s as isize;
     // SAFETY: forwarded from the caller.
     unsafe {
@@ -562,5 +596,101 @@ unsafe fn product<T: Real>(
             false,
             Parallelism::None,
         );
+    }
+}
+
+/// The attention's f32 products straight on the `gemm-f32` crate's AVX-512 microkernels, with
+/// no packing and no call into `gemm`'s loops: every product here is small (the score block
+/// `32 × T × D`, the value and gradient products `T × D × 32`), its right operand has rows of
+/// unit stride that the microkernel loads in place, and its left operand is read by broadcasts
+/// through its strides. Through `gemm` each of these calls packed an operand and set up its
+/// blocking.
+mod tiles {
+    use super::View;
+
+    /// Columns of `y` per microkernel call (4 vectors of 16).
+    const PANEL: usize = 64;
+    /// Rows of `y` per microkernel call.
+    const STRIP: usize = 6;
+
+    /// True when this CPU runs the AVX-512 microkernels, checked once.
+    fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            *AVAILABLE.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// `out (+)= beta · lhs · rhs` as [`super::product`], when `rhs` has unit column stride and
+    /// `n` whole vectors of 16 (the microkernel loads whole vectors from `rhs`'s rows); false,
+    /// having done nothing, otherwise.
+    ///
+    /// # Safety
+    /// As [`super::product`].
+    pub(super) unsafe fn product(
+        (out, out_row): (*mut f32, usize),
+        (m, n, k): (usize, usize, usize),
+        lhs: View<f32>,
+        rhs: View<f32>,
+        beta: f32,
+        accumulate: bool,
+    ) -> bool {
+        if rhs.column != 1 || n % 16 != 0 || !available() {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            use gemm_f32::microkernel::avx512f::f32::UKR;
+            // The microkernel computes a block of `yᵀ` (column major): its "lhs" is `rhs`
+            // (`PANEL` columns loaded from each row), its "rhs" `lhs` (`STRIP` rows broadcast
+            // at each depth step). Status 1 adds to `out`, 0 overwrites it.
+            let status = u8::from(accumulate);
+            for row in (0..m).step_by(STRIP) {
+                let height = STRIP.min(m - row);
+                let strip = lhs.pointer.wrapping_add(row * lhs.row);
+                for start in (0..n).step_by(PANEL) {
+                    let width = PANEL.min(n - start);
+                    let kernel = UKR[width / 16 - 1][height - 1];
+                    // SAFETY: the kernel reads `k` rows of `width` floats of `rhs` from column
+                    // `start` and `k` depth steps of `height` rows of `lhs` from row `row`
+                    // (inside the operands, the caller's contract), and writes `height` rows of
+                    // `width` floats of `out` at (`row`, `start`), inside `out`; AVX-512F is
+                    // present (`available`).
+                    unsafe {
+                        kernel(
+                            width,
+                            height,
+                            k,
+                            out.add(row * out_row + start),
+                            rhs.pointer.add(start),
+                            strip,
+                            out_row as isize,
+                            1,
+                            rhs.row as isize,
+                            lhs.column as isize,
+                            lhs.row as isize,
+                            1.0,
+                            beta,
+                            status,
+                            false,
+                            false,
+                            false,
+                            std::ptr::null(),
+                        )
+                    };
+                }
+            }
+            true
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (out, out_row, m, k, lhs, beta, accumulate);
+            unreachable!("no AVX-512 microkernels off x86_64")
+        }
     }
 }
