@@ -6,8 +6,8 @@ use crate::{Context, Element, Result, Shape, Tensor};
 
 /// `out[j·rows + i] = source[i·stride + j]` for `i < rows`, `j < columns`: a `rows × columns`
 /// matrix whose rows lie `stride` apart, written transposed and dense (`columns × rows`, row
-/// major). The fused attention hands `gemm` its keys and values this way, which it otherwise
-/// gathered element by element for every row block. (Tried and dropped for a matmul's
+/// major). The fused attention hands its products its keys and values this way, which `gemm`
+/// otherwise gathered element by element for every row block. (Tried and dropped for a matmul's
 /// transposed right operand, the `Wᵀ` of `x·Wᵀ`, which `gemm` packs once per call: MLP and GPT
 /// steps unchanged or 1-3 % slower, A/B in one run.)
 ///
