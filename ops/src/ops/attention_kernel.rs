@@ -689,8 +689,9 @@ mod tiles {
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
+            // `available` is false off x86_64: `gemm` serves every product there.
             let _ = (out, out_row, m, k, lhs, beta, accumulate);
-            unreachable!("no AVX-512 microkernels off x86_64")
+            false
         }
     }
 }
