@@ -76,9 +76,7 @@ pub fn run(args: &SelftestArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            reporter.print_detection();
-            let at = reporter.error_at.get().copied().unwrap_or_else(now_ms);
-            println!("selftest: rank {rank} error at {at} ms: {error}");
+            reporter.fail(&rank, &error);
             ExitCode::FAILURE
         }
     };
@@ -106,18 +104,33 @@ fn check(args: &SelftestArgs, reporter: &Arc<Reporter>) -> Result<u64, SelftestE
         job.members().len(),
         std::process::id()
     );
-    // The error's time is taken before the job is dropped (rank 0 lingers to deliver a failure).
-    let sum = rounds(&job, args).inspect_err(|_| {
-        let _ = reporter.error_at.set(now_ms());
-    })?;
+    let sum = rounds(&job, args, reporter)?;
     job.finish()?;
     Ok(sum)
 }
 
-fn rounds(job: &Job, args: &SelftestArgs) -> Result<u64, SelftestError> {
+/// The rounds on a communicator over every rank. A failure is printed here, while the
+/// communicator and the job still live: their teardown waits (bounded) on peers that may be gone
+/// (outgoing streams to be acknowledged; rank 0 lingers to deliver a failure), which can outlast
+/// the second a SIGTERM from the launcher leaves this process. Printed after the teardown, the
+/// line could be lost: in a CI run a survivor of a kill -9 printed its detection but not its
+/// error, and its launcher needed the whole second to stop it.
+fn rounds(job: &Job, args: &SelftestArgs, reporter: &Reporter) -> Result<u64, SelftestError> {
     let everyone: Vec<usize> = (0..job.world().world_size).collect();
     let data_plane = args.collectives || args.all_reduce;
     let mut communicator = if data_plane { Some(job.communicator(&everyone)?) } else { None };
+    let result = run_rounds(job, args, &mut communicator);
+    if let Err(error) = &result {
+        reporter.fail(&job.world().rank.to_string(), error);
+    }
+    result
+}
+
+fn run_rounds(
+    job: &Job,
+    args: &SelftestArgs,
+    communicator: &mut Option<Box<dyn Communicator>>,
+) -> Result<u64, SelftestError> {
     let mut sum = 0;
     for round in 0..args.rounds {
         sum = match communicator.as_mut().filter(|_| args.collectives) {
@@ -245,9 +258,9 @@ fn all_gather_round(job: &Job, round: u64) -> Result<u64, SelftestError> {
 /// launcher wait until the main thread has printed its error.
 struct Reporter {
     watched: OnceLock<(Health, usize)>,
-    /// When the rounds failed (epoch ms).
-    error_at: OnceLock<u128>,
     printed: Once,
+    /// The error line is out.
+    failed: Once,
     finished: Mutex<bool>,
     finished_changed: Condvar,
 }
@@ -256,8 +269,8 @@ impl Default for Reporter {
     fn default() -> Self {
         Reporter {
             watched: OnceLock::new(),
-            error_at: OnceLock::new(),
             printed: Once::new(),
+            failed: Once::new(),
             finished: Mutex::new(false),
             finished_changed: Condvar::new(),
         }
@@ -291,6 +304,16 @@ impl Reporter {
                 failure.reason
             );
         });
+    }
+
+    /// Prints, once, the detection (if any) and then the error line with the time it is
+    /// printed, and marks the main thread's last line as out.
+    fn fail(&self, rank: &str, error: &SelftestError) {
+        self.failed.call_once(|| {
+            self.print_detection();
+            println!("selftest: rank {rank} error at {} ms: {error}", now_ms());
+        });
+        self.finish();
     }
 
     /// The main thread has printed its last line.
