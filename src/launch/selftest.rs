@@ -68,7 +68,6 @@ pub struct SelftestArgs {
 
 /// Runs the self-test; the exit code says whether every round passed.
 pub fn run(args: &SelftestArgs) -> ExitCode {
-    let rank = std::env::var("RANK").unwrap_or_else(|_| "?".to_string());
     let reporter = Arc::new(Reporter::default());
     let code = match check(args, &reporter) {
         Ok(sum) => {
@@ -76,7 +75,7 @@ pub fn run(args: &SelftestArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            reporter.fail(&rank, &error);
+            reporter.fail(&error);
             ExitCode::FAILURE
         }
     };
@@ -121,7 +120,7 @@ fn rounds(job: &Job, args: &SelftestArgs, reporter: &Reporter) -> Result<u64, Se
     let mut communicator = if data_plane { Some(job.communicator(&everyone)?) } else { None };
     let result = run_rounds(job, args, &mut communicator);
     if let Err(error) = &result {
-        reporter.fail(&job.world().rank.to_string(), error);
+        reporter.fail(error);
     }
     result
 }
@@ -307,9 +306,14 @@ impl Reporter {
     }
 
     /// Prints, once, the detection (if any) and then the error line with the time it is
-    /// printed, and marks the main thread's last line as out.
-    fn fail(&self, rank: &str, error: &SelftestError) {
+    /// printed, and marks the main thread's last line as out. The rank is the joined one, or
+    /// `RANK` from the launcher when the job was not joined.
+    fn fail(&self, error: &SelftestError) {
         self.failed.call_once(|| {
+            let rank = match self.watched.get() {
+                Some((_, rank)) => rank.to_string(),
+                None => std::env::var("RANK").unwrap_or_else(|_| "?".to_string()),
+            };
             self.print_detection();
             println!("selftest: rank {rank} error at {} ms: {error}", now_ms());
         });

@@ -626,7 +626,7 @@ unsafe fn product<T: Real>(
 /// The attention's f32 softmax rows in AVX-512 vectors. The generic [`softmax_block`] keeps
 /// its lane sums in memory (a store and a load on every vector of a row, `perf annotate`) and
 /// folds them through the stack, twice per row: on rows of 32 to 128 scores that was most of
-/// its time, 31 % of the forward. Here the lanes stay in registers and fold in shuffles. The
+/// its time, 31 % of the forward (session 17's `perf`). Here the lanes stay in registers and fold in shuffles. The
 /// same operations in the same order (the maxima and sums lane by lane, folded in halves, the
 /// exponential's polynomial with the same multiply-adds), so the results are bit for bit those
 /// of the generic loop compiled for AVX-512 (a test holds them to it). The GPT reference
@@ -649,7 +649,8 @@ mod rows {
         #[cfg(target_arch = "x86_64")]
         {
             let rows = lse.len();
-            if !available()
+            // The CPU the generic loop's x86-64-v4 version runs on, the one it must match.
+            if !crate::cpu::simd::has_x86_v4()
                 || width == 0
                 || !width.is_multiple_of(16)
                 || scores.len() < rows * width
@@ -657,8 +658,8 @@ mod rows {
             {
                 return false;
             }
-            // SAFETY: the CPU has AVX-512F and FMA; the slices hold `rows` rows of `width`, a
-            // whole number of vectors.
+            // SAFETY: the CPU has AVX-512F and FMA (x86-64-v4); the slices hold `rows` rows of
+            // `width`, a whole number of vectors.
             unsafe { block(scores, probabilities, lse, first_row, width) };
             true
         }
@@ -667,16 +668,6 @@ mod rows {
             let _ = (scores, probabilities, lse, first_row, width);
             false
         }
-    }
-
-    /// True when this CPU has AVX-512F and FMA, checked once.
-    #[cfg(target_arch = "x86_64")]
-    fn available() -> bool {
-        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAILABLE.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("fma")
-        })
     }
 
     /// # Safety
