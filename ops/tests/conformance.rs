@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use meshflow_ops::ops::adamw::AdamW;
 use meshflow_ops::ops::add_scalar::AddScalar;
+use meshflow_ops::ops::bias_act::{BiasAct, BiasActGrad};
 use meshflow_ops::ops::concat::Concat;
 use meshflow_ops::ops::cross_entropy::{CrossEntropy, CrossEntropyGrad};
 use meshflow_ops::ops::dropout::Dropout;
@@ -425,6 +426,10 @@ conformance! {
     relu_grad => |d| Case::new(GradOf(Relu)).float(d.shape(2)).float(d.shape(2));
     gelu => |d| Case::new(Unary(Gelu { tanh: false })).float(d.shape(3));
     gelu_tanh_grad => |d| Case::new(GradOf(Gelu { tanh: true })).float(d.shape(2)).float(d.shape(2));
+    bias_gelu => |d| Case::new(BiasAct(Gelu { tanh: false })).float(d.shape(3)).float([d[2]]);
+    bias_gelu_grad => |d| Case::new(BiasActGrad(Gelu { tanh: false }))
+        .float(d.shape(3)).float([d[2]]).float(d.shape(3));
+    bias_silu_grad => |d| Case::new(BiasActGrad(Silu)).float(d.shape(2)).float([d[1]]).float(d.shape(2));
     exp => |d| Case::new(Unary(Exp)).float(d.shape(2));
     log => |d| Case::new(Unary(Log)).input(d.shape(2), DType::F64, Fill::Positive);
     sigmoid => |d| Case::new(Unary(Sigmoid)).float(d.shape(2));

@@ -15,10 +15,10 @@ use meshflow_ops::cuda::table::KERNELS;
 use meshflow_ops::cuda::{self, CudaDevice};
 use meshflow_ops::eager::Tape;
 use meshflow_ops::ops::{
-    adamw, add, add_scalar, attention, broadcast_to, cast, concat, cross_entropy, div, dropout,
-    embedding, exp, fill, gelu, layer_norm, log, log_softmax, masked_fill, matmul, max, mean, mul,
-    mul_scalar, narrow, neg, permute, pow, pow_scalar, relu, reshape, rms_norm, rsqrt, sgd,
-    sigmoid, silu, softmax, split, sqrt, sub, sum, tanh, where_select,
+    adamw, add, add_scalar, attention, bias_act, broadcast_to, cast, concat, cross_entropy, div,
+    dropout, embedding, exp, fill, gelu, layer_norm, log, log_softmax, masked_fill, matmul, max,
+    mean, mul, mul_scalar, narrow, neg, permute, pow, pow_scalar, relu, reshape, rms_norm, rsqrt,
+    sgd, sigmoid, silu, softmax, split, sqrt, sub, sum, tanh, where_select,
 };
 use meshflow_ops::{Context, DType, Result, Shape, Tensor, Value};
 
@@ -74,6 +74,11 @@ fn program(tape: &mut Tape, dtype: DType) -> Result<()> {
     }
     terms.push(gelu::gelu(tape, x, false)?);
     terms.push(gelu::gelu(tape, x, true)?);
+    for tanh in [false, true] {
+        terms.push(bias_act::bias_act(tape, gelu::Gelu { tanh }, x, bias)?);
+    }
+    terms.push(bias_act::bias_act(tape, silu::Silu, x, bias)?);
+    terms.push(bias_act::bias_act(tape, relu::Relu, x, bias)?);
     terms.push(add_scalar::add_scalar(tape, x, 0.5)?);
     terms.push(mul_scalar::mul_scalar(tape, x, -3.0)?);
     terms.push(pow_scalar::pow_scalar(tape, x, 2.0)?);

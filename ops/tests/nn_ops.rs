@@ -1,5 +1,5 @@
 //! The nn ops (matmul, softmax, log_softmax, layer_norm, rms_norm, embedding, cross_entropy,
-//! adamw, sgd) against PyTorch goldens (`scripts/golden/nn.py`), finite differences in f64,
+//! adamw, sgd; the fused bias activations against their unfused chain) against PyTorch goldens (`scripts/golden/nn.py`), finite differences in f64,
 //! multi-threaded runs, and bad input.
 
 mod common;
@@ -9,14 +9,20 @@ use common::{
     Tolerance,
 };
 use meshflow_ops::ops::adamw::AdamW;
+use meshflow_ops::ops::add::Add;
+use meshflow_ops::ops::bias_act::{BiasAct, BiasActGrad};
 use meshflow_ops::ops::cross_entropy::{CrossEntropy, CrossEntropyGrad};
 use meshflow_ops::ops::embedding::{Embedding, EmbeddingGrad, VocabShard};
+use meshflow_ops::ops::gelu::Gelu;
 use meshflow_ops::ops::layer_norm::LayerNorm;
 use meshflow_ops::ops::log_softmax::LogSoftmax;
 use meshflow_ops::ops::matmul::{MatMul, MatMulSumBatch};
 use meshflow_ops::ops::rms_norm::RmsNorm;
 use meshflow_ops::ops::sgd::Sgd;
+use meshflow_ops::ops::silu::Silu;
 use meshflow_ops::ops::softmax::Softmax;
+use meshflow_ops::ops::sum::Sum;
+use meshflow_ops::ops::unary::{GradOf, Unary};
 use meshflow_ops::{Context, DType, Op, OpRef, Tensor};
 
 fn make(case: &Case) -> Option<OpRef> {
@@ -150,6 +156,42 @@ fn fused_gradient_ops_match_finite_differences_of_their_forward() {
     assert_eq!(grad.iter().filter(|v| **v != 0.0).count(), 3 * 3);
 }
 
+/// `bias_gelu` is `gelu(x + b)` bit for bit in f32 (the add rounds to f32 either way), and its
+/// gradient gives the unfused chain's `dx` and `db` (`sum` of that `dx` over the rows) bit for
+/// bit, on one thread and two, in place and into fresh storage; both match finite differences.
+#[test]
+fn bias_activations_equal_the_unfused_chain() {
+    let x = random(&[130, 96], 21).to_dtype(DType::F32).expect("f32");
+    let b = random(&[96], 22).to_dtype(DType::F32).expect("f32");
+    let g = random(&[130, 96], 23).to_dtype(DType::F32).expect("f32");
+    let exact = Tolerance { atol: 0.0, rtol: 0.0 };
+    for tanh in [false, true] {
+        let gelu = Gelu { tanh };
+        for ctx in [Context::single_thread(), Context::with_threads(2)] {
+            let sum = Add.forward(&ctx, &[x.clone(), b.clone()]).expect("add").remove(0);
+            let unfused = Unary(gelu.clone()).forward(&ctx, std::slice::from_ref(&sum));
+            let fused = BiasAct(gelu.clone()).forward(&ctx, &[x.clone(), b.clone()]);
+            assert_close(&fused.expect("fused")[0], &unfused.expect("gelu")[0], exact, "y");
+            let dx = GradOf(gelu.clone()).forward(&ctx, &[sum, g.clone()]).expect("gelu_grad");
+            let db = Sum { axes: vec![0], keepdim: false }.forward(&ctx, &dx).expect("sum");
+            let fresh = BiasActGrad(gelu.clone()).forward(&ctx, &[x.clone(), b.clone(), g.clone()]);
+            let unique = g.to_dtype(DType::F64).and_then(|g| g.to_dtype(DType::F32)).expect("copy");
+            let owned =
+                BiasActGrad(gelu.clone()).forward_owned(&ctx, vec![x.clone(), b.clone(), unique]);
+            for (name, grads) in
+                [("fresh", fresh.expect("fresh")), ("owned", owned.expect("owned"))]
+            {
+                assert_close(&grads[0], &dx[0], exact, &format!("dx {name}"));
+                assert_close(&grads[1], &db[0], exact, &format!("db {name}"));
+            }
+        }
+        let (x, b) = (random(&[2, 3, 5], 24), random(&[5], 25));
+        finite_differences(op(BiasAct(gelu)), &[x, b], 24).expect("bias_gelu");
+    }
+    finite_differences(op(BiasAct(Silu)), &[random(&[4, 3], 26), random(&[3], 27)], 12)
+        .expect("bias_silu");
+}
+
 #[test]
 fn two_threads_give_the_single_thread_results() {
     let one = Context::single_thread();
@@ -194,6 +236,15 @@ fn bad_inputs_are_errors_naming_the_op() {
     expect_error(Softmax.forward(&ctx, &[f(&[])]), &["softmax", "axis"]);
     let norm = LayerNorm { eps: 1e-5 };
     expect_error(norm.forward(&ctx, &[f(&[2, 4]), f(&[3]), f(&[4])]), &["layer_norm", "[3]"]);
+    let bias_gelu = BiasAct(Gelu { tanh: false });
+    expect_error(bias_gelu.forward(&ctx, &[f(&[2, 4]), f(&[3])]), &["bias_gelu", "[2, 4]", "[3]"]);
+    let wide = Tensor::zeros([4], DType::F64);
+    expect_error(bias_gelu.forward(&ctx, &[f(&[2, 4]), wide]), &["bias_gelu", "f32", "f64"]);
+    let grad = BiasActGrad(Gelu { tanh: false });
+    expect_error(
+        grad.forward(&ctx, &[f(&[2, 4]), f(&[4]), f(&[4, 2])]),
+        &["bias_gelu_grad", "[2, 4]", "[4, 2]"],
+    );
     expect_error(
         LayerNorm { eps: -1.0 }.infer(&[
             f(&[2, 4]).meta().clone(),

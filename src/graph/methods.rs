@@ -3,10 +3,10 @@
 //! naming the op and the shapes.
 
 use meshflow_ops::ops::{
-    add, add_scalar, attention, cast, concat, cross_entropy, div, dropout, embedding, exp, fill,
-    gelu, layer_norm, log, log_softmax, masked_fill, matmul, max, mean, mul, mul_scalar, narrow,
-    neg, permute, pow, pow_scalar, relu, reshape, rms_norm, rsqrt, sigmoid, silu, softmax, split,
-    sqrt, sub, sum, tanh, where_select,
+    add, add_scalar, attention, bias_act, cast, concat, cross_entropy, div, dropout, embedding,
+    exp, fill, gelu, layer_norm, log, log_softmax, masked_fill, matmul, max, mean, mul, mul_scalar,
+    narrow, neg, permute, pow, pow_scalar, relu, reshape, rms_norm, rsqrt, sigmoid, silu, softmax,
+    split, sqrt, sub, sum, tanh, where_select,
 };
 use meshflow_ops::{DType, Emit, Shape, Value};
 
@@ -123,6 +123,14 @@ impl Tensor {
     pub fn gelu(&self, tanh_approximation: bool) -> Result<Tensor> {
         let x = self.value();
         self.emit_with(|e| gelu::gelu(e, x, tanh_approximation))
+    }
+
+    /// `gelu(self + bias)` for `self [..., C]` and `bias [C]`, in one pass (`bias_gelu`; its
+    /// gradient gives the bias gradient in the same pass as `self`'s).
+    pub fn bias_gelu(&self, bias: &Tensor, tanh_approximation: bool) -> Result<Tensor> {
+        let (x, b) = (self.value(), self.same_graph(bias)?);
+        let f = gelu::Gelu { tanh: tanh_approximation };
+        self.emit_with(|e| bias_act::bias_act(e, f, x, b))
     }
 
     /// `self · sigmoid(self)`.

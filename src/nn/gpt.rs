@@ -315,7 +315,7 @@ impl Gpt {
         let block = &self.blocks[index];
         let y = self.attention(index, &block.ln_1.forward(x)?, mask)?;
         let x = x.add(&self.drop(&y, 3 * index + 2)?)?;
-        let h = block.c_fc.forward_as(&block.ln_2.forward(&x)?, self.compute)?.gelu(false)?;
+        let h = block.c_fc.forward_gelu_as(&block.ln_2.forward(&x)?, self.compute)?;
         let y = block.mlp_proj.forward_as(&h, self.compute)?;
         x.add(&self.drop(&y, 3 * index + 3)?)
     }

@@ -146,15 +146,30 @@ impl Linear {
     /// operands with f32 accumulation, the weight stays an f32 master copy whose gradient comes
     /// back through the cast); the result and the bias add are in `x`'s dtype.
     pub fn forward_as(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
-        let y = if compute == x.dtype() && compute == self.weight.dtype() {
-            x.matmul_t(&self.weight, false, true)?
-        } else {
-            let weight = self.weight.cast(compute)?;
-            x.cast(compute)?.matmul_t(&weight, false, true)?.cast(x.dtype())?
-        };
+        let y = self.product_as(x, compute)?;
         match &self.bias {
             Some(b) => y.add(b),
             None => Ok(y),
+        }
+    }
+
+    /// `gelu(forward_as(x, compute))` (exact GELU), with the bias add and the activation in one
+    /// op (`bias_gelu`, whose gradient also gives the bias gradient in one pass).
+    pub fn forward_gelu_as(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
+        let y = self.product_as(x, compute)?;
+        match &self.bias {
+            Some(b) => y.bias_gelu(b, false),
+            None => y.gelu(false),
+        }
+    }
+
+    /// `x · Wᵀ` computed in `compute`, in `x`'s dtype.
+    fn product_as(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
+        if compute == x.dtype() && compute == self.weight.dtype() {
+            x.matmul_t(&self.weight, false, true)
+        } else {
+            let weight = self.weight.cast(compute)?;
+            x.cast(compute)?.matmul_t(&weight, false, true)?.cast(x.dtype())
         }
     }
 

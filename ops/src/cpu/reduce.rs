@@ -174,7 +174,7 @@ fn reduce_columns<I: Copy + Sync, A: Float + Send + Sync>(
 
 /// Blocks of rows a column reduction folds separately ([`reduce_columns`]): 4, 8, 16 and 32
 /// measured; 8 was the fastest on both the GPT's and the MLP's bias gradients.
-const ROW_BLOCKS: usize = 8;
+pub(crate) const ROW_BLOCKS: usize = 8;
 
 /// The widest rows [`reduce_columns`] folds by row blocks: 8 partial rows of 16 Ki f32 are
 /// 512 KiB.

@@ -11,10 +11,11 @@ use super::table::{self, Kernel};
 use super::{downcast, CudaDevice};
 use super::{launch, reduce};
 use crate::ops::{
-    adamw::AdamW, add_scalar::AddScalar, concat::Concat, dropout::Dropout, fill::Fill, gelu::Gelu,
-    layer_norm::LayerNorm, masked_fill::MaskedFill, max::Max, mean::Mean, mul_scalar::MulScalar,
-    narrow::Narrow, narrow::Pad, permute::Permute, pow_scalar::PowScalar, rms_norm::RmsNorm,
-    sgd::Sgd, split::Split, sum::Sum, unary::GradOf, unary::Unary,
+    adamw::AdamW, add_scalar::AddScalar, bias_act::BiasAct, bias_act::BiasActGrad, concat::Concat,
+    dropout::Dropout, fill::Fill, gelu::Gelu, layer_norm::LayerNorm, masked_fill::MaskedFill,
+    max::Max, mean::Mean, mul_scalar::MulScalar, narrow::Narrow, narrow::Pad, permute::Permute,
+    pow_scalar::PowScalar, rms_norm::RmsNorm, sgd::Sgd, split::Split, sum::Sum, unary::GradOf,
+    unary::Unary,
 };
 use crate::{DType, Error, Op, Result, Storage, Tensor, TensorMeta};
 
@@ -34,6 +35,8 @@ pub(super) fn forward(device: &CudaDevice, op: &dyn Op, inputs: &[Tensor]) -> Re
         Kernel::View => view(inputs, outputs),
         Kernel::Map => map(device, op, &inputs[0], &outputs[0]),
         Kernel::MapGrad => derivative(device, op, inputs, &outputs[0]),
+        Kernel::BiasMap => bias_map(device, op, inputs, &outputs[0], None),
+        Kernel::BiasMapGrad => bias_map_grad(device, op, inputs, &outputs),
         Kernel::Binary => binary(device, name, inputs, &outputs[0]),
         Kernel::Cast => cast(device, &inputs[0], &outputs[0]),
         Kernel::Fill => fill(device, &outputs[0], downcast::<Fill>(op).map_or(0.0, |f| f.value)),
@@ -93,6 +96,10 @@ fn scalar(op: &dyn Op) -> f64 {
         f64::from(u8::from(op.0.tanh))
     } else if let Some(op) = downcast::<GradOf<Gelu>>(op) {
         f64::from(u8::from(op.0.tanh))
+    } else if let Some(op) = downcast::<BiasAct<Gelu>>(op) {
+        f64::from(u8::from(op.0.tanh))
+    } else if let Some(op) = downcast::<BiasActGrad<Gelu>>(op) {
+        f64::from(u8::from(op.0.tanh))
     } else {
         0.0
     }
@@ -127,6 +134,50 @@ fn derivative(
     args.arg(&xp).arg(&gp).arg(&dp).arg(&n).arg(&parameter);
     device.run(args, shape)?;
     Ok(vec![dx])
+}
+
+/// `y = f(x + b)` from `[x, b]`, or with `g` (`[x, b, g]`) `dx = g · f'(x + b)`: one
+/// element-wise launch, `b` indexed by the position along the last axis.
+fn bias_map(
+    device: &CudaDevice,
+    op: &dyn Op,
+    inputs: &[Tensor],
+    meta: &TensorMeta,
+    g: Option<&Tensor>,
+) -> Result<Vec<Tensor>> {
+    let inner = table::unbiased(op.name());
+    let spec = match g {
+        None => Spec::BiasMap(inner, meta.dtype),
+        Some(_) => Spec::BiasDerivative(inner, meta.dtype),
+    };
+    let y = output(device, meta)?;
+    let (n, width, parameter) = (y.numel() as i64, inputs[1].numel() as i64, scalar(op));
+    let (xp, bp, yp) = (pointer(&inputs[0])?, pointer(&inputs[1])?, pointer(&y)?);
+    let gp = g.map(pointer).transpose()?;
+    let shape = launch::elementwise(y.numel(), device.multiprocessors());
+    let function = device.function(spec)?;
+    let mut args = device.stream().launch_builder(&function);
+    args.arg(&xp).arg(&bp);
+    if let Some(gp) = &gp {
+        args.arg(gp);
+    }
+    args.arg(&yp).arg(&n).arg(&width).arg(&parameter);
+    device.run(args, shape)?;
+    Ok(vec![y])
+}
+
+/// `[dx, db]` from `[x, b, g]`: [`bias_map`]'s gradient launch, then `db` as the `sum` of `dx`
+/// over every axis but the last.
+fn bias_map_grad(
+    device: &CudaDevice,
+    op: &dyn Op,
+    inputs: &[Tensor],
+    outputs: &[TensorMeta],
+) -> Result<Vec<Tensor>> {
+    let dx = bias_map(device, op, inputs, &outputs[0], Some(&inputs[2]))?.remove(0);
+    let leading: Vec<usize> = (0..dx.dims().len().saturating_sub(1)).collect();
+    let db = reduce_axes(device, "sum", &dx, &leading, &outputs[1])?;
+    Ok(vec![dx, db])
 }
 
 /// Strides of `input` read along the axes of `out` (numpy broadcasting: 0 where it repeats).
@@ -283,14 +334,25 @@ fn reduce(device: &CudaDevice, op: &dyn Op, x: &Tensor, meta: &TensorMeta) -> Re
     } else {
         return Err(Error::argument(name, "not a reduction the GPU backend knows"));
     };
-    let dims = x.dims();
     let reduced: Vec<usize> =
-        if axes.is_empty() { (0..dims.len()).collect() } else { x.shape().axes(name, axes)? };
+        if axes.is_empty() { (0..x.dims().len()).collect() } else { x.shape().axes(name, axes)? };
+    Ok(vec![reduce_axes(device, name, x, &reduced, meta)?])
+}
+
+/// The reduction `name` (`sum`, `mean`, `max`) of `x` over the axes `reduced`, into a new tensor
+/// of `meta`.
+fn reduce_axes(
+    device: &CudaDevice,
+    name: &'static str,
+    x: &Tensor,
+    reduced: &[usize],
+    meta: &TensorMeta,
+) -> Result<Tensor> {
     let y = output(device, meta)?;
     if y.numel() == 0 {
-        return Ok(vec![y]);
+        return Ok(y);
     }
-    let launches = reduce::plan(name, dims, &reduced, device.multiprocessors())?;
+    let launches = reduce::plan(name, x.dims(), reduced, device.multiprocessors())?;
     let partials = match launches.first() {
         Some(first) if launches.len() > 1 => {
             Some(scratch(device, first.partial_len(), super::nn::accumulation(meta.dtype))?)
@@ -312,7 +374,7 @@ fn reduce(device: &CudaDevice, op: &dyn Op, x: &Tensor, meta: &TensorMeta) -> Re
         device.run(args, run.launch)?;
         input = target;
     }
-    Ok(vec![y])
+    Ok(y)
 }
 
 fn rows(

@@ -247,7 +247,7 @@ pub fn binary_expression(name: &str) -> Option<&'static str> {
 pub fn map_kernel(op: &'static str, dtype: DType) -> Result<KernelSource> {
     float_only(op, dtype)?;
     let body = map_expression(op).ok_or_else(|| no_expression(op))?;
-    Ok(pointwise_kernel(entry("map", op, dtype), dtype, body, false))
+    Ok(pointwise_kernel(entry("map", op, dtype), dtype, body, Operands::MAP))
 }
 
 /// `dx[i] = g[i] · f'(x[i])` for an op with a [`derivative_expression`]:
@@ -255,20 +255,58 @@ pub fn map_kernel(op: &'static str, dtype: DType) -> Result<KernelSource> {
 pub fn derivative_kernel(op: &'static str, dtype: DType) -> Result<KernelSource> {
     float_only(op, dtype)?;
     let body = derivative_expression(op).ok_or_else(|| no_expression(op))?;
-    Ok(pointwise_kernel(entry("grad", op, dtype), dtype, body, true))
+    Ok(pointwise_kernel(entry("grad", op, dtype), dtype, body, Operands::GRADIENT))
 }
 
-/// The one template of [`map_kernel`] and [`derivative_kernel`]: `body` assigns `r` from `v`
-/// (and the parameter `p`); with `gradient` the result is multiplied by `g[i]`.
-fn pointwise_kernel(entry: String, dtype: DType, body: &str, gradient: bool) -> KernelSource {
-    let (inputs, result) = if gradient {
-        ("const T* __restrict__ x, const T* __restrict__ g", "load(g[i]) * r")
-    } else {
-        ("const T* __restrict__ x", "r")
-    };
+/// `y[i] = f(x[i] + b[i % w])` for an op with a [`map_expression`] (`bias_gelu` is `gelu`'s):
+/// `(const T* x, const T* b, T* y, long long n, long long w, double p)`.
+pub fn bias_map_kernel(op: &'static str, dtype: DType) -> Result<KernelSource> {
+    float_only(op, dtype)?;
+    let body = map_expression(op).ok_or_else(|| no_expression(op))?;
+    let operands = Operands { bias: true, ..Operands::MAP };
+    Ok(pointwise_kernel(entry("bias_map", op, dtype), dtype, body, operands))
+}
+
+/// `dx[i] = g[i] · f'(x[i] + b[i % w])` for an op with a [`derivative_expression`]:
+/// `(const T* x, const T* b, const T* g, T* dx, long long n, long long w, double p)`.
+pub fn bias_derivative_kernel(op: &'static str, dtype: DType) -> Result<KernelSource> {
+    float_only(op, dtype)?;
+    let body = derivative_expression(op).ok_or_else(|| no_expression(op))?;
+    let operands = Operands { bias: true, ..Operands::GRADIENT };
+    Ok(pointwise_kernel(entry("bias_grad", op, dtype), dtype, body, operands))
+}
+
+/// What a [`pointwise_kernel`] reads besides `x`.
+#[derive(Clone, Copy)]
+struct Operands {
+    /// A bias `b` along the last axis (`w` wide), added to `x` in the compute type.
+    bias: bool,
+    /// The incoming gradient `g`, multiplied into the result.
+    gradient: bool,
+}
+
+impl Operands {
+    const MAP: Operands = Operands { bias: false, gradient: false };
+    const GRADIENT: Operands = Operands { bias: false, gradient: true };
+}
+
+/// The one template of the element-wise map kernels: `body` assigns `r` from `v` (and the
+/// parameter `p`); `operands` say whether `v` is `x[i]` or `x[i] + b[i % w]`, and whether the
+/// result is multiplied by `g[i]`.
+fn pointwise_kernel(entry: String, dtype: DType, body: &str, operands: Operands) -> KernelSource {
+    let mut inputs = String::from("const T* __restrict__ x");
+    let (mut value, mut result, mut width) = ("load(x[i])", "r", "");
+    if operands.bias {
+        inputs.push_str(", const T* __restrict__ b");
+        (value, width) = ("load(x[i]) + load(b[i % w])", ", long long w");
+    }
+    if operands.gradient {
+        inputs.push_str(", const T* __restrict__ g");
+        result = "load(g[i]) * r";
+    }
     let code = format!(
-        "{}\nextern \"C\" __global__ void {entry}({inputs}, T* __restrict__ y, long long n, double param) {{\n\
-         const A p = (A)param;\n GRID_LOOP(i, n) {{ const A v = load(x[i]); A r; {body} y[i] = store({result}); }}\n}}\n",
+        "{}\nextern \"C\" __global__ void {entry}({inputs}, T* __restrict__ y, long long n{width}, double param) {{\n\
+         const A p = (A)param;\n GRID_LOOP(i, n) {{ const A v = {value}; A r; {body} y[i] = store({result}); }}\n}}\n",
         prelude(dtype)
     );
     KernelSource { entry, code }

@@ -17,6 +17,10 @@ pub enum Spec {
     Map(&'static str, DType),
     /// [`source::derivative_kernel`].
     Derivative(&'static str, DType),
+    /// [`source::bias_map_kernel`] of the element-wise op named (`gelu`).
+    BiasMap(&'static str, DType),
+    /// [`source::bias_derivative_kernel`] of the derivative op named (`gelu_grad`).
+    BiasDerivative(&'static str, DType),
     /// [`source::binary_kernel`].
     Binary(&'static str, DType),
     /// [`source::cast_kernel`] from the first dtype to the second.
@@ -66,6 +70,8 @@ impl Spec {
         match self {
             Spec::Map(op, dtype) => source::map_kernel(op, dtype),
             Spec::Derivative(op, dtype) => source::derivative_kernel(op, dtype),
+            Spec::BiasMap(op, dtype) => source::bias_map_kernel(op, dtype),
+            Spec::BiasDerivative(op, dtype) => source::bias_derivative_kernel(op, dtype),
             Spec::Binary(op, dtype) => source::binary_kernel(op, dtype),
             Spec::Cast(from, to) => Ok(source::cast_kernel(from, to)),
             Spec::Fill(dtype) => Ok(source::fill_kernel(dtype)),
@@ -103,6 +109,9 @@ mod tests {
             Spec::Map("exp", DType::F32),
             Spec::Map("exp", DType::BF16),
             Spec::Map("log", DType::F32),
+            Spec::BiasMap("gelu", DType::F32),
+            Spec::Derivative("gelu_grad", DType::F32),
+            Spec::BiasDerivative("gelu_grad", DType::F32),
             Spec::Cast(DType::F32, DType::BF16),
             Spec::Cast(DType::BF16, DType::F32),
             Spec::Reduce("sum", DType::F32, Pass::Rows, Stage::Whole),

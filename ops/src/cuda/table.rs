@@ -20,6 +20,12 @@ pub enum Kernel {
     Map,
     /// `dx = g · f'(x)` element-wise from `[x, g]`.
     MapGrad,
+    /// `y = f(x + b)` element-wise from `[x, b]`, `b` along the last axis; the name less its
+    /// `bias_` prefix selects the expression of [`Kernel::Map`].
+    BiasMap,
+    /// `dx = g · f'(x + b)` from `[x, b, g]` as [`Kernel::BiasMap`], then `db`, the column sums
+    /// of `dx`, as a `sum` [`Kernel::Reduce`].
+    BiasMapGrad,
     /// `y = f(a, b)` element-wise with numpy broadcasting.
     Binary,
     /// A dtype conversion.
@@ -73,6 +79,12 @@ pub const KERNELS: &[(&str, Kernel)] = &[
     ("relu_grad", Kernel::MapGrad),
     ("silu_grad", Kernel::MapGrad),
     ("gelu_grad", Kernel::MapGrad),
+    ("bias_relu", Kernel::BiasMap),
+    ("bias_silu", Kernel::BiasMap),
+    ("bias_gelu", Kernel::BiasMap),
+    ("bias_relu_grad", Kernel::BiasMapGrad),
+    ("bias_silu_grad", Kernel::BiasMapGrad),
+    ("bias_gelu_grad", Kernel::BiasMapGrad),
     ("add", Kernel::Binary),
     ("sub", Kernel::Binary),
     ("mul", Kernel::Binary),
@@ -122,6 +134,12 @@ pub fn kernel(name: &str) -> Option<Kernel> {
     KERNELS.iter().find(|(op, _)| *op == name).map(|&(_, kernel)| kernel)
 }
 
+/// The element-wise op a [`Kernel::BiasMap`] or [`Kernel::BiasMapGrad`] op applies after its
+/// bias: `bias_gelu` -> `gelu`, `bias_gelu_grad` -> `gelu_grad`.
+pub fn unbiased(name: &'static str) -> &'static str {
+    name.strip_prefix("bias_").unwrap_or(name)
+}
+
 /// Every kernel the op named `name` launches for tensors of `dtype` (for `dropout`, with a step
 /// of every dtype; for `where` and `masked_fill`, values of `dtype`; for reductions, every pass
 /// and stage). Views and cuBLAS products generate nothing.
@@ -134,6 +152,13 @@ pub fn specs(name: &'static str, dtype: DType) -> Result<Vec<Spec>> {
         Kernel::View | Kernel::Product => Vec::new(),
         Kernel::Map => vec![Spec::Map(name, dtype)],
         Kernel::MapGrad => vec![Spec::Derivative(name, dtype)],
+        Kernel::BiasMap => vec![Spec::BiasMap(unbiased(name), dtype)],
+        Kernel::BiasMapGrad => {
+            let sums = [Pass::Rows, Pass::Columns]
+                .into_iter()
+                .flat_map(|pass| Stage::ALL.map(|stage| Spec::Reduce("sum", dtype, pass, stage)));
+            [Spec::BiasDerivative(unbiased(name), dtype)].into_iter().chain(sums).collect()
+        }
         Kernel::Binary => vec![Spec::Binary(name, dtype)],
         Kernel::Cast => DType::ALL.iter().map(|&to| Spec::Cast(dtype, to)).collect(),
         Kernel::Fill => vec![Spec::Fill(dtype)],

@@ -51,6 +51,8 @@ impl Pointwise for Gelu {
 
 impl Differentiable for Gelu {
     const GRAD_NAME: &'static str = "gelu_grad";
+    const BIAS_NAME: &'static str = "bias_gelu";
+    const BIAS_GRAD_NAME: &'static str = "bias_gelu_grad";
 
     #[inline(always)]
     fn derivative<A: Special, const FUSED: bool>(&self, x: A) -> A {

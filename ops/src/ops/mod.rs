@@ -7,6 +7,7 @@ pub mod add;
 pub mod add_scalar;
 pub mod attention;
 pub(crate) mod attention_kernel;
+pub mod bias_act;
 pub mod binary;
 pub mod broadcast_to;
 pub mod cast;

@@ -35,6 +35,8 @@ impl Pointwise for Relu {
 
 impl Differentiable for Relu {
     const GRAD_NAME: &'static str = "relu_grad";
+    const BIAS_NAME: &'static str = "bias_relu";
+    const BIAS_GRAD_NAME: &'static str = "bias_relu_grad";
     const SECOND_DERIVATIVE_ZERO: bool = true;
 
     #[inline(always)]

@@ -35,6 +35,8 @@ impl Pointwise for Silu {
 
 impl Differentiable for Silu {
     const GRAD_NAME: &'static str = "silu_grad";
+    const BIAS_NAME: &'static str = "bias_silu";
+    const BIAS_GRAD_NAME: &'static str = "bias_silu_grad";
 
     #[inline(always)]
     fn derivative<A: Special, const FUSED: bool>(&self, x: A) -> A {

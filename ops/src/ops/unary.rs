@@ -28,6 +28,11 @@ pub trait Pointwise: Clone + fmt::Debug + Send + Sync + 'static {
 pub trait Differentiable: Pointwise {
     /// The name of the derivative op, e.g. `gelu_grad`.
     const GRAD_NAME: &'static str;
+    /// The name of `f(x + b)` with a bias along the last axis
+    /// ([`crate::ops::bias_act::BiasAct`]), e.g. `bias_gelu`.
+    const BIAS_NAME: &'static str;
+    /// The name of its gradient ([`crate::ops::bias_act::BiasActGrad`]), e.g. `bias_gelu_grad`.
+    const BIAS_GRAD_NAME: &'static str;
     /// True when `f'' = 0` almost everywhere (relu), so `GradOf` is differentiable.
     const SECOND_DERIVATIVE_ZERO: bool = false;
 
