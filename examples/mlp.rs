@@ -66,10 +66,8 @@ fn run(args: &Args) -> Result<()> {
         let w = g.parameter(&format!("fc{layer}.weight"), w, &placement, replicated.clone())?;
         let b = HostTensor::zeros([pair[1]], DType::F32);
         let b = g.parameter(&format!("fc{layer}.bias"), b, &placement, replicated.clone())?;
-        h = h.matmul(&w)?.add(&b)?;
-        if layer + 2 < sizes.len() {
-            h = h.relu()?;
-        }
+        let y = h.matmul(&w)?;
+        h = if layer + 2 < sizes.len() { y.bias_relu(&b)? } else { y.add(&b)? };
     }
     let loss = h.cross_entropy(&y)?;
     let training = Training::new(&loss, Optimizer::AdamW(AdamW::new(args.lr)), Schedule::Constant);

@@ -17,12 +17,13 @@ use meshflow_ops::ops::gelu::Gelu;
 use meshflow_ops::ops::layer_norm::LayerNorm;
 use meshflow_ops::ops::log_softmax::LogSoftmax;
 use meshflow_ops::ops::matmul::{MatMul, MatMulSumBatch};
+use meshflow_ops::ops::relu::Relu;
 use meshflow_ops::ops::rms_norm::RmsNorm;
 use meshflow_ops::ops::sgd::Sgd;
 use meshflow_ops::ops::silu::Silu;
 use meshflow_ops::ops::softmax::Softmax;
 use meshflow_ops::ops::sum::Sum;
-use meshflow_ops::ops::unary::{GradOf, Unary};
+use meshflow_ops::ops::unary::{Differentiable, GradOf, Unary};
 use meshflow_ops::{Context, DType, Op, OpRef, Tensor};
 
 fn make(case: &Case) -> Option<OpRef> {
@@ -156,40 +157,43 @@ fn fused_gradient_ops_match_finite_differences_of_their_forward() {
     assert_eq!(grad.iter().filter(|v| **v != 0.0).count(), 3 * 3);
 }
 
-/// `bias_gelu` is `gelu(x + b)` bit for bit in f32 (the add rounds to f32 either way), and its
-/// gradient gives the unfused chain's `dx` and `db` (`sum` of that `dx` over the rows) bit for
-/// bit, on one thread and two, in place and into fresh storage; both match finite differences.
+/// `bias_gelu` (and `bias_relu`, `bias_silu`) is `gelu(x + b)` bit for bit in f32 (the add
+/// rounds to f32 either way), and its gradient gives the unfused chain's `dx` and `db` (`sum` of
+/// that `dx` over the rows) bit for bit, on one thread and two, in place and into fresh storage;
+/// both match finite differences.
 #[test]
 fn bias_activations_equal_the_unfused_chain() {
+    for tanh in [false, true] {
+        equals_unfused_chain(Gelu { tanh });
+    }
+    equals_unfused_chain(Relu);
+    equals_unfused_chain(Silu);
+}
+
+fn equals_unfused_chain<P: Differentiable>(f: P) {
     let x = random(&[130, 96], 21).to_dtype(DType::F32).expect("f32");
     let b = random(&[96], 22).to_dtype(DType::F32).expect("f32");
     let g = random(&[130, 96], 23).to_dtype(DType::F32).expect("f32");
     let exact = Tolerance { atol: 0.0, rtol: 0.0 };
-    for tanh in [false, true] {
-        let gelu = Gelu { tanh };
-        for ctx in [Context::single_thread(), Context::with_threads(2)] {
-            let sum = Add.forward(&ctx, &[x.clone(), b.clone()]).expect("add").remove(0);
-            let unfused = Unary(gelu.clone()).forward(&ctx, std::slice::from_ref(&sum));
-            let fused = BiasAct(gelu.clone()).forward(&ctx, &[x.clone(), b.clone()]);
-            assert_close(&fused.expect("fused")[0], &unfused.expect("gelu")[0], exact, "y");
-            let dx = GradOf(gelu.clone()).forward(&ctx, &[sum, g.clone()]).expect("gelu_grad");
-            let db = Sum { axes: vec![0], keepdim: false }.forward(&ctx, &dx).expect("sum");
-            let fresh = BiasActGrad(gelu.clone()).forward(&ctx, &[x.clone(), b.clone(), g.clone()]);
-            let unique = g.to_dtype(DType::F64).and_then(|g| g.to_dtype(DType::F32)).expect("copy");
-            let owned =
-                BiasActGrad(gelu.clone()).forward_owned(&ctx, vec![x.clone(), b.clone(), unique]);
-            for (name, grads) in
-                [("fresh", fresh.expect("fresh")), ("owned", owned.expect("owned"))]
-            {
-                assert_close(&grads[0], &dx[0], exact, &format!("dx {name}"));
-                assert_close(&grads[1], &db[0], exact, &format!("db {name}"));
-            }
+    for ctx in [Context::single_thread(), Context::with_threads(2)] {
+        let sum = Add.forward(&ctx, &[x.clone(), b.clone()]).expect("add").remove(0);
+        let unfused = Unary(f.clone()).forward(&ctx, std::slice::from_ref(&sum));
+        let fused = BiasAct(f.clone()).forward(&ctx, &[x.clone(), b.clone()]);
+        assert_close(&fused.expect("fused")[0], &unfused.expect("f")[0], exact, P::BIAS_NAME);
+        let dx = GradOf(f.clone()).forward(&ctx, &[sum, g.clone()]).expect("derivative");
+        let db = Sum { axes: vec![0], keepdim: false }.forward(&ctx, &dx).expect("sum");
+        let fresh = BiasActGrad(f.clone()).forward(&ctx, &[x.clone(), b.clone(), g.clone()]);
+        let unique = g.to_dtype(DType::F64).and_then(|g| g.to_dtype(DType::F32)).expect("copy");
+        let inputs = vec![x.clone(), b.clone(), unique];
+        let owned = BiasActGrad(f.clone()).forward_owned(&ctx, inputs);
+        for (how, grads) in [("fresh", fresh.expect("fresh")), ("owned", owned.expect("owned"))] {
+            let name = P::BIAS_GRAD_NAME;
+            assert_close(&grads[0], &dx[0], exact, &format!("{name} dx {how}"));
+            assert_close(&grads[1], &db[0], exact, &format!("{name} db {how}"));
         }
-        let (x, b) = (random(&[2, 3, 5], 24), random(&[5], 25));
-        finite_differences(op(BiasAct(gelu)), &[x, b], 24).expect("bias_gelu");
     }
-    finite_differences(op(BiasAct(Silu)), &[random(&[4, 3], 26), random(&[3], 27)], 12)
-        .expect("bias_silu");
+    let (x, b) = (random(&[2, 3, 5], 24), random(&[5], 25));
+    finite_differences(op(BiasAct(f)), &[x, b], 24).expect(P::BIAS_NAME);
 }
 
 #[test]

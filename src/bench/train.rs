@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::compile::CompileConfig;
 use crate::dist::Job;
-use crate::nn::{Gpt, GptConfig, InitCounter, Layouts, Linear, Parallel, WeightInit};
+use crate::nn::{Activation, Gpt, GptConfig, InitCounter, Layouts, Linear, Parallel, WeightInit};
 use crate::ops::{DType, Tensor as HostTensor};
 use crate::plan::acts::op_profile;
 use crate::plan::strategies::{SessionStrategy, StrategySession, TrainingGraph};
@@ -314,10 +314,11 @@ fn mlp_loss(graph: &Graph, stages: &[Layouts]) -> Result<TrainingGraph> {
         let name = format!("fc{layer}");
         let shape = (pair[0], pair[1]);
         let linear = Linear::new(graph, &name, shape, true, parallel[layer], layouts, &mut init)?;
-        h = linear.forward(&h)?;
-        if layer + 1 < layers {
-            h = h.relu()?;
-        }
+        h = if layer + 1 < layers {
+            linear.forward_act(&h, Activation::Relu)?
+        } else {
+            linear.forward(&h)?
+        };
     }
     let loss = h.cross_entropy(&y)?;
     let inputs = HostTensor::randn(vec![MLP_BATCH, MLP_SIZES[0]], 0.0, 1.0, DType::F32, 3)?;

@@ -2,6 +2,7 @@
 //! constructor on the tensor's graph; shape, dtype and placement errors come back at once,
 //! naming the op and the shapes.
 
+use meshflow_ops::ops::unary::Differentiable;
 use meshflow_ops::ops::{
     add, add_scalar, attention, bias_act, cast, concat, cross_entropy, div, dropout, embedding,
     exp, fill, gelu, layer_norm, log, log_softmax, masked_fill, matmul, max, mean, mul, mul_scalar,
@@ -128,8 +129,21 @@ impl Tensor {
     /// `gelu(self + bias)` for `self [..., C]` and `bias [C]`, in one pass (`bias_gelu`; its
     /// gradient gives the bias gradient in the same pass as `self`'s).
     pub fn bias_gelu(&self, bias: &Tensor, tanh_approximation: bool) -> Result<Tensor> {
+        self.bias_act(bias, gelu::Gelu { tanh: tanh_approximation })
+    }
+
+    /// `relu(self + bias)` in one pass, as [`Tensor::bias_gelu`] (`bias_relu`).
+    pub fn bias_relu(&self, bias: &Tensor) -> Result<Tensor> {
+        self.bias_act(bias, relu::Relu)
+    }
+
+    /// `silu(self + bias)` in one pass, as [`Tensor::bias_gelu`] (`bias_silu`).
+    pub fn bias_silu(&self, bias: &Tensor) -> Result<Tensor> {
+        self.bias_act(bias, silu::Silu)
+    }
+
+    fn bias_act<P: Differentiable>(&self, bias: &Tensor, f: P) -> Result<Tensor> {
         let (x, b) = (self.value(), self.same_graph(bias)?);
-        let f = gelu::Gelu { tanh: tanh_approximation };
         self.emit_with(|e| bias_act::bias_act(e, f, x, b))
     }
 

@@ -6,7 +6,7 @@
 use meshflow_ops::{DType, Tensor as HostTensor};
 use meshflow_placement::Sbp;
 
-use super::{f32_meta, InitCounter, LayerNorm, Layouts, Linear, Parallel, WeightInit};
+use super::{f32_meta, Activation, InitCounter, LayerNorm, Layouts, Linear, Parallel, WeightInit};
 use crate::{Error, Graph, Result, Tensor};
 
 /// The shape of a GPT.
@@ -315,7 +315,8 @@ impl Gpt {
         let block = &self.blocks[index];
         let y = self.attention(index, &block.ln_1.forward(x)?, mask)?;
         let x = x.add(&self.drop(&y, 3 * index + 2)?)?;
-        let h = block.c_fc.forward_gelu_as(&block.ln_2.forward(&x)?, self.compute)?;
+        let gelu = Activation::Gelu { tanh: false };
+        let h = block.c_fc.forward_act_as(&block.ln_2.forward(&x)?, self.compute, gelu)?;
         let y = block.mlp_proj.forward_as(&h, self.compute)?;
         x.add(&self.drop(&y, 3 * index + 3)?)
     }

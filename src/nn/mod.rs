@@ -88,6 +88,20 @@ pub struct Linear {
     pub bias: Option<Tensor>,
 }
 
+/// The activation a [`Linear`] layer applies in [`Linear::forward_act`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `max(x, 0)`.
+    Relu,
+    /// `x · sigmoid(x)`.
+    Silu,
+    /// GELU, exact (erf) or with the tanh approximation.
+    Gelu {
+        /// The tanh approximation.
+        tanh: bool,
+    },
+}
+
 /// How a [`Linear`] is split on the tensor-parallel axis.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Parallel {
@@ -153,13 +167,23 @@ impl Linear {
         }
     }
 
-    /// `gelu(forward_as(x, compute))` (exact GELU), with the bias add and the activation in one
-    /// op (`bias_gelu`, whose gradient also gives the bias gradient in one pass).
-    pub fn forward_gelu_as(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
+    /// `act(forward(x))`, the bias add and the activation in one op ([`Activation`]).
+    pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        self.forward_act_as(x, self.weight.dtype(), act)
+    }
+
+    /// `act(forward_as(x, compute))`, with the bias add and the activation in one op
+    /// (`bias_gelu`, `bias_relu`, `bias_silu`, whose gradient also gives the bias gradient in
+    /// one pass).
+    pub fn forward_act_as(&self, x: &Tensor, compute: DType, act: Activation) -> Result<Tensor> {
         let y = self.product_as(x, compute)?;
-        match &self.bias {
-            Some(b) => y.bias_gelu(b, false),
-            None => y.gelu(false),
+        match (&self.bias, act) {
+            (Some(b), Activation::Relu) => y.bias_relu(b),
+            (Some(b), Activation::Silu) => y.bias_silu(b),
+            (Some(b), Activation::Gelu { tanh }) => y.bias_gelu(b, tanh),
+            (None, Activation::Relu) => y.relu(),
+            (None, Activation::Silu) => y.silu(),
+            (None, Activation::Gelu { tanh }) => y.gelu(tanh),
         }
     }
 
