@@ -9,8 +9,8 @@
 //! thread count), so the fused ops keep two passes of four.
 //!
 //! `x + b` is computed in the compute type (f32 for bf16 and f16): in f32 and f64, `y`, `dx` and
-//! `db` equal the unfused chain's bit for bit (`db` adds in `sum`'s order, for rows up to
-//! `sum`'s 16 Ki columns); bf16 and f16 skip the unfused chain's rounding of `x + b` to the
+//! `db` equal the unfused chain's bit for bit (`db` adds in `sum`'s order, for rows of up to
+//! 16 Ki elements, where `sum` folds blocks of rows); bf16 and f16 skip the unfused chain's rounding of `x + b` to the
 //! narrow dtype.
 
 use std::sync::Arc;
@@ -39,8 +39,8 @@ pub fn bias_act<P: Differentiable>(e: &mut dyn Emit, f: P, x: Value, b: Value) -
     crate::emit1(e, BiasAct(f), &[x, b])
 }
 
-/// Checks `x [..., C]` (float, rank ≥ 1) and `b [C]` of its dtype; returns `C`.
-fn check_bias(op: &'static str, x: &TensorMeta, b: &TensorMeta) -> Result<usize> {
+/// Checks that `b` is `[C]` for `x [..., C]` (rank ≥ 1), in `x`'s dtype.
+fn check_bias(op: &'static str, x: &TensorMeta, b: &TensorMeta) -> Result<()> {
     let width = x.shape.dims()[x.shape.rank() - 1];
     if b.dtype != x.dtype {
         return Err(Error::dtype(op, &[x.dtype, b.dtype], "the bias takes x's dtype"));
@@ -48,7 +48,7 @@ fn check_bias(op: &'static str, x: &TensorMeta, b: &TensorMeta) -> Result<usize>
     if b.shape.dims() != [width] {
         return Err(Error::shape(op, &[&x.shape, &b.shape], "the bias must be [C] for x [..., C]"));
     }
-    Ok(width)
+    Ok(())
 }
 
 /// The signature of a column-parallel layer: rows of `x` (and `g`) split on the last axis, the
