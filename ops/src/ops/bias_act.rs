@@ -337,7 +337,7 @@ crate::cpu::simd::multiversion! {
     }
 }
 
-/// One row (or a piece of one): `dx[c] = g[c] · f'(x[c] + b[c])`, `sums[c] += dx[c]` (the value
+/// One row of [`grad_rows`]: `dx[c] = g[c] · f'(x[c] + b[c])`, `sums[c] += dx[c]` (the value
 /// as stored, so a narrow dtype's bias gradient sums what its `dx` holds).
 #[inline(always)]
 fn grad_line<T: FloatElement, P: Differentiable, const FUSED: bool>(
