@@ -113,12 +113,19 @@ fn check(args: &SelftestArgs, reporter: &Arc<Reporter>) -> Result<u64, SelftestE
 /// (outgoing streams to be acknowledged; rank 0 lingers to deliver a failure), which can outlast
 /// the second a SIGTERM from the launcher leaves this process. Printed after the teardown, the
 /// line could be lost: in a CI run a survivor of a kill -9 printed its detection but not its
-/// error, and its launcher needed the whole second to stop it.
+/// error, and its launcher needed the whole second to stop it. A data plane that fails to
+/// connect (a peer gone before the rounds) is reported here too, before the job's teardown.
 fn rounds(job: &Job, args: &SelftestArgs, reporter: &Reporter) -> Result<u64, SelftestError> {
     let everyone: Vec<usize> = (0..job.world().world_size).collect();
     let data_plane = args.collectives || args.all_reduce;
-    let mut communicator = if data_plane { Some(job.communicator(&everyone)?) } else { None };
-    let result = run_rounds(job, args, &mut communicator);
+    let mut communicator = None;
+    let mut connect_and_run = || {
+        if data_plane {
+            communicator = Some(job.communicator(&everyone)?);
+        }
+        run_rounds(job, args, &mut communicator)
+    };
+    let result = connect_and_run();
     if let Err(error) = &result {
         reporter.fail(error);
     }
