@@ -10,8 +10,8 @@
 //!
 //! `x + b` is computed in the compute type (f32 for bf16 and f16): in f32 and f64, `y`, `dx` and
 //! `db` equal the unfused chain's bit for bit (`db` adds in `sum`'s order, for rows of up to
-//! 16 Ki elements, where `sum` folds blocks of rows); bf16 and f16 skip the unfused chain's rounding of `x + b` to the
-//! narrow dtype.
+//! 16 Ki elements, where `sum` folds blocks of rows); bf16 and f16 skip the unfused chain's
+//! rounding of `x + b` to the narrow dtype.
 
 use std::sync::Arc;
 
