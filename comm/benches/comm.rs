@@ -314,10 +314,10 @@ fn point_to_point(bytes: usize) {
 }
 
 fn two_process_all_reduce(max_bytes: usize, workers: usize) {
-    let directory =
-        std::env::temp_dir().join(format!("meshflow-comm-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&directory);
-    std::fs::create_dir_all(&directory).expect("scratch");
+    // Removed when dropped, so that a run leaves nothing in the temporary directory.
+    let scratch =
+        tempfile::Builder::new().prefix("meshflow-comm-bench-").tempdir().expect("scratch");
+    let directory = scratch.path();
     let secret = JobSecret::generate().expect("secret");
     let children: Vec<_> = (0..2)
         .map(|rank| {

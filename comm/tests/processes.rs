@@ -4,7 +4,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,19 +55,20 @@ fn wait_all(children: &mut [Child], limit: Duration) -> Vec<Option<i32>> {
     codes
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let directory =
-        std::env::temp_dir().join(format!("meshflow-comm-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&directory);
-    std::fs::create_dir_all(&directory).expect("scratch directory");
-    directory
+/// A fresh directory for one world's address files, removed when dropped (also when the test
+/// fails an assertion), so that runs leave nothing in the temporary directory.
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("meshflow-comm-{name}-"))
+        .tempdir()
+        .expect("scratch directory")
 }
 
 #[test]
 fn every_collective_across_two_to_four_processes() {
     for size in [2, 3, 4] {
         let directory = scratch(&format!("collectives-{size}"));
-        let mut children = spawn_world("collectives", size, &directory);
+        let mut children = spawn_world("collectives", size, directory.path());
         let codes = wait_all(&mut children, Duration::from_secs(90));
         assert_eq!(codes, vec![Some(0); size], "child exit codes for {size} processes");
     }
@@ -75,8 +76,9 @@ fn every_collective_across_two_to_four_processes() {
 
 #[test]
 fn survivors_fail_within_bounded_time_when_a_peer_is_killed_mid_collective() {
-    let directory = scratch("kill");
-    let mut children = spawn_world("kill", 3, &directory);
+    let world = scratch("kill");
+    let directory = world.path();
+    let mut children = spawn_world("kill", 3, directory);
     let ready = Instant::now() + Duration::from_secs(30);
     while (0..3).any(|rank| !directory.join(format!("{rank}.ready")).exists())
         && Instant::now() < ready

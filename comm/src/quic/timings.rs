@@ -89,7 +89,8 @@ mod tests {
 
     #[test]
     fn operations_are_written_one_line_each_in_order() {
-        let path = std::env::temp_dir().join(format!("quic-times-test-{}.txt", std::process::id()));
+        let directory = tempfile::tempdir().expect("scratch directory");
+        let path = directory.path().join("quic-times.txt");
         let log = OperationLog::new(path.clone(), MAX_RECORDS);
         let value = OperationLog::timed(Some(&log), "recv", || 7);
         OperationLog::timed(Some(&log), "send", || ());
@@ -97,7 +98,6 @@ mod tests {
         assert_eq!(OperationLog::timed(None, "recv", || 8), 8);
         log.write();
         let text = std::fs::read_to_string(&path).expect("written");
-        let _ = std::fs::remove_file(&path);
         let lines: Vec<Vec<&str>> = text.lines().map(|line| line.split(' ').collect()).collect();
         assert_eq!(lines.len(), 2);
         assert_eq!((lines[0][0], lines[1][0]), ("recv", "send"));
@@ -108,14 +108,14 @@ mod tests {
 
     #[test]
     fn a_full_log_counts_what_it_drops() {
-        let path = std::env::temp_dir().join(format!("quic-times-cap-{}.txt", std::process::id()));
+        let directory = tempfile::tempdir().expect("scratch directory");
+        let path = directory.path().join("quic-times.txt");
         let log = OperationLog::new(path.clone(), 2);
         for _ in 0..5 {
             OperationLog::timed(Some(&log), "send", || ());
         }
         log.write();
         let text = std::fs::read_to_string(&path).expect("written");
-        let _ = std::fs::remove_file(&path);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
         assert!(lines[..2].iter().all(|line| line.starts_with("send ")));
