@@ -243,6 +243,9 @@ fn run(args: &Args) -> Result<()> {
     );
     let mut batches = Batches::new(tokenizer.encode(&text)?, batch, ctx, args.seed)?;
     let steps = token_file.as_ref().map_or(args.steps, |f| f.steps.min(args.steps));
+    if let Some(dir) = &args.checkpoint_dir {
+        checkpoint::check_destination(dir).map_err(|e| Error::Data(e.to_string()))?;
+    }
     let start = resume(&mut session, args.checkpoint_dir.as_deref())?;
     if token_file.is_none() {
         for _ in 0..start {

@@ -153,6 +153,25 @@ fn a_failed_save_leaves_the_previous_checkpoint_whole() {
     assert_eq!(Index::read(&path.join("index.json")).unwrap().steps_done, 2);
 }
 
+#[test]
+fn a_destination_that_cannot_be_written_is_refused_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    // A checkpoint directory inside a new directory: made, and nothing else is left.
+    let nested = dir.path().join("runs").join("ckpt");
+    checkpoint::check_destination(&nested).unwrap();
+    assert!(dir.path().join("runs").is_dir());
+    assert!(!nested.exists(), "the check saves nothing");
+    assert_eq!(stale_siblings(&dir.path().join("runs")), 0);
+    // Under a regular file no directory can be made (as root too): the error names the
+    // destination, not the temporary sibling it tried.
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let blocked = file.join("ckpt");
+    let error = checkpoint::check_destination(&blocked).unwrap_err();
+    assert!(matches!(&error, Error::Io { path, .. } if path == &blocked), "{error}");
+    assert!(error.to_string().contains(&*blocked.to_string_lossy()), "{error}");
+}
+
 fn stale_siblings(dir: &Path) -> usize {
     std::fs::read_dir(dir)
         .unwrap()

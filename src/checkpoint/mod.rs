@@ -72,6 +72,21 @@ pub fn rank_file(rank: usize) -> String {
     format!("rank-{rank}.safetensors")
 }
 
+/// Checks that a checkpoint can be saved at `dir`: the directory above it exists or can be
+/// made, and a temporary sibling of `dir` can be created there (and is removed again), as
+/// [`save`] needs. A training script calls it before its first step, so that a destination it
+/// cannot write fails the run at its start, with the directory named, instead of at the first
+/// save. It makes the directory above `dir` if missing and leaves nothing else behind.
+pub fn check_destination(dir: impl AsRef<Path>) -> Result<()> {
+    let dir = dir.as_ref();
+    let unwritable = |source| Error::Io { path: dir.to_path_buf(), source };
+    let temporary = atomic::temporary_sibling(dir).map_err(|error| match error {
+        Error::Io { source, .. } => unwritable(source),
+        other => other,
+    })?;
+    std::fs::remove_dir(&temporary).map_err(Error::io(&temporary))
+}
+
 /// Saves the variables and step counter of `session` into the directory `dir`, replacing the
 /// checkpoint there atomically; returns the index written.
 pub fn save(session: &Session, dir: impl AsRef<Path>) -> Result<Index> {
