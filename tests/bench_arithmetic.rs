@@ -118,8 +118,21 @@ fn strategies_parse_from_their_short_names() {
     assert_eq!(parse("dp2pp2mb4").label(), "DP2×PP2×4mb");
     assert_eq!(parse("dp2zero").label(), "DP2+ZeRO");
     assert_eq!(parse("dp2proc2").label(), "DP2/2proc");
-    assert!(parse_strategies("fsdp", 2).is_err());
-    assert!(parse_strategies("dp0", 2).is_err());
+    assert_eq!(parse("zero_dp2"), Strategy { zero: true, ..Strategy::mesh(2, 1) });
+    // Every part must be known, once, with a size of at least 1; the error names the part.
+    for (text, named) in [
+        ("fsdp", "\"fsdp\""),
+        ("dp0", "dp0"),
+        ("dp3y", "\"y\""),
+        ("dp2foo", "\"foo\""),
+        ("dp2dp4", "dp is given twice"),
+        ("zerozero", "zero is given twice"),
+        ("tp", "tp needs a size"),
+        ("", "empty"),
+    ] {
+        let error = parse_strategies(text, 2).expect_err(text).to_string();
+        assert!(error.contains(named), "{text:?}: {error}");
+    }
 }
 
 /// `bench train` runs the calibration's list (the one device with the bench's threads), and a

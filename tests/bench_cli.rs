@@ -87,3 +87,28 @@ fn device_defaults_to_the_cpu_and_parses_cuda() {
     );
     assert!(parse(&["bench", "train", "--device", "gpu"]).is_err());
 }
+
+/// Counts and times that cannot be meant are refused by the flag parser, naming the flag, before
+/// anything runs (a `--threads 0` ran one thread under a "0thr" label; `--seconds nan` timed
+/// the fewest steps; a strategy with a stray part ran without it).
+#[test]
+fn bench_refuses_counts_times_and_strategies_that_cannot_be_meant() {
+    let train = ["train", "--models", "mlp", "--strategies", "1", "--no-torch"];
+    for (flag, value, reason) in [
+        ("--threads", "0", "must be at least 1"),
+        ("--rounds", "0", "must be at least 1"),
+        ("--min-steps", "0", "must be at least 1"),
+        ("--seconds", "nan", "finite number of seconds above 0"),
+        ("--seconds", "0", "finite number of seconds above 0"),
+        ("--threads", "two", "is not a count"),
+    ] {
+        let output = bench(&[&train[..], &[flag, value]].concat());
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag) && stderr.contains(reason), "{flag} {value}: {stderr}");
+    }
+    let output = bench(&["train", "--models", "mlp", "--strategies", "dp2y", "--no-torch"]);
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("unknown strategy \"dp2y\"") && stderr.contains("\"y\""), "{stderr}");
+}

@@ -68,6 +68,16 @@ fn duplicate_names_and_unfed_inputs_are_errors() {
 }
 
 #[test]
+fn a_session_without_kernel_threads_is_refused() {
+    let g = Graph::new();
+    let x = g.input("x", [4], DType::F32, &mesh(1), None).unwrap();
+    let y = x.relu().unwrap();
+    let config = SessionConfig { threads_per_device: 0, ..SessionConfig::default() };
+    let error = Session::new(&g, &[&y], None, config).err().expect("refused").to_string();
+    assert!(error.contains("threads_per_device is 0"), "{error}");
+}
+
+#[test]
 fn a_graph_larger_than_the_session_is_refused() {
     let g = Graph::new();
     let x = g.input("x", [4], DType::F32, &mesh(4), None).unwrap();

@@ -118,13 +118,13 @@ pub struct BenchArgs {
     #[arg(value_enum)]
     pub what: What,
     /// Timed seconds per figure (at least `--min-steps` steps each).
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 3.0, value_parser = positive_seconds)]
     pub seconds: f64,
     /// Fewest timed steps per figure.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
     pub min_steps: usize,
     /// Kernel threads of the single device and of PyTorch.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     pub threads: usize,
     /// Models to train (`gpt`, `mlp`).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ModelArg::Gpt, ModelArg::Mlp])]
@@ -145,7 +145,7 @@ pub struct BenchArgs {
     /// Rounds in which a strategy with a PyTorch counterpart (the first strategy, data
     /// parallel ones) and PyTorch take turns, `--seconds` each: a slow spell of a shared host
     /// then slows both sides of a round, and the ratio to PyTorch is the median of the rounds'.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
     pub rounds: usize,
     /// The PyTorch reference script.
     #[arg(long, default_value = "scripts/torch_train.py")]
@@ -154,7 +154,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub peak_gflops: Option<f64>,
     /// Device threads of the in-process collectives.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     pub ranks: usize,
     /// Largest collective size in bytes.
     #[arg(long, default_value_t = 16 << 20)]
@@ -508,44 +508,93 @@ fn train_figure_of(
     }
 }
 
+/// A count of at least 1 (threads, rounds, steps).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_string()),
+        Ok(count) => Ok(count),
+        Err(_) => Err(format!("{text:?} is not a count")),
+    }
+}
+
+/// A finite, positive number of seconds.
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    let seconds: f64 = text.parse().map_err(|_| format!("{text:?} is not a number"))?;
+    if !(seconds.is_finite() && seconds > 0.0) {
+        return Err("must be a finite number of seconds above 0".to_string());
+    }
+    Ok(seconds)
+}
+
 /// The strategies `text` names: `all` ([`SessionStrategy::every`]), `1` (one device with
 /// `threads` threads), or sizes and options in any order: `dpN`, `tpN`, `ppN`, `mbN`
 /// (micro-batches), `zero`, `procN` (processes), e.g. `dp2tp2`, `pp2mb4`, `dp2zero`,
-/// `dp2proc2` (one thread per device).
+/// `dp2proc2` (one thread per device); case, `×`, `x` and `_ - , + /` between the parts are
+/// ignored (`DP2×TP2`). Every part must be one of those, at most once, with a size of at least
+/// 1: `dp3y`, `dp2dp4` and `dp0` are errors, not `dp3`, `dp2` and nothing.
 pub fn parse_strategies(text: &str, threads: usize) -> Result<Vec<SessionStrategy>, BenchError> {
     let lower = text.to_ascii_lowercase().replace(['×', 'x', '_', '-', ' ', ',', '+', '/'], "");
-    let size = |prefix: &str| -> Option<usize> {
-        let start = lower.find(prefix)? + prefix.len();
-        let digits: String = lower[start..].chars().take_while(char::is_ascii_digit).collect();
-        digits.parse().ok()
-    };
     let single = |s: SessionStrategy| match s.devices() {
         1 => SessionStrategy { threads, ..s },
         _ => s,
     };
-    let named = [size("dp"), size("tp"), size("pp"), size("mb"), size("proc")];
-    let strategy = match lower.as_str() {
+    match lower.as_str() {
         "all" => return Ok(SessionStrategy::every().into_iter().map(single).collect()),
-        "1" => Some(SessionStrategy::single(threads)),
-        _ if named.iter().all(Option::is_none) && !lower.contains("zero") => None,
-        _ => Some(SessionStrategy {
-            pp: named[2].unwrap_or(1),
-            micro_batches: named[3].unwrap_or(1),
-            zero: lower.contains("zero"),
-            processes: named[4].unwrap_or(1),
-            ..SessionStrategy::mesh(named[0].unwrap_or(1), named[1].unwrap_or(1))
-        }),
-    };
-    let valid = |s: &SessionStrategy| {
-        [s.dp, s.tp, s.pp, s.micro_batches, s.processes].iter().all(|&n| n > 0)
-    };
-    match strategy.filter(valid) {
-        Some(strategy) => Ok(vec![single(strategy)]),
-        None => Err(BenchError::Meshflow(crate::Error::Graph(format!(
-            "unknown strategy {text:?}: use all, 1, or dpN, tpN, ppN, mbN, zero, procN together \
-             (dp2tp2, pp2mb4, dp2zero, dp2proc2)"
-        )))),
+        "1" => return Ok(vec![SessionStrategy::single(threads)]),
+        _ => {}
     }
+    let parts = strategy_parts(&lower).map_err(|reason| {
+        BenchError::Meshflow(crate::Error::Graph(format!(
+            "unknown strategy {text:?}: {reason}; use all, 1, or dpN, tpN, ppN, mbN, zero, \
+             procN together (dp2tp2, pp2mb4, dp2zero, dp2proc2)"
+        )))
+    })?;
+    let size = |name: &str| parts.iter().find(|(part, _)| *part == name).map_or(1, |&(_, n)| n);
+    let strategy = SessionStrategy {
+        pp: size("pp"),
+        micro_batches: size("mb"),
+        zero: parts.iter().any(|(part, _)| *part == "zero"),
+        processes: size("proc"),
+        ..SessionStrategy::mesh(size("dp"), size("tp"))
+    };
+    Ok(vec![single(strategy)])
+}
+
+/// The parts of a lower-case strategy text without separators: `(name, size)` for `dpN`,
+/// `tpN`, `ppN`, `mbN`, `procN` and `("zero", 0)`; an error names the first part that is not
+/// one of them, is repeated, or has size 0.
+fn strategy_parts(text: &str) -> Result<Vec<(&'static str, usize)>, String> {
+    const SIZED: [&str; 5] = ["dp", "tp", "pp", "mb", "proc"];
+    let mut parts: Vec<(&'static str, usize)> = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let part = if let Some(after) = rest.strip_prefix("zero") {
+            rest = after;
+            ("zero", 0)
+        } else {
+            let Some(&name) = SIZED.iter().find(|name| rest.starts_with(**name)) else {
+                return Err(format!("{rest:?} does not start with a known part"));
+            };
+            let after = &rest[name.len()..];
+            let digits = after.len() - after.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+            let size: usize = after[..digits]
+                .parse()
+                .map_err(|_| format!("{name} needs a size (such as {name}2)"))?;
+            if size == 0 {
+                return Err(format!("{name}0: sizes start at 1"));
+            }
+            rest = &after[digits..];
+            (name, size)
+        };
+        if parts.iter().any(|(seen, _)| *seen == part.0) {
+            return Err(format!("{} is given twice", part.0));
+        }
+        parts.push(part);
+    }
+    if parts.is_empty() {
+        return Err("it is empty".to_string());
+    }
+    Ok(parts)
 }
 
 fn finish(args: &BenchArgs, report: &Report) -> Result<(), BenchError> {

@@ -23,7 +23,7 @@ pub struct PlanArgs {
     /// The model: char, gpt2 (124M) or 1.3b.
     #[arg(long, default_value = "gpt2")]
     pub model: String,
-    /// Data-parallel size (default: the devices left by --tp).
+    /// Data-parallel size (default: the devices left by --tp and --pp, which must divide them).
     #[arg(long)]
     pub dp: Option<usize>,
     /// Tensor-parallel size.
@@ -162,8 +162,27 @@ fn workload(args: &PlanArgs, cluster: &Cluster) -> Result<Workload> {
     let strategy = if args.auto {
         Strategy::Auto { devices }
     } else {
-        let (tp, pp) = (args.tp.max(1), args.pp.max(1));
-        let dp = args.dp.unwrap_or(devices / (tp * pp)).max(1);
+        let (tp, pp) = (args.tp, args.pp);
+        if tp == 0 || pp == 0 || args.dp == Some(0) {
+            return Err(Error::Graph(format!(
+                "dp {} × tp {tp} × pp {pp}: every size must be at least 1",
+                args.dp.map_or("(default)".to_string(), |dp| dp.to_string())
+            )));
+        }
+        let dp = match args.dp {
+            Some(dp) => dp,
+            // The default fills the cluster; a remainder would idle devices unasked.
+            None if devices.is_multiple_of(tp * pp) => devices / (tp * pp),
+            None => {
+                return Err(Error::Graph(format!(
+                    "tp {tp} × pp {pp} does not divide the {devices} devices of {}: give --dp \
+                     to plan on fewer of them (--dp {} uses {})",
+                    args.cluster,
+                    (devices / (tp * pp)).max(1),
+                    (devices / (tp * pp)).max(1) * tp * pp
+                )));
+            }
+        };
         if dp * tp * pp > devices {
             return Err(Error::Graph(format!(
                 "dp {dp} × tp {tp} × pp {pp} needs {} devices, the cluster has {devices}",
@@ -184,4 +203,41 @@ fn write_trace(args: &PlanArgs, report: &PlanReport) -> Result<()> {
     std::fs::write(path, trace).map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
     println!("trace: {}", path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        plan: PlanArgs,
+    }
+
+    fn strategy(flags: &[&str]) -> Result<Strategy> {
+        let args = Cli::try_parse_from([&["plan"], flags].concat()).expect("flags").plan;
+        let cluster = cluster(&args)?;
+        workload(&args, &cluster).map(|w| w.strategy)
+    }
+
+    #[test]
+    fn the_default_dp_fills_the_cluster_or_names_the_remainder() {
+        let mesh = |dp, tp, pp| Strategy::Mesh { dp, tp, pp };
+        assert_eq!(strategy(&["--tp", "2"]).unwrap(), mesh(4, 2, 1));
+        assert_eq!(strategy(&["--tp", "2", "--pp", "2"]).unwrap(), mesh(2, 2, 2));
+        // Fewer devices than the cluster's only when asked for.
+        assert_eq!(strategy(&["--tp", "3", "--dp", "2"]).unwrap(), mesh(2, 3, 1));
+        let error = strategy(&["--tp", "3"]).unwrap_err().to_string();
+        assert!(error.contains("tp 3 × pp 1 does not divide the 8 devices"), "{error}");
+        assert!(error.contains("--dp 2 uses 6"), "{error}");
+        for flags in [["--tp", "0"], ["--pp", "0"], ["--dp", "0"]] {
+            let error = strategy(&flags).unwrap_err().to_string();
+            assert!(error.contains("must be at least 1"), "{flags:?}: {error}");
+        }
+        let error = strategy(&["--tp", "4", "--dp", "4"]).unwrap_err().to_string();
+        assert!(error.contains("needs 16 devices, the cluster has 8"), "{error}");
+    }
 }

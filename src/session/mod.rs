@@ -86,7 +86,7 @@ impl Training {
 pub struct SessionConfig {
     /// CPU devices in this process (ranks `0..devices`); every placement must fit.
     pub devices: usize,
-    /// Kernel threads per device. Default 1.
+    /// Kernel threads per device, at least 1 ([`Session::new`] refuses 0). Default 1.
     pub threads_per_device: usize,
     /// How long a collective waits for its peers. Default 60 s.
     pub timeout: Duration,
@@ -168,6 +168,12 @@ impl Session {
         training: Option<Training>,
         config: SessionConfig,
     ) -> Result<Self> {
+        if config.threads_per_device == 0 {
+            return Err(Error::Runtime(
+                "session: threads_per_device is 0; every device needs at least 1 kernel thread"
+                    .into(),
+            ));
+        }
         let built = match &training {
             None => training::inference(graph, fetches),
             Some(t) => training::training(graph, fetches, t, &config)?,
