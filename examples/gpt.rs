@@ -47,22 +47,22 @@ enum ScheduleKind {
 #[derive(Debug, Parser)]
 struct Args {
     /// Data-parallel size (mesh axis 0).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = count)]
     dp: usize,
     /// Tensor-parallel size (mesh axis 1).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = count)]
     tp: usize,
     /// Pipeline stages, each a dp x tp mesh of its own devices.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count)]
     pp: usize,
     /// Micro-batches per step (gradient accumulation; what a pipeline streams).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count)]
     micro_batches: usize,
     /// Shard the optimizer state over the data-parallel axis (ZeRO).
     #[arg(long)]
     zero: bool,
     /// Kernel threads per device.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count)]
     threads: usize,
     /// Run the devices on CPU threads or on GPUs.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
@@ -71,19 +71,19 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     steps: usize,
     /// Sequences per step.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = count)]
     batch: usize,
     /// Context length.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = count)]
     ctx: usize,
     /// Transformer blocks.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = count)]
     layers: usize,
     /// Attention heads.
-    #[arg(long)]
+    #[arg(long, value_parser = count)]
     heads: Option<usize>,
     /// Model width.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = count)]
     d_model: usize,
     /// Learning rate.
     #[arg(long, default_value_t = 3e-3)]
@@ -145,6 +145,15 @@ struct Args {
     sample: usize,
 }
 
+/// A count flag of at least 1 (`--batch 0` ran on an empty batch to a loss of 0).
+fn count(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{text:?} is not a count")),
+    }
+}
+
 fn main() {
     let args = Args::parse();
     if let Err(e) = run(&args) {
@@ -165,7 +174,7 @@ fn run(args: &Args) -> Result<()> {
         None => (args.batch, args.ctx.min(config.ctx)),
     };
     let stage_size = args.dp * args.tp;
-    let stages = (0..args.pp.max(1))
+    let stages = (0..args.pp)
         .map(|s| {
             let ranks = (s * stage_size..(s + 1) * stage_size).collect();
             let placement = Placement::new(DeviceType::Cpu, vec![args.dp, args.tp], ranks)?;

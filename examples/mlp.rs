@@ -19,29 +19,38 @@ use meshflow::{Graph, Result};
 #[derive(Debug, Parser)]
 struct Args {
     /// CPU devices (the data-parallel size).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = count)]
     devices: usize,
     /// Training steps.
     #[arg(long, default_value_t = 100)]
     steps: usize,
     /// Examples per step.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = count)]
     batch: usize,
     /// Input features.
-    #[arg(long, default_value_t = 784)]
+    #[arg(long, default_value_t = 784, value_parser = count)]
     inputs: usize,
     /// Hidden width (two hidden layers).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = count)]
     hidden: usize,
     /// Classes.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = count)]
     classes: usize,
     /// Learning rate (AdamW).
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
     /// Kernel threads per device.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count)]
     threads: usize,
+}
+
+/// A count flag of at least 1 (`--batch 0` ran on an empty batch to a loss of 0).
+fn count(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{text:?} is not a count")),
+    }
 }
 
 fn main() {

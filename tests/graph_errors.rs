@@ -68,13 +68,16 @@ fn duplicate_names_and_unfed_inputs_are_errors() {
 }
 
 #[test]
-fn a_session_without_kernel_threads_is_refused() {
+fn a_session_without_kernel_threads_or_micro_batches_is_refused() {
     let g = Graph::new();
     let x = g.input("x", [4], DType::F32, &mesh(1), None).unwrap();
     let y = x.relu().unwrap();
     let config = SessionConfig { threads_per_device: 0, ..SessionConfig::default() };
     let error = Session::new(&g, &[&y], None, config).err().expect("refused").to_string();
-    assert!(error.contains("threads_per_device is 0"), "{error}");
+    assert!(error.contains("threads_per_device 0") && error.contains("at least 1"), "{error}");
+    let config = SessionConfig { micro_batches: 0, ..SessionConfig::default() };
+    let error = Session::new(&g, &[&y], None, config).err().expect("refused").to_string();
+    assert!(error.contains("micro_batches 0") && error.contains("at least 1"), "{error}");
 }
 
 #[test]

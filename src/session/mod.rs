@@ -94,7 +94,7 @@ pub struct SessionConfig {
     pub compile: CompileConfig,
     /// Training: run each step as this many micro-batches (every input split on axis 0), summing
     /// their gradients before one update (gradient accumulation; pipeline micro-batches).
-    /// Default 1.
+    /// At least 1 ([`Session::new`] refuses 0). Default 1.
     pub micro_batches: usize,
     /// Training: shard the optimizer state over this mesh axis (ZeRO), where a parameter is
     /// broadcast on it. Default `None`.
@@ -168,11 +168,11 @@ impl Session {
         training: Option<Training>,
         config: SessionConfig,
     ) -> Result<Self> {
-        if config.threads_per_device == 0 {
-            return Err(Error::Runtime(
-                "session: threads_per_device is 0; every device needs at least 1 kernel thread"
-                    .into(),
-            ));
+        if config.threads_per_device == 0 || config.micro_batches == 0 {
+            return Err(Error::Runtime(format!(
+                "session: threads_per_device {} and micro_batches {}: both must be at least 1",
+                config.threads_per_device, config.micro_batches
+            )));
         }
         let built = match &training {
             None => training::inference(graph, fetches),

@@ -109,8 +109,9 @@ fn split_pairs(from: &[usize], to: &[usize]) -> Vec<(usize, usize)> {
     let mut pairs = Vec::new();
     for (i, (&a, &outer)) in from.iter().zip(&before_from).enumerate() {
         let fits = |(j, (&b, &other)): (usize, (&usize, &usize))| {
-            let factor = a % b == 0 || b % a == 0;
-            (other == outer && a > 1 && b > 1 && factor).then_some((i, j))
+            // Sizes 0 and 1 are never split (and a size 0 must not reach the remainders).
+            let factor = || a % b == 0 || b % a == 0;
+            (other == outer && a > 1 && b > 1 && factor()).then_some((i, j))
         };
         pairs.extend(to.iter().zip(&before_to).enumerate().filter_map(fits));
     }
@@ -235,6 +236,17 @@ mod tests {
                 local.and_then(|op| op.infer(&[TensorMeta::new([2, 3, 10], DType::F32)]).ok());
             assert_eq!(shape.map(|m| m[0].shape.dims().to_vec()), Some(vec![2, 3, 1, 2, 5]));
         }
+    }
+
+    #[test]
+    fn empty_tensors_have_signatures_and_no_split_pairs_through_their_zero_axes() {
+        // `[0, 8] -> [0, 2, 4]`: the empty batch has no pair (it panicked dividing by its 0).
+        let signatures = Reshape { shape: Shape::new([0, 2, 4]) }
+            .signatures(&[TensorMeta::new([0, 8], DType::F32)]);
+        assert!(!signatures.is_empty());
+        assert!(!signatures.contains(&Signature::new([Sbp::Split(0)], [Sbp::Split(0)])));
+        assert_eq!(split_pairs(&[3, 0], &[0, 3]), Vec::new());
+        assert!(split_pairs(&[0, 8], &[0, 2, 4]).iter().all(|&(i, j)| i > 0 && j > 0));
     }
 
     #[test]
