@@ -34,7 +34,7 @@ pub mod table;
 pub mod torch;
 pub mod train;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -205,6 +205,11 @@ pub fn run(args: &BenchArgs) -> ExitCode {
 }
 
 fn bench(args: &BenchArgs) -> Result<(), BenchError> {
+    // The files named by flags are checked before minutes of measuring, not after.
+    let baseline = args.compare.as_deref().map(Report::load).transpose()?;
+    for path in [&args.json, &args.svg].into_iter().flatten() {
+        check_destination(path)?;
+    }
     let mut report = Report { machine: machine(), ..Report::default() };
     let timing = Timing { warmup: 1, min_steps: args.min_steps, seconds: args.seconds };
     let sections = |what: What| args.what == what || args.what == What::All;
@@ -228,7 +233,21 @@ fn bench(args: &BenchArgs) -> Result<(), BenchError> {
     if sections(What::Train) && !train_section(args, timing, &mut report)? {
         return Ok(());
     }
-    finish(args, &report)
+    finish(args, &report, baseline.as_ref())
+}
+
+/// An error unless the directory that is to hold `path` exists.
+fn check_destination(path: &Path) -> Result<(), BenchError> {
+    let directory = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    if directory.is_dir() {
+        return Ok(());
+    }
+    let reason = format!("cannot be written: {} is not a directory", directory.display());
+    let source = std::io::Error::new(std::io::ErrorKind::NotFound, reason);
+    Err(BenchError::Io { path: path.to_path_buf(), source })
 }
 
 /// The comm section; false on a launched rank other than 0.
@@ -597,7 +616,7 @@ fn strategy_parts(text: &str) -> Result<Vec<(&'static str, usize)>, String> {
     Ok(parts)
 }
 
-fn finish(args: &BenchArgs, report: &Report) -> Result<(), BenchError> {
+fn finish(args: &BenchArgs, report: &Report, baseline: Option<&Report>) -> Result<(), BenchError> {
     if let Some(path) = &args.json {
         report.save(path)?;
         println!("wrote {}", path.display());
@@ -606,10 +625,9 @@ fn finish(args: &BenchArgs, report: &Report) -> Result<(), BenchError> {
         plot::draw(report, path)?;
         println!("wrote {}", path.display());
     }
-    if let Some(path) = &args.compare {
-        let old = Report::load(path)?;
+    if let (Some(path), Some(old)) = (&args.compare, baseline) {
         println!("\nchange against {}:", path.display());
-        println!("{}", report::format_changes(&report::compare(&old, report)));
+        println!("{}", report::format_changes(&report::compare(old, report)));
     }
     Ok(())
 }

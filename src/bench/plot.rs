@@ -28,12 +28,18 @@ fn plot_error(error: impl std::fmt::Display) -> BenchError {
 
 /// Draws the two charts side by side into `path`.
 pub fn draw(report: &Report, path: &Path) -> Result<(), BenchError> {
-    let root = SVGBackend::new(path, (1200, 480)).into_drawing_area();
-    root.fill(&WHITE).map_err(plot_error)?;
-    let (left, right) = root.split_horizontally(600);
-    scaling(report, &left)?;
-    busbw(report, &right)?;
-    root.present().map_err(plot_error)
+    let draw = || {
+        let root = SVGBackend::new(path, (1200, 480)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_error)?;
+        let (left, right) = root.split_horizontally(600);
+        scaling(report, &left)?;
+        busbw(report, &right)?;
+        root.present().map_err(plot_error)
+    };
+    draw().map_err(|error| match error {
+        BenchError::Plot(reason) => BenchError::Plot(format!("{}: {reason}", path.display())),
+        other => other,
+    })
 }
 
 /// Strategy labels in the order they were measured.
