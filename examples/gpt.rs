@@ -20,6 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use meshflow::checkpoint::{self, LoadOptions};
 use meshflow::compile::{Program, View};
 use meshflow::data::{inputs_and_targets, Batches, CharTokenizer, TokenFile};
+use meshflow::flags;
 use meshflow::nn::{Gpt, GptConfig, Layouts, WeightInit};
 use meshflow::ops::ops::adamw::AdamW;
 use meshflow::ops::{io, DType, Tensor as HostTensor};
@@ -47,22 +48,22 @@ enum ScheduleKind {
 #[derive(Debug, Parser)]
 struct Args {
     /// Data-parallel size (mesh axis 0).
-    #[arg(long, default_value_t = 2, value_parser = count)]
+    #[arg(long, default_value_t = 2, value_parser = flags::count)]
     dp: usize,
     /// Tensor-parallel size (mesh axis 1).
-    #[arg(long, default_value_t = 2, value_parser = count)]
+    #[arg(long, default_value_t = 2, value_parser = flags::count)]
     tp: usize,
     /// Pipeline stages, each a dp x tp mesh of its own devices.
-    #[arg(long, default_value_t = 1, value_parser = count)]
+    #[arg(long, default_value_t = 1, value_parser = flags::count)]
     pp: usize,
     /// Micro-batches per step (gradient accumulation; what a pipeline streams).
-    #[arg(long, default_value_t = 1, value_parser = count)]
+    #[arg(long, default_value_t = 1, value_parser = flags::count)]
     micro_batches: usize,
     /// Shard the optimizer state over the data-parallel axis (ZeRO).
     #[arg(long)]
     zero: bool,
     /// Kernel threads per device.
-    #[arg(long, default_value_t = 1, value_parser = count)]
+    #[arg(long, default_value_t = 1, value_parser = flags::count)]
     threads: usize,
     /// Run the devices on CPU threads or on GPUs.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
@@ -71,19 +72,19 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     steps: usize,
     /// Sequences per step.
-    #[arg(long, default_value_t = 16, value_parser = count)]
+    #[arg(long, default_value_t = 16, value_parser = flags::count)]
     batch: usize,
     /// Context length.
-    #[arg(long, default_value_t = 64, value_parser = count)]
+    #[arg(long, default_value_t = 64, value_parser = flags::count)]
     ctx: usize,
     /// Transformer blocks.
-    #[arg(long, default_value_t = 4, value_parser = count)]
+    #[arg(long, default_value_t = 4, value_parser = flags::count)]
     layers: usize,
     /// Attention heads.
-    #[arg(long, value_parser = count)]
+    #[arg(long, value_parser = flags::count)]
     heads: Option<usize>,
     /// Model width.
-    #[arg(long, default_value_t = 128, value_parser = count)]
+    #[arg(long, default_value_t = 128, value_parser = flags::count)]
     d_model: usize,
     /// Learning rate.
     #[arg(long, default_value_t = 3e-3)]
@@ -143,15 +144,6 @@ struct Args {
     /// Characters to generate at the end (0: none).
     #[arg(long, default_value_t = 200)]
     sample: usize,
-}
-
-/// A count flag of at least 1 (`--batch 0` ran on an empty batch to a loss of 0).
-fn count(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".to_string()),
-        Ok(n) => Ok(n),
-        Err(_) => Err(format!("{text:?} is not a count")),
-    }
 }
 
 fn main() {

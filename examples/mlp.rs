@@ -8,6 +8,7 @@
 //! ```
 
 use clap::Parser;
+use meshflow::flags;
 use meshflow::ops::ops::adamw::AdamW;
 use meshflow::ops::{DType, Tensor as HostTensor};
 use meshflow::placement::{DeviceType, NdSbp, Placement, Sbp};
@@ -19,38 +20,29 @@ use meshflow::{Graph, Result};
 #[derive(Debug, Parser)]
 struct Args {
     /// CPU devices (the data-parallel size).
-    #[arg(long, default_value_t = 2, value_parser = count)]
+    #[arg(long, default_value_t = 2, value_parser = flags::count)]
     devices: usize,
     /// Training steps.
     #[arg(long, default_value_t = 100)]
     steps: usize,
     /// Examples per step.
-    #[arg(long, default_value_t = 256, value_parser = count)]
+    #[arg(long, default_value_t = 256, value_parser = flags::count)]
     batch: usize,
     /// Input features.
-    #[arg(long, default_value_t = 784, value_parser = count)]
+    #[arg(long, default_value_t = 784, value_parser = flags::count)]
     inputs: usize,
     /// Hidden width (two hidden layers).
-    #[arg(long, default_value_t = 1024, value_parser = count)]
+    #[arg(long, default_value_t = 1024, value_parser = flags::count)]
     hidden: usize,
     /// Classes.
-    #[arg(long, default_value_t = 10, value_parser = count)]
+    #[arg(long, default_value_t = 10, value_parser = flags::count)]
     classes: usize,
     /// Learning rate (AdamW).
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
     /// Kernel threads per device.
-    #[arg(long, default_value_t = 1, value_parser = count)]
+    #[arg(long, default_value_t = 1, value_parser = flags::count)]
     threads: usize,
-}
-
-/// A count flag of at least 1 (`--batch 0` ran on an empty batch to a loss of 0).
-fn count(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".to_string()),
-        Ok(n) => Ok(n),
-        Err(_) => Err(format!("{text:?} is not a count")),
-    }
 }
 
 fn main() {

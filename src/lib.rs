@@ -17,6 +17,7 @@ pub mod compile;
 pub mod data;
 pub mod error;
 pub mod exec;
+pub mod flags;
 pub mod graph;
 pub mod nn;
 pub mod plan;

@@ -41,6 +41,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::flags::{count, positive_seconds};
 use crate::plan::strategies::{SessionStrategy, StrategyKind};
 use report::{Machine, Report, TrainFigure};
 use train::{Model, StepTimes, Timing, TrainDevice, TrainRunner};
@@ -121,10 +122,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3.0, value_parser = positive_seconds)]
     pub seconds: f64,
     /// Fewest timed steps per figure.
-    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 3, value_parser = count)]
     pub min_steps: usize,
     /// Kernel threads of the single device and of PyTorch.
-    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 2, value_parser = count)]
     pub threads: usize,
     /// Models to train (`gpt`, `mlp`).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ModelArg::Gpt, ModelArg::Mlp])]
@@ -145,7 +146,7 @@ pub struct BenchArgs {
     /// Rounds in which a strategy with a PyTorch counterpart (the first strategy, data
     /// parallel ones) and PyTorch take turns, `--seconds` each: a slow spell of a shared host
     /// then slows both sides of a round, and the ratio to PyTorch is the median of the rounds'.
-    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 3, value_parser = count)]
     pub rounds: usize,
     /// The PyTorch reference script.
     #[arg(long, default_value = "scripts/torch_train.py")]
@@ -154,7 +155,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub peak_gflops: Option<f64>,
     /// Device threads of the in-process collectives.
-    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 4, value_parser = count)]
     pub ranks: usize,
     /// Largest collective size in bytes.
     #[arg(long, default_value_t = 16 << 20)]
@@ -525,24 +526,6 @@ fn train_figure_of(
         device,
         ops: None,
     }
-}
-
-/// A count of at least 1 (threads, rounds, steps).
-fn at_least_one(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".to_string()),
-        Ok(count) => Ok(count),
-        Err(_) => Err(format!("{text:?} is not a count")),
-    }
-}
-
-/// A finite, positive number of seconds.
-fn positive_seconds(text: &str) -> Result<f64, String> {
-    let seconds: f64 = text.parse().map_err(|_| format!("{text:?} is not a number"))?;
-    if !(seconds.is_finite() && seconds > 0.0) {
-        return Err("must be a finite number of seconds above 0".to_string());
-    }
-    Ok(seconds)
 }
 
 /// The strategies `text` names: `all` ([`SessionStrategy::every`]), `1` (one device with
