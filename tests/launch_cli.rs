@@ -175,3 +175,21 @@ fn a_worker_alone_is_a_world_of_one_and_bad_worker_environment_is_named() {
     assert_eq!(output.status.code(), Some(1));
     assert!(stdout.contains("WORLD_SIZE is not set"), "{stdout}");
 }
+
+/// A log directory that cannot be made fails the launch, naming it, before any worker runs
+/// (the error said only "No such file or directory", after the first worker had started).
+#[test]
+fn a_log_dir_that_cannot_be_made_is_named_and_no_worker_runs() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let file = directory.path().join("file");
+    std::fs::write(&file, b"not a directory").expect("file");
+    let log_dir = file.join("logs");
+    let marker = directory.path().join("ran");
+    let script = format!("touch {}", marker.display());
+    let log_dir_text = log_dir.to_str().expect("utf-8 path");
+    let output = run(&mut launch(&["--log-dir", log_dir_text, "--", "sh", "-c", &script]));
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("--log-dir {log_dir_text}")), "{stderr}");
+    assert!(!marker.exists(), "a worker ran: {stderr}");
+}

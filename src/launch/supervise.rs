@@ -191,6 +191,8 @@ fn spawn_worker(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    // The log first: a log directory that cannot be written fails before the worker starts.
+    let log = open_log(options.log_dir.as_deref(), rank)?;
     let mut child = command.spawn().map_err(|error| {
         std::io::Error::new(
             error.kind(),
@@ -199,7 +201,6 @@ fn spawn_worker(
     })?;
     let pid = child.id().unwrap_or(0);
     let tail = Tail::default();
-    let log = open_log(options.log_dir.as_deref(), rank)?;
     let mut forwarders = Vec::new();
     if let Some(stdout) = child.stdout.take() {
         forwarders.push(output::forward(stdout, rank, Stream::Out, tail.clone(), log.clone()));
@@ -233,11 +234,16 @@ fn open_log(log_dir: Option<&Path>, rank: usize) -> std::io::Result<Option<outpu
     let Some(directory) = log_dir else {
         return Ok(None);
     };
-    std::fs::create_dir_all(directory)?;
-    let file: File = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(directory.join(format!("rank{rank}.log")))?;
+    let named = |path: &Path| {
+        let path = path.to_path_buf();
+        move |error: std::io::Error| {
+            std::io::Error::new(error.kind(), format!("--log-dir {}: {error}", path.display()))
+        }
+    };
+    std::fs::create_dir_all(directory).map_err(named(directory))?;
+    let path = directory.join(format!("rank{rank}.log"));
+    let file: File =
+        OpenOptions::new().create(true).append(true).open(&path).map_err(named(&path))?;
     Ok(Some(Arc::new(Mutex::new(file))))
 }
 
