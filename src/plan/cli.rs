@@ -36,10 +36,10 @@ pub struct PlanArgs {
     #[arg(long)]
     pub auto: bool,
     /// Sequences per step (global batch).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::flags::count)]
     pub batch: usize,
     /// Micro-batches per step.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub micro_batches: u32,
     /// Write the simulated step's Chrome trace (Perfetto) here.
     #[arg(long)]
@@ -236,6 +236,13 @@ mod tests {
         for flags in [["--tp", "0"], ["--pp", "0"], ["--dp", "0"]] {
             let error = strategy(&flags).unwrap_err().to_string();
             assert!(error.contains("must be at least 1"), "{flags:?}: {error}");
+        }
+        // An empty batch or no micro-batches are refused by the flags (a step of 0 tokens was
+        // predicted, and 0 micro-batches planned as 1).
+        for flags in [["--batch", "0"], ["--micro-batches", "0"]] {
+            let error = Cli::try_parse_from([&["plan"], &flags[..]].concat()).err();
+            let error = error.expect("refused").to_string();
+            assert!(error.contains(flags[0]), "{flags:?}: {error}");
         }
         let error = strategy(&["--tp", "4", "--dp", "4"]).unwrap_err().to_string();
         assert!(error.contains("needs 16 devices, the cluster has 8"), "{error}");
