@@ -157,6 +157,9 @@ fn main() {
 fn run(args: &Args) -> Result<()> {
     let text = std::fs::read_to_string(&args.corpus)
         .map_err(|e| Error::Data(format!("{}: {e}", args.corpus.display())))?;
+    if text.is_empty() {
+        return Err(Error::Data(format!("corpus {} is empty", args.corpus.display())));
+    }
     let tokenizer = CharTokenizer::from_text(&text);
     let init = args.init_from.as_ref().map(io::load).transpose()?;
     let config = model_config(args, &tokenizer, init.as_ref())?;
