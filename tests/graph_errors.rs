@@ -67,26 +67,27 @@ fn duplicate_names_and_unfed_inputs_are_errors() {
     assert!(error.contains("feed for x") && error.contains("[3]"), "{error}");
 }
 
+/// The error `Session::new` gives for a relu of an input placed on `devices` devices.
+fn refused_session(devices: usize, config: SessionConfig) -> String {
+    let g = Graph::new();
+    let x = g.input("x", [4], DType::F32, &mesh(devices), None).unwrap();
+    let y = x.relu().unwrap();
+    Session::new(&g, &[&y], None, config).err().expect("refused").to_string()
+}
+
 #[test]
 fn a_session_without_kernel_threads_or_micro_batches_is_refused() {
-    let g = Graph::new();
-    let x = g.input("x", [4], DType::F32, &mesh(1), None).unwrap();
-    let y = x.relu().unwrap();
     let config = SessionConfig { threads_per_device: 0, ..SessionConfig::default() };
-    let error = Session::new(&g, &[&y], None, config).err().expect("refused").to_string();
+    let error = refused_session(1, config);
     assert!(error.contains("threads_per_device 0") && error.contains("at least 1"), "{error}");
     let config = SessionConfig { micro_batches: 0, ..SessionConfig::default() };
-    let error = Session::new(&g, &[&y], None, config).err().expect("refused").to_string();
+    let error = refused_session(1, config);
     assert!(error.contains("micro_batches 0") && error.contains("at least 1"), "{error}");
 }
 
 #[test]
 fn a_graph_larger_than_the_session_is_refused() {
-    let g = Graph::new();
-    let x = g.input("x", [4], DType::F32, &mesh(4), None).unwrap();
-    let y = x.relu().unwrap();
-    let config = SessionConfig { devices: 2, ..SessionConfig::default() };
-    let error = Session::new(&g, &[&y], None, config).err().expect("refused").to_string();
+    let error = refused_session(4, SessionConfig { devices: 2, ..SessionConfig::default() });
     assert!(error.contains("rank 2") && error.contains("2 devices"), "{error}");
 }
 
