@@ -171,15 +171,18 @@ fn workload(args: &PlanArgs, cluster: &Cluster) -> Result<Workload> {
         }
         let dp = match args.dp {
             Some(dp) => dp,
-            // The default fills the cluster; a remainder would idle devices unasked.
-            None if devices.is_multiple_of(tp * pp) => devices / (tp * pp),
+            // The default fills the cluster; a remainder would idle devices unasked. More
+            // than the cluster is the size check's error below (with dp 1).
+            None if devices.is_multiple_of(tp * pp) || tp * pp > devices => {
+                (devices / (tp * pp)).max(1)
+            }
             None => {
+                let dp = devices / (tp * pp);
                 return Err(Error::Graph(format!(
                     "tp {tp} × pp {pp} does not divide the {devices} devices of {}: give --dp \
-                     to plan on fewer of them (--dp {} uses {})",
+                     to plan on fewer of them (--dp {dp} uses {})",
                     args.cluster,
-                    (devices / (tp * pp)).max(1),
-                    (devices / (tp * pp)).max(1) * tp * pp
+                    dp * tp * pp
                 )));
             }
         };
@@ -244,7 +247,9 @@ mod tests {
             let error = error.expect("refused").to_string();
             assert!(error.contains(flags[0]), "{flags:?}: {error}");
         }
-        let error = strategy(&["--tp", "4", "--dp", "4"]).unwrap_err().to_string();
-        assert!(error.contains("needs 16 devices, the cluster has 8"), "{error}");
+        for flags in [&["--tp", "4", "--dp", "4"][..], &["--tp", "16"]] {
+            let error = strategy(flags).unwrap_err().to_string();
+            assert!(error.contains("needs 16 devices, the cluster has 8"), "{flags:?}: {error}");
+        }
     }
 }
