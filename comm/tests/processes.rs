@@ -18,18 +18,33 @@ const SECRET: &str = "MESHFLOW_COMM_TEST_SECRET";
 /// Exit code of a survivor that saw the collective fail, as it should.
 const FAILED_AS_EXPECTED: i32 = 3;
 
+/// Starts `size` children of `scenario`; each writes its output to `<rank>.out` in `directory`
+/// (read by [`outputs`] when a test fails), not into the test run's own output, where the
+/// children's lines interleaved with the harness' results.
 fn spawn_world(scenario: &str, size: usize, directory: &Path) -> Vec<Child> {
     let secret = JobSecret::generate().expect("secret");
     (0..size)
         .map(|rank| {
+            let out = std::fs::File::create(directory.join(format!("{rank}.out"))).expect("out");
             Command::new(std::env::current_exe().expect("test binary"))
                 .args(["child_entry", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
                 .env(ROLE, format!("{scenario}:{rank}:{size}:{}", directory.display()))
                 .env(SECRET, secret.expose_hex())
+                .stdout(out.try_clone().expect("out"))
+                .stderr(out)
                 .spawn()
                 .expect("spawn child")
         })
         .collect()
+}
+
+/// What the children of a world wrote, rank by rank, for a failing assertion's message.
+fn outputs(directory: &Path, size: usize) -> String {
+    let read = |rank: usize| {
+        let path = directory.join(format!("{rank}.out"));
+        std::fs::read_to_string(&path).unwrap_or_else(|error| format!("({error})"))
+    };
+    (0..size).map(|rank| format!("--- rank {rank}:\n{}", read(rank))).collect()
 }
 
 /// Waits for every child (killing all at `limit`); returns their exit codes.
@@ -70,7 +85,8 @@ fn every_collective_across_two_to_four_processes() {
         let directory = scratch(&format!("collectives-{size}"));
         let mut children = spawn_world("collectives", size, directory.path());
         let codes = wait_all(&mut children, Duration::from_secs(90));
-        assert_eq!(codes, vec![Some(0); size], "child exit codes for {size} processes");
+        let outputs = outputs(directory.path(), size);
+        assert_eq!(codes, vec![Some(0); size], "child exit codes for {size} processes\n{outputs}");
     }
 }
 
@@ -90,7 +106,8 @@ fn survivors_fail_within_bounded_time_when_a_peer_is_killed_mid_collective() {
     let killed_at = Instant::now();
     let codes = wait_all(&mut children[..2], Duration::from_secs(30));
     let _ = children[2].wait();
-    assert_eq!(codes, vec![Some(FAILED_AS_EXPECTED); 2], "survivors must report the failure");
+    let outputs = outputs(directory, 3);
+    assert_eq!(codes, vec![Some(FAILED_AS_EXPECTED); 2], "survivors must report it\n{outputs}");
     assert!(killed_at.elapsed() < Duration::from_secs(25), "took {:?}", killed_at.elapsed());
 }
 
