@@ -110,8 +110,8 @@ fn split_pairs(from: &[usize], to: &[usize]) -> Vec<(usize, usize)> {
     for (i, (&a, &outer)) in from.iter().zip(&before_from).enumerate() {
         let fits = |(j, (&b, &other)): (usize, (&usize, &usize))| {
             // Sizes 0 and 1 are never split (and a size 0 must not reach the remainders).
-            let factor = || a % b == 0 || b % a == 0;
-            (other == outer && a > 1 && b > 1 && factor()).then_some((i, j))
+            let fits = other == outer && a > 1 && b > 1 && (a % b == 0 || b % a == 0);
+            fits.then_some((i, j))
         };
         pairs.extend(to.iter().zip(&before_to).enumerate().filter_map(fits));
     }
