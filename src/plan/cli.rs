@@ -24,13 +24,13 @@ pub struct PlanArgs {
     #[arg(long, default_value = "gpt2")]
     pub model: String,
     /// Data-parallel size (default: the devices left by --tp and --pp, which must divide them).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::count)]
     pub dp: Option<usize>,
     /// Tensor-parallel size.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::flags::count)]
     pub tp: usize,
     /// Pipeline stages, each a dp × tp mesh of its own devices (use with --micro-batches).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::flags::count)]
     pub pp: usize,
     /// Let signature selection choose every layout on a flat mesh of all devices.
     #[arg(long)]
@@ -39,8 +39,8 @@ pub struct PlanArgs {
     #[arg(long, default_value_t = 8, value_parser = crate::flags::count)]
     pub batch: usize,
     /// Micro-batches per step.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    pub micro_batches: u32,
+    #[arg(long, default_value_t = 1, value_parser = crate::flags::count)]
+    pub micro_batches: usize,
     /// Write the simulated step's Chrome trace (Perfetto) here.
     #[arg(long)]
     pub trace: Option<PathBuf>,
@@ -163,6 +163,7 @@ fn workload(args: &PlanArgs, cluster: &Cluster) -> Result<Workload> {
         Strategy::Auto { devices }
     } else {
         let (tp, pp) = (args.tp, args.pp);
+        // The flags refuse sizes of 0; this guards a `PlanArgs` built in code.
         if tp == 0 || pp == 0 || args.dp == Some(0) {
             return Err(Error::Graph(format!(
                 "dp {} × tp {tp} × pp {pp}: every size must be at least 1",
@@ -196,7 +197,9 @@ fn workload(args: &PlanArgs, cluster: &Cluster) -> Result<Workload> {
     };
     let device = if cluster.device.kind == "cpu" { DeviceType::Cpu } else { DeviceType::Cuda };
     let model: ModelSpec = args.model.parse()?;
-    Ok(Workload { model, strategy, batch: args.batch, pieces: args.micro_batches, device })
+    let pieces = u32::try_from(args.micro_batches)
+        .map_err(|_| Error::Graph(format!("{} micro-batches are too many", args.micro_batches)))?;
+    Ok(Workload { model, strategy, batch: args.batch, pieces, device })
 }
 
 fn write_trace(args: &PlanArgs, report: &PlanReport) -> Result<()> {
@@ -236,17 +239,19 @@ mod tests {
         let error = strategy(&["--tp", "3"]).unwrap_err().to_string();
         assert!(error.contains("tp 3 × pp 1 does not divide the 8 devices"), "{error}");
         assert!(error.contains("--dp 2 uses 6"), "{error}");
-        for flags in [["--tp", "0"], ["--pp", "0"], ["--dp", "0"]] {
-            let error = strategy(&flags).unwrap_err().to_string();
-            assert!(error.contains("must be at least 1"), "{flags:?}: {error}");
-        }
-        // An empty batch or no micro-batches are refused by the flags (a step of 0 tokens was
-        // predicted, and 0 micro-batches planned as 1).
-        for flags in [["--batch", "0"], ["--micro-batches", "0"]] {
+        // Sizes of 0 are refused by the flags (an empty batch predicted a step of 0 tokens, 0
+        // micro-batches planned as 1, tp or pp 0 as 1).
+        for flags in ["--batch", "--micro-batches", "--tp", "--pp", "--dp"].map(|flag| [flag, "0"])
+        {
             let error = Cli::try_parse_from([&["plan"], &flags[..]].concat()).err();
             let error = error.expect("refused").to_string();
-            assert!(error.contains(flags[0]), "{flags:?}: {error}");
+            assert!(error.contains(flags[0]) && error.contains("at least 1"), "{flags:?}: {error}");
         }
+        // A `PlanArgs` built in code with a size of 0 gets an error, not a division by 0.
+        let mut args = Cli::try_parse_from(["plan"]).expect("flags").plan;
+        args.tp = 0;
+        let error = workload(&args, &cluster(&args).unwrap()).expect_err("refused").to_string();
+        assert!(error.contains("must be at least 1"), "{error}");
         for flags in [&["--tp", "4", "--dp", "4"][..], &["--tp", "16"]] {
             let error = strategy(flags).unwrap_err().to_string();
             assert!(error.contains("needs 16 devices, the cluster has 8"), "{flags:?}: {error}");
