@@ -1,14 +1,15 @@
 //! The fused `causal_attention` op against the attention it replaces (narrow, reshape,
-//! permute, batched products, a causal `masked_fill`, softmax): forward values and gradients on
-//! shapes whose time is below, at and past the kernel's row blocks; every SBP signature of the
-//! op and of its gradient on 2 and 3 devices; the errors of bad inputs.
+//! permute, batched products, a causal `masked_fill`, softmax), without and with the bias it
+//! can add (against an `add` before the composite): forward values and gradients on shapes
+//! whose time is below, at and past the kernel's row blocks; every SBP signature of the op and
+//! of its gradient on 2 and 3 devices; the errors of bad inputs.
 
 mod common;
 
 use common::{assert_close, expect_error, tensor, values, Tolerance};
 use meshflow_ops::eager::Tape;
 use meshflow_ops::ops::attention::{causal_attention, CausalAttention, CausalAttentionGrad};
-use meshflow_ops::ops::{masked_fill, matmul, mul_scalar, narrow, permute, reshape, softmax};
+use meshflow_ops::ops::{add, masked_fill, matmul, mul_scalar, narrow, permute, reshape, softmax};
 use meshflow_ops::{Context, DType, Op, Shape, Tensor, TensorMeta, Value};
 use meshflow_placement::{Sbp, Signature};
 use proptest::prelude::*;
@@ -51,34 +52,59 @@ fn composite(tape: &mut Tape, qkv: Value, scale: f64) -> Value {
     permute::permute(e, y, &[0, 2, 1, 3]).expect("permute back")
 }
 
-/// `(y, dqkv)` of `Σ y ⊙ cotangent` through the fused op (or the composite one).
-fn run(qkv: &Tensor, cotangent: &Tensor, fused: bool, threads: usize) -> (Tensor, Tensor) {
+/// `(y, dqkv, dbias)` of `Σ y ⊙ cotangent` through the fused op (or the composite one, after
+/// an `add` of the bias), with `bias [3, H, D]` when given.
+fn run(
+    (qkv, bias): (&Tensor, Option<&Tensor>),
+    cotangent: &Tensor,
+    fused: bool,
+    threads: usize,
+) -> (Tensor, Tensor, Option<Tensor>) {
     let mut tape = Tape::new(Context::with_threads(threads));
     let x = tape.leaf(qkv.clone());
+    let b = bias.map(|bias| tape.leaf(bias.clone()));
     let scale = 1.0 / (qkv.dims()[4] as f64).sqrt();
     let y = if fused {
-        causal_attention(&mut tape, x, scale).expect("fused attention")
+        causal_attention(&mut tape, x, b, scale).expect("fused attention")
     } else {
+        let x = match b {
+            Some(b) => add::add(&mut tape, x, b).expect("bias"),
+            None => x,
+        };
         composite(&mut tape, x, scale)
     };
     let cot = tape.leaf(cotangent.clone());
-    let grads = tape.gradients(&[y], &[cot], &[x]).expect("gradients");
+    let wrt: Vec<Value> = [x].into_iter().chain(b).collect();
+    let grads = tape.gradients(&[y], &[cot], &wrt).expect("gradients");
     let dqkv = grads[0].expect("a gradient of qkv");
-    (tape.tensor(y).clone(), tape.tensor(dqkv).clone())
+    let dbias = grads.get(1).map(|g| tape.tensor(g.expect("a gradient of the bias")).clone());
+    (tape.tensor(y).clone(), tape.tensor(dqkv).clone(), dbias)
 }
 
-/// Asserts that the fused op and the composite one agree on `[b, t, 3, h, d]` in `dtype`.
+/// Asserts that the fused op and the composite one agree on `[b, t, 3, h, d]` in `dtype`,
+/// without a bias and with one.
 fn check(dims: [usize; 4], dtype: DType, tolerance: Tolerance, seed: u64) {
     let [b, t, h, d] = dims;
     let qkv = random(&[b, t, 3, h, d], seed, dtype);
     let cotangent = random(&[b, t, h, d], seed + 1, dtype);
-    let (y_ref, dqkv_ref) = run(&qkv, &cotangent, false, 1);
-    // One thread runs every head on one scratch; two threads share them out.
-    for threads in [1, 2] {
-        let (y, dqkv) = run(&qkv, &cotangent, true, threads);
-        let what = format!("{dims:?} {dtype:?} on {threads} threads");
-        assert_close(&y, &y_ref, tolerance, &format!("y of {what}"));
-        assert_close(&dqkv, &dqkv_ref, tolerance, &format!("dqkv of {what}"));
+    let bias = random(&[3, h, d], seed + 2, dtype);
+    for bias in [None, Some(&bias)] {
+        let (y_ref, dqkv_ref, dbias_ref) = run((&qkv, bias), &cotangent, false, 1);
+        // One thread runs every head on one scratch; two threads share them out.
+        for threads in [1, 2] {
+            let (y, dqkv, dbias) = run((&qkv, bias), &cotangent, true, threads);
+            let biased = if bias.is_some() { " with a bias" } else { "" };
+            let what = format!("{dims:?} {dtype:?}{biased} on {threads} threads");
+            assert_close(&y, &y_ref, tolerance, &format!("y of {what}"));
+            assert_close(&dqkv, &dqkv_ref, tolerance, &format!("dqkv of {what}"));
+            if let (Some(got), Some(want)) = (&dbias, &dbias_ref) {
+                // Sums over b·t rows of the gradient, so the tolerance scales with them.
+                let rows = (b * t) as f64;
+                let tolerance = Tolerance { atol: tolerance.atol * rows, ..tolerance };
+                assert_close(got, want, tolerance, &format!("dbias of {what}"));
+            }
+            assert_eq!(dbias.is_some(), bias.is_some(), "a bias gradient with a bias only");
+        }
     }
 }
 
@@ -121,14 +147,20 @@ fn the_first_row_attends_to_itself_only_and_lse_is_the_log_partition() {
 fn half_precision_inputs_are_computed_in_f32() {
     let qkv = random(&[2, 9, 3, 2, 8], 3, DType::F32);
     let cotangent = random(&[2, 9, 2, 8], 4, DType::F32);
-    let (y, dqkv) = run(&qkv, &cotangent, true, 2);
+    let bias = random(&[3, 2, 8], 5, DType::F32);
+    let (y, dqkv, dbias) = run((&qkv, Some(&bias)), &cotangent, true, 2);
+    let dbias = dbias.expect("a bias gradient");
     for dtype in [DType::BF16, DType::F16] {
         let low = |x: &Tensor| x.to_dtype(dtype).expect("to 16 bits");
-        let (y16, dqkv16) = run(&low(&qkv), &low(&cotangent), true, 2);
-        assert_eq!((y16.dtype(), dqkv16.dtype()), (dtype, dtype));
+        let inputs = (&low(&qkv), Some(&low(&bias)));
+        let (y16, dqkv16, dbias16) = run(inputs, &low(&cotangent), true, 2);
+        let dbias16 = dbias16.expect("a bias gradient");
+        assert_eq!((y16.dtype(), dqkv16.dtype(), dbias16.dtype()), (dtype, dtype, dtype));
         let tolerance = Tolerance { atol: 0.06, rtol: 0.03 };
         assert_close(&y16, &y, tolerance, &format!("y in {dtype:?}"));
         assert_close(&dqkv16, &dqkv, tolerance, &format!("dqkv in {dtype:?}"));
+        let sums = Tolerance { atol: 0.5, rtol: 0.03 };
+        assert_close(&dbias16, &dbias, sums, &format!("dbias in {dtype:?}"));
     }
 }
 
@@ -148,7 +180,20 @@ fn bad_inputs_are_errors_naming_the_op_and_shape() {
     let qkv = meta(&[2, 4, 3, 1, 8], DType::F32);
     let y = meta(&[2, 4, 1, 8], DType::F32);
     let wrong_lse = meta(&[2, 4, 1], DType::F32);
-    expect_error(grad.infer(&[qkv, y.clone(), wrong_lse, y]), &["causal_attention_grad", "lse"]);
+    let lse = meta(&[2, 1, 4], DType::F32);
+    expect_error(
+        grad.infer(&[qkv.clone(), y.clone(), wrong_lse, y.clone()]),
+        &["causal_attention_grad", "lse"],
+    );
+    let bias = meta(&[3, 8], DType::F32);
+    expect_error(
+        op.infer(&[qkv.clone(), bias.clone()]),
+        &["causal_attention", "bias", "[3, 1, 8]", "[3, 8]"],
+    );
+    expect_error(
+        grad.infer(&[qkv, y.clone(), lse, y, bias]),
+        &["causal_attention_grad", "bias", "[3, 8]"],
+    );
 }
 
 // ---- SBP: each signature, cut over 2 and 3 devices, equals the single-device result ----
@@ -261,6 +306,17 @@ fn batch_and_head_splits_and_partial_gradients_equal_one_device() {
     let grad_inputs = [qkv.clone(), outputs[0].clone(), outputs[1].clone(), dy];
     for p in [2, 3] {
         assert_eq!(check_signatures(&op, std::slice::from_ref(&qkv), p), 3);
+        assert_eq!(check_signatures(&grad, &grad_inputs, p), 4);
+    }
+    // With a bias: broadcast beside a batch split, split by heads beside a head split, and
+    // its gradient partial where the rows are split or `dy` is partial.
+    let bias = random(&[3, 3, 4], 23, DType::F64);
+    let biased = [qkv.clone(), bias.clone()];
+    let outputs = op.forward(&Context::single_thread(), &biased).expect("forward with a bias");
+    let dy = random(&[3, 7, 3, 4], 24, DType::F64);
+    let grad_inputs = [qkv.clone(), outputs[0].clone(), outputs[1].clone(), dy, bias];
+    for p in [2, 3] {
+        assert_eq!(check_signatures(&op, &biased, p), 3);
         assert_eq!(check_signatures(&grad, &grad_inputs, p), 4);
     }
     let metas = [qkv.meta().clone()];

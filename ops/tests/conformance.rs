@@ -44,6 +44,7 @@ use meshflow_ops::ops::rsqrt::Rsqrt;
 use meshflow_ops::ops::sgd::Sgd;
 use meshflow_ops::ops::sigmoid::Sigmoid;
 use meshflow_ops::ops::silu::Silu;
+use meshflow_ops::ops::skip_layer_norm::{SkipLayerNorm, SkipLayerNormGrad};
 use meshflow_ops::ops::softmax::{RowGrad, Softmax};
 use meshflow_ops::ops::split::Split;
 use meshflow_ops::ops::sqrt::Sqrt;
@@ -406,6 +407,12 @@ conformance! {
     log_softmax_grad => |d| Case::new(RowGrad(LogSoftmax)).float(d.shape(2)).float(d.shape(2));
     layer_norm => |d| Case::new(LayerNorm { eps: 1e-5 }).float(d.shape(3)).float([d[2]]).float([d[2]]);
     layer_norm_grad => |d| Case::new(NormGrad(LayerNorm { eps: 1e-5 })).float(d.shape(3)).float([d[2]]).float(d.shape(3));
+    skip_layer_norm => |d| Case::new(SkipLayerNorm { eps: 1e-5 }).float(d.shape(3)).float(d.shape(3))
+        .float([d[2]]).float([d[2]]).float([d[2]]);
+    skip_layer_norm_grad => |d| Case::new(SkipLayerNormGrad { eps: 1e-5 }).float(d.shape(3)).float([d[2]])
+        .float(d.shape(3)).float(d.shape(3));
+    skip_layer_norm_grad_without_ds => |d| Case::new(SkipLayerNormGrad { eps: 1e-5 }).float(d.shape(2))
+        .float([d[1]]).float(d.shape(2));
     rms_norm => |d| Case::new(RmsNorm { eps: 1e-5 }).float(d.shape(2)).float([d[1]]);
     rms_norm_grad => |d| Case::new(NormGrad(RmsNorm { eps: 1e-5 })).float(d.shape(3)).float([d[2]]).float(d.shape(3));
     embedding => |d| Case::new(Embedding { shard: None }).float([d[0] + 1, d[1]]).ids([d[2], d[3]], d[0] + 1);

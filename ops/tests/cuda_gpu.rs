@@ -18,7 +18,7 @@ use meshflow_ops::ops::{
     adamw, add, add_scalar, attention, bias_act, broadcast_to, cast, concat, cross_entropy, div,
     dropout, embedding, exp, fill, gelu, layer_norm, log, log_softmax, masked_fill, matmul, max,
     mean, mul, mul_scalar, narrow, neg, permute, pow, pow_scalar, relu, reshape, rms_norm, rsqrt,
-    sgd, sigmoid, silu, softmax, split, sqrt, sub, sum, tanh, where_select,
+    sgd, sigmoid, silu, skip_layer_norm, softmax, split, sqrt, sub, sum, tanh, where_select,
 };
 use meshflow_ops::{Context, DType, Result, Shape, Tensor, Value};
 
@@ -105,6 +105,10 @@ fn program(tape: &mut Tape, dtype: DType) -> Result<()> {
     let weight = input(tape, &[8], 4, dtype)?;
     terms.push(layer_norm::layer_norm(tape, x, weight, bias, 1e-5)?);
     terms.push(rms_norm::rms_norm(tape, x, weight, 1e-6)?);
+    // The residual junction: a composite of add and layer_norm on the GPU.
+    let branch = input(tape, &[4, 8], 13, dtype)?;
+    let junction = skip_layer_norm::skip_layer_norm(tape, (x, branch), bias, (weight, bias), 1e-5)?;
+    terms.extend(junction);
     let w = input(tape, &[8, 6], 5, dtype)?;
     terms.push(matmul::matmul(tape, x, w)?);
     terms.push(matmul::matmul_transposed(tape, w, x, true, true)?);
@@ -114,7 +118,9 @@ fn program(tape: &mut Tape, dtype: DType) -> Result<()> {
     let project = input(tape, &[8, 12], 12, dtype)?;
     let packed = matmul::matmul(tape, batched, project)?;
     let qkv = reshape::reshape(tape, packed, &Shape::from([2, 4, 3, 2, 2]))?;
-    terms.push(attention::causal_attention(tape, qkv, 0.5)?);
+    terms.push(attention::causal_attention(tape, qkv, None, 0.5)?);
+    let attention_bias = input(tape, &[3, 2, 2], 14, dtype)?;
+    terms.push(attention::causal_attention(tape, qkv, Some(attention_bias), 0.5)?);
     let larger = larger_terms(tape, dtype)?;
     terms.extend(larger.terms);
     terms.extend(reductions(tape, dtype)?);
@@ -166,7 +172,7 @@ fn larger_terms(tape: &mut Tape, dtype: DType) -> Result<Larger> {
     let project = input(tape, &[8, 48], 22, dtype)?;
     let packed = matmul::matmul(tape, wide, project)?;
     let qkv = reshape::reshape(tape, packed, &Shape::from([2, 40, 3, 2, 8]))?;
-    let attended = attention::causal_attention(tape, qkv, 0.35)?;
+    let attended = attention::causal_attention(tape, qkv, None, 0.35)?;
     // Norms over 300 rows of 48 (the column pass runs in many chunks).
     let rows32 = leaf(tape, &[300, 48], 23);
     let rows = cast::cast(tape, rows32, dtype)?;

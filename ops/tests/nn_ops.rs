@@ -1,5 +1,5 @@
 //! The nn ops (matmul, softmax, log_softmax, layer_norm, rms_norm, embedding, cross_entropy,
-//! adamw, sgd; the fused bias activations against their unfused chain) against PyTorch goldens (`scripts/golden/nn.py`), finite differences in f64,
+//! adamw, sgd; the fused bias activations and `skip_layer_norm` against their unfused chains) against PyTorch goldens (`scripts/golden/nn.py`), finite differences in f64,
 //! multi-threaded runs, and bad input.
 
 mod common;
@@ -8,23 +8,25 @@ use common::{
     assert_close, check_group, expect_error, finite_differences, op, tensor, values, Case, Golden,
     Tolerance,
 };
+use meshflow_ops::eager::Tape;
 use meshflow_ops::ops::adamw::AdamW;
 use meshflow_ops::ops::add::Add;
 use meshflow_ops::ops::bias_act::{BiasAct, BiasActGrad};
 use meshflow_ops::ops::cross_entropy::{CrossEntropy, CrossEntropyGrad};
 use meshflow_ops::ops::embedding::{Embedding, EmbeddingGrad, VocabShard};
 use meshflow_ops::ops::gelu::Gelu;
-use meshflow_ops::ops::layer_norm::LayerNorm;
+use meshflow_ops::ops::layer_norm::{LayerNorm, NormGrad};
 use meshflow_ops::ops::log_softmax::LogSoftmax;
 use meshflow_ops::ops::matmul::{MatMul, MatMulSumBatch};
 use meshflow_ops::ops::relu::Relu;
 use meshflow_ops::ops::rms_norm::RmsNorm;
 use meshflow_ops::ops::sgd::Sgd;
 use meshflow_ops::ops::silu::Silu;
+use meshflow_ops::ops::skip_layer_norm::{SkipLayerNorm, SkipLayerNormGrad};
 use meshflow_ops::ops::softmax::Softmax;
 use meshflow_ops::ops::sum::Sum;
 use meshflow_ops::ops::unary::{Differentiable, GradOf, Unary};
-use meshflow_ops::{Context, DType, Op, OpRef, Tensor};
+use meshflow_ops::{Context, DType, Emit, Op, OpRef, Tensor};
 
 fn make(case: &Case) -> Option<OpRef> {
     Some(match case.op.as_str() {
@@ -196,6 +198,96 @@ fn equals_unfused_chain<P: Differentiable>(f: P) {
     finite_differences(op(BiasAct(f)), &[x, b], 24).expect(P::BIAS_NAME);
 }
 
+/// `skip_layer_norm` is `add(x, add(y, bias))` and `layer_norm` of that bit for bit in f32, on
+/// one thread and two; its gradient op gives `layer_norm_grad`'s parameter gradients, `dx + ds`
+/// and the bias gradient as `sum` over the rows of that, bit for bit (130 rows: the tasks of
+/// two threads split `sum`'s blocks of rows, whose sums are then folded again). Both match
+/// finite differences in f64.
+#[test]
+fn skip_layer_norm_equals_the_unfused_chain() {
+    // [1000, 64] on two threads: tasks of 256 rows split `sum`'s blocks of 125.
+    for (rows, width) in [(130, 96), (1000, 64)] {
+        skip_equals_unfused(rows, width);
+    }
+    let inputs = [[2, 3, 5].as_slice(), &[2, 3, 5], &[5], &[5], &[5]];
+    let inputs: Vec<Tensor> = inputs.iter().zip(40..).map(|(s, seed)| random(s, seed)).collect();
+    finite_differences(op(SkipLayerNorm { eps: 1e-5 }), &inputs, 24).expect("skip_layer_norm");
+}
+
+fn skip_equals_unfused(rows: usize, width: usize) {
+    let f32s = |shape: &[usize], seed| random(shape, seed).to_dtype(DType::F32).expect("f32");
+    let (x, y, g) = (f32s(&[rows, width], 31), f32s(&[rows, width], 32), f32s(&[rows, width], 33));
+    let (bias, w, b) = (f32s(&[width], 34), f32s(&[width], 35), f32s(&[width], 36));
+    let ds = f32s(&[rows, width], 37);
+    let exact = Tolerance { atol: 0.0, rtol: 0.0 };
+    let norm = LayerNorm { eps: 1e-5 };
+    for ctx in [Context::single_thread(), Context::with_threads(2)] {
+        let branch = Add.forward(&ctx, &[y.clone(), bias.clone()]).expect("add").remove(0);
+        let sum = Add.forward(&ctx, &[x.clone(), branch]).expect("add").remove(0);
+        let normed = norm.forward(&ctx, &[sum.clone(), w.clone(), b.clone()]).expect("norm");
+        let inputs = [x.clone(), y.clone(), bias.clone(), w.clone(), b.clone()];
+        let fused = SkipLayerNorm { eps: 1e-5 }.forward(&ctx, &inputs).expect("fused");
+        assert_close(&fused[0], &sum, exact, "skip_layer_norm sum");
+        assert_close(&fused[1], &normed[0], exact, "skip_layer_norm norm");
+        let grad = NormGrad(norm.clone()).forward(&ctx, &[sum.clone(), w.clone(), g.clone()]);
+        let grad = grad.expect("layer_norm_grad");
+        let skip = SkipLayerNormGrad { eps: 1e-5 };
+        let with_ds = Add.forward(&ctx, &[grad[0].clone(), ds.clone()]).expect("add").remove(0);
+        for (residual, dsum) in [(None, &grad[0]), (Some(&ds), &with_ds)] {
+            let mut operands = vec![sum.clone(), w.clone(), g.clone()];
+            operands.extend(residual.cloned());
+            let fused = skip.forward(&ctx, &operands).expect("skip_layer_norm_grad");
+            let what = if residual.is_some() { "with ds" } else { "without ds" };
+            assert_close(&fused[0], dsum, exact, &format!("dsum {what}"));
+            assert_close(&fused[1], &grad[1], exact, &format!("dweight {what}"));
+            assert_close(&fused[2], &grad[2], exact, &format!("dnorm_bias {what}"));
+            let rows = Sum { axes: vec![0], keepdim: false };
+            let dbias = rows.forward(&ctx, std::slice::from_ref(dsum)).expect("sum");
+            assert_close(&fused[3], &dbias[0], exact, &format!("dbias {what}"));
+        }
+    }
+}
+
+/// With a gradient for only one of its outputs, `skip_layer_norm`'s backward is that of the
+/// add (the sum's gradient reaches `x`, `y` and, summed over rows, the bias) or of the norm (its
+/// `dx` reaches `x`, `y` and the bias, the parameters get theirs).
+#[test]
+fn skip_layer_norm_gradients_of_either_output_alone() {
+    let mut tape = Tape::new(Context::single_thread());
+    let shapes = [[4, 6].as_slice(), &[4, 6], &[6], &[6], &[6]];
+    let tensors: Vec<Tensor> = shapes.iter().zip(50..).map(|(s, seed)| random(s, seed)).collect();
+    let leaves: Vec<_> = tensors.iter().map(|t| tape.leaf(t.clone())).collect();
+    let outputs = tape.emit(op(SkipLayerNorm { eps: 1e-5 }), &leaves).expect("skip_layer_norm");
+    let cot = tape.leaf(random(&[4, 6], 56));
+    let exact = Tolerance { atol: 0.0, rtol: 0.0 };
+    let grads = tape.gradients(&[outputs[0]], &[cot], &leaves).expect("through the sum");
+    let cot_values = tape.tensor(cot).clone();
+    for (input, name) in [(0, "x"), (1, "y")] {
+        let grad = tape.tensor(grads[input].expect("a gradient"));
+        assert_close(grad, &cot_values, exact, &format!("d{name} through the sum"));
+    }
+    let column_sums = Sum { axes: vec![0], keepdim: false }
+        .forward(&Context::single_thread(), std::slice::from_ref(&cot_values))
+        .expect("sum");
+    let dbias = tape.tensor(grads[2].expect("a bias gradient"));
+    assert_close(dbias, &column_sums[0], exact, "dbias through the sum");
+    assert!(grads[3].is_none() && grads[4].is_none(), "the norm's parameters have no gradient");
+    let grads = tape.gradients(&[outputs[1]], &[cot], &leaves).expect("through the norm");
+    let sum = tape.tensor(outputs[0]).clone();
+    let norm = NormGrad(LayerNorm { eps: 1e-5 })
+        .forward(&Context::single_thread(), &[sum, tensors[3].clone(), cot_values])
+        .expect("layer_norm_grad");
+    let expected = [(0, &norm[0]), (1, &norm[0]), (3, &norm[1]), (4, &norm[2])];
+    for (input, want) in expected {
+        let grad = tape.tensor(grads[input].expect("a gradient"));
+        assert_close(grad, want, exact, &format!("input {input} through the norm"));
+    }
+    let dbias = tape.tensor(grads[2].expect("a bias gradient"));
+    let rows = Sum { axes: vec![0], keepdim: false };
+    let column_sums = rows.forward(&Context::single_thread(), &[norm[0].clone()]).expect("sum");
+    assert_close(dbias, &column_sums[0], exact, "dbias through the norm");
+}
+
 #[test]
 fn two_threads_give_the_single_thread_results() {
     let one = Context::single_thread();
@@ -240,6 +332,24 @@ fn bad_inputs_are_errors_naming_the_op() {
     expect_error(Softmax.forward(&ctx, &[f(&[])]), &["softmax", "axis"]);
     let norm = LayerNorm { eps: 1e-5 };
     expect_error(norm.forward(&ctx, &[f(&[2, 4]), f(&[3]), f(&[4])]), &["layer_norm", "[3]"]);
+    let skip = SkipLayerNorm { eps: 1e-5 };
+    let params = || [f(&[4]), f(&[4]), f(&[4])];
+    let [bias, weight, norm_bias] = params();
+    expect_error(
+        skip.forward(&ctx, &[f(&[2, 4]), f(&[4, 2]), bias, weight, norm_bias]),
+        &["skip_layer_norm", "y (the branch)", "[2, 4]", "[4, 2]"],
+    );
+    let [bias, weight, _] = params();
+    expect_error(
+        skip.forward(&ctx, &[f(&[2, 4]), f(&[2, 4]), bias, weight, f(&[5])]),
+        &["skip_layer_norm", "[5]"],
+    );
+    expect_error(skip.forward(&ctx, &[f(&[2, 4]), f(&[2, 4])]), &["skip_layer_norm", "5"]);
+    expect_error(
+        SkipLayerNormGrad { eps: 1e-5 }
+            .forward(&ctx, &[f(&[2, 4]), f(&[4]), f(&[2, 4]), f(&[3, 4])]),
+        &["skip_layer_norm_grad", "ds (the sum's gradient)", "[3, 4]"],
+    );
     let bias_gelu = BiasAct(Gelu { tanh: false });
     expect_error(bias_gelu.forward(&ctx, &[f(&[2, 4]), f(&[3])]), &["bias_gelu", "[2, 4]", "[3]"]);
     let wide = Tensor::zeros([4], DType::F64);

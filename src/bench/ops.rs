@@ -30,6 +30,7 @@ use crate::ops::ops::log_softmax::LogSoftmax;
 use crate::ops::ops::matmul::MatMul;
 use crate::ops::ops::mul_scalar::MulScalar;
 use crate::ops::ops::relu::Relu;
+use crate::ops::ops::skip_layer_norm::{SkipLayerNorm, SkipLayerNormGrad};
 use crate::ops::ops::softmax::{RowGrad, Softmax};
 use crate::ops::ops::sum::Sum;
 use crate::ops::ops::unary::{GradOf, Unary};
@@ -178,6 +179,7 @@ fn gpt_kernels() -> Result<Vec<Kernel>, BenchError> {
     let scores = tensor(&[8, 4, 128, 128], 33)?;
     let logits = tensor(&[tokens, vocab], 34)?;
     let (weight, bias) = (tensor(&[width], 39)?, tensor(&[width], 40)?);
+    let branch = tensor(&[tokens, width], 48)?;
     let params = 12 * width * width;
     let state = |seed| tensor(&[params], seed);
     let scalar = Tensor::from_vec(vec![1.0f32], Vec::<usize>::new())?;
@@ -193,6 +195,12 @@ fn gpt_kernels() -> Result<Vec<Kernel>, BenchError> {
     };
     let attention_grad = CausalAttentionGrad { scale: 0.125 };
     let dy = tensor(&[8, 128, 4, 64], 46)?;
+    // With c_attn's bias, as the GPT runs it.
+    let qkv_bias = tensor(&[3, 4, 64], 49)?;
+    let biased_inputs = [qkv.clone(), qkv_bias.clone()];
+    let biased = attention.forward(&Context::default(), &biased_inputs)?;
+    let biased_grad_inputs =
+        vec![qkv.clone(), biased[0].clone(), biased[1].clone(), dy.clone(), qkv_bias];
     Ok(vec![
         Kernel::new(
             "gpt/matmul_qkv",
@@ -210,8 +218,10 @@ fn gpt_kernels() -> Result<Vec<Kernel>, BenchError> {
             product(false, true),
             vec![tensor(&[32, 128, 64], 37)?, tensor(&[32, 128, 64], 38)?],
         ),
-        Kernel::new("gpt/causal_attention", attention, vec![qkv.clone()]),
-        Kernel::new("gpt/causal_attention_grad", attention_grad, vec![qkv, y, lse, dy]),
+        Kernel::new("gpt/causal_attention", attention.clone(), vec![qkv.clone()]),
+        Kernel::new("gpt/causal_attention_bias", attention, biased_inputs.to_vec()),
+        Kernel::new("gpt/causal_attention_grad", attention_grad.clone(), vec![qkv, y, lse, dy]),
+        Kernel::new("gpt/causal_attention_bias_grad", attention_grad, biased_grad_inputs),
         Kernel::new("gpt/gelu", Unary(gelu.clone()), vec![hidden.clone()]),
         // c_fc's bias gradient: the gradient of its 1024 tokens summed over them.
         Kernel::new("gpt/sum_rows", Sum { axes: vec![0], keepdim: false }, vec![hidden.clone()]),
@@ -221,12 +231,12 @@ fn gpt_kernels() -> Result<Vec<Kernel>, BenchError> {
         Kernel::new(
             "gpt/layer_norm",
             LayerNorm { eps: 1e-5 },
-            vec![x.clone(), weight.clone(), bias],
+            vec![x.clone(), weight.clone(), bias.clone()],
         ),
         Kernel::new(
             "gpt/layer_norm_grad",
             NormGrad(LayerNorm { eps: 1e-5 }),
-            vec![x.clone(), weight, x.clone()],
+            vec![x.clone(), weight.clone(), x.clone()],
         ),
         Kernel::new(
             "gpt/cross_entropy",
@@ -243,7 +253,21 @@ fn gpt_kernels() -> Result<Vec<Kernel>, BenchError> {
             EmbeddingGrad { rows: vocab, shard: None },
             vec![ids(tokens, vocab)?, x.clone()],
         ),
-        Kernel::new("gpt/add_residual", Add, vec![x.clone(), x]),
+        Kernel::new("gpt/add_residual", Add, vec![x.clone(), x.clone()]),
+        // A residual junction unfused (`add_bias`, `add_residual`, `layer_norm`; backward
+        // `layer_norm_grad`, `add_residual`, `sum_rows_256`) and fused.
+        Kernel::new("gpt/add_bias", Add, vec![x.clone(), tensor(&[width], 47)?]),
+        Kernel::new("gpt/sum_rows_256", Sum { axes: vec![0], keepdim: false }, vec![x.clone()]),
+        Kernel::new(
+            "gpt/skip_layer_norm",
+            SkipLayerNorm { eps: 1e-5 },
+            vec![x.clone(), branch.clone(), tensor(&[width], 47)?, weight.clone(), bias.clone()],
+        ),
+        Kernel::new(
+            "gpt/skip_layer_norm_grad",
+            SkipLayerNormGrad { eps: 1e-5 },
+            vec![x.clone(), weight.clone(), branch.clone(), x],
+        ),
         Kernel::new(
             "gpt/adamw",
             AdamW::new(1e-3),

@@ -6,8 +6,8 @@ use meshflow_ops::ops::unary::Differentiable;
 use meshflow_ops::ops::{
     add, add_scalar, attention, bias_act, cast, concat, cross_entropy, div, dropout, embedding,
     exp, fill, gelu, layer_norm, log, log_softmax, masked_fill, matmul, max, mean, mul, mul_scalar,
-    narrow, neg, permute, pow, pow_scalar, relu, reshape, rms_norm, rsqrt, sigmoid, silu, softmax,
-    split, sqrt, sub, sum, tanh, where_select,
+    narrow, neg, permute, pow, pow_scalar, relu, reshape, rms_norm, rsqrt, sigmoid, silu,
+    skip_layer_norm, softmax, split, sqrt, sub, sum, tanh, where_select,
 };
 use meshflow_ops::{DType, Emit, Shape, Value};
 
@@ -272,6 +272,33 @@ impl Tensor {
         self.emit_with(|e| layer_norm::layer_norm(e, x, w, b, eps))
     }
 
+    /// The residual junction of a pre-norm transformer in one op (`skip_layer_norm`): with
+    /// `self` the residual stream and `y` a branch's output before its `bias`, returns the new
+    /// stream `s = self + (y + bias)` and its layer normalisation `layer_norm(s)` with `weight`,
+    /// `norm_bias` and `eps`. The same values as `self.add(&y.add(bias)?)` and a
+    /// [`Tensor::layer_norm`] of that, in two passes over the rows instead of three (and two
+    /// instead of three in the backward).
+    pub fn skip_layer_norm(
+        &self,
+        y: &Tensor,
+        bias: &Tensor,
+        (weight, norm_bias): (&Tensor, &Tensor),
+        eps: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let x = self.value();
+        let (y, bias) = (self.same_graph(y)?, self.same_graph(bias)?);
+        let (weight, norm_bias) = (self.same_graph(weight)?, self.same_graph(norm_bias)?);
+        let outputs = self.emit_many(|e| {
+            skip_layer_norm::skip_layer_norm(e, (x, y), bias, (weight, norm_bias), eps)
+        })?;
+        match <[Tensor; 2]>::try_from(outputs) {
+            Ok([sum, normed]) => Ok((sum, normed)),
+            Err(outputs) => {
+                Err(Error::Graph(format!("skip_layer_norm gave {} outputs, not 2", outputs.len())))
+            }
+        }
+    }
+
     /// RMS normalisation over the last axis with `weight`.
     pub fn rms_norm(&self, weight: &Tensor, eps: f64) -> Result<Tensor> {
         let (x, w) = (self.value(), self.same_graph(weight)?);
@@ -285,10 +312,13 @@ impl Tensor {
     }
 
     /// Fused causal attention of packed `[B, T, 3, H, D]` queries, keys and values (the
-    /// `c_attn` output viewed per head): `[B, T, H, D]`, `softmax(scale · q kᵀ, causal) · v`.
-    pub fn causal_attention(&self, scale: f64) -> Result<Tensor> {
+    /// `c_attn` output viewed per head) plus `bias [3, H, D]` when given (`c_attn`'s bias,
+    /// added as the kernel reads them instead of in a pass of its own): `[B, T, H, D]`,
+    /// `softmax(scale · q kᵀ, causal) · v`.
+    pub fn causal_attention(&self, bias: Option<&Tensor>, scale: f64) -> Result<Tensor> {
         let qkv = self.value();
-        self.emit_with(|e| attention::causal_attention(e, qkv, scale))
+        let bias = bias.map(|b| self.same_graph(b)).transpose()?;
+        self.emit_with(|e| attention::causal_attention(e, qkv, bias, scale))
     }
 
     /// Mean cross-entropy of these logits (`[N, C]`) against i64 targets (`[N]`).

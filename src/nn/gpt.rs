@@ -281,17 +281,23 @@ impl Gpt {
         let masks = self.causal_masks(graph, t)?;
         let x = self.wte.embedding(ids)?.add(&self.wpe.embedding(&positions)?)?;
         let mut x = self.drop(&x, 0)?;
+        // The next norm of `x` when the junction that made `x` computed it as well.
+        let mut normed = None;
         for (index, &stage) in self.block_stage.iter().enumerate() {
             x = self.on_stage(&x, stage)?;
             let mask = masks.get(stage);
-            x = if self.checkpointing {
-                graph.checkpoint(|| self.block(index, &x, mask))?
+            (x, normed) = if self.checkpointing {
+                graph.checkpoint(|| self.block(index, &x, normed.as_ref(), mask))?
             } else {
-                self.block(index, &x, mask)?
+                self.block(index, &x, normed.as_ref(), mask)?
             };
         }
         let x = self.on_stage(&x, self.stages.len() - 1)?;
-        self.lm_head.forward_as(&self.ln_f.forward(&x)?, self.compute)
+        let normed = match normed {
+            Some(normed) => normed,
+            None => self.ln_f.forward(&x)?,
+        };
+        self.lm_head.forward_as(&normed, self.compute)
     }
 
     /// The causal mask `[t, t]` (true above the diagonal) of each stage, for the attention
@@ -310,15 +316,61 @@ impl Gpt {
     }
 
     /// Transformer block `index` on the residual stream `x` (`mask`: for the attention without
-    /// the fused op).
-    fn block(&self, index: usize, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// the fused op), with `ln_1(x)` when the junction before computed it. Returns the new
+    /// stream and, when the block's last junction computed it too, the norm that comes next
+    /// (`ln_1` of the next block, or `ln_f`): when that norm lives on this block's stage. With
+    /// checkpointing both are the region's outputs, so that the program has the same ops (and
+    /// the same layouts, and sums) with checkpointing as without.
+    fn block(
+        &self,
+        index: usize,
+        x: &Tensor,
+        normed: Option<&Tensor>,
+        mask: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let block = &self.blocks[index];
-        let y = self.attention(index, &block.ln_1.forward(x)?, mask)?;
-        let x = x.add(&self.drop(&y, 3 * index + 2)?)?;
+        let h = match normed {
+            Some(h) => h.clone(),
+            None => block.ln_1.forward(x)?,
+        };
+        let y = self.attention(index, &h, mask)?;
+        let (x, h) = self.junction(x, &y, &block.attn_proj, Some(&block.ln_2), 3 * index + 2)?;
+        let h = h.ok_or_else(|| Error::Graph("gpt: the attention junction lost ln_2".into()))?;
         let gelu = Activation::Gelu { tanh: false };
-        let h = block.c_fc.forward_act_as(&block.ln_2.forward(&x)?, self.compute, gelu)?;
-        let y = block.mlp_proj.forward_as(&h, self.compute)?;
-        x.add(&self.drop(&y, 3 * index + 3)?)
+        let h = block.c_fc.forward_act_as(&h, self.compute, gelu)?;
+        let y = block.mlp_proj.product_as(&h, self.compute)?;
+        let same_stage = |next: usize| self.block_stage.get(next) == Some(&self.block_stage[index]);
+        let next = match index + 1 {
+            next if next == self.blocks.len() => Some(&self.ln_f),
+            next if same_stage(next) => Some(&self.blocks[next].ln_1),
+            _ => None,
+        };
+        self.junction(&x, &y, &block.mlp_proj, next, 3 * index + 3)
+    }
+
+    /// The residual junction after a branch whose projection `proj` gave `product` (before its
+    /// bias): the new stream `x + drop(product + bias)` and, with `next`, that norm of it. One
+    /// `skip_layer_norm` when nothing comes between the bias and the add (no dropout); else the
+    /// adds, the dropout (place `place`) and the norm one by one.
+    fn junction(
+        &self,
+        x: &Tensor,
+        product: &Tensor,
+        proj: &Linear,
+        next: Option<&LayerNorm>,
+        place: usize,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        if let (Some(bias), Some(norm), 0.0) = (&proj.bias, next, self.dropout.0) {
+            let (x, normed) = norm.forward_skip(x, product, bias)?;
+            return Ok((x, Some(normed)));
+        }
+        let y = match &proj.bias {
+            Some(bias) => product.add(bias)?,
+            None => product.clone(),
+        };
+        let x = x.add(&self.drop(&y, place)?)?;
+        let normed = next.map(|norm| norm.forward(&x)).transpose()?;
+        Ok((x, normed))
     }
 
     /// Dropout place `place` on `x` (itself without dropout).
@@ -348,6 +400,8 @@ impl Gpt {
     }
 
     /// Causal self-attention of block `index` on `x [B, T, d]`: fused, or (with `mask`) composed.
+    /// Returns `c_proj`'s product before its bias, which the junction after adds
+    /// ([`Gpt::junction`]).
     ///
     /// With a tensor axis, `q`, `k` and `v` come from the three pieces of `c_attn` (its
     /// `[q | k | v]` rows), each a column-parallel product whose `[B, T, d]` output is split on
@@ -362,18 +416,30 @@ impl Gpt {
         let (h, hd) = (self.config.n_head, d / self.config.n_head);
         let scale = 1.0 / (hd as f64).sqrt();
         let compute = self.compute;
-        let pieces = self.qkv(index, x)?;
         let Some(mask) = mask else {
-            let qkv = match &pieces[..] {
-                [q, k, v] => {
-                    let packed = |x: &Tensor| x.reshape([b, t, 1, h, hd]);
-                    Tensor::concat(&[&packed(q)?, &packed(k)?, &packed(v)?], 2)?
-                }
-                _ => pieces[0].reshape([b, t, 3, h, hd])?,
+            // `c_attn`'s products before their biases: the fused attention adds them.
+            let pieces = self.qkv(index, x, false)?;
+            let packed = |x: &Tensor| x.reshape([b, t, 1, h, hd]);
+            let by_head = |bias: &Option<Tensor>, parts: usize| {
+                bias.as_ref().map(|bias| bias.reshape([parts, h, hd])).transpose()
             };
-            let y = qkv.causal_attention(scale)?;
-            return block.attn_proj.forward_as(&y.reshape([b, t, d])?, compute);
+            let (qkv, bias) = match &pieces[..] {
+                [(q, bq), (k, bk), (v, bv)] => {
+                    let qkv = Tensor::concat(&[&packed(q)?, &packed(k)?, &packed(v)?], 2)?;
+                    let biases = [by_head(bq, 1)?, by_head(bk, 1)?, by_head(bv, 1)?];
+                    let bias = match &biases {
+                        [Some(bq), Some(bk), Some(bv)] => Some(Tensor::concat(&[bq, bk, bv], 0)?),
+                        _ => None,
+                    };
+                    (qkv, bias)
+                }
+                _ => (pieces[0].0.reshape([b, t, 3, h, hd])?, by_head(&pieces[0].1, 3)?),
+            };
+            let y = qkv.causal_attention(bias.as_ref(), scale)?;
+            return block.attn_proj.product_as(&y.reshape([b, t, d])?, compute);
         };
+        let pieces: Vec<Tensor> =
+            self.qkv(index, x, true)?.into_iter().map(|(piece, _)| piece).collect();
         let pieces = if pieces.len() == 3 { pieces } else { pieces[0].split(2, &[d, d, d])? };
         let heads =
             |x: &Tensor| as_dtype(&x.reshape([b, t, h, hd])?.permute(&[0, 2, 1, 3])?, compute);
@@ -384,21 +450,32 @@ impl Gpt {
         let weights = as_dtype(&self.drop(&weights, 3 * index + 1)?, compute)?;
         let y = as_dtype(&weights.matmul(&v)?, DType::F32)?;
         let y = y.permute(&[0, 2, 1, 3])?.reshape([b, t, d])?;
-        block.attn_proj.forward_as(&y, compute)
+        block.attn_proj.product_as(&y, compute)
     }
 
     /// The `c_attn` projection of `x [B, T, d]` in block `index`: `[q, k, v]` (each `[B, T, d]`,
     /// split by heads) on a stage with a tensor axis, where `x` is whole on the tensor axis
     /// (Megatron's replicated input of a column-parallel product), else `[qkv]` (`[B, T, 3d]`,
-    /// one product).
-    fn qkv(&self, index: usize, x: &Tensor) -> Result<Vec<Tensor>> {
+    /// one product). Each with its bias added (`biased`), or the product alone with its bias
+    /// beside it, for the fused attention to add.
+    fn qkv(&self, index: usize, x: &Tensor, biased: bool) -> Result<Vec<(Tensor, Option<Tensor>)>> {
         let c_attn = &self.blocks[index].c_attn;
+        let project = |layer: &Linear, x: &Tensor| -> Result<(Tensor, Option<Tensor>)> {
+            if biased {
+                Ok((layer.forward_as(x, self.compute)?, None))
+            } else {
+                Ok((layer.product_as(x, self.compute)?, layer.bias.clone()))
+            }
+        };
         if self.stages[self.block_stage[index]].tensor_axis.is_none() {
-            return Ok(vec![c_attn.forward_as(x, self.compute)?]);
+            return Ok(vec![project(c_attn, x)?]);
         }
         let x = x.to_sbp(self.stages[self.block_stage[index]].batch())?;
-        let project = |piece: &Linear| self.by_heads(index, &piece.forward_as(&x, self.compute)?);
-        c_attn.split_outputs(3)?.iter().map(project).collect()
+        let piece = |layer: &Linear| -> Result<(Tensor, Option<Tensor>)> {
+            let (y, bias) = project(layer, &x)?;
+            Ok((self.by_heads(index, &y)?, bias))
+        };
+        c_attn.split_outputs(3)?.iter().map(piece).collect()
     }
 
     /// `x [B, T, d]` (q, k or v) split by whole heads on the tensor axis of block `index`'s

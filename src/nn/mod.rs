@@ -187,8 +187,9 @@ impl Linear {
         }
     }
 
-    /// `x · Wᵀ` computed in `compute`, in `x`'s dtype.
-    fn product_as(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
+    /// `x · Wᵀ` computed in `compute`, in `x`'s dtype: the layer without its bias, for a
+    /// junction that adds the bias itself ([`LayerNorm::forward_skip`]).
+    pub fn product_as(&self, x: &Tensor, compute: DType) -> Result<Tensor> {
         if compute == x.dtype() && compute == self.weight.dtype() {
             x.matmul_t(&self.weight, false, true)
         } else {
@@ -249,6 +250,12 @@ impl LayerNorm {
     /// Normalises `x [..., d]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.layer_norm(&self.weight, &self.bias, 1e-5)
+    }
+
+    /// The residual junction before this norm in one op ([`Tensor::skip_layer_norm`]): the
+    /// new residual stream `x + (y + bias)` and this norm of it.
+    pub fn forward_skip(&self, x: &Tensor, y: &Tensor, bias: &Tensor) -> Result<(Tensor, Tensor)> {
+        x.skip_layer_norm(y, bias, (&self.weight, &self.bias), 1e-5)
     }
 }
 

@@ -134,7 +134,7 @@ fn reduce_columns<I: Copy + Sync, A: Float + Send + Sync>(
     combine: impl Fn(A, A) -> A + Sync + Send,
 ) -> Vec<A> {
     let mut out = vec![start; outer * inner];
-    let block_rows = size.div_ceil(ROW_BLOCKS).max(1);
+    let block_rows = column_block_rows(size, inner);
     // One set of partial rows for every outer group (refilled per group), not one allocation
     // each.
     let mut partials = if inner > PARTIAL_COLUMNS {
@@ -170,6 +170,18 @@ fn reduce_columns<I: Copy + Sync, A: Float + Send + Sync>(
         }
     }
     out
+}
+
+/// The rows that a sum over the rows of `[rows, width]` (`width > 1`) folds, in order, into each
+/// partial, before it adds the partials in order ([`reduce_columns`]; all of them for rows
+/// wider than [`PARTIAL_COLUMNS`]). A fused kernel that sums its columns the same way gives
+/// `sum`'s bits (`skip_layer_norm_grad`).
+pub(crate) fn column_block_rows(rows: usize, width: usize) -> usize {
+    if width > PARTIAL_COLUMNS {
+        rows.max(1)
+    } else {
+        rows.div_ceil(ROW_BLOCKS).max(1)
+    }
 }
 
 /// Blocks of rows a column reduction folds separately ([`reduce_columns`]): 4, 8, 16 and 32

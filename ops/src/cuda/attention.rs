@@ -22,6 +22,7 @@ use super::source_nn::AttentionRows;
 use super::spec::Spec;
 use super::{downcast, CudaDevice};
 use crate::ops::attention::{CausalAttention, CausalAttentionGrad};
+use crate::ops::{add::Add, sum::Sum};
 use crate::{DType, Error, Op, Result, Tensor, TensorMeta};
 
 /// The sizes of one attention, `qkv [batch, time, 3, heads, head_dim]`, and how its `B·H`
@@ -163,6 +164,24 @@ pub(super) fn attention(
     metas: &[TensorMeta],
 ) -> Result<Vec<Tensor>> {
     let name = op.name();
+    // With `c_attn`'s bias (the forward's second input, the gradient's fifth): an `add` of it
+    // to `qkv` first, the attention of the sum, and for the gradient `dbias`, the `sum` of
+    // `dqkv` over batches and positions.
+    let bias_at = if downcast::<CausalAttention>(op).is_some() { 1 } else { 4 };
+    if let Some(bias) = inputs.get(bias_at) {
+        let first = |outputs: Vec<Tensor>| outputs.into_iter().next();
+        let add = super::kernels::forward(device, &Add, &[inputs[0].clone(), bias.clone()])?;
+        let biased = first(add).ok_or_else(|| Error::argument(name, "add gave no output"))?;
+        let mut unbiased = inputs[..bias_at].to_vec();
+        unbiased[0] = biased;
+        if bias_at == 1 {
+            return attention(device, op, &unbiased, metas);
+        }
+        let dqkv = attention(device, op, &unbiased, &metas[..1])?;
+        let rows = Sum { axes: vec![0, 1], keepdim: false };
+        let dbias = super::kernels::forward(device, &rows, &dqkv)?;
+        return Ok([dqkv, dbias].concat());
+    }
     let sizes = Sizes::of(name, inputs[0].dims())?;
     let dtype = inputs[0].dtype();
     let results = metas.iter().map(|meta| output(device, meta)).collect::<Result<Vec<_>>>()?;

@@ -11,11 +11,12 @@ use super::table::{self, Kernel};
 use super::{downcast, CudaDevice};
 use super::{launch, reduce};
 use crate::ops::{
-    adamw::AdamW, add_scalar::AddScalar, bias_act::BiasAct, bias_act::BiasActGrad, concat::Concat,
-    dropout::Dropout, fill::Fill, gelu::Gelu, layer_norm::LayerNorm, masked_fill::MaskedFill,
-    max::Max, mean::Mean, mul_scalar::MulScalar, narrow::Narrow, narrow::Pad, permute::Permute,
-    pow_scalar::PowScalar, rms_norm::RmsNorm, sgd::Sgd, split::Split, sum::Sum, unary::GradOf,
-    unary::Unary,
+    adamw::AdamW, add::Add, add_scalar::AddScalar, bias_act::BiasAct, bias_act::BiasActGrad,
+    concat::Concat, dropout::Dropout, fill::Fill, gelu::Gelu, layer_norm::LayerNorm,
+    layer_norm::NormGrad, masked_fill::MaskedFill, max::Max, mean::Mean, mul_scalar::MulScalar,
+    narrow::Narrow, narrow::Pad, permute::Permute, pow_scalar::PowScalar, rms_norm::RmsNorm,
+    sgd::Sgd, skip_layer_norm::SkipLayerNorm, skip_layer_norm::SkipLayerNormGrad, split::Split,
+    sum::Sum, unary::GradOf, unary::Unary,
 };
 use crate::{DType, Error, Op, Result, Storage, Tensor, TensorMeta};
 
@@ -52,7 +53,46 @@ pub(super) fn forward(device: &CudaDevice, op: &dyn Op, inputs: &[Tensor]) -> Re
         Kernel::CrossEntropy => super::nn::cross_entropy(device, op, inputs, &outputs[0]),
         Kernel::NormGrad => super::nn::norm_grad(device, op, inputs, &outputs),
         Kernel::Attention => super::attention::attention(device, op, inputs, &outputs),
+        Kernel::Composite => composite(device, op, inputs),
     }
+}
+
+/// A [`Kernel::Composite`] op as the ops it fuses, each through its own kernels.
+fn composite(device: &CudaDevice, op: &dyn Op, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+    let first = |outputs: Vec<Tensor>| outputs.into_iter().next().expect("an op has an output");
+    if let Some(op) = downcast::<SkipLayerNorm>(op) {
+        let [x, y, bias, weight, norm_bias] = inputs else {
+            return Err(Error::Arity { op: op.name(), expected: 5, got: inputs.len() });
+        };
+        let branch = first(forward(device, &Add, &[y.clone(), bias.clone()])?);
+        let sum = first(forward(device, &Add, &[x.clone(), branch])?);
+        let norm = LayerNorm { eps: op.eps };
+        let normed =
+            first(forward(device, &norm, &[sum.clone(), weight.clone(), norm_bias.clone()])?);
+        return Ok(vec![sum, normed]);
+    }
+    if let Some(op) = downcast::<SkipLayerNormGrad>(op) {
+        let grad = NormGrad(LayerNorm { eps: op.eps });
+        let [dx, dweight, dbias] = <[Tensor; 3]>::try_from(forward(device, &grad, &inputs[..3])?)
+            .map_err(|_| {
+            Error::argument(op.name(), "layer_norm_grad gave other than 3 outputs")
+        })?;
+        let dsum = match inputs.get(3) {
+            Some(ds) => first(forward(device, &Add, &[dx, ds.clone()])?),
+            None => dx,
+        };
+        // The bias gradient: the column sums over every axis but the last (a `[D]` sum is
+        // its own column sums).
+        let rank = dsum.shape().rank();
+        let dsum_bias = if rank == 1 {
+            dsum.clone()
+        } else {
+            let axes = (0..rank as isize - 1).collect();
+            first(forward(device, &Sum { axes, keepdim: false }, std::slice::from_ref(&dsum))?)
+        };
+        return Ok(vec![dsum, dweight, dbias, dsum_bias]);
+    }
+    Err(Error::argument(op.name(), "no composition for this op in cuda::kernels"))
 }
 
 /// A device buffer of `elements` values of `dtype` that a kernel overwrites before reading

@@ -56,6 +56,10 @@ pub enum Kernel {
     NormGrad,
     /// Fused causal attention and its gradient (cuBLAS products, row kernels).
     Attention,
+    /// A fused CPU op that runs on the GPU as the ops it fuses, launched one after another
+    /// (`skip_layer_norm`: two `add`s and a `layer_norm`; its gradient: `layer_norm_grad`, an
+    /// `add` and a `sum`): the kernels those ops already have, and their specs.
+    Composite,
 }
 
 /// Every op by name and the family of its GPU kernel.
@@ -123,7 +127,18 @@ pub const KERNELS: &[(&str, Kernel)] = &[
     ("sgd", Kernel::Update),
     ("causal_attention", Kernel::Attention),
     ("causal_attention_grad", Kernel::Attention),
+    ("skip_layer_norm", Kernel::Composite),
+    ("skip_layer_norm_grad", Kernel::Composite),
 ];
+
+/// The ops a [`Kernel::Composite`] op runs, by name.
+pub fn composed_of(name: &str) -> &'static [&'static str] {
+    match name {
+        "skip_layer_norm" => &["add", "layer_norm"],
+        "skip_layer_norm_grad" => &["layer_norm_grad", "add", "sum"],
+        _ => &[],
+    }
+}
 
 /// Ops declared outside `ops/src/ops/` (the graph's layout markers in `src/graph/to_layout.rs`,
 /// identities on one device: the boxing around them is planned elsewhere).
@@ -189,6 +204,13 @@ pub fn specs(name: &'static str, dtype: DType) -> Result<Vec<Spec>> {
         ],
         Kernel::Attention => {
             AttentionRows::ALL.iter().map(|&kind| Spec::AttentionRows(kind, dtype)).collect()
+        }
+        Kernel::Composite => {
+            let mut all = Vec::new();
+            for &part in composed_of(name) {
+                all.extend(specs(part, dtype)?);
+            }
+            all
         }
     })
 }

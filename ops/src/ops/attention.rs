@@ -19,35 +19,67 @@ use super::attention_kernel::{self, Geometry};
 use super::nn_rows::first_order_only;
 use crate::{Context, DType, Emit, Error, Op, Result, Tensor, TensorMeta, Value};
 
-/// Causal attention of packed `qkv [B, T, 3, H, D]`; outputs `y [B, T, H, D]` (qkv's dtype) and
-/// `lse [B, H, T]` (f64 for f64, f32 otherwise): `y_t = Σ_{j ≤ t} p_tj v_j` with
-/// `p_tj = e^(s_tj − lse_t)`, `s_tj = scale · q_t · k_j`.
+/// Causal attention of packed `qkv [B, T, 3, H, D]`, with an optional `bias [3, H, D]` (of
+/// `c_attn`, added to `q`, `k` and `v` as the kernel reads them: no pass over `qkv` of its own);
+/// outputs `y [B, T, H, D]` (qkv's dtype) and `lse [B, H, T]` (f64 for f64, f32 otherwise):
+/// `y_t = Σ_{j ≤ t} p_tj v_j` with `p_tj = e^(s_tj − lse_t)`, `s_tj = scale · q_t · k_j`.
 ///
 /// Signatures, per device `d` (batches and heads are independent; time is whole):
-/// - `S(0) -> S(0), S(0)`: `d` attends within the batches it holds;
-/// - `S(3) -> S(2), S(1)`: `d` holds whole heads (tensor parallel attention);
-/// - `B -> B, B`.
+/// - `S(0)(, B) -> S(0), S(0)`: `d` attends within the batches it holds;
+/// - `S(3)(, S(1)) -> S(2), S(1)`: `d` holds whole heads (tensor parallel attention);
+/// - `B(, B) -> B, B`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CausalAttention {
     /// The factor of the scores, usually `1 / sqrt(D)`.
     pub scale: f64,
 }
 
-/// Applies [`CausalAttention`] to `qkv` and returns `y` (the `lse` output stays in the graph
-/// for the backward).
-pub fn causal_attention(e: &mut dyn Emit, qkv: Value, scale: f64) -> Result<Value> {
-    let outputs = e.emit(std::sync::Arc::new(CausalAttention { scale }), &[qkv])?;
+/// Applies [`CausalAttention`] to `qkv` (plus `bias`, when given) and returns `y` (the `lse`
+/// output stays in the graph for the backward).
+pub fn causal_attention(
+    e: &mut dyn Emit,
+    qkv: Value,
+    bias: Option<Value>,
+    scale: f64,
+) -> Result<Value> {
+    let mut inputs = vec![qkv];
+    inputs.extend(bias);
+    let outputs = e.emit(std::sync::Arc::new(CausalAttention { scale }), &inputs)?;
     Ok(outputs[0])
 }
 
-/// Gradient of [`CausalAttention`]: inputs `qkv, y, lse, dy`; output `dqkv [B, T, 3, H, D]`.
+/// The geometry of `inputs = [qkv(, bias)]` for `op`: the bias, when there is one, must be
+/// `[3, H, D]` of `qkv`'s dtype.
+fn geometry_with_bias(op: &'static str, inputs: &[TensorMeta], scale: f64) -> Result<Geometry> {
+    let geometry = Geometry::of(op, &inputs[0], scale)?;
+    if let Some(bias) = inputs.get(1) {
+        let want = geometry.bias_meta(inputs[0].dtype);
+        if bias != &want {
+            let reason = format!(
+                "the bias must be {} {} for qkv {} (got {} {})",
+                want.shape,
+                want.dtype.name(),
+                inputs[0].shape,
+                bias.shape,
+                bias.dtype.name()
+            );
+            return Err(Error::shape(op, &[&inputs[0].shape, &bias.shape], reason));
+        }
+    }
+    Ok(geometry)
+}
+
+/// Gradient of [`CausalAttention`]: inputs `qkv, y, lse, dy` and the forward's `bias` when it
+/// had one; output `dqkv [B, T, 3, H, D]` and, with the bias, `dbias [3, H, D]`: `dqkv` summed
+/// over batches and positions.
 ///
 /// Per row block, with `p` recomputed from `lse`: `dp = dy vᵀ`, `ds = p ⊙ (dp − rowsum(dy ⊙ y))`,
-/// `dq = scale · ds k`, `dk = scale · dsᵀ q`, `dv = pᵀ dy`.
+/// `dq = scale · ds k`, `dk = scale · dsᵀ q`, `dv = pᵀ dy` (with `q`, `k`, `v` plus the bias).
 ///
-/// Signatures: `S(0), S(0), S(0), S(0) -> S(0)`; `S(3), S(2), S(1), S(2) -> S(3)` (heads);
-/// `B, B, B, P -> P` (the gradient is linear in `dy` for fixed `qkv`, `y`, `lse`: each device's
-/// addend of `dy` gives an addend of `dqkv`); all `B`.
+/// Signatures (the bias columns in parentheses): `S(0), S(0), S(0), S(0)(, B) -> S(0)(, P)`;
+/// `S(3), S(2), S(1), S(2)(, S(1)) -> S(3)(, S(1))` (heads); `B, B, B, P(, B) -> P(, P)` (the
+/// gradient is linear in `dy` for fixed `qkv`, `y`, `lse`: each device's addend of `dy` gives
+/// an addend of `dqkv`); all `B`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CausalAttentionGrad {
     /// The factor of the scores of the forward.
@@ -63,17 +95,17 @@ impl Op for CausalAttention {
     }
 
     fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        if inputs.len() != 1 {
+        if !matches!(inputs.len(), 1 | 2) {
             return Err(Error::Arity { op: NAME, expected: 1, got: inputs.len() });
         }
-        let geometry = Geometry::of(NAME, &inputs[0], self.scale)?;
+        let geometry = geometry_with_bias(NAME, inputs, self.scale)?;
         Ok(vec![geometry.y_meta(inputs[0].dtype), geometry.lse_meta(inputs[0].dtype)])
     }
 
     fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         crate::check_inputs(self, inputs)?;
         let geometry = Geometry::of(NAME, inputs[0].meta(), self.scale)?;
-        let (y, lse) = attention_kernel::forward(ctx, &geometry, &inputs[0])?;
+        let (y, lse) = attention_kernel::forward(ctx, &geometry, &inputs[0], inputs.get(1))?;
         Ok(vec![y, lse])
     }
 
@@ -82,10 +114,12 @@ impl Op for CausalAttention {
             return Vec::new(); // invalid metas: no signature
         }
         let split = Sbp::Split;
+        let biased = inputs.len() == 2;
+        let with_bias = |qkv: Sbp, bias: Sbp| if biased { vec![qkv, bias] } else { vec![qkv] };
         vec![
-            Signature::broadcast(1, 2),
-            Signature::new([split(0)], [split(0), split(0)]),
-            Signature::new([split(3)], [split(2), split(1)]),
+            Signature::broadcast(inputs.len(), 2),
+            Signature::new(with_bias(split(0), Sbp::Broadcast), [split(0), split(0)]),
+            Signature::new(with_bias(split(3), split(1)), [split(2), split(1)]),
         ]
     }
 
@@ -99,10 +133,12 @@ impl Op for CausalAttention {
         if grads.get(1).copied().flatten().is_some() {
             return Err(Error::argument(NAME, "the lse output takes no gradient"));
         }
-        let Some(dy) = grads[0] else { return Ok(vec![None]) };
+        let Some(dy) = grads[0] else { return Ok(vec![None; inputs.len()]) };
         let grad = CausalAttentionGrad { scale: self.scale };
-        let dqkv = e.emit(std::sync::Arc::new(grad), &[inputs[0], outputs[0], outputs[1], dy])?;
-        Ok(vec![Some(dqkv[0])])
+        let mut operands = vec![inputs[0], outputs[0], outputs[1], dy];
+        operands.extend(inputs.get(1));
+        let grads = e.emit(std::sync::Arc::new(grad), &operands)?;
+        Ok(grads.into_iter().map(Some).collect())
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {
@@ -121,14 +157,16 @@ impl Op for CausalAttentionGrad {
     }
 
     fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        if inputs.len() != 4 {
+        if !matches!(inputs.len(), 4 | 5) {
             return Err(Error::Arity { op: GRAD_NAME, expected: 4, got: inputs.len() });
         }
         let qkv = &inputs[0];
         let geometry = Geometry::of(GRAD_NAME, qkv, self.scale)?;
+        let bias: Vec<TensorMeta> = inputs[4..].to_vec();
+        geometry_with_bias(GRAD_NAME, &[[qkv.clone()].as_slice(), &bias].concat(), self.scale)?;
         let expected =
             [geometry.y_meta(qkv.dtype), geometry.lse_meta(qkv.dtype), geometry.y_meta(qkv.dtype)];
-        for (got, want) in inputs[1..].iter().zip(&expected) {
+        for (got, want) in inputs[1..4].iter().zip(&expected) {
             if got != want {
                 let shapes = [&qkv.shape, &got.shape, &want.shape];
                 let reason = format!(
@@ -145,39 +183,49 @@ impl Op for CausalAttentionGrad {
                 return Err(Error::shape(GRAD_NAME, &shapes, reason));
             }
         }
-        Ok(vec![qkv.clone()])
+        Ok([vec![qkv.clone()], bias].concat())
     }
 
     fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         crate::check_inputs(self, inputs)?;
         let geometry = Geometry::of(GRAD_NAME, inputs[0].meta(), self.scale)?;
-        let [qkv, y, lse, dy] = inputs else {
-            return Err(Error::Arity { op: GRAD_NAME, expected: 4, got: inputs.len() });
-        };
-        Ok(vec![attention_kernel::backward(ctx, &geometry, qkv, (y, lse, dy))?])
+        let (qkv, y, lse, dy) = (&inputs[0], &inputs[1], &inputs[2], &inputs[3]);
+        let (dqkv, dbias) =
+            attention_kernel::backward(ctx, &geometry, (qkv, inputs.get(4)), (y, lse, dy))?;
+        Ok([vec![dqkv], dbias.into_iter().collect()].concat())
     }
 
     fn signatures(&self, inputs: &[TensorMeta]) -> Vec<Signature> {
         if self.infer(inputs).is_err() {
             return Vec::new(); // invalid metas: no signature
         }
-        let (split, bc) = (Sbp::Split, Sbp::Broadcast);
+        let (split, bc, partial) = (Sbp::Split, Sbp::Broadcast, Sbp::PartialSum);
+        let biased = inputs.len() == 5;
+        // The rows' signature, with the bias's input and output columns when there is one.
+        let signature = |rows: [Sbp; 4], row_out: Sbp, (bias, bias_out): (Sbp, Sbp)| {
+            let (mut ins, mut outs) = (rows.to_vec(), vec![row_out]);
+            if biased {
+                ins.push(bias);
+                outs.push(bias_out);
+            }
+            Signature::new(ins, outs)
+        };
         vec![
-            Signature::broadcast(4, 1),
-            Signature::new([split(0); 4], [split(0)]),
-            Signature::new([split(3), split(2), split(1), split(2)], [split(3)]),
-            Signature::new([bc, bc, bc, Sbp::PartialSum], [Sbp::PartialSum]),
+            Signature::broadcast(inputs.len(), 1 + usize::from(biased)),
+            signature([split(0); 4], split(0), (bc, partial)),
+            signature([split(3), split(2), split(1), split(2)], split(3), (split(1), split(1))),
+            signature([bc, bc, bc, partial], partial, (bc, partial)),
         ]
     }
 
     fn backward(
         &self,
         _e: &mut dyn Emit,
-        _inputs: &[Value],
+        inputs: &[Value],
         _outputs: &[Value],
         grads: &[Option<Value>],
     ) -> Result<Vec<Option<Value>>> {
-        first_order_only(GRAD_NAME, grads, 4)
+        first_order_only(GRAD_NAME, grads, inputs.len())
     }
 
     fn flops(&self, inputs: &[TensorMeta]) -> u64 {

@@ -74,6 +74,11 @@ impl Geometry {
         TensorMeta::new([self.batch, self.heads, self.time], lse_dtype(dtype))
     }
 
+    /// The meta of the optional bias `[3, H, D]` (of `q`, `k` and `v`, added to `qkv`).
+    pub fn bias_meta(&self, dtype: DType) -> TensorMeta {
+        TensorMeta::new([3, self.heads, self.head_dim], dtype)
+    }
+
     /// `B · H`, the number of independent attentions.
     pub fn heads_total(&self) -> u64 {
         (self.batch * self.heads) as u64
@@ -98,62 +103,88 @@ impl Geometry {
     }
 }
 
-/// `(y, lse)` of packed `qkv`.
-pub(crate) fn forward(ctx: &Context, g: &Geometry, qkv: &Tensor) -> Result<(Tensor, Tensor)> {
+/// `(y, lse)` of packed `qkv`, with `bias [3, H, D]` added to it first when given.
+pub(crate) fn forward(
+    ctx: &Context,
+    g: &Geometry,
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
     let dtype = qkv.dtype();
     let (y_meta, lse_meta) = (g.y_meta(dtype), g.lse_meta(dtype));
     let mut y = Tensor::for_overwrite(ctx, y_meta.shape, dtype);
     let mut lse = Tensor::for_overwrite(ctx, lse_meta.shape, lse_meta.dtype);
     match dtype {
         DType::F32 => {
-            forward_into::<f32>(ctx, g, qkv.as_slice()?, y.as_mut_slice()?, lse.as_mut_slice()?)
+            let bias = bias.map(Tensor::as_slice::<f32>).transpose()?;
+            let outputs = (y.as_mut_slice()?, lse.as_mut_slice()?);
+            forward_into::<f32>(ctx, g, (qkv.as_slice()?, bias), outputs)
         }
         DType::F64 => {
-            forward_into::<f64>(ctx, g, qkv.as_slice()?, y.as_mut_slice()?, lse.as_mut_slice()?)
+            let bias = bias.map(Tensor::as_slice::<f64>).transpose()?;
+            let outputs = (y.as_mut_slice()?, lse.as_mut_slice()?);
+            forward_into::<f64>(ctx, g, (qkv.as_slice()?, bias), outputs)
         }
-        DType::BF16 => half_forward::<bf16>(ctx, g, qkv, &mut y, &mut lse)?,
-        DType::F16 => half_forward::<f16>(ctx, g, qkv, &mut y, &mut lse)?,
+        DType::BF16 => half_forward::<bf16>(ctx, g, (qkv, bias), &mut y, &mut lse)?,
+        DType::F16 => half_forward::<f16>(ctx, g, (qkv, bias), &mut y, &mut lse)?,
         other => return Err(Error::dtype("causal_attention", &[other], "needs a float dtype")),
     }
     Ok((y, lse))
 }
 
-/// `dqkv` from packed `qkv` and the forward's `y`, `lse` and the gradient `dy` of `y`.
+/// `dqkv` from packed `qkv`, the forward's `y`, `lse` and the gradient `dy` of `y`; with the
+/// forward's `bias`, also `dbias [3, H, D]`, the sums of `dqkv` over batches and positions.
 pub(crate) fn backward(
     ctx: &Context,
     g: &Geometry,
-    qkv: &Tensor,
+    (qkv, bias): (&Tensor, Option<&Tensor>),
     (y, lse, dy): (&Tensor, &Tensor, &Tensor),
-) -> Result<Tensor> {
+) -> Result<(Tensor, Option<Tensor>)> {
     let dtype = qkv.dtype();
     let mut dqkv = Tensor::for_overwrite(ctx, qkv.shape().clone(), dtype);
+    let bias_meta = g.bias_meta(dtype);
+    let mut dbias = bias.map(|_| Tensor::for_overwrite(ctx, bias_meta.shape, dtype));
     match dtype {
-        DType::F32 => backward_into::<f32>(
-            ctx,
-            g,
-            (qkv.as_slice()?, y.as_slice()?, lse.as_slice()?, dy.as_slice()?),
-            dqkv.as_mut_slice()?,
-        ),
-        DType::F64 => backward_into::<f64>(
-            ctx,
-            g,
-            (qkv.as_slice()?, y.as_slice()?, lse.as_slice()?, dy.as_slice()?),
-            dqkv.as_mut_slice()?,
-        ),
-        DType::BF16 => half_backward::<bf16>(ctx, g, [qkv, y, lse, dy], &mut dqkv)?,
-        DType::F16 => half_backward::<f16>(ctx, g, [qkv, y, lse, dy], &mut dqkv)?,
+        DType::F32 => {
+            native_backward::<f32>(ctx, g, (qkv, bias), (y, lse, dy), &mut dqkv, &mut dbias)?
+        }
+        DType::F64 => {
+            native_backward::<f64>(ctx, g, (qkv, bias), (y, lse, dy), &mut dqkv, &mut dbias)?
+        }
+        DType::BF16 => {
+            half_backward::<bf16>(ctx, g, (qkv, bias), [y, lse, dy], &mut dqkv, &mut dbias)?
+        }
+        DType::F16 => {
+            half_backward::<f16>(ctx, g, (qkv, bias), [y, lse, dy], &mut dqkv, &mut dbias)?
+        }
         other => {
             return Err(Error::dtype("causal_attention_grad", &[other], "needs a float dtype"))
         }
     }
-    Ok(dqkv)
+    Ok((dqkv, dbias))
+}
+
+/// The backward of f32 and f64, in the tensors' own storage.
+fn native_backward<T: Real>(
+    ctx: &Context,
+    g: &Geometry,
+    (qkv, bias): (&Tensor, Option<&Tensor>),
+    (y, lse, dy): (&Tensor, &Tensor, &Tensor),
+    dqkv: &mut Tensor,
+    dbias: &mut Option<Tensor>,
+) -> Result<()> {
+    let bias = bias.map(Tensor::as_slice::<T>).transpose()?;
+    let dbias = dbias.as_mut().map(Tensor::as_mut_slice::<T>).transpose()?;
+    let inputs = (qkv.as_slice()?, y.as_slice()?, lse.as_slice()?, dy.as_slice()?);
+    backward_into::<T>(ctx, g, inputs, bias, (dqkv.as_mut_slice()?, dbias));
+    Ok(())
 }
 
 /// The forward of a 16-bit float: computed in f32, `y` rounded back (`lse` is f32 already).
 fn half_forward<H: Element>(
     ctx: &Context,
     g: &Geometry,
-    qkv: &Tensor,
+    (qkv, bias): (&Tensor, Option<&Tensor>),
     y: &mut Tensor,
     lse: &mut Tensor,
 ) -> Result<()>
@@ -161,18 +192,22 @@ where
     [H]: HalfFloatSliceExt,
 {
     let wide = qkv.as_slice::<H>()?.to_f32_vec();
+    let bias = bias.map(|b| b.as_slice::<H>().map(|b| b.to_f32_vec())).transpose()?;
     let mut y_wide = vec![0.0f32; y.numel()];
-    forward_into::<f32>(ctx, g, &wide, &mut y_wide, lse.as_mut_slice()?);
+    let inputs = (wide.as_slice(), bias.as_deref());
+    forward_into::<f32>(ctx, g, inputs, (&mut y_wide, lse.as_mut_slice()?));
     y.as_mut_slice::<H>()?.convert_from_f32_slice(&y_wide);
     Ok(())
 }
 
-/// The backward of a 16-bit float: computed in f32, `dqkv` rounded back.
+/// The backward of a 16-bit float: computed in f32, `dqkv` (and `dbias`) rounded back.
 fn half_backward<H: Element>(
     ctx: &Context,
     g: &Geometry,
-    [qkv, y, lse, dy]: [&Tensor; 4],
+    (qkv, bias): (&Tensor, Option<&Tensor>),
+    [y, lse, dy]: [&Tensor; 3],
     dqkv: &mut Tensor,
+    dbias: &mut Option<Tensor>,
 ) -> Result<()>
 where
     [H]: HalfFloatSliceExt,
@@ -182,9 +217,15 @@ where
         y.as_slice::<H>()?.to_f32_vec(),
         dy.as_slice::<H>()?.to_f32_vec(),
     );
+    let bias = bias.map(|b| b.as_slice::<H>().map(|b| b.to_f32_vec())).transpose()?;
     let mut wide = vec![0.0f32; dqkv.numel()];
-    backward_into::<f32>(ctx, g, (&qkv, &y, lse.as_slice()?, &dy), &mut wide);
+    let mut bias_wide = dbias.as_ref().map(|d| vec![0.0f32; d.numel()]);
+    let inputs = (qkv.as_slice(), y.as_slice(), lse.as_slice()?, dy.as_slice());
+    backward_into::<f32>(ctx, g, inputs, bias.as_deref(), (&mut wide, bias_wide.as_deref_mut()));
     dqkv.as_mut_slice::<H>()?.convert_from_f32_slice(&wide);
+    if let (Some(out), Some(wide)) = (dbias.as_mut(), bias_wide) {
+        out.as_mut_slice::<H>()?.convert_from_f32_slice(&wide);
+    }
     Ok(())
 }
 
@@ -272,15 +313,21 @@ fn for_each_head<T: Real>(
     }
 }
 
-fn forward_into<T: Real>(ctx: &Context, g: &Geometry, qkv: &[T], y: &mut [T], lse: &mut [T]) {
+fn forward_into<T: Real>(
+    ctx: &Context,
+    g: &Geometry,
+    (qkv, bias): (&[T], Option<&[T]>),
+    (y, lse): (&mut [T], &mut [T]),
+) {
     let total = g.batch * g.time * g.heads;
     assert!(qkv.len() == 3 * total * g.head_dim, "causal_attention: qkv is not {g:?}");
     assert!(y.len() == total * g.head_dim && lse.len() == total, "causal_attention: outputs");
+    assert!(bias.is_none_or(|b| b.len() == 3 * g.width()), "causal_attention: bias");
     let (y, lse) = (Shared(y.as_mut_ptr()), Shared(lse.as_mut_ptr()));
     for_each_head(ctx, g, |scratch, task| {
         // SAFETY: the lengths were checked above; task `task` writes only its own head's rows
         // of `y` and its own `lse` row.
-        unsafe { forward_head(g, task, qkv.as_ptr(), (y, lse), scratch) }
+        unsafe { forward_head(g, task, (qkv.as_ptr(), bias), (y, lse), scratch) }
     });
 }
 
@@ -288,19 +335,38 @@ fn backward_into<T: Real>(
     ctx: &Context,
     g: &Geometry,
     (qkv, y, lse, dy): (&[T], &[T], &[T], &[T]),
-    dqkv: &mut [T],
+    bias: Option<&[T]>,
+    (dqkv, dbias): (&mut [T], Option<&mut [T]>),
 ) {
     let total = g.batch * g.time * g.heads;
     assert!(qkv.len() == 3 * total * g.head_dim && dqkv.len() == qkv.len(), "qkv is not {g:?}");
     assert!(y.len() == total * g.head_dim && dy.len() == y.len(), "y, dy are not {g:?}");
     assert!(lse.len() == total, "causal_attention_grad: lse is not {g:?}");
+    let width = g.width();
+    assert!(bias.is_none_or(|b| b.len() == 3 * width), "causal_attention_grad: bias");
+    assert!(dbias.as_ref().is_none_or(|d| d.len() == 3 * width), "causal_attention_grad: dbias");
+    // Each (batch, head)'s column sums of its `dq`, `dk` and `dv` rows, `[B·H, 3, D]`.
+    let mut partial = vec![T::zero(); if dbias.is_some() { 3 * g.batch * width } else { 0 }];
+    let sums = dbias.is_some().then_some(Shared(partial.as_mut_ptr()));
     let dqkv = Shared(dqkv.as_mut_ptr());
     for_each_head(ctx, g, |scratch, task| {
         let inputs = (qkv.as_ptr(), y.as_ptr(), lse.as_ptr(), dy.as_ptr());
         // SAFETY: the lengths were checked above; task `task` writes only its own head's
-        // elements of `dqkv`.
-        unsafe { backward_head(g, task, inputs, dqkv, scratch) }
+        // elements of `dqkv` and its own `3·D` column sums.
+        unsafe { backward_head(g, task, (inputs, bias), (dqkv, sums), scratch) }
     });
+    if let Some(dbias) = dbias {
+        // dbias[c, h, :] = Σ_b partial[b, h, c, :], the batches in order.
+        dbias.fill(T::zero());
+        let d = g.head_dim;
+        for (task, sums) in partial.chunks_exact(3 * d).enumerate() {
+            let head = task % g.heads;
+            for (c, sums) in sums.chunks_exact(d).enumerate() {
+                let out = &mut dbias[c * width + head * d..][..d];
+                out.iter_mut().zip(sums).for_each(|(o, &s)| *o += s);
+            }
+        }
+    }
 }
 
 /// Buffers of one row block: scores and probabilities (forward), probabilities and score
@@ -314,6 +380,13 @@ struct Scratch<T> {
     keys: Vec<T>,
     /// The head's values, transposed (backward only: sized there, like `dots`).
     values: Vec<T>,
+    /// With a bias: the scores' starting row `c` (`[T]`).
+    row: Vec<T>,
+    /// With a bias: the column sums of `ds` over the row blocks (backward, `[T]`).
+    column_sums: Vec<T>,
+    /// Ones (at least `T` of them): the column `[T, 1]` or row `[1, T]` of the sums and of
+    /// the bias rows that start a block.
+    unit: Vec<T>,
 }
 
 impl<T: Real> Scratch<T> {
@@ -326,26 +399,49 @@ impl<T: Real> Scratch<T> {
             dots: Vec::new(),
             keys: vec![T::zero(); head],
             values: Vec::new(),
+            row: Vec::new(),
+            column_sums: Vec::new(),
+            unit: Vec::new(),
         }
+    }
+
+    /// `n` ones as a `[n, 1]` column (or, transposed, a `[1, n]` row), and `row` sized to `n`.
+    fn ones(&mut self, n: usize) -> View<T> {
+        if self.unit.len() < n {
+            self.unit.resize(n, T::one());
+        }
+        self.row.resize(n, T::zero());
+        View { pointer: self.unit.as_ptr(), row: 1, column: 1 }
     }
 }
 
-/// `out[j·T + t] = m[t, j]` for one head's `T × D` keys or values `m` (rows `3·H·D` apart in
-/// `qkv`), and the view of `mᵀ [D, T]` it makes. A product against `mᵀ` reads its rows as
-/// vectors in place (the microkernels, and `gemm`, compute the row-major scores transposed);
-/// read through the strides of `qkv` it was packed again, element by element, for every row
-/// block (a fifth of the fused attention's time: `perf`, GPT reference heads).
+/// `out[j·T + t] = m[t, j] (+ bias[j])` for one head's `T × D` keys or values `m` (rows
+/// `3·H·D` apart in `qkv`), and the view of `mᵀ [D, T]` it makes. A product against `mᵀ` reads
+/// its rows as vectors in place (the microkernels, and `gemm`, compute the row-major scores
+/// transposed); read through the strides of `qkv` it was packed again, element by element, for
+/// every row block (a fifth of the fused attention's time: `perf`, GPT reference heads).
 ///
 /// # Safety
 /// `m` must reach `T × D` elements.
-unsafe fn transpose_head<T: Copy>(
+unsafe fn transpose_head<T: Real>(
     m: View<T>,
     (time, dim): (usize, usize),
+    bias: Option<&[T]>,
     out: &mut [T],
 ) -> View<T> {
     // SAFETY: forwarded from the caller (`T` rows of `D` elements, `m.row` apart).
     unsafe { transpose_rows(m.pointer, m.row, (time, dim), out) };
+    if let Some(bias) = bias {
+        for (row, &b) in out.chunks_exact_mut(time.max(1)).zip(bias) {
+            row.iter_mut().for_each(|v| *v += b);
+        }
+    }
     View { pointer: out.as_ptr(), row: time, column: 1 }
+}
+
+/// A bias part (`[D]`) as a `[1, D]` matrix.
+fn row<T>(values: &[T]) -> View<T> {
+    View::dense(values, values.len())
 }
 
 /// A strided matrix: element `(i, j)` at `pointer + i·row + j·column`.
@@ -384,6 +480,12 @@ struct Head<T> {
     y_offset: usize,
 }
 
+/// Head `task`'s part `c` (0: `q`, 1: `k`, 2: `v`) of a bias `[3, H, D]`.
+fn bias_part<'a, T>(g: &Geometry, task: usize, bias: &'a [T], c: usize) -> &'a [T] {
+    let start = c * g.width() + (task % g.heads) * g.head_dim;
+    &bias[start..start + g.head_dim]
+}
+
 impl<T> Head<T> {
     fn new(g: &Geometry, task: usize, qkv: *const T) -> Self {
         let (batch, head) = (task / g.heads, task % g.heads);
@@ -401,32 +503,48 @@ impl<T> Head<T> {
     }
 }
 
-/// One (batch, head) of the forward.
+/// One (batch, head) of the forward. With a bias, none of `q`, `k`, `v` is copied with its
+/// bias added: the keys' bias goes into their transposed copy, the queries' into each block of
+/// scores as the row `c = scale · b_q (k + b_k)ᵀ` added to each of its rows, and the values'
+/// into each output row as `b_v` (a row of probabilities sums to 1, so `p (v + b_v) = p v +
+/// b_v`). Copies of `q` and `v` with their biases cost as much as the add they replace
+/// (`bench train --ops`), and so did starting each block from `c` or `b_v` through the
+/// microkernels (criterion `train_f32/gpt/causal_attention_bias`: 904 µs against 776 without
+/// a bias).
 ///
 /// # Safety
 /// `qkv` holds `g`'s packed tensor, `y` and `lse` the outputs; no other task writes head `task`.
 unsafe fn forward_head<T: Real>(
     g: &Geometry,
     task: usize,
-    qkv: *const T,
+    (qkv, bias): (*const T, Option<&[T]>),
     (y, lse): (Shared<T>, Shared<T>),
     scratch: &mut Scratch<T>,
 ) {
     let head = Head::new(g, task, qkv);
-    let (d, width, scale) = (g.head_dim, g.width(), T::constant(g.scale));
+    let (d, width, scale, one) = (g.head_dim, g.width(), T::constant(g.scale), T::one());
     // SAFETY: row `task` of `lse [B·H, T]` belongs to this task.
     let lse = unsafe { std::slice::from_raw_parts_mut(lse.0.add(task * g.time), g.time) };
+    let part = |c: usize| bias.map(|b| bias_part(g, task, b, c));
     // SAFETY: the head's keys lie inside `qkv`.
-    let keys = unsafe { transpose_head(head.k, (g.time, d), &mut scratch.keys) };
+    let keys = unsafe { transpose_head(head.k, (g.time, d), part(1), &mut scratch.keys) };
+    let mut c = std::mem::take(&mut scratch.row);
+    let starts = part(0).zip(part(2)).map(|(b_q, b_v)| {
+        c.resize(g.time, T::zero());
+        // SAFETY: `c` holds `T`; `b_q` is `[1, D]`, the keys `[D, T]`.
+        unsafe { product((c.as_mut_ptr(), g.time), (1, g.time, d), row(b_q), keys, scale, false) };
+        (c.as_slice(), b_v)
+    });
     for (start, end) in g.blocks() {
         let size = (end - start) * end;
         let (scores, probabilities) = (&mut scratch.first[..size], &mut scratch.second[..size]);
         let rows = end - start;
-        // SAFETY: the views stay inside `qkv` (rows < T, columns < D), the scratch holds
+        let out = (scores.as_mut_ptr(), end);
+        // SAFETY: the views stay inside `qkv` (rows < T, columns < D); the block holds
         // `rows × end`.
-        unsafe {
-            let out = (scores.as_mut_ptr(), end);
-            product(out, (rows, end, d), head.q.rows_from(start), keys, scale, false);
+        unsafe { product(out, (rows, end, d), head.q.rows_from(start), keys, scale, false) };
+        if let Some((c, _)) = starts {
+            add_to_rows(scores, &c[..end]);
         }
         if !T::softmax_vectors(scores, probabilities, &mut lse[start..end], start, end) {
             softmax_block(scores, probabilities, &mut lse[start..end], start, end);
@@ -434,20 +552,40 @@ unsafe fn forward_head<T: Real>(
         let out = (y.0.wrapping_add(head.y_offset + start * width), width);
         let p = View::dense(probabilities, end);
         // SAFETY: rows `start..end` of this head of `y` belong to this task.
-        unsafe { product(out, (rows, d, end), p, head.v, T::one(), false) };
+        unsafe {
+            product(out, (rows, d, end), p, head.v, one, false);
+            if let Some((_, b_v)) = starts {
+                for r in 0..rows {
+                    add_to_rows(std::slice::from_raw_parts_mut(out.0.add(r * width), d), b_v);
+                }
+            }
+        }
     }
+    scratch.row = c;
 }
 
 /// One (batch, head) of the backward. Row blocks run last to first: the last block meets every
 /// key, so its `dk`, `dv` products write every row and the earlier blocks accumulate.
 ///
+/// With a bias, as in [`forward_head`] nothing is copied, and its gradient comes from sums the
+/// blocks make anyway or nearly so, into the head's `3·D` slot of `sums`:
+/// - the scores get `c` as in the forward, and `dp = dy · (v + b_v)ᵀ` reads the values'
+///   transposed copy, which holds `b_v`;
+/// - `dk = scale · dsᵀ (q + b_q)`: the product with `q`, then once per head `scale · s ⊗ b_q`,
+///   where `s` (`[T]`) sums the columns of `ds` over every row block;
+/// - `dq = scale · ds (k + b_k) = scale · ds k`: each row of `ds` sums to 0 (`Σ_j p_j (dp_j −
+///   Σ_l p_l dp_l) = 0`), so `b_k` adds nothing, and for the same reason its gradient is 0;
+/// - `db_q = Σ_i dq_i = scale · s (k + b_k)`; `db_v = Σ_t dv_t = Σ_i dy_i`, as every row of
+///   the probabilities sums to 1.
+///
 /// # Safety
-/// The pointers hold `g`'s tensors; no other task writes head `task` of `dqkv`.
+/// The pointers hold `g`'s tensors; no other task writes head `task` of `dqkv` or its slot of
+/// `sums` (`[B·H, 3, D]`).
 unsafe fn backward_head<T: Real>(
     g: &Geometry,
     task: usize,
-    (qkv, y, lse, dy): (*const T, *const T, *const T, *const T),
-    dqkv: Shared<T>,
+    ((qkv, y, lse, dy), bias): ((*const T, *const T, *const T, *const T), Option<&[T]>),
+    (dqkv, sums): (Shared<T>, Option<Shared<T>>),
     scratch: &mut Scratch<T>,
 ) {
     let head = Head::new(g, task, qkv);
@@ -466,31 +604,87 @@ unsafe fn backward_head<T: Real>(
     let out = |offset: usize| (dqkv.0.wrapping_add(head.qkv_offset + offset), 3 * width);
     let (dq, dk, dv) = (out(0), out(width), out(2 * width));
     scratch.values.resize(g.time * d, T::zero());
+    let part = |c: usize| bias.map(|b| bias_part(g, task, b, c));
     // SAFETY: the head's keys and values lie inside `qkv`.
     let (keys, values) = unsafe {
         (
-            transpose_head(head.k, (g.time, d), &mut scratch.keys),
-            transpose_head(head.v, (g.time, d), &mut scratch.values),
+            transpose_head(head.k, (g.time, d), part(1), &mut scratch.keys),
+            transpose_head(head.v, (g.time, d), part(2), &mut scratch.values),
         )
     };
+    let biased = bias.is_some();
+    let ones = scratch.ones(g.time);
+    if let Some(b_q) = part(0) {
+        // SAFETY: `c` holds `T`; `b_q` is `[1, D]`, the keys `[D, T]`.
+        unsafe {
+            product(
+                (scratch.row.as_mut_ptr(), g.time),
+                (1, g.time, d),
+                row(b_q),
+                keys,
+                scale,
+                false,
+            )
+        };
+        scratch.column_sums.clear();
+        scratch.column_sums.resize(g.time, T::zero());
+    }
     for (start, end) in g.blocks().rev() {
         let (rows, size) = (end - start, (end - start) * end);
         let (p, ds) = (&mut scratch.first[..size], &mut scratch.second[..size]);
         let accumulate = end < g.time;
-        // SAFETY: views inside their tensors (rows < T, columns < D); the scratch holds
-        // `rows × end`; rows `0..end` of this head's `dq`, `dk`, `dv` belong to this task.
+        // SAFETY: views inside their tensors (rows < T, columns < D) and the scratch; the
+        // block holds `rows × end`; rows `0..end` of this head's `dq`, `dk`, `dv` belong to
+        // this task.
         unsafe {
             let q = head.q.rows_from(start);
             product((p.as_mut_ptr(), end), (rows, end, d), q, keys, scale, false);
+            if biased {
+                add_to_rows(p, &scratch.row[..end]);
+            }
             let dy_rows = dy.rows_from(start);
             product((ds.as_mut_ptr(), end), (rows, end, d), dy_rows, values, one, false);
             let dots = &scratch.dots[start..end];
             gradient_block(p, ds, &lse[start..end], dots, start, end);
             let (p, ds) = (View::dense(p, end), View::dense(ds, end));
+            if biased {
+                let sums = (scratch.column_sums.as_mut_ptr(), end);
+                product(sums, (1, end, rows), ones, ds, one, true);
+            }
             product(dv, (end, d, rows), p.transposed(), dy_rows, one, accumulate);
             product(dk, (end, d, rows), ds.transposed(), q, scale, accumulate);
             let dq = (dq.0.wrapping_add(start * 3 * width), dq.1);
             product(dq, (rows, d, end), ds, head.k, scale, false);
+        }
+    }
+    let (Some(b_q), Some(sums)) = (part(0), sums) else { return };
+    let s = View::dense(&scratch.column_sums, g.time);
+    // SAFETY: slot `task` of `sums` belongs to this task; `s` is `[1, T]` (a `[T, 1]` column
+    // transposed), `b_q` `[1, D]`, the keys `[D, T]` (`[T, D]` transposed), `dy` `T` rows of
+    // `D`; rows `0..T` of this head's `dk` belong to this task.
+    unsafe {
+        product(dk, (g.time, d, 1), s.transposed(), row(b_q), scale, true);
+        let slot = std::slice::from_raw_parts_mut(sums.0.add(task * 3 * d), 3 * d);
+        let (db_q, rest) = slot.split_at_mut(d);
+        let (db_k, db_v) = rest.split_at_mut(d);
+        // `s (k + b_k) = s k + (Σ s) b_k`: the keys in place (a microkernel row, where their
+        // transposed copy went through `gemm`'s packing, a third of the bias's cost).
+        product((db_q.as_mut_ptr(), d), (1, d, g.time), s, head.k, scale, false);
+        if let Some(b_k) = part(1) {
+            let total = scratch.column_sums.iter().fold(T::zero(), |a, &v| a + v) * scale;
+            db_q.iter_mut().zip(b_k).for_each(|(o, &b)| *o += total * b);
+        }
+        db_k.fill(T::zero());
+        product((db_v.as_mut_ptr(), d), (1, d, g.time), ones, dy, one, false);
+    }
+}
+
+multiversion! {
+    /// `values[i · n + j] += row[j]` for each row of `n = row.len()` values (a bias row added
+    /// to a block of scores, or to one row of `y`).
+    fn add_to_rows<T: Real>(values: &mut [T], row: &[T]) {
+        for chunk in values.chunks_exact_mut(row.len().max(1)) {
+            chunk.iter_mut().zip(row).for_each(|(v, &r)| *v += r);
         }
     }
 }

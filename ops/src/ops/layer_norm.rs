@@ -10,10 +10,11 @@ use meshflow_placement::{Sbp, Signature};
 use num_traits::{Float, Zero};
 
 use super::nn_rows::{
-    first_order_only, fold_lanes, for_each_row, prefetch, row, sum_map, sum_over_rows, Accumulate,
-    RowFloat, SharedRows, LANES,
+    first_order_only, fold_lanes, for_each_range, for_each_row, prefetch, row, sum_map,
+    sum_over_rows, Accumulate, RowFloat, SharedRows, LANES,
 };
 use super::softmax::{checked_signatures, last_axis_input, row_signatures};
+use crate::cpu::reduce::column_block_rows;
 use crate::cpu::simd::multiversion;
 use crate::{emit1, Context, Emit, Error, Op, Result, Tensor, TensorMeta, Value};
 
@@ -296,6 +297,66 @@ multiversion! {
     }
 }
 
+/// Forward of `skip_layer_norm` ([`super::skip_layer_norm`]): inputs `x, y, bias, w, b`;
+/// outputs `s = x + (y + bias)` (rounded as the two adds round) and `layer_norm(s)`.
+pub(crate) fn skip_norm_forward<T: RowFloat>(
+    ctx: &Context,
+    inputs: &[Tensor],
+    eps: f64,
+) -> Result<Vec<Tensor>> {
+    let [x, y, bias, weight, norm_bias] = inputs else {
+        return Err(Error::Arity { op: "skip_layer_norm", expected: 5, got: inputs.len() });
+    };
+    let (xs, ys) = (x.as_slice::<T>()?, y.as_slice::<T>()?);
+    let (bias, weight, norm_bias) =
+        (bias.as_slice::<T>()?, weight.as_slice::<T>()?, norm_bias.as_slice::<T>()?);
+    let width = weight.len();
+    let rows = xs.len() / width.max(1);
+    let mut sum = Tensor::for_overwrite(ctx, x.shape().clone(), x.dtype());
+    let mut normed = Tensor::for_overwrite(ctx, x.shape().clone(), x.dtype());
+    let (sum_all, normed_all) =
+        (SharedRows::new(sum.as_mut_slice::<T>()?), SharedRows::new(normed.as_mut_slice::<T>()?));
+    let eps = T::Acc::constant(eps);
+    for_each_range(ctx, rows, width, |range| {
+        let span = range.start * width..range.end * width;
+        // SAFETY: tasks cover disjoint row ranges, so each row of both outputs has one writer.
+        let (sum, normed) = unsafe { (sum_all.row(span.clone()), normed_all.row(span.clone())) };
+        let inputs = SkipRows { x: &xs[span.clone()], y: &ys[span], bias };
+        skip_norm_rows(inputs, (sum, normed), (weight, norm_bias), eps);
+    });
+    Ok(vec![sum, normed])
+}
+
+/// Rows of `x` and `y` (as wide as `bias`) of a `skip_layer_norm` task.
+struct SkipRows<'a, T> {
+    x: &'a [T],
+    y: &'a [T],
+    bias: &'a [T],
+}
+
+multiversion! {
+    /// Each row's `s = x + (y + bias)` into `sum` and its layer norm into `normed`, the row of
+    /// `s` read back from cache.
+    fn skip_norm_rows<T: RowFloat>(
+        inputs: SkipRows<'_, T>,
+        outputs: (&mut [T], &mut [T]),
+        parameters: (&[T], &[T]),
+        eps: T::Acc,
+    ) {
+        let ((sum, normed), (weight, norm_bias)) = (outputs, parameters);
+        let width = weight.len();
+        let rows = inputs.x.chunks_exact(width).zip(inputs.y.chunks_exact(width));
+        let outputs = sum.chunks_exact_mut(width).zip(normed.chunks_exact_mut(width));
+        for ((x, y), (s, n)) in rows.zip(outputs) {
+            for (((s, &x), &y), &b) in s.iter_mut().zip(x).zip(y).zip(inputs.bias) {
+                *s = T::narrow(x.widen() + T::narrow(y.widen() + b.widen()).widen());
+            }
+            let stats = row_stats(s, eps, true);
+            affine_row(s, n, stats, weight, norm_bias);
+        }
+    }
+}
+
 #[inline(always)]
 fn affine_row<T: RowFloat>(
     x: &[T],
@@ -324,33 +385,151 @@ pub(crate) fn norm_backward<T: RowFloat>(
     eps: f64,
     centred: bool,
 ) -> Result<Vec<Tensor>> {
-    let x = inputs[0].as_slice::<T>()?;
-    let weight = inputs[1].as_slice::<T>()?;
-    let dy = inputs[2].as_slice::<T>()?;
-    let eps = T::Acc::constant(eps);
-    let width = weight.len();
-    let rows = x.len() / width.max(1);
-    let mut dx = Tensor::for_overwrite(ctx, inputs[0].shape().clone(), inputs[0].dtype());
-    let dx_all = SharedRows::new(dx.as_mut_slice::<T>()?);
-    let partial = |range: std::ops::Range<usize>| {
-        let span = range.start * width..range.end * width;
-        // SAFETY: tasks cover disjoint row ranges, so each row of dx has one writer.
-        let dx_rows = unsafe { dx_all.row(span.clone()) };
-        let rows = NormRows { x: &x[span.clone()], dy: &dy[span], weight, eps };
-        norm_backward_rows(rows, dx_rows, centred)
-    };
-    let add = |mut a: Vec<T::Acc>, b: Vec<T::Acc>| {
-        a.iter_mut().zip(b).for_each(|(s, v)| *s += v);
-        a
-    };
-    let sums = sum_over_rows(ctx, rows, width, partial, add)
-        .unwrap_or_else(|| vec![T::Acc::zero(); 2 * width]);
-    let narrow = |s: &[T::Acc]| s.iter().map(|&v| T::narrow(v)).collect::<Vec<T>>();
-    let mut outputs = vec![dx, Tensor::from_vec(narrow(&sums[..width]), [width])?];
-    if centred {
-        outputs.push(Tensor::from_vec(narrow(&sums[width..]), [width])?);
-    }
+    let gradient = RowsGradient { weight: inputs[1].as_slice::<T>()?, eps, centred, skip: false };
+    let (dx, sums) = gradient.run(ctx, &inputs[0], inputs[2].as_slice::<T>()?, None)?;
+    let width = gradient.weight.len();
+    let parameters = if centred { 2 } else { 1 };
+    let mut outputs = vec![dx];
+    outputs.extend(sums.chunks_exact(width).take(parameters).map(narrowed::<T>));
     Ok(outputs)
+}
+
+/// The `[D]` tensor of column sums, narrowed to `T`.
+fn narrowed<T: RowFloat>(sums: &[T::Acc]) -> Tensor {
+    let values: Vec<T> = sums.iter().map(|&v| T::narrow(v)).collect();
+    let width = values.len();
+    Tensor::from_vec(values, [width]).expect("a [D] vector holds D values")
+}
+
+/// Backward of `skip_layer_norm` ([`super::skip_layer_norm`]): inputs `s, w, dn` and, when the
+/// sum `s` itself has a gradient, `ds`; outputs the gradient of the sum (the layer norm's `dx`
+/// plus `ds`), `dw`, `db` of the norm and its column sums (the gradient of the branch's bias).
+pub(crate) fn skip_norm_backward<T: RowFloat>(
+    ctx: &Context,
+    inputs: &[Tensor],
+    eps: f64,
+) -> Result<Vec<Tensor>> {
+    let gradient =
+        RowsGradient { weight: inputs[1].as_slice::<T>()?, eps, centred: true, skip: true };
+    let residual = inputs.get(3).map(|ds| ds.as_slice::<T>()).transpose()?;
+    let (dx, sums) = gradient.run(ctx, &inputs[0], inputs[2].as_slice::<T>()?, residual)?;
+    let width = gradient.weight.len();
+    let mut outputs = vec![dx];
+    outputs.extend(sums.chunks_exact(width).map(narrowed::<T>));
+    Ok(outputs)
+}
+
+/// A norm's backward over whole rows: the parameters and what the rows compute.
+struct RowsGradient<'a, T: RowFloat> {
+    weight: &'a [T],
+    eps: f64,
+    /// Layer norm (centred, with a bias) or rms norm.
+    centred: bool,
+    /// `skip_layer_norm`: a residual gradient may be added to `dx`, whose column sums follow the
+    /// parameters' sums.
+    skip: bool,
+}
+
+/// What a task of rows returns: the parameters' column sums and, with `skip`, the column sums
+/// of `dx` per block of [`column_block_rows`] (the part of each block the task holds).
+struct TaskSums<A> {
+    parameters: Vec<A>,
+    blocks: Vec<BlockSums<A>>,
+}
+
+/// The column sums of `dx` over the rows of block `block` that one task holds, folded in row
+/// order from zero; `whole` when those are all of the block's rows.
+struct BlockSums<A> {
+    block: usize,
+    whole: bool,
+    sums: Vec<A>,
+}
+
+impl<T: RowFloat> RowsGradient<'_, T> {
+    /// `dx` and the column sums: `[Σ dy ⊙ x̂, Σ dy]`, then with `skip` `Σ dx` (after `residual`
+    /// is added). Zero sums for no rows.
+    ///
+    /// `Σ dx` adds the rows as `sum` over them does: each block of [`column_block_rows`] folded
+    /// in row order, the blocks in order. A block that two tasks share is folded again from the
+    /// rows of `dx` once they are written.
+    fn run(
+        &self,
+        ctx: &Context,
+        x: &Tensor,
+        dy: &[T],
+        residual: Option<&[T]>,
+    ) -> Result<(Tensor, Vec<T::Acc>)> {
+        let xs = x.as_slice::<T>()?;
+        let width = self.weight.len();
+        let rows = xs.len() / width.max(1);
+        let block_rows = column_block_rows(rows, width);
+        let mut dx = Tensor::for_overwrite(ctx, x.shape().clone(), x.dtype());
+        let dx_all = SharedRows::new(dx.as_mut_slice::<T>()?);
+        let eps = T::Acc::constant(self.eps);
+        let partial = |range: std::ops::Range<usize>| {
+            let span = range.start * width..range.end * width;
+            // SAFETY: tasks cover disjoint row ranges, so each row of dx has one writer.
+            let dx_rows = unsafe { dx_all.row(span.clone()) };
+            let residual = residual.map(|r| &r[span.clone()]);
+            let rows_in =
+                NormRows { x: &xs[span.clone()], dy: &dy[span], weight: self.weight, eps };
+            let blocks = RowBlocks { first: range.start, size: block_rows, rows };
+            norm_backward_rows(rows_in, dx_rows, (self.centred, self.skip), (residual, blocks))
+        };
+        let add = |mut a: TaskSums<T::Acc>, b: TaskSums<T::Acc>| {
+            a.parameters.iter_mut().zip(b.parameters).for_each(|(s, v)| *s += v);
+            a.blocks.extend(b.blocks);
+            a
+        };
+        let Some(task_sums) = sum_over_rows(ctx, rows, width, partial, add) else {
+            let blocks = 2 + usize::from(self.skip);
+            return Ok((dx, vec![T::Acc::zero(); blocks * width]));
+        };
+        let mut sums = task_sums.parameters;
+        if self.skip {
+            sums.extend(column_sums(dx.as_slice::<T>()?, width, block_rows, task_sums.blocks));
+        }
+        Ok((dx, sums))
+    }
+}
+
+/// `Σ dx` over the rows from the tasks' block sums: each block's whole sum, or (for a block the
+/// tasks split) its rows of `dx` folded again in order; the blocks added in order from zero.
+fn column_sums<T: RowFloat>(
+    dx: &[T],
+    width: usize,
+    block_rows: usize,
+    mut parts: Vec<BlockSums<T::Acc>>,
+) -> Vec<T::Acc> {
+    let rows = dx.len() / width.max(1);
+    parts.retain(|part| part.whole);
+    parts.sort_by_key(|part| part.block);
+    let mut parts = parts.into_iter().peekable();
+    let mut total = vec![T::Acc::zero(); width];
+    for block in 0..rows.div_ceil(block_rows) {
+        let sums = match parts.next_if(|part| part.block == block) {
+            Some(part) => part.sums,
+            None => {
+                let mut sums = vec![T::Acc::zero(); width];
+                let rows = block * block_rows..((block + 1) * block_rows).min(rows);
+                for row in dx[rows.start * width..rows.end * width].chunks_exact(width) {
+                    sums.iter_mut().zip(row).for_each(|(s, v)| *s += v.widen());
+                }
+                sums
+            }
+        };
+        total.iter_mut().zip(sums).for_each(|(t, s)| *t += s);
+    }
+    total
+}
+
+/// Where a task's rows lie among the blocks of a column sum: its first row, the rows per block
+/// and the rows of the whole tensor.
+#[derive(Clone, Copy)]
+struct RowBlocks {
+    first: usize,
+    size: usize,
+    rows: usize,
 }
 
 /// Rows of the norm backward: `x` and `dy` hold whole rows as wide as `weight`.
@@ -362,21 +541,52 @@ struct NormRows<'a, T: RowFloat> {
 }
 
 multiversion! {
-    /// Writes `dx` of every row and returns `[Σ dy ⊙ x̂, Σ dy]` over the rows (`2·D` sums).
+    /// Writes `dx` of every row and returns `[Σ dy ⊙ x̂, Σ dy]` over the rows (`2·D` sums);
+    /// with `skip`, adds `residual` (when given) to each row of `dx` as it is written, and
+    /// returns the column sums of `dx` per block of rows ([`BlockSums`]).
     fn norm_backward_rows<T: RowFloat>(
         rows: NormRows<'_, T>,
         dx: &mut [T],
-        centred: bool,
-    ) -> Vec<T::Acc> {
+        mode: (bool, bool),
+        skip_inputs: (Option<&[T]>, RowBlocks),
+    ) -> TaskSums<T::Acc> {
+        let ((centred, skip), (residual, blocks)) = (mode, skip_inputs);
         let width = rows.weight.len();
-        let mut sums = vec![T::Acc::zero(); 2 * width];
+        let mut parameters = vec![T::Acc::zero(); 2 * width];
+        let mut block_sums: Vec<BlockSums<T::Acc>> = Vec::new();
         let inputs = rows.x.chunks_exact(width).zip(rows.dy.chunks_exact(width));
-        for ((x, dy), dx) in inputs.zip(dx.chunks_exact_mut(width)) {
+        for (index, ((x, dy), dx)) in inputs.zip(dx.chunks_exact_mut(width)).enumerate() {
             let (mean, rstd) = row_stats(x, rows.eps, centred);
             let row = NormRow { x, dy, weight: rows.weight, mean, rstd };
-            row.backward(dx, &mut sums, centred);
+            row.backward(dx, &mut parameters, centred);
+            if !skip {
+                continue;
+            }
+            let at = blocks.first + index;
+            let (block, offset) = (at / blocks.size, at % blocks.size);
+            if index == 0 || offset == 0 {
+                let sums = vec![T::Acc::zero(); width];
+                block_sums.push(BlockSums { block, whole: offset == 0, sums });
+            }
+            let Some(last) = block_sums.last_mut() else { continue };
+            match residual {
+                Some(residual) => {
+                    let residual = &residual[index * width..(index + 1) * width];
+                    for ((d, &r), c) in dx.iter_mut().zip(residual).zip(last.sums.iter_mut()) {
+                        *d = T::narrow(d.widen() + r.widen());
+                        *c += d.widen();
+                    }
+                }
+                None => dx.iter().zip(last.sums.iter_mut()).for_each(|(d, c)| *c += d.widen()),
+            }
         }
-        sums
+        // The task's last block is whole only if the task reaches that block's end.
+        let end = blocks.first + rows.x.len() / width.max(1);
+        if let Some(last) = block_sums.last_mut() {
+            let block_end = ((last.block + 1) * blocks.size).min(blocks.rows);
+            last.whole &= end == block_end;
+        }
+        TaskSums { parameters, blocks: block_sums }
     }
 }
 

@@ -42,6 +42,7 @@ pub mod rsqrt;
 pub mod sgd;
 pub mod sigmoid;
 pub mod silu;
+pub mod skip_layer_norm;
 pub mod softmax;
 pub mod split;
 pub mod sqrt;
