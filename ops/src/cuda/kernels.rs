@@ -59,16 +59,19 @@ pub(super) fn forward(device: &CudaDevice, op: &dyn Op, inputs: &[Tensor]) -> Re
 
 /// A [`Kernel::Composite`] op as the ops it fuses, each through its own kernels.
 fn composite(device: &CudaDevice, op: &dyn Op, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-    let first = |outputs: Vec<Tensor>| outputs.into_iter().next().expect("an op has an output");
+    let first = |outputs: Vec<Tensor>| {
+        let missing = || Error::argument(op.name(), "a fused part gave no output");
+        outputs.into_iter().next().ok_or_else(missing)
+    };
     if let Some(op) = downcast::<SkipLayerNorm>(op) {
         let [x, y, bias, weight, norm_bias] = inputs else {
             return Err(Error::Arity { op: op.name(), expected: 5, got: inputs.len() });
         };
-        let branch = first(forward(device, &Add, &[y.clone(), bias.clone()])?);
-        let sum = first(forward(device, &Add, &[x.clone(), branch])?);
+        let branch = first(forward(device, &Add, &[y.clone(), bias.clone()])?)?;
+        let sum = first(forward(device, &Add, &[x.clone(), branch])?)?;
         let norm = LayerNorm { eps: op.eps };
         let normed =
-            first(forward(device, &norm, &[sum.clone(), weight.clone(), norm_bias.clone()])?);
+            first(forward(device, &norm, &[sum.clone(), weight.clone(), norm_bias.clone()])?)?;
         return Ok(vec![sum, normed]);
     }
     if let Some(op) = downcast::<SkipLayerNormGrad>(op) {
@@ -78,7 +81,7 @@ fn composite(device: &CudaDevice, op: &dyn Op, inputs: &[Tensor]) -> Result<Vec<
             Error::argument(op.name(), "layer_norm_grad gave other than 3 outputs")
         })?;
         let dsum = match inputs.get(3) {
-            Some(ds) => first(forward(device, &Add, &[dx, ds.clone()])?),
+            Some(ds) => first(forward(device, &Add, &[dx, ds.clone()])?)?,
             None => dx,
         };
         // The bias gradient: the column sums over every axis but the last (a `[D]` sum is
@@ -88,7 +91,7 @@ fn composite(device: &CudaDevice, op: &dyn Op, inputs: &[Tensor]) -> Result<Vec<
             dsum.clone()
         } else {
             let axes = (0..rank as isize - 1).collect();
-            first(forward(device, &Sum { axes, keepdim: false }, std::slice::from_ref(&dsum))?)
+            first(forward(device, &Sum { axes, keepdim: false }, std::slice::from_ref(&dsum))?)?
         };
         return Ok(vec![dsum, dweight, dbias, dsum_bias]);
     }

@@ -405,12 +405,11 @@ impl<T: Real> Scratch<T> {
         }
     }
 
-    /// `n` ones as a `[n, 1]` column (or, transposed, a `[1, n]` row), and `row` sized to `n`.
+    /// `n` ones as a `[n, 1]` column (or, transposed, a `[1, n]` row).
     fn ones(&mut self, n: usize) -> View<T> {
         if self.unit.len() < n {
             self.unit.resize(n, T::one());
         }
-        self.row.resize(n, T::zero());
         View { pointer: self.unit.as_ptr(), row: 1, column: 1 }
     }
 }
@@ -437,6 +436,20 @@ unsafe fn transpose_head<T: Real>(
         }
     }
     View { pointer: out.as_ptr(), row: time, column: 1 }
+}
+
+/// `c = scale · b_q (k + b_k)ᵀ` into `c` (resized to `T`): what the queries' bias adds to
+/// every row of a head's scores, from the keys' transposed copy `[D, T]` (which holds `b_k`).
+///
+/// # Safety
+/// `keys` must reach `D × T` elements, rows `T` apart.
+unsafe fn score_row<T: Real>(g: &Geometry, b_q: &[T], keys: View<T>, c: &mut Vec<T>) {
+    c.resize(g.time, T::zero());
+    let sizes = (1, g.time, g.head_dim);
+    // SAFETY: `c` holds `T`; `b_q` is `[1, D]`; the keys the caller's contract.
+    unsafe {
+        product((c.as_mut_ptr(), g.time), sizes, row(b_q), keys, T::constant(g.scale), false)
+    };
 }
 
 /// A bias part (`[D]`) as a `[1, D]` matrix.
@@ -530,9 +543,8 @@ unsafe fn forward_head<T: Real>(
     let keys = unsafe { transpose_head(head.k, (g.time, d), part(1), &mut scratch.keys) };
     let mut c = std::mem::take(&mut scratch.row);
     let starts = part(0).zip(part(2)).map(|(b_q, b_v)| {
-        c.resize(g.time, T::zero());
-        // SAFETY: `c` holds `T`; `b_q` is `[1, D]`, the keys `[D, T]`.
-        unsafe { product((c.as_mut_ptr(), g.time), (1, g.time, d), row(b_q), keys, scale, false) };
+        // SAFETY: the keys are the head's transposed `[D, T]`.
+        unsafe { score_row(g, b_q, keys, &mut c) };
         (c.as_slice(), b_v)
     });
     for (start, end) in g.blocks() {
@@ -615,17 +627,8 @@ unsafe fn backward_head<T: Real>(
     let biased = bias.is_some();
     let ones = scratch.ones(g.time);
     if let Some(b_q) = part(0) {
-        // SAFETY: `c` holds `T`; `b_q` is `[1, D]`, the keys `[D, T]`.
-        unsafe {
-            product(
-                (scratch.row.as_mut_ptr(), g.time),
-                (1, g.time, d),
-                row(b_q),
-                keys,
-                scale,
-                false,
-            )
-        };
+        // SAFETY: the keys are the head's transposed `[D, T]`.
+        unsafe { score_row(g, b_q, keys, &mut scratch.row) };
         scratch.column_sums.clear();
         scratch.column_sums.resize(g.time, T::zero());
     }
