@@ -112,9 +112,17 @@ fn check(dims: [usize; 4], dtype: DType, tolerance: Tolerance, seed: u64) {
 fn fused_attention_matches_the_composite_attention() {
     // Time 1, below one row block, at it, past it by one and past several blocks by a bit; the
     // GPT's head_dim of 64 with score blocks up to 96 wide (f32 products on the AVX-512
-    // microkernels where present: whole and partial panels, strips of 6 and of 2 rows).
-    let shapes =
-        [[1, 1, 1, 4], [2, 5, 3, 8], [1, 32, 2, 16], [2, 33, 4, 8], [1, 70, 3, 5], [1, 100, 2, 64]];
+    // microkernels where present: whole and partial panels, strips of 6 and of 2 rows, the
+    // causal trims of every block's diagonal, where `T` 128 runs every product on them).
+    let shapes = [
+        [1, 1, 1, 4],
+        [2, 5, 3, 8],
+        [1, 32, 2, 16],
+        [2, 33, 4, 8],
+        [1, 70, 3, 5],
+        [1, 100, 2, 64],
+        [1, 128, 2, 16],
+    ];
     for (seed, dims) in shapes.into_iter().enumerate() {
         check(dims, DType::F64, F64, seed as u64 * 10);
         check(dims, DType::F32, F32, seed as u64 * 10 + 5);
