@@ -51,6 +51,18 @@ pub enum Error {
         /// How many it got.
         got: usize,
     },
+    /// The wrong number of inputs to an op with one optional input.
+    #[error("{op}: expected {fewest} or {most} inputs, got {got}")]
+    ArityEither {
+        /// The op.
+        op: &'static str,
+        /// How many it takes without its optional input.
+        fewest: usize,
+        /// How many it takes with it.
+        most: usize,
+        /// How many it got.
+        got: usize,
+    },
     /// An attribute value that makes no sense (negative probability, zero size …).
     #[error("{op}: invalid argument: {reason}")]
     Argument {

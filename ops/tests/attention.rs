@@ -199,8 +199,17 @@ fn bad_inputs_are_errors_naming_the_op_and_shape() {
         &["causal_attention", "bias", "[3, 1, 8]", "[3, 8]"],
     );
     expect_error(
-        grad.infer(&[qkv, y.clone(), lse, y, bias]),
+        grad.infer(&[qkv.clone(), y.clone(), lse.clone(), y.clone(), bias.clone()]),
         &["causal_attention_grad", "bias", "[3, 8]"],
+    );
+    // An optional input: both counts are named.
+    expect_error(
+        op.infer(&[qkv.clone(), bias.clone(), bias.clone()]),
+        &["causal_attention", "expected 1 or 2 inputs, got 3"],
+    );
+    expect_error(
+        grad.infer(&[qkv, y.clone(), lse, y, bias.clone(), bias]),
+        &["causal_attention_grad", "expected 4 or 5 inputs, got 6"],
     );
 }
 

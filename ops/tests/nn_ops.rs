@@ -350,6 +350,11 @@ fn bad_inputs_are_errors_naming_the_op() {
             .forward(&ctx, &[f(&[2, 4]), f(&[4]), f(&[2, 4]), f(&[3, 4])]),
         &["skip_layer_norm_grad", "ds (the sum's gradient)", "[3, 4]"],
     );
+    let five = [f(&[2, 4]), f(&[4]), f(&[2, 4]), f(&[2, 4]), f(&[2, 4])];
+    expect_error(
+        SkipLayerNormGrad { eps: 1e-5 }.forward(&ctx, &five),
+        &["skip_layer_norm_grad", "expected 3 or 4 inputs, got 5"],
+    );
     let bias_gelu = BiasAct(Gelu { tanh: false });
     expect_error(bias_gelu.forward(&ctx, &[f(&[2, 4]), f(&[3])]), &["bias_gelu", "[2, 4]", "[3]"]);
     let wide = Tensor::zeros([4], DType::F64);

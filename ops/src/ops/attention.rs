@@ -96,7 +96,7 @@ impl Op for CausalAttention {
 
     fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
         if !matches!(inputs.len(), 1 | 2) {
-            return Err(Error::Arity { op: NAME, expected: 1, got: inputs.len() });
+            return Err(Error::ArityEither { op: NAME, fewest: 1, most: 2, got: inputs.len() });
         }
         let geometry = geometry_with_bias(NAME, inputs, self.scale)?;
         Ok(vec![geometry.y_meta(inputs[0].dtype), geometry.lse_meta(inputs[0].dtype)])
@@ -158,7 +158,8 @@ impl Op for CausalAttentionGrad {
 
     fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
         if !matches!(inputs.len(), 4 | 5) {
-            return Err(Error::Arity { op: GRAD_NAME, expected: 4, got: inputs.len() });
+            let got = inputs.len();
+            return Err(Error::ArityEither { op: GRAD_NAME, fewest: 4, most: 5, got });
         }
         let qkv = &inputs[0];
         let geometry = Geometry::of(GRAD_NAME, qkv, self.scale)?;

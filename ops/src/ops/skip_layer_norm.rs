@@ -140,8 +140,11 @@ impl Op for SkipLayerNormGrad {
     }
 
     fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        let arity = if inputs.len() == 4 { 4 } else { 3 };
-        let s = last_axis_input(self.name(), inputs, arity)?;
+        if !matches!(inputs.len(), 3 | 4) {
+            let (op, got) = (self.name(), inputs.len());
+            return Err(Error::ArityEither { op, fewest: 3, most: 4, got });
+        }
+        let s = last_axis_input(self.name(), inputs, inputs.len())?;
         check_params(self.name(), s, &inputs[1..2])?;
         check_eps(self.name(), self.eps)?;
         same_as_x(self.name(), s, &inputs[2], "dn (the norm's gradient)")?;
