@@ -257,6 +257,7 @@ pub(crate) trait Real: RowFloat<Acc = Self> + Accumulate {
     /// nothing, when it does not.
     fn softmax_vectors(
         _scores: &[Self],
+        _offset: Option<&[Self]>,
         _probabilities: &mut [Self],
         _lse: &mut [Self],
         _first_row: usize,
@@ -269,12 +270,13 @@ pub(crate) trait Real: RowFloat<Acc = Self> + Accumulate {
 impl Real for f32 {
     fn softmax_vectors(
         scores: &[f32],
+        offset: Option<&[f32]>,
         probabilities: &mut [f32],
         lse: &mut [f32],
         first_row: usize,
         width: usize,
     ) -> bool {
-        rows::softmax_block(scores, probabilities, lse, first_row, width)
+        rows::softmax_block(scores, offset, probabilities, lse, first_row, width)
     }
 
     unsafe fn tile_product(
@@ -564,11 +566,10 @@ unsafe fn forward_head<T: Real>(
             let q = head.q.rows_from(start);
             causal_product(out, (rows, end, d), q, keys, scale, false, Causal::Columns(start))
         };
-        if let Some((c, _)) = starts {
-            add_to_rows(scores, &c[..end]);
-        }
-        if !T::softmax_vectors(scores, probabilities, &mut lse[start..end], start, end) {
-            softmax_block(scores, probabilities, &mut lse[start..end], start, end);
+        let offset = starts.map(|(c, _)| &c[..end]);
+        let lse = &mut lse[start..end];
+        if !T::softmax_vectors(scores, offset, probabilities, lse, start, end) {
+            softmax_block(scores, offset, probabilities, lse, start, end);
         }
         let out = (y.0.wrapping_add(head.y_offset + start * width), width);
         let p = View::dense(probabilities, end);
@@ -652,14 +653,12 @@ unsafe fn backward_head<T: Real>(
             let q = head.q.rows_from(start);
             let columns = Causal::Columns(start);
             causal_product((p.as_mut_ptr(), end), (rows, end, d), q, keys, scale, false, columns);
-            if biased {
-                add_to_rows(p, &scratch.row[..end]);
-            }
             let dy_rows = dy.rows_from(start);
             let out = (ds.as_mut_ptr(), end);
             causal_product(out, (rows, end, d), dy_rows, values, one, false, columns);
             let dots = &scratch.dots[start..end];
-            gradient_block(p, ds, &lse[start..end], dots, start, end);
+            let offset = biased.then(|| &scratch.row[..end]);
+            gradient_block(p, offset, ds, &lse[start..end], dots, start, end);
             let (p, ds) = (View::dense(p, end), View::dense(ds, end));
             if biased {
                 let sums = (scratch.column_sums.as_mut_ptr(), end);
@@ -734,11 +733,13 @@ fn padded(valid: usize, width: usize) -> usize {
 
 multiversion! {
     /// Softmax of each causal row of a block of `scores` (rows of `width`, the block's first row
-    /// is `first_row`): row `i` keeps its first `first_row + i + 1` scores, the rest are masked
-    /// (overwritten with −∞ up to [`padded`]). Writes the probabilities (zeros where masked) and
-    /// each row's log-sum-exp.
+    /// is `first_row`), each row plus `offset` (`[width]`, the queries' bias term `c`) where
+    /// given: row `i` keeps its first `first_row + i + 1` scores, the rest are masked
+    /// (overwritten with −∞ up to [`padded`]; they need not have been written). Writes the
+    /// probabilities (zeros where masked) and each row's log-sum-exp.
     fn softmax_block<T: Real>(
         scores: &mut [T],
+        offset: Option<&[T]>,
         probabilities: &mut [T],
         lse: &mut [T],
         first_row: usize,
@@ -748,6 +749,9 @@ multiversion! {
         for (index, ((scores, probabilities), lse)) in rows.zip(lse.iter_mut()).enumerate() {
             let valid = first_row + index + 1;
             let padded = padded(valid, width);
+            if let Some(offset) = offset {
+                scores[..valid].iter_mut().zip(offset).for_each(|(s, &c)| *s += c);
+            }
             scores[valid..padded].fill(T::neg_infinity());
             let (kept, masked) = probabilities.split_at_mut(padded);
             let scores = &scores[..padded];
@@ -763,11 +767,13 @@ multiversion! {
 }
 
 multiversion! {
-    /// From a block of scores and of `dp = dy vᵀ` (rows of `width` from row `first_row`), in
-    /// place: `p = e^(s − lse)` and `ds = p ⊙ (dp − dot)` on the causal entries, zeros on the
-    /// masked ones (the loop runs to [`padded`] over scores set to −∞ past the causal ones).
+    /// From a block of scores (each row plus `offset`, `[width]`, where given) and of
+    /// `dp = dy vᵀ` (rows of `width` from row `first_row`), in place: `p = e^(s − lse)` and
+    /// `ds = p ⊙ (dp − dot)` on the causal entries, zeros on the masked ones (the loop runs to
+    /// [`padded`] over scores set to −∞ past the causal ones; they need not have been written).
     fn gradient_block<T: Real>(
         scores: &mut [T],
+        offset: Option<&[T]>,
         dp: &mut [T],
         lse: &[T],
         dots: &[T],
@@ -779,10 +785,21 @@ multiversion! {
             let valid = first_row + index + 1;
             let padded = padded(valid, width);
             p[valid..padded].fill(T::neg_infinity());
-            for (p, ds) in p[..padded].iter_mut().zip(ds[..padded].iter_mut()) {
-                let probability = (*p - lse).exp_nonpositive::<FUSED>();
-                *p = probability;
-                *ds = probability * (*ds - dot);
+            let entries = p[..padded].iter_mut().zip(ds[..padded].iter_mut());
+            if let Some(offset) = offset {
+                // `(s + c) − lse`: the scores and their bias term added first, as when `c` was
+                // added to the block in a pass of its own.
+                for ((p, ds), &c) in entries.zip(offset) {
+                    let probability = (*p + c - lse).exp_nonpositive::<FUSED>();
+                    *p = probability;
+                    *ds = probability * (*ds - dot);
+                }
+            } else {
+                for (p, ds) in entries {
+                    let probability = (*p - lse).exp_nonpositive::<FUSED>();
+                    *p = probability;
+                    *ds = probability * (*ds - dot);
+                }
             }
             // Exact zeros on the masked entries, whatever `lse` and `dp` hold.
             p[valid..].fill(T::zero());
@@ -898,6 +915,7 @@ mod rows {
     /// false, having done nothing, otherwise.
     pub(super) fn softmax_block(
         scores: &[f32],
+        offset: Option<&[f32]>,
         probabilities: &mut [f32],
         lse: &mut [f32],
         first_row: usize,
@@ -912,17 +930,18 @@ mod rows {
                 || !width.is_multiple_of(16)
                 || scores.len() < rows * width
                 || probabilities.len() < rows * width
+                || offset.is_some_and(|o| o.len() < width)
             {
                 return false;
             }
             // SAFETY: the CPU has AVX-512F and FMA (x86-64-v4); the slices hold `rows` rows of
-            // `width`, a whole number of vectors.
-            unsafe { block(scores, probabilities, lse, first_row, width) };
+            // `width`, a whole number of vectors, and `offset` one row.
+            unsafe { block(scores, offset, probabilities, lse, first_row, width) };
             true
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (scores, probabilities, lse, first_row, width);
+            let _ = (scores, offset, probabilities, lse, first_row, width);
             false
         }
     }
@@ -934,6 +953,7 @@ mod rows {
     #[target_feature(enable = "avx512f,fma")]
     unsafe fn block(
         scores: &[f32],
+        offset: Option<&[f32]>,
         probabilities: &mut [f32],
         lse: &mut [f32],
         first_row: usize,
@@ -943,8 +963,15 @@ mod rows {
         for (index, ((scores, probabilities), lse)) in rows.zip(lse.iter_mut()).enumerate() {
             let valid = first_row + index + 1;
             let vectors = super::padded(valid, width) / 16;
-            // SAFETY (every `at`): vector `c < vectors` lies inside the row.
-            let at = |c: usize| unsafe { _mm512_loadu_ps(scores.as_ptr().add(16 * c)) };
+            // SAFETY (every `at`): vector `c < vectors` lies inside the row, and inside
+            // `offset` (a row of `width`).
+            let at = |c: usize| unsafe {
+                let score = _mm512_loadu_ps(scores.as_ptr().add(16 * c));
+                match offset {
+                    Some(o) => _mm512_add_ps(score, _mm512_loadu_ps(o.as_ptr().add(16 * c))),
+                    None => score,
+                }
+            };
             // Lanes at or past `valid` are the masked scores: −∞, as the generic loop sets them.
             let kept = |c: usize| -> __mmask16 {
                 let start = 16 * c;
@@ -1162,30 +1189,38 @@ mod tests {
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         let mut compared = 0;
         // Blocks of the GPT reference heads (rows of 32 against 32 to 128 keys), a block whose
-        // last rows are masked to a few keys, and rows with −∞ and far-out scores.
-        for (first_row, rows, width) in [(0, 32, 32), (32, 32, 64), (96, 32, 128), (0, 5, 48)] {
+        // last rows are masked to a few keys, and rows with −∞ and far-out scores; without and
+        // with a bias row added to every row.
+        let cases = [(0, 32, 32), (32, 32, 64), (96, 32, 128), (0, 5, 48)];
+        for ((first_row, rows, width), biased) in
+            cases.into_iter().flat_map(|c| [(c, false), (c, true)])
+        {
             let mut input = scores(rows * width, (first_row * 131 + width) as u64);
             input[3] = f32::NEG_INFINITY;
             input[width + 1] = 80.0;
             input[rows * width - 1] = -300.0;
+            let row = scores(width, 7);
+            let offset = biased.then_some(row.as_slice());
             let (mut fast, mut generic) = (vec![7.0; rows * width], vec![7.0; rows * width]);
             let (mut fast_lse, mut generic_lse) = (vec![0.0; rows], vec![0.0; rows]);
-            let done = rows::softmax_block(&input, &mut fast, &mut fast_lse, first_row, width);
+            let done =
+                rows::softmax_block(&input, offset, &mut fast, &mut fast_lse, first_row, width);
             if !done {
                 eprintln!("no AVX-512 here: the generic loop is the only one");
                 return;
             }
-            softmax_block(&mut input.clone(), &mut generic, &mut generic_lse, first_row, width);
-            let case = format!("rows {first_row}.. of {width}");
+            let mut copy = input.clone();
+            softmax_block(&mut copy, offset, &mut generic, &mut generic_lse, first_row, width);
+            let case = format!("rows {first_row}.. of {width}, bias {biased}");
             assert_eq!(bits(&fast), bits(&generic), "probabilities, {case}");
             assert_eq!(bits(&fast_lse), bits(&generic_lse), "log-sum-exp, {case}");
             let first: f32 = fast[..width].iter().sum();
             assert!((first - 1.0).abs() < 1e-5, "{case}: row 0 sums to {first}");
             compared += 1;
         }
-        assert_eq!(compared, 4);
+        assert_eq!(compared, 8);
         // Rows that are not whole vectors take the generic loop.
         let (mut p, mut lse) = (vec![0.0; 40], vec![0.0; 2]);
-        assert!(!rows::softmax_block(&scores(40, 1), &mut p, &mut lse, 0, 20));
+        assert!(!rows::softmax_block(&scores(40, 1), None, &mut p, &mut lse, 0, 20));
     }
 }
