@@ -429,7 +429,11 @@ impl Gpt {
                     let biases = [by_head(bq, 1)?, by_head(bk, 1)?, by_head(bv, 1)?];
                     let bias = match &biases {
                         [Some(bq), Some(bk), Some(bv)] => Some(Tensor::concat(&[bq, bk, bv], 0)?),
-                        _ => None,
+                        [None, None, None] => None,
+                        _ => {
+                            let reason = "gpt: c_attn's pieces disagree on having a bias";
+                            return Err(Error::Graph(reason.into()));
+                        }
                     };
                     (qkv, bias)
                 }

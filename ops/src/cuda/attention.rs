@@ -169,9 +169,8 @@ pub(super) fn attention(
     // `dqkv` over batches and positions.
     let bias_at = if downcast::<CausalAttention>(op).is_some() { 1 } else { 4 };
     if let Some(bias) = inputs.get(bias_at) {
-        let first = |outputs: Vec<Tensor>| outputs.into_iter().next();
         let add = super::kernels::forward(device, &Add, &[inputs[0].clone(), bias.clone()])?;
-        let biased = first(add).ok_or_else(|| Error::argument(name, "add gave no output"))?;
+        let biased = super::kernels::first_output(name, add)?;
         let mut unbiased = inputs[..bias_at].to_vec();
         unbiased[0] = biased;
         if bias_at == 1 {

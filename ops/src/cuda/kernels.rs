@@ -57,12 +57,16 @@ pub(super) fn forward(device: &CudaDevice, op: &dyn Op, inputs: &[Tensor]) -> Re
     }
 }
 
+/// The first of the outputs of a part that `op` runs as (an `add`, a norm, a `sum`): an error
+/// naming `op` when the part gave none.
+pub(super) fn first_output(op: &'static str, outputs: Vec<Tensor>) -> Result<Tensor> {
+    let missing = || Error::argument(op, "a part it runs as gave no output");
+    outputs.into_iter().next().ok_or_else(missing)
+}
+
 /// A [`Kernel::Composite`] op as the ops it fuses, each through its own kernels.
 fn composite(device: &CudaDevice, op: &dyn Op, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-    let first = |outputs: Vec<Tensor>| {
-        let missing = || Error::argument(op.name(), "a fused part gave no output");
-        outputs.into_iter().next().ok_or_else(missing)
-    };
+    let first = |outputs| first_output(op.name(), outputs);
     if let Some(op) = downcast::<SkipLayerNorm>(op) {
         let [x, y, bias, weight, norm_bias] = inputs else {
             return Err(Error::Arity { op: op.name(), expected: 5, got: inputs.len() });

@@ -48,22 +48,27 @@ pub fn causal_attention(
     Ok(outputs[0])
 }
 
-/// The geometry of `inputs = [qkv(, bias)]` for `op`: the bias, when there is one, must be
-/// `[3, H, D]` of `qkv`'s dtype.
-fn geometry_with_bias(op: &'static str, inputs: &[TensorMeta], scale: f64) -> Result<Geometry> {
-    let geometry = Geometry::of(op, &inputs[0], scale)?;
-    if let Some(bias) = inputs.get(1) {
-        let want = geometry.bias_meta(inputs[0].dtype);
+/// The geometry of `qkv` for `op`: the bias, when there is one, must be `[3, H, D]` of `qkv`'s
+/// dtype.
+fn geometry_with_bias(
+    op: &'static str,
+    qkv: &TensorMeta,
+    bias: Option<&TensorMeta>,
+    scale: f64,
+) -> Result<Geometry> {
+    let geometry = Geometry::of(op, qkv, scale)?;
+    if let Some(bias) = bias {
+        let want = geometry.bias_meta(qkv.dtype);
         if bias != &want {
             let reason = format!(
                 "the bias must be {} {} for qkv {} (got {} {})",
                 want.shape,
                 want.dtype.name(),
-                inputs[0].shape,
+                qkv.shape,
                 bias.shape,
                 bias.dtype.name()
             );
-            return Err(Error::shape(op, &[&inputs[0].shape, &bias.shape], reason));
+            return Err(Error::shape(op, &[&qkv.shape, &bias.shape], reason));
         }
     }
     Ok(geometry)
@@ -98,7 +103,7 @@ impl Op for CausalAttention {
         if !matches!(inputs.len(), 1 | 2) {
             return Err(Error::ArityEither { op: NAME, fewest: 1, most: 2, got: inputs.len() });
         }
-        let geometry = geometry_with_bias(NAME, inputs, self.scale)?;
+        let geometry = geometry_with_bias(NAME, &inputs[0], inputs.get(1), self.scale)?;
         Ok(vec![geometry.y_meta(inputs[0].dtype), geometry.lse_meta(inputs[0].dtype)])
     }
 
@@ -162,9 +167,8 @@ impl Op for CausalAttentionGrad {
             return Err(Error::ArityEither { op: GRAD_NAME, fewest: 4, most: 5, got });
         }
         let qkv = &inputs[0];
-        let geometry = Geometry::of(GRAD_NAME, qkv, self.scale)?;
-        let bias: Vec<TensorMeta> = inputs[4..].to_vec();
-        geometry_with_bias(GRAD_NAME, &[[qkv.clone()].as_slice(), &bias].concat(), self.scale)?;
+        let bias = inputs.get(4);
+        let geometry = geometry_with_bias(GRAD_NAME, qkv, bias, self.scale)?;
         let expected =
             [geometry.y_meta(qkv.dtype), geometry.lse_meta(qkv.dtype), geometry.y_meta(qkv.dtype)];
         for (got, want) in inputs[1..4].iter().zip(&expected) {
@@ -184,7 +188,7 @@ impl Op for CausalAttentionGrad {
                 return Err(Error::shape(GRAD_NAME, &shapes, reason));
             }
         }
-        Ok([vec![qkv.clone()], bias].concat())
+        Ok(std::iter::once(qkv).chain(bias).cloned().collect())
     }
 
     fn forward(&self, ctx: &Context, inputs: &[Tensor]) -> Result<Vec<Tensor>> {

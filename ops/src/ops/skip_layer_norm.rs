@@ -10,8 +10,9 @@
 //! sum is written once and normalised from cache, and the gradient is added and summed as the
 //! norm's `dx` is written.
 //!
-//! In f32 and f64, `s`, `n` and the gradients of `x`, `y`, the weight and the norm's bias equal
-//! the unfused chain's bit for bit; the bias gradient adds the same values in another order.
+//! In f32 and f64, `s`, `n` and the gradients of `x`, `y`, the weight, the norm's bias and the
+//! branch's bias equal the unfused chain's bit for bit (the bias gradient adds its rows in
+//! `sum`'s blocks, [`crate::cpu::reduce::column_block_rows`]).
 //! bf16 and f16 round `y + bias` and then `s`, as the two adds do.
 
 use std::sync::Arc;
