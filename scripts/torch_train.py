@@ -19,7 +19,14 @@ On the GPU (--device cuda) the models and batches live on GPU 0, f32 without TF3
 cuBLAS f32 products), and each timed step ends with torch.cuda.synchronize() (the clock starts
 after one too), so a step's time is the GPU's work, not the launch queue's.
 
+With --serve the script builds and warms its models once, prints {"ready": [names]}, then
+answers requests on stdin until EOF: a line "<model> <seconds>" (gpt or mlp) times that model
+(the GPT in both variants) after one warm-up step and prints one JSON line as above, with only
+that model's figures. `meshflow bench train` keeps one such process for all its rounds, so that
+its own steps and PyTorch's take turns a few seconds apart instead of a process start apart.
+
 Run:  python3 scripts/torch_train.py [--threads 2] [--seconds 3] [--only gpt|mlp] [--device cuda]
+      python3 scripts/torch_train.py --serve [--threads 2] [--only gpt|mlp]
 """
 import argparse
 import json
@@ -123,8 +130,13 @@ def time_steps(model, batch, seconds, warmup, min_steps, device=torch.device("cp
     synchronize = synchronizer(device)
     model = model.to(device)
     batch = tuple(tensor.to(device) for tensor in batch)
-    step = training_step(model, batch, synchronize)
+    return time_step(training_step(model, batch, synchronize), synchronize, seconds, warmup,
+                     min_steps)
 
+
+def time_step(step, synchronize, seconds, warmup, min_steps):
+    """Times `step` (see training_step) for `seconds`, at least `min_steps` times, after `warmup`
+    untimed calls."""
     for _ in range(warmup):
         step()
     synchronize()
@@ -136,6 +148,44 @@ def time_steps(model, batch, seconds, warmup, min_steps, device=torch.device("cp
         times.append((time.perf_counter() - begin) * 1e3)
     return {"median_ms": statistics.median(times), "mean_ms": statistics.mean(times),
             "steps": len(times)}
+
+
+def models(args):
+    """(figure name, model, batch) of each model the arguments select."""
+    chosen = []
+    if args.only in (None, "gpt"):
+        vocab, ctx, layers, heads, d, batch = map(int, args.gpt.split(","))
+        ids = torch.randint(vocab, (batch, ctx + 1))
+        for key, sdpa in (("gpt", False), ("gpt_sdpa", True)):
+            chosen.append((key, Gpt(vocab, ctx, layers, heads, d, sdpa), (ids[:, :-1], ids[:, 1:])))
+    if args.only in (None, "mlp"):
+        *sizes, batch = map(int, args.mlp.split(","))
+        x = torch.randn(batch, sizes[0])
+        y = torch.randint(sizes[-1], (batch,))
+        chosen.append(("mlp", Mlp(sizes), (x, y)))
+    return chosen
+
+
+def serve(args, device, result):
+    """The --serve loop: one warmed step function per figure, timed on request."""
+    synchronize = synchronizer(device)
+    steps = {}
+    for key, model, batch in models(args):
+        model = model.to(device)
+        batch = tuple(tensor.to(device) for tensor in batch)
+        steps[key] = training_step(model, batch, synchronize)
+        for _ in range(args.warmup):
+            steps[key]()
+    print(json.dumps({"ready": list(steps)}), flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if len(words) != 2 or words[0] not in ("gpt", "mlp"):
+            sys.exit(f"torch_train.py --serve: expected '<gpt|mlp> <seconds>', got {line!r}")
+        name, seconds = words[0], float(words[1])
+        answer = dict(result)
+        for key in [k for k in steps if k == name or k.startswith(name + "_")]:
+            answer[key] = time_step(steps[key], synchronize, seconds, 1, args.min_steps)
+        print(json.dumps(answer), flush=True)
 
 
 def main():
@@ -150,6 +200,8 @@ def main():
     parser.add_argument("--mlp", default="784,1024,1024,10,256", help="sizes...,batch")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: eager on GPU 0, f32 without TF32")
+    parser.add_argument("--serve", action="store_true",
+                        help="time on request from stdin (see the module's text)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -161,19 +213,11 @@ def main():
         torch.backends.cudnn.allow_tf32 = False
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(),
               "device": device.type}
-    if args.only in (None, "gpt"):
-        vocab, ctx, layers, heads, d, batch = map(int, args.gpt.split(","))
-        ids = torch.randint(vocab, (batch, ctx + 1))
-        for key, sdpa in (("gpt", False), ("gpt_sdpa", True)):
-            model = Gpt(vocab, ctx, layers, heads, d, sdpa)
-            result[key] = time_steps(model, (ids[:, :-1], ids[:, 1:]), args.seconds, args.warmup,
-                                     args.min_steps, device)
-    if args.only in (None, "mlp"):
-        *sizes, batch = map(int, args.mlp.split(","))
-        x = torch.randn(batch, sizes[0])
-        y = torch.randint(sizes[-1], (batch,))
-        result["mlp"] = time_steps(Mlp(sizes), (x, y), args.seconds, args.warmup, args.min_steps,
-                                   device)
+    if args.serve:
+        serve(args, device, result)
+        return
+    for key, model, batch in models(args):
+        result[key] = time_steps(model, batch, args.seconds, args.warmup, args.min_steps, device)
     json.dump(result, sys.stdout)
     print()
 

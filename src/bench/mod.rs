@@ -35,7 +35,7 @@ pub mod torch;
 pub mod train;
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{Command, ExitCode};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, ValueEnum};
@@ -146,6 +146,8 @@ pub struct BenchArgs {
     /// Rounds in which a strategy with a PyTorch counterpart (the first strategy, data
     /// parallel ones) and PyTorch take turns, `--seconds` each: a slow spell of a shared host
     /// then slows both sides of a round, and the ratio to PyTorch is the median of the rounds'.
+    /// The one-process reference is one `--serve` process for all rounds (built and warmed
+    /// once), so many short rounds cost little: `--rounds 10 --seconds 1`.
     #[arg(long, default_value_t = 3, value_parser = count)]
     pub rounds: usize,
     /// The PyTorch reference script.
@@ -370,7 +372,8 @@ fn peak(args: &BenchArgs, strategies: &[SessionStrategy]) -> Result<(f64, String
 
 /// `model` on `strategy` and PyTorch's figures for each of `references` (`None`: one process,
 /// `Some`: DDP of that strategy), timed in `args.rounds` rounds that take turns (one round
-/// without references), each figure merged over its rounds ([`StepTimes::merged`]).
+/// without references, or when python3 cannot import torch), each figure merged over its rounds
+/// ([`StepTimes::merged`]).
 fn paired_figures(
     args: &BenchArgs,
     model: Model,
@@ -378,24 +381,113 @@ fn paired_figures(
     references: &[Option<SessionStrategy>],
     peak: f64,
 ) -> Result<(TrainFigure, Vec<report::TorchFigure>), BenchError> {
-    let rounds = if references.is_empty() { 1 } else { args.rounds.max(1) };
+    let mut sources = Vec::new();
+    for reference in references {
+        match Reference::start(args, model, *reference)? {
+            Some(source) => sources.push(source),
+            None => {
+                sources.clear();
+                break;
+            }
+        }
+    }
+    let rounds = if sources.is_empty() { 1 } else { args.rounds.max(1) };
     let mut runner = None;
     let mut ours = Vec::new();
     // Per reference, the figures of each round (a script reports one or more figures per run).
-    let mut theirs: Vec<Vec<Vec<report::TorchFigure>>> = vec![Vec::new(); references.len()];
+    let mut theirs: Vec<Vec<Vec<report::TorchFigure>>> = vec![Vec::new(); sources.len()];
     for round in 0..rounds {
         let label =
             if rounds > 1 { format!(" (round {} of {rounds})", round + 1) } else { "".into() };
         ours.push(train_figure(args, model, strategy, peak, &mut runner, &label)?);
-        for (reference, figures) in references.iter().zip(theirs.iter_mut()) {
-            match torch_figures(args, model, *reference, &label)? {
-                Some(round_figures) => figures.push(round_figures),
-                None => return Ok((merge_train(ours, peak), Vec::new())),
-            }
+        for (source, figures) in sources.iter_mut().zip(theirs.iter_mut()) {
+            figures.push(source.figures(args, model, &label)?);
         }
     }
     let torch = theirs.into_iter().flat_map(merge_torch).collect();
     Ok((merge_train(ours, peak), torch))
+}
+
+/// Where a PyTorch reference's figures come from.
+enum Reference {
+    /// The one-process script, served ([`torch::Server`]): started once, asked every round.
+    Served(torch::Server),
+    /// DDP of a data-parallel strategy over gloo (`scripts/torch_ddp.py`, one process per
+    /// device), run anew every round.
+    Ddp(SessionStrategy),
+}
+
+impl Reference {
+    /// The reference for `strategy` (`None`: one process), ready to time; `None` when python3
+    /// cannot import torch (or, on `--device cuda`, torch sees no GPU), which is reported.
+    fn start(
+        args: &BenchArgs,
+        model: Model,
+        strategy: Option<SessionStrategy>,
+    ) -> Result<Option<Reference>, BenchError> {
+        let source = match strategy {
+            None => {
+                let bar = progress(0, "PyTorch reference");
+                tick(&bar, &format!("starting PyTorch {} ×{}thr", model.name(), args.threads));
+                let server =
+                    torch::Server::start(&args.torch_script, &[model], args.threads, args.device)?;
+                bar.finish_and_clear();
+                server.map(Reference::Served)
+            }
+            Some(strategy) => {
+                let probe =
+                    Command::new("python3").args(["-c", torch::probe(args.device)]).output();
+                probe.is_ok_and(|o| o.status.success()).then_some(Reference::Ddp(strategy))
+            }
+        };
+        if source.is_none() {
+            let why = match args.device {
+                TrainDevice::Cpu => "python3 cannot import torch",
+                TrainDevice::Cuda => "python3 cannot import torch, or torch sees no GPU",
+            };
+            eprintln!("meshflow bench: PyTorch reference skipped ({why})");
+        }
+        Ok(source)
+    }
+
+    /// One round's figures of `model` (`round`: the progress bar's label).
+    fn figures(
+        &mut self,
+        args: &BenchArgs,
+        model: Model,
+        round: &str,
+    ) -> Result<Vec<report::TorchFigure>, BenchError> {
+        let bar = progress(0, "PyTorch reference");
+        let figures = match self {
+            Reference::Served(server) => {
+                let on = match args.device {
+                    TrainDevice::Cpu => format!(" ×{}thr", args.threads),
+                    device => format!(" on {}", device.name()),
+                };
+                tick(&bar, &format!("PyTorch {}{on}{round}", model.name()));
+                server.time(model, args.seconds)?
+            }
+            Reference::Ddp(strategy) => {
+                let script = args.torch_script.with_file_name("torch_ddp.py");
+                let processes = format!(" DDP {} processes", strategy.dp);
+                tick(&bar, &format!("PyTorch {}{processes}{round}", model.name()));
+                let world = Some(strategy.dp);
+                let figures = torch::measure(
+                    &script,
+                    &[model],
+                    strategy.threads,
+                    args.seconds,
+                    world,
+                    args.device,
+                )?;
+                figures.ok_or_else(|| {
+                    BenchError::Torch(format!("{}: torch no longer importable", script.display()))
+                })?
+            }
+        };
+        bar.finish_and_clear();
+        Ok(figures)
+    }
 }
 
 /// One figure of a strategy's rounds (the last round's loss).
@@ -425,39 +517,6 @@ fn merge_torch(rounds: Vec<Vec<report::TorchFigure>>) -> Vec<report::TorchFigure
             report::TorchFigure { times, ..figure }
         })
         .collect()
-}
-
-/// PyTorch's figures for `model`: in one process with the bench's threads, or, for a
-/// data-parallel `strategy`, DDP over gloo with one process per device
-/// (`scripts/torch_ddp.py` next to the one-process script); `None` when python3 cannot import
-/// torch.
-fn torch_figures(
-    args: &BenchArgs,
-    model: Model,
-    strategy: Option<SessionStrategy>,
-    round: &str,
-) -> Result<Option<Vec<report::TorchFigure>>, BenchError> {
-    let bar = progress(0, "PyTorch reference");
-    let (script, threads, world) = match strategy {
-        None => (args.torch_script.clone(), args.threads, None),
-        Some(s) => (args.torch_script.with_file_name("torch_ddp.py"), s.threads, Some(s.dp)),
-    };
-    let processes = world.map_or(String::new(), |n| format!(" DDP {n} processes"));
-    let on = match args.device {
-        TrainDevice::Cpu => format!(" ×{threads}thr"),
-        device => format!(" on {}", device.name()),
-    };
-    tick(&bar, &format!("PyTorch {}{processes}{on}{round}", model.name()));
-    let figures = torch::measure(&script, &[model], threads, args.seconds, world, args.device)?;
-    bar.finish_and_clear();
-    if figures.is_none() {
-        let why = match args.device {
-            TrainDevice::Cpu => "python3 cannot import torch",
-            TrainDevice::Cuda => "python3 cannot import torch, or torch sees no GPU",
-        };
-        eprintln!("meshflow bench: PyTorch reference skipped ({why})");
-    }
-    Ok(figures)
 }
 
 /// Times one model on one strategy (in this process, with the session kept in `runner` from

@@ -4,8 +4,10 @@
 //! `scripts/torch_ddp.py` (DistributedDataParallel over gloo, as many processes as the strategy
 //! has devices) next to them.
 
-use std::path::Path;
-use std::process::Command;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
@@ -79,6 +81,155 @@ pub fn measure(
     parse(&String::from_utf8_lossy(&output.stdout)).map(Some)
 }
 
+/// The one-process script in `--serve` mode, kept for every round of a run: each request times
+/// one model on models built and warmed once, so that a round's PyTorch figure follows its
+/// meshflow figure by a few seconds, not by a Python start (`import torch`, building, warm-up).
+/// Dropping it closes the script's stdin, which ends it.
+pub struct Server {
+    script: PathBuf,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    /// What the script wrote to stderr so far, drained by `drainer` so that it never blocks.
+    stderr: Arc<Mutex<String>>,
+    drainer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts `script --serve` for `models` with `threads` on `device` and waits until it has
+    /// built and warmed them. `Ok(None)` when python3 or torch is missing, or, for `cuda`, torch
+    /// sees no GPU (the reference is then skipped).
+    pub fn start(
+        script: &Path,
+        models: &[Model],
+        threads: usize,
+        device: TrainDevice,
+    ) -> Result<Option<Server>, BenchError> {
+        let probe = Command::new("python3").args(["-c", probe(device)]).output();
+        if !probe.map(|o| o.status.success()).unwrap_or(false) {
+            return Ok(None);
+        }
+        let mut command = Command::new("python3");
+        command.arg(script).arg("--serve").arg("--threads").arg(threads.to_string());
+        if !device.is_cpu() {
+            command.arg("--device").arg(device.name());
+        }
+        if let [only] = models {
+            command.arg("--only").arg(only.name());
+        }
+        Server::spawn(script, command).map(Some)
+    }
+
+    /// Runs `command` (the script `script`, or a stand-in) as a server and waits for its ready
+    /// line.
+    fn spawn(script: &Path, mut command: Command) -> Result<Server, BenchError> {
+        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child =
+            command.spawn().map_err(|e| BenchError::Torch(format!("{}: {e}", script.display())))?;
+        let taken = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        let (Some(stdin), Some(stdout), Some(mut errors)) = taken else {
+            unreachable!("the three streams were piped above")
+        };
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&stderr);
+        let drainer = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = errors.read_to_string(&mut text);
+            sink.lock().unwrap_or_else(|e| e.into_inner()).push_str(&text);
+        });
+        let mut server = Server {
+            script: script.to_path_buf(),
+            child,
+            stdin: Some(stdin),
+            stdout: BufReader::new(stdout),
+            stderr,
+            drainer: Some(drainer),
+        };
+        let ready = server.answer()?;
+        if !ready.contains("\"ready\"") {
+            return Err(server.failed(&format!("expected its ready line, got {ready:?}"), false));
+        }
+        Ok(server)
+    }
+
+    /// Times `model` for `seconds` (at least `min_steps` steps, after one warm-up step): the
+    /// figures of the answer (the GPT's two variants, or the MLP).
+    pub fn time(&mut self, model: Model, seconds: f64) -> Result<Vec<TorchFigure>, BenchError> {
+        let request = format!("{} {seconds}\n", model.name());
+        let sent = match self.stdin.as_mut() {
+            Some(stdin) => stdin.write_all(request.as_bytes()).and_then(|()| stdin.flush()),
+            None => Err(std::io::Error::other("stdin already closed")),
+        };
+        if let Err(e) = sent {
+            return Err(self.failed(&format!("cannot send {request:?}: {e}"), true));
+        }
+        let answer = self.answer()?;
+        let figures = parse(&answer)?;
+        if !figures.iter().any(|f| f.model == model) {
+            return Err(self.failed(&format!("no {} figure in {answer:?}", model.name()), false));
+        }
+        Ok(figures)
+    }
+
+    /// The next JSON line the script prints (other lines skipped).
+    fn answer(&mut self) -> Result<String, BenchError> {
+        loop {
+            let mut line = String::new();
+            match self.stdout.read_line(&mut line) {
+                Ok(0) => return Err(self.failed("exited before answering", true)),
+                Ok(_) if line.trim_start().starts_with('{') => return Ok(line.trim().to_owned()),
+                Ok(_) => continue,
+                Err(e) => return Err(self.failed(&format!("unreadable output: {e}"), false)),
+            }
+        }
+    }
+
+    /// The error for `what` went wrong, with the script's exit status and stderr when it has
+    /// ended (`ended`: its output or input closed, so it is ending: wait for that).
+    fn failed(&mut self, what: &str, ended: bool) -> BenchError {
+        let patience = std::time::Duration::from_secs(if ended { 5 } else { 0 });
+        let status = match self.exit_status(patience) {
+            Some(status) => {
+                // Ended: its stderr is closed, and the drainer has all of it once it returns.
+                if let Some(drainer) = self.drainer.take() {
+                    let _ = drainer.join();
+                }
+                format!(" ({status})")
+            }
+            None => String::new(),
+        };
+        let stderr = self.stderr.lock().unwrap_or_else(|e| e.into_inner()).trim_end().to_owned();
+        BenchError::Torch(format!("{} --serve{status}: {what}: {stderr}", self.script.display()))
+    }
+}
+
+impl Server {
+    /// The script's exit status once it has ended, waiting up to `patience` for that; `None`
+    /// while it runs.
+    fn exit_status(&mut self, patience: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                _ => return None,
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        drop(self.stdin.take()); // EOF: the script's loop ends
+        if self.exit_status(std::time::Duration::from_secs(10)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// The Python that succeeds when the reference can run on `device`.
 pub fn probe(device: TrainDevice) -> &'static str {
     match device {
@@ -150,6 +301,56 @@ mod tests {
             r#"{"torch": "2.x", "threads": 2, "gpt": {"median_ms": 1, "mean_ms": 1, "steps": 1}}"#;
         assert_eq!(parse(old).expect("parse").len(), 1);
         assert_eq!(parse(old).expect("parse")[0].device, TrainDevice::Cpu, "absent: the CPU");
+    }
+
+    /// A stand-in for `torch_train.py --serve` in `sh`: `body` runs after the ready line.
+    fn stand_in(body: &str) -> Result<Server, BenchError> {
+        let script =
+            format!("echo 'a line that is not JSON'; echo '{{\"ready\": [\"gpt\"]}}'; {body}");
+        let mut command = Command::new("sh");
+        command.arg("-c").arg(script);
+        Server::spawn(Path::new("stand-in.py"), command)
+    }
+
+    #[test]
+    fn a_served_reference_answers_each_request_with_its_figures() {
+        // Answers only the request the protocol promises ("gpt 0.5"), then ends at EOF.
+        let answer = r#"{"torch": "2.x", "threads": 2, "gpt": {"median_ms": 120, "mean_ms": 121, "steps": 9}, "gpt_sdpa": {"median_ms": 90, "mean_ms": 91, "steps": 12}}"#;
+        let body = format!(
+            "while read model seconds; do [ \"$model $seconds\" = 'gpt 0.5' ] || \
+             {{ echo \"bad request: $model $seconds\" >&2; exit 2; }}; echo '{answer}'; done"
+        );
+        let mut server = stand_in(&body).expect("ready");
+        for _ in 0..2 {
+            let figures = server.time(Model::Gpt, 0.5).expect("answered");
+            let medians: Vec<(bool, f64)> =
+                figures.iter().map(|f| (f.fused_attention, f.times.median)).collect();
+            assert_eq!(medians, [(false, 0.12), (true, 0.09)]);
+        }
+        // A request the stand-in refuses: it exits, and the error carries its stderr and status.
+        let refused = server.time(Model::Mlp, 0.5).expect_err("refused").to_string();
+        assert!(refused.contains("bad request: mlp 0.5"), "{refused}");
+        assert!(refused.contains("stand-in.py --serve"), "{refused}");
+    }
+
+    #[test]
+    fn a_served_reference_that_fails_is_an_error_naming_why() {
+        let early = Server::spawn(Path::new("gone.py"), {
+            let mut command = Command::new("sh");
+            command.arg("-c").arg("echo 'no module named torch' >&2; exit 1");
+            command
+        });
+        let message = early.err().expect("no ready line").to_string();
+        assert!(message.contains("gone.py --serve"), "{message}");
+        assert!(message.contains("exited before answering"), "{message}");
+        assert!(message.contains("no module named torch"), "{message}");
+        // Ready, but its answer lacks the model asked for.
+        let mlp_only =
+            r#"{"torch": "2.x", "threads": 2, "mlp": {"median_ms": 1, "mean_ms": 1, "steps": 3}}"#;
+        let mut server =
+            stand_in(&format!("while read line; do echo '{mlp_only}'; done")).expect("ready");
+        let message = server.time(Model::Gpt, 1.0).expect_err("no gpt figure").to_string();
+        assert!(message.contains("no gpt figure"), "{message}");
     }
 
     #[test]
