@@ -402,6 +402,20 @@ fn bad_inputs_are_errors_naming_the_op() {
         &["cross_entropy", "[2, 3]", "[3]"],
     );
     expect_error(ce.forward(&ctx, &[f(&[2, 3]), f(&[2])]), &["cross_entropy", "i64"]);
+    // An empty batch has no mean loss (PyTorch: NaN); a shard without targets of a larger batch
+    // adds 0 to the global mean.
+    let empty = (f(&[0, 3]), ids(&[], &[0]));
+    expect_error(
+        ce.forward(&ctx, &[empty.0.clone(), empty.1.clone()]),
+        &["cross_entropy", "[0, 3]", "no positions"],
+    );
+    expect_error(
+        CrossEntropyGrad::default().forward(&ctx, &[empty.0.clone(), empty.1.clone(), f(&[])]),
+        &["cross_entropy_grad", "no positions"],
+    );
+    let shard = CrossEntropy { positions: Some(4) }.forward(&ctx, &[empty.0, empty.1]);
+    let shard = shard.expect("an empty shard of 4 positions").remove(0);
+    assert_eq!(shard.as_slice::<f32>().expect("f32"), [0.0]);
     let grad = CrossEntropyGrad::default();
     expect_error(
         grad.forward(&ctx, &[f(&[2, 3]), ids(&[0, 1], &[2]), f(&[2])]),

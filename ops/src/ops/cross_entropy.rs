@@ -45,7 +45,7 @@ impl Op for CrossEntropy {
     }
 
     fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        check_inputs(self.name(), inputs, 2)?;
+        check_inputs(self.name(), inputs, 2, self.positions)?;
         Ok(vec![TensorMeta::new([], inputs[0].dtype)])
     }
 
@@ -114,7 +114,7 @@ impl Op for CrossEntropyGrad {
     }
 
     fn infer(&self, inputs: &[TensorMeta]) -> Result<Vec<TensorMeta>> {
-        check_inputs(self.name(), inputs, 3)?;
+        check_inputs(self.name(), inputs, 3, self.positions)?;
         let dloss = &inputs[2];
         if dloss.dtype != inputs[0].dtype || dloss.shape.rank() != 0 {
             let shapes = [&inputs[0].shape, &dloss.shape];
@@ -182,11 +182,21 @@ fn global_positions(signature: &Signature, inputs: &[Shard]) -> Option<usize> {
     split.then(|| inputs[1].logical.numel())
 }
 
+/// `1 / N`: `positions`, or the `local` count of the logical op (not 0: [`check_inputs`]).
 fn divisor(positions: Option<usize>, local: usize) -> f64 {
-    1.0 / positions.unwrap_or(local).max(1) as f64
+    1.0 / positions.unwrap_or(local) as f64
 }
 
-fn check_inputs(op: &'static str, inputs: &[TensorMeta], arity: usize) -> Result<()> {
+/// Checks the arity, dtypes and shapes of `logits` and `targets`, and that there is a mean to
+/// take: `positions` (the global count of a shard, `None` for the logical op: the targets') may
+/// not be 0. PyTorch answers NaN for an empty batch; here it is an error at build time. A shard
+/// with no targets of a non-empty batch is fine (its partial sum is 0).
+fn check_inputs(
+    op: &'static str,
+    inputs: &[TensorMeta],
+    arity: usize,
+    positions: Option<usize>,
+) -> Result<()> {
     if inputs.len() != arity {
         return Err(Error::Arity { op, expected: arity, got: inputs.len() });
     }
@@ -202,6 +212,10 @@ fn check_inputs(op: &'static str, inputs: &[TensorMeta], arity: usize) -> Result
     }
     if dims[dims.len() - 1] == 0 {
         return Err(Error::shape(op, &shapes, "no classes"));
+    }
+    if positions.unwrap_or(targets.shape.numel()) == 0 {
+        let reason = "no positions to average over (the mean loss of an empty batch)";
+        return Err(Error::shape(op, &shapes, reason));
     }
     Ok(())
 }
