@@ -35,7 +35,7 @@ pub mod torch;
 pub mod train;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, ValueEnum};
@@ -434,11 +434,7 @@ impl Reference {
                 bar.finish_and_clear();
                 server.map(Reference::Served)
             }
-            Some(strategy) => {
-                let probe =
-                    Command::new("python3").args(["-c", torch::probe(args.device)]).output();
-                probe.is_ok_and(|o| o.status.success()).then_some(Reference::Ddp(strategy))
-            }
+            Some(strategy) => torch::available(args.device).then_some(Reference::Ddp(strategy)),
         };
         if source.is_none() {
             let why = match args.device {

@@ -52,8 +52,7 @@ pub fn measure(
     world: Option<usize>,
     device: TrainDevice,
 ) -> Result<Option<Vec<TorchFigure>>, BenchError> {
-    let probe = Command::new("python3").args(["-c", probe(device)]).output();
-    if !probe.map(|o| o.status.success()).unwrap_or(false) {
+    if !available(device) {
         return Ok(None);
     }
     let mut command = Command::new("python3");
@@ -105,8 +104,7 @@ impl Server {
         threads: usize,
         device: TrainDevice,
     ) -> Result<Option<Server>, BenchError> {
-        let probe = Command::new("python3").args(["-c", probe(device)]).output();
-        if !probe.map(|o| o.status.success()).unwrap_or(false) {
+        if !available(device) {
             return Ok(None);
         }
         let mut command = Command::new("python3");
@@ -228,6 +226,13 @@ impl Drop for Server {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Whether python3 imports torch (and, for `cuda`, torch sees a GPU): whether a reference
+/// can run on `device`.
+pub fn available(device: TrainDevice) -> bool {
+    let probe = Command::new("python3").args(["-c", probe(device)]).output();
+    probe.is_ok_and(|o| o.status.success())
 }
 
 /// The Python that succeeds when the reference can run on `device`.
