@@ -150,8 +150,8 @@ impl Server {
         Ok(server)
     }
 
-    /// Times `model` for `seconds` (at least `min_steps` steps, after one warm-up step): the
-    /// figures of the answer (the GPT's two variants, or the MLP).
+    /// Times `model` for `seconds` (at least the script's `--min-steps` steps, after one warm-up
+    /// step): the figures of the answer (the GPT's two variants, or the MLP).
     pub fn time(&mut self, model: Model, seconds: f64) -> Result<Vec<TorchFigure>, BenchError> {
         let request = format!("{} {seconds}\n", model.name());
         let sent = match self.stdin.as_mut() {
@@ -199,9 +199,7 @@ impl Server {
         let stderr = self.stderr.lock().unwrap_or_else(|e| e.into_inner()).trim_end().to_owned();
         BenchError::Torch(format!("{} --serve{status}: {what}: {stderr}", self.script.display()))
     }
-}
 
-impl Server {
     /// The script's exit status once it has ended, waiting up to `patience` for that; `None`
     /// while it runs.
     fn exit_status(&mut self, patience: std::time::Duration) -> Option<std::process::ExitStatus> {
