@@ -179,9 +179,12 @@ def serve(args, device, result):
     print(json.dumps({"ready": list(steps)}), flush=True)
     for line in sys.stdin:
         words = line.split()
-        if len(words) != 2 or words[0] not in ("gpt", "mlp"):
+        try:
+            name, seconds = words[0], float(words[1])
+        except (IndexError, ValueError):
+            name, seconds = None, None
+        if len(words) != 2 or name not in ("gpt", "mlp") or not seconds or seconds < 0:
             sys.exit(f"torch_train.py --serve: expected '<gpt|mlp> <seconds>', got {line!r}")
-        name, seconds = words[0], float(words[1])
         answer = dict(result)
         for key in [k for k in steps if k == name or k.startswith(name + "_")]:
             answer[key] = time_step(steps[key], synchronize, seconds, 1, args.min_steps)
