@@ -34,15 +34,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def time_ddp(model, batch, seconds, warmup):
-    """Rank 0's step times; every rank runs the same number of steps."""
+def time_ddp(model, batch, seconds, warmup, min_steps):
+    """Rank 0's step times, at least `min_steps` of them; every rank runs the same number of
+    steps."""
     step = training_step(DistributedDataParallel(model), batch)
 
     begin = time.perf_counter()
     for _ in range(warmup):
         step()
     per_step = (time.perf_counter() - begin) / max(warmup, 1)
-    steps = torch.tensor([max(5, int(seconds / max(per_step, 1e-6)))])
+    steps = torch.tensor([max(min_steps, int(seconds / max(per_step, 1e-6)))])
     dist.broadcast(steps, src=0)
     times = []
     for _ in range(int(steps.item())):
@@ -65,12 +66,13 @@ def worker(rank, args, port, queue):
         vocab, ctx, layers, heads, d, batch = map(int, args.gpt.split(","))
         ids = torch.randint(vocab, (batch, ctx + 1)).chunk(args.world)[rank]
         model = Gpt(vocab, ctx, layers, heads, d)
-        result["gpt"] = time_ddp(model, (ids[:, :-1], ids[:, 1:]), args.seconds, args.warmup)
+        result["gpt"] = time_ddp(model, (ids[:, :-1], ids[:, 1:]), args.seconds, args.warmup,
+                                 args.min_steps)
     if args.only in (None, "mlp"):
         *sizes, batch = map(int, args.mlp.split(","))
         x = torch.randn(batch, sizes[0]).chunk(args.world)[rank]
         y = torch.randint(sizes[-1], (batch,)).chunk(args.world)[rank]
-        result["mlp"] = time_ddp(Mlp(sizes), (x, y), args.seconds, args.warmup)
+        result["mlp"] = time_ddp(Mlp(sizes), (x, y), args.seconds, args.warmup, args.min_steps)
     dist.destroy_process_group()
     if rank == 0:
         queue.put(result)
@@ -82,6 +84,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="threads per process")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per model")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--min-steps", type=int, default=5, help="fewest timed steps per model")
     parser.add_argument("--only", choices=("gpt", "mlp"))
     parser.add_argument("--gpt", default="512,128,4,4,256,8",
                         help="vocab,ctx,layers,heads,d_model,batch")

@@ -429,8 +429,9 @@ impl Reference {
             None => {
                 let bar = progress(0, "PyTorch reference");
                 tick(&bar, &format!("starting PyTorch {} ×{}thr", model.name(), args.threads));
+                let threads = (args.threads, args.min_steps);
                 let server =
-                    torch::Server::start(&args.torch_script, &[model], args.threads, args.device)?;
+                    torch::Server::start(&args.torch_script, &[model], threads, args.device)?;
                 bar.finish_and_clear();
                 server.map(Reference::Served)
             }
@@ -472,7 +473,7 @@ impl Reference {
                     &script,
                     &[model],
                     strategy.threads,
-                    args.seconds,
+                    (args.seconds, args.min_steps),
                     world,
                     args.device,
                 )?;

@@ -40,32 +40,25 @@ struct Times {
     steps: usize,
 }
 
-/// Runs the script for `models` with `threads` and `seconds` of timing per model (and
-/// `--world N` when `world` is given: the DDP script; `--device cuda` on a GPU). `Ok(None)`
-/// when python3 or torch is missing, or, for `cuda`, torch sees no GPU (the reference is then
-/// skipped).
+/// Runs the script for `models` with `threads` and `seconds` of timing per model, at least
+/// `min_steps` steps each (and `--world N` when `world` is given: the DDP script; `--device cuda`
+/// on a GPU). `Ok(None)` when python3 or torch is missing, or, for `cuda`, torch sees no GPU
+/// (the reference is then skipped).
 pub fn measure(
     script: &Path,
     models: &[Model],
     threads: usize,
-    seconds: f64,
+    (seconds, min_steps): (f64, usize),
     world: Option<usize>,
     device: TrainDevice,
 ) -> Result<Option<Vec<TorchFigure>>, BenchError> {
     if !available(device) {
         return Ok(None);
     }
-    let mut command = Command::new("python3");
-    command.arg(script).arg("--threads").arg(threads.to_string());
+    let mut command = script_command(script, models, (threads, min_steps), device);
     command.arg("--seconds").arg(seconds.to_string());
     if let Some(world) = world {
         command.arg("--world").arg(world.to_string());
-    }
-    if !device.is_cpu() {
-        command.arg("--device").arg(device.name());
-    }
-    if let [only] = models {
-        command.arg("--only").arg(only.name());
     }
     let output =
         command.output().map_err(|e| BenchError::Torch(format!("{}: {e}", script.display())))?;
@@ -78,6 +71,26 @@ pub fn measure(
         )));
     }
     parse(&String::from_utf8_lossy(&output.stdout)).map(Some)
+}
+
+/// `python3 script` with the options both scripts share: `--threads`, `--min-steps`, the device
+/// (when not the CPU) and `--only` (when one model is asked for).
+fn script_command(
+    script: &Path,
+    models: &[Model],
+    (threads, min_steps): (usize, usize),
+    device: TrainDevice,
+) -> Command {
+    let mut command = Command::new("python3");
+    command.arg(script).arg("--threads").arg(threads.to_string());
+    command.arg("--min-steps").arg(min_steps.to_string());
+    if !device.is_cpu() {
+        command.arg("--device").arg(device.name());
+    }
+    if let [only] = models {
+        command.arg("--only").arg(only.name());
+    }
+    command
 }
 
 /// The one-process script in `--serve` mode, kept for every round of a run: each request times
@@ -95,26 +108,21 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `script --serve` for `models` with `threads` on `device` and waits until it has
-    /// built and warmed them. `Ok(None)` when python3 or torch is missing, or, for `cuda`, torch
-    /// sees no GPU (the reference is then skipped).
+    /// Starts `script --serve` for `models` with `threads` on `device`, each request timing at
+    /// least `min_steps` steps, and waits until it has built and warmed them. `Ok(None)` when
+    /// python3 or torch is missing, or, for `cuda`, torch sees no GPU (the reference is then
+    /// skipped).
     pub fn start(
         script: &Path,
         models: &[Model],
-        threads: usize,
+        (threads, min_steps): (usize, usize),
         device: TrainDevice,
     ) -> Result<Option<Server>, BenchError> {
         if !available(device) {
             return Ok(None);
         }
-        let mut command = Command::new("python3");
-        command.arg(script).arg("--serve").arg("--threads").arg(threads.to_string());
-        if !device.is_cpu() {
-            command.arg("--device").arg(device.name());
-        }
-        if let [only] = models {
-            command.arg("--only").arg(only.name());
-        }
+        let mut command = script_command(script, models, (threads, min_steps), device);
+        command.arg("--serve");
         Server::spawn(script, command).map(Some)
     }
 
@@ -150,8 +158,8 @@ impl Server {
         Ok(server)
     }
 
-    /// Times `model` for `seconds` (at least the script's `--min-steps` steps, after one warm-up
-    /// step): the figures of the answer (the GPT's two variants, or the MLP).
+    /// Times `model` for `seconds` (at least the `min_steps` of [`Server::start`], after one
+    /// warm-up step): the figures of the answer (the GPT's two variants, or the MLP).
     pub fn time(&mut self, model: Model, seconds: f64) -> Result<Vec<TorchFigure>, BenchError> {
         let request = format!("{} {seconds}\n", model.name());
         let sent = match self.stdin.as_mut() {
@@ -304,6 +312,23 @@ mod tests {
             r#"{"torch": "2.x", "threads": 2, "gpt": {"median_ms": 1, "mean_ms": 1, "steps": 1}}"#;
         assert_eq!(parse(old).expect("parse").len(), 1);
         assert_eq!(parse(old).expect("parse")[0].device, TrainDevice::Cpu, "absent: the CPU");
+    }
+
+    #[test]
+    fn the_scripts_get_the_runs_threads_min_steps_device_and_model() {
+        let args = |command: &Command| -> Vec<String> {
+            command.get_args().map(|a| a.to_string_lossy().into_owned()).collect()
+        };
+        let script = Path::new("scripts/torch_train.py");
+        let one = script_command(script, &[Model::Mlp], (2, 7), TrainDevice::Cpu);
+        assert_eq!(one.get_program(), "python3");
+        assert_eq!(
+            args(&one),
+            ["scripts/torch_train.py", "--threads", "2", "--min-steps", "7", "--only", "mlp"]
+        );
+        let both = script_command(script, &[Model::Gpt, Model::Mlp], (1, 3), TrainDevice::Cuda);
+        let expected = ["scripts/torch_train.py", "--threads", "1", "--min-steps", "3"];
+        assert_eq!(args(&both), [&expected[..], &["--device", "cuda"]].concat());
     }
 
     /// A stand-in for `torch_train.py --serve` in `sh`: `body` runs after the ready line.
