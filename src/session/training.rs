@@ -75,8 +75,11 @@ pub(super) fn training(
 }
 
 /// The user's graph rebuilt for one of `count` micro-batches (the session runs it once per
-/// piece), the gradients and the loss summed over the pieces and scaled by `1/count` (the mean
-/// over the micro-batches, as one step on the whole batch of a mean loss).
+/// piece), the gradients and the loss of `loss / count` summed over the pieces: the mean over
+/// the micro-batches, as one step on the whole batch of a mean loss. The scale sits on the
+/// piece's scalar loss, so the backward carries it into every gradient through the loss's
+/// seed: scaling each summed gradient instead cost a kernel per parameter at the step's end
+/// (the GPT on two micro-batches: 54 `mul_scalar` kernels, 0.7 ms of acts a step).
 type Accumulated = (Built, Vec<Option<Tensor>>, Vec<Tensor>);
 
 fn accumulate(
@@ -89,18 +92,14 @@ fn accumulate(
     let new = piece.graph.clone();
     let params = parameters(&new);
     let refs: Vec<&Tensor> = params.iter().collect();
-    let loss = piece.value(training.loss.value(), 0)?;
-    let sums = new.gradients(&loss, &refs)?;
-    let scale = 1.0 / count as f64;
-    let mut accumulated: Vec<Value> = sums.iter().flatten().map(Tensor::value).collect();
-    accumulated.push(loss.value());
-    let grads = sums.into_iter().map(|g| g.map(|g| g.mul_scalar(scale)).transpose());
-    let grads = grads.collect::<Result<Vec<_>>>()?;
-    let mean = loss.mul_scalar(scale)?;
+    let share = piece.value(training.loss.value(), 0)?.mul_scalar(1.0 / count as f64)?;
+    let grads = new.gradients(&share, &refs)?;
+    let mut accumulated: Vec<Value> = grads.iter().flatten().map(Tensor::value).collect();
+    accumulated.push(share.value());
     let mut fetched = Vec::with_capacity(fetches.len());
     for fetch in fetches {
         if fetch.value() == training.loss.value() {
-            fetched.push(mean.value());
+            fetched.push(share.value());
         } else {
             fetched.push(piece.value(fetch.value(), 0)?.value());
         }
@@ -117,7 +116,7 @@ fn accumulate(
         updates: Vec::new(),
         assigns: Vec::new(),
         accumulate: accumulated,
-        forward: Some(loss.value()),
+        forward: Some(share.value()),
     };
     Ok((built, grads, params))
 }
