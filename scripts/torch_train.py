@@ -183,7 +183,9 @@ def serve(args, device, result):
             name, seconds = words[0], float(words[1])
         except (IndexError, ValueError):
             name, seconds = None, None
-        if len(words) != 2 or name not in ("gpt", "mlp") or not seconds or seconds < 0:
+        # A positive, finite number of seconds (NaN fails `> 0`; infinity would never answer).
+        if not (len(words) == 2 and name in ("gpt", "mlp") and seconds is not None
+                and seconds > 0 and math.isfinite(seconds)):
             sys.exit(f"torch_train.py --serve: expected '<gpt|mlp> <seconds>', got {line!r}")
         answer = dict(result)
         for key in [k for k in steps if k == name or k.startswith(name + "_")]:
