@@ -153,6 +153,11 @@ pub struct BenchArgs {
     /// The PyTorch reference script.
     #[arg(long, default_value = "scripts/torch_train.py")]
     pub torch_script: PathBuf,
+    /// Seconds a PyTorch reference may take past the seconds it times: to start (`import
+    /// torch`, building and warming the models) and, per request, for its `--min-steps` and
+    /// warm-up. A reference that takes longer is stopped and the run fails with its stderr.
+    #[arg(long, default_value_t = 300.0, value_parser = positive_seconds)]
+    pub torch_timeout: f64,
     /// Peak GFLOP/s for MFU (default: the gemm crate's 1024³ rate measured in this run).
     #[arg(long)]
     pub peak_gflops: Option<f64>,
@@ -176,6 +181,13 @@ pub struct BenchArgs {
     /// Show the change of every metric against a saved report.
     #[arg(long, value_name = "OLD.json")]
     pub compare: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// `--torch-timeout` as a duration.
+    fn torch_patience(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.torch_timeout)
+    }
 }
 
 /// A model on the command line.
@@ -430,8 +442,8 @@ impl Reference {
                 let bar = progress(0, "PyTorch reference");
                 tick(&bar, &format!("starting PyTorch {} ×{}thr", model.name(), args.threads));
                 let threads = (args.threads, args.min_steps);
-                let server =
-                    torch::Server::start(&args.torch_script, &[model], threads, args.device)?;
+                let on = (args.device, args.torch_patience());
+                let server = torch::Server::start(&args.torch_script, &[model], threads, on)?;
                 bar.finish_and_clear();
                 server.map(Reference::Served)
             }
@@ -475,7 +487,7 @@ impl Reference {
                     strategy.threads,
                     (args.seconds, args.min_steps),
                     world,
-                    args.device,
+                    (args.device, args.torch_patience()),
                 )?;
                 figures.ok_or_else(|| {
                     BenchError::Torch(format!("{}: torch no longer importable", script.display()))

@@ -5,9 +5,14 @@
 //! has devices) next to them.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
 
 use serde::Deserialize;
 
@@ -42,15 +47,16 @@ struct Times {
 
 /// Runs the script for `models` with `threads` and `seconds` of timing per model, at least
 /// `min_steps` steps each (and `--world N` when `world` is given: the DDP script; `--device cuda`
-/// on a GPU). `Ok(None)` when python3 or torch is missing, or, for `cuda`, torch sees no GPU
-/// (the reference is then skipped).
+/// on a GPU), stopping it when it has not ended `patience` after its timed seconds.
+/// `Ok(None)` when python3 or torch is missing, or, for `cuda`, torch sees no GPU (the
+/// reference is then skipped).
 pub fn measure(
     script: &Path,
     models: &[Model],
     threads: usize,
     (seconds, min_steps): (f64, usize),
     world: Option<usize>,
-    device: TrainDevice,
+    (device, patience): (TrainDevice, Duration),
 ) -> Result<Option<Vec<TorchFigure>>, BenchError> {
     if !available(device) {
         return Ok(None);
@@ -60,17 +66,105 @@ pub fn measure(
     if let Some(world) = world {
         command.arg("--world").arg(world.to_string());
     }
-    let output =
-        command.output().map_err(|e| BenchError::Torch(format!("{}: {e}", script.display())))?;
-    if !output.status.success() {
+    let limit = Duration::from_secs_f64(seconds * models.len() as f64) + patience;
+    let (status, stdout, stderr) = run_bounded(script, command, limit)?;
+    if !status.success() {
         return Err(BenchError::Torch(format!(
-            "{} failed ({}): {}",
+            "{} failed ({status}): {}",
             script.display(),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim_end()
+            stderr.trim_end()
         )));
     }
-    parse(&String::from_utf8_lossy(&output.stdout)).map(Some)
+    parse(&stdout).map(Some)
+}
+
+/// Runs `command` (the script `script`) in a process group of its own to its end, or, when it
+/// has not ended within `limit`, kills the group (the DDP script's worker processes with it)
+/// and fails with what it wrote to stderr. Its exit status, stdout and stderr.
+fn run_bounded(
+    script: &Path,
+    mut command: Command,
+    limit: Duration,
+) -> Result<(ExitStatus, String, String), BenchError> {
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+    let mut child =
+        command.spawn().map_err(|e| BenchError::Torch(format!("{}: {e}", script.display())))?;
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        unreachable!("both streams were piped above")
+    };
+    let (stdout, stderr) = (drain(stdout), drain(stderr));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            outcome => {
+                stop(&mut child);
+                let why = match outcome {
+                    Err(e) => format!("cannot wait for it: {e}"),
+                    _ => format!("no result within {} s; stopped", limit.as_secs_f64()),
+                };
+                let stderr = text_of(&stderr, Duration::from_secs(1));
+                return Err(BenchError::Torch(format!(
+                    "{}: {why}: {}",
+                    script.display(),
+                    stderr.trim_end()
+                )));
+            }
+        }
+    };
+    let ended = Duration::from_secs(5);
+    Ok((status, text_of(&stdout, ended), text_of(&stderr, ended)))
+}
+
+/// What a child wrote to one of its streams so far ([`drain`]).
+#[derive(Default)]
+struct Drained {
+    bytes: Vec<u8>,
+    /// The stream has ended (or failed).
+    ended: bool,
+}
+
+/// A stream read to its end on a thread of its own (so that a full pipe never blocks the
+/// child), as it has arrived so far.
+fn drain(mut stream: impl Read + Send + 'static) -> Arc<Mutex<Drained>> {
+    let drained = Arc::new(Mutex::new(Drained::default()));
+    let sink = Arc::clone(&drained);
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 8192];
+        loop {
+            let read = stream.read(&mut buffer);
+            let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
+            match read {
+                Ok(0) => break sink.ended = true,
+                Ok(n) => sink.bytes.extend_from_slice(&buffer[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break sink.ended = true,
+            }
+        }
+    });
+    drained
+}
+
+/// What [`drain`] has read: all of it once the stream has ended, or what has arrived when
+/// `wait` has passed (a process that outlived its group's kill may hold the pipe open).
+fn text_of(stream: &Mutex<Drained>, wait: Duration) -> String {
+    let deadline = Instant::now() + wait;
+    loop {
+        let drained = stream.lock().unwrap_or_else(|e| e.into_inner());
+        if drained.ended || Instant::now() >= deadline {
+            return String::from_utf8_lossy(&drained.bytes).into_owned();
+        }
+        drop(drained);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Kills `child`'s process group (it leads one: `process_group(0)`) and reaps it.
+fn stop(child: &mut Child) {
+    crate::launch::supervise::signal_group(child.id(), Signal::KILL);
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// `python3 script` with the options both scripts share: `--threads`, `--min-steps`, the device
@@ -101,57 +195,67 @@ pub struct Server {
     script: PathBuf,
     child: Child,
     stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-    /// What the script wrote to stderr so far, drained by `drainer` so that it never blocks.
-    stderr: Arc<Mutex<String>>,
-    drainer: Option<std::thread::JoinHandle<()>>,
+    /// The script's stdout, line by line, from a reader thread (so that every wait for an
+    /// answer has a bound); the channel closes when the stream ends.
+    lines: Receiver<std::io::Result<String>>,
+    /// What the script wrote to stderr so far ([`drain`]).
+    stderr: Arc<Mutex<Drained>>,
+    /// How long past a request's timed seconds (or for its start) the script may take.
+    patience: Duration,
 }
 
 impl Server {
     /// Starts `script --serve` for `models` with `threads` on `device`, each request timing at
-    /// least `min_steps` steps, and waits until it has built and warmed them. `Ok(None)` when
-    /// python3 or torch is missing, or, for `cuda`, torch sees no GPU (the reference is then
-    /// skipped).
+    /// least `min_steps` steps, and waits (at most `patience`) until it has built and warmed
+    /// them. `Ok(None)` when python3 or torch is missing, or, for `cuda`, torch sees no GPU (the
+    /// reference is then skipped).
     pub fn start(
         script: &Path,
         models: &[Model],
         (threads, min_steps): (usize, usize),
-        device: TrainDevice,
+        (device, patience): (TrainDevice, Duration),
     ) -> Result<Option<Server>, BenchError> {
         if !available(device) {
             return Ok(None);
         }
         let mut command = script_command(script, models, (threads, min_steps), device);
         command.arg("--serve");
-        Server::spawn(script, command).map(Some)
+        Server::spawn(script, command, patience).map(Some)
     }
 
-    /// Runs `command` (the script `script`, or a stand-in) as a server and waits for its ready
-    /// line.
-    fn spawn(script: &Path, mut command: Command) -> Result<Server, BenchError> {
+    /// Runs `command` (the script `script`, or a stand-in) as a server in a process group of
+    /// its own and waits for its ready line.
+    fn spawn(
+        script: &Path,
+        mut command: Command,
+        patience: Duration,
+    ) -> Result<Server, BenchError> {
         command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        command.process_group(0);
         let mut child =
             command.spawn().map_err(|e| BenchError::Torch(format!("{}: {e}", script.display())))?;
         let taken = (child.stdin.take(), child.stdout.take(), child.stderr.take());
-        let (Some(stdin), Some(stdout), Some(mut errors)) = taken else {
+        let (Some(stdin), Some(stdout), Some(errors)) = taken else {
             unreachable!("the three streams were piped above")
         };
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&stderr);
-        let drainer = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = errors.read_to_string(&mut text);
-            sink.lock().unwrap_or_else(|e| e.into_inner()).push_str(&text);
+        let (send, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let failed = line.is_err();
+                if send.send(line).is_err() || failed {
+                    return;
+                }
+            }
         });
         let mut server = Server {
             script: script.to_path_buf(),
             child,
             stdin: Some(stdin),
-            stdout: BufReader::new(stdout),
-            stderr,
-            drainer: Some(drainer),
+            lines,
+            stderr: drain(errors),
+            patience,
         };
-        let ready = server.answer()?;
+        let ready = server.answer(patience, "its ready line")?;
         if !ready.contains("\"ready\"") {
             return Err(server.failed(&format!("expected its ready line, got {ready:?}"), false));
         }
@@ -169,7 +273,8 @@ impl Server {
         if let Err(e) = sent {
             return Err(self.failed(&format!("cannot send {request:?}: {e}"), true));
         }
-        let answer = self.answer()?;
+        let within = Duration::from_secs_f64(seconds) + self.patience;
+        let answer = self.answer(within, &format!("{request:?}"))?;
         let figures = parse(&answer)?;
         if !figures.iter().any(|f| f.model == model) {
             return Err(self.failed(&format!("no {} figure in {answer:?}", model.name()), false));
@@ -177,15 +282,26 @@ impl Server {
         Ok(figures)
     }
 
-    /// The next JSON line the script prints (other lines skipped).
-    fn answer(&mut self) -> Result<String, BenchError> {
+    /// The next JSON line the script prints (other lines skipped), `awaited` (what it answers)
+    /// within `within`; past that the script is stopped.
+    fn answer(&mut self, within: Duration, awaited: &str) -> Result<String, BenchError> {
+        let deadline = Instant::now() + within;
         loop {
-            let mut line = String::new();
-            match self.stdout.read_line(&mut line) {
-                Ok(0) => return Err(self.failed("exited before answering", true)),
-                Ok(_) if line.trim_start().starts_with('{') => return Ok(line.trim().to_owned()),
-                Ok(_) => continue,
-                Err(e) => return Err(self.failed(&format!("unreadable output: {e}"), false)),
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Ok(line)) if line.trim_start().starts_with('{') => {
+                    return Ok(line.trim().to_owned())
+                }
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => return Err(self.failed(&format!("unreadable output: {e}"), false)),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(self.failed("exited before answering", true))
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    stop(&mut self.child);
+                    let seconds = within.as_secs_f64();
+                    let what = format!("no answer to {awaited} within {seconds} s; stopped");
+                    return Err(self.failed(&what, true));
+                }
             }
         }
     }
@@ -193,30 +309,25 @@ impl Server {
     /// The error for `what` went wrong, with the script's exit status and stderr when it has
     /// ended (`ended`: its output or input closed, so it is ending: wait for that).
     fn failed(&mut self, what: &str, ended: bool) -> BenchError {
-        let patience = std::time::Duration::from_secs(if ended { 5 } else { 0 });
-        let status = match self.exit_status(patience) {
-            Some(status) => {
-                // Ended: its stderr is closed, and the drainer has all of it once it returns.
-                if let Some(drainer) = self.drainer.take() {
-                    let _ = drainer.join();
-                }
-                format!(" ({status})")
-            }
-            None => String::new(),
+        let patience = Duration::from_secs(if ended { 5 } else { 0 });
+        let (status, wait) = match self.exit_status(patience) {
+            Some(status) => (format!(" ({status})"), Duration::from_secs(1)),
+            None => (String::new(), Duration::ZERO),
         };
-        let stderr = self.stderr.lock().unwrap_or_else(|e| e.into_inner()).trim_end().to_owned();
+        let stderr = text_of(&self.stderr, wait);
+        let stderr = stderr.trim_end();
         BenchError::Torch(format!("{} --serve{status}: {what}: {stderr}", self.script.display()))
     }
 
     /// The script's exit status once it has ended, waiting up to `patience` for that; `None`
     /// while it runs.
-    fn exit_status(&mut self, patience: std::time::Duration) -> Option<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + patience;
+    fn exit_status(&mut self, patience: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + patience;
         loop {
             match self.child.try_wait() {
                 Ok(Some(status)) => return Some(status),
-                Ok(None) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(10))
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
                 }
                 _ => return None,
             }
@@ -227,9 +338,8 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         drop(self.stdin.take()); // EOF: the script's loop ends
-        if self.exit_status(std::time::Duration::from_secs(10)).is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        if self.exit_status(Duration::from_secs(10)).is_none() {
+            stop(&mut self.child);
         }
     }
 }
@@ -337,7 +447,90 @@ mod tests {
             format!("echo 'a line that is not JSON'; echo '{{\"ready\": [\"gpt\"]}}'; {body}");
         let mut command = Command::new("sh");
         command.arg("-c").arg(script);
-        Server::spawn(Path::new("stand-in.py"), command)
+        Server::spawn(Path::new("stand-in.py"), command, Duration::from_secs(20))
+    }
+
+    /// Whether process `pid` is gone (or a zombie its new parent has yet to reap), waiting up to
+    /// five seconds for that.
+    fn gone(pid: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The state follows the command's closing parenthesis.
+            let running = state.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'));
+            if !running {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The number after `label ` in `text`.
+    fn number_after<'t>(text: &'t str, label: &str) -> &'t str {
+        let start = text.find(label).map(|i| i + label.len()).unwrap_or(text.len());
+        let rest = &text[start..];
+        &rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())]
+    }
+
+    #[test]
+    fn a_served_reference_that_hangs_is_stopped_after_its_patience() {
+        // Ready, then a request that is never answered; a process of its group sleeps too.
+        let body =
+            "sleep 60 & echo \"helper $!\" >&2; read request; echo \"got $request\" >&2; sleep 60";
+        let script = format!("echo '{{\"ready\": [\"gpt\"]}}'; {body}");
+        let mut command = Command::new("sh");
+        command.arg("-c").arg(script);
+        let patience = Duration::from_millis(500);
+        let mut server = Server::spawn(Path::new("hang.py"), command, patience).expect("ready");
+        let started = Instant::now();
+        let message = server.time(Model::Gpt, 0.25).expect_err("no answer").to_string();
+        let waited = started.elapsed();
+        assert!(message.contains("hang.py --serve"), "{message}");
+        assert!(
+            message.contains("no answer to \"gpt 0.25\\n\" within 0.75 s; stopped"),
+            "{message}"
+        );
+        assert!(message.contains("got gpt 0.25"), "its stderr: {message}");
+        assert!(waited >= Duration::from_millis(750), "waited {waited:?}");
+        assert!(waited < Duration::from_secs(30), "waited {waited:?}");
+        let helper = number_after(&message, "helper ");
+        assert!(!helper.is_empty(), "{message}");
+        assert!(gone(helper), "the group's other process {helper} was stopped too");
+        assert!(server.exit_status(Duration::ZERO).is_some(), "the script itself was reaped");
+        // One that never says it is ready.
+        let mut silent = Command::new("sh");
+        silent.arg("-c").arg("echo 'importing torch' >&2; sleep 60");
+        let message = Server::spawn(Path::new("silent.py"), silent, patience)
+            .err()
+            .expect("never ready")
+            .to_string();
+        assert!(message.contains("no answer to its ready line within 0.5 s"), "{message}");
+        assert!(message.contains("importing torch"), "{message}");
+    }
+
+    #[test]
+    fn a_reference_run_is_bounded_and_its_whole_group_stopped() {
+        let mut quick = Command::new("sh");
+        quick.arg("-c").arg("echo '{\"a\": 1}'; echo 'a warning' >&2");
+        let (status, stdout, stderr) =
+            run_bounded(Path::new("quick.py"), quick, Duration::from_secs(20)).expect("ran");
+        assert!(status.success());
+        assert_eq!((stdout.as_str(), stderr.as_str()), ("{\"a\": 1}\n", "a warning\n"));
+        // A DDP run whose workers hang: the parent and its worker are killed at the limit.
+        let mut hung = Command::new("sh");
+        hung.arg("-c").arg("sleep 60 & echo \"worker $!\" >&2; wait");
+        let started = Instant::now();
+        let message = run_bounded(Path::new("torch_ddp.py"), hung, Duration::from_millis(500))
+            .expect_err("hangs")
+            .to_string();
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert!(message.contains("torch_ddp.py: no result within 0.5 s; stopped"), "{message}");
+        let worker = number_after(&message, "worker ");
+        assert!(!worker.is_empty(), "{message}");
+        assert!(gone(worker), "worker {worker} was stopped with its parent");
     }
 
     #[test]
@@ -363,11 +556,15 @@ mod tests {
 
     #[test]
     fn a_served_reference_that_fails_is_an_error_naming_why() {
-        let early = Server::spawn(Path::new("gone.py"), {
-            let mut command = Command::new("sh");
-            command.arg("-c").arg("echo 'no module named torch' >&2; exit 1");
-            command
-        });
+        let early = Server::spawn(
+            Path::new("gone.py"),
+            {
+                let mut command = Command::new("sh");
+                command.arg("-c").arg("echo 'no module named torch' >&2; exit 1");
+                command
+            },
+            Duration::from_secs(20),
+        );
         let message = early.err().expect("no ready line").to_string();
         assert!(message.contains("gone.py --serve"), "{message}");
         assert!(message.contains("exited before answering"), "{message}");

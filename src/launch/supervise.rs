@@ -253,7 +253,8 @@ fn signal_all(workers: &[Worker], signal: Signal) {
     }
 }
 
-fn signal_group(pid: u32, signal: Signal) {
+/// Sends `signal` to the process group led by `pid` (a child started with `process_group(0)`).
+pub(crate) fn signal_group(pid: u32, signal: Signal) {
     let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
         return;
     };
