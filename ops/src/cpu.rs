@@ -127,12 +127,12 @@ impl Special for f64 {
 /// An element-wise function of one value in the compute type `A`.
 ///
 /// The element loops of [`unary`], [`zip`] and [`binary`] call it by name inside a
-/// [`multiversion!`](simd::multiversion) function, where an `#[inline(always)]` `call` is
+/// `multiversion!` function, where an `#[inline(always)]` `call` is
 /// inlined and vectorised (a large kernel handed down as a closure stayed a scalar call per
 /// element: `perf annotate`). Closures implement it too, for small kernels.
 pub trait Map1<A>: Sync {
     /// `f(x)`; `FUSED`: called from code where `mul_add` is one FMA instruction (the `FUSED`
-    /// of [`multiversion!`]), for functions that evaluate polynomials.
+    /// of `multiversion!`), for functions that evaluate polynomials.
     fn call<const FUSED: bool>(&self, x: A) -> A;
 }
 

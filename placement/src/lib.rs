@@ -9,7 +9,7 @@
 //!   the product over mesh axes ([`nd_signatures`]).
 //! - [`plan_boxing`]: the steps (all-reduce, reduce-scatter, all-gather, all-to-all, local
 //!   slice, zero-fill, send/recv, slice-copy) from one [`Layout`] to another, with the bytes
-//!   each moves; [`reference`] executes plans on dense tensors to check them.
+//!   each moves; [`reference`](mod@reference) executes plans on dense tensors to check them.
 //! - [`select`]: a signature per op of a graph, greedy or searched, with a report.
 
 pub mod boxing;

@@ -359,7 +359,7 @@ pub fn gemm_reference(n: usize, threads: usize, timing: Timing) -> f64 {
 }
 
 /// The f32 GEMM peak of this machine on `threads` threads, FLOP/s: the `gemm` crate at 1024³,
-/// the best of [`PEAK_WINDOWS`] windows that share `timing`'s seconds. One window's median was
+/// the best of `PEAK_WINDOWS` windows that share `timing`'s seconds. One window's median was
 /// the peak before, and a slow spell of a shared host during it put the MFU of a step timed in
 /// a faster spell at 144 %.
 pub fn gemm_peak(threads: usize, timing: Timing) -> f64 {

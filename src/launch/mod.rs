@@ -54,7 +54,7 @@ pub struct LaunchArgs {
     /// How many times to restart the whole group after a worker fails.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_restarts: u32,
-    /// Also write each rank's output to DIR/rank<N>.log.
+    /// Also write each rank's output to `DIR/rank<N>.log`.
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
     /// Seconds the other workers get to exit after SIGTERM before SIGKILL, when one fails or the

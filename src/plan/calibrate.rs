@@ -1,4 +1,4 @@
-//! Calibration: the cost model's `cpu` figures measured on this machine ([`machine`]), and the
+//! Calibration: the cost model's `cpu` figures measured on this machine ([`machine`](super::machine)), and the
 //! simulator's predicted step times for every strategy that runs here ([`StrategyKind::ALL`]:
 //! meshes of CPU devices in one process, 1F1B pipelines, ZeRO, gradient accumulation, and data
 //! parallelism across processes launched on loopback) against real steps of the [`Session`]

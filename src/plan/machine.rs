@@ -235,7 +235,7 @@ fn copy_bandwidth() -> f64 {
 const LARGE_ALL_REDUCE: usize = 1 << 20;
 
 /// The α–β figures of a 2-member all-reduce from its seconds for one element (`small`, two
-/// hops) and for [`LARGE_ALL_REDUCE`] elements (`large`): per-hop latency, and the bytes per
+/// hops) and for `LARGE_ALL_REDUCE` elements (`large`): per-hop latency, and the bytes per
 /// second one member receives (the large tensor's bytes less the latency).
 pub fn link_from_all_reduces(small: f64, large: f64) -> Link {
     let bytes = (LARGE_ALL_REDUCE * 4) as f64;
@@ -396,7 +396,7 @@ pub fn trimmed_mean(mut values: Vec<f64>, fraction: f64) -> f64 {
 /// 4 MB all-reduce the same connection's read 100–108 µs, with a tail of 2–4 ms at the 99th
 /// percentile (docs/plan.md, session 5).
 ///
-/// Since session 7 both are timed as a step meets them ([`mean_evicted_all_reduce`]: each
+/// Since session 7 both are timed as a step meets them (`mean_evicted_all_reduce`: each
 /// member first writes `evict` bytes of other data, then its tensor), by their means, as the
 /// in-process link is.
 pub fn transport_link(communicator: &mut dyn Communicator, evict: usize) -> Result<Link> {

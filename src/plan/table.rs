@@ -42,7 +42,7 @@ fn strategies(devices: usize, per_node: usize, heads: usize) -> Vec<(&'static st
 /// The markdown table of predicted step time, throughput, MFU and memory for GPT-2 (8 sequences
 /// per data-parallel replica) and 1.3B (4 per replica) on 8, 64 and 512 devices of `cluster`'s
 /// kind (8 per node). Pipelined rows run one sequence per micro-batch; tensor-parallel rows
-/// split whole heads ([`strategies`]).
+/// split whole heads (`strategies`).
 pub fn scale_table(cluster: &Cluster, compile: &CompileConfig) -> Result<String> {
     let mut out = String::new();
     let _ = writeln!(out, "device: {}", cluster.device.kind);

@@ -93,8 +93,13 @@ pub struct SessionConfig {
     /// Compilation settings.
     pub compile: CompileConfig,
     /// Training: run each step as this many micro-batches (every input split on axis 0), summing
-    /// their gradients before one update (gradient accumulation; pipeline micro-batches).
-    /// At least 1 ([`Session::new`] refuses 0). Default 1.
+    /// their gradients before one update (gradient accumulation; pipeline micro-batches). Each
+    /// piece's loss is scaled by `1 / micro_batches` first, so the update and the fetched loss
+    /// are those of one step on the whole batch when the loss is a mean over the batch (as
+    /// `cross_entropy`'s, and PyTorch's `loss / accumulation_steps` habit); a loss summed over
+    /// the batch gets `1 / micro_batches` of its gradients. Besides the loss, only values that
+    /// do not depend on the inputs can be fetched ([`Session::new`] refuses others). At least 1
+    /// ([`Session::new`] refuses 0). Default 1.
     pub micro_batches: usize,
     /// Training: shard the optimizer state over this mesh axis (ZeRO), where a parameter is
     /// broadcast on it. Default `None`.

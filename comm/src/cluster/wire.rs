@@ -40,7 +40,7 @@ mod messages {
     pub enum ClientMessage {
         /// First message of a worker: who it is.
         Join {
-            /// [`PROTOCOL_VERSION`] of the sender.
+            /// [`PROTOCOL_VERSION`](crate::frame::PROTOCOL_VERSION) of the sender.
             version: u32,
             /// The world size the sender was launched with.
             world_size: u32,

@@ -4,7 +4,7 @@
 //! the kernels use 128-bit registers and no FMA. Two ways up to AVX2 + FMA (x86-64-v3) and
 //! AVX-512 (x86-64-v4, 16 f32 lanes):
 //!
-//! - [`multiversion!`](crate::cpu::simd::multiversion) stamps out a function three times from
+//! - `multiversion!` stamps out a function three times from
 //!   one body, for the baseline, with `#[target_feature]` for x86-64-v3 and for x86-64-v4,
 //!   and dispatches between them once per call. The code sits literally inside the feature
 //!   boundary, and what it calls directly (`#[inline(always)]` helpers, by name, not through

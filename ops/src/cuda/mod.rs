@@ -2,7 +2,7 @@
 //! allocator, cuBLAS products and kernels compiled at run time by NVRTC.
 //!
 //! The same types exist in every build. Without the feature, or on a machine without the NVIDIA
-//! driver and CUDA libraries, [`CudaDevice::new`] returns [`Error::Device`] naming what is
+//! driver and CUDA libraries, [`CudaDevice::new`] returns [`Error::Device`](crate::Error::Device) naming what is
 //! missing: the libraries are checked (`is_culib_present`) before any other cudarc call, because
 //! cudarc panics when it cannot load one.
 //!

@@ -1,6 +1,6 @@
 //! CUDA C of the network ops' kernels: embedding and its scatter-add gradient, cross-entropy and
 //! its gradient, the norms' gradient, and the row kernels of causal attention (whose products
-//! run through cuBLAS, [`super::attention`]).
+//! run through cuBLAS, [`crate::ops::attention`]).
 //!
 //! Same conventions as [`super::source`]: one source per (kernel, dtype), [`prelude`] first, `T`
 //! the storage type and `A` the accumulation type (f32 for bf16/f16/f32, f64 for f64). Row kernels

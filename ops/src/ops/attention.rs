@@ -9,7 +9,7 @@
 //! row's log-sum-exp `log Σ_j e^(s_ij)`; the backward recomputes the probabilities from it
 //! (flash-attention style) instead of keeping the `[B, H, T, T]` matrix alive.
 //!
-//! The CPU kernel ([`super::attention_kernel`]) runs one task per (batch, head) on the context's
+//! The CPU kernel (`attention_kernel`) runs one task per (batch, head) on the context's
 //! threads; inside a task, blocks of query rows meet only the keys up to their last row (the
 //! masked upper triangle is skipped by whole blocks) through single-threaded `gemm` calls.
 

@@ -12,7 +12,7 @@
 //!
 //! In f32 and f64, `s`, `n` and the gradients of `x`, `y`, the weight, the norm's bias and the
 //! branch's bias equal the unfused chain's bit for bit (the bias gradient adds its rows in
-//! `sum`'s blocks, [`crate::cpu::reduce::column_block_rows`]).
+//! `sum`'s blocks, `cpu::reduce::column_block_rows`).
 //! bf16 and f16 round `y + bias` and then `s`, as the two adds do.
 
 use std::sync::Arc;

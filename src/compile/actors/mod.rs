@@ -3,18 +3,18 @@
 //!
 //! One actor per (step, rank) (and per piece, for steps that run once per micro-batch):
 //!
-//! - a leaf is a [`ActorKind::Source`] (an input, fed every piece) or a [`ActorKind::Variable`]
+//! - a leaf is a [`ActorKind::Source`](meshflow_actor::ActorKind::Source) (an input, fed every piece) or a [`ActorKind::Variable`](meshflow_actor::ActorKind::Variable)
 //!   (a parameter or constant, read once per step; a parameter whose new value is listed in
 //!   [`ActorConfig::updates`] takes it as its update input, so the next step reads it only after
 //!   this step wrote it);
-//! - a kernel or boxing step is a [`ActorKind::Compute`] actor on its rank's stream;
+//! - a kernel or boxing step is a [`ActorKind::Compute`](meshflow_actor::ActorKind::Compute) actor on its rank's stream;
 //! - a boxing step whose plan communicates gets, per group of ranks that exchange data, a
 //!   [`Work::Join`] actor that reads the source slot of every member and feeds every member's
 //!   boxing actor: a collective's act starts only when all its group's ranks hold their input;
 //! - with `pieces > 1`, every rank sums the pieces of each value in [`ActorConfig::accumulate`]
 //!   (the gradients) in a [`Work::Accumulate`] actor before the steps that read it, which run
 //!   once per step;
-//! - every rank ends in a [`ActorKind::Sink`] ([`Work::End`]) that reads the last actor of each
+//! - every rank ends in a [`ActorKind::Sink`](meshflow_actor::ActorKind::Sink) ([`Work::End`]) that reads the last actor of each
 //!   of its streams.
 //!
 //! Edges: one per (writer, slot) to the actors that read that shard, and one "order" edge from
