@@ -345,10 +345,30 @@ impl Drop for Server {
 }
 
 /// Whether python3 imports torch (and, for `cuda`, torch sees a GPU): whether a reference
-/// can run on `device`.
+/// can run on `device`. Probed once per device in a process: a run asks before every reference
+/// it starts and every DDP round, and each probe's `import torch` took about 3 s here.
 pub fn available(device: TrainDevice) -> bool {
-    let probe = Command::new("python3").args(["-c", probe(device)]).output();
-    probe.is_ok_and(|o| o.status.success())
+    static PROBED: Probed = Probed(Mutex::new(Vec::new()));
+    PROBED.get(device, |device| {
+        let probe = Command::new("python3").args(["-c", probe(device)]).output();
+        probe.is_ok_and(|o| o.status.success())
+    })
+}
+
+/// Probe outcomes by device.
+struct Probed(Mutex<Vec<(TrainDevice, bool)>>);
+
+impl Probed {
+    /// The outcome for `device`, from `probe` the first time it is asked for.
+    fn get(&self, device: TrainDevice, probe: impl FnOnce(TrainDevice) -> bool) -> bool {
+        let mut probed = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&(_, outcome)) = probed.iter().find(|(known, _)| *known == device) {
+            return outcome;
+        }
+        let outcome = probe(device);
+        probed.push((device, outcome));
+        outcome
+    }
 }
 
 /// The Python that succeeds when the reference can run on `device`.
@@ -576,6 +596,26 @@ mod tests {
             stand_in(&format!("while read line; do echo '{mlp_only}'; done")).expect("ready");
         let message = server.time(Model::Gpt, 1.0).expect_err("no gpt figure").to_string();
         assert!(message.contains("no gpt figure"), "{message}");
+    }
+
+    #[test]
+    fn torch_is_probed_once_per_device() {
+        let probed = Probed(Mutex::new(Vec::new()));
+        let mut runs = Vec::new();
+        let mut ask = |device| {
+            probed.get(device, |d| {
+                runs.push(d);
+                d == TrainDevice::Cpu
+            })
+        };
+        let answers = [
+            ask(TrainDevice::Cpu),
+            ask(TrainDevice::Cuda),
+            ask(TrainDevice::Cpu),
+            ask(TrainDevice::Cuda),
+        ];
+        assert_eq!(answers, [true, false, true, false]);
+        assert_eq!(runs, [TrainDevice::Cpu, TrainDevice::Cuda]);
     }
 
     #[test]
