@@ -11,14 +11,18 @@ pub fn count(text: &str) -> Result<usize, String> {
     }
 }
 
-/// A finite number of seconds above 0.
+/// A number of seconds above 0 and at most [`MAX_SECONDS`] (a week: longer cannot be meant, and
+/// `1e300` overflowed the timing loop's `Duration` into a panic).
 pub fn positive_seconds(text: &str) -> Result<f64, String> {
     let seconds: f64 = text.parse().map_err(|_| format!("{text:?} is not a number"))?;
-    if !(seconds.is_finite() && seconds > 0.0) {
-        return Err("must be a finite number of seconds above 0".to_string());
+    if !(seconds > 0.0 && seconds <= MAX_SECONDS) {
+        return Err(format!("must be a number of seconds above 0 and at most {MAX_SECONDS}"));
     }
     Ok(seconds)
 }
+
+/// The most seconds [`positive_seconds`] takes: a week.
+pub const MAX_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
 
 #[cfg(test)]
 mod tests {
@@ -30,8 +34,10 @@ mod tests {
         assert_eq!(count("0"), Err("must be at least 1".to_string()));
         assert!(count("-1").unwrap_err().contains("not a count"));
         assert_eq!(positive_seconds("0.5"), Ok(0.5));
-        for text in ["0", "-2", "nan", "inf"] {
-            assert!(positive_seconds(text).unwrap_err().contains("above 0"), "{text}");
+        assert_eq!(positive_seconds("604800"), Ok(MAX_SECONDS));
+        for text in ["0", "-2", "nan", "inf", "604801", "1e300"] {
+            let refused = positive_seconds(text).unwrap_err();
+            assert!(refused.contains("above 0 and at most 604800"), "{text}: {refused}");
         }
         assert!(positive_seconds("soon").unwrap_err().contains("not a number"));
     }

@@ -90,7 +90,7 @@ fn device_defaults_to_the_cpu_and_parses_cuda() {
 
 /// Counts and times that cannot be meant are refused by the flag parser, naming the flag, before
 /// anything runs (a `--threads 0` ran one thread under a "0thr" label; `--seconds nan` timed
-/// the fewest steps; a strategy with a stray part ran without it).
+/// the fewest steps; `--seconds 1e300` panicked; a strategy with a stray part ran without it).
 #[test]
 fn bench_refuses_counts_times_and_strategies_that_cannot_be_meant() {
     let train = ["train", "--models", "mlp", "--strategies", "1", "--no-torch"];
@@ -98,8 +98,10 @@ fn bench_refuses_counts_times_and_strategies_that_cannot_be_meant() {
         ("--threads", "0", "must be at least 1"),
         ("--rounds", "0", "must be at least 1"),
         ("--min-steps", "0", "must be at least 1"),
-        ("--seconds", "nan", "finite number of seconds above 0"),
-        ("--seconds", "0", "finite number of seconds above 0"),
+        ("--seconds", "nan", "seconds above 0 and at most 604800"),
+        ("--seconds", "0", "seconds above 0 and at most 604800"),
+        ("--seconds", "1e300", "seconds above 0 and at most 604800"),
+        ("--torch-timeout", "1e9", "seconds above 0 and at most 604800"),
         ("--threads", "two", "is not a count"),
     ] {
         let output = bench(&[&train[..], &[flag, value]].concat());

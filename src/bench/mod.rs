@@ -184,9 +184,10 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
-    /// `--torch-timeout` as a duration.
+    /// `--torch-timeout` as a duration (saturating: a huge one waits for ever).
     fn torch_patience(&self) -> std::time::Duration {
-        std::time::Duration::from_secs_f64(self.torch_timeout)
+        let seconds = std::time::Duration::try_from_secs_f64(self.torch_timeout);
+        seconds.unwrap_or(std::time::Duration::MAX)
     }
 }
 

@@ -66,7 +66,7 @@ pub fn measure(
     if let Some(world) = world {
         command.arg("--world").arg(world.to_string());
     }
-    let limit = Duration::from_secs_f64(seconds * models.len() as f64) + patience;
+    let limit = timed(seconds * models.len() as f64, patience);
     let (status, stdout, stderr) = run_bounded(script, command, limit)?;
     if !status.success() {
         return Err(BenchError::Torch(format!(
@@ -93,11 +93,13 @@ fn run_bounded(
         unreachable!("both streams were piped above")
     };
     let (stdout, stderr) = (drain(stdout), drain(stderr));
-    let deadline = Instant::now() + limit;
+    let deadline = deadline(limit);
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) if deadline.is_none_or(|deadline| Instant::now() < deadline) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
             outcome => {
                 stop(&mut child);
                 let why = match outcome {
@@ -123,6 +125,17 @@ struct Drained {
     bytes: Vec<u8>,
     /// The stream has ended (or failed).
     ended: bool,
+}
+
+/// `seconds` of timing plus `patience`, saturating: a huge `--seconds` or `--torch-timeout`
+/// waits for ever instead of overflowing.
+fn timed(seconds: f64, patience: Duration) -> Duration {
+    Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX).saturating_add(patience)
+}
+
+/// The instant `after` from now; `None` (no deadline) past what an [`Instant`] holds.
+fn deadline(after: Duration) -> Option<Instant> {
+    Instant::now().checked_add(after)
 }
 
 /// A stream read to its end on a thread of its own (so that a full pipe never blocks the
@@ -273,7 +286,7 @@ impl Server {
         if let Err(e) = sent {
             return Err(self.failed(&format!("cannot send {request:?}: {e}"), true));
         }
-        let within = Duration::from_secs_f64(seconds) + self.patience;
+        let within = timed(seconds, self.patience);
         let answer = self.answer(within, &format!("{request:?}"))?;
         let figures = parse(&answer)?;
         if !figures.iter().any(|f| f.model == model) {
@@ -285,9 +298,15 @@ impl Server {
     /// The next JSON line the script prints (other lines skipped), `awaited` (what it answers)
     /// within `within`; past that the script is stopped.
     fn answer(&mut self, within: Duration, awaited: &str) -> Result<String, BenchError> {
-        let deadline = Instant::now() + within;
+        let deadline = deadline(within);
         loop {
-            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            let line = match deadline {
+                Some(deadline) => {
+                    self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                }
+                None => self.lines.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match line {
                 Ok(Ok(line)) if line.trim_start().starts_with('{') => {
                     return Ok(line.trim().to_owned())
                 }
@@ -596,6 +615,20 @@ mod tests {
             stand_in(&format!("while read line; do echo '{mlp_only}'; done")).expect("ready");
         let message = server.time(Model::Gpt, 1.0).expect_err("no gpt figure").to_string();
         assert!(message.contains("no gpt figure"), "{message}");
+    }
+
+    #[test]
+    fn a_patience_past_what_a_clock_holds_means_no_deadline() {
+        assert_eq!(timed(1e300, Duration::from_secs(5)), Duration::MAX);
+        assert_eq!(timed(2.5, Duration::from_secs(1)), Duration::from_millis(3500));
+        assert!(deadline(Duration::MAX).is_none());
+        let mut command = Command::new("sh");
+        command.arg("-c").arg("echo '{\"ready\": []}'; read request; echo \"$request\" >&2");
+        let mut server = Server::spawn(Path::new("patient.py"), command, Duration::MAX)
+            .expect("ready without a deadline");
+        let message = server.time(Model::Mlp, 1e300).expect_err("no answer").to_string();
+        assert!(message.contains("exited before answering"), "{message}");
+        assert!(message.contains("mlp 1000000"), "the request reached it: {message}");
     }
 
     #[test]
