@@ -21,6 +21,15 @@ pub fn positive_seconds(text: &str) -> Result<f64, String> {
     Ok(seconds)
 }
 
+/// A finite number above 0: a rate, a peak.
+pub fn positive_number(text: &str) -> Result<f64, String> {
+    let number: f64 = text.parse().map_err(|_| format!("{text:?} is not a number"))?;
+    if !(number.is_finite() && number > 0.0) {
+        return Err("must be a finite number above 0".to_string());
+    }
+    Ok(number)
+}
+
 /// The most seconds [`positive_seconds`] takes: a week.
 pub const MAX_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
 
@@ -40,5 +49,9 @@ mod tests {
             assert!(refused.contains("above 0 and at most 604800"), "{text}: {refused}");
         }
         assert!(positive_seconds("soon").unwrap_err().contains("not a number"));
+        assert_eq!(positive_number("989.4"), Ok(989.4));
+        for text in ["0", "-1", "nan", "inf", "fast"] {
+            assert!(positive_number(text).is_err(), "{text}");
+        }
     }
 }

@@ -41,7 +41,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::flags::{count, positive_seconds};
+use crate::flags::{count, positive_number, positive_seconds};
 use crate::plan::strategies::{SessionStrategy, StrategyKind};
 use report::{Machine, Report, TrainFigure};
 use train::{Model, StepTimes, Timing, TrainDevice, TrainRunner};
@@ -159,13 +159,13 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 300.0, value_parser = positive_seconds)]
     pub torch_timeout: f64,
     /// Peak GFLOP/s for MFU (default: the gemm crate's 1024³ rate measured in this run).
-    #[arg(long)]
+    #[arg(long, value_parser = positive_number)]
     pub peak_gflops: Option<f64>,
     /// Device threads of the in-process collectives.
     #[arg(long, default_value_t = 4, value_parser = count)]
     pub ranks: usize,
-    /// Largest collective size in bytes.
-    #[arg(long, default_value_t = 16 << 20)]
+    /// Largest collective size in bytes (at least 8, the table's smallest message).
+    #[arg(long, default_value_t = 16 << 20, value_parser = message_bytes)]
     pub max_bytes: usize,
     /// After each figure of a strategy in this process, run a traced session of it and print
     /// where its busiest rank spends the step, per op (acts, ms per step, share, GFLOP/s);
@@ -181,6 +181,16 @@ pub struct BenchArgs {
     /// Show the change of every metric against a saved report.
     #[arg(long, value_name = "OLD.json")]
     pub compare: Option<PathBuf>,
+}
+
+/// `--max-bytes`: at least the smallest message of the table, which is empty below it.
+fn message_bytes(text: &str) -> Result<usize, String> {
+    let smallest = comm::sizes(usize::MAX)[0];
+    match text.parse::<usize>() {
+        Ok(bytes) if bytes >= smallest => Ok(bytes),
+        Ok(_) => Err(format!("must be at least {smallest}, the smallest message timed")),
+        Err(_) => Err(format!("{text:?} is not a number of bytes")),
+    }
 }
 
 impl BenchArgs {
