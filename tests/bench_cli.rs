@@ -90,8 +90,8 @@ fn device_defaults_to_the_cpu_and_parses_cuda() {
 
 /// Counts and times that cannot be meant are refused by the flag parser, naming the flag, before
 /// anything runs (a `--threads 0` ran one thread under a "0thr" label; `--seconds nan` timed
-/// the fewest steps; `--seconds 1e300` panicked; `--peak-gflops nan` printed NaN %; `--max-bytes 4` timed
-/// nothing; a strategy with a stray part ran without it).
+/// the fewest steps; `--seconds 1e300` panicked; `--peak-gflops nan` printed NaN %;
+/// `--max-bytes 4` timed nothing; a strategy with a stray part ran without it).
 #[test]
 fn bench_refuses_counts_times_and_strategies_that_cannot_be_meant() {
     let train = ["train", "--models", "mlp", "--strategies", "1", "--no-torch"];
