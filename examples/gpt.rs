@@ -7,7 +7,9 @@
 //! ```
 //!
 //! With `--checkpoint-dir DIR` it saves a checkpoint every `--save-every` steps and at the end,
-//! and resumes from it when it exists (on any mesh: checkpoints reshard).
+//! and resumes from it when it exists (on any mesh: checkpoints reshard). A loss that turns NaN
+//! or infinite stops the run with an error, and no checkpoint holding such values is saved over
+//! the last good one.
 //!
 //! With `--init-from FILE` (weights in the layout of `shared/formats/gpt-weights.md`) and
 //! `--data FILE` (`data.tokens`), it reproduces another framework's run step for step.
@@ -17,7 +19,7 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use meshflow::checkpoint::{self, LoadOptions};
+use meshflow::checkpoint::{self, LoadOptions, SaveOptions};
 use meshflow::compile::{Program, View};
 use meshflow::data::{inputs_and_targets, Batches, CharTokenizer, TokenFile};
 use meshflow::flags;
@@ -274,6 +276,17 @@ fn run(args: &Args) -> Result<()> {
             (&targets, HostTensor::from_vec(y, [batch, ctx])?),
         ];
         let value = session.step(&feeds)?[0].to_vec::<f32>()?[0];
+        if !value.is_finite() {
+            bar.finish_and_clear();
+            let kept = match &args.checkpoint_dir {
+                Some(dir) => format!("; the checkpoint in {} is left as it was", dir.display()),
+                None => String::new(),
+            };
+            return Err(Error::Data(format!(
+                "step {step}: the loss is {value}, training diverged (a lower --lr, --grad-clip \
+                 or a larger --eps may help){kept}"
+            )));
+        }
         let seconds = started.elapsed().as_secs_f64();
         let tokens_per_second = ((step + 1 - start) * batch * ctx) as f64 / seconds;
         let every = if token_file.is_some() { 1 } else { args.log_every.max(1) };
@@ -321,11 +334,15 @@ fn resume(session: &mut Session, dir: Option<&Path>) -> Result<usize> {
     Ok(session.steps_done() as usize)
 }
 
-/// Saves a checkpoint after `done` steps when one is due (every --save-every, and at the end).
+/// Saves a checkpoint after `done` steps when one is due (every --save-every, and at the end),
+/// unless a weight or optimizer state has become NaN or infinite: a diverged run then stops
+/// with that error instead of replacing the last good checkpoint.
 fn save_due(session: &Session, args: &Args, done: usize, steps: usize) -> Result<()> {
     let Some(dir) = &args.checkpoint_dir else { return Ok(()) };
     if done == steps || (args.save_every > 0 && done.is_multiple_of(args.save_every)) {
-        checkpoint::save(session, dir).map_err(|e| Error::Data(e.to_string()))?;
+        let finite_only = SaveOptions { finite_only: true, ..SaveOptions::default() };
+        checkpoint::save_with(session, dir, &finite_only)
+            .map_err(|e| Error::Data(e.to_string()))?;
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use meshflow::checkpoint::{self, Error, ExportOptions, Index, LoadOptions, SaveOptions};
 use meshflow::nn::{Gpt, GptConfig, Layouts, WeightInit};
 use meshflow::ops::ops::adamw::AdamW;
-use meshflow::ops::DType;
+use meshflow::ops::{DType, Tensor as HostTensor};
 use meshflow::placement::{DeviceType, Placement};
 use meshflow::schedule::Schedule;
 use meshflow::session::{Optimizer, Session, SessionConfig, Training};
@@ -133,7 +133,7 @@ fn a_failed_save_leaves_the_previous_checkpoint_whole() {
     checkpoint::load(&mut saved.session, &path, &LoadOptions::default()).unwrap();
     run.step(1);
 
-    let options = SaveOptions { fail_on_rank: Some(1) };
+    let options = SaveOptions { fail_on_rank: Some(1), ..SaveOptions::default() };
     let error = checkpoint::save_with(&run.session, &path, &options).unwrap_err();
     assert!(error.to_string().contains("injected failure"), "{error}");
     assert_eq!(Index::read(&path.join("index.json")).unwrap().steps_done, 1);
@@ -151,6 +151,45 @@ fn a_failed_save_leaves_the_previous_checkpoint_whole() {
     checkpoint::save(&run.session, &path).unwrap();
     assert_eq!(stale_siblings(dir.path()), 0);
     assert_eq!(Index::read(&path.join("index.json")).unwrap().steps_done, 2);
+}
+
+/// With `finite_only`, a session holding a NaN (a run that diverged) is not saved over the last
+/// good checkpoint; the error names the variable and the value. By default it is saved.
+#[test]
+fn a_diverged_run_is_not_saved_over_a_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ckpt");
+    let mut run = dp2_tp2();
+    run.step(0);
+    let finite_only = SaveOptions { finite_only: true, ..SaveOptions::default() };
+    checkpoint::save_with(&run.session, &path, &finite_only).unwrap();
+    run.step(1);
+    let name = "h.1.mlp.c_fc.weight";
+    let variables = run.session.variables().unwrap();
+    let (_, weight) = variables.iter().find(|(n, _)| n == name).unwrap();
+    let mut values = weight.to_vec::<f32>().unwrap();
+    let last = values.len() - 1;
+    values[last] = f32::NAN;
+    let poisoned = HostTensor::from_vec(values, weight.dims().to_vec()).unwrap();
+    run.session.load_variables(&[(name.to_string(), poisoned)]).unwrap();
+
+    let error = checkpoint::save_with(&run.session, &path, &finite_only).unwrap_err().to_string();
+    assert!(error.contains(name) && error.contains("holds NaN"), "{error}");
+    assert!(error.contains("left as it was"), "{error}");
+    assert!(error.starts_with(&format!("checkpoint {}: tensor {name}", path.display())), "{error}");
+    assert_eq!(Index::read(&path.join("index.json")).unwrap().steps_done, 1, "the good one stays");
+    assert_eq!(stale_siblings(dir.path()), 0, "the refused save cleans up after itself");
+    let mut resumed = trainer(&[1], None, None, CONFIG, true, 99);
+    checkpoint::load(&mut resumed.session, &path, &LoadOptions::default()).unwrap();
+    assert!(resumed
+        .session
+        .variables()
+        .unwrap()
+        .iter()
+        .all(|(_, t)| { t.to_vec::<f32>().unwrap().iter().all(|v| v.is_finite()) }));
+
+    checkpoint::save(&run.session, &path).unwrap();
+    assert_eq!(Index::read(&path.join("index.json")).unwrap().steps_done, 2, "saved by default");
 }
 
 #[test]

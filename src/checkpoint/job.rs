@@ -31,7 +31,7 @@ pub(super) fn save(
         let answer = get(job, &format!("{key}.directory"))?;
         PathBuf::from(verdict(&answer, dir, "rank 0 could not prepare the directory")?)
     };
-    let written = write_rank_files(session, specs, &temporary, options);
+    let written = write_rank_files(session, specs, (&temporary, dir), options);
     set(job, &format!("{key}.written.{rank}"), &outcome(written.as_ref().map(|_| "")))?;
     if rank != 0 {
         written?;

@@ -41,6 +41,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use meshflow_ops::io::{self, Named};
+use meshflow_ops::{DType, Tensor as HostTensor};
 
 use crate::session::shards::{RankAssignments, RankShards, VariableSpec};
 use crate::session::Session;
@@ -65,6 +66,11 @@ pub struct SaveOptions {
     /// Fault injection, for tests of atomicity: this rank writes half of its file and then fails
     /// as a full disk would. `None` (the default) in real use.
     pub fail_on_rank: Option<usize>,
+    /// Refuse to save a variable holding a NaN or an infinity (a run that diverged): the save
+    /// fails naming the variable, and the checkpoint already in the directory stays as it was,
+    /// so a diverged run never replaces the last good one. Off by default: a checkpoint is a
+    /// snapshot of whatever the session holds.
+    pub finite_only: bool,
 }
 
 /// The name of the file rank `rank` writes.
@@ -105,7 +111,7 @@ pub fn save_with(session: &Session, dir: impl AsRef<Path>, options: &SaveOptions
         return job::save(session, job, &specs, dir, options);
     }
     let temporary = atomic::temporary_sibling(dir)?;
-    let written = write_rank_files(session, &specs, &temporary, options);
+    let written = write_rank_files(session, &specs, (&temporary, dir), options);
     let result = written.and_then(|()| publish(session, &specs, &temporary, dir));
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&temporary);
@@ -156,17 +162,20 @@ pub fn load(session: &mut Session, dir: impl AsRef<Path>, options: &LoadOptions)
     Ok(())
 }
 
-/// Every rank of this process writes its file into `dir` (a rank that writes nothing has none).
+/// Every rank of this process writes its file into `dir`, the temporary sibling of the
+/// checkpoint `destination` (a rank that writes nothing has none).
 fn write_rank_files(
     session: &Session,
     specs: &Arc<Vec<VariableSpec>>,
-    dir: &Path,
+    (dir, destination): (&Path, &Path),
     options: &SaveOptions,
 ) -> Result<()> {
     let specs = Arc::clone(specs);
-    let (dir, fail) = (dir.to_path_buf(), options.fail_on_rank);
-    let results =
-        session.on_each_rank(move |shards| write_rank_file(shards, &specs, &dir, fail))?;
+    let paths = (dir.to_path_buf(), destination.to_path_buf());
+    let options = options.clone();
+    let results = session.on_each_rank(move |shards| {
+        write_rank_file(shards, &specs, (&paths.0, &paths.1), &options)
+    })?;
     results.into_iter().collect()
 }
 
@@ -174,15 +183,30 @@ fn write_rank_files(
 fn write_rank_file(
     shards: &RankShards<'_>,
     specs: &[VariableSpec],
-    dir: &Path,
-    fail: Option<usize>,
+    (dir, destination): (&Path, &Path),
+    options: &SaveOptions,
 ) -> Result<()> {
     let rank = shards.rank();
+    let file = rank_file(rank);
+    let path = dir.join(&file);
     let mut named = Named::default();
     for spec in specs.iter().filter(|s| s.is_writer(rank)) {
         let shard = shards.current(spec)?.ok_or_else(|| {
             crate::Error::Runtime(format!("rank {rank} does not hold variable {}", spec.name))
         })?;
+        if options.finite_only {
+            if let Some((index, value)) = first_non_finite(&shard)? {
+                return Err(Error::Tensor {
+                    path: destination.to_path_buf(),
+                    tensor: spec.name.clone(),
+                    reason: format!(
+                        "holds {value} (element {index} of rank {rank}'s shard): not saved, \
+                         the checkpoint already there is left as it was \
+                         (SaveOptions::finite_only)"
+                    ),
+                });
+            }
+        }
         named.tensors.insert(spec.name.clone(), shard);
     }
     if named.tensors.is_empty() {
@@ -190,16 +214,29 @@ fn write_rank_file(
     }
     named.metadata.insert("format".into(), format!("{FORMAT}-shard"));
     named.metadata.insert("rank".into(), rank.to_string());
-    let file = rank_file(rank);
-    let path = dir.join(&file);
     let bytes = io::serialize(&named, &path.display().to_string())?;
-    if fail == Some(rank) {
+    if options.fail_on_rank == Some(rank) {
         atomic::write_synced(&path, &bytes[..bytes.len() / 2])?;
         let source = std::io::Error::other("injected failure (SaveOptions::fail_on_rank)");
         return Err(Error::Io { path, source });
     }
     atomic::write_synced(&path, &bytes)?;
     Ok(())
+}
+
+/// The first element of a float `tensor` that is a NaN or an infinity, with its value; `None`
+/// for an all-finite or an integer tensor.
+fn first_non_finite(tensor: &HostTensor) -> Result<Option<(usize, f64)>> {
+    fn find<T: Copy>(values: &[T], wide: impl Fn(T) -> f64) -> Option<(usize, f64)> {
+        values.iter().map(|&v| wide(v)).enumerate().find(|(_, v)| !v.is_finite())
+    }
+    Ok(match tensor.dtype() {
+        DType::F32 => find(tensor.as_slice::<f32>()?, f64::from),
+        DType::F64 => find(tensor.as_slice::<f64>()?, |v| v),
+        DType::BF16 => find(tensor.as_slice::<half::bf16>()?, f64::from),
+        DType::F16 => find(tensor.as_slice::<half::f16>()?, f64::from),
+        _ => None,
+    })
 }
 
 /// The index of what the ranks wrote: rank `r` has a file when it is the writer of a variable
