@@ -283,7 +283,7 @@ fn run(args: &Args) -> Result<()> {
                 None => String::new(),
             };
             return Err(Error::Data(format!(
-                "step {step}: the loss is {value}, training diverged (a lower --lr, --grad-clip \
+                "step {step}: the loss is {value}, training diverged (a lower --lr, --clip-grad \
                  or a larger --eps may help){kept}"
             )));
         }
