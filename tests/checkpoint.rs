@@ -4,7 +4,7 @@
 //! file, the tensor and the mismatch; weights move through one logical safetensors file.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use meshflow::checkpoint::{self, Error, ExportOptions, Index, LoadOptions, SaveOptions};
 use meshflow::nn::{Gpt, GptConfig, Layouts, WeightInit};
@@ -122,13 +122,19 @@ fn resharding_continues_training_on_tp4_and_one_device() {
     }
 }
 
-#[test]
-fn a_failed_save_leaves_the_previous_checkpoint_whole() {
+/// A DP2×TP2 run of one step saved with `options` into `ckpt` of a new temporary directory.
+fn saved_after_one_step(options: &SaveOptions) -> (tempfile::TempDir, PathBuf, Trainer) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ckpt");
     let mut run = dp2_tp2();
     run.step(0);
-    checkpoint::save(&run.session, &path).unwrap();
+    checkpoint::save_with(&run.session, &path, options).unwrap();
+    (dir, path, run)
+}
+
+#[test]
+fn a_failed_save_leaves_the_previous_checkpoint_whole() {
+    let (dir, path, mut run) = saved_after_one_step(&SaveOptions::default());
     let mut saved = trainer(&[1], None, None, CONFIG, true, 99);
     checkpoint::load(&mut saved.session, &path, &LoadOptions::default()).unwrap();
     run.step(1);
@@ -157,12 +163,8 @@ fn a_failed_save_leaves_the_previous_checkpoint_whole() {
 /// good checkpoint; the error names the variable and the value. By default it is saved.
 #[test]
 fn a_diverged_run_is_not_saved_over_a_good_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ckpt");
-    let mut run = dp2_tp2();
-    run.step(0);
     let finite_only = SaveOptions { finite_only: true, ..SaveOptions::default() };
-    checkpoint::save_with(&run.session, &path, &finite_only).unwrap();
+    let (dir, path, mut run) = saved_after_one_step(&finite_only);
     run.step(1);
     let name = "h.1.mlp.c_fc.weight";
     let variables = run.session.variables().unwrap();
