@@ -194,10 +194,9 @@ fn message_bytes(text: &str) -> Result<usize, String> {
 }
 
 impl BenchArgs {
-    /// `--torch-timeout` as a duration (saturating: a huge one waits for ever).
+    /// `--torch-timeout` as a duration (its parser keeps it within a week).
     fn torch_patience(&self) -> std::time::Duration {
-        let seconds = std::time::Duration::try_from_secs_f64(self.torch_timeout);
-        seconds.unwrap_or(std::time::Duration::MAX)
+        std::time::Duration::from_secs_f64(self.torch_timeout)
     }
 }
 
@@ -458,7 +457,8 @@ impl Reference {
                 bar.finish_and_clear();
                 server.map(Reference::Served)
             }
-            Some(strategy) => torch::available(args.device).then_some(Reference::Ddp(strategy)),
+            Some(strategy) => torch::available(args.device, args.torch_patience())?
+                .then_some(Reference::Ddp(strategy)),
         };
         if source.is_none() {
             let why = match args.device {

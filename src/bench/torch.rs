@@ -4,7 +4,7 @@
 //! `scripts/torch_ddp.py` (DistributedDataParallel over gloo, as many processes as the strategy
 //! has devices) next to them.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -58,7 +58,7 @@ pub fn measure(
     world: Option<usize>,
     (device, patience): (TrainDevice, Duration),
 ) -> Result<Option<Vec<TorchFigure>>, BenchError> {
-    if !available(device) {
+    if !available(device, patience)? {
         return Ok(None);
     }
     let mut command = script_command(script, models, (threads, min_steps), device);
@@ -88,32 +88,20 @@ fn run_bounded(
 ) -> Result<(ExitStatus, String, String), BenchError> {
     command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
     let mut child =
-        command.spawn().map_err(|e| BenchError::Torch(format!("{}: {e}", script.display())))?;
+        command.spawn().map_err(|source| BenchError::Io { path: script.into(), source })?;
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         unreachable!("both streams were piped above")
     };
     let (stdout, stderr) = (drain(stdout), drain(stderr));
-    let deadline = deadline(limit);
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if deadline.is_none_or(|deadline| Instant::now() < deadline) => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            outcome => {
-                stop(&mut child);
-                let why = match outcome {
-                    Err(e) => format!("cannot wait for it: {e}"),
-                    _ => format!("no result within {} s; stopped", limit.as_secs_f64()),
-                };
-                let stderr = text_of(&stderr, Duration::from_secs(1));
-                return Err(BenchError::Torch(format!(
-                    "{}: {why}: {}",
-                    script.display(),
-                    stderr.trim_end()
-                )));
-            }
-        }
+    let Some(status) = exited_within(&mut child, limit) else {
+        stop(&mut child);
+        let stderr = text_of(&stderr, Duration::from_secs(1));
+        return Err(BenchError::Torch(format!(
+            "{}: no result within {} s; stopped: {}",
+            script.display(),
+            limit.as_secs_f64(),
+            stderr.trim_end()
+        )));
     };
     let ended = Duration::from_secs(5);
     Ok((status, text_of(&stdout, ended), text_of(&stderr, ended)))
@@ -138,6 +126,21 @@ fn deadline(after: Duration) -> Option<Instant> {
     Instant::now().checked_add(after)
 }
 
+/// `child`'s exit status once it has ended, waiting up to `patience` for that; `None` while it
+/// runs (or when it cannot be waited for).
+fn exited_within(child: &mut Child, patience: Duration) -> Option<ExitStatus> {
+    let deadline = deadline(patience);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if deadline.is_none_or(|deadline| Instant::now() < deadline) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            _ => return None,
+        }
+    }
+}
+
 /// A stream read to its end on a thread of its own (so that a full pipe never blocks the
 /// child), as it has arrived so far.
 fn drain(mut stream: impl Read + Send + 'static) -> Arc<Mutex<Drained>> {
@@ -151,7 +154,7 @@ fn drain(mut stream: impl Read + Send + 'static) -> Arc<Mutex<Drained>> {
             match read {
                 Ok(0) => break sink.ended = true,
                 Ok(n) => sink.bytes.extend_from_slice(&buffer[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => break sink.ended = true,
             }
         }
@@ -228,7 +231,7 @@ impl Server {
         (threads, min_steps): (usize, usize),
         (device, patience): (TrainDevice, Duration),
     ) -> Result<Option<Server>, BenchError> {
-        if !available(device) {
+        if !available(device, patience)? {
             return Ok(None);
         }
         let mut command = script_command(script, models, (threads, min_steps), device);
@@ -329,7 +332,7 @@ impl Server {
     /// ended (`ended`: its output or input closed, so it is ending: wait for that).
     fn failed(&mut self, what: &str, ended: bool) -> BenchError {
         let patience = Duration::from_secs(if ended { 5 } else { 0 });
-        let (status, wait) = match self.exit_status(patience) {
+        let (status, wait) = match exited_within(&mut self.child, patience) {
             Some(status) => (format!(" ({status})"), Duration::from_secs(1)),
             None => (String::new(), Duration::ZERO),
         };
@@ -337,27 +340,12 @@ impl Server {
         let stderr = stderr.trim_end();
         BenchError::Torch(format!("{} --serve{status}: {what}: {stderr}", self.script.display()))
     }
-
-    /// The script's exit status once it has ended, waiting up to `patience` for that; `None`
-    /// while it runs.
-    fn exit_status(&mut self, patience: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + patience;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return Some(status),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                _ => return None,
-            }
-        }
-    }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         drop(self.stdin.take()); // EOF: the script's loop ends
-        if self.exit_status(Duration::from_secs(10)).is_none() {
+        if exited_within(&mut self.child, Duration::from_secs(10)).is_none() {
             stop(&mut self.child);
         }
     }
@@ -365,12 +353,20 @@ impl Drop for Server {
 
 /// Whether python3 imports torch (and, for `cuda`, torch sees a GPU): whether a reference
 /// can run on `device`. Probed once per device in a process: a run asks before every reference
-/// it starts and every DDP round, and each probe's `import torch` took about 3 s here.
-pub fn available(device: TrainDevice) -> bool {
+/// it starts and every DDP round, and each probe's `import torch` took about 3 s here. A probe
+/// that has not ended within `patience` (a hung driver) is stopped and is an error.
+pub fn available(device: TrainDevice, patience: Duration) -> Result<bool, BenchError> {
     static PROBED: Probed = Probed(Mutex::new(Vec::new()));
     PROBED.get(device, |device| {
-        let probe = Command::new("python3").args(["-c", probe(device)]).output();
-        probe.is_ok_and(|o| o.status.success())
+        let mut command = Command::new("python3");
+        command.args(["-c", probe(device)]);
+        let what = format!("python3 -c {:?}", probe(device));
+        match run_bounded(Path::new(&what), command, patience) {
+            Ok((status, _, _)) => Ok(status.success()),
+            // No python3: no reference, as without torch.
+            Err(BenchError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
     })
 }
 
@@ -378,15 +374,19 @@ pub fn available(device: TrainDevice) -> bool {
 struct Probed(Mutex<Vec<(TrainDevice, bool)>>);
 
 impl Probed {
-    /// The outcome for `device`, from `probe` the first time it is asked for.
-    fn get(&self, device: TrainDevice, probe: impl FnOnce(TrainDevice) -> bool) -> bool {
+    /// The outcome for `device`, from `probe` the first time it gives one.
+    fn get(
+        &self,
+        device: TrainDevice,
+        probe: impl FnOnce(TrainDevice) -> Result<bool, BenchError>,
+    ) -> Result<bool, BenchError> {
         let mut probed = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(&(_, outcome)) = probed.iter().find(|(known, _)| *known == device) {
-            return outcome;
+            return Ok(outcome);
         }
-        let outcome = probe(device);
+        let outcome = probe(device)?;
         probed.push((device, outcome));
-        outcome
+        Ok(outcome)
     }
 }
 
@@ -538,7 +538,8 @@ mod tests {
         let helper = number_after(&message, "helper ");
         assert!(!helper.is_empty(), "{message}");
         assert!(gone(helper), "the group's other process {helper} was stopped too");
-        assert!(server.exit_status(Duration::ZERO).is_some(), "the script itself was reaped");
+        let reaped = exited_within(&mut server.child, Duration::ZERO);
+        assert!(reaped.is_some(), "the script itself was reaped");
         // One that never says it is ready.
         let mut silent = Command::new("sh");
         silent.arg("-c").arg("echo 'importing torch' >&2; sleep 60");
@@ -569,6 +570,12 @@ mod tests {
         assert!(message.contains("torch_ddp.py: no result within 0.5 s; stopped"), "{message}");
         let worker = number_after(&message, "worker ");
         assert!(!worker.is_empty(), "{message}");
+        // A program that does not exist (no python3: the probe then says "no reference").
+        let missing = Command::new("/nonexistent/python3");
+        let error = run_bounded(Path::new("python3"), missing, Duration::from_secs(5)).unwrap_err();
+        assert!(
+            matches!(&error, BenchError::Io { source, .. } if source.kind() == ErrorKind::NotFound)
+        );
         assert!(gone(worker), "worker {worker} was stopped with its parent");
     }
 
@@ -632,23 +639,30 @@ mod tests {
     }
 
     #[test]
-    fn torch_is_probed_once_per_device() {
+    fn torch_is_probed_once_per_device_and_a_failed_probe_again() {
         let probed = Probed(Mutex::new(Vec::new()));
         let mut runs = Vec::new();
-        let mut ask = |device| {
-            probed.get(device, |d| {
+        let mut ask = |device, hung: bool| {
+            let outcome = probed.get(device, |d| {
                 runs.push(d);
-                d == TrainDevice::Cpu
-            })
+                match hung {
+                    true => Err(BenchError::Torch("probe hung".into())),
+                    false => Ok(d == TrainDevice::Cpu),
+                }
+            });
+            outcome.map_err(|e| e.to_string())
         };
         let answers = [
-            ask(TrainDevice::Cpu),
-            ask(TrainDevice::Cuda),
-            ask(TrainDevice::Cpu),
-            ask(TrainDevice::Cuda),
+            ask(TrainDevice::Cpu, false),
+            ask(TrainDevice::Cuda, true),
+            ask(TrainDevice::Cpu, true),
+            ask(TrainDevice::Cuda, false),
+            ask(TrainDevice::Cuda, true),
         ];
-        assert_eq!(answers, [true, false, true, false]);
-        assert_eq!(runs, [TrainDevice::Cpu, TrainDevice::Cuda]);
+        let hung = Err("torch reference: probe hung".to_string());
+        assert_eq!(answers, [Ok(true), hung, Ok(true), Ok(false), Ok(false)]);
+        let expected = [TrainDevice::Cpu, TrainDevice::Cuda, TrainDevice::Cuda];
+        assert_eq!(runs, expected, "cached once known; a failed probe is not an outcome");
     }
 
     #[test]
