@@ -29,7 +29,11 @@ use meshflow::ops::{io, DType, Tensor as HostTensor};
 use meshflow::placement::{DeviceType, Placement};
 use meshflow::schedule::Schedule;
 use meshflow::session::{DeviceKind, Optimizer, Session, SessionConfig, Training};
-use meshflow::{Error, Graph, Result};
+use meshflow::{Error, Graph};
+
+/// Errors of the run: meshflow's, the checkpoint's and the example's own, each with its own
+/// message.
+type Result<T, E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
 
 /// Where the devices run.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -160,7 +164,7 @@ fn run(args: &Args) -> Result<()> {
     let text = std::fs::read_to_string(&args.corpus)
         .map_err(|e| Error::Data(format!("{}: {e}", args.corpus.display())))?;
     if text.is_empty() {
-        return Err(Error::Data(format!("corpus {} is empty", args.corpus.display())));
+        return Err(Error::Data(format!("corpus {} is empty", args.corpus.display())).into());
     }
     let tokenizer = CharTokenizer::from_text(&text);
     let init = args.init_from.as_ref().map(io::load).transpose()?;
@@ -250,7 +254,7 @@ fn run(args: &Args) -> Result<()> {
     let mut batches = Batches::new(tokenizer.encode(&text)?, batch, ctx, args.seed)?;
     let steps = token_file.as_ref().map_or(args.steps, |f| f.steps.min(args.steps));
     if let Some(dir) = &args.checkpoint_dir {
-        checkpoint::check_destination(dir).map_err(|e| Error::Data(e.to_string()))?;
+        checkpoint::check_destination(dir)?;
     }
     let start = resume(&mut session, args.checkpoint_dir.as_deref())?;
     if token_file.is_none() {
@@ -285,7 +289,8 @@ fn run(args: &Args) -> Result<()> {
             return Err(Error::Data(format!(
                 "step {step}: the loss is {value}, training diverged (a lower --lr, --clip-grad \
                  or a larger --eps may help){kept}"
-            )));
+            ))
+            .into());
         }
         let seconds = started.elapsed().as_secs_f64();
         let tokens_per_second = ((step + 1 - start) * batch * ctx) as f64 / seconds;
@@ -328,8 +333,7 @@ fn resume(session: &mut Session, dir: Option<&Path>) -> Result<usize> {
     let Some(dir) = dir.filter(|d| d.join(checkpoint::INDEX_FILE).exists()) else {
         return Ok(0);
     };
-    checkpoint::load(session, dir, &LoadOptions::default())
-        .map_err(|e| Error::Data(e.to_string()))?;
+    checkpoint::load(session, dir, &LoadOptions::default())?;
     println!("resumed from {} after step {}", dir.display(), session.steps_done());
     Ok(session.steps_done() as usize)
 }
@@ -341,8 +345,7 @@ fn save_due(session: &Session, args: &Args, done: usize, steps: usize) -> Result
     let Some(dir) = &args.checkpoint_dir else { return Ok(()) };
     if done == steps || (args.save_every > 0 && done.is_multiple_of(args.save_every)) {
         let finite_only = SaveOptions { finite_only: true, ..SaveOptions::default() };
-        checkpoint::save_with(session, dir, &finite_only)
-            .map_err(|e| Error::Data(e.to_string()))?;
+        checkpoint::save_with(session, dir, &finite_only)?;
     }
     Ok(())
 }
@@ -378,7 +381,7 @@ fn model_config(
             .collect();
         digits
             .parse()
-            .map_err(|_| Error::Data(format!("config field {name} is not a number: {json}")))
+            .map_err(|_| Error::Data(format!("config field {name} is not a number: {json}")).into())
     };
     Ok(GptConfig {
         vocab: field("vocab")?,

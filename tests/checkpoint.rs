@@ -213,6 +213,52 @@ fn a_destination_that_cannot_be_written_is_refused_before_training() {
     assert!(error.to_string().contains(&*blocked.to_string_lossy()), "{error}");
 }
 
+#[test]
+fn a_save_replaces_only_a_checkpoint_or_an_empty_directory() {
+    let (dir, path, run) = saved_after_one_step(&SaveOptions::default());
+    // Over a checkpoint and into an empty directory: saved.
+    checkpoint::save(&run.session, &path).unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    checkpoint::save(&run.session, &empty).unwrap();
+    assert_eq!(Index::read(&empty.join("index.json")).unwrap().steps_done, 1);
+
+    // A regular file, a directory of other files and a symbolic link are refused by the early
+    // check and by the save, named, and left exactly as they were (a save used to swap any of
+    // them for the checkpoint and delete the old one).
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, b"keep me").unwrap();
+    let project = dir.path().join("project");
+    std::fs::create_dir(&project).unwrap();
+    std::fs::write(project.join("index.json"), b"{}").unwrap();
+    std::fs::write(project.join("train.rs"), b"fn main() {}").unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+    for (target, says) in [
+        (&file, "exists and is not a directory"),
+        (&project, "holds the file \"train.rs\""),
+        (&link, "is a symbolic link"),
+    ] {
+        for error in [
+            checkpoint::check_destination(target).unwrap_err(),
+            checkpoint::save(&run.session, target).unwrap_err(),
+        ] {
+            assert!(matches!(&error, Error::Refused { path, .. } if path == target), "{error}");
+            let text = error.to_string();
+            assert!(text.contains(says) && text.contains(&*target.to_string_lossy()), "{text}");
+        }
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    assert_eq!(std::fs::read(project.join("train.rs")).unwrap(), b"fn main() {}");
+    assert_eq!(std::fs::read_link(&link).unwrap(), path);
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["ckpt", "empty", "link", "notes.txt", "project"], "nothing left beside");
+}
+
 fn stale_siblings(dir: &Path) -> usize {
     std::fs::read_dir(dir)
         .unwrap()

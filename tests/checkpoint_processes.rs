@@ -5,7 +5,7 @@
 //! included (the step counter travels in the checkpoint).
 
 use std::net::UdpSocket;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,6 +77,10 @@ fn checkpoint_worker() {
     for k in 0..BEFORE {
         step(&mut session, &ids, &targets, k);
     }
+    // A destination that is not a checkpoint is refused on both ranks (rank 0 checks it, the
+    // other hears why), and the job's next save goes on.
+    let refused = checkpoint::save(&session, blocked(Path::new(&dir))).expect_err("refused");
+    println!("REFUSED {} {refused}", world.rank);
     let index = checkpoint::save(&session, &dir).expect("save");
     assert_eq!(index.steps_done, BEFORE as u64);
     let partial = session.variables().expect_err("this process holds only its own ranks");
@@ -91,6 +95,11 @@ fn checkpoint_worker() {
     if let Ok(job) = Arc::try_unwrap(job) {
         job.finish().expect("finish");
     }
+}
+
+/// A regular file beside the checkpoint `dir`, which a save must refuse to replace.
+fn blocked(dir: &Path) -> PathBuf {
+    dir.with_extension("file")
 }
 
 /// The text after `marker` on the line of `stdout` that has it.
@@ -122,7 +131,13 @@ fn launch(dir: &Path) -> String {
 fn a_job_saves_and_one_device_continues() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("checkpoint");
+    std::fs::write(blocked(&dir), b"keep me").unwrap();
     let stdout = launch(&dir);
+    for rank in 0..2 {
+        let refused = after(&stdout, &format!("REFUSED {rank} "));
+        assert!(refused.contains("exists and is not a directory"), "rank {rank}: {refused}");
+    }
+    assert_eq!(std::fs::read(blocked(&dir)).unwrap(), b"keep me");
     let index = checkpoint::Index::read(&dir.join(checkpoint::INDEX_FILE)).unwrap();
     assert_eq!((index.world_size, index.steps_done), (2, BEFORE as u64));
     for file in &index.files {

@@ -14,6 +14,15 @@ pub enum Error {
         /// The system's reason.
         source: std::io::Error,
     },
+    /// A destination that a save will not replace: saving swaps the whole directory for the new
+    /// checkpoint and deletes the old one, so it must be absent, empty, or a checkpoint.
+    #[error("checkpoint {path}: {reason}; not replaced (a save replaces the whole directory, so it saves only where nothing is, into an empty directory or over a checkpoint)")]
+    Refused {
+        /// The destination.
+        path: PathBuf,
+        /// What is there.
+        reason: String,
+    },
     /// `index.json` is unreadable or inconsistent (bad JSON, unknown dtype, a region outside the
     /// tensor, shards that do not tile it, a file name that is not a plain name).
     #[error("checkpoint index {path}: {reason}")]

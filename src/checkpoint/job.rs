@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::{atomic, build_index, publish, write_rank_files, Error, Index, Result, SaveOptions};
+use super::{build_index, prepare, publish, write_rank_files, Error, Index, Result, SaveOptions};
 use crate::dist::Job;
 use crate::session::shards::VariableSpec;
 use crate::session::Session;
@@ -24,7 +24,7 @@ pub(super) fn save(
     let key = format!("meshflow.checkpoint.{}", SAVES.fetch_add(1, Ordering::Relaxed));
     let (rank, world) = (job.world().rank, job.world().world_size);
     let temporary = if rank == 0 {
-        let made = atomic::temporary_sibling(dir);
+        let made = prepare(dir);
         set(job, &format!("{key}.directory"), &outcome(made.as_ref().map(|p| p.display())))?;
         made?
     } else {

@@ -78,23 +78,67 @@ pub fn rank_file(rank: usize) -> String {
     format!("rank-{rank}.safetensors")
 }
 
-/// Checks that a checkpoint can be saved at `dir`: the directory above it exists or can be
-/// made, and a temporary sibling of `dir` can be created there (and is removed again), as
-/// [`save`] needs. A training script calls it before its first step, so that a destination it
+/// Checks that a checkpoint can be saved at `dir`: `dir` is absent, empty or a checkpoint
+/// ([`save`] replaces the whole directory), the directory above it exists or can be made, and a
+/// temporary sibling of `dir` can be created there (and is removed again), as [`save`] needs. A training script calls it before its first step, so that a destination it
 /// cannot write fails the run at its start, with the directory named, instead of at the first
 /// save. It makes the directory above `dir` if missing and leaves nothing else behind.
 pub fn check_destination(dir: impl AsRef<Path>) -> Result<()> {
     let dir = dir.as_ref();
-    let unwritable = |source| Error::Io { path: dir.to_path_buf(), source };
-    let temporary = atomic::temporary_sibling(dir).map_err(|error| match error {
-        Error::Io { source, .. } => unwritable(source),
-        other => other,
-    })?;
+    let temporary = prepare(dir)?;
     std::fs::remove_dir(&temporary).map_err(Error::io(&temporary))
 }
 
+/// The temporary sibling a save of `dir` writes into, made once `dir` is known to be
+/// replaceable ([`check_replaceable`]); an error making it names `dir`, not the sibling.
+fn prepare(dir: &Path) -> Result<std::path::PathBuf> {
+    check_replaceable(dir)?;
+    atomic::temporary_sibling(dir).map_err(|error| match error {
+        Error::Io { source, .. } => Error::Io { path: dir.to_path_buf(), source },
+        other => other,
+    })
+}
+
+/// Refuses a destination that is not a checkpoint: a save swaps the whole directory at `dir`
+/// for the new one and deletes the old, so `dir` must be absent, an empty directory, or a
+/// directory holding only what a save writes ([`INDEX_FILE`] and [`rank_file`]s). Anything else
+/// there (a file, a symbolic link, a directory of other files) would be lost.
+fn check_replaceable(dir: &Path) -> Result<()> {
+    let refused = |reason: String| Error::Refused { path: dir.to_path_buf(), reason };
+    let metadata = match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        other => other.map_err(Error::io(dir))?,
+    };
+    if metadata.is_symlink() {
+        return Err(refused("is a symbolic link (give the directory it points to)".into()));
+    }
+    if !metadata.is_dir() {
+        return Err(refused("exists and is not a directory".into()));
+    }
+    for entry in std::fs::read_dir(dir).map_err(Error::io(dir))? {
+        let entry = entry.map_err(Error::io(dir))?;
+        let is_file = entry.file_type().map_err(Error::io(entry.path()))?.is_file();
+        let name = entry.file_name();
+        if !(is_file && is_checkpoint_file(&name.to_string_lossy())) {
+            let what = if is_file { "file" } else { "entry" };
+            return Err(refused(format!(
+                "holds the {what} {name:?}, which is not part of a checkpoint (those are {INDEX_FILE} and rank-<r>.safetensors)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// True for the names a save writes: the index and rank files.
+fn is_checkpoint_file(name: &str) -> bool {
+    let rank = name.strip_prefix("rank-").and_then(|rest| rest.strip_suffix(".safetensors"));
+    name == INDEX_FILE
+        || rank.is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Saves the variables and step counter of `session` into the directory `dir`, replacing the
-/// checkpoint there atomically; returns the index written.
+/// checkpoint there atomically; returns the index written. `dir` must be absent, an empty
+/// directory or a checkpoint: anything else there is refused ([`Error::Refused`]), not replaced.
 pub fn save(session: &Session, dir: impl AsRef<Path>) -> Result<Index> {
     save_with(session, dir, &SaveOptions::default())
 }
@@ -110,7 +154,7 @@ pub fn save_with(session: &Session, dir: impl AsRef<Path>, options: &SaveOptions
     if let Some(job) = session.job() {
         return job::save(session, job, &specs, dir, options);
     }
-    let temporary = atomic::temporary_sibling(dir)?;
+    let temporary = prepare(dir)?;
     let written = write_rank_files(session, &specs, (&temporary, dir), options);
     let result = written.and_then(|()| publish(session, &specs, &temporary, dir));
     if result.is_err() {
