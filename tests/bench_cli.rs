@@ -120,7 +120,7 @@ fn bench_refuses_counts_times_and_strategies_that_cannot_be_meant() {
 }
 
 /// A report to compare with that cannot be read, or a directory for the JSON or SVG that does
-/// not exist, fails the run before anything is measured (it failed after the whole run), naming
+/// not exist (or a directory given as the file), fails the run before anything is measured (it failed after the whole run), naming
 /// the file.
 #[test]
 fn bench_checks_the_files_it_reads_and_writes_before_measuring() {
@@ -128,7 +128,13 @@ fn bench_checks_the_files_it_reads_and_writes_before_measuring() {
     let missing = scratch.path().join("missing.json");
     let unwritable = scratch.path().join("no-such-directory").join("report.json");
     let train = ["train", "--models", "mlp", "--strategies", "1", "--no-torch"];
-    for (flag, path) in [("--compare", &missing), ("--json", &unwritable), ("--svg", &unwritable)] {
+    let directory = scratch.path().to_path_buf();
+    for (flag, path) in [
+        ("--compare", &missing),
+        ("--json", &unwritable),
+        ("--svg", &unwritable),
+        ("--json", &directory),
+    ] {
         let output = bench(&[&train[..], &[flag, path.to_str().expect("utf-8")]].concat());
         let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
         assert_eq!(output.status.code(), Some(1), "{flag}: {stdout}\n{stderr}");

@@ -261,8 +261,15 @@ fn bench(args: &BenchArgs) -> Result<(), BenchError> {
     finish(args, &report, baseline.as_ref())
 }
 
-/// An error unless the directory that is to hold `path` exists.
+/// An error unless the directory that is to hold `path` exists and `path` is not a directory.
 fn check_destination(path: &Path) -> Result<(), BenchError> {
+    if path.is_dir() {
+        let source = std::io::Error::new(
+            std::io::ErrorKind::IsADirectory,
+            "cannot be written: it is a directory (give a file name)",
+        );
+        return Err(BenchError::Io { path: path.to_path_buf(), source });
+    }
     let directory = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
