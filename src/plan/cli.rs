@@ -126,6 +126,13 @@ fn execute(args: &PlanArgs) -> Result<()> {
         return Ok(());
     }
     let cluster = cluster(args)?;
+    if let Some(path) = args.trace.as_deref().filter(|path| path.is_dir()) {
+        // Checked before the planning, which takes minutes on a large cluster.
+        return Err(Error::Data(format!(
+            "--trace {}: is a directory, give a file",
+            path.display()
+        )));
+    }
     if args.table {
         print!("{}", super::calibrate::scale_table(&cluster, &compile)?);
         return Ok(());
@@ -170,15 +177,17 @@ fn workload(args: &PlanArgs, cluster: &Cluster) -> Result<Workload> {
                 args.dp.map_or("(default)".to_string(), |dp| dp.to_string())
             )));
         }
+        // Saturating: a product past 2^64 is more than any cluster, the check below.
+        let model_parallel = tp.saturating_mul(pp);
         let dp = match args.dp {
             Some(dp) => dp,
             // The default fills the cluster; a remainder would idle devices unasked. More
             // than the cluster is the size check's error below (with dp 1).
-            None if devices.is_multiple_of(tp * pp) || tp * pp > devices => {
-                (devices / (tp * pp)).max(1)
+            None if devices.is_multiple_of(model_parallel) || model_parallel > devices => {
+                (devices / model_parallel).max(1)
             }
             None => {
-                let dp = devices / (tp * pp);
+                let dp = devices / model_parallel;
                 return Err(Error::Graph(format!(
                     "tp {tp} × pp {pp} does not divide the {devices} devices of {}: give --dp \
                      to plan on fewer of them (--dp {dp} uses {})",
@@ -187,10 +196,11 @@ fn workload(args: &PlanArgs, cluster: &Cluster) -> Result<Workload> {
                 )));
             }
         };
-        if dp * tp * pp > devices {
+        let needed = dp.checked_mul(tp).and_then(|n| n.checked_mul(pp));
+        if needed.is_none_or(|needed| needed > devices) {
+            let needed = needed.map_or("more than 2^64".to_string(), |n| n.to_string());
             return Err(Error::Graph(format!(
-                "dp {dp} × tp {tp} × pp {pp} needs {} devices, the cluster has {devices}",
-                dp * tp * pp
+                "dp {dp} × tp {tp} × pp {pp} needs {needed} devices, the cluster has {devices}"
             )));
         }
         Strategy::Mesh { dp, tp, pp }
@@ -255,6 +265,12 @@ mod tests {
         for flags in [&["--tp", "4", "--dp", "4"][..], &["--tp", "16"]] {
             let error = strategy(flags).unwrap_err().to_string();
             assert!(error.contains("needs 16 devices, the cluster has 8"), "{flags:?}: {error}");
+        }
+        // Sizes whose product overflows are refused too (it wrapped in a release build).
+        let huge = (1u64 << 62).to_string();
+        for flags in [&["--tp", "4", "--dp", &huge][..], &["--tp", &huge, "--pp", "8"]] {
+            let error = strategy(flags).unwrap_err().to_string();
+            assert!(error.contains("needs more than 2^64 devices"), "{flags:?}: {error}");
         }
     }
 }
