@@ -13,8 +13,17 @@
 //!
 //! With `--init-from FILE` (weights in the layout of `shared/formats/gpt-weights.md`) and
 //! `--data FILE` (`data.tokens`), it reproduces another framework's run step for step.
+//!
+//! Under `meshflow launch` (or srun, mpirun) the same command is one process of a job: the
+//! `dp × tp × pp` devices are shared out evenly, process by process, and the losses are those of
+//! the same mesh in one process; rank 0 prints.
+//!
+//! ```sh
+//! cargo run --release -- launch --nproc-per-node 2 -- target/release/examples/gpt --dp 2 --tp 1
+//! ```
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
@@ -22,6 +31,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use meshflow::checkpoint::{self, LoadOptions, SaveOptions};
 use meshflow::compile::{Program, View};
 use meshflow::data::{inputs_and_targets, Batches, CharTokenizer, TokenFile};
+use meshflow::dist::{self, Job, JoinOptions};
 use meshflow::flags;
 use meshflow::nn::{Gpt, GptConfig, Layouts, WeightInit};
 use meshflow::ops::ops::adamw::AdamW;
@@ -212,8 +222,12 @@ fn run(args: &Args) -> Result<()> {
         training = training.clip_grad_norm(args.clip_grad);
     }
     let devices = stage_size * stages.len();
+    let job = join_job(devices)?;
+    // Rank 0 of a job reports; alone, this process does.
+    let leader = job.as_ref().is_none_or(|job| job.world().rank == 0);
     let session_config = SessionConfig {
         devices,
+        job: job.clone(),
         threads_per_device: args.threads,
         micro_batches: args.micro_batches,
         zero_axis: args.zero.then_some(0),
@@ -224,7 +238,7 @@ fn run(args: &Args) -> Result<()> {
         ..Default::default()
     };
     let mut session = Session::new(&graph, &[&loss], Some(training), session_config)?;
-    if let Some(dir) = &args.dot {
+    if let Some(dir) = args.dot.as_ref().filter(|_| leader) {
         write_pictures(session.program(), dir)?;
     }
     if let Some(init) = &init {
@@ -236,7 +250,12 @@ fn run(args: &Args) -> Result<()> {
             .collect::<Result<_>>()?;
         session.load_variables(&values)?;
     }
-    println!(
+    let say = |line: &str| {
+        if leader {
+            println!("{line}");
+        }
+    };
+    say(&format!(
         "gpt: {} parameters, vocab {}, ctx {ctx}, {} layers, {} heads, d {}; dp {} x tp {} x pp {} \
          ({devices} {:?} devices), {} micro-batches{}",
         config.parameters(),
@@ -250,20 +269,22 @@ fn run(args: &Args) -> Result<()> {
         args.device,
         args.micro_batches,
         if args.zero { ", ZeRO" } else { "" },
-    );
+    ));
     let mut batches = Batches::new(tokenizer.encode(&text)?, batch, ctx, args.seed)?;
     let steps = token_file.as_ref().map_or(args.steps, |f| f.steps.min(args.steps));
-    if let Some(dir) = &args.checkpoint_dir {
+    // Rank 0 alone checks the destination: the check makes and removes a temporary sibling,
+    // which another process's check would remove as stale.
+    if let Some(dir) = args.checkpoint_dir.as_ref().filter(|_| leader) {
         checkpoint::check_destination(dir)?;
     }
-    let start = resume(&mut session, args.checkpoint_dir.as_deref())?;
+    let start = resume(&mut session, args.checkpoint_dir.as_deref(), &say)?;
     if token_file.is_none() {
         for _ in 0..start {
             batches.next_step();
         }
     }
     let started = Instant::now();
-    let bar = ProgressBar::new(steps as u64);
+    let bar = if leader { ProgressBar::new(steps as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
             .map_err(|e| Error::Graph(format!("progress bar template: {e}")))?,
@@ -301,7 +322,7 @@ fn run(args: &Args) -> Result<()> {
             let line = format!("step {step} loss {value:.6} ({tokens_per_second:.0} tokens/s)");
             // A hidden bar (output not a terminal) drops its println; the log must not.
             if bar.is_hidden() {
-                println!("{line}");
+                say(&line);
             } else {
                 bar.println(line);
             }
@@ -310,10 +331,41 @@ fn run(args: &Args) -> Result<()> {
     }
     bar.finish_and_clear();
     if args.sample > 0 && token_file.is_none() {
-        let parameters = session.variables()?;
-        println!("sample:\n{}", sample(config, &tokenizer, &text, &parameters, ctx, args.sample)?);
+        // Collective in a job: every process takes part, rank 0 writes the sample.
+        let parameters = session.gather_variables()?;
+        if leader {
+            let text = sample(config, &tokenizer, &text, &parameters, ctx, args.sample)?;
+            println!("sample:\n{text}");
+        }
+    }
+    drop(session);
+    if let Some(job) = job {
+        job.barrier("gpt example done")?;
+        if let Ok(job) = Arc::try_unwrap(job) {
+            job.finish()?;
+        }
     }
     Ok(())
+}
+
+/// Joins the job this process is one of, when it was started by `meshflow launch` (or srun,
+/// mpirun), driving its even share of the `devices`; `None` when it runs alone.
+fn join_job(devices: usize) -> Result<Option<Arc<Job>>> {
+    let world = dist::init()?;
+    let processes = world.world_size;
+    if processes == 1 {
+        return Ok(None);
+    }
+    if !devices.is_multiple_of(processes) {
+        return Err(Error::Graph(format!(
+            "dp × tp × pp = {devices} devices do not split evenly over the {processes} processes \
+             of the job"
+        ))
+        .into());
+    }
+    let share = u32::try_from(devices / processes)?;
+    let job = world.join(&JoinOptions { devices: share, ..JoinOptions::default() })?;
+    Ok(Some(Arc::new(job)))
 }
 
 /// Writes `logical.dot` and `physical.dot` of `program` into `dir`.
@@ -329,12 +381,12 @@ fn write_pictures(program: &Program, dir: &std::path::Path) -> Result<()> {
 }
 
 /// Loads the checkpoint in `dir` when it holds one; returns the step to continue from.
-fn resume(session: &mut Session, dir: Option<&Path>) -> Result<usize> {
+fn resume(session: &mut Session, dir: Option<&Path>, say: &dyn Fn(&str)) -> Result<usize> {
     let Some(dir) = dir.filter(|d| d.join(checkpoint::INDEX_FILE).exists()) else {
         return Ok(0);
     };
     checkpoint::load(session, dir, &LoadOptions::default())?;
-    println!("resumed from {} after step {}", dir.display(), session.steps_done());
+    say(&format!("resumed from {} after step {}", dir.display(), session.steps_done()));
     Ok(session.steps_done() as usize)
 }
 
