@@ -35,7 +35,7 @@ use meshflow::dist::{self, Job, JoinOptions};
 use meshflow::flags;
 use meshflow::nn::{Gpt, GptConfig, Layouts, WeightInit};
 use meshflow::ops::ops::adamw::AdamW;
-use meshflow::ops::{io, DType, Tensor as HostTensor};
+use meshflow::ops::{io, DType, Device, Tensor as HostTensor};
 use meshflow::placement::{DeviceType, Placement};
 use meshflow::schedule::Schedule;
 use meshflow::session::{DeviceKind, Optimizer, Session, SessionConfig, Training};
@@ -231,9 +231,16 @@ fn run(args: &Args) -> Result<()> {
         threads_per_device: args.threads,
         micro_batches: args.micro_batches,
         zero_axis: args.zero.then_some(0),
-        device: match args.device {
-            DeviceArg::Cpu => DeviceKind::Cpu,
-            DeviceArg::Cuda => DeviceKind::Cuda,
+        device: match (args.device, &job) {
+            (DeviceArg::Cpu, _) => DeviceKind::Cpu,
+            (DeviceArg::Cuda, None) => DeviceKind::Cuda,
+            // The processes of one host take GPUs in turn by their local rank, as torchrun's
+            // LOCAL_RANK habit: local rank l drives GPUs l·share .. (l+1)·share.
+            (DeviceArg::Cuda, Some(job)) => {
+                let share = devices / job.world().world_size;
+                let first = job.world().local_rank * share;
+                DeviceKind::Each((first..first + share).map(Device::Cuda).collect())
+            }
         },
         ..Default::default()
     };
