@@ -4,9 +4,7 @@
 //! this process loads that checkpoint and continues with the losses the job had, dropout masks
 //! included (the step counter travels in the checkpoint).
 
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +21,6 @@ use meshflow::{Graph, Tensor};
 mod common;
 use common::token_batch;
 
-const MESHFLOW: &str = env!("CARGO_BIN_EXE_meshflow");
 const CONFIG: GptConfig = GptConfig { vocab: 16, ctx: 8, n_layer: 2, n_head: 2, d_model: 16 };
 const BATCH: usize = 4;
 /// Steps before the save, and after it.
@@ -109,16 +106,9 @@ fn after<'a>(stdout: &'a str, marker: &str) -> &'a str {
 }
 
 fn launch(dir: &Path) -> String {
-    let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let output = Command::new(MESHFLOW)
-        .args(["launch", "--nproc-per-node", "2", "--master-port", &port.to_string(), "--"])
-        .arg(std::env::current_exe().unwrap())
+    let output = common::launch_two(&std::env::current_exe().unwrap())
         .args(["--ignored", "--exact", "checkpoint_worker", "--nocapture", "--test-threads", "1"])
         .env(DIR_VARIABLE, dir)
-        .env_remove("MASTER_ADDR")
-        .env_remove("MASTER_PORT")
-        .env_remove("SLURM_PROCID")
-        .env_remove("OMPI_COMM_WORLD_RANK")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();

@@ -5,9 +5,10 @@
 //! The example's binary is the one `cargo test` builds beside the `meshflow` binary (it builds
 //! the examples of the package before running any test).
 
-use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::process::{Command, Output};
+
+mod common;
 
 const MESHFLOW: &str = env!("CARGO_BIN_EXE_meshflow");
 const STEPS: usize = 20;
@@ -73,17 +74,10 @@ fn one_process(mesh: &[&str]) -> Vec<f32> {
 
 /// The losses rank 0 prints, after checking that rank 1 prints none.
 fn two_processes(mesh: &[&str]) -> Vec<f32> {
-    let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let output = Command::new(MESHFLOW)
-        .args(["launch", "--nproc-per-node", "2", "--master-port", &port.to_string(), "--"])
-        .arg(example())
+    let output = common::launch_two(&example())
         .args(MODEL)
         .args(["--steps", &STEPS.to_string()])
         .args(mesh)
-        .env_remove("MASTER_ADDR")
-        .env_remove("MASTER_PORT")
-        .env_remove("SLURM_PROCID")
-        .env_remove("OMPI_COMM_WORLD_RANK")
         .output()
         .unwrap();
     let stdout = succeeded(output, "meshflow launch");
@@ -109,14 +103,9 @@ fn the_gpt_example_under_launch_matches_one_device() {
 
 #[test]
 fn a_mesh_that_does_not_split_over_the_processes_is_refused() {
-    let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let output = Command::new(MESHFLOW)
-        .args(["launch", "--nproc-per-node", "2", "--master-port", &port.to_string(), "--"])
-        .arg(example())
+    let output = common::launch_two(&example())
         .args(MODEL)
         .args(["--steps", "1", "--dp", "3", "--tp", "1"])
-        .env_remove("MASTER_ADDR")
-        .env_remove("MASTER_PORT")
         .output()
         .unwrap();
     let text = format!(

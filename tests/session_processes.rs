@@ -4,8 +4,6 @@
 //! parallel with two devices per process (tensor-parallel groups inside a process, data-parallel
 //! groups across the two).
 
-use std::net::UdpSocket;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +15,8 @@ use meshflow::schedule::Schedule;
 use meshflow::session::{Optimizer, Session, SessionConfig, Training};
 use meshflow::{Graph, Tensor};
 
-const MESHFLOW: &str = env!("CARGO_BIN_EXE_meshflow");
+mod common;
+
 const STEPS: usize = 5;
 const BATCH: usize = 8;
 
@@ -97,16 +96,8 @@ fn session_worker_two_devices() {
 /// Launches two processes of this test binary, each running `worker`, and checks that both
 /// print `expected`.
 fn launch_and_compare(worker: &str, expected: &[f32]) {
-    let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let test_binary = std::env::current_exe().unwrap();
-    let output = Command::new(MESHFLOW)
-        .args(["launch", "--nproc-per-node", "2", "--master-port", &port.to_string(), "--"])
-        .arg(test_binary)
+    let output = common::launch_two(&std::env::current_exe().unwrap())
         .args(["--ignored", "--exact", worker, "--nocapture", "--test-threads", "1"])
-        .env_remove("MASTER_ADDR")
-        .env_remove("MASTER_PORT")
-        .env_remove("SLURM_PROCID")
-        .env_remove("OMPI_COMM_WORLD_RANK")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

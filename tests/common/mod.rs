@@ -1,10 +1,27 @@
-//! What the integration tests share: the token batches their GPTs train on, and the comparison
-//! of two loss (or value) sequences.
+//! What the integration tests share: the token batches their GPTs train on, the comparison of
+//! two loss (or value) sequences, and the command that launches two processes of a job.
 
 // Each test binary compiles this module and uses only a part of it.
 #![allow(dead_code)]
 
+use std::net::UdpSocket;
+use std::path::Path;
+use std::process::Command;
+
 use meshflow::ops::Tensor as HostTensor;
+
+/// `meshflow launch --nproc-per-node 2` on a free loopback port, starting `program` (the caller
+/// adds its arguments), with no launcher's environment inherited from the test's own.
+pub fn launch_two(program: &Path) -> Command {
+    let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_meshflow"));
+    command.args(["launch", "--nproc-per-node", "2", "--master-port", &port.to_string(), "--"]);
+    command.arg(program);
+    for name in ["MASTER_ADDR", "MASTER_PORT", "RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"] {
+        command.env_remove(name);
+    }
+    command
+}
 
 /// Token ids `[batch, ctx]` and next-token targets `[batch, ctx]` below `vocab` for the step
 /// `step`: token `k` of the step's stream is `(k * a + step * b + k / c) % vocab` for the
