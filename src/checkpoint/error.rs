@@ -16,7 +16,10 @@ pub enum Error {
     },
     /// A destination that a save will not replace: saving swaps the whole directory for the new
     /// checkpoint and deletes the old one, so it must be absent, empty, or a checkpoint.
-    #[error("checkpoint {path}: {reason}; not replaced (a save replaces the whole directory, so it saves only where nothing is, into an empty directory or over a checkpoint)")]
+    #[error(
+        "checkpoint {path}: {reason}; not replaced (a save replaces the whole directory, so it \
+         saves only where nothing is, into an empty directory or over a checkpoint)"
+    )]
     Refused {
         /// The destination.
         path: PathBuf,

@@ -80,9 +80,10 @@ pub fn rank_file(rank: usize) -> String {
 
 /// Checks that a checkpoint can be saved at `dir`: `dir` is absent, empty or a checkpoint
 /// ([`save`] replaces the whole directory), the directory above it exists or can be made, and a
-/// temporary sibling of `dir` can be created there (and is removed again), as [`save`] needs. A training script calls it before its first step, so that a destination it
-/// cannot write fails the run at its start, with the directory named, instead of at the first
-/// save. It makes the directory above `dir` if missing and leaves nothing else behind.
+/// temporary sibling of `dir` can be created there (and is removed again), as [`save`] needs.
+/// A training script calls it before its first step, so that a destination it cannot write
+/// fails the run at its start, with the directory named, instead of at the first save. It
+/// makes the directory above `dir` if missing and leaves nothing else behind.
 pub fn check_destination(dir: impl AsRef<Path>) -> Result<()> {
     let dir = dir.as_ref();
     let temporary = prepare(dir)?;
@@ -122,7 +123,8 @@ fn check_replaceable(dir: &Path) -> Result<()> {
         if !(is_file && is_checkpoint_file(&name.to_string_lossy())) {
             let what = if is_file { "file" } else { "entry" };
             return Err(refused(format!(
-                "holds the {what} {name:?}, which is not part of a checkpoint (those are {INDEX_FILE} and rank-<r>.safetensors)"
+                "holds the {what} {name:?}, which is not part of a checkpoint (those are \
+                 {INDEX_FILE} and rank-<r>.safetensors)"
             )));
         }
     }
