@@ -1,6 +1,6 @@
 //! The GPT example as users run it: 20 steps on one device and the same command under
-//! `meshflow launch` as two processes (DP2 with a device each, DP2×TP2 with two each) print the
-//! same losses, and only rank 0 reports.
+//! `meshflow launch` as two processes (DP2 with a device each, DP2×TP2 with two each, PP2 with a
+//! stage each) print the same losses, and only rank 0 reports.
 //!
 //! The example's binary is the one `cargo test` builds beside the `meshflow` binary (it builds
 //! the examples of the package before running any test).
@@ -99,6 +99,10 @@ fn the_gpt_example_under_launch_matches_one_device() {
     assert!(one[STEPS - 1] < one[0] - 0.5, "the loss did not fall: {one:?}");
     assert_same(&two_processes(&["--dp", "2", "--tp", "1"]), &one, "DP2 over 2 processes");
     assert_same(&two_processes(&["--dp", "2", "--tp", "2"]), &one, "DP2×TP2 over 2 processes");
+    // A stage per process: the loss lives on the last stage, in process 1 only, and process 0
+    // gets it too (it failed: "rank 1 returned no shard").
+    let pp2 = ["--dp", "1", "--tp", "1", "--pp", "2", "--micro-batches", "2"];
+    assert_same(&two_processes(&pp2), &one, "PP2 over 2 processes");
 }
 
 #[test]

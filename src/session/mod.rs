@@ -27,7 +27,7 @@ use std::time::Duration;
 use meshflow_ops::ops::adamw::AdamW;
 use meshflow_ops::ops::sgd::Sgd;
 use meshflow_ops::{OpRef, Tensor as HostTensor, Value};
-use meshflow_placement::{Layout, NdSbp};
+use meshflow_placement::{Layout, NdSbp, Placement};
 
 use meshflow_actor::RunReport;
 
@@ -109,7 +109,9 @@ pub struct SessionConfig {
     /// ranks are numbered process by process, `devices` is then ignored); devices of one process
     /// exchange through shared memory, devices of different processes over the job's QUIC data
     /// plane. Every process builds the same graph and session. Fetched values are replicated
-    /// before they are returned, so every process gets them whole. Default `None`: every device
+    /// before they are returned, so every process gets them whole (over every rank of the graph
+    /// when the value's own placement leaves a process out, as a pipeline's loss on its last
+    /// stage). Default `None`: every device
     /// in this process.
     pub job: Option<Arc<Job>>,
     /// The order of the micro-batches' forwards and backwards on each rank (pipeline
@@ -183,17 +185,33 @@ impl Session {
             None => training::inference(graph, fetches),
             Some(t) => training::training(graph, fetches, t, &config)?,
         };
-        let replicated = |value: Value| {
-            let placement = built.graph.data().value(value).placement.clone();
+        // In a job every process gets a fetched value whole, so it is broadcast to ranks of
+        // every process: over its own placement when that holds every rank of the graph, else
+        // over all of them (a pipeline's loss lives on the last stage, which may be one process).
+        let data = built.graph.data();
+        let mut all_ranks: Vec<usize> =
+            data.values.iter().flat_map(|v| v.placement.ranks().to_vec()).collect();
+        all_ranks.sort_unstable();
+        all_ranks.dedup();
+        let replicated = |value: Value| -> Result<Layout> {
+            let own = &data.value(value).placement;
+            let placement = if own.size() == all_ranks.len() {
+                own.clone()
+            } else {
+                Placement::new(own.device(), vec![all_ranks.len()], all_ranks.clone())?
+            };
             let sbp = NdSbp::broadcast(placement.mesh_axes());
-            Layout::new(placement, sbp)
+            Ok(Layout::new(placement, sbp))
         };
         let distributed = config.job.is_some();
         let mut requests: Vec<Request> = built
             .fetches
             .iter()
-            .map(|&value| Request { value, layout: distributed.then(|| replicated(value)) })
-            .collect();
+            .map(|&value| {
+                let layout = distributed.then(|| replicated(value)).transpose()?;
+                Ok(Request { value, layout })
+            })
+            .collect::<Result<_>>()?;
         for (_, value, layout) in &built.assigns {
             requests.push(Request { value: *value, layout: Some(layout.clone()) });
         }
