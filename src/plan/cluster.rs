@@ -244,9 +244,9 @@ pub struct Overrides {
 }
 
 /// The most devices a described cluster may have: the planner builds every rank's plan, so its
-/// memory grows with the devices (the GPT-2's plan, measured with `/usr/bin/time`: 743 MB peak
-/// and 9.5 s for 128x8, 11.3 GB and 608 s for 2048x8), and 16 Ki devices stay within a 24 GiB
-/// machine.
+/// memory grows with the devices (the GPT-2's plan, measured with `/usr/bin/time`: peak RSS
+/// 0.71 GiB and 9.5 s for 128x8, 10.8 GiB and 608 s for 2048x8), and 16 Ki devices stay within
+/// a 24 GiB machine.
 pub const MAX_DEVICES: usize = 16 * 1024;
 
 impl FromStr for Cluster {
