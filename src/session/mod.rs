@@ -111,8 +111,7 @@ pub struct SessionConfig {
     /// plane. Every process builds the same graph and session. Fetched values are replicated
     /// before they are returned, so every process gets them whole (over every rank of the graph
     /// when the value's own placement leaves a process out, as a pipeline's loss on its last
-    /// stage). Default `None`: every device
-    /// in this process.
+    /// stage). Default `None`: every device in this process.
     pub job: Option<Arc<Job>>,
     /// The order of the micro-batches' forwards and backwards on each rank (pipeline
     /// schedule). Default [`PieceOrder::OneForwardOneBackward`].
