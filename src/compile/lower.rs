@@ -42,10 +42,7 @@ pub fn compile(graph: &GraphData, requests: &[Request], config: &CompileConfig) 
             Some(layout) => lowering.in_layout(r.value, layout.clone()),
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut ranks: Vec<usize> =
-        graph.values.iter().flat_map(|v| v.placement.ranks().to_vec()).collect();
-    ranks.sort_unstable();
-    ranks.dedup();
+    let ranks = graph.ranks();
     let frees = Program::last_uses(&lowering.steps, lowering.slots.len(), &requested);
     Ok(Program {
         graph: graph.clone(),

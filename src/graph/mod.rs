@@ -110,6 +110,15 @@ impl GraphData {
         &self.values[value.0 as usize]
     }
 
+    /// Every rank some value is placed on, sorted, each once.
+    pub fn ranks(&self) -> Vec<usize> {
+        let mut ranks: Vec<usize> =
+            self.values.iter().flat_map(|v| v.placement.ranks().to_vec()).collect();
+        ranks.sort_unstable();
+        ranks.dedup();
+        ranks
+    }
+
     /// The node with id `id`.
     pub fn node(&self, id: NodeId) -> &Node {
         &self.nodes[id.0 as usize]

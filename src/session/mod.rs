@@ -188,10 +188,7 @@ impl Session {
         // every process: over its own placement when that holds every rank of the graph, else
         // over all of them (a pipeline's loss lives on the last stage, which may be one process).
         let data = built.graph.data();
-        let mut all_ranks: Vec<usize> =
-            data.values.iter().flat_map(|v| v.placement.ranks().to_vec()).collect();
-        all_ranks.sort_unstable();
-        all_ranks.dedup();
+        let all_ranks = data.ranks();
         let replicated = |value: Value| -> Result<Layout> {
             let own = &data.value(value).placement;
             let placement = if own.size() == all_ranks.len() {
